@@ -1,0 +1,245 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* nft-offload fast path: one worker, two entry points (XDP and TC ingress).
+ * Per packet it does what nf_flow_offload_ip_hook / nf_flow_offload_ipv6_hook
+ * do (net/netfilter/nf_flow_table_ip.c): parse, look up the flow by its
+ * tuple and input interface, check it may still use the fast path, NAT,
+ * decrement TTL, rewrite MACs, count, and transmit. Anything unusual goes to
+ * the kernel, which stays the authority; the fast path never drops.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_packet.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "flow.h"
+#include "maps.h"
+#include "parse.h"
+#include "nat.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define FO_PASS 0
+#define FO_FWD 1
+
+/* From uapi bpf.h of newer kernels than the build headers: do not fold a
+ * pseudo-header change into skb->csum for IPv6 (there is no IPv4 header
+ * checksum compensating it), see bpf_l4_csum_replace in net/core/filter.c.
+ */
+#ifndef BPF_F_IPV6
+#define BPF_F_IPV6 (1ULL << 7)
+#endif
+
+/* skb fields the worker needs; zero for XDP. */
+struct fo_meta {
+	__u32 ifindex;
+	__u32 pkt_len;	/* bytes from the Ethernet header to the end */
+	__u32 gso_segs;
+	__u32 gso_size;
+};
+
+static __always_inline int fo_worker(void *data, void *data_end, const struct fo_meta *m,
+				     const bool xdp, struct fo_l4_fix *fix, __u32 *out_ifindex)
+{
+	struct fo_parsed p = {};
+	struct fo_flow *f;
+	__u64 pkts, bytes;
+	int reason;
+
+	reason = fo_parse(data, data_end, m->pkt_len, &p);
+	if (reason)
+		goto slow;
+	/* A SYN means a new connection attempt: the kernel decides. */
+	if (p.key.proto == IPPROTO_TCP && (p.tcp_flags & FO_TCP_SYN)) {
+		reason = FO_SLOW_TCP_SYN;
+		goto slow;
+	}
+
+	p.key.ifindex = m->ifindex;
+	f = bpf_map_lookup_elem(&fo_flows, &p.key);
+	if (!f) {
+		__u64 *dormant = bpf_map_lookup_elem(&fo_dormant, &p.key);
+
+		if (dormant)
+			*dormant = bpf_ktime_get_coarse_ns();
+		reason = FO_SLOW_NO_FLOW;
+		goto slow;
+	}
+	if (f->teardown) {
+		reason = FO_SLOW_TEARDOWN;
+		goto slow;
+	}
+	/* FIN/RST: let conntrack see the close, and stop fast-pathing this
+	 * flow (older nf_flow_table behaviour, flow_offload_teardown on
+	 * FIN/RST; the control plane removes both directions).
+	 */
+	if (p.key.proto == IPPROTO_TCP && (p.tcp_flags & (FO_TCP_FIN | FO_TCP_RST))) {
+		if (p.tcp_flags & FO_TCP_RST) {
+			f->teardown = FO_TD_RST;
+			reason = FO_SLOW_TCP_RST;
+		} else {
+			f->teardown = FO_TD_FIN;
+			reason = FO_SLOW_TCP_FIN;
+		}
+		goto slow;
+	}
+	/* nf_flow_exceeds_mtu: a GSO packet is fine if each segment fits. */
+	if (p.l3_len > f->mtu) {
+		__u32 seg = p.l4_off - p.l3_off + p.l4_hdr_len + m->gso_size;
+
+		if (!m->gso_size || seg > f->mtu) {
+			reason = FO_SLOW_MTU;
+			goto slow;
+		}
+	}
+	if (xdp && !(f->flags & FO_F_XDP_OK)) {
+		reason = FO_SLOW_XDP_TARGET;
+		goto slow;
+	}
+
+	if (fo_rewrite(data, data_end, &p, f, xdp, fix)) {
+		reason = FO_SLOW_MALFORMED;
+		goto slow;
+	}
+
+	pkts = m->gso_segs > 1 ? m->gso_segs : 1;
+	bytes = p.l3_len;
+	__sync_fetch_and_add(&f->packets, pkts);
+	__sync_fetch_and_add(&f->bytes, bytes);
+	f->last_seen_ns = bpf_ktime_get_coarse_ns();
+	fo_count(FO_STAT_FWD_PKTS, pkts);
+	fo_count(FO_STAT_FWD_BYTES, bytes);
+	*out_ifindex = f->out_ifindex;
+	return FO_FWD;
+
+slow:
+	fo_count(reason, 1);
+	return FO_PASS;
+}
+
+SEC("xdp")
+int fo_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct fo_meta m = {
+		.ifindex = ctx->ingress_ifindex,
+		.pkt_len = data_end - data,
+	};
+	struct fo_l4_fix fix = {};
+	__u32 oif = 0;
+
+	if (fo_worker(data, data_end, &m, true, &fix, &oif) != FO_FWD)
+		return XDP_PASS;
+	/* FO_F_XDP_OK said oif is in fo_tx_ports; the control plane removes
+	 * flows before it removes ports.
+	 */
+	return bpf_redirect_map(&fo_tx_ports, oif, XDP_PASS);
+}
+
+/* TCX ingress. Slow path returns TCX_NEXT (== TC_ACT_UNSPEC) so programs
+ * attached after ours still run; with none, the packet goes up the stack.
+ */
+SEC("tcx/ingress")
+int fo_tc(struct __sk_buff *skb)
+{
+	void *data, *data_end;
+	struct fo_meta m;
+	struct fo_l4_fix fix = {};
+	__u32 oif = 0, need;
+	__u64 mm0, flags;
+
+	if (skb->pkt_type != PACKET_HOST) {
+		fo_count(FO_SLOW_L2_NOT_HOST, 1);
+		return TC_ACT_UNSPEC;
+	}
+	/* Headers are normally linear at ingress; pull them if not. */
+	need = 14 + 40 + 60;
+	if (need > skb->len)
+		need = skb->len;
+	if ((long)skb->data + need > (long)skb->data_end)
+		bpf_skb_pull_data(skb, need);
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	m.ifindex = skb->ifindex;
+	m.pkt_len = skb->len;
+	m.gso_segs = skb->gso_segs;
+	m.gso_size = skb->gso_size;
+
+	if (fo_worker(data, data_end, &m, false, &fix, &oif) != FO_FWD)
+		return TC_ACT_UNSPEC;
+
+	/* After the direct writes: fix the L4 checksum through the kernel so
+	 * ip_summed is honoured (inet_proto_csum_replace_by_diff).
+	 */
+	mm0 = fix.udp ? BPF_F_MARK_MANGLED_0 : 0;
+	if (fix.pseudo) {
+		flags = BPF_F_PSEUDO_HDR | mm0 | (fix.ipv6 ? BPF_F_IPV6 : 0);
+		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.pseudo, flags);
+	}
+	if (fix.ports)
+		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.ports, mm0);
+	return bpf_redirect(oif, 0);
+}
+
+/* Control-plane helper, run with BPF_PROG_TEST_RUN: the packet data is a
+ * struct fo_fib_req; answer it with the kernel's FIB and neighbour table.
+ */
+SEC("xdp")
+int fo_fib_query(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct fo_fib_req *req = data;
+	struct bpf_fib_lookup fib = {};
+	int ret;
+
+	if ((void *)(req + 1) > data_end)
+		return XDP_ABORTED;
+
+	fib.family = req->family;
+	fib.l4_protocol = req->proto;
+	fib.sport = req->sport;
+	fib.dport = req->dport;
+	fib.ifindex = req->ifindex_in;
+	if (req->family == AF_INET) {
+		fib.ipv4_src = req->src[0];
+		fib.ipv4_dst = req->dst[0];
+	} else {
+		__builtin_memcpy(fib.ipv6_src, req->src, 16);
+		__builtin_memcpy(fib.ipv6_dst, req->dst, 16);
+	}
+	/* First ask with an impossible length: the MTU check fails and
+	 * reports the route MTU (bpf_ipv4_fib_lookup in net/core/filter.c).
+	 */
+	fib.tot_len = 0xffff;
+	ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), req->flags);
+	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		req->mtu = fib.mtu_result;
+		fib.tot_len = 0;
+		fib.ifindex = req->ifindex_in;
+		if (req->family == AF_INET) {
+			fib.ipv4_src = req->src[0];
+			fib.ipv4_dst = req->dst[0];
+		} else {
+			__builtin_memcpy(fib.ipv6_src, req->src, 16);
+			__builtin_memcpy(fib.ipv6_dst, req->dst, 16);
+		}
+		ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), req->flags);
+	} else {
+		req->mtu = 0xffff;
+	}
+	req->ret = ret;
+	req->ifindex_out = fib.ifindex;
+	__builtin_memcpy(req->smac, fib.smac, 6);
+	__builtin_memcpy(req->dmac, fib.dmac, 6);
+	return XDP_PASS;
+}
+
+/* Never read: they put these types into the object's BTF so the generated
+ * Rust skeleton defines them (the control plane builds fo_fib_req and names
+ * the fo_stat counters).
+ */
+const volatile struct fo_fib_req fo_btf_fib_req;
+const volatile enum fo_stat fo_btf_stat;

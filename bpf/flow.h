@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Structures shared by the fast path and the control plane. This is the only
+ * definition: the Rust side uses the types libbpf-cargo generates from BTF.
+ * Field order avoids implicit padding so keys hash identically on both sides.
+ */
+#ifndef FO_FLOW_H
+#define FO_FLOW_H
+
+#include <linux/types.h>
+
+/* One direction of an offloaded connection, as seen on the wire when it
+ * arrives (mirrors struct flow_offload_tuple's key part in
+ * include/net/netfilter/nf_flow_table.h: addresses, ports, l3/l4 proto and
+ * the input interface).
+ */
+struct fo_flow_key {
+	__u32 ifindex;	/* ingress interface */
+	__u8 family;	/* AF_INET or AF_INET6 */
+	__u8 proto;	/* IPPROTO_TCP or IPPROTO_UDP */
+	__be16 sport;
+	__be16 dport;
+	__u16 encap;	/* reserved for a VLAN id / PPPoE session; 0 today */
+	__be32 saddr[4];	/* IPv4 uses [0]; the rest stays zero */
+	__be32 daddr[4];
+};
+
+/* fo_flow.flags, set by the control plane */
+#define FO_F_SNAT	0x01
+#define FO_F_DNAT	0x02
+#define FO_F_XDP_OK	0x04	/* egress is in fo_tx_ports (XDP redirect target) */
+
+/* fo_flow.teardown, set by the fast path when a packet ends the flow */
+#define FO_TD_FIN	1
+#define FO_TD_RST	2
+
+/* What to do with a packet that matched: the rewrite and the next hop. */
+struct fo_flow {
+	__be32 new_saddr[4];	/* addresses after NAT (unchanged if no NAT) */
+	__be32 new_daddr[4];
+	__be16 new_sport;
+	__be16 new_dport;
+	/* One's-complement differences (RFC 1624), precomputed by the control
+	 * plane so the fast path does one add per checksum. Values are sums of
+	 * 16-bit words as loaded from memory, folded to 16 bits.
+	 */
+	__u32 csum_l3;		/* IPv4 header: address change */
+	__u32 csum_l4_pseudo;	/* L4 pseudo-header: address change */
+	__u32 csum_l4_ports;	/* L4 header: port change */
+	__u32 out_ifindex;
+	__u16 mtu;		/* route MTU toward the next hop (L3 bytes) */
+	__u8 flags;
+	__u8 pad0;
+	__u8 dmac[6];		/* next hop */
+	__u8 smac[6];		/* egress interface */
+	__u32 teardown;		/* FO_TD_*; written by the fast path */
+	/* written by the fast path, read by the control plane */
+	__u64 packets;
+	__u64 bytes;		/* L3 bytes, as conntrack accounting counts */
+	__u64 last_seen_ns;	/* CLOCK_MONOTONIC (coarse) */
+};
+
+/* Per-CPU counters: index into fo_stats. Every slow-path exit has a reason. */
+enum fo_stat {
+	FO_STAT_FWD_PKTS = 0,
+	FO_STAT_FWD_BYTES,
+	FO_SLOW_NOT_IP,		/* ARP, LLDP, ... */
+	FO_SLOW_ENCAP,		/* VLAN / QinQ / PPPoE: not handled yet */
+	FO_SLOW_L2_NOT_HOST,	/* broadcast, multicast, other host */
+	FO_SLOW_MALFORMED,	/* truncated or inconsistent headers */
+	FO_SLOW_FRAGMENT,
+	FO_SLOW_IP_OPTIONS,
+	FO_SLOW_IPV6_EXT,
+	FO_SLOW_NOT_TCP_UDP,
+	FO_SLOW_TTL,		/* TTL / hop limit <= 1: kernel sends ICMP */
+	FO_SLOW_TCP_SYN,
+	FO_SLOW_TCP_FIN,
+	FO_SLOW_TCP_RST,
+	FO_SLOW_NO_FLOW,
+	FO_SLOW_TEARDOWN,	/* flow already ending */
+	FO_SLOW_MTU,		/* kernel sends frag-needed / PTB */
+	FO_SLOW_XDP_TARGET,	/* egress cannot take an XDP redirect */
+	FO_STAT_MAX,
+};
+
+/* Route query run through BPF_PROG_TEST_RUN by the control plane so it gets
+ * exactly the kernel's forwarding decision (bpf_fib_lookup), neighbour MAC
+ * included, without mirroring the FIB in userspace.
+ */
+struct fo_fib_req {
+	__u32 family;
+	__u32 ifindex_in;
+	__u32 proto;
+	__be16 sport;
+	__be16 dport;
+	__be32 src[4];
+	__be32 dst[4];
+	__u32 flags;		/* BPF_FIB_LOOKUP_* */
+	/* outputs */
+	__s32 ret;		/* BPF_FIB_LKUP_RET_* */
+	__u32 ifindex_out;
+	__u32 mtu;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+#endif

@@ -1,0 +1,60 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Maps of the fast path. Sizes are defaults; the control plane resizes
+ * fo_flows before load from its configured table size.
+ */
+#ifndef FO_MAPS_H
+#define FO_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "flow.h"
+
+/* Offloaded flows, one entry per direction (like the kernel flowtable,
+ * which inserts tuplehash[0] and [1]). Preallocated: no allocation on the
+ * control plane's hot insert path, predictable memory.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct fo_flow_key);
+	__type(value, struct fo_flow);
+	__uint(max_entries, 131072);
+} fo_flows SEC(".maps");
+
+/* Connections the control plane took off the fast path while conntrack
+ * still considers them offloadable (idle, route change). A miss that hits
+ * here stamps the time, so the control plane re-offloads the flow on its
+ * next packet, as the kernel's `flow add` rule would; there is no conntrack
+ * event for a packet of an established connection.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct fo_flow_key);
+	__type(value, __u64);
+	__uint(max_entries, 65536);
+} fo_dormant SEC(".maps");
+
+/* Per-CPU counters indexed by enum fo_stat. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, FO_STAT_MAX);
+} fo_stats SEC(".maps");
+
+/* Egress interfaces an XDP program may redirect to. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 256);
+} fo_tx_ports SEC(".maps");
+
+static __always_inline void fo_count(__u32 idx, __u64 n)
+{
+	__u64 *c = bpf_map_lookup_elem(&fo_stats, &idx);
+
+	if (c)
+		*c += n;
+}
+
+#endif

@@ -1,0 +1,30 @@
+//! Compiles the BPF fast path with clang and generates its typed skeleton.
+use std::{env, path::PathBuf};
+
+use libbpf_cargo::SkeletonBuilder;
+
+const SRC: &str = "bpf/fastpath.bpf.c";
+
+fn main() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR set by cargo"));
+    // Debian keeps asm/ headers under the multiarch directory, which clang's
+    // BPF target does not search by itself.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let multiarch = match arch.as_str() {
+        "x86_64" => "/usr/include/x86_64-linux-gnu",
+        "aarch64" => "/usr/include/aarch64-linux-gnu",
+        _ => "/usr/include",
+    };
+    if let Err(e) = SkeletonBuilder::new()
+        .source(SRC)
+        .clang_args(["-I", "bpf", "-I", multiarch, "-Wall", "-Werror", "-O2"])
+        .build_and_generate(out.join("fastpath.skel.rs"))
+    {
+        panic!(
+            "building {SRC} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)"
+        );
+    }
+    for f in ["fastpath.bpf.c", "flow.h", "maps.h", "parse.h", "nat.h", "csum.h"] {
+        println!("cargo:rerun-if-changed=bpf/{f}");
+    }
+}

@@ -1,0 +1,196 @@
+//! Command line: parsing and rendering. Data goes to stdout, logs to stderr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::engine::{Config, Engine, FlowView, Status};
+use crate::policy::ModeChoice;
+
+#[derive(Parser, Debug)]
+#[command(name = "nft-offload", version, about = "Flow offload for Linux routers: eBPF fast path driven by conntrack")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the offload engine in the foreground (SIGINT/SIGTERM detach it).
+    Run {
+        /// Interface to offload between (repeat; at least two to forward).
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+        mode: ModeChoice,
+        /// Take a flow off the fast path after this many idle seconds.
+        #[arg(long, default_value_t = 30)]
+        idle_timeout: u64,
+        /// Maximum number of offloaded connections.
+        #[arg(long, default_value_t = 65536)]
+        max_flows: u32,
+    },
+    /// Where the engine is attached, how, and what it did.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Offloaded connections, conntrack style.
+    Flows {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The built-in lab: namespaces LAN client - router - WAN server.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCmd {
+    /// Create the lab namespaces (nfolab-lan, nfolab-rtr, nfolab-wan).
+    Up {
+        #[arg(long, default_value = "nfolab")]
+        prefix: String,
+    },
+    /// Remove the lab namespaces.
+    Down {
+        #[arg(long, default_value = "nfolab")]
+        prefix: String,
+    },
+    /// iperf3 through the router without and with offload, side by side.
+    Demo {
+        #[arg(long, default_value = "nfodemo")]
+        prefix: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        duration: u32,
+        /// Offload modes to compare with the kernel path.
+        #[arg(long, value_delimiter = ',', default_value = "tc,xdp")]
+        modes: Vec<String>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+pub fn main_with(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run { ifaces, mode, idle_timeout, max_flows } => {
+            if idle_timeout == 0 {
+                anyhow::bail!("--idle-timeout must be at least 1 second");
+            }
+            if max_flows == 0 {
+                anyhow::bail!("--max-flows must be at least 1");
+            }
+            let cfg = Config { ifaces, mode, idle_timeout: Duration::from_secs(idle_timeout), max_flows };
+            let mut engine = Engine::start(cfg)?;
+            engine.run()?;
+            drop(engine);
+            tracing::info!("stopped; nothing left attached");
+            Ok(())
+        }
+        Cmd::Status { output } => {
+            let raw = crate::control::request("status")?;
+            let st: Status = serde_json::from_str(&raw).context("decoding the engine's status")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+                Output::Text => print!("{}", render_status(&st)),
+            }
+            Ok(())
+        }
+        Cmd::Flows { output } => {
+            let raw = crate::control::request("flows")?;
+            let flows: Vec<FlowView> = serde_json::from_str(&raw).context("decoding the engine's flows")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
+                Output::Text => print!("{}", render_flows(&flows)),
+            }
+            Ok(())
+        }
+        Cmd::Lab { cmd } => crate::lab::cli(cmd),
+    }
+}
+
+pub fn render_status(s: &Status) -> String {
+    let mut o = String::new();
+    o += &format!("nft-offload running (pid {}, up {}s, mode {:?})\n", s.pid, s.uptime_s, s.mode_requested);
+    o += "Interfaces:\n";
+    for i in &s.interfaces {
+        o += &format!(
+            "  {:<12} ifindex {:<4} {:<4} {:<5} driver {:<10} {}\n",
+            i.name,
+            i.ifindex,
+            i.mode.as_str(),
+            if i.up { "up" } else { "DOWN" },
+            if i.driver.is_empty() { "?" } else { &i.driver },
+            i.reason
+        );
+    }
+    o += &format!(
+        "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
+        s.flows_offloaded, s.flow_capacity, s.flows_waiting_for_neighbour, s.flows_dormant, s.idle_timeout_s
+    );
+    o += &format!("Fast path: {} packets, {} bytes\n", s.fast_path_packets, s.fast_path_bytes);
+    o += "Slow path (packets handed to the kernel, by reason):\n";
+    for (k, v) in s.slow_path.iter().filter(|(_, v)| **v > 0) {
+        o += &format!("  {k:<14} {v}\n");
+    }
+    o += &format!("Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}\n", s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes);
+    if !s.teardowns.is_empty() {
+        o += "Teardowns:";
+        for (k, v) in &s.teardowns {
+            o += &format!(" {k}={v}");
+        }
+        o += "\n";
+    }
+    if !s.not_offloaded.is_empty() {
+        o += "Not offloaded:\n";
+        for (k, v) in &s.not_offloaded {
+            o += &format!("  {v:>6}  {k}\n");
+        }
+    }
+    o
+}
+
+/// conntrack -L style: one line per connection, original then reply tuple.
+pub fn render_flows(flows: &[FlowView]) -> String {
+    let mut o = String::new();
+    for f in flows {
+        let pnum = if f.proto == "tcp" { 6 } else { 17 };
+        o += &format!(
+            "{:<4} {:<2} {}src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [OFFLOAD] mode={} {}->{} idle={:.0}s mark={} id={}\n",
+            f.proto,
+            pnum,
+            f.state.as_ref().map(|s| format!("{s} ")).unwrap_or_default(),
+            f.orig.src,
+            f.orig.dst,
+            f.orig.sport,
+            f.orig.dport,
+            f.packets_orig,
+            f.bytes_orig,
+            f.reply.src,
+            f.reply.dst,
+            f.reply.sport,
+            f.reply.dport,
+            f.packets_reply,
+            f.bytes_reply,
+            f.mode.as_str(),
+            f.iif,
+            f.oif,
+            f.idle_s,
+            f.mark,
+            f.id
+        );
+    }
+    o += &format!("nft-offload: {} flow entries offloaded.\n", flows.len());
+    o
+}

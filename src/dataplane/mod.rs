@@ -1,0 +1,349 @@
+//! The BPF fast path: loading the skeleton, attaching it to interfaces
+//! (XDP or TCX links owned by this process, so the kernel detaches them if
+//! the process dies), and the maps the control plane programs.
+
+use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, PrintLevel};
+
+#[allow(clippy::all, dead_code, non_camel_case_types, non_snake_case, unused_imports)]
+pub mod skel {
+    include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
+}
+
+pub use skel::types::{fo_fib_req, fo_flow, fo_flow_key};
+use skel::{FastpathSkel, FastpathSkelBuilder};
+
+/// Fast-path counters, in `enum fo_stat` order (bpf/flow.h).
+pub const STAT_NAMES: [&str; 18] = [
+    "fwd_packets",
+    "fwd_bytes",
+    "not_ip",
+    "encap",
+    "l2_not_host",
+    "malformed",
+    "fragment",
+    "ip_options",
+    "ipv6_ext",
+    "not_tcp_udp",
+    "ttl",
+    "tcp_syn",
+    "tcp_fin",
+    "tcp_rst",
+    "no_flow",
+    "teardown",
+    "mtu",
+    "xdp_target",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Xdp,
+    Tc,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Xdp => "xdp",
+            Mode::Tc => "tc",
+        }
+    }
+}
+
+/// View a plain C struct as bytes for a map operation.
+fn bytes_of<T: Copy>(t: &T) -> &[u8] {
+    // SAFETY: T is a #[repr(C)] plain-data type generated from BTF without
+    // padding holes that matter to the kernel (keys are zero-initialised).
+    unsafe { std::slice::from_raw_parts((t as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    let mut t = T::default();
+    let n = b.len().min(std::mem::size_of::<T>());
+    // SAFETY: plain data; copying at most size_of::<T>() bytes.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut t as *mut T).cast::<u8>(), n) };
+    t
+}
+
+// libbpf's log, kept so a failed load can show the verifier's last lines.
+static LIBBPF_LOG: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+
+fn libbpf_print(level: PrintLevel, msg: String) {
+    if let Ok(mut log) = LIBBPF_LOG.lock() {
+        for line in msg.lines() {
+            if log.len() >= 400 {
+                log.pop_front();
+            }
+            log.push_back(line.to_string());
+        }
+    }
+    if matches!(level, PrintLevel::Warn) {
+        tracing::debug!(target: "libbpf", "{}", msg.trim_end());
+    }
+}
+
+fn log_tail(n: usize) -> String {
+    let log = LIBBPF_LOG.lock().map(|l| l.clone()).unwrap_or_default();
+    let start = log.len().saturating_sub(n);
+    log.iter().skip(start).cloned().collect::<Vec<_>>().join("\n")
+}
+
+struct Attachment {
+    ifindex: u32,
+    mode: Mode,
+    _link: Link,
+}
+
+/// The loaded fast path. Dropping it detaches everything.
+pub struct Dataplane {
+    skel: FastpathSkel<'static>,
+    attached: Vec<Attachment>,
+}
+
+impl Dataplane {
+    /// Load the fast path with room for `max_flows` connections (two map
+    /// entries each).
+    pub fn load(max_flows: u32) -> Result<Self> {
+        libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
+        if let Ok(mut l) = LIBBPF_LOG.lock() {
+            l.clear();
+        }
+        // The skeleton borrows its object storage for its whole life; the
+        // dataplane lives as long as the process, so leak the few bytes.
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = FastpathSkelBuilder::default()
+            .open(storage)
+            .map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
+        open.maps
+            .fo_flows
+            .set_max_entries(max_flows.saturating_mul(2).max(2))
+            .context("sizing the flow table")?;
+        let skel = open.load().map_err(|e| {
+            anyhow!(
+                "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
+                log_tail(25)
+            )
+        })?;
+        Ok(Dataplane { skel, attached: Vec::new() })
+    }
+
+    pub fn flow_capacity(&self) -> u32 {
+        self.skel.maps.fo_flows.max_entries() / 2
+    }
+
+    /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
+    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6).
+    pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode) -> Result<()> {
+        let link = match mode {
+            Mode::Xdp => self.skel.progs.fo_xdp.attach_xdp(ifindex as i32).map_err(|e| {
+                let busy = e.to_string().contains("busy") || e.to_string().contains("exists");
+                if busy {
+                    anyhow!(
+                        "cannot attach XDP to {ifname}: another XDP program is already attached \
+                         ({e}); detach it (ip link set dev {ifname} xdp off) or use --mode tc"
+                    )
+                } else {
+                    anyhow!("cannot attach XDP to {ifname}: {e}")
+                }
+            })?,
+            Mode::Tc => {
+                let prog = self.skel.progs.fo_tc.as_libbpf_object();
+                // SAFETY: valid loaded program; libbpf returns NULL and sets
+                // errno on failure.
+                let raw = unsafe {
+                    libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null())
+                };
+                let ptr = NonNull::new(raw).ok_or_else(|| {
+                    anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
+                })?;
+                // SAFETY: a valid link pointer we now own.
+                unsafe { Link::from_ptr(ptr) }
+            }
+        };
+        if mode == Mode::Xdp {
+            self.skel
+                .maps
+                .fo_tx_ports
+                .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
+                .with_context(|| format!("adding {ifname} to the XDP redirect map"))?;
+        }
+        self.attached.push(Attachment { ifindex, mode, _link: link });
+        Ok(())
+    }
+
+    /// Whether `ifindex` can receive XDP redirects from this fast path.
+    pub fn is_xdp_target(&self, ifindex: u32) -> bool {
+        self.attached.iter().any(|a| a.ifindex == ifindex && a.mode == Mode::Xdp)
+    }
+
+    pub fn attached(&self) -> Vec<(u32, Mode)> {
+        self.attached.iter().map(|a| (a.ifindex, a.mode)).collect()
+    }
+
+    /// Detach from every interface (links are released).
+    pub fn detach_all(&mut self) {
+        for a in self.attached.drain(..) {
+            if a.mode == Mode::Xdp {
+                let _ = self.skel.maps.fo_tx_ports.delete(&a.ifindex.to_ne_bytes());
+            }
+        }
+    }
+
+    pub fn detach(&mut self, ifindex: u32) {
+        self.attached.retain(|a| a.ifindex != ifindex);
+        let _ = self.skel.maps.fo_tx_ports.delete(&ifindex.to_ne_bytes());
+    }
+
+    pub fn put_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<()> {
+        self.skel
+            .maps
+            .fo_flows
+            .update(bytes_of(key), bytes_of(val), MapFlags::ANY)
+            .map_err(|e| anyhow!("flow table update failed: {e}"))
+    }
+
+    pub fn get_flow(&self, key: &fo_flow_key) -> Option<fo_flow> {
+        match self.skel.maps.fo_flows.lookup(bytes_of(key), MapFlags::ANY) {
+            Ok(Some(v)) => Some(from_bytes(&v)),
+            _ => None,
+        }
+    }
+
+    pub fn delete_flow(&self, key: &fo_flow_key) {
+        let _ = self.skel.maps.fo_flows.delete(bytes_of(key));
+    }
+
+    pub fn flow_keys(&self) -> Vec<fo_flow_key> {
+        self.skel.maps.fo_flows.keys().map(|k| from_bytes(&k)).collect()
+    }
+
+    /// Sum of the per-CPU counters, in `STAT_NAMES` order.
+    pub fn stats(&self) -> Vec<u64> {
+        (0..STAT_NAMES.len() as u32)
+            .map(|i| {
+                self.skel
+                    .maps
+                    .fo_stats
+                    .lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .map(|per_cpu| per_cpu.iter().map(|v| from_bytes::<u64>(v)).sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Ask the kernel's FIB (and neighbour table) how a packet would be
+    /// forwarded, through `bpf_fib_lookup` run by BPF_PROG_TEST_RUN.
+    pub fn fib_query(&self, req: &fo_fib_req) -> Result<fo_fib_req> {
+        let input = bytes_of(req).to_vec();
+        let mut out = vec![0u8; input.len()];
+        let mut opts = libbpf_rs::ProgramInput::default();
+        opts.data_in = Some(&input);
+        opts.data_out = Some(&mut out);
+        let r = self.skel.progs.fo_fib_query.test_run(opts).context("route lookup (bpf_fib_lookup) failed")?;
+        if r.return_value != 2 {
+            bail!("route lookup program returned {}", r.return_value);
+        }
+        Ok(from_bytes(&out))
+    }
+
+    /// Run the XDP entry on one frame (BPF_PROG_TEST_RUN); for tests and the
+    /// benchmark. Returns (verdict, output frame).
+    pub fn test_xdp(&self, frame: &[u8], ingress_ifindex: u32, repeat: u32) -> Result<(u32, Vec<u8>, u64)> {
+        // Built in zeroed bytes: the kernel rejects a context whose unused
+        // fields (and padding) are not zero.
+        type Md = skel::types::xdp_md;
+        let mut ctx_bytes = vec![0u8; std::mem::size_of::<Md>()];
+        put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, data_end), frame.len() as u32);
+        put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, ingress_ifindex), ingress_ifindex);
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = libbpf_rs::ProgramInput::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.context_in = Some(&mut ctx_bytes);
+        opts.repeat = repeat;
+        let r = self.skel.progs.fo_xdp.test_run(opts).context("XDP test run")?;
+        let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
+        let (ret, ns) = (r.return_value, r.duration.as_nanos() as u64);
+        out.truncate(n);
+        Ok((ret, out, ns))
+    }
+
+    /// Run the TC entry on one frame; `ifindex` is the device the skb
+    /// arrives on (its MAC decides pkt_type, as eth_type_trans does).
+    pub fn test_tc(&self, frame: &[u8], ifindex: u32, gso: Option<(u32, u32)>, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
+        type Sk = skel::types::__sk_buff;
+        let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
+        put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
+        if let Some((segs, size)) = gso {
+            put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_segs), segs);
+            put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_size), size);
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = libbpf_rs::ProgramInput::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.context_in = Some(&mut ctx_bytes);
+        opts.repeat = repeat;
+        let r = self.skel.progs.fo_tc.test_run(opts).context("TC test run")?;
+        let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
+        let (ret, ns) = (r.return_value as i32, r.duration.as_nanos() as u64);
+        out.truncate(n);
+        Ok((ret, out, ns))
+    }
+
+    pub fn map_fds_info(&self) -> (u32, u32) {
+        let _ = self.skel.maps.fo_flows.as_fd();
+        (self.skel.maps.fo_flows.max_entries(), self.skel.maps.fo_tx_ports.max_entries())
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+impl Dataplane {
+    /// Watch a connection taken off the fast path: its next packet stamps
+    /// the entry (see fo_dormant in bpf/maps.h).
+    pub fn watch_dormant(&self, key: &fo_flow_key) {
+        let _ = self.skel.maps.fo_dormant.update(bytes_of(key), &0u64.to_ne_bytes(), MapFlags::ANY);
+    }
+
+    /// Time of the last packet seen for a dormant key (0 = none yet, None = not watched).
+    pub fn dormant_seen(&self, key: &fo_flow_key) -> Option<u64> {
+        match self.skel.maps.fo_dormant.lookup(bytes_of(key), MapFlags::ANY) {
+            Ok(Some(v)) => Some(from_bytes::<u64>(&v)),
+            _ => None,
+        }
+    }
+
+    pub fn unwatch_dormant(&self, key: &fo_flow_key) {
+        let _ = self.skel.maps.fo_dormant.delete(bytes_of(key));
+    }
+}
+
+impl Dataplane {
+    /// Let XDP redirect to `ifindex` without attaching there (tests, bench).
+    pub fn add_xdp_target(&self, ifindex: u32) -> Result<()> {
+        self.skel
+            .maps
+            .fo_tx_ports
+            .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| anyhow!("adding ifindex {ifindex} to the XDP redirect map: {e}"))
+    }
+}

@@ -1,0 +1,253 @@
+//! The directional flow entries the fast path matches on. Like the kernel
+//! flowtable (`flow_offload_fill_dir`, net/netfilter/nf_flow_table_core.c)
+//! each connection is two entries: the original direction matches the
+//! conntrack original tuple and is rewritten to the inverse of the reply
+//! tuple; the reply direction the other way round.
+
+use std::net::IpAddr;
+
+use crate::conntrack::CtTuple;
+use crate::dataplane::skel::types::{fo_flow, fo_flow_key};
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+pub const FO_F_SNAT: u8 = 0x01;
+pub const FO_F_DNAT: u8 = 0x02;
+pub const FO_F_XDP_OK: u8 = 0x04;
+
+/// Where a direction's packets leave, as the kernel's FIB and neighbour
+/// table say (from `bpf_fib_lookup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub mtu: u16,
+    pub xdp_ok: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Direction {
+    pub key: fo_flow_key,
+    pub val: fo_flow,
+}
+
+/// Address as the four 32-bit words of the map layout (network order in
+/// memory; IPv4 in word 0).
+pub fn addr_words(a: IpAddr) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    match a {
+        IpAddr::V4(v4) => w[0] = u32::from_ne_bytes(v4.octets()),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            for (i, c) in o.chunks_exact(4).enumerate() {
+                w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+    w
+}
+
+pub fn words_addr(family: u8, w: &[u32; 4]) -> IpAddr {
+    let mut b = [0u8; 16];
+    for (i, x) in w.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&x.to_ne_bytes());
+    }
+    if family == AF_INET {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    }
+}
+
+fn addr_bytes(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// One's-complement difference of replacing `old` by `new` (RFC 1624):
+/// the sum of ~old and new as 16-bit words loaded from memory, folded.
+/// Zero when nothing changes, so the fast path can skip the update.
+pub fn csum_diff(old: &[u8], new: &[u8]) -> u32 {
+    assert_eq!(old.len(), new.len());
+    assert!(old.len() % 2 == 0);
+    let mut sum: u64 = 0;
+    for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+        sum += u64::from(!u16::from_ne_bytes([o[0], o[1]]));
+        sum += u64::from(u16::from_ne_bytes([n[0], n[1]]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if sum == 0xffff {
+        0
+    } else {
+        sum as u32
+    }
+}
+
+/// Build the entry for packets that arrive on `in_ifindex` looking like
+/// `seen` and must leave looking like the inverse of `other` (the tuple of
+/// the opposite direction).
+pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &NextHop) -> Direction {
+    let family = if seen.src.is_ipv4() { AF_INET } else { AF_INET6 };
+    let key = fo_flow_key {
+        ifindex: in_ifindex,
+        family,
+        proto: seen.proto,
+        sport: seen.sport.to_be(),
+        dport: seen.dport.to_be(),
+        encap: 0,
+        saddr: addr_words(seen.src),
+        daddr: addr_words(seen.dst),
+    };
+    // After NAT this direction's packet carries the reverse of the other
+    // direction's tuple.
+    let (nsrc, ndst, nsport, ndport) = (other.dst, other.src, other.dport, other.sport);
+
+    let mut old_addrs = addr_bytes(seen.src);
+    old_addrs.extend(addr_bytes(seen.dst));
+    let mut new_addrs = addr_bytes(nsrc);
+    new_addrs.extend(addr_bytes(ndst));
+    let pseudo = csum_diff(&old_addrs, &new_addrs);
+    let old_ports = [seen.sport.to_be_bytes(), seen.dport.to_be_bytes()].concat();
+    let new_ports = [nsport.to_be_bytes(), ndport.to_be_bytes()].concat();
+    let ports = csum_diff(&old_ports, &new_ports);
+
+    let mut flags = 0u8;
+    if seen.src != nsrc || seen.sport != nsport {
+        flags |= FO_F_SNAT;
+    }
+    if seen.dst != ndst || seen.dport != ndport {
+        flags |= FO_F_DNAT;
+    }
+    if nh.xdp_ok {
+        flags |= FO_F_XDP_OK;
+    }
+    let val = fo_flow {
+        new_saddr: addr_words(nsrc),
+        new_daddr: addr_words(ndst),
+        new_sport: nsport.to_be(),
+        new_dport: ndport.to_be(),
+        csum_l3: if family == AF_INET { pseudo } else { 0 },
+        csum_l4_pseudo: pseudo,
+        csum_l4_ports: ports,
+        out_ifindex: nh.ifindex,
+        mtu: nh.mtu,
+        flags,
+        dmac: nh.dmac,
+        smac: nh.smac,
+        ..Default::default()
+    };
+    Direction { key, val }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::tests::{tcp_masq, tuple};
+
+    /// Full Internet checksum over `data`, for checking the incremental one.
+    fn csum(data: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 { [c[0], c[1]] } else { [c[0], 0] };
+            s += u32::from(u16::from_ne_bytes(w));
+        }
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    fn apply(check: u16, diff: u32) -> u16 {
+        let mut s = u32::from(!check) + diff;
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    #[test]
+    fn incremental_equals_full_recompute() {
+        // A fake header: 4 address bytes + 2 port bytes + payload.
+        let old = [192u8, 168, 1, 2, 0x9c, 0x40, 1, 2, 3, 4];
+        let new = [203u8, 0, 113, 1, 0x9c, 0x40, 1, 2, 3, 4];
+        let d = csum_diff(&old[..4], &new[..4]);
+        assert_eq!(apply(csum(&old), d), csum(&new));
+        assert_eq!(csum_diff(&old, &old), 0);
+        // many random replacements
+        let mut x: u32 = 12345;
+        for _ in 0..2000 {
+            let mut a = [0u8; 20];
+            let mut b = [0u8; 20];
+            for i in 0..20 {
+                x = x.wrapping_mul(1103515245).wrapping_add(12345);
+                a[i] = (x >> 16) as u8;
+                b[i] = a[i];
+            }
+            for i in 0..8 {
+                x = x.wrapping_mul(1103515245).wrapping_add(12345);
+                b[i] = (x >> 8) as u8;
+            }
+            let d = csum_diff(&a[..8], &b[..8]);
+            let got = apply(csum(&a), d);
+            let want = csum(&b);
+            // 0x0000 and 0xffff are the same one's-complement value
+            assert!(got == want || (got ^ want) == 0xffff, "{got:#x} {want:#x}");
+        }
+    }
+
+    fn nh(ifindex: u32) -> NextHop {
+        NextHop { ifindex, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, 2], mtu: 1500, xdp_ok: false }
+    }
+
+    #[test]
+    fn masquerade_both_directions() {
+        let e = tcp_masq();
+        let o = build_direction(&e.orig, &e.reply, 3, &nh(4));
+        assert_eq!(o.key.ifindex, 3);
+        assert_eq!(o.key.sport, 40000u16.to_be());
+        assert_eq!(words_addr(AF_INET, &o.key.saddr), "192.168.1.2".parse::<IpAddr>().unwrap());
+        // original direction leaves with the router's address as source
+        assert_eq!(words_addr(AF_INET, &o.val.new_saddr), "203.0.113.1".parse::<IpAddr>().unwrap());
+        assert_eq!(words_addr(AF_INET, &o.val.new_daddr), "203.0.113.2".parse::<IpAddr>().unwrap());
+        assert_eq!(o.val.flags & (FO_F_SNAT | FO_F_DNAT), FO_F_SNAT);
+        assert_eq!(o.val.out_ifindex, 4);
+        assert_ne!(o.val.csum_l3, 0);
+        assert_eq!(o.val.csum_l4_ports, 0);
+
+        let r = build_direction(&e.reply, &e.orig, 4, &nh(3));
+        assert_eq!(words_addr(AF_INET, &r.key.daddr), "203.0.113.1".parse::<IpAddr>().unwrap());
+        assert_eq!(words_addr(AF_INET, &r.val.new_daddr), "192.168.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!(r.val.flags & (FO_F_SNAT | FO_F_DNAT), FO_F_DNAT);
+    }
+
+    #[test]
+    fn dnat_port_forward_rewrites_port() {
+        let orig = tuple("198.51.100.7", 50000, "203.0.113.1", 8080, 6);
+        let reply = tuple("192.168.1.2", 80, "198.51.100.7", 50000, 6);
+        let o = build_direction(&orig, &reply, 4, &nh(3));
+        assert_eq!(o.val.new_dport, 80u16.to_be());
+        assert_eq!(o.val.new_sport, 50000u16.to_be());
+        assert_ne!(o.val.csum_l4_ports, 0);
+        let r = build_direction(&reply, &orig, 3, &nh(4));
+        assert_eq!(r.val.new_sport, 8080u16.to_be());
+        assert_eq!(words_addr(AF_INET, &r.val.new_saddr), "203.0.113.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn routed_ipv6_has_no_rewrite() {
+        let orig = tuple("fd00:1::2", 40000, "fd00:2::2", 5201, 6);
+        let reply = tuple("fd00:2::2", 5201, "fd00:1::2", 40000, 6);
+        let o = build_direction(&orig, &reply, 3, &nh(4));
+        assert_eq!(o.key.family, AF_INET6);
+        assert_eq!(o.val.flags & (FO_F_SNAT | FO_F_DNAT), 0);
+        assert_eq!(o.val.csum_l4_pseudo, 0);
+        assert_eq!(o.val.csum_l4_ports, 0);
+        assert_eq!(o.val.new_saddr, o.key.saddr);
+    }
+}

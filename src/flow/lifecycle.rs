@@ -1,0 +1,177 @@
+//! Lifecycle of an offloaded flow: when to refresh its conntrack timeout and
+//! when to take it off the fast path. Pure functions over clocks and flags.
+//!
+//! Keepalive: conntrack sees none of the fast-pathed packets, so it would
+//! expire the entry. The kernel flowtable bumps the timeout to a day and
+//! fixes it up on teardown (`nf_flow_table_extend_ct_timeout`,
+//! `flow_offload_fixup_ct` in net/netfilter/nf_flow_table_core.c). We instead
+//! do what conntrack itself would have done had it seen the packets: while
+//! packets flow, the entry's timeout is reset to the timeout of its state.
+//! If the daemon dies, nothing needs fixing: the entry ages normally.
+
+use std::time::Duration;
+
+/// Conntrack's per-state timeouts in this network namespace (seconds), from
+/// /proc/sys/net/netfilter/nf_conntrack_*_timeout_*.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_established: u32,
+    pub udp: u32,
+    pub udp_stream: u32,
+}
+
+impl Default for CtTimeouts {
+    /// The kernel defaults (nf_conntrack_proto_tcp.c, nf_conntrack_proto_udp.c).
+    fn default() -> Self {
+        CtTimeouts { tcp_established: 5 * 24 * 3600, udp: 30, udp_stream: 120 }
+    }
+}
+
+impl CtTimeouts {
+    /// Timeout conntrack would give an entry of this protocol after a packet.
+    pub fn for_flow(&self, proto: u8, seen_reply: bool) -> u32 {
+        match (proto, seen_reply) {
+            (6, _) => self.tcp_established,
+            (_, true) => self.udp_stream,
+            _ => self.udp,
+        }
+    }
+}
+
+/// Clock readings for one offloaded connection (CLOCK_MONOTONIC ns, the
+/// clock of bpf_ktime_get_coarse_ns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowClock {
+    pub installed_ns: u64,
+    /// Newest last-seen stamp of either direction; 0 = no packet yet.
+    pub last_seen_ns: u64,
+    /// When we last refreshed the conntrack timeout.
+    pub last_refresh_ns: u64,
+    /// The last-seen stamp that refresh covered.
+    pub refreshed_seen_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeardownReason {
+    TcpFin,
+    TcpRst,
+    Idle,
+    ConntrackDestroyed,
+    NoLongerEligible,
+    InterfaceDown,
+    RouteChange,
+    Policy,
+    Shutdown,
+}
+
+impl TeardownReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TeardownReason::TcpFin => "tcp_fin",
+            TeardownReason::TcpRst => "tcp_rst",
+            TeardownReason::Idle => "idle",
+            TeardownReason::ConntrackDestroyed => "conntrack_destroyed",
+            TeardownReason::NoLongerEligible => "no_longer_eligible",
+            TeardownReason::InterfaceDown => "interface_down",
+            TeardownReason::RouteChange => "route_change",
+            TeardownReason::Policy => "policy",
+            TeardownReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Keep,
+    /// Set the conntrack timeout to this many seconds.
+    Refresh(u32),
+    Teardown(TeardownReason),
+}
+
+/// How often an active flow's conntrack timeout is refreshed: a third of the
+/// timeout so an entry never gets close to expiring, between 1 s and 60 s.
+pub fn refresh_interval(ct_timeout_s: u32) -> Duration {
+    let ms = u64::from(ct_timeout_s) * 1000 / 3;
+    Duration::from_millis(ms.clamp(1000, 60_000))
+}
+
+/// Decide what to do with one offloaded flow now.
+/// `teardown_flag` is the fast path's FO_TD_* value of either direction.
+pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct_timeout_s: u32) -> Action {
+    match teardown_flag {
+        0 => {}
+        2 => return Action::Teardown(TeardownReason::TcpRst),
+        _ => return Action::Teardown(TeardownReason::TcpFin),
+    }
+    let active = c.last_seen_ns.max(c.installed_ns);
+    if now_ns.saturating_sub(active) > idle.as_nanos() as u64 {
+        return Action::Teardown(TeardownReason::Idle);
+    }
+    let since_refresh = now_ns.saturating_sub(c.last_refresh_ns);
+    if c.last_seen_ns > c.refreshed_seen_ns && since_refresh >= refresh_interval(ct_timeout_s).as_nanos() as u64 {
+        return Action::Refresh(ct_timeout_s);
+    }
+    Action::Keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn clock(installed: u64, seen: u64, refreshed_at: u64, refreshed_seen: u64) -> FlowClock {
+        FlowClock {
+            installed_ns: installed * S,
+            last_seen_ns: seen * S,
+            last_refresh_ns: refreshed_at * S,
+            refreshed_seen_ns: refreshed_seen * S,
+        }
+    }
+
+    #[test]
+    fn fin_and_rst_tear_down_first() {
+        let c = clock(100, 105, 100, 100);
+        assert_eq!(decide(106 * S, &c, 1, Duration::from_secs(30), 120), Action::Teardown(TeardownReason::TcpFin));
+        assert_eq!(decide(106 * S, &c, 2, Duration::from_secs(30), 120), Action::Teardown(TeardownReason::TcpRst));
+    }
+
+    #[test]
+    fn idle_flow_leaves_after_idle_timeout() {
+        let idle = Duration::from_secs(30);
+        let c = clock(100, 110, 110, 110);
+        assert_eq!(decide(139 * S, &c, 0, idle, 120), Action::Keep);
+        assert_eq!(decide(141 * S, &c, 0, idle, 120), Action::Teardown(TeardownReason::Idle));
+        // never saw a packet: idle counts from installation
+        let c = clock(100, 0, 100, 0);
+        assert_eq!(decide(131 * S, &c, 0, idle, 120), Action::Teardown(TeardownReason::Idle));
+    }
+
+    #[test]
+    fn active_flow_refreshed_within_a_third_of_its_timeout() {
+        let idle = Duration::from_secs(30);
+        // ct timeout 9 s -> refresh every 3 s
+        let c = clock(100, 102, 100, 100);
+        assert_eq!(decide(102 * S, &c, 0, idle, 9), Action::Keep);
+        assert_eq!(decide(103 * S, &c, 0, idle, 9), Action::Refresh(9));
+        // no new packets since the last refresh: nothing to refresh
+        let c = clock(100, 103, 103, 103);
+        assert_eq!(decide(110 * S, &c, 0, idle, 9), Action::Keep);
+    }
+
+    #[test]
+    fn refresh_interval_is_clamped() {
+        assert_eq!(refresh_interval(1), Duration::from_secs(1));
+        assert_eq!(refresh_interval(30), Duration::from_secs(10));
+        assert_eq!(refresh_interval(432000), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn timeouts_per_protocol() {
+        let t = CtTimeouts::default();
+        assert_eq!(t.for_flow(6, true), 432000);
+        assert_eq!(t.for_flow(17, false), 30);
+        assert_eq!(t.for_flow(17, true), 120);
+    }
+}

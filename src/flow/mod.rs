@@ -1,0 +1,160 @@
+//! Pure decision logic, free of I/O so it is unit-tested directly:
+//! eligibility (mirrors `nft_flow_offload_eval`), the two directional flow
+//! entries with their NAT rewrite and checksum differences, and the lifecycle
+//! of an offloaded flow (keepalive, idle timeout, teardown).
+
+pub mod entry;
+pub mod lifecycle;
+
+pub use entry::{build_direction, csum_diff, Direction, NextHop};
+pub use lifecycle::{decide, Action, CtTimeouts, FlowClock, TeardownReason};
+
+use crate::conntrack::{status, tcp_state, CtEntry};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Why a conntrack entry cannot be offloaded (yet). Shown by `flows`/`status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ineligible {
+    NotTcpUdp,
+    TcpNotEstablished,
+    NotAssured,
+    NotConfirmed,
+    Helper,
+    SeqAdjust,
+    NatClash,
+    Dying,
+}
+
+impl Ineligible {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ineligible::NotTcpUdp => "protocol is not TCP or UDP",
+            Ineligible::TcpNotEstablished => "TCP not in ESTABLISHED state",
+            Ineligible::NotAssured => "TCP connection not ASSURED yet",
+            Ineligible::NotConfirmed => "conntrack entry not confirmed",
+            Ineligible::Helper => "conntrack helper attached (ALG)",
+            Ineligible::SeqAdjust => "sequence adjustment in use",
+            Ineligible::NatClash => "NAT clash entry",
+            Ineligible::Dying => "conntrack entry is dying",
+        }
+    }
+}
+
+/// The kernel's rules for whether a connection may be offloaded, from
+/// `nft_flow_offload_eval` (net/netfilter/nft_flow_offload.c): TCP only when
+/// ESTABLISHED and ASSURED (`nf_conntrack_tcp_established`), UDP once
+/// confirmed, never with a helper, seq-adjust or NAT clash.
+pub fn eligible(e: &CtEntry) -> Result<(), Ineligible> {
+    match e.orig.proto {
+        IPPROTO_TCP => {
+            if e.tcp_state != Some(tcp_state::ESTABLISHED) {
+                return Err(Ineligible::TcpNotEstablished);
+            }
+            if e.status & status::ASSURED == 0 {
+                return Err(Ineligible::NotAssured);
+            }
+        }
+        IPPROTO_UDP => {}
+        _ => return Err(Ineligible::NotTcpUdp),
+    }
+    if e.status & status::CONFIRMED == 0 {
+        return Err(Ineligible::NotConfirmed);
+    }
+    if e.has_helper || e.status & status::HELPER != 0 {
+        return Err(Ineligible::Helper);
+    }
+    if e.status & status::SEQ_ADJUST != 0 {
+        return Err(Ineligible::SeqAdjust);
+    }
+    if e.status & status::NAT_CLASH != 0 {
+        return Err(Ineligible::NatClash);
+    }
+    if e.status & status::DYING != 0 {
+        return Err(Ineligible::Dying);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::conntrack::{CtEntry, CtTuple};
+    use std::net::IpAddr;
+
+    pub fn tuple(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
+        CtTuple {
+            src: s.parse::<IpAddr>().unwrap(),
+            dst: d.parse::<IpAddr>().unwrap(),
+            proto,
+            sport: sp,
+            dport: dp,
+        }
+    }
+
+    /// An ESTABLISHED+ASSURED TCP entry masqueraded behind 203.0.113.1.
+    pub fn tcp_masq() -> CtEntry {
+        CtEntry {
+            id: 7,
+            orig: tuple("192.168.1.2", 40000, "203.0.113.2", 5201, 6),
+            reply: tuple("203.0.113.2", 5201, "203.0.113.1", 40000, 6),
+            status: status::CONFIRMED | status::ASSURED | status::SEEN_REPLY | status::SRC_NAT,
+            timeout: Some(432000),
+            mark: 0,
+            zone: 0,
+            tcp_state: Some(tcp_state::ESTABLISHED),
+            tcp_flags: None,
+            has_helper: false,
+            labels: None,
+            counters_orig: None,
+            counters_reply: None,
+        }
+    }
+
+    #[test]
+    fn tcp_needs_established_and_assured() {
+        let mut e = tcp_masq();
+        assert_eq!(eligible(&e), Ok(()));
+        e.tcp_state = Some(tcp_state::SYN_RECV);
+        assert_eq!(eligible(&e), Err(Ineligible::TcpNotEstablished));
+        e.tcp_state = Some(tcp_state::FIN_WAIT);
+        assert_eq!(eligible(&e), Err(Ineligible::TcpNotEstablished));
+        e.tcp_state = Some(tcp_state::ESTABLISHED);
+        e.status &= !status::ASSURED;
+        assert_eq!(eligible(&e), Err(Ineligible::NotAssured));
+    }
+
+    #[test]
+    fn udp_needs_only_confirmation() {
+        let mut e = tcp_masq();
+        e.orig.proto = 17;
+        e.reply.proto = 17;
+        e.tcp_state = None;
+        e.status = status::CONFIRMED;
+        assert_eq!(eligible(&e), Ok(()));
+        e.status = 0;
+        assert_eq!(eligible(&e), Err(Ineligible::NotConfirmed));
+    }
+
+    #[test]
+    fn helpers_seqadj_clash_dying_other_protocols_refused() {
+        let base = tcp_masq();
+        let mut e = base.clone();
+        e.has_helper = true;
+        assert_eq!(eligible(&e), Err(Ineligible::Helper));
+        let mut e = base.clone();
+        e.status |= status::SEQ_ADJUST;
+        assert_eq!(eligible(&e), Err(Ineligible::SeqAdjust));
+        let mut e = base.clone();
+        e.status |= status::NAT_CLASH;
+        assert_eq!(eligible(&e), Err(Ineligible::NatClash));
+        let mut e = base.clone();
+        e.status |= status::DYING;
+        assert_eq!(eligible(&e), Err(Ineligible::Dying));
+        let mut e = base;
+        e.orig.proto = 1;
+        assert_eq!(eligible(&e), Err(Ineligible::NotTcpUdp));
+    }
+}

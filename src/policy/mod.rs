@@ -1,0 +1,130 @@
+//! Policy: which interfaces are managed and in which mode. Pure decisions,
+//! unit-tested; the engine feeds them facts read from the system.
+
+use crate::dataplane::Mode;
+use crate::routes::link::{is_shaper, is_virtual, LinkInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeChoice {
+    Auto,
+    Xdp,
+    Tc,
+}
+
+/// Mode for one interface, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModeDecision {
+    pub mode: Mode,
+    pub reason: String,
+}
+
+/// Choose a mode per interface.
+///
+/// `auto` picks XDP only where it is both correct and faster: a hardware
+/// driver with native XDP and no shaping qdisc on egress (XDP redirect
+/// bypasses qdiscs, so SQM would stop working). Software devices (veth,
+/// bridges, tunnels) get TC: on veth an XDP redirect target needs NAPI on its
+/// peer or frames are silently dropped, locally generated CHECKSUM_PARTIAL
+/// frames lose their checksum metadata, and TC measured cheaper there.
+/// Because an XDP redirect can only go to another XDP interface, if any
+/// interface needs TC all of them use TC.
+pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecision> {
+    match requested {
+        ModeChoice::Xdp => {
+            return links
+                .iter()
+                .map(|l| ModeDecision {
+                    mode: Mode::Xdp,
+                    reason: if is_virtual(&l.driver) {
+                        format!(
+                            "requested; note: {} is a software device ({}): XDP redirect into it needs NAPI \
+                             (GRO or an XDP program) on its peer, and locally generated frames need TX \
+                             checksum offload off",
+                            l.name,
+                            if l.driver.is_empty() { "unknown driver" } else { &l.driver }
+                        )
+                    } else {
+                        "requested".into()
+                    },
+                })
+                .collect()
+        }
+        ModeChoice::Tc => {
+            return links.iter().map(|_| ModeDecision { mode: Mode::Tc, reason: "requested".into() }).collect();
+        }
+        ModeChoice::Auto => {}
+    }
+    let own: Vec<Option<String>> = links
+        .iter()
+        .map(|l| {
+            if is_virtual(&l.driver) {
+                Some(format!(
+                    "{} is a software device ({}): TC is correct there and cheaper than XDP",
+                    l.name,
+                    if l.driver.is_empty() { "unknown driver" } else { &l.driver }
+                ))
+            } else if is_shaper(&l.qdisc) {
+                Some(format!("{} has a shaping qdisc ({}): TC keeps it in the path (SQM)", l.name, l.qdisc))
+            } else {
+                None
+            }
+        })
+        .collect();
+    let first_tc = own.iter().enumerate().find_map(|(i, r)| r.as_ref().map(|r| (i, r.clone())));
+    links
+        .iter()
+        .zip(own)
+        .map(|(l, r)| match (&first_tc, r) {
+            (_, Some(r)) => ModeDecision { mode: Mode::Tc, reason: r },
+            (Some((_, why)), None) => ModeDecision {
+                mode: Mode::Tc,
+                reason: format!("XDP-capable, but XDP can only redirect to XDP interfaces and {why}"),
+            },
+            (None, None) => ModeDecision {
+                mode: Mode::Xdp,
+                reason: format!("hardware driver {} without a shaper: native XDP is fastest", l.driver),
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(name: &str, driver: &str, qdisc: &str) -> LinkInfo {
+        LinkInfo { name: name.into(), ifindex: 1, up: true, driver: driver.into(), mtu: 1500, qdisc: qdisc.into() }
+    }
+
+    #[test]
+    fn veth_gets_tc_with_reason() {
+        let d = choose_modes(&[link("rlan", "veth", "noqueue"), link("rwan", "veth", "noqueue")], ModeChoice::Auto);
+        assert!(d.iter().all(|d| d.mode == Mode::Tc));
+        assert!(d[0].reason.contains("software device (veth)"));
+    }
+
+    #[test]
+    fn hardware_without_shaper_gets_xdp() {
+        let d = choose_modes(&[link("eth0", "mlx5_core", "mq"), link("eth1", "ixgbe", "fq_codel")], ModeChoice::Auto);
+        assert!(d.iter().all(|d| d.mode == Mode::Xdp), "{d:?}");
+    }
+
+    #[test]
+    fn a_shaper_anywhere_means_tc_everywhere() {
+        let d = choose_modes(&[link("eth0", "mlx5_core", "htb"), link("eth1", "ixgbe", "mq")], ModeChoice::Auto);
+        assert_eq!(d[0].mode, Mode::Tc);
+        assert!(d[0].reason.contains("shaping qdisc (htb)"));
+        assert_eq!(d[1].mode, Mode::Tc);
+        assert!(d[1].reason.contains("XDP can only redirect to XDP interfaces"));
+    }
+
+    #[test]
+    fn explicit_modes_are_obeyed_with_warnings() {
+        let d = choose_modes(&[link("rlan", "veth", "noqueue")], ModeChoice::Xdp);
+        assert_eq!(d[0].mode, Mode::Xdp);
+        assert!(d[0].reason.contains("NAPI"));
+        let d = choose_modes(&[link("eth0", "ixgbe", "mq")], ModeChoice::Tc);
+        assert_eq!(d[0].mode, Mode::Tc);
+    }
+}

@@ -1,0 +1,294 @@
+//! Routes, neighbours and links: where a flow's packets leave and whether
+//! that changed.
+//!
+//! Next hops come from the kernel's own forwarding decision: `bpf_fib_lookup`
+//! run through BPF_PROG_TEST_RUN (see `Dataplane::fib_query`), so policy
+//! routing, ECMP and neighbour state are exactly the kernel's. Changes are
+//! learnt from rtnetlink multicast groups; the engine then re-resolves the
+//! offloaded flows (the kernel flowtable only checks its cached dst,
+//! `nf_flow_dst_check`; we re-resolve everything that could have moved).
+
+pub mod link;
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::RawFd;
+
+use anyhow::Result;
+
+use crate::dataplane::{fo_fib_req, Dataplane};
+use crate::flow::entry::{addr_words, AF_INET, AF_INET6};
+use crate::flow::NextHop;
+
+/// bpf_fib_lookup results (include/uapi/linux/bpf.h, BPF_FIB_LKUP_RET_*).
+pub fn fib_ret_str(ret: i32) -> &'static str {
+    match ret {
+        0 => "ok",
+        1 => "blackhole route",
+        2 => "unreachable route",
+        3 => "prohibited route",
+        4 => "destination is local (not forwarded)",
+        5 => "forwarding disabled on the input interface",
+        6 => "unsupported lightweight tunnel",
+        7 => "next-hop neighbour not resolved yet",
+        8 => "fragmentation needed",
+        _ if ret < 0 => "lookup error",
+        _ => "unknown",
+    }
+}
+
+pub const FIB_NO_NEIGH: i32 = 7;
+const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
+const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
+
+/// Why a direction could not be resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unroutable(pub i32);
+
+impl Unroutable {
+    pub fn as_str(self) -> &'static str {
+        fib_ret_str(self.0)
+    }
+    /// Worth retrying soon: the kernel resolves neighbours as traffic passes.
+    pub fn transient(self) -> bool {
+        self.0 == FIB_NO_NEIGH
+    }
+}
+
+fn req(family: u8, in_ifindex: u32, src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16, flags: u32) -> fo_fib_req {
+    fo_fib_req {
+        family: u32::from(family),
+        ifindex_in: in_ifindex,
+        proto: u32::from(proto),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        src: addr_words(src),
+        dst: addr_words(dst),
+        flags,
+        ..Default::default()
+    }
+}
+
+fn family_of(a: IpAddr) -> u8 {
+    if a.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    }
+}
+
+/// The kernel's forwarding decision for a packet arriving on `in_ifindex`.
+pub fn resolve(
+    dp: &Dataplane,
+    in_ifindex: u32,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+) -> Result<std::result::Result<NextHop, Unroutable>> {
+    let r = dp.fib_query(&req(family_of(src), in_ifindex, src, dst, proto, sport, dport, 0))?;
+    if r.ret != 0 {
+        return Ok(Err(Unroutable(r.ret)));
+    }
+    Ok(Ok(NextHop {
+        ifindex: r.ifindex_out,
+        smac: r.smac,
+        dmac: r.dmac,
+        mtu: r.mtu.min(0xffff) as u16,
+        xdp_ok: false,
+    }))
+}
+
+/// Which interface the kernel would send packets for `dst` out of (an
+/// output lookup, neighbour not needed). Used to find where a connection's
+/// original direction arrives: the reverse path, as rp_filter assumes.
+pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Option<u32>> {
+    let unspecified: IpAddr = if dst.is_ipv4() { [0u8; 4].into() } else { [0u8; 16].into() };
+    // An output lookup takes the interface as oif; 0 would make the kernel
+    // refuse (no device), so ask as a forwarded packet from any managed
+    // interface and skip the neighbour.
+    let r = dp.fib_query(&req(family_of(dst), any_ifindex, unspecified, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH))?;
+    let _ = BPF_FIB_LOOKUP_OUTPUT;
+    if r.ret == 0 || r.ret == FIB_NO_NEIGH {
+        Ok(Some(r.ifindex_out))
+    } else {
+        Ok(None)
+    }
+}
+
+/// What changed since the last drain.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// (ifindex, up) for link events.
+    pub links: Vec<(u32, bool)>,
+    pub neighbours: bool,
+    pub routes: bool,
+    pub addresses: bool,
+    /// Overrun: assume everything changed.
+    pub lost: bool,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        !self.links.is_empty() || self.neighbours || self.routes || self.addresses || self.lost
+    }
+}
+
+/// rtnetlink multicast listener for links, neighbours, routes, addresses.
+pub struct RouteWatch {
+    fd: RawFd,
+}
+
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+
+impl RouteWatch {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain socket syscalls with checked results.
+        unsafe {
+            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, libc::NETLINK_ROUTE);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sz: libc::c_int = 4 << 20;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&sz as *const libc::c_int).cast(), 4);
+            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+            sa.nl_family = libc::AF_NETLINK as u16;
+            sa.nl_groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
+            if libc::bind(fd, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32) < 0 {
+                let e = io::Error::last_os_error();
+                libc::close(fd);
+                return Err(e);
+            }
+            Ok(RouteWatch { fd })
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Read everything queued and summarise it.
+    pub fn drain(&mut self) -> Changes {
+        let mut ch = Changes::default();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: reading into an owned buffer.
+            let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => {
+                        ch.lost = true;
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            parse_rtnl(&buf[..n as usize], &mut ch);
+        }
+        ch
+    }
+}
+
+impl Drop for RouteWatch {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Summarise a datagram of rtnetlink messages into `ch`.
+pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_DELLINK: u16 = 17;
+    const RTM_NEWADDR: u16 = 20;
+    const RTM_DELADDR: u16 = 21;
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_DELROUTE: u16 = 25;
+    const RTM_NEWNEIGH: u16 = 28;
+    const RTM_DELNEIGH: u16 = 29;
+    const IFF_UP: u32 = 0x1;
+    const IFF_LOWER_UP: u32 = 0x10000;
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let ty = u16::from_ne_bytes([b[4], b[5]]);
+        if len < 16 || len > b.len() {
+            ch.lost = true;
+            return;
+        }
+        let body = &b[16..len];
+        match ty {
+            RTM_NEWLINK | RTM_DELLINK if body.len() >= 16 => {
+                let idx = i32::from_ne_bytes([body[4], body[5], body[6], body[7]]) as u32;
+                let flags = u32::from_ne_bytes([body[8], body[9], body[10], body[11]]);
+                let up = ty == RTM_NEWLINK && flags & IFF_UP != 0 && flags & IFF_LOWER_UP != 0;
+                ch.links.push((idx, up));
+            }
+            RTM_NEWADDR | RTM_DELADDR => ch.addresses = true,
+            RTM_NEWROUTE | RTM_DELROUTE => ch.routes = true,
+            RTM_NEWNEIGH | RTM_DELNEIGH => ch.neighbours = true,
+            _ => {}
+        }
+        let adv = (len + 3) & !3;
+        if adv >= b.len() {
+            break;
+        }
+        b = &b[adv..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(ty: u16, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(((16 + body.len()) as u32).to_ne_bytes());
+        v.extend(ty.to_ne_bytes());
+        v.extend([0u8; 10]);
+        v.extend(body);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn link_down_and_route_events_are_summarised() {
+        let mut ifi = vec![0u8; 16];
+        ifi[4..8].copy_from_slice(&7i32.to_ne_bytes());
+        ifi[8..12].copy_from_slice(&0x1u32.to_ne_bytes()); // UP but no LOWER_UP
+        let mut d = msg(16, &ifi);
+        d.extend(msg(24, &[0u8; 12]));
+        d.extend(msg(28, &[0u8; 12]));
+        let mut ch = Changes::default();
+        parse_rtnl(&d, &mut ch);
+        assert_eq!(ch.links, vec![(7, false)]);
+        assert!(ch.routes && ch.neighbours && !ch.addresses && !ch.lost);
+        ifi[8..12].copy_from_slice(&0x10001u32.to_ne_bytes());
+        let mut ch = Changes::default();
+        parse_rtnl(&msg(16, &ifi), &mut ch);
+        assert_eq!(ch.links, vec![(7, true)]);
+    }
+
+    #[test]
+    fn garbage_marks_lost_without_panicking() {
+        let mut ch = Changes::default();
+        parse_rtnl(&[0xff; 40], &mut ch);
+        assert!(ch.lost);
+        let mut ch = Changes::default();
+        parse_rtnl(&[1, 2, 3], &mut ch);
+        assert!(!ch.any());
+    }
+}
