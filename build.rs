@@ -20,9 +20,7 @@ fn main() {
         .clang_args(["-I", "bpf", "-I", multiarch, "-Wall", "-Werror", "-O2"])
         .build_and_generate(out.join("fastpath.skel.rs"))
     {
-        panic!(
-            "building {SRC} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)"
-        );
+        panic!("building {SRC} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)");
     }
     for f in ["fastpath.bpf.c", "flow.h", "maps.h", "parse.h", "nat.h", "csum.h"] {
         println!("cargo:rerun-if-changed=bpf/{f}");

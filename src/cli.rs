@@ -144,7 +144,10 @@ pub fn render_status(s: &Status) -> String {
     for (k, v) in s.slow_path.iter().filter(|(_, v)| **v > 0) {
         o += &format!("  {k:<14} {v}\n");
     }
-    o += &format!("Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}\n", s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes);
+    o += &format!(
+        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}\n",
+        s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes
+    );
     if !s.teardowns.is_empty() {
         o += "Teardowns:";
         for (k, v) in &s.teardowns {

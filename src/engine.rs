@@ -47,7 +47,14 @@ struct FlowId {
 
 impl FlowId {
     fn of(e: &CtEntry) -> Self {
-        FlowId { src: e.orig.src, dst: e.orig.dst, proto: e.orig.proto, sport: e.orig.sport, dport: e.orig.dport, zone: e.zone }
+        FlowId {
+            src: e.orig.src,
+            dst: e.orig.dst,
+            proto: e.orig.proto,
+            sport: e.orig.sport,
+            dport: e.orig.dport,
+            zone: e.zone,
+        }
     }
 }
 
@@ -321,7 +328,12 @@ impl Engine {
         // Update events carry the TCP state only when it changed
         // (ctnetlink_conntrack_event sends CTA_PROTOINFO on IPCT_PROTOINFO).
         if e.tcp_state.is_none() {
-            let known = self.flows.get(&id).map(|f| &f.entry).or_else(|| self.dormant.get(&id).map(|d| &d.entry)).or_else(|| self.pending.get(&id));
+            let known = self
+                .flows
+                .get(&id)
+                .map(|f| &f.entry)
+                .or_else(|| self.dormant.get(&id).map(|d| &d.entry))
+                .or_else(|| self.pending.get(&id));
             if let Some(k) = known {
                 e.tcp_state = k.tcp_state;
                 e.has_helper |= k.has_helper;
@@ -366,7 +378,12 @@ impl Engine {
 
     /// Resolve both directions with the kernel's FIB. Err = why not.
     fn resolve(&mut self, e: &CtEntry) -> std::result::Result<[Direction; 2], (String, bool)> {
-        let first = self.ifaces.iter().find(|i| i.up).map(|i| i.ifindex).ok_or(("no managed interface is up".to_string(), true))?;
+        let first = self
+            .ifaces
+            .iter()
+            .find(|i| i.up)
+            .map(|i| i.ifindex)
+            .ok_or(("no managed interface is up".to_string(), true))?;
         self.n.route_resolves += 1;
         let (o, r) = (&e.orig, &e.reply);
         // The original direction arrives where the kernel routes its source.
@@ -378,7 +395,9 @@ impl Engine {
         if !self.managed(in_orig).is_some_and(|i| i.up) {
             return Err(("input interface not managed or down".into(), false));
         }
-        let hop = |dp: &Dataplane, in_if: u32, t: &CtTuple, dst: IpAddr| routes::resolve(dp, in_if, t.src, dst, t.proto, t.sport, t.dport);
+        let hop = |dp: &Dataplane, in_if: u32, t: &CtTuple, dst: IpAddr| {
+            routes::resolve(dp, in_if, t.src, dst, t.proto, t.sport, t.dport)
+        };
         // Routed after DNAT, before SNAT (prerouting / postrouting order).
         let mut nh_o = match hop(&self.dp, in_orig, o, r.src) {
             Ok(Ok(nh)) => nh,
@@ -483,16 +502,19 @@ impl Engine {
             let (action, proto) = {
                 let f = self.flows.get_mut(&id).expect("listed");
                 let mut td = 0;
+                let mut missing = false;
                 for (i, d) in f.dirs.iter().enumerate() {
                     if let Some(v) = self.dp.get_flow(&d.key) {
                         f.last[i] = v;
                         td = td.max(v.teardown);
                         f.clock.last_seen_ns = f.clock.last_seen_ns.max(v.last_seen_ns);
                     } else {
-                        td = td.max(u32::MAX);
+                        missing = true;
                     }
                 }
-                if td == u32::MAX {
+                // An entry removed behind our back (map edited by hand):
+                // take the connection off the fast path entirely.
+                if missing {
                     (Action::Teardown(TeardownReason::Policy), 0)
                 } else {
                     let seen_reply = f.entry.status & status::SEEN_REPLY != 0 || f.last[1].packets > 0;
@@ -549,7 +571,9 @@ impl Engine {
                     let ids: Vec<FlowId> = self
                         .flows
                         .iter()
-                        .filter(|(_, f)| f.dirs.iter().any(|d| d.key.ifindex == *ifindex || d.val.out_ifindex == *ifindex))
+                        .filter(|(_, f)| {
+                            f.dirs.iter().any(|d| d.key.ifindex == *ifindex || d.val.out_ifindex == *ifindex)
+                        })
                         .map(|(id, _)| *id)
                         .collect();
                     for id in ids {
@@ -650,8 +674,8 @@ impl Engine {
         let now = now_ns();
         let mut v: Vec<FlowView> = self
             .flows
-            .iter()
-            .map(|(_, f)| {
+            .values()
+            .map(|f| {
                 let name = |i: u32| self.managed(i).map(|x| x.name.clone()).unwrap_or_else(|| i.to_string());
                 let mode = self.managed(f.dirs[0].key.ifindex).map(|x| x.mode).unwrap_or(Mode::Tc);
                 let tuple = |t: &CtTuple| TupleView { src: t.src, dst: t.dst, sport: t.sport, dport: t.dport };

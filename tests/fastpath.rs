@@ -4,6 +4,9 @@
 //! the control plane's own code (flow::build_direction) from conntrack
 //! tuples, so NAT derivation and checksum differences are tested together.
 
+// Frame builders take one argument per header field they set.
+#![allow(clippy::too_many_arguments)]
+
 mod common;
 
 use std::net::IpAddr;
@@ -63,17 +66,59 @@ fn setup() -> Lab {
     let to_lan = NextHop { ifindex: lan, smac: R_LAN, dmac: CLIENT, mtu: 1500, xdp_ok: true };
     let mut conns = vec![
         // masquerade with a port change (port clash with another client)
-        (t("192.168.1.2", 40000, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "203.0.113.1", 61000, 6), lan, to_wan, wan, to_lan),
-        (t("192.168.1.2", 40001, "203.0.113.2", 5201, 17), t("203.0.113.2", 5201, "203.0.113.1", 40001, 17), lan, to_wan, wan, to_lan),
+        (
+            t("192.168.1.2", 40000, "203.0.113.2", 5201, 6),
+            t("203.0.113.2", 5201, "203.0.113.1", 61000, 6),
+            lan,
+            to_wan,
+            wan,
+            to_lan,
+        ),
+        (
+            t("192.168.1.2", 40001, "203.0.113.2", 5201, 17),
+            t("203.0.113.2", 5201, "203.0.113.1", 40001, 17),
+            lan,
+            to_wan,
+            wan,
+            to_lan,
+        ),
         // DNAT port forward 203.0.113.1:8080 -> 192.168.1.2:80
-        (t("198.51.100.7", 50000, "203.0.113.1", 8080, 6), t("192.168.1.2", 80, "198.51.100.7", 50000, 6), wan, to_lan, lan, to_wan),
+        (
+            t("198.51.100.7", 50000, "203.0.113.1", 8080, 6),
+            t("192.168.1.2", 80, "198.51.100.7", 50000, 6),
+            wan,
+            to_lan,
+            lan,
+            to_wan,
+        ),
         // routed IPv6
-        (t("fd00:1::2", 40002, "fd00:2::2", 5201, 6), t("fd00:2::2", 5201, "fd00:1::2", 40002, 6), lan, to_wan, wan, to_lan),
-        (t("fd00:1::2", 40003, "fd00:2::2", 5201, 17), t("fd00:2::2", 5201, "fd00:1::2", 40003, 17), lan, to_wan, wan, to_lan),
+        (
+            t("fd00:1::2", 40002, "fd00:2::2", 5201, 6),
+            t("fd00:2::2", 5201, "fd00:1::2", 40002, 6),
+            lan,
+            to_wan,
+            wan,
+            to_lan,
+        ),
+        (
+            t("fd00:1::2", 40003, "fd00:2::2", 5201, 17),
+            t("fd00:2::2", 5201, "fd00:1::2", 40003, 17),
+            lan,
+            to_wan,
+            wan,
+            to_lan,
+        ),
     ];
     // a flow whose route MTU is small, for the MTU cases
     let small = NextHop { mtu: 1000, ..to_wan };
-    conns.push((t("192.168.1.2", 40004, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "203.0.113.1", 40004, 6), lan, small, wan, to_lan));
+    conns.push((
+        t("192.168.1.2", 40004, "203.0.113.2", 5201, 6),
+        t("203.0.113.2", 5201, "203.0.113.1", 40004, 6),
+        lan,
+        small,
+        wan,
+        to_lan,
+    ));
     for (o, r, in_o, nh_o, in_r, nh_r) in conns {
         let d = build_direction(&o, &r, in_o, &nh_o);
         dp.put_flow(&d.key, &d.val).unwrap();
@@ -83,7 +128,17 @@ fn setup() -> Lab {
     Lab { dp, lan, wan }
 }
 
-fn tcp4(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, ttl: u8, sp: u16, dp: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
+fn tcp4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    s: &str,
+    d: &str,
+    ttl: u8,
+    sp: u16,
+    dp: u16,
+    flags: &str,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = PacketBuilder::ethernet2(smac, dmac).ipv4(v4(s), v4(d), ttl).tcp(sp, dp, 1000, 64000);
     b = b.ack(5000);
     if flags.contains('S') {
@@ -111,7 +166,12 @@ fn udp4(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, ttl: u8, sp: u16, dp: u1
 
 fn tcp6(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, hl: u8, sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac).ipv6(v6(s), v6(d), hl).tcp(sp, dp, 1000, 64000).ack(5000).write(&mut v, payload).unwrap();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(v6(s), v6(d), hl)
+        .tcp(sp, dp, 1000, 64000)
+        .ack(5000)
+        .write(&mut v, payload)
+        .unwrap();
     v
 }
 
@@ -354,7 +414,13 @@ fn cases() -> Vec<Case> {
     let mut e = udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 40001, 5201, pl);
     e[40] = 0;
     e[41] = 0;
-    v.push(Case { name: "ipv4 udp zero checksum stays zero", on: "lan", input: f, want: Want::Fwd("wan"), expect: Some(e) });
+    v.push(Case {
+        name: "ipv4 udp zero checksum stays zero",
+        on: "lan",
+        input: f,
+        want: Want::Fwd("wan"),
+        expect: Some(e),
+    });
     v
 }
 
@@ -385,7 +451,12 @@ fn run_table(xdp: bool) {
             (ret == TC_REDIRECT, out)
         };
         let after = lab.dp.stats();
-        let delta: Vec<(&str, u64)> = STAT_NAMES.iter().zip(after.iter().zip(&before)).filter(|(_, (a, b))| a != b).map(|(n, (a, b))| (*n, a - b)).collect();
+        let delta: Vec<(&str, u64)> = STAT_NAMES
+            .iter()
+            .zip(after.iter().zip(&before))
+            .filter(|(_, (a, b))| a != b)
+            .map(|(n, (a, b))| (*n, a - b))
+            .collect();
         match c.want {
             Want::Fwd(_) => {
                 if !fwd {
@@ -393,7 +464,7 @@ fn run_table(xdp: bool) {
                     continue;
                 }
                 let expect = c.expect.as_ref().unwrap();
-                if &out[..] != &expect[..] {
+                if out[..] != expect[..] {
                     failures.push(format!("{}: output differs\n got    {:02x?}\n expect {:02x?}", c.name, out, expect));
                 }
                 let want_delta = vec![("fwd_packets", 1), ("fwd_bytes", (expect.len() - 14) as u64)];
@@ -447,7 +518,8 @@ fn fin_and_rst_flag_teardown() {
             let r0 = stat(&lab.dp, reason);
             assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, flag, pl)));
             assert_eq!(stat(&lab.dp, reason), r0 + 1);
-            let key = lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.lan && k.sport == 40000u16.to_be()).unwrap();
+            let key =
+                lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.lan && k.sport == 40000u16.to_be()).unwrap();
             assert_eq!(lab.dp.get_flow(&key).unwrap().teardown, td);
             let t0 = stat(&lab.dp, "teardown");
             assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)));
@@ -485,7 +557,7 @@ fn tc_gso_mtu_is_per_segment() {
     // segments of 1200: too big for the 1000-byte route
     let m0 = stat(&lab.dp, "mtu");
     let (ret, _, _) = lab.dp.test_tc(&f, lab.lan, Some((2, 1200)), 1).unwrap();
-    assert_eq!(ret, TC_NEXT as i32);
+    assert_eq!(ret, TC_NEXT);
     assert_eq!(stat(&lab.dp, "mtu"), m0 + 1);
 }
 

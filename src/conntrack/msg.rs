@@ -9,8 +9,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::nla::{
-    NlHeader, NlMsgBuilder, NlMsgIter, Nla, NlaIter, NFGENMSG_LEN, NLMSG_DONE, NLMSG_ERROR,
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
+    NlHeader, NlMsgBuilder, NlMsgIter, Nla, NlaIter, NFGENMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_DUMP, NLM_F_REQUEST,
 };
 use super::CtError;
 
@@ -322,13 +322,7 @@ fn parse_tuple(nla: &Nla<'_>) -> Result<CtTuple, CtError> {
         _ => return Err(malformed("tuple without source and destination address")),
     };
     let proto = proto.ok_or_else(|| malformed("tuple without CTA_PROTO_NUM"))?;
-    Ok(CtTuple {
-        src,
-        dst,
-        proto,
-        sport,
-        dport,
-    })
+    Ok(CtTuple { src, dst, proto, sport, dport })
 }
 
 fn parse_counters(nla: &Nla<'_>) -> Result<(u64, u64), CtError> {
@@ -377,10 +371,7 @@ fn parse_protoinfo(nla: &Nla<'_>, out: &mut CtAttrs) -> Result<(), CtError> {
 
 fn labels_attr(nla: &Nla<'_>) -> Result<[u8; CT_LABELS_LEN], CtError> {
     if nla.payload.len() > CT_LABELS_LEN {
-        return Err(malformed(format!(
-            "CTA_LABELS of {} bytes exceeds {CT_LABELS_LEN}",
-            nla.payload.len()
-        )));
+        return Err(malformed(format!("CTA_LABELS of {} bytes exceeds {CT_LABELS_LEN}", nla.payload.len())));
     }
     let mut out = [0u8; CT_LABELS_LEN];
     out[..nla.payload.len()].copy_from_slice(nla.payload);
@@ -419,12 +410,8 @@ impl CtAttrs {
     /// Turns kernel-reported attributes into an entry; both tuples are
     /// mandatory (ctnetlink_fill_info always emits them).
     pub fn into_entry(self) -> Result<CtEntry, CtError> {
-        let orig = self
-            .orig
-            .ok_or_else(|| malformed("conntrack message without CTA_TUPLE_ORIG"))?;
-        let reply = self
-            .reply
-            .ok_or_else(|| malformed("conntrack message without CTA_TUPLE_REPLY"))?;
+        let orig = self.orig.ok_or_else(|| malformed("conntrack message without CTA_TUPLE_ORIG"))?;
+        let reply = self.reply.ok_or_else(|| malformed("conntrack message without CTA_TUPLE_REPLY"))?;
         let tcp_flags = match (self.tcp_flags_orig, self.tcp_flags_reply) {
             (None, None) => None,
             (o, r) => Some([o.map_or(0, |f| f.0), r.map_or(0, |f| f.0)]),
@@ -468,11 +455,7 @@ pub fn decode_msg(hdr: &NlHeader, payload: &[u8]) -> Result<Option<ParsedMsg>, C
             // the code matters; the echoed request and extended-ACK TLVs
             // that may follow are ignored.
             let code = read_i32(payload).ok_or_else(|| malformed("NLMSG_ERROR without code"))?;
-            Ok(Some(if code == 0 {
-                ParsedMsg::Ack
-            } else {
-                ParsedMsg::Error(code.saturating_neg())
-            }))
+            Ok(Some(if code == 0 { ParsedMsg::Ack } else { ParsedMsg::Error(code.saturating_neg()) }))
         }
         // netlink_dump_done() puts the dump's final status in NLMSG_DONE;
         // a negative one means the dump failed part-way.
@@ -520,10 +503,7 @@ pub fn parse_message_with_header(buf: &[u8]) -> Result<Vec<(NlHeader, ParsedMsg)
 /// Messages we do not act on are left out; any structural error makes the
 /// whole datagram `Malformed`.
 pub fn parse_message(buf: &[u8]) -> Result<Vec<ParsedMsg>, CtError> {
-    Ok(parse_message_with_header(buf)?
-        .into_iter()
-        .map(|(_, m)| m)
-        .collect())
+    Ok(parse_message_with_header(buf)?.into_iter().map(|(_, m)| m).collect())
 }
 
 /// Decodes a single ctnetlink message of any operation without requiring a
@@ -535,17 +515,10 @@ pub fn parse_request(buf: &[u8]) -> Result<RawCtMsg, CtError> {
         return Err(malformed("more than one message"));
     }
     if header.msg_type >> 8 != NFNL_SUBSYS_CTNETLINK {
-        return Err(malformed(format!(
-            "message type {:#x} is not ctnetlink",
-            header.msg_type
-        )));
+        return Err(malformed(format!("message type {:#x} is not ctnetlink", header.msg_type)));
     }
     let (family, attrs) = split_nfgenmsg(payload)?;
-    Ok(RawCtMsg {
-        header,
-        family,
-        attrs: parse_ct_attrs(attrs)?,
-    })
+    Ok(RawCtMsg { header, family, attrs: parse_ct_attrs(attrs)? })
 }
 
 fn put_addr(b: &mut NlMsgBuilder, v4: u16, v6: u16, addr: &IpAddr) {
@@ -587,11 +560,7 @@ fn put_zone(b: &mut NlMsgBuilder, zone: u16) {
 /// IPCTNL_MSG_CT_GET dump of the whole table. `family` AF_UNSPEC (0) dumps
 /// every family; otherwise ctnetlink_filter_match() keeps only that one.
 pub fn build_dump_request(seq: u32, family: u8) -> Vec<u8> {
-    let mut b = NlMsgBuilder::new(
-        ct_msg_type(IPCTNL_MSG_CT_GET),
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-    );
+    let mut b = NlMsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_GET), NLM_F_REQUEST | NLM_F_DUMP, seq);
     b.nfgenmsg(family, 0);
     b.finish()
 }
@@ -600,11 +569,7 @@ pub fn build_dump_request(seq: u32, family: u8) -> Vec<u8> {
 /// only changes an existing entry (ctnetlink_change_conntrack()) and answers
 /// ENOENT instead of creating one. NLM_F_ACK asks for an explicit ACK.
 pub fn build_update(seq: u32, orig: &CtTuple, zone: u16, upd: &CtUpdate) -> Vec<u8> {
-    let mut b = NlMsgBuilder::new(
-        ct_msg_type(IPCTNL_MSG_CT_NEW),
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-    );
+    let mut b = NlMsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), NLM_F_REQUEST | NLM_F_ACK, seq);
     b.nfgenmsg(orig.family(), 0);
     put_tuple(&mut b, CTA_TUPLE_ORIG, orig);
     put_zone(&mut b, zone);
@@ -639,11 +604,7 @@ pub fn build_update(seq: u32, orig: &CtTuple, zone: u16, upd: &CtUpdate) -> Vec<
 /// IPCTNL_MSG_CT_DELETE of one entry. The tuple is mandatory here: without
 /// one ctnetlink_del_conntrack() flushes the whole table.
 pub fn build_delete(seq: u32, orig: &CtTuple, zone: u16) -> Vec<u8> {
-    let mut b = NlMsgBuilder::new(
-        ct_msg_type(IPCTNL_MSG_CT_DELETE),
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-    );
+    let mut b = NlMsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_DELETE), NLM_F_REQUEST | NLM_F_ACK, seq);
     b.nfgenmsg(orig.family(), 0);
     put_tuple(&mut b, CTA_TUPLE_ORIG, orig);
     put_zone(&mut b, zone);
@@ -712,14 +673,7 @@ mod tests {
             kind,
             &[
                 nest(1, &[attr(3, &src.octets()), attr(4, &dst.octets())]),
-                nest(
-                    2,
-                    &[
-                        attr(1, &[proto]),
-                        attr(2, &sp.to_be_bytes()),
-                        attr(3, &dp.to_be_bytes()),
-                    ],
-                ),
+                nest(2, &[attr(1, &[proto]), attr(2, &sp.to_be_bytes()), attr(3, &dp.to_be_bytes())]),
             ],
         )
     }
@@ -756,25 +710,18 @@ mod tests {
                 ),
                 nest(
                     9, // CTA_COUNTERS_ORIG, with a CTA_COUNTERS_PAD filler
-                    &[
-                        attr(5, &[]),
-                        attr(1, &10u64.to_be_bytes()),
-                        attr(2, &1500u64.to_be_bytes()),
-                    ],
+                    &[attr(5, &[]), attr(1, &10u64.to_be_bytes()), attr(2, &1500u64.to_be_bytes())],
                 ),
                 nest(
                     10, // CTA_COUNTERS_REPLY, old 32-bit variants
-                    &[
-                        attr(3, &8u32.to_be_bytes()),
-                        attr(4, &4000u32.to_be_bytes()),
-                    ],
+                    &[attr(3, &8u32.to_be_bytes()), attr(4, &4000u32.to_be_bytes())],
                 ),
-                nest(5, &[attr(1, b"ftp\0")]), // CTA_HELP{CTA_HELP_NAME}
-                attr(8, &0x10u32.to_be_bytes()), // CTA_MARK
-                attr(22, &LABELS),             // CTA_LABELS
+                nest(5, &[attr(1, b"ftp\0")]),             // CTA_HELP{CTA_HELP_NAME}
+                attr(8, &0x10u32.to_be_bytes()),           // CTA_MARK
+                attr(22, &LABELS),                         // CTA_LABELS
                 nest(20, &[attr(1, &1u64.to_be_bytes())]), // CTA_TIMESTAMP: skipped
-                attr(11, &1u32.to_be_bytes()), // CTA_USE: skipped
-                attr(0x7ff, &[1, 2, 3]),       // unknown future attribute
+                attr(11, &1u32.to_be_bytes()),             // CTA_USE: skipped
+                attr(0x7ff, &[1, 2, 3]),                   // unknown future attribute
             ],
         )
     }
@@ -818,23 +765,11 @@ mod tests {
         let ip = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
         assert_eq!(
             e.orig,
-            CtTuple {
-                src: ip(192, 168, 1, 10),
-                dst: ip(203, 0, 113, 2),
-                proto: 6,
-                sport: 40000,
-                dport: 80
-            }
+            CtTuple { src: ip(192, 168, 1, 10), dst: ip(203, 0, 113, 2), proto: 6, sport: 40000, dport: 80 }
         );
         assert_eq!(
             e.reply,
-            CtTuple {
-                src: ip(203, 0, 113, 2),
-                dst: ip(203, 0, 113, 1),
-                proto: 6,
-                sport: 80,
-                dport: 61000
-            }
+            CtTuple { src: ip(203, 0, 113, 2), dst: ip(203, 0, 113, 1), proto: 6, sport: 80, dport: 61000 }
         );
         assert_eq!(e.id, 0xdead_beef);
         assert_eq!(
@@ -890,10 +825,7 @@ mod tests {
             counters_reply: None,
         };
         assert_eq!(msgs[0], ParsedMsg::Event(CtEvent::Update(expected.clone())));
-        let destroyed = CtEntry {
-            timeout: None,
-            ..expected
-        };
+        let destroyed = CtEntry { timeout: None, ..expected };
         assert_eq!(msgs[1], ParsedMsg::Event(CtEvent::Destroy(destroyed)));
         assert_eq!(msgs[2], ParsedMsg::Done);
     }
@@ -919,9 +851,7 @@ mod tests {
         };
         let buf = ct_msg(0x0100, NLM_F_CREATE, 2, &[icmp(1), icmp(2)]);
         let msgs = parse_message(&buf).unwrap();
-        let ParsedMsg::Event(CtEvent::New(e)) = &msgs[0] else {
-            panic!("{msgs:?}")
-        };
+        let ParsedMsg::Event(CtEvent::New(e)) = &msgs[0] else { panic!("{msgs:?}") };
         assert_eq!(e.orig.proto, 1);
         assert_eq!((e.orig.sport, e.orig.dport), (0, 0));
         assert_eq!(e.orig.dst, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
@@ -942,16 +872,9 @@ mod tests {
         assert_eq!(seqs, [9, 10, 11]);
         assert_eq!(
             parse_message(&d).unwrap(),
-            [
-                ParsedMsg::Error(libc::ENOENT),
-                ParsedMsg::Ack,
-                ParsedMsg::Error(libc::EINTR)
-            ]
+            [ParsedMsg::Error(libc::ENOENT), ParsedMsg::Ack, ParsedMsg::Error(libc::EINTR)]
         );
-        assert!(matches!(
-            parse_message(&nlmsg(2, 0, 1, &[0, 0])),
-            Err(CtError::Malformed(_))
-        ));
+        assert!(matches!(parse_message(&nlmsg(2, 0, 1, &[0, 0])), Err(CtError::Malformed(_))));
     }
 
     #[test]
@@ -966,11 +889,7 @@ mod tests {
             }
             for cut in (1..fixture.len()).filter(|c| !boundaries.contains(c)) {
                 let r = parse_message(&fixture[..cut]);
-                assert!(
-                    matches!(r, Err(CtError::Malformed(_))),
-                    "cut at {cut}/{} gave {r:?}",
-                    fixture.len()
-                );
+                assert!(matches!(r, Err(CtError::Malformed(_))), "cut at {cut}/{} gave {r:?}", fixture.len());
             }
         }
         // Intact framing but an inner attribute claims more than its nest.
@@ -981,23 +900,13 @@ mod tests {
         buf[off..off + 2].copy_from_slice(&200u16.to_ne_bytes());
         assert!(matches!(parse_message(&buf), Err(CtError::Malformed(_))));
         // Missing reply tuple.
-        let buf = ct_msg(
-            0x0100,
-            0,
-            2,
-            &[v4_tuple(1, [1, 1, 1, 1], [2, 2, 2, 2], 17, 1, 2)],
-        );
+        let buf = ct_msg(0x0100, 0, 2, &[v4_tuple(1, [1, 1, 1, 1], [2, 2, 2, 2], 17, 1, 2)]);
         assert!(matches!(parse_message(&buf), Err(CtError::Malformed(_))));
         // Wrong-width scalar (CTA_STATUS with 2 bytes).
-        let mut attrs = vec![
-            v4_tuple(1, [1, 1, 1, 1], [2, 2, 2, 2], 17, 1, 2),
-            v4_tuple(2, [2, 2, 2, 2], [1, 1, 1, 1], 17, 2, 1),
-        ];
+        let mut attrs =
+            vec![v4_tuple(1, [1, 1, 1, 1], [2, 2, 2, 2], 17, 1, 2), v4_tuple(2, [2, 2, 2, 2], [1, 1, 1, 1], 17, 2, 1)];
         attrs.push(attr(3, &[0, 1]));
-        assert!(matches!(
-            parse_message(&ct_msg(0x0100, 0, 2, &attrs)),
-            Err(CtError::Malformed(_))
-        ));
+        assert!(matches!(parse_message(&ct_msg(0x0100, 0, 2, &attrs)), Err(CtError::Malformed(_))));
     }
 
     /// xorshift64*, so the fuzz loop is deterministic without a rand crate.
@@ -1024,10 +933,7 @@ mod tests {
             let _ = parse_request(&buf);
         }
         // Pure noise almost never frames correctly.
-        assert!(
-            errors > 4500,
-            "only {errors} of 5000 random buffers rejected"
-        );
+        assert!(errors > 4500, "only {errors} of 5000 random buffers rejected");
 
         // Byte flips inside well-formed messages reach the attribute code.
         let fixtures = [ipv4_tcp_nat_new(), ipv6_udp_datagram()];
@@ -1058,12 +964,7 @@ mod tests {
         value[0] = 0x04;
         let mut mask = [0u8; 16];
         mask[0] = 0x0c;
-        let upd = CtUpdate {
-            timeout: Some(777),
-            tcp_liberal: true,
-            mark: Some(0x42),
-            labels: Some((value, mask)),
-        };
+        let upd = CtUpdate { timeout: Some(777), tcp_liberal: true, mark: Some(0x42), labels: Some((value, mask)) };
         let buf = build_update(0x1234, &tcp4(), 9, &upd);
         let raw = parse_request(&buf).unwrap();
         assert_eq!(raw.header.len as usize, buf.len());
@@ -1087,22 +988,10 @@ mod tests {
 
         // Zone 0 is implicit; nothing requested means only the tuple.
         let raw = parse_request(&build_update(1, &tcp4(), 0, &CtUpdate::default())).unwrap();
-        assert_eq!(
-            raw.attrs,
-            CtAttrs {
-                orig: Some(tcp4()),
-                ..CtAttrs::default()
-            }
-        );
+        assert_eq!(raw.attrs, CtAttrs { orig: Some(tcp4()), ..CtAttrs::default() });
         // tcp_liberal is not sent for UDP.
-        let udp = CtTuple {
-            proto: 17,
-            ..tcp4()
-        };
-        let liberal = CtUpdate {
-            tcp_liberal: true,
-            ..CtUpdate::default()
-        };
+        let udp = CtTuple { proto: 17, ..tcp4() };
+        let liberal = CtUpdate { tcp_liberal: true, ..CtUpdate::default() };
         let raw = parse_request(&build_update(1, &udp, 0, &liberal)).unwrap();
         assert_eq!(raw.attrs.tcp_flags_orig, None);
     }
@@ -1142,12 +1031,7 @@ mod tests {
             sport: 1000,
             dport: 53,
         };
-        let want = ct_msg(
-            0x0102,
-            0x0005,
-            2,
-            &[v4_tuple(1, [10, 0, 0, 1], [10, 0, 0, 2], 17, 1000, 53)],
-        );
+        let want = ct_msg(0x0102, 0x0005, 2, &[v4_tuple(1, [10, 0, 0, 1], [10, 0, 0, 2], 17, 1000, 53)]);
         let mut want = want;
         want[8..12].copy_from_slice(&1u32.to_ne_bytes()); // seq
         assert_eq!(want.len(), 72);
@@ -1156,12 +1040,7 @@ mod tests {
 
     #[test]
     fn icmp_request_tuple_has_no_ports() {
-        let t = CtTuple {
-            proto: 1,
-            sport: 0,
-            dport: 0,
-            ..tcp4()
-        };
+        let t = CtTuple { proto: 1, sport: 0, dport: 0, ..tcp4() };
         let raw = parse_request(&build_delete(1, &t, 0)).unwrap();
         assert_eq!(raw.attrs.orig, Some(t));
         // 16 hdr + 4 nfgenmsg + ORIG(4 + IP 20 + PROTO 4+8).

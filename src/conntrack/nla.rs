@@ -93,18 +93,12 @@ impl<'a> Iterator for NlMsgIter<'a> {
         }
         let buf = std::mem::take(&mut self.buf);
         if buf.len() < NLMSG_HDRLEN {
-            return Some(Err(malformed(format!(
-                "{} trailing bytes, shorter than a netlink header",
-                buf.len()
-            ))));
+            return Some(Err(malformed(format!("{} trailing bytes, shorter than a netlink header", buf.len()))));
         }
         let hdr = NlHeader::decode(buf);
         let len = hdr.len as usize;
         if len < NLMSG_HDRLEN || len > buf.len() {
-            return Some(Err(malformed(format!(
-                "nlmsg_len {len} invalid for {} remaining bytes",
-                buf.len()
-            ))));
+            return Some(Err(malformed(format!("nlmsg_len {len} invalid for {} remaining bytes", buf.len()))));
         }
         let payload = &buf[NLMSG_HDRLEN..len];
         // The last message of a datagram may lack its alignment padding.
@@ -132,11 +126,7 @@ impl<'a> Nla<'a> {
 
     fn fixed<const N: usize>(&self) -> Result<[u8; N], CtError> {
         self.payload.try_into().map_err(|_| {
-            malformed(format!(
-                "attribute type {} has {} bytes, expected {N}",
-                self.kind,
-                self.payload.len()
-            ))
+            malformed(format!("attribute type {} has {} bytes, expected {N}", self.kind, self.payload.len()))
         })
     }
 
@@ -182,10 +172,7 @@ impl<'a> Iterator for NlaIter<'a> {
         }
         let buf = std::mem::take(&mut self.buf);
         if buf.len() < NLA_HDRLEN {
-            return Some(Err(malformed(format!(
-                "{} trailing bytes, shorter than an attribute header",
-                buf.len()
-            ))));
+            return Some(Err(malformed(format!("{} trailing bytes, shorter than an attribute header", buf.len()))));
         }
         let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
         let raw_type = u16::from_ne_bytes([buf[2], buf[3]]);
@@ -265,8 +252,7 @@ impl NlMsgBuilder {
     pub fn nest_start(&mut self, kind: u16) -> usize {
         let start = self.buf.len();
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self.buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
         start
     }
 
@@ -310,9 +296,7 @@ mod tests {
         assert_eq!(hdr.seq, 42);
         assert_eq!(payload[..4], [2, 0, 0, 0]);
 
-        let attrs: Vec<_> = NlaIter::new(&payload[NFGENMSG_LEN..])
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let attrs: Vec<_> = NlaIter::new(&payload[NFGENMSG_LEN..]).collect::<Result<_, _>>().unwrap();
         assert_eq!(attrs.len(), 2);
         assert_eq!(attrs[0].kind, 1);
         assert!(attrs[0].nested_flag);
@@ -331,21 +315,12 @@ mod tests {
         // nlmsg_len larger than the buffer.
         let mut b = NlMsgBuilder::new(3, 0, 1).finish();
         b[0] = 200;
-        assert!(matches!(
-            NlMsgIter::new(&b).next(),
-            Some(Err(CtError::Malformed(_)))
-        ));
+        assert!(matches!(NlMsgIter::new(&b).next(), Some(Err(CtError::Malformed(_)))));
         // nlmsg_len smaller than a header.
         b[0] = 4;
-        assert!(matches!(
-            NlMsgIter::new(&b).next(),
-            Some(Err(CtError::Malformed(_)))
-        ));
+        assert!(matches!(NlMsgIter::new(&b).next(), Some(Err(CtError::Malformed(_)))));
         // Attribute overrunning its container, and a 2-byte tail.
-        assert!(matches!(
-            NlaIter::new(&[9, 0, 1, 0, 0]).next(),
-            Some(Err(_))
-        ));
+        assert!(matches!(NlaIter::new(&[9, 0, 1, 0, 0]).next(), Some(Err(_))));
         assert!(matches!(NlaIter::new(&[1, 0]).next(), Some(Err(_))));
         // After an error the iterator stops.
         let mut it = NlaIter::new(&[2, 0, 1, 0]);

@@ -6,8 +6,7 @@ use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use super::msg::{
-    build_delete, build_dump_request, build_update, decode_msg, CtEntry, CtEvent, CtTuple,
-    CtUpdate, ParsedMsg,
+    build_delete, build_dump_request, build_update, decode_msg, CtEntry, CtEvent, CtTuple, CtUpdate, ParsedMsg,
 };
 use super::nla::{NlHeader, NlMsgIter};
 
@@ -73,16 +72,8 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
     // SAFETY: val points to a live T of the size passed.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (val as *const T).cast(),
-            mem::size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::setsockopt(fd, level, name, (val as *const T).cast(), mem::size_of::<T>() as libc::socklen_t) })
+        .map(drop)
 }
 
 fn kernel_addr() -> libc::sockaddr_nl {
@@ -111,19 +102,8 @@ impl CtSocket {
         let mut bound = kernel_addr();
         let mut blen = alen;
         // SAFETY: bound/blen describe a writable sockaddr_nl.
-        cvt(unsafe {
-            libc::getsockname(
-                raw,
-                (&mut bound as *mut libc::sockaddr_nl).cast(),
-                &mut blen,
-            )
-        })?;
-        Ok(CtSocket {
-            fd,
-            portid: bound.nl_pid,
-            seq: 0,
-            buf: vec![0; RECV_BUF_LEN],
-        })
+        cvt(unsafe { libc::getsockname(raw, (&mut bound as *mut libc::sockaddr_nl).cast(), &mut blen) })?;
+        Ok(CtSocket { fd, portid: bound.nl_pid, seq: 0, buf: vec![0; RECV_BUF_LEN] })
     }
 
     /// Event listener: member of the NEW, UPDATE and DESTROY conntrack
@@ -136,11 +116,7 @@ impl CtSocket {
             tracing::debug!("SO_RCVBUFFORCE failed ({e}), falling back to SO_RCVBUF");
             setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &EVENT_RCVBUF)?;
         }
-        for group in [
-            NFNLGRP_CONNTRACK_NEW,
-            NFNLGRP_CONNTRACK_UPDATE,
-            NFNLGRP_CONNTRACK_DESTROY,
-        ] {
+        for group in [NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY] {
             setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, &group)?;
         }
         Ok(sock)
@@ -149,16 +125,8 @@ impl CtSocket {
     /// Request socket: blocking, each receive times out after 2 s.
     pub fn request() -> Result<CtSocket, CtError> {
         let sock = Self::open(false)?;
-        let tv = libc::timeval {
-            tv_sec: REQUEST_TIMEOUT_SECS,
-            tv_usec: 0,
-        };
-        setsockopt(
-            sock.fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv,
-        )?;
+        let tv = libc::timeval { tv_sec: REQUEST_TIMEOUT_SECS, tv_usec: 0 };
+        setsockopt(sock.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
         Ok(sock)
     }
 
@@ -244,10 +212,7 @@ impl CtSocket {
                 )));
             }
             if from.nl_pid != 0 {
-                tracing::warn!(
-                    pid = from.nl_pid,
-                    "ignoring netlink datagram not sent by the kernel"
-                );
+                tracing::warn!(pid = from.nl_pid, "ignoring netlink datagram not sent by the kernel");
                 continue;
             }
             return Ok(Some(n));
@@ -370,11 +335,7 @@ impl CtSocket {
     }
 
     /// Sends a request built for `seq` and waits for its ACK.
-    fn transact(
-        &mut self,
-        op: &'static str,
-        build: impl FnOnce(u32) -> Vec<u8>,
-    ) -> Result<(), CtError> {
+    fn transact(&mut self, op: &'static str, build: impl FnOnce(u32) -> Vec<u8>) -> Result<(), CtError> {
         let seq = self.next_seq();
         self.send(&build(seq))?;
         loop {
@@ -426,12 +387,7 @@ mod tests {
             );
         }
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
     }
 
     fn conntrack(args: &[&str]) {
@@ -439,11 +395,7 @@ mod tests {
             .args(args)
             .output()
             .expect("running `conntrack` (conntrack-tools) failed; is it installed?");
-        assert!(
-            out.status.success(),
-            "conntrack {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "conntrack {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Receives events until `want` has matched one each, or panics after 5 s.
@@ -453,15 +405,8 @@ mod tests {
         let mut seen = Vec::new();
         while found.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "timed out waiting for events; got {seen:#?}"
-            );
-            let mut pfd = libc::pollfd {
-                fd: sock.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            assert!(!left.is_zero(), "timed out waiting for events; got {seen:#?}");
+            let mut pfd = libc::pollfd { fd: sock.fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
             assert!(rc >= 0, "poll: {}", io::Error::last_os_error());
@@ -505,20 +450,11 @@ mod tests {
     }
 
     fn tuple(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> CtTuple {
-        CtTuple {
-            src: ip(src),
-            dst: ip(dst),
-            proto,
-            sport,
-            dport,
-        }
+        CtTuple { src: ip(src), dst: ip(dst), proto, sport, dport }
     }
 
     fn find<'a>(entries: &'a [CtEntry], orig: &CtTuple) -> &'a CtEntry {
-        entries
-            .iter()
-            .find(|e| e.orig == *orig)
-            .unwrap_or_else(|| panic!("{orig:?} not in dump {entries:#?}"))
+        entries.iter().find(|e| e.orig == *orig).unwrap_or_else(|| panic!("{orig:?} not in dump {entries:#?}"))
     }
 
     #[test]
@@ -526,14 +462,8 @@ mod tests {
         enter_fresh_netns();
         let mut events = CtSocket::events().expect("events socket");
         let mut req = CtSocket::request().expect("request socket");
-        assert!(
-            events.recv_events().unwrap().is_empty(),
-            "fresh netns has no events"
-        );
-        assert!(
-            req.dump().unwrap().is_empty(),
-            "fresh netns has an empty table"
-        );
+        assert!(events.recv_events().unwrap().is_empty(), "fresh netns has no events");
+        assert!(req.dump().unwrap().is_empty(), "fresh netns has an empty table");
 
         // Accounting on, so dumps carry (zero) counters. /proc/sys/net
         // follows the opening thread's netns, i.e. this new one.
@@ -557,10 +487,7 @@ mod tests {
             ],
         );
         let (udp_ev, tcp_ev) = (new[0].entry(), new[1].entry());
-        assert_eq!(
-            udp_ev.reply,
-            tuple("10.99.0.2", "10.99.0.1", 17, 5353, 40000)
-        );
+        assert_eq!(udp_ev.reply, tuple("10.99.0.2", "10.99.0.1", 17, 5353, 40000));
         assert!(matches!(udp_ev.timeout, Some(28..=30)), "{udp_ev:?}");
         assert_eq!(tcp_ev.tcp_state, Some(tcp_state::ESTABLISHED));
         assert_ne!(udp_ev.id, tcp_ev.id);
@@ -573,38 +500,23 @@ mod tests {
         assert_eq!(u.status & status::CONFIRMED, status::CONFIRMED);
         assert_eq!(u.status & status::SEEN_REPLY, 0);
         assert!(matches!(u.timeout, Some(27..=30)), "{u:?}");
-        assert_eq!(
-            (u.mark, u.zone, u.tcp_state, u.tcp_flags),
-            (0, 0, None, None)
-        );
+        assert_eq!((u.mark, u.zone, u.tcp_state, u.tcp_flags), (0, 0, None, None));
         assert!(!u.has_helper);
         assert_eq!(u.counters_orig, Some((0, 0)));
         assert_eq!(u.counters_reply, Some((0, 0)));
         let t = find(&dump, &tcp);
         assert_eq!(t.id, tcp_ev.id);
         assert_eq!(t.reply, tuple("10.99.0.2", "10.99.0.1", 6, 80, 40001));
-        assert_eq!(
-            t.status & (status::ASSURED | status::CONFIRMED),
-            status::ASSURED | status::CONFIRMED
-        );
+        assert_eq!(t.status & (status::ASSURED | status::CONFIRMED), status::ASSURED | status::CONFIRMED);
         assert!(matches!(t.timeout, Some(47..=50)), "{t:?}");
         assert_eq!(t.tcp_state, Some(tcp_state::ESTABLISHED));
-        assert!(
-            t.tcp_flags.is_some(),
-            "TCP entry has protoinfo flags: {t:?}"
-        );
+        assert!(t.tcp_flags.is_some(), "TCP entry has protoinfo flags: {t:?}");
 
         // Timeout.
-        let upd = CtUpdate {
-            timeout: Some(777),
-            ..CtUpdate::default()
-        };
+        let upd = CtUpdate { timeout: Some(777), ..CtUpdate::default() };
         req.update(&udp, 0, &upd).unwrap();
         let dump = req.dump().unwrap();
-        assert!(
-            matches!(find(&dump, &udp).timeout, Some(770..=777)),
-            "{dump:#?}"
-        );
+        assert!(matches!(find(&dump, &udp).timeout, Some(770..=777)), "{dump:#?}");
         assert!(matches!(find(&dump, &tcp).timeout, Some(40..=50)));
 
         // Liberal window tracking on both directions, state untouched.
@@ -614,28 +526,16 @@ mod tests {
         let flags = find(&req.dump().unwrap(), &tcp).tcp_flags.unwrap();
         assert_eq!(flags[0] & IP_CT_TCP_FLAG_BE_LIBERAL, 0, "{flags:?}");
         assert_eq!(flags[1] & IP_CT_TCP_FLAG_BE_LIBERAL, 0, "{flags:?}");
-        let liberal = CtUpdate {
-            tcp_liberal: true,
-            ..CtUpdate::default()
-        };
+        let liberal = CtUpdate { tcp_liberal: true, ..CtUpdate::default() };
         req.update(&tcp, 0, &liberal).unwrap();
         let t = find(&req.dump().unwrap(), &tcp).clone();
         let flags = t.tcp_flags.unwrap();
-        assert_eq!(
-            flags[0] & IP_CT_TCP_FLAG_BE_LIBERAL,
-            IP_CT_TCP_FLAG_BE_LIBERAL
-        );
-        assert_eq!(
-            flags[1] & IP_CT_TCP_FLAG_BE_LIBERAL,
-            IP_CT_TCP_FLAG_BE_LIBERAL
-        );
+        assert_eq!(flags[0] & IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL);
+        assert_eq!(flags[1] & IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL);
         assert_eq!(t.tcp_state, Some(tcp_state::ESTABLISHED));
 
         // Mark, also visible in the Update event it triggers.
-        let mark = CtUpdate {
-            mark: Some(0x42),
-            ..CtUpdate::default()
-        };
+        let mark = CtUpdate { mark: Some(0x42), ..CtUpdate::default() };
         req.update(&tcp, 0, &mark).unwrap();
         assert_eq!(find(&req.dump().unwrap(), &tcp).mark, 0x42);
         let upd_ev = wait_for_events(
@@ -646,10 +546,7 @@ mod tests {
 
         // Delete -> Destroy event with the same identity.
         req.delete(&udp, 0).unwrap();
-        let gone = wait_for_events(
-            &mut events,
-            &[&|e: &CtEvent| matches!(e, CtEvent::Destroy(x) if x.orig == udp)],
-        );
+        let gone = wait_for_events(&mut events, &[&|e: &CtEvent| matches!(e, CtEvent::Destroy(x) if x.orig == udp)]);
         assert_eq!(gone[0].entry().id, udp_ev.id);
         let dump = req.dump().unwrap();
         assert_eq!(dump.len(), 1);
@@ -666,34 +563,22 @@ mod tests {
         #[rustfmt::skip]
         conntrack(&["-I", "-p", "udp", "-s", "2001:db8::1", "-d", "2001:db8::2",
             "--sport", "1000", "--dport", "2000", "-t", "40"]);
-        let new6 = wait_for_events(
-            &mut events,
-            &[&|e: &CtEvent| matches!(e, CtEvent::New(x) if x.orig == udp6)],
-        );
+        let new6 = wait_for_events(&mut events, &[&|e: &CtEvent| matches!(e, CtEvent::New(x) if x.orig == udp6)]);
         let dump = req.dump().unwrap();
         assert_eq!(dump.len(), 2);
         let e6 = find(&dump, &udp6);
         assert_eq!(e6.id, new6[0].entry().id);
-        assert_eq!(
-            e6.reply,
-            tuple("2001:db8::2", "2001:db8::1", 17, 2000, 1000)
-        );
+        assert_eq!(e6.reply, tuple("2001:db8::2", "2001:db8::1", 17, 2000, 1000));
         assert!(matches!(e6.timeout, Some(37..=40)));
         req.update(&udp6, 0, &upd).unwrap();
-        assert!(matches!(
-            find(&req.dump().unwrap(), &udp6).timeout,
-            Some(770..=777)
-        ));
+        assert!(matches!(find(&req.dump().unwrap(), &udp6).timeout, Some(770..=777)));
 
         // ICMP: parsed with ports 0.
         #[rustfmt::skip]
         conntrack(&["-I", "-p", "icmp", "-s", "10.99.0.1", "-d", "10.99.0.2",
             "--icmp-type", "8", "--icmp-code", "0", "--icmp-id", "77", "-t", "20"]);
         let dump = req.dump().unwrap();
-        let icmp = dump
-            .iter()
-            .find(|e| e.orig.proto == 1)
-            .expect("ICMP entry in dump");
+        let icmp = dump.iter().find(|e| e.orig.proto == 1).expect("ICMP entry in dump");
         assert_eq!(icmp.orig, tuple("10.99.0.1", "10.99.0.2", 1, 0, 0));
         assert_eq!(icmp.reply, tuple("10.99.0.2", "10.99.0.1", 1, 0, 0));
     }
@@ -705,22 +590,11 @@ mod tests {
         // use in the netns; an nft rule using `ct label` does that.
         for args in [
             &["add", "table", "inet", "t"][..],
-            &[
-                "add",
-                "chain",
-                "inet",
-                "t",
-                "c",
-                "{ type filter hook prerouting priority 0; }",
-            ],
+            &["add", "chain", "inet", "t", "c", "{ type filter hook prerouting priority 0; }"],
             &["add", "rule", "inet", "t", "c", "ct", "label", "set", "3"],
         ] {
             let out = Command::new("nft").args(args).output().expect("run nft");
-            assert!(
-                out.status.success(),
-                "nft {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
         let mut req = CtSocket::request().unwrap();
         let t = tuple("10.98.0.1", "10.98.0.2", 6, 1234, 443);
@@ -733,10 +607,7 @@ mod tests {
         value[0] = 0b0000_0101; // bits 0 and 2
         let mut mask = [0u8; 16];
         mask[0] = 0b0000_0111;
-        let upd = CtUpdate {
-            labels: Some((value, mask)),
-            ..CtUpdate::default()
-        };
+        let upd = CtUpdate { labels: Some((value, mask)), ..CtUpdate::default() };
         req.update(&t, 0, &upd).unwrap();
         assert_eq!(find(&req.dump().unwrap(), &t).labels, Some(value));
 

@@ -58,6 +58,14 @@ impl Mode {
     }
 }
 
+/// Id of the XDP program attached to `ifindex` in any mode, if one is.
+pub fn xdp_prog_id(ifindex: u32) -> Option<u32> {
+    let mut id: u32 = 0;
+    // SAFETY: out-pointer to a local; flags 0 = any mode.
+    let r = unsafe { libbpf_sys::bpf_xdp_query_id(ifindex as i32, 0, &mut id) };
+    (r == 0 && id != 0).then_some(id)
+}
+
 /// View a plain C struct as bytes for a map operation.
 fn bytes_of<T: Copy>(t: &T) -> &[u8] {
     // SAFETY: T is a #[repr(C)] plain-data type generated from BTF without
@@ -123,13 +131,9 @@ impl Dataplane {
         // The skeleton borrows its object storage for its whole life; the
         // dataplane lives as long as the process, so leak the few bytes.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = FastpathSkelBuilder::default()
-            .open(storage)
-            .map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
-        open.maps
-            .fo_flows
-            .set_max_entries(max_flows.saturating_mul(2).max(2))
-            .context("sizing the flow table")?;
+        let mut open =
+            FastpathSkelBuilder::default().open(storage).map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
+        open.maps.fo_flows.set_max_entries(max_flows.saturating_mul(2).max(2)).context("sizing the flow table")?;
         let skel = open.load().map_err(|e| {
             anyhow!(
                 "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
@@ -146,32 +150,34 @@ impl Dataplane {
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
     /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6).
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode) -> Result<()> {
-        let link = match mode {
-            Mode::Xdp => self.skel.progs.fo_xdp.attach_xdp(ifindex as i32).map_err(|e| {
-                let busy = e.to_string().contains("busy") || e.to_string().contains("exists");
-                if busy {
-                    anyhow!(
-                        "cannot attach XDP to {ifname}: another XDP program is already attached \
-                         ({e}); detach it (ip link set dev {ifname} xdp off) or use --mode tc"
-                    )
-                } else {
-                    anyhow!("cannot attach XDP to {ifname}: {e}")
+        let link =
+            match mode {
+                Mode::Xdp => {
+                    // One XDP program per interface (without a dispatcher): refuse
+                    // clearly instead of failing inside the attach.
+                    if let Some(id) = xdp_prog_id(ifindex) {
+                        bail!(
+                            "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
+                         detach it (ip link set dev {ifname} xdp off) or use --mode tc"
+                        );
+                    }
+                    self.skel.progs.fo_xdp.attach_xdp(ifindex as i32).map_err(|e| {
+                        anyhow!("cannot attach XDP to {ifname}: {e} ({})", std::io::Error::last_os_error())
+                    })?
                 }
-            })?,
-            Mode::Tc => {
-                let prog = self.skel.progs.fo_tc.as_libbpf_object();
-                // SAFETY: valid loaded program; libbpf returns NULL and sets
-                // errno on failure.
-                let raw = unsafe {
-                    libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null())
-                };
-                let ptr = NonNull::new(raw).ok_or_else(|| {
-                    anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
-                })?;
-                // SAFETY: a valid link pointer we now own.
-                unsafe { Link::from_ptr(ptr) }
-            }
-        };
+                Mode::Tc => {
+                    let prog = self.skel.progs.fo_tc.as_libbpf_object();
+                    // SAFETY: valid loaded program; libbpf returns NULL and sets
+                    // errno on failure.
+                    let raw =
+                        unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
+                    let ptr = NonNull::new(raw).ok_or_else(|| {
+                        anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
+                    })?;
+                    // SAFETY: a valid link pointer we now own.
+                    unsafe { Link::from_ptr(ptr) }
+                }
+            };
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -250,9 +256,7 @@ impl Dataplane {
     pub fn fib_query(&self, req: &fo_fib_req) -> Result<fo_fib_req> {
         let input = bytes_of(req).to_vec();
         let mut out = vec![0u8; input.len()];
-        let mut opts = libbpf_rs::ProgramInput::default();
-        opts.data_in = Some(&input);
-        opts.data_out = Some(&mut out);
+        let opts = libbpf_rs::ProgramInput { data_in: Some(&input), data_out: Some(&mut out), ..Default::default() };
         let r = self.skel.progs.fo_fib_query.test_run(opts).context("route lookup (bpf_fib_lookup) failed")?;
         if r.return_value != 2 {
             bail!("route lookup program returned {}", r.return_value);
@@ -270,11 +274,13 @@ impl Dataplane {
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, data_end), frame.len() as u32);
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, ingress_ifindex), ingress_ifindex);
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = libbpf_rs::ProgramInput::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.context_in = Some(&mut ctx_bytes);
-        opts.repeat = repeat;
+        let opts = libbpf_rs::ProgramInput {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            context_in: Some(&mut ctx_bytes),
+            repeat,
+            ..Default::default()
+        };
         let r = self.skel.progs.fo_xdp.test_run(opts).context("XDP test run")?;
         let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
         let (ret, ns) = (r.return_value, r.duration.as_nanos() as u64);
@@ -284,7 +290,13 @@ impl Dataplane {
 
     /// Run the TC entry on one frame; `ifindex` is the device the skb
     /// arrives on (its MAC decides pkt_type, as eth_type_trans does).
-    pub fn test_tc(&self, frame: &[u8], ifindex: u32, gso: Option<(u32, u32)>, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
+    pub fn test_tc(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        gso: Option<(u32, u32)>,
+        repeat: u32,
+    ) -> Result<(i32, Vec<u8>, u64)> {
         type Sk = skel::types::__sk_buff;
         let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
@@ -293,11 +305,13 @@ impl Dataplane {
             put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_size), size);
         }
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = libbpf_rs::ProgramInput::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.context_in = Some(&mut ctx_bytes);
-        opts.repeat = repeat;
+        let opts = libbpf_rs::ProgramInput {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            context_in: Some(&mut ctx_bytes),
+            repeat,
+            ..Default::default()
+        };
         let r = self.skel.progs.fo_tc.test_run(opts).context("TC test run")?;
         let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
         let (ret, ns) = (r.return_value as i32, r.duration.as_nanos() as u64);

@@ -73,7 +73,7 @@ fn addr_bytes(a: IpAddr) -> Vec<u8> {
 /// Zero when nothing changes, so the fast path can skip the update.
 pub fn csum_diff(old: &[u8], new: &[u8]) -> u32 {
     assert_eq!(old.len(), new.len());
-    assert!(old.len() % 2 == 0);
+    assert!(old.len().is_multiple_of(2));
     let mut sum: u64 = 0;
     for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
         sum += u64::from(!u16::from_ne_bytes([o[0], o[1]]));
@@ -189,9 +189,9 @@ mod tests {
                 a[i] = (x >> 16) as u8;
                 b[i] = a[i];
             }
-            for i in 0..8 {
+            for v in b.iter_mut().take(8) {
                 x = x.wrapping_mul(1103515245).wrapping_add(12345);
-                b[i] = (x >> 8) as u8;
+                *v = (x >> 8) as u8;
             }
             let d = csum_diff(&a[..8], &b[..8]);
             let got = apply(csum(&a), d);

@@ -85,13 +85,7 @@ pub(crate) mod tests {
     use std::net::IpAddr;
 
     pub fn tuple(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
-        CtTuple {
-            src: s.parse::<IpAddr>().unwrap(),
-            dst: d.parse::<IpAddr>().unwrap(),
-            proto,
-            sport: sp,
-            dport: dp,
-        }
+        CtTuple { src: s.parse::<IpAddr>().unwrap(), dst: d.parse::<IpAddr>().unwrap(), proto, sport: sp, dport: dp }
     }
 
     /// An ESTABLISHED+ASSURED TCP entry masqueraded behind 203.0.113.1.

@@ -11,11 +11,7 @@ pub fn cli(cmd: LabCmd) -> Result<()> {
         LabCmd::Up { prefix } => {
             // XDP-safe so every offload mode is correct on the veths; no CPU
             // isolation, which only matters for measurements.
-            let lab = Lab::up(&LabOpts {
-                prefix: prefix.clone(),
-                xdp_safe: true,
-                isolate_router_cpu: false,
-            })?;
+            let lab = Lab::up(&LabOpts { prefix: prefix.clone(), xdp_safe: true, isolate_router_cpu: false })?;
             lab.warm_neighbours()?;
             println!(
                 "lab up: {} (client 192.168.1.2, fd00:1::2 on {}), {} (router: {} {}), \
@@ -39,24 +35,13 @@ pub fn cli(cmd: LabCmd) -> Result<()> {
             }
             Ok(())
         }
-        LabCmd::Demo {
-            prefix,
-            duration,
-            modes,
-            json,
-        } => {
+        LabCmd::Demo { prefix, duration, modes, json } => {
             let exe = std::env::current_exe().context("locating the nft-offload binary")?;
-            let report = demo(DemoOpts {
-                exe,
-                prefix,
-                duration_s: duration,
-                modes,
-            })?;
+            let report = demo(DemoOpts { exe, prefix, duration_s: duration, modes })?;
             print!("{}", report.render());
             if let Some(path) = json {
                 let s = serde_json::to_string_pretty(&report)?;
-                std::fs::write(&path, s + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, s + "\n").with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(())
         }

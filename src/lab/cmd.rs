@@ -22,21 +22,15 @@ fn check(cmd: &Command, out: Output) -> Result<String> {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stderr = stderr.trim();
-    let detail = if stderr.is_empty() {
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    } else {
-        stderr.to_string()
-    };
+    let detail =
+        if stderr.is_empty() { String::from_utf8_lossy(&out.stdout).trim().to_string() } else { stderr.to_string() };
     bail!("`{}` failed ({}): {}", describe(cmd), out.status, detail)
 }
 
 /// Run to completion; stdout on success, an error naming the command and its
 /// stderr otherwise.
 pub(crate) fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("failed to start `{}`", describe(cmd)))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("failed to start `{}`", describe(cmd)))?;
     check(cmd, out)
 }
 
@@ -51,17 +45,10 @@ pub(crate) fn run_stdin(cmd: &mut Command, input: &str) -> Result<String> {
         .with_context(|| format!("failed to start `{}`", describe(cmd)))?;
     // The scripts are small (a few KiB), far below the pipe buffer, so writing
     // everything before reading the output cannot deadlock.
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| anyhow!("no stdin for `{}`", describe(cmd)))?;
-    stdin
-        .write_all(input.as_bytes())
-        .with_context(|| format!("writing stdin of `{}`", describe(cmd)))?;
+    let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin for `{}`", describe(cmd)))?;
+    stdin.write_all(input.as_bytes()).with_context(|| format!("writing stdin of `{}`", describe(cmd)))?;
     drop(stdin);
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("waiting for `{}`", describe(cmd)))?;
+    let out = child.wait_with_output().with_context(|| format!("waiting for `{}`", describe(cmd)))?;
     check(cmd, out)
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::mem;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -110,8 +111,7 @@ pub(crate) fn pin_napi(
         }
         for &(dev, cpu) in placement {
             if comm.starts_with(&format!("napi/{dev}-")) {
-                set_affinity(pid, cpu)
-                    .with_context(|| format!("sched_setaffinity({pid} {comm}, cpu {cpu})"))?;
+                set_affinity(pid, cpu).with_context(|| format!("sched_setaffinity({pid} {comm}, cpu {cpu})"))?;
                 done.push((pid, comm.clone(), cpu));
             }
         }
@@ -131,17 +131,56 @@ pub(crate) fn task_cpu_ns(pid: libc::pid_t) -> u64 {
         .sum()
 }
 
-/// Busy jiffies (user+nice+system+irq+softirq+steal; idle and iowait left
-/// out) of one CPU, or of the whole machine for `None`.
-pub(crate) fn busy_jiffies(cpu: Option<usize>) -> Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    busy_jiffies_from(&stat, cpu)
+/// One /proc/stat reading of a CPU (or of all CPUs for `None`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSample {
+    at: Instant,
+    /// user+nice+system+irq+softirq+steal, in USER_HZ ticks.
+    busy: u64,
+    /// idle+iowait, in USER_HZ ticks.
+    idle: u64,
+    /// CPUs the line covers.
+    ncpu: u64,
 }
 
-pub(crate) fn busy_jiffies_from(stat: &str, cpu: Option<usize>) -> Result<u64> {
+/// Busy time between two samples, in ns, computed two ways:
+/// `(precise, tick_sampled)`.
+///
+/// `tick_sampled` is the textbook sum of the busy fields. On kernels with
+/// tick-based accounting (CONFIG_TICK_CPU_ACCOUNTING, the common default)
+/// those fields are sampled at each scheduler tick, and a NO_HZ CPU whose
+/// work comes in bursts shorter than a tick (e.g. a NAPI thread woken per
+/// few packets) is badly under-counted: we saw 20 ms reported for ~460 ms
+/// of real work. Idle time, however, is measured exactly on NO_HZ kernels
+/// (timestamps at idle entry/exit), so `precise` = wall time x CPUs - idle.
+pub(crate) fn busy_ns(a: &CpuSample, b: &CpuSample) -> (u64, u64) {
+    let tck = clk_tck();
+    let wall = b.at.duration_since(a.at).as_nanos() as u64 * a.ncpu;
+    let idle = b.idle.saturating_sub(a.idle) * 1_000_000_000 / tck;
+    let ticks = b.busy.saturating_sub(a.busy) * 1_000_000_000 / tck;
+    (wall.saturating_sub(idle), ticks)
+}
+
+pub(crate) fn sample(cpu: Option<usize>) -> Result<CpuSample> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let at = Instant::now();
+    let (busy, idle, ncpu) = parse_stat(&stat, cpu)?;
+    Ok(CpuSample { at, busy, idle, ncpu })
+}
+
+/// (busy, idle+iowait, number of CPUs covered) from a /proc/stat dump.
+pub(crate) fn parse_stat(stat: &str, cpu: Option<usize>) -> Result<(u64, u64, u64)> {
     let want = match cpu {
         Some(c) => format!("cpu{c}"),
         None => "cpu".to_string(),
+    };
+    let ncpu = match cpu {
+        Some(_) => 1,
+        None => stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count()
+            .max(1) as u64,
     };
     for line in stat.lines() {
         let mut it = line.split_whitespace();
@@ -154,7 +193,7 @@ pub(crate) fn busy_jiffies_from(stat: &str, cpu: Option<usize>) -> Result<u64> {
         }
         // user nice system idle iowait irq softirq steal [guest guest_nice];
         // guest time is already included in user.
-        return Ok(f[0] + f[1] + f[2] + f[5] + f[6] + f[7]);
+        return Ok((f[0] + f[1] + f[2] + f[5] + f[6] + f[7], f[3] + f[4], ncpu));
     }
     bail!("no `{want}` line in /proc/stat")
 }
@@ -175,10 +214,20 @@ mod tests {
 
     #[test]
     fn parses_proc_stat() {
-        let s = "cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 1 0 1 50 1 0 0 0 0 0\ncpu1 9 1 4 50 6 2 3 4 0 0\n";
-        assert_eq!(busy_jiffies_from(s, None).unwrap(), 10 + 1 + 5 + 2 + 3 + 4);
-        assert_eq!(busy_jiffies_from(s, Some(1)).unwrap(), 9 + 1 + 4 + 2 + 3 + 4);
-        assert_eq!(busy_jiffies_from(s, Some(0)).unwrap(), 2);
-        assert!(busy_jiffies_from(s, Some(2)).is_err());
+        let s = "cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 1 0 1 50 1 0 0 0 0 0\ncpu1 9 1 4 50 6 2 3 4 0 0\nintr 5\n";
+        assert_eq!(parse_stat(s, None).unwrap(), (10 + 1 + 5 + 2 + 3 + 4, 107, 2));
+        assert_eq!(parse_stat(s, Some(1)).unwrap(), (9 + 1 + 4 + 2 + 3 + 4, 56, 1));
+        assert_eq!(parse_stat(s, Some(0)).unwrap(), (2, 51, 1));
+        assert!(parse_stat(s, Some(2)).is_err());
+    }
+
+    #[test]
+    fn busy_from_idle() {
+        let tck = clk_tck();
+        let t = Instant::now();
+        let a = CpuSample { at: t, busy: 0, idle: 0, ncpu: 2 };
+        // 1 s on 2 CPUs with 0.5 s idle in total: 1.5 s busy.
+        let b = CpuSample { at: t + std::time::Duration::from_secs(1), busy: tck, idle: tck / 2, ncpu: 2 };
+        assert_eq!(busy_ns(&a, &b), (1_500_000_000, 1_000_000_000));
     }
 }

@@ -127,9 +127,14 @@ pub struct RunReport {
     pub lost_percent: Option<f64>,
     /// TCP only.
     pub retransmits: Option<u64>,
-    /// Busy CPU time of the router CPU (or the whole machine, see
-    /// `DemoReport::cpu_scope`) during the run.
+    /// Non-idle time of the router CPU (or the whole machine, see
+    /// `DemoReport::cpu_scope`) during the run: wall time minus idle and
+    /// iowait from /proc/stat (exact on NO_HZ kernels).
     pub cpu_ns: u64,
+    /// The same from the sum of /proc/stat's busy fields
+    /// (user+nice+system+irq+softirq+steal). Tick-sampled on most kernels,
+    /// so it under-counts bursty light load; kept for comparison.
+    pub cpu_ns_ticks: u64,
     /// rx_packets delta of wan0 plus lan0: everything the router forwarded,
     /// both directions (counted at the receivers because with XDP redirect
     /// the router's own tx counters do not see the frames). With GRO/GSO on
@@ -226,49 +231,23 @@ impl DemoReport {
     pub fn render(&self) -> String {
         let mut header = vec!["metric".to_string()];
         header.extend(self.paths.iter().map(|p| p.path.replace('-', " ")));
-        let col = |f: &dyn Fn(&PathReport) -> String| -> Vec<String> {
-            self.paths.iter().map(f).collect()
-        };
+        let col = |f: &dyn Fn(&PathReport) -> String| -> Vec<String> { self.paths.iter().map(f).collect() };
         let rows: Vec<(String, Vec<String>)> = vec![
             ("TCP throughput (Mbit/s)".into(), col(&|p| mbit(p.tcp.bits_per_second))),
             ("TCP router CPU (ns/pkt)".into(), col(&|p| opt_f(p.tcp.cpu_ns_per_packet, 0))),
-            (
-                "TCP router CPU (ns per 1500 B)".into(),
-                col(&|p| opt_f(p.tcp.cpu_ns_per_1500b, 0)),
-            ),
+            ("TCP router CPU (ns per 1500 B)".into(), col(&|p| opt_f(p.tcp.cpu_ns_per_1500b, 0))),
             ("UDP throughput (Mbit/s)".into(), col(&|p| mbit(p.udp.bits_per_second))),
             ("UDP loss (%)".into(), col(&|p| opt_f(p.udp.lost_percent, 2))),
             ("UDP router CPU (ns/pkt)".into(), col(&|p| opt_f(p.udp.cpu_ns_per_packet, 0))),
-            (
-                "packets seen by fw forward chain (TCP)".into(),
-                col(&|p| p.tcp.fwd_chain_packets.to_string()),
-            ),
-            (
-                "packets seen by fw forward chain (UDP)".into(),
-                col(&|p| p.udp.fwd_chain_packets.to_string()),
-            ),
+            ("packets seen by fw forward chain (TCP)".into(), col(&|p| p.tcp.fwd_chain_packets.to_string())),
+            ("packets seen by fw forward chain (UDP)".into(), col(&|p| p.udp.fwd_chain_packets.to_string())),
             ("TCP packets forwarded".into(), col(&|p| p.tcp.forwarded_packets.to_string())),
             ("UDP packets forwarded".into(), col(&|p| p.udp.forwarded_packets.to_string())),
-            (
-                "TCP router CPU (ms)".into(),
-                col(&|p| format!("{:.0}", p.tcp.cpu_ns as f64 / 1e6)),
-            ),
-            (
-                "UDP router CPU (ms)".into(),
-                col(&|p| format!("{:.0}", p.udp.cpu_ns as f64 / 1e6)),
-            ),
-            (
-                "TCP router threads only (ns/pkt)".into(),
-                col(&|p| opt_f(p.tcp.router_threads_ns_per_packet, 0)),
-            ),
-            (
-                "UDP router threads only (ns/pkt)".into(),
-                col(&|p| opt_f(p.udp.router_threads_ns_per_packet, 0)),
-            ),
-            (
-                "TCP retransmits".into(),
-                col(&|p| p.tcp.retransmits.map(|r| r.to_string()).unwrap_or("-".into())),
-            ),
+            ("TCP router CPU non-idle (ms)".into(), col(&|p| format!("{:.0}", p.tcp.cpu_ns as f64 / 1e6))),
+            ("UDP router CPU non-idle (ms)".into(), col(&|p| format!("{:.0}", p.udp.cpu_ns as f64 / 1e6))),
+            ("TCP router threads only (ns/pkt)".into(), col(&|p| opt_f(p.tcp.router_threads_ns_per_packet, 0))),
+            ("UDP router threads only (ns/pkt)".into(), col(&|p| opt_f(p.udp.router_threads_ns_per_packet, 0))),
+            ("TCP retransmits".into(), col(&|p| p.tcp.retransmits.map(|r| r.to_string()).unwrap_or("-".into()))),
         ];
         let mut out = format!(
             "nft-offload demo: {} -> router -> {} ({} s per run; UDP offered at 300 Mbit/s, 1400 B)\n\n",
@@ -277,19 +256,22 @@ impl DemoReport {
             self.duration_s
         );
         out.push_str(&table(&header, &rows));
-        out.push_str(&format!("\nCPU: {}\n", self.cpu_scope));
+        out.push_str(&format!("\nRouter CPU: {}.\n", self.cpu_scope));
         out.push_str(
-            "Packets forwarded = rx_packets of lan0 + wan0 (both directions; GRO/TSO \
-             aggregates count once, hence the per-1500-byte row).\n\
-             \"Router threads only\" = on-CPU time of the router's NAPI threads and the offload \
-             daemon, unaffected by other load on the router CPU.\n",
+            "  Non-idle time = wall time minus idle from /proc/stat (exact with NO_HZ; the \
+             tick-sampled busy fields, kept in the JSON as cpu_ns_ticks, miss short bursts).\n\
+             Packets forwarded = rx_packets of lan0 + wan0, both directions (GRO/TSO aggregates \
+             count once, hence the per-1500-byte row).\n",
         );
+        if self.cpu_isolated {
+            out.push_str(
+                "\"Router threads only\" = scheduler run time of the router's NAPI threads and the \
+                 offload daemon: immune to unrelated load, but leaves out wakeup/IRQ overhead.\n",
+            );
+        }
         for p in &self.paths {
             if let Some(f) = &p.flows {
-                out.push_str(&format!(
-                    "\nOffloaded flows ({}, ~2 s into the TCP run):\n",
-                    p.path.replace('-', " ")
-                ));
+                out.push_str(&format!("\nOffloaded flows ({}, ~2 s into the TCP run):\n", p.path.replace('-', " ")));
                 let f = f.trim_end();
                 if f.is_empty() {
                     out.push_str("  (none)\n");
@@ -384,9 +366,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn exe_str(&self) -> Result<&str> {
-        self.exe
-            .to_str()
-            .ok_or_else(|| anyhow!("non-UTF-8 path {}", self.exe.display()))
+        self.exe.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", self.exe.display()))
     }
 
     fn forwarded(&self) -> Result<(u64, u64)> {
@@ -402,10 +382,7 @@ impl Ctx<'_> {
         let exe = self.exe_str()?;
         let log = self.logdir.join(format!("daemon-{mode}.log"));
         let f = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut c = lab.command(
-            &lab.rtr,
-            &[exe, "run", "--iface", RTR_LAN_IF, "--iface", RTR_WAN_IF, "--mode", mode],
-        );
+        let mut c = lab.command(&lab.rtr, &[exe, "run", "--iface", RTR_LAN_IF, "--iface", RTR_WAN_IF, "--mode", mode]);
         c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
         // The daemon is router control plane: bill its CPU to the router.
         if let Some(r) = lab.isolation.router_cpu {
@@ -418,10 +395,7 @@ impl Ctx<'_> {
                 bail!("interrupted");
             }
             if let Some(st) = child.try_wait()? {
-                bail!(
-                    "offload daemon (--mode {mode}) exited during startup ({st}); {}",
-                    log_tail(&log, 20)
-                );
+                bail!("offload daemon (--mode {mode}) exited during startup ({st}); {}", log_tail(&log, 20));
             }
             if cmd::run(&mut lab.command(&lab.rtr, &[exe, "status", "-o", "json"])).is_ok() {
                 return Ok((child, log));
@@ -448,18 +422,12 @@ impl Ctx<'_> {
             }
             if Instant::now() > deadline {
                 // Lab's Drop will SIGKILL it.
-                bail!(
-                    "offload daemon (--mode {mode}) did not exit within 5 s of SIGTERM; {}",
-                    log_tail(log, 20)
-                );
+                bail!("offload daemon (--mode {mode}) did not exit within 5 s of SIGTERM; {}", log_tail(log, 20));
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         if !st.success() {
-            bail!(
-                "offload daemon (--mode {mode}) exited with {st} after SIGTERM; {}",
-                log_tail(log, 20)
-            );
+            bail!("offload daemon (--mode {mode}) exited with {st} after SIGTERM; {}", log_tail(log, 20));
         }
         Ok(())
     }
@@ -500,7 +468,7 @@ impl Ctx<'_> {
         let (pk0, by0) = self.forwarded()?;
         let fwd0 = lab.counter_packets("fwd_all")?;
         let th0 = thread_ns();
-        let cpu0 = cpu::busy_jiffies(cpu_sel)?;
+        let cpu0 = cpu::sample(cpu_sel)?;
         let mut child = lab.spawn_cmd(c)?;
         let start = Instant::now();
         let limit = Duration::from_secs(u64::from(self.duration_s) + 30);
@@ -519,12 +487,10 @@ impl Ctx<'_> {
             }
             if capture_flows && flows.is_none() && start.elapsed() >= capture_at {
                 let exe = self.exe_str()?;
-                flows = Some(
-                    match cmd::run(&mut lab.command(&lab.rtr, &[exe, "flows"])) {
-                        Ok(s) => s,
-                        Err(e) => format!("(`{exe} flows` failed: {e:#})"),
-                    },
-                );
+                flows = Some(match cmd::run(&mut lab.command(&lab.rtr, &[exe, "flows"])) {
+                    Ok(s) => s,
+                    Err(e) => format!("(`{exe} flows` failed: {e:#})"),
+                });
             }
             if start.elapsed() > limit {
                 let _ = child.kill();
@@ -533,19 +499,22 @@ impl Ctx<'_> {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let cpu1 = cpu::busy_jiffies(cpu_sel)?;
+        if interrupted() {
+            // Ctrl-C in a terminal also hits the client; report the cause.
+            bail!("interrupted");
+        }
+        let cpu1 = cpu::sample(cpu_sel)?;
         let th1 = thread_ns();
         let fwd1 = lab.counter_packets("fwd_all")?;
         let (pk1, by1) = self.forwarded()?;
 
-        let json = std::fs::read_to_string(&json_path)
-            .with_context(|| format!("reading {}", json_path.display()))?;
+        let json = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
         let r = parse_iperf(&json, udp)
             .with_context(|| format!("iperf3 {proto} client ({status}), output in {}", json_path.display()))?;
         if !status.success() {
             bail!("iperf3 {proto} client exited with {status}; output in {}", json_path.display());
         }
-        let cpu_ns = (cpu1.saturating_sub(cpu0)) * 1_000_000_000 / cpu::clk_tck();
+        let (cpu_ns, cpu_ns_ticks) = cpu::busy_ns(&cpu0, &cpu1);
         let packets = pk1.saturating_sub(pk0);
         let bytes = by1.saturating_sub(by0);
         let per_pkt = |ns: u64| (packets > 0).then(|| ns as f64 / packets as f64);
@@ -558,6 +527,7 @@ impl Ctx<'_> {
                 lost_percent: r.lost_percent,
                 retransmits: r.retransmits,
                 cpu_ns,
+                cpu_ns_ticks,
                 forwarded_packets: packets,
                 forwarded_bytes: bytes,
                 cpu_ns_per_packet: per_pkt(cpu_ns),
@@ -600,16 +570,11 @@ pub fn demo(opts: DemoOpts) -> Result<DemoReport> {
     let exe = if modes.is_empty() {
         opts.exe.clone()
     } else {
-        std::fs::canonicalize(&opts.exe)
-            .with_context(|| format!("offload binary {}", opts.exe.display()))?
+        std::fs::canonicalize(&opts.exe).with_context(|| format!("offload binary {}", opts.exe.display()))?
     };
     let _signals = SignalGuard::install()?;
 
-    let logdir = std::env::temp_dir().join(format!(
-        "nft-offload-demo-{}-{}",
-        opts.prefix,
-        std::process::id()
-    ));
+    let logdir = std::env::temp_dir().join(format!("nft-offload-demo-{}-{}", opts.prefix, std::process::id()));
     std::fs::create_dir_all(&logdir).with_context(|| format!("creating {}", logdir.display()))?;
 
     let res = run_demo(&opts, &modes, exe, &logdir);
@@ -625,11 +590,7 @@ pub fn demo(opts: DemoOpts) -> Result<DemoReport> {
 }
 
 fn run_demo(opts: &DemoOpts, modes: &[&str], exe: PathBuf, logdir: &Path) -> Result<DemoReport> {
-    let lab = Lab::up(&LabOpts {
-        prefix: opts.prefix.clone(),
-        xdp_safe: true,
-        isolate_router_cpu: true,
-    })?;
+    let lab = Lab::up(&LabOpts { prefix: opts.prefix.clone(), xdp_safe: true, isolate_router_cpu: true })?;
     if interrupted() {
         bail!("interrupted");
     }
@@ -638,29 +599,28 @@ fn run_demo(opts: &DemoOpts, modes: &[&str], exe: PathBuf, logdir: &Path) -> Res
     let _pin = ThreadPin::to(lab.isolation.generator_cpu);
     lab.warm_neighbours()?;
 
-    let mut server = lab.spawn_pinned(&lab.wan, &["iperf3", "-s"], lab.isolation.generator_cpu)?;
+    let server_log = logdir.join("iperf3-server.log");
+    let f = File::create(&server_log).with_context(|| format!("creating {}", server_log.display()))?;
+    let mut c = lab.command(&lab.wan, &["iperf3", "-s"]);
+    c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
+    if let Some(g) = lab.isolation.generator_cpu {
+        cpu::pin_command(&mut c, g);
+    }
+    let mut server = lab.spawn_cmd(c)?;
     lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(10))?;
 
-    let ctx = Ctx {
-        lab: &lab,
-        exe,
-        logdir: logdir.to_path_buf(),
-        duration_s: opts.duration_s,
-    };
+    let ctx = Ctx { lab: &lab, exe, logdir: logdir.to_path_buf(), duration_s: opts.duration_s };
     let cpu_scope = if lab.isolation.enabled {
         format!(
-            "busy time of CPU {} (router NAPI threads{} pinned there; iperf3, host NAPI \
+            "non-idle time of CPU {} (router NAPI threads{} pinned there; iperf3, host NAPI \
              and demo helpers on CPU {}; anything else the scheduler puts on CPU {0} counts \
-             too), per forwarded packet",
+             too)",
             lab.isolation.router_cpu.unwrap_or(1),
             if modes.is_empty() { "" } else { " and the offload daemon" },
             lab.isolation.generator_cpu.unwrap_or(0)
         )
     } else {
-        format!(
-            "whole-machine busy time (includes iperf3 itself), per forwarded packet: {}",
-            lab.isolation.note
-        )
+        format!("whole-machine non-idle time, iperf3 itself included ({})", lab.isolation.note)
     };
 
     let mut paths = Vec::new();
@@ -686,12 +646,7 @@ fn run_demo(opts: &DemoOpts, modes: &[&str], exe: PathBuf, logdir: &Path) -> Res
         if let (Some((child, log)), Some(m)) = (daemon, mode) {
             ctx.stop_daemon(child, &log, m)?;
         }
-        paths.push(PathReport {
-            path: label,
-            tcp,
-            udp,
-            flows,
-        });
+        paths.push(PathReport { path: label, tcp, udp, flows });
     }
 
     let _ = server.kill();

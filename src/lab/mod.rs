@@ -126,11 +126,7 @@ pub struct LabOpts {
 
 impl Default for LabOpts {
     fn default() -> Self {
-        LabOpts {
-            prefix: DEFAULT_PREFIX.to_string(),
-            xdp_safe: false,
-            isolate_router_cpu: false,
-        }
+        LabOpts { prefix: DEFAULT_PREFIX.to_string(), xdp_safe: false, isolate_router_cpu: false }
     }
 }
 
@@ -184,19 +180,13 @@ pub fn require_root() -> Result<()> {
 
 /// `[{prefix}-lan, {prefix}-rtr, {prefix}-wan]`.
 pub fn ns_names(prefix: &str) -> [String; 3] {
-    [
-        format!("{prefix}-lan"),
-        format!("{prefix}-rtr"),
-        format!("{prefix}-wan"),
-    ]
+    [format!("{prefix}-lan"), format!("{prefix}-rtr"), format!("{prefix}-wan")]
 }
 
 fn validate_prefix(prefix: &str) -> Result<()> {
     if prefix.is_empty()
         || prefix.len() > 64
-        || !prefix
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         bail!("invalid lab prefix {prefix:?}: use 1-64 characters from [A-Za-z0-9_-]");
     }
@@ -256,35 +246,47 @@ fn kill_netns_pids(ns: &str) {
     }
 }
 
-/// Is `pid` a still-running child of ours? Uses WNOWAIT so the zombie (if it
-/// exited) stays for the `Child` owner to reap; ECHILD means the owner
-/// already reaped it and the pid must not be signalled any more.
-fn child_running(pid: u32) -> bool {
+/// State of a tracked child, probed with WNOWAIT so nothing is reaped.
+#[derive(PartialEq)]
+enum ChildState {
+    Running,
+    /// Exited, not reaped yet.
+    Zombie,
+    /// Already reaped by its `Child` owner: the pid is no longer ours and
+    /// must not be signalled.
+    Gone,
+}
+
+fn child_state(pid: u32) -> ChildState {
     // SAFETY: zeroed siginfo is valid output storage.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        let rc = libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        );
-        rc == 0 && info.si_pid() == 0
+        let rc = libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+        match (rc, info.si_pid()) {
+            (0, 0) => ChildState::Running,
+            (0, _) => ChildState::Zombie,
+            _ => ChildState::Gone,
+        }
     }
 }
 
-/// Terminate tracked children: SIGTERM, up to `grace` to exit, then SIGKILL.
+fn child_running(pid: u32) -> bool {
+    child_state(pid) == ChildState::Running
+}
+
+/// Terminate tracked children: SIGTERM, up to `grace` to exit, then SIGKILL;
+/// then reap every tracked child nobody reaped yet (no zombies piling up in
+/// long-running test processes). `Child` handles of lab children must not be
+/// waited on after the lab is gone.
 fn terminate_children(pids: &[u32], grace: Duration) {
-    let live: Vec<u32> = pids.iter().copied().filter(|&p| child_running(p)).collect();
-    if live.is_empty() {
-        return;
-    }
+    let ours: Vec<u32> = pids.iter().copied().filter(|&p| child_state(p) != ChildState::Gone).collect();
+    let live: Vec<u32> = ours.iter().copied().filter(|&p| child_running(p)).collect();
     for &p in &live {
         // SAFETY: p is our unreaped child, so the pid cannot have been reused.
         unsafe { libc::kill(p as libc::pid_t, libc::SIGTERM) };
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && live.iter().any(|&p| child_running(p)) {
+    while !live.is_empty() && Instant::now() < deadline && live.iter().any(|&p| child_running(p)) {
         std::thread::sleep(Duration::from_millis(50));
     }
     for &p in &live {
@@ -293,6 +295,10 @@ fn terminate_children(pids: &[u32], grace: Duration) {
             // SAFETY: as above.
             unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
         }
+    }
+    for &p in &ours {
+        // SAFETY: p is our child; blocking is fine, it was SIGKILLed at worst.
+        unsafe { libc::waitpid(p as libc::pid_t, std::ptr::null_mut(), 0) };
     }
 }
 
@@ -329,8 +335,7 @@ impl Lab {
             persistent: false,
         };
         // On error `lab` is dropped here, which tears down what was built.
-        lab.build(opts)
-            .with_context(|| format!("lab up (prefix {:?}) failed", opts.prefix))?;
+        lab.build(opts).with_context(|| format!("lab up (prefix {:?}) failed", opts.prefix))?;
         Ok(lab)
     }
 
@@ -343,13 +348,7 @@ impl Lab {
             // usable at once too (nodad only covers the addresses we add).
             self.exec(
                 ns,
-                &[
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
+                &["sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"],
             )?;
             self.exec(ns, &["ip", "link", "set", "lo", "up"])?;
         }
@@ -358,8 +357,8 @@ impl Lab {
         // host namespace, so labs with different prefixes never collide.
         for (r_if, peer_if, peer_ns) in [(RTR_LAN_IF, LAN_IF, &lan), (RTR_WAN_IF, WAN_IF, &wan)] {
             cmd::run(Command::new("ip").args([
-                "link", "add", r_if, "netns", &rtr, "mtu", "1500", "type", "veth", "peer", "name",
-                peer_if, "netns", peer_ns, "mtu", "1500",
+                "link", "add", r_if, "netns", &rtr, "mtu", "1500", "type", "veth", "peer", "name", peer_if, "netns",
+                peer_ns, "mtu", "1500",
             ]))?;
         }
 
@@ -381,27 +380,10 @@ impl Lab {
             self.exec(ns, &args)?;
         }
 
-        self.exec(
-            &rtr,
-            &[
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ],
-        )?;
-        cmd::run_stdin(
-            &mut cmd::netns_command(&rtr, &["nft", "-f", "-"]),
-            &router_ruleset(),
-        )?;
+        self.exec(&rtr, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        cmd::run_stdin(&mut cmd::netns_command(&rtr, &["nft", "-f", "-"]), &router_ruleset())?;
 
-        for (ns, dev) in [
-            (&lan, LAN_IF),
-            (&rtr, RTR_LAN_IF),
-            (&rtr, RTR_WAN_IF),
-            (&wan, WAN_IF),
-        ] {
+        for (ns, dev) in [(&lan, LAN_IF), (&rtr, RTR_LAN_IF), (&rtr, RTR_WAN_IF), (&wan, WAN_IF)] {
             self.exec(ns, &["ip", "link", "set", dev, "up"])?;
         }
 
@@ -452,12 +434,7 @@ impl Lab {
         self.exec(&wan, &["ethtool", "-K", WAN_IF, "gro", "on"])?;
         // Threaded NAPI turns each poll loop into a kthread
         // (`napi/<dev>-<id>`) that can be pinned like a process.
-        for (ns, dev) in [
-            (&rtr, RTR_LAN_IF),
-            (&rtr, RTR_WAN_IF),
-            (&lan, LAN_IF),
-            (&wan, WAN_IF),
-        ] {
+        for (ns, dev) in [(&rtr, RTR_LAN_IF), (&rtr, RTR_WAN_IF), (&lan, LAN_IF), (&wan, WAN_IF)] {
             let script = format!("echo 1 > /sys/class/net/{dev}/threaded");
             self.exec(ns, &["sh", "-c", &script])?;
         }
@@ -467,12 +444,8 @@ impl Lab {
             let script = format!("echo 1 > /sys/class/net/{dev}/queues/rx-0/rps_cpus");
             self.exec(ns, &["sh", "-c", &script])?;
         }
-        self.isolation = CpuIsolation {
-            enabled: true,
-            router_cpu: Some(1),
-            generator_cpu: Some(0),
-            note: String::new(),
-        };
+        self.isolation =
+            CpuIsolation { enabled: true, router_cpu: Some(1), generator_cpu: Some(0), note: String::new() };
         // The kthreads are created when `threaded` is written; give them a
         // moment in case of a slow system.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -482,11 +455,7 @@ impl Lab {
             if has(RTR_LAN_IF) && has(RTR_WAN_IF) {
                 self.isolation.note = format!(
                     "router NAPI threads pinned to CPU 1, generators and host NAPI to CPU 0: {}",
-                    pinned
-                        .iter()
-                        .map(|(p, c, cpu)| format!("{c}[{p}]->cpu{cpu}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    pinned.iter().map(|(p, c, cpu)| format!("{c}[{p}]->cpu{cpu}")).collect::<Vec<_>>().join(", ")
                 );
                 return Ok(());
             }
@@ -505,10 +474,7 @@ impl Lab {
         let (Some(r), Some(g)) = (self.isolation.router_cpu, self.isolation.generator_cpu) else {
             return Ok(Vec::new());
         };
-        cpu::pin_napi(
-            &self.foreign_napi,
-            &[(RTR_LAN_IF, r), (RTR_WAN_IF, r), (LAN_IF, g), (WAN_IF, g)],
-        )
+        cpu::pin_napi(&self.foreign_napi, &[(RTR_LAN_IF, r), (RTR_WAN_IF, r), (LAN_IF, g), (WAN_IF, g)])
     }
 
     /// Pids of this lab's router NAPI kthreads (`napi/rlan-*`,
@@ -519,8 +485,7 @@ impl Lab {
             .into_iter()
             .filter(|(p, c)| {
                 !self.foreign_napi.contains(p)
-                    && (c.starts_with(&format!("napi/{RTR_LAN_IF}-"))
-                        || c.starts_with(&format!("napi/{RTR_WAN_IF}-")))
+                    && (c.starts_with(&format!("napi/{RTR_LAN_IF}-")) || c.starts_with(&format!("napi/{RTR_WAN_IF}-")))
             })
             .map(|(p, _)| p)
             .collect()
@@ -573,20 +538,14 @@ impl Lab {
     /// Spawn a prepared command (e.g. from [`Lab::command`] with redirected
     /// output) and track it like [`Lab::spawn`].
     pub fn spawn_cmd(&self, mut c: Command) -> Result<Child> {
-        let child = c
-            .spawn()
-            .with_context(|| format!("failed to start `{}`", cmd::describe(&c)))?;
-        self.children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(child.id());
+        let child = c.spawn().with_context(|| format!("failed to start `{}`", cmd::describe(&c)))?;
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).push(child.id());
         Ok(child)
     }
 
     /// Pin an already running process/thread to `cpu`.
     pub fn pin_pid(&self, pid: u32, cpu: usize) -> Result<()> {
-        cpu::set_affinity(pid as libc::pid_t, cpu)
-            .with_context(|| format!("sched_setaffinity({pid}, cpu {cpu})"))
+        cpu::set_affinity(pid as libc::pid_t, cpu).with_context(|| format!("sched_setaffinity({pid}, cpu {cpu})"))
     }
 
     /// (packets, bytes) of a named counter in the router's `inet fw4` table.
@@ -642,16 +601,14 @@ impl Lab {
             (&self.rtr, SERVER_V6.into()),
         ];
         for (ns, dst) in pairs {
-            self.ping(ns, dst)
-                .with_context(|| format!("warming neighbours: {ns} -> {dst}"))?;
+            self.ping(ns, dst).with_context(|| format!("warming neighbours: {ns} -> {dst}"))?;
         }
         Ok(())
     }
 
     /// Reload [`router_ruleset`] (resets counters and rules).
     pub fn load_ruleset(&self) -> Result<()> {
-        self.exec_stdin(&self.rtr, &["nft", "-f", "-"], &router_ruleset())
-            .map(|_| ())
+        self.exec_stdin(&self.rtr, &["nft", "-f", "-"], &router_ruleset()).map(|_| ())
     }
 
     /// Wait until something in `ns` listens on TCP `port` (v4 or v6).
@@ -695,8 +652,7 @@ impl Drop for Lab {
 }
 
 fn parse_counter_json(out: &str, name: &str) -> Result<(u64, u64)> {
-    let v: serde_json::Value =
-        serde_json::from_str(out).with_context(|| format!("parsing nft JSON for {name}"))?;
+    let v: serde_json::Value = serde_json::from_str(out).with_context(|| format!("parsing nft JSON for {name}"))?;
     let items = v
         .get("nftables")
         .and_then(|x| x.as_array())
@@ -766,13 +722,10 @@ mod tests {
     fn lab_end_to_end() {
         let p = prefix();
         let names = ns_names(&p);
+        let srv_pid;
         {
-            let lab = Lab::up(&LabOpts {
-                prefix: p.clone(),
-                xdp_safe: false,
-                isolate_router_cpu: false,
-            })
-            .unwrap_or_else(|e| panic!("{e:#}"));
+            let lab = Lab::up(&LabOpts { prefix: p.clone(), xdp_safe: false, isolate_router_cpu: false })
+                .unwrap_or_else(|e| panic!("{e:#}"));
             let list = netns_list();
             for n in &names {
                 assert!(list.contains(n.as_str()), "{n} missing from {list}");
@@ -800,17 +753,19 @@ mod tests {
             // router's WAN address.
             let ct = lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "icmp"]).unwrap();
             assert!(
-                ct.lines().any(|l| l.contains("src=192.168.1.2 dst=203.0.113.2")
-                    && l.contains("src=203.0.113.2 dst=203.0.113.1")),
+                ct.lines()
+                    .any(|l| l.contains("src=192.168.1.2 dst=203.0.113.2")
+                        && l.contains("src=203.0.113.2 dst=203.0.113.1")),
                 "no masqueraded entry in:\n{ct}"
             );
 
             // DNAT port forward: WAN -> 203.0.113.1:8080 -> 192.168.1.2:80.
-            let _srv = lab.spawn(&lab.lan, &["iperf3", "-s", "-p", "80"]).unwrap();
+            // Left running on purpose: Drop must kill and reap it.
+            #[allow(clippy::zombie_processes)]
+            let srv = lab.spawn(&lab.lan, &["iperf3", "-s", "-p", "80"]).unwrap();
+            srv_pid = srv.id();
             lab.wait_tcp_listen(&lab.lan, 80, Duration::from_secs(5)).unwrap();
-            let out = lab
-                .exec(&lab.wan, &["iperf3", "-c", "203.0.113.1", "-p", "8080", "-t", "1", "-J"])
-                .unwrap();
+            let out = lab.exec(&lab.wan, &["iperf3", "-c", "203.0.113.1", "-p", "8080", "-t", "1", "-J"]).unwrap();
             let r = demo::parse_iperf(&out, false).unwrap();
             assert!(r.bits_per_second > 1e6, "DNAT transfer too slow: {r:?}");
             let ct = lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "tcp"]).unwrap();
@@ -824,8 +779,8 @@ mod tests {
             assert_eq!(lab.counter_packets("fwd_invalid").unwrap(), 0);
             let (rx_p, rx_b, tx_p, tx_b) = lab.iface_stats(&lab.wan, WAN_IF).unwrap();
             assert!(rx_p > 0 && rx_b > 0 && tx_p > 0 && tx_b > 0);
-            // The iperf3 server is still running: Drop must kill it.
         }
+        assert!(!std::path::Path::new(&format!("/proc/{srv_pid}")).exists(), "lab child {srv_pid} survived");
         let list = netns_list();
         for n in &names {
             assert!(!list.contains(n.as_str()), "{n} left behind: {list}");
@@ -837,12 +792,8 @@ mod tests {
     #[test]
     fn lab_isolation_and_down_by_prefix() {
         let p = prefix();
-        let lab = Lab::up(&LabOpts {
-            prefix: p.clone(),
-            xdp_safe: true,
-            isolate_router_cpu: true,
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        let lab = Lab::up(&LabOpts { prefix: p.clone(), xdp_safe: true, isolate_router_cpu: true })
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let k = lab.exec(&lab.lan, &["ethtool", "-k", LAN_IF]).unwrap();
         assert!(k.contains("tx-checksumming: off"), "{k}");
         assert!(k.contains("generic-receive-offload: on"), "{k}");
@@ -851,9 +802,7 @@ mod tests {
             assert_eq!(t.trim(), "1");
             let pinned = lab.pin_napi_threads().unwrap();
             assert!(pinned.iter().any(|(_, c, cpu)| c.starts_with("napi/rlan-") && *cpu == 1));
-            let rps = lab
-                .exec(&lab.wan, &["cat", "/sys/class/net/wan0/queues/rx-0/rps_cpus"])
-                .unwrap();
+            let rps = lab.exec(&lab.wan, &["cat", "/sys/class/net/wan0/queues/rx-0/rps_cpus"]).unwrap();
             assert_eq!(rps.trim().trim_start_matches('0'), "1");
         } else {
             assert!(lab.isolation.note.contains("skipped"));
@@ -873,13 +822,8 @@ mod tests {
     #[test]
     fn demo_kernel_path() {
         let p = prefix();
-        let report = demo(DemoOpts {
-            exe: PathBufForTest::none(),
-            prefix: p.clone(),
-            duration_s: 2,
-            modes: vec![],
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        let report = demo(DemoOpts { exe: PathBufForTest::none(), prefix: p.clone(), duration_s: 2, modes: vec![] })
+            .unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!("{}", report.render());
         assert_eq!(report.paths.len(), 1);
         let k = &report.paths[0];

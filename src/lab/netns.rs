@@ -40,10 +40,7 @@ where
         .spawn(move || {
             // SAFETY: plain syscall on a valid fd; only this thread moves.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!(
-                    "setns({ns_name}): {} (needs root)",
-                    std::io::Error::last_os_error()
-                );
+                bail!("setns({ns_name}): {} (needs root)", std::io::Error::last_os_error());
             }
             f()
         })
@@ -64,11 +61,7 @@ fn next_ident() -> u16 {
 fn inet_checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for ch in data.chunks(2) {
-        let w = if ch.len() == 2 {
-            u16::from_be_bytes([ch[0], ch[1]])
-        } else {
-            u16::from_be_bytes([ch[0], 0])
-        };
+        let w = if ch.len() == 2 { u16::from_be_bytes([ch[0], ch[1]]) } else { u16::from_be_bytes([ch[0], 0]) };
         sum += u32::from(w);
     }
     while sum >> 16 != 0 {
@@ -92,18 +85,11 @@ fn echo_request(v6: bool, ident: u16, seq: u16) -> Vec<u8> {
 }
 
 fn raw_socket(v6: bool) -> Result<OwnedFd> {
-    let (dom, proto) = if v6 {
-        (libc::AF_INET6, libc::IPPROTO_ICMPV6)
-    } else {
-        (libc::AF_INET, libc::IPPROTO_ICMP)
-    };
+    let (dom, proto) = if v6 { (libc::AF_INET6, libc::IPPROTO_ICMPV6) } else { (libc::AF_INET, libc::IPPROTO_ICMP) };
     // SAFETY: plain syscall.
     let fd = unsafe { libc::socket(dom, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
-        bail!(
-            "raw ICMP socket: {} (needs root)",
-            std::io::Error::last_os_error()
-        );
+        bail!("raw ICMP socket: {} (needs root)", std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh, owned descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -156,11 +142,7 @@ fn recv_reply(fd: &OwnedFd, dst: IpAddr, ident: u16, seq: u16, wait: Duration) -
         if left.is_zero() {
             return Ok(false);
         }
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -202,8 +184,7 @@ fn recv_reply(fd: &OwnedFd, dst: IpAddr, ident: u16, seq: u16, wait: Duration) -
                     continue;
                 }
                 // SAFETY: family is AF_INET for this socket.
-                let sa: &libc::sockaddr_in =
-                    unsafe { &*(&ss as *const libc::sockaddr_storage).cast() };
+                let sa: &libc::sockaddr_in = unsafe { &*(&ss as *const libc::sockaddr_storage).cast() };
                 let src = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
                 (IpAddr::V4(src), &pkt[ihl..])
             }
@@ -212,8 +193,7 @@ fn recv_reply(fd: &OwnedFd, dst: IpAddr, ident: u16, seq: u16, wait: Duration) -
                     continue;
                 }
                 // SAFETY: family is AF_INET6 for this socket.
-                let sa: &libc::sockaddr_in6 =
-                    unsafe { &*(&ss as *const libc::sockaddr_storage).cast() };
+                let sa: &libc::sockaddr_in6 = unsafe { &*(&ss as *const libc::sockaddr_storage).cast() };
                 (IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)), pkt)
             }
         };
@@ -241,9 +221,7 @@ pub(crate) fn ping(ns: &str, dst: IpAddr, timeout: Duration) -> Result<Duration>
             seq += 1;
             let start = Instant::now();
             send_to(&fd, dst, &echo_request(dst.is_ipv6(), ident, seq))?;
-            let wait = deadline
-                .saturating_duration_since(start)
-                .min(Duration::from_secs(1));
+            let wait = deadline.saturating_duration_since(start).min(Duration::from_secs(1));
             if recv_reply(&fd, dst, ident, seq, wait)? {
                 return Ok(start.elapsed());
             }

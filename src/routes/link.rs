@@ -101,7 +101,8 @@ pub fn info(name: &str) -> Result<LinkInfo> {
     let Some(ifindex) = ifindex(name) else {
         bail!("interface {name} does not exist in this network namespace");
     };
-    let flags = sysfs(name, "flags").and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok()).unwrap_or(0);
+    let flags =
+        sysfs(name, "flags").and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok()).unwrap_or(0);
     let carrier = sysfs(name, "carrier").map(|c| c == "1").unwrap_or(false);
     Ok(LinkInfo {
         name: name.to_string(),
@@ -123,5 +124,19 @@ pub fn is_shaper(qdisc: &str) -> bool {
 /// them either runs in generic mode or has pitfalls (veth needs NAPI on the
 /// peer and loses CHECKSUM_PARTIAL metadata), and TC measured cheaper.
 pub fn is_virtual(driver: &str) -> bool {
-    matches!(driver, "veth" | "bridge" | "tun" | "vxlan" | "wireguard" | "ppp" | "802.1Q VLAN Support" | "bonding" | "dummy" | "macvlan" | "ipvlan" | "")
+    matches!(
+        driver,
+        "veth"
+            | "bridge"
+            | "tun"
+            | "vxlan"
+            | "wireguard"
+            | "ppp"
+            | "802.1Q VLAN Support"
+            | "bonding"
+            | "dummy"
+            | "macvlan"
+            | "ipvlan"
+            | ""
+    )
 }

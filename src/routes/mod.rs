@@ -55,7 +55,17 @@ impl Unroutable {
     }
 }
 
-fn req(family: u8, in_ifindex: u32, src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16, flags: u32) -> fo_fib_req {
+#[allow(clippy::too_many_arguments)] // one argument per bpf_fib_lookup input
+fn req(
+    family: u8,
+    in_ifindex: u32,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    flags: u32,
+) -> fo_fib_req {
     fo_fib_req {
         family: u32::from(family),
         ifindex_in: in_ifindex,
@@ -91,13 +101,7 @@ pub fn resolve(
     if r.ret != 0 {
         return Ok(Err(Unroutable(r.ret)));
     }
-    Ok(Ok(NextHop {
-        ifindex: r.ifindex_out,
-        smac: r.smac,
-        dmac: r.dmac,
-        mtu: r.mtu.min(0xffff) as u16,
-        xdp_ok: false,
-    }))
+    Ok(Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: r.mtu.min(0xffff) as u16, xdp_ok: false }))
 }
 
 /// Which interface the kernel would send packets for `dst` out of (an
@@ -151,7 +155,11 @@ impl RouteWatch {
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain socket syscalls with checked results.
         unsafe {
-            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, libc::NETLINK_ROUTE);
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            );
             if fd < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -159,8 +167,15 @@ impl RouteWatch {
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&sz as *const libc::c_int).cast(), 4);
             let mut sa: libc::sockaddr_nl = std::mem::zeroed();
             sa.nl_family = libc::AF_NETLINK as u16;
-            sa.nl_groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
-            if libc::bind(fd, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32) < 0 {
+            sa.nl_groups = RTMGRP_LINK
+                | RTMGRP_NEIGH
+                | RTMGRP_IPV4_IFADDR
+                | RTMGRP_IPV4_ROUTE
+                | RTMGRP_IPV6_IFADDR
+                | RTMGRP_IPV6_ROUTE;
+            if libc::bind(fd, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
+                < 0
+            {
                 let e = io::Error::last_os_error();
                 libc::close(fd);
                 return Err(e);

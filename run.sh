@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# nft-offload: one entry point for set-up, the demo and the tests.
+#   ./run.sh demo   install what is missing, build, run the lab demo
+#   ./run.sh test   install what is missing, build, run every test
+#   ./run.sh bench  install what is missing, build, run the benchmark
+#   ./run.sh setup  only install the system packages
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PKGS=(clang llvm libelf-dev zlib1g-dev pkg-config nftables iproute2 conntrack iperf3 ethtool curl iputils-ping util-linux procps python3)
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "run.sh: needs root (BPF, network namespaces, apt-get); try: sudo $0 $*" >&2
+        exit 1
+    fi
+}
+
+setup() {
+    local missing=()
+    for p in "${PKGS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "run.sh: installing ${missing[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    command -v cargo >/dev/null || { echo "run.sh: cargo not found (install Rust stable)" >&2; exit 1; }
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+    setup) need_root "$cmd"; setup ;;
+    demo)
+        need_root "$cmd"; setup
+        cargo build --release --locked -q
+        exec ./target/release/nft-offload lab demo "$@"
+        ;;
+    bench)
+        need_root "$cmd"; setup
+        cargo build --release --locked -q
+        exec ./target/release/nft-offload bench "$@"
+        ;;
+    test)
+        need_root "$cmd"; setup
+        cargo build --locked -q
+        # Unit and fast-path tests first (fast), then the end-to-end tests one
+        # at a time: they move real traffic and measure nothing, but two
+        # iperf3 runs at once on 2 CPUs only make each other slower.
+        cargo test --locked --lib --bins --test fastpath
+        cargo test --locked --test e2e -- --test-threads=1
+        cargo fmt --check
+        cargo clippy --locked -q --all-targets -- -D warnings
+        ;;
+    *)
+        echo "usage: $0 demo|test|bench|setup" >&2
+        exit 2
+        ;;
+esac
