@@ -193,6 +193,11 @@ fn offload_test(mode: &str, xdp_safe: bool) {
     assert!(text.contains("src=192.168.1.2 dst=203.0.113.2") && text.contains("[OFFLOAD]"), "{text}");
     let r = iperf_result(c);
     assert!(r["end"]["sum_received"]["bytes"].as_u64().unwrap() > 10_000_000);
+    // The close went through the kernel (FIN is a slow-path packet), so
+    // conntrack does not keep a finished connection as ESTABLISHED.
+    sleep(Duration::from_millis(500));
+    let ct = lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "tcp", "--dport", "5201"]).unwrap_or_default();
+    assert!(!ct.contains("ESTABLISHED"), "closed connections linger as ESTABLISHED:\n{ct}");
 
     // UDP through masquerade
     let c = iperf_client(&lab, "203.0.113.2", 5201, &["-u", "-b", "100M", "-t", "4"]);
@@ -464,4 +469,83 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_attached() {
     assert!(d.stop().success());
     assert_nothing_attached(&lab, &before);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// UDP sender in the LAN namespace: `count` datagrams at `pps`.
+fn udp_burst(lab: &Lab, sport: u16, count: u32, pps: u32) {
+    let py = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',{sport}))\n\
+         for i in range({count}):\n    s.sendto(b'x'*200,('203.0.113.2',9999))\n    time.sleep({})\n",
+        1.0 / f64::from(pps)
+    );
+    lab.exec(&lab.lan, &["python3", "-c", &py]).unwrap();
+}
+
+fn udp_sink(lab: &Lab) -> Bg {
+    let py = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True: s.recv(2048)\n";
+    Bg(lab.spawn(&lab.wan, &["python3", "-c", py]).unwrap())
+}
+
+fn teardowns(d: &Daemon, reason: &str) -> u64 {
+    d.status()["teardowns"][reason].as_u64().unwrap_or(0)
+}
+
+/// An idle connection leaves the fast path after the idle timeout and comes
+/// back on its next packet, as with the kernel's `flow add` rule.
+#[test]
+fn idle_flow_leaves_and_comes_back() {
+    let lab = lab(false);
+    let _sink = udp_sink(&lab);
+    let d = Daemon::start(&lab, &["--idle-timeout", "2"]);
+    udp_burst(&lab, 41000, 40, 100);
+    let st = d.status();
+    assert_eq!(st["flows_offloaded"], 1, "{st}");
+    let fp0 = st["fast_path_packets"].as_u64().unwrap();
+    assert!(fp0 > 20, "{st}");
+    sleep(Duration::from_secs(4));
+    let st = d.status();
+    assert_eq!(st["flows_offloaded"], 0, "{st}");
+    assert_eq!(teardowns(&d, "idle"), 1);
+    assert_eq!(st["flows_dormant"], 1, "{st}");
+    udp_burst(&lab, 41000, 60, 100);
+    let st = d.status();
+    assert_eq!(st["flows_offloaded"], 1, "not re-offloaded: {st}");
+    assert_eq!(st["offloads_total"], 2, "{st}");
+    assert!(st["fast_path_packets"].as_u64().unwrap() > fp0 + 30, "{st}");
+}
+
+/// Interface down and a route change take affected connections off the
+/// fast path within a second, so the kernel decides again.
+#[test]
+fn link_down_and_route_change_reach_offloaded_flows() {
+    let lab = lab(false);
+    let _sink = udp_sink(&lab);
+    let d = Daemon::start(&lab, &[]);
+    udp_burst(&lab, 41001, 30, 100);
+    assert_eq!(d.status()["flows_offloaded"], 1);
+    // a blackhole for the server: the kernel would now drop, so must we
+    lab.exec(&lab.rtr, &["ip", "route", "add", "blackhole", "203.0.113.2/32"]).unwrap();
+    let t0 = Instant::now();
+    while d.status()["flows_offloaded"] != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(1), "route change not applied within 1 s");
+        sleep(Duration::from_millis(50));
+    }
+    assert_eq!(teardowns(&d, "route_change"), 1);
+    let fp = d.status()["fast_path_packets"].as_u64().unwrap();
+    udp_burst(&lab, 41001, 10, 100);
+    assert_eq!(d.status()["fast_path_packets"].as_u64().unwrap(), fp, "packets bypassed a blackhole route");
+    lab.exec(&lab.rtr, &["ip", "route", "del", "blackhole", "203.0.113.2/32"]).unwrap();
+
+    udp_burst(&lab, 41002, 30, 100);
+    assert_eq!(d.status()["flows_offloaded"], 1);
+    lab.exec(&lab.rtr, &["ip", "link", "set", "rwan", "down"]).unwrap();
+    let t0 = Instant::now();
+    while d.status()["flows_offloaded"] != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(1), "link down not applied within 1 s");
+        sleep(Duration::from_millis(50));
+    }
+    assert_eq!(teardowns(&d, "interface_down"), 1);
+    let st = d.status();
+    assert!(st["interfaces"].as_array().unwrap().iter().any(|i| i["name"] == "rwan" && i["up"] == false), "{st}");
+    lab.exec(&lab.rtr, &["ip", "link", "set", "rwan", "up"]).unwrap();
 }
