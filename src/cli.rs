@@ -27,8 +27,16 @@ pub enum Cmd {
     /// Run the offload engine in the foreground (SIGINT/SIGTERM detach it).
     Run {
         /// Interface to offload between (repeat; at least two to forward).
-        #[arg(long = "iface", required = true)]
+        #[arg(long = "iface", required_unless_present_any = ["nft", "config"], conflicts_with_all = ["nft", "config"])]
         ifaces: Vec<String>,
+        /// TOML configuration (interfaces, mode, exclusions, timeouts).
+        #[arg(long, value_name = "FILE", conflicts_with = "nft")]
+        config: Option<PathBuf>,
+        /// nftables ruleset with a flowtable and `flow add @ft` (as for
+        /// kmod-nft-offload / firewall4): loaded atomically; it decides what is
+        /// offloaded and its flowtable's devices are the interfaces.
+        #[arg(long, value_name = "FILE")]
+        nft: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
         mode: ModeChoice,
         /// Take a flow off the fast path after this many idle seconds.
@@ -37,6 +45,23 @@ pub enum Cmd {
         /// Maximum number of offloaded connections.
         #[arg(long, default_value_t = 65536)]
         max_flows: u32,
+    },
+    /// Replace the ruleset of a running `run --nft`, atomically; offloaded
+    /// connections go back through the new rules.
+    Reload {
+        #[arg(long, value_name = "FILE")]
+        nft: PathBuf,
+    },
+    /// What this host supports and what each interface would use, with a
+    /// remedy per problem; exits non-zero if offload cannot work at all.
+    Check {
+        /// Interfaces to examine (default: all but lo).
+        #[arg(long = "iface")]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+        mode: ModeChoice,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Where the engine is attached, how, and what it did.
     Status {
@@ -84,19 +109,57 @@ pub enum LabCmd {
 
 pub fn main_with(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Run { ifaces, mode, idle_timeout, max_flows } => {
+        Cmd::Run { ifaces, config: Some(path), .. } if ifaces.is_empty() => {
+            let file = crate::config::load(&path)?;
+            tracing::info!(file = %path.display(), exclusions = !file.exclude.is_empty(), "configuration loaded");
+            let mut engine = Engine::start(file.engine_config())?;
+            engine.run()?;
+            drop(engine);
+            tracing::info!("stopped; nothing left attached");
+            Ok(())
+        }
+        Cmd::Run { ifaces, nft, mode, idle_timeout, max_flows, .. } => {
             if idle_timeout == 0 {
                 anyhow::bail!("--idle-timeout must be at least 1 second");
             }
             if max_flows == 0 {
                 anyhow::bail!("--max-flows must be at least 1");
             }
-            let cfg = Config { ifaces, mode, idle_timeout: Duration::from_secs(idle_timeout), max_flows };
+            let nft = nft.map(|p| std::path::absolute(&p).unwrap_or(p));
+            let cfg = Config {
+                ifaces,
+                mode,
+                idle_timeout: Duration::from_secs(idle_timeout),
+                max_flows,
+                nft,
+                exclude: Default::default(),
+            };
             let mut engine = Engine::start(cfg)?;
             engine.run()?;
             drop(engine);
             tracing::info!("stopped; nothing left attached");
             Ok(())
+        }
+        Cmd::Reload { nft } => {
+            let path = std::path::absolute(&nft).unwrap_or(nft);
+            let raw = crate::control::request(&format!("reload {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&raw).context("decoding the engine's answer")?;
+            match (v.get("ok"), v.get("error")) {
+                (Some(ok), _) => {
+                    println!("{}", ok.as_str().unwrap_or_default());
+                    Ok(())
+                }
+                (_, Some(err)) => anyhow::bail!("{}", err.as_str().unwrap_or("reload failed")),
+                _ => anyhow::bail!("unexpected answer from the engine: {raw}"),
+            }
+        }
+        Cmd::Check { ifaces, mode, output } => {
+            let report = crate::check::run(&crate::check::CheckOpts { ifaces, mode });
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Text => print!("{}", report.render()),
+            }
+            std::process::exit(report.exit_code());
         }
         Cmd::Status { output } => {
             let raw = crate::control::request("status")?;

@@ -16,6 +16,7 @@ use crate::control::ControlServer;
 use crate::dataplane::{fo_flow, Dataplane, Mode, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::flow::{build_direction, decide, eligible, Action, CtTimeouts, Direction, FlowClock, TeardownReason};
+use crate::policy::nft::{self, Ruleset};
 use crate::policy::{choose_modes, ModeChoice};
 use crate::routes::{self, link, RouteWatch};
 
@@ -25,12 +26,25 @@ pub struct Config {
     pub mode: ModeChoice,
     pub idle_timeout: Duration,
     pub max_flows: u32,
+    /// An nftables ruleset with flowtables: loaded by us, its `flow add`
+    /// statements decide what is offloaded, its flowtables' devices are the
+    /// interfaces.
+    pub nft: Option<std::path::PathBuf>,
+    /// Connections never offloaded (config file `[exclude]`).
+    pub exclude: crate::config::Exclusions,
 }
 
 impl Default for Config {
     fn default() -> Self {
         // 30 s: the kernel flowtable's NF_FLOW_TIMEOUT.
-        Config { ifaces: Vec::new(), mode: ModeChoice::Auto, idle_timeout: Duration::from_secs(30), max_flows: 65536 }
+        Config {
+            ifaces: Vec::new(),
+            mode: ModeChoice::Auto,
+            idle_timeout: Duration::from_secs(30),
+            max_flows: 65536,
+            nft: None,
+            exclude: Default::default(),
+        }
     }
 }
 
@@ -168,13 +182,42 @@ pub struct Engine {
     n: Counters,
     started: Instant,
     route_dirty: Option<Instant>,
+    /// The loaded ruleset in nft mode.
+    ruleset: Option<Ruleset>,
+    /// Last labels seen per connection (nft mode): events carry labels only
+    /// when they change, and the `flow add` label is usually set on the
+    /// first packet, long before the connection is ESTABLISHED.
+    labels_seen: HashMap<FlowId, [u8; 16]>,
 }
 
 impl Engine {
     /// Validate, load, attach. On any error nothing stays attached: the
     /// dataplane's links are dropped with it.
-    pub fn start(cfg: Config) -> Result<Self> {
+    pub fn start(mut cfg: Config) -> Result<Self> {
         preflight()?;
+        let ruleset = match &cfg.nft {
+            Some(path) => {
+                let rs = Ruleset::read(path)?;
+                if rs.translated.flowtables.is_empty() {
+                    bail!(
+                        "{} declares no flowtable, so nothing would be offloaded: add one \
+                         (flowtable ft {{ hook ingress priority 0; devices = {{ lan0, wan0 }}; }}) \
+                         and `flow add @ft` in the forward chain",
+                        path.display()
+                    );
+                }
+                if !cfg.ifaces.is_empty() {
+                    bail!("--iface and --nft exclude each other: the devices come from the ruleset's flowtables");
+                }
+                // nft's dry run first: a ruleset nft rejects loads nothing
+                // and attaches nothing.
+                rs.apply(&[], true)?;
+                cfg.ifaces = rs.devices();
+                announce_flowtables(&rs);
+                Some(rs)
+            }
+            None => None,
+        };
         if cfg.ifaces.is_empty() {
             bail!("no interfaces given: use --iface IF (at least two for forwarding)");
         }
@@ -205,6 +248,12 @@ impl Engine {
         let ct_ev = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
         let rtw = RouteWatch::new().context("subscribing to rtnetlink")?;
+        if let Some(rs) = &ruleset {
+            // Attached first, ruleset second: if nft fails now the engine is
+            // dropped and detaches; nothing stays half-applied.
+            rs.apply(&[], false)?;
+            tracing::info!(file = %rs.path.display(), flowtables = rs.translated.flowtables.len(), "ruleset loaded");
+        }
         let mut e = Engine {
             cfg,
             dp,
@@ -220,6 +269,8 @@ impl Engine {
             n: Counters::default(),
             started: Instant::now(),
             route_dirty: None,
+            ruleset,
+            labels_seen: HashMap::new(),
         };
         e.resync().context("initial conntrack dump")?;
         Ok(e)
@@ -296,6 +347,7 @@ impl Engine {
             CtEvent::Destroy(e) => {
                 let id = FlowId::of(&e);
                 self.pending.remove(&id);
+                self.labels_seen.remove(&id);
                 if let Some(d) = self.dormant.remove(&id) {
                     d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
                 }
@@ -315,6 +367,7 @@ impl Engine {
             self.teardown(&id, TeardownReason::ConntrackDestroyed);
         }
         self.pending.retain(|id, _| present.contains(id));
+        self.labels_seen.retain(|id, _| present.contains(id));
         self.dormant.retain(|id, _| present.contains(id));
         for e in all {
             self.consider(e);
@@ -326,18 +379,45 @@ impl Engine {
     fn consider(&mut self, mut e: CtEntry) {
         let id = FlowId::of(&e);
         // Update events carry the TCP state only when it changed
-        // (ctnetlink_conntrack_event sends CTA_PROTOINFO on IPCT_PROTOINFO).
-        if e.tcp_state.is_none() {
-            let known = self
-                .flows
-                .get(&id)
-                .map(|f| &f.entry)
-                .or_else(|| self.dormant.get(&id).map(|d| &d.entry))
-                .or_else(|| self.pending.get(&id));
-            if let Some(k) = known {
-                e.tcp_state = k.tcp_state;
-                e.has_helper |= k.has_helper;
+        // (ctnetlink_conntrack_event sends CTA_PROTOINFO on IPCT_PROTOINFO),
+        // and labels likewise only on IPCT_LABEL.
+        if self.ruleset.is_some() {
+            tracing::trace!(?id, labels = ?e.labels, state = ?e.tcp_state, status = e.status, "conntrack entry");
+            match e.labels {
+                Some(l) => {
+                    self.labels_seen.insert(id, l);
+                }
+                None => e.labels = self.labels_seen.get(&id).copied(),
             }
+        }
+        let known = self
+            .flows
+            .get(&id)
+            .map(|f| f.entry.clone())
+            .or_else(|| self.dormant.get(&id).map(|d| d.entry.clone()))
+            .or_else(|| self.pending.get(&id).cloned());
+        if let Some(k) = &known {
+            if e.tcp_state.is_none() {
+                e.tcp_state = k.tcp_state;
+            }
+            e.has_helper |= k.has_helper;
+            // The user's ruleset changed its mind about this connection
+            // (our label cleared, its mark changed): the kernel's firewall
+            // decides again.
+            if self.ruleset.is_some() && (!self.offload_requested(&e) || k.mark != e.mark) {
+                if self.flows.contains_key(&id) {
+                    self.teardown(&id, TeardownReason::Policy);
+                } else if let Some(d) = self.dormant.remove(&id) {
+                    d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
+                    self.forget_offload_request(&d.entry);
+                }
+                self.pending.remove(&id);
+                return;
+            }
+        }
+        if self.flows.contains_key(&id) && self.cfg.exclude.excludes(&e).is_some() {
+            self.teardown(&id, TeardownReason::Policy);
+            return;
         }
         if let Some(f) = self.flows.get_mut(&id) {
             match eligible(&e) {
@@ -362,6 +442,15 @@ impl Engine {
                 let d = self.dormant.remove(&id).expect("present");
                 d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
             }
+            return;
+        }
+        if !self.offload_requested(&e) {
+            // The connection has not reached a `flow add` statement.
+            return;
+        }
+        if let Some(why) = self.cfg.exclude.excludes(&e) {
+            self.pending.remove(&id);
+            self.not_offloaded(why);
             return;
         }
         if let Err(why) = eligible(&e) {
@@ -436,6 +525,10 @@ impl Engine {
             }
         };
         self.pending.remove(&id);
+        if let Some(why) = self.flowtable_mismatch(&e, &dirs) {
+            self.not_offloaded(why);
+            return;
+        }
         // Conntrack will miss the packets we forward: stop it from judging
         // windows it cannot see, as nft_flow_offload_eval does
         // (IP_CT_TCP_FLAG_BE_LIBERAL both ways).
@@ -484,6 +577,11 @@ impl Engine {
         }
         *self.n.teardowns.entry(reason.as_str()).or_default() += 1;
         tracing::debug!(?id, reason = reason.as_str(), "teardown");
+        if reason == TeardownReason::Policy {
+            // Only a packet passing the ruleset again may bring it back.
+            self.forget_offload_request(&f.entry);
+            return;
+        }
         // Connections still alive in conntrack come back on their next
         // packet (see fo_dormant).
         if matches!(reason, TeardownReason::Idle | TeardownReason::RouteChange | TeardownReason::InterfaceDown) {
@@ -638,6 +736,10 @@ impl Engine {
         match req {
             "status" => serde_json::to_string(&self.status()).unwrap_or_default(),
             "flows" => serde_json::to_string(&self.flow_list()).unwrap_or_default(),
+            r if r.starts_with("reload ") => match self.reload(std::path::Path::new(&r[7..])) {
+                Ok(summary) => serde_json::json!({ "ok": summary }).to_string(),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }).to_string(),
+            },
             _ => serde_json::json!({"error": format!("unknown request {req:?}")}).to_string(),
         }
     }
@@ -704,6 +806,155 @@ impl Engine {
             .collect();
         v.sort_by_key(|f| f.id);
         v
+    }
+}
+
+fn announce_flowtables(rs: &Ruleset) {
+    for ft in &rs.translated.flowtables {
+        if ft.hw_offload {
+            // As firewall4 does when flow_offloading_hw finds no driver.
+            tracing::warn!(
+                flowtable = %ft.name,
+                "`flags offload` asks for hardware offload; no hardware backend here, using software (eBPF) offload"
+            );
+        }
+    }
+    if std::path::Path::new("/sys/module/nf_flow_table").exists() {
+        tracing::info!(
+            "this kernel has nf_flow_table; the ruleset's flowtables are handled by nft-offload instead \
+             (they are not created in the kernel, so the two never offload the same connection)"
+        );
+    }
+}
+
+impl Engine {
+    /// Flowtable label bits of the loaded ruleset.
+    fn label_bits(&self) -> Vec<u32> {
+        self.ruleset.as_ref().map(|r| r.translated.flowtables.iter().map(|f| f.label_bit).collect()).unwrap_or_default()
+    }
+
+    /// Without a ruleset every eligible connection is offloaded; with one,
+    /// only those that reached a `flow add @ft` statement.
+    fn offload_requested(&self, e: &CtEntry) -> bool {
+        match &self.ruleset {
+            None => true,
+            Some(_) => self.label_bits().iter().any(|b| nft::has_label(e.labels.as_ref(), *b)),
+        }
+    }
+
+    /// The flowtable a connection was added to must list both interfaces
+    /// (the kernel's flowtable hooks only its own devices).
+    fn flowtable_mismatch(&self, e: &CtEntry, dirs: &[Direction; 2]) -> Option<String> {
+        let rs = self.ruleset.as_ref()?;
+        let names: Vec<String> =
+            dirs.iter().map(|d| self.managed(d.key.ifindex).map(|i| i.name.clone()).unwrap_or_default()).collect();
+        let ok =
+            rs.translated.flowtables.iter().any(|ft| {
+                nft::has_label(e.labels.as_ref(), ft.label_bit) && names.iter().all(|n| ft.devices.contains(n))
+            });
+        (!ok).then(|| "interfaces not in the flowtable the connection was added to".to_string())
+    }
+
+    /// Clear our label bits on the conntrack entry.
+    fn forget_offload_request(&mut self, e: &CtEntry) {
+        let bits = self.label_bits();
+        if bits.is_empty() {
+            return;
+        }
+        let mask = nft::label_mask(&bits);
+        // Events already queued may carry no labels (they only do when
+        // labels change) and would otherwise be read with the old ones.
+        let id = FlowId::of(e);
+        let mut now = self.labels_seen.get(&id).copied().or(e.labels).unwrap_or_default();
+        for (b, m) in now.iter_mut().zip(mask) {
+            *b &= !m;
+        }
+        self.labels_seen.insert(id, now);
+        let upd = CtUpdate { labels: Some(([0u8; 16], mask)), ..Default::default() };
+        match self.ct_req.update(&e.orig, e.zone, &upd) {
+            Ok(()) | Err(CtError::NotFound) => {}
+            Err(err) => tracing::warn!("cannot clear the offload label: {err}"),
+        }
+    }
+
+    /// Replace the ruleset of a running `run --nft`: check, attach new
+    /// devices, load atomically, detach devices that left, and send every
+    /// offloaded connection back through the new rules.
+    pub fn reload(&mut self, path: &std::path::Path) -> Result<String> {
+        let Some(old) = self.ruleset.clone() else {
+            bail!("this engine was started with --iface, not --nft: there is no ruleset to reload");
+        };
+        let rs = Ruleset::read(path)?;
+        if rs.translated.flowtables.is_empty() {
+            bail!("{} declares no flowtable: refusing to reload (nothing would be offloaded)", path.display());
+        }
+        rs.apply(&old.translated.tables, true)?;
+        let wanted = rs.devices();
+        let mut infos = Vec::new();
+        for name in &wanted {
+            if !self.ifaces.iter().any(|i| &i.name == name) {
+                infos.push(link::info(name)?);
+            }
+        }
+        let mut added = Vec::new();
+        let decisions = choose_modes(&infos, self.cfg.mode);
+        for (info, d) in infos.iter().zip(decisions) {
+            if let Err(e) = self.dp.attach(info.ifindex, &info.name, d.mode) {
+                for i in &added {
+                    self.dp.detach(*i);
+                }
+                return Err(e.context("reload aborted, the previous ruleset stays"));
+            }
+            added.push(info.ifindex);
+            self.ifaces.push(IfaceStatus {
+                name: info.name.clone(),
+                ifindex: info.ifindex,
+                driver: info.driver.clone(),
+                mode: d.mode,
+                reason: d.reason,
+                up: info.up,
+            });
+        }
+        if let Err(e) = rs.apply(&old.translated.tables, false) {
+            for i in &added {
+                self.dp.detach(*i);
+            }
+            self.ifaces.retain(|i| !added.contains(&i.ifindex));
+            return Err(e.context("reload aborted, the previous ruleset stays"));
+        }
+        announce_flowtables(&rs);
+        // Every offloaded connection goes back to the kernel and returns
+        // only if the new rules send it to `flow add` again.
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        let n = ids.len();
+        for id in ids {
+            self.teardown(&id, TeardownReason::Policy);
+        }
+        for (_, d) in self.dormant.drain() {
+            d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
+        }
+        self.pending.clear();
+        // Entries that carry the old label but were not offloaded yet.
+        if let Ok(all) = self.ct_req.dump() {
+            let old_bits = self.label_bits();
+            for e in all.iter().filter(|e| old_bits.iter().any(|b| nft::has_label(e.labels.as_ref(), *b))) {
+                self.forget_offload_request(e);
+            }
+        }
+        let removed: Vec<u32> = self.ifaces.iter().filter(|i| !wanted.contains(&i.name)).map(|i| i.ifindex).collect();
+        for i in &removed {
+            self.dp.detach(*i);
+        }
+        self.ifaces.retain(|i| wanted.contains(&i.name));
+        self.ruleset = Some(rs);
+        tracing::info!(file = %path.display(), reoffload = n, "ruleset reloaded");
+        Ok(format!(
+            "reloaded {}: {} interface(s) added, {} removed, {} offloaded connection(s) sent back through the new rules",
+            path.display(),
+            added.len(),
+            removed.len(),
+            n
+        ))
     }
 }
 

@@ -3,7 +3,9 @@
 //! The fast path is BPF (bpf/*.bpf.c); this crate is the control plane that
 //! follows conntrack and programs the fast path's maps.
 
+pub mod check;
 pub mod cli;
+pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod dataplane;

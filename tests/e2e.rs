@@ -37,9 +37,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(lab: &Lab, args: &[&str]) -> Daemon {
+        let mut a = vec!["--iface", "rlan", "--iface", "rwan"];
+        a.extend(args);
+        Daemon::start_raw(lab, &a)
+    }
+
+    fn start_raw(lab: &Lab, args: &[&str]) -> Daemon {
         let log = std::env::temp_dir().join(format!("{}-daemon-{}.log", lab.prefix, std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
-        let mut a = vec!["netns", "exec", &lab.rtr, EXE, "run", "--iface", "rlan", "--iface", "rwan"];
+        let mut a = vec!["netns", "exec", &lab.rtr, EXE, "run"];
         a.extend(args);
         let child = Command::new("ip").args(&a).stdout(Stdio::null()).stderr(f).spawn().expect("spawn daemon");
         let d = Daemon { child: Some(child), rtr: lab.rtr.clone(), log };
@@ -548,4 +554,226 @@ fn link_down_and_route_change_reach_offloaded_flows() {
     let st = d.status();
     assert!(st["interfaces"].as_array().unwrap().iter().any(|i| i["name"] == "rwan" && i["up"] == false), "{st}");
     lab.exec(&lab.rtr, &["ip", "link", "set", "rwan", "up"]).unwrap();
+}
+
+/// A firewall4-shaped ruleset with a flowtable, as kmod-nft-offload users
+/// write it. `extra` goes before the `flow offload` rule.
+fn fw4_flowtable_ruleset(extra: &str) -> String {
+    format!(
+        r#"table inet fw4 {{
+	counter fwd_all {{ }}
+	counter fwd_invalid {{ }}
+	counter c5201 {{ }}
+	counter c5202 {{ }}
+	counter cudp {{ }}
+
+	flowtable ft {{
+		hook ingress priority 0;
+		devices = {{ "rlan", "rwan" }};
+		counter;
+		flags offload;
+	}}
+
+	chain forward {{
+		type filter hook forward priority filter; policy drop;
+		counter name "fwd_all"
+		tcp dport 5201 counter name "c5201"
+		tcp sport 5201 counter name "c5201"
+		tcp dport 5202 counter name "c5202"
+		tcp sport 5202 counter name "c5202"
+		udp dport 9999 counter name "cudp"
+		tcp dport 5202 accept comment "this service stays on the slow path"
+		tcp sport 5202 accept
+{extra}
+		meta l4proto {{ tcp, udp }} flow offload @ft comment "!fw4: Traffic offloading"
+		ct state invalid counter name "fwd_invalid" drop
+		ct state vmap {{ established : accept, related : accept }}
+		meta l4proto {{ icmp, ipv6-icmp }} accept
+		iifname "rlan" oifname "rwan" accept
+	}}
+
+	chain srcnat {{
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "rwan" meta nfproto ipv4 masquerade
+	}}
+}}
+"#
+    )
+}
+
+fn write_ruleset(lab: &Lab, name: &str, text: &str) -> String {
+    let p = tempdir(&lab.prefix).join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// The user's ruleset decides: a service accepted before the `flow offload`
+/// rule stays on the slow path, everything else is offloaded; a reload that
+/// drops an offloaded connection stops it within a second; `conntrack -D`
+/// sends an offloaded UDP flow's next packets to the kernel.
+#[test]
+fn nft_ruleset_decides_what_is_offloaded() {
+    let lab = lab(false);
+    let rules = write_ruleset(&lab, "fw4.nft", &fw4_flowtable_ruleset(""));
+    let d = Daemon::start_raw(&lab, &["--nft", &rules]);
+    let st = d.status();
+    let names: Vec<&str> = st["interfaces"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["rlan", "rwan"], "devices come from the flowtable");
+    let _s1 = iperf_server(&lab, &lab.wan, 5201);
+    let _s2 = iperf_server(&lab, &lab.wan, 5202);
+    let c1 = iperf_client(&lab, "203.0.113.2", 5201, &["-t", "5", "-b", "200M"]);
+    let c2 = iperf_client(&lab, "203.0.113.2", 5202, &["-t", "5", "-b", "200M"]);
+    sleep(Duration::from_millis(2000));
+    let (a0, b0) = (lab.counter_packets("c5201").unwrap(), lab.counter_packets("c5202").unwrap());
+    sleep(Duration::from_millis(1500));
+    let (a1, b1) = (lab.counter_packets("c5201").unwrap(), lab.counter_packets("c5202").unwrap());
+    assert!(a1 - a0 < 20, "port 5201 should be offloaded, forward chain saw {} packets", a1 - a0);
+    assert!(b1 - b0 > 1000, "port 5202 is accepted before `flow offload` and must stay slow: {} packets", b1 - b0);
+    let flows = d.flows();
+    assert!(flows.iter().any(|f| f["orig"]["dport"] == 5201), "{flows:?}");
+    assert!(!flows.iter().any(|f| f["orig"]["dport"] == 5202), "{flows:?}");
+    iperf_result(c1);
+    iperf_result(c2);
+
+    // Reload with a rule that drops 5201 ahead of the flow offload rule.
+    let c1 = iperf_client(&lab, "203.0.113.2", 5201, &["-t", "6", "-b", "200M"]);
+    sleep(Duration::from_millis(1500));
+    assert!(d.flows().iter().any(|f| f["orig"]["dport"] == 5201));
+    let dropping =
+        write_ruleset(&lab, "fw4-drop.nft", &fw4_flowtable_ruleset("\t\ttcp dport 5201 drop\n\t\ttcp sport 5201 drop"));
+    let out = d.cli(&["reload", "--nft", &dropping]).expect("reload");
+    assert!(out.contains("reloaded"), "{out}");
+    let t_reload = Instant::now();
+    sleep(Duration::from_millis(1000));
+    let r0 = wan_rx_bytes(&lab);
+    sleep(Duration::from_millis(1000));
+    let r1 = wan_rx_bytes(&lab);
+    assert!(r1 - r0 < 100_000, "dropped connection still delivered {} bytes 1-2 s after the reload", r1 - r0);
+    assert!(t_reload.elapsed() < Duration::from_secs(5));
+    assert!(!d.flows().iter().any(|f| f["orig"]["dport"] == 5201));
+    assert!(d.status()["teardowns"]["policy"].as_u64().unwrap() >= 1);
+    // its control connection is dropped too: iperf3 would wait forever
+    let mut c1 = c1;
+    let _ = c1.kill();
+    let _ = c1.wait();
+
+    // Back to the offloading ruleset; UDP flow, then conntrack -D.
+    d.cli(&["reload", "--nft", &rules]).expect("reload back");
+    let _sink = udp_sink(&lab);
+    let lan = lab.lan.clone();
+    let sender = std::thread::spawn(move || {
+        let py = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',41100))\nfor i in range(400):\n    s.sendto(b'x'*100,('203.0.113.2',9999))\n    time.sleep(0.01)\n";
+        Command::new("ip").args(["netns", "exec", &lan, "python3", "-c", py]).status().unwrap()
+    });
+    sleep(Duration::from_millis(1000));
+    assert!(d.flows().iter().any(|f| f["proto"] == "udp" && f["orig"]["dport"] == 9999), "udp not offloaded");
+    let u0 = lab.counter_packets("cudp").unwrap();
+    sleep(Duration::from_millis(500));
+    assert!(lab.counter_packets("cudp").unwrap() - u0 < 3, "udp flow still on the slow path");
+    lab.exec(&lab.rtr, &["conntrack", "-D", "-p", "udp", "--dport", "9999"]).unwrap();
+    sleep(Duration::from_millis(300));
+    assert!(lab.counter_packets("cudp").unwrap() > u0, "after conntrack -D the kernel must see the flow's packets");
+    assert!(d.status()["teardowns"]["conntrack_destroyed"].as_u64().unwrap() >= 1);
+    assert!(sender.join().unwrap().success());
+    assert_eq!(lab.counter_packets("fwd_invalid").unwrap(), 0);
+}
+
+#[test]
+fn invalid_ruleset_is_rejected_whole_with_nfts_error() {
+    let lab = lab(false);
+    let before = our_progs();
+    let good = fw4_flowtable_ruleset("");
+    // line 24 gets a typo
+    let bad: String = good
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if i == 23 { "\t\tthis is not nft\n".to_string() } else { format!("{l}\n") })
+        .collect();
+    let p = write_ruleset(&lab, "bad.nft", &bad);
+    let out = lab.command(&lab.rtr, &[EXE, "run", "--nft", &p]).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains(&format!("{p}:24:")), "nft's error must point at the user's file and line: {e}");
+    assert!(e.contains("nothing was loaded"), "{e}");
+    // the lab's own ruleset is untouched (no c5201 counter from the bad file)
+    assert!(lab.counter_packets("c5201").is_err(), "a rejected ruleset was partly loaded");
+    assert_nothing_attached(&lab, &before);
+
+    // a ruleset without a flowtable is refused with an explanation
+    let p = write_ruleset(&lab, "noft.nft", "table inet x {\n}\n");
+    let out = lab.command(&lab.rtr, &[EXE, "run", "--nft", &p]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("declares no flowtable"));
+
+    // reload of a bad file keeps the running ruleset
+    let good_p = write_ruleset(&lab, "good.nft", &good);
+    let d = Daemon::start_raw(&lab, &["--nft", &good_p]);
+    let bad_p = write_ruleset(&lab, "bad2.nft", &bad);
+    let e = d.cli(&["reload", "--nft", &bad_p]).unwrap_err();
+    assert!(e.contains(":24:") && e.contains("previous ruleset stays") || e.contains("nothing was loaded"), "{e}");
+    assert!(lab.counter_packets("c5201").is_ok(), "running ruleset lost after a failed reload");
+    assert!(d.stop().success());
+}
+
+fn finding<'a>(list: &'a serde_json::Value, item: &str) -> &'a serde_json::Value {
+    list.as_array().unwrap().iter().find(|f| f["item"] == item).unwrap_or_else(|| panic!("no finding {item} in {list}"))
+}
+
+/// `check` on the lab router: what it reports is what the engine will do.
+#[test]
+fn check_on_the_lab_router() {
+    let lab = lab(false);
+    let out =
+        lab.command(&lab.rtr, &[EXE, "check", "--iface", "rlan", "--iface", "rwan", "-o", "json"]).output().unwrap();
+    assert!(out.status.success(), "check failed on a working router: {}", String::from_utf8_lossy(&out.stdout));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["offload_possible"], true);
+    for item in ["privileges", "bpf_syscall", "btf", "tcx", "conntrack", "conntrack_events", "nft", "ip_forward"] {
+        assert_eq!(finding(&r["host"], item)["status"], "ok", "{item}: {}", finding(&r["host"], item));
+    }
+    let nf = finding(&r["host"], "nf_flow_table");
+    assert!(nf["detail"].as_str().unwrap().contains("not present"), "{nf}");
+    assert_eq!(finding(&r["host"], "conntrack_acct")["status"], "warn");
+    for i in r["interfaces"].as_array().unwrap() {
+        assert_eq!(i["exists"], true);
+        assert_eq!(i["driver"], "veth");
+        assert_eq!(i["mode"], "tc");
+        assert!(i["reason"].as_str().unwrap().contains("software device (veth)"));
+        assert_eq!(i["xdp_prog_id"], serde_json::Value::Null);
+    }
+    // text form names every item; a missing interface makes it say so
+    let out = lab.command(&lab.rtr, &[EXE, "check", "--iface", "rlan", "--iface", "nosuch9"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nosuch9 does not exist"), "{text}");
+}
+
+/// `run --config`: a TOML file instead of flags, with exclusions honoured.
+#[test]
+fn config_file_with_exclusions() {
+    let lab = lab(false);
+    let cfg = write_ruleset(
+        &lab,
+        "config.toml",
+        "interfaces = [\"rlan\", \"rwan\"]\nmode = \"tc\"\nidle_timeout = 20\n[exclude]\nports = [5202]\n",
+    );
+    let d = Daemon::start_raw(&lab, &["--config", &cfg]);
+    assert_eq!(d.status()["idle_timeout_s"], 20);
+    let _s1 = iperf_server(&lab, &lab.wan, 5201);
+    let _s2 = iperf_server(&lab, &lab.wan, 5202);
+    let c1 = iperf_client(&lab, "203.0.113.2", 5201, &["-t", "3", "-b", "100M"]);
+    let c2 = iperf_client(&lab, "203.0.113.2", 5202, &["-t", "3", "-b", "100M"]);
+    sleep(Duration::from_millis(1500));
+    let flows = d.flows();
+    assert!(flows.iter().any(|f| f["orig"]["dport"] == 5201), "{flows:?}");
+    assert!(!flows.iter().any(|f| f["orig"]["dport"] == 5202), "excluded port offloaded: {flows:?}");
+    let st = d.status();
+    assert!(st["not_offloaded"].as_object().unwrap().keys().any(|k| k.contains("5202")), "{st}");
+    iperf_result(c1);
+    iperf_result(c2);
+
+    // a bad file: the key is named, nothing starts
+    let bad = write_ruleset(&lab, "bad.toml", "interfaces = [\"rlan\"]\nidle_timeout = 0\n");
+    let out = lab.command(&lab.rtr, &[EXE, "run", "--config", &bad]).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("idle_timeout") && e.contains("out of range"), "{e}");
 }

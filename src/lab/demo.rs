@@ -376,6 +376,29 @@ impl Ctx<'_> {
         Ok((w.0 + l.0, w.1 + l.1))
     }
 
+    /// `iperf3 -s -1` in the WAN namespace on the generator CPU, listening.
+    fn start_server(&self) -> Result<Child> {
+        let lab = self.lab;
+        let log = self.logdir.join("iperf3-server.log");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut c = lab.command(&lab.wan, &["iperf3", "-s", "-1"]);
+        c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
+        if let Some(g) = lab.isolation.generator_cpu {
+            cpu::pin_command(&mut c, g);
+        }
+        let mut server = lab.spawn_cmd(c)?;
+        if let Err(e) = lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(10)) {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(e.context(log_tail(&log, 5)));
+        }
+        Ok(server)
+    }
+
     /// Start the offload daemon in the router and wait for `status` to work.
     fn start_daemon(&self, mode: &str) -> Result<(Child, PathBuf)> {
         let lab = self.lab;
@@ -461,6 +484,9 @@ impl Ctx<'_> {
         }
         let cpu_sel = lab.isolation.router_cpu;
 
+        // A fresh one-off server per run: a server that died or got stuck in
+        // one run cannot spoil the next.
+        let mut server = self.start_server()?;
         let mut threads = lab.router_napi_threads();
         threads.extend(daemon_pid.map(|p| p as libc::pid_t));
         let thread_ns = || -> u64 { threads.iter().map(|&p| cpu::task_cpu_ns(p)).sum() };
@@ -508,6 +534,18 @@ impl Ctx<'_> {
         let fwd1 = lab.counter_packets("fwd_all")?;
         let (pk1, by1) = self.forwarded()?;
 
+        // The one-off server exits after its test; don't leave it behind if
+        // the test went wrong.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while server.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = server.kill();
+                let _ = server.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
         let json = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
         let r = parse_iperf(&json, udp)
             .with_context(|| format!("iperf3 {proto} client ({status}), output in {}", json_path.display()))?;
@@ -544,14 +582,15 @@ impl Ctx<'_> {
 fn canonical_modes(modes: &[String]) -> Result<Vec<&'static str>> {
     let mut out = Vec::new();
     for m in modes {
-        match m.as_str() {
-            "tc" | "xdp" => {}
+        match m.trim() {
+            // `--modes ""` (clap gives [""]) means kernel path only.
+            "tc" | "xdp" | "" => {}
             other => bail!("unknown offload mode {other:?} (expected \"tc\" or \"xdp\")"),
         }
     }
     // Fixed column order: kernel, tc, xdp.
     for m in ["tc", "xdp"] {
-        if modes.iter().any(|x| x == m) {
+        if modes.iter().any(|x| x.trim() == m) {
             out.push(m);
         }
     }
@@ -599,16 +638,6 @@ fn run_demo(opts: &DemoOpts, modes: &[&str], exe: PathBuf, logdir: &Path) -> Res
     let _pin = ThreadPin::to(lab.isolation.generator_cpu);
     lab.warm_neighbours()?;
 
-    let server_log = logdir.join("iperf3-server.log");
-    let f = File::create(&server_log).with_context(|| format!("creating {}", server_log.display()))?;
-    let mut c = lab.command(&lab.wan, &["iperf3", "-s"]);
-    c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
-    if let Some(g) = lab.isolation.generator_cpu {
-        cpu::pin_command(&mut c, g);
-    }
-    let mut server = lab.spawn_cmd(c)?;
-    lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(10))?;
-
     let ctx = Ctx { lab: &lab, exe, logdir: logdir.to_path_buf(), duration_s: opts.duration_s };
     let cpu_scope = if lab.isolation.enabled {
         format!(
@@ -649,8 +678,6 @@ fn run_demo(opts: &DemoOpts, modes: &[&str], exe: PathBuf, logdir: &Path) -> Res
         paths.push(PathReport { path: label, tcp, udp, flows });
     }
 
-    let _ = server.kill();
-    let _ = server.wait();
     let report = DemoReport {
         prefix: opts.prefix.clone(),
         duration_s: opts.duration_s,
@@ -694,6 +721,7 @@ mod tests {
         assert_eq!(m, vec!["tc", "xdp"]);
         assert!(canonical_modes(&["dpdk".into()]).is_err());
         assert!(canonical_modes(&[]).unwrap().is_empty());
+        assert!(canonical_modes(&["".into()]).unwrap().is_empty());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Policy: which interfaces are managed and in which mode. Pure decisions,
 //! unit-tested; the engine feeds them facts read from the system.
 
+pub mod nft;
+
 use crate::dataplane::Mode;
 use crate::routes::link::{is_shaper, is_virtual, LinkInfo};
 

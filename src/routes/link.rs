@@ -137,6 +137,15 @@ pub fn is_virtual(driver: &str) -> bool {
             | "dummy"
             | "macvlan"
             | "ipvlan"
+            | "ifb"
+            | "geneve"
+            | "gre"
+            | "ip_gre"
+            | "ip6_gre"
+            | "ipip"
+            | "sit"
+            | "nlmon"
+            | "team"
             | ""
     )
 }

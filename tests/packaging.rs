@@ -1,0 +1,559 @@
+//! Packaging checks that need no root and no router: the Debian example
+//! configuration parses, the systemd unit has what it must, and the OpenWrt
+//! procd script, run against stand-ins for rc.common's functions, starts the
+//! daemon with the right command line (or not at all) for firewall4's
+//! flow-offloading settings.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use nft_offload::config;
+use nft_offload::policy::ModeChoice;
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// A fresh directory per call; tests run in parallel.
+fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "nft-offload-packaging-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn have(prog: &str, args: &[&str]) -> bool {
+    Command::new(prog).args(args).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+// ---- Debian example configuration ----
+
+#[test]
+fn debian_example_config_parses() {
+    let text = read("packaging/debian/config.toml");
+    let c = config::parse(&text).unwrap_or_else(|e| panic!("packaging/debian/config.toml: {e}"));
+    assert!(!c.interfaces.is_empty());
+    assert_eq!(c.mode, ModeChoice::Auto);
+    assert_eq!(c.idle_timeout, 30);
+    assert_eq!(c.max_flows, 65536);
+    assert!(c.exclude.is_empty(), "the example must not exclude anything by default");
+}
+
+/// The commented-out examples in `[exclude]` are valid too, once enabled.
+#[test]
+fn debian_example_config_commented_exclusions_parse() {
+    let text = read("packaging/debian/config.toml");
+    let keys = ["addresses", "ports", "marks", "protocols"];
+    let mut out = String::new();
+    let mut enabled = 0;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if keys.iter().any(|k| t.starts_with(&format!("{k} ="))) {
+            continue; // the active empty list, replaced by the example
+        }
+        if let Some(rest) = t.strip_prefix("# ") {
+            if keys.iter().any(|k| rest.starts_with(&format!("{k} ="))) {
+                out += rest;
+                out += "\n";
+                enabled += 1;
+                continue;
+            }
+        }
+        out += line;
+        out += "\n";
+    }
+    assert_eq!(enabled, keys.len(), "one commented example per exclusion key");
+    let c = config::parse(&out).unwrap_or_else(|e| panic!("enabled examples: {e}\n{out}"));
+    assert!(!c.exclude.addresses.is_empty() && !c.exclude.ports.is_empty());
+    assert!(!c.exclude.marks.is_empty() && !c.exclude.protocols.is_empty());
+}
+
+// ---- systemd unit ----
+
+type Ini = BTreeMap<String, Vec<(String, String)>>;
+
+/// The subset of systemd's unit syntax the file uses: `[Section]`,
+/// `Key=Value`, `#`/`;` comments, blank lines, `\` continuations.
+fn parse_ini(text: &str) -> Result<Ini, String> {
+    let mut ini = Ini::new();
+    let mut section: Option<String> = None;
+    let mut pending: Option<(usize, String)> = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = match pending.take() {
+            Some((_, mut acc)) => {
+                acc.push(' ');
+                acc.push_str(raw.trim());
+                acc
+            }
+            None => raw.trim().to_string(),
+        };
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(body) = line.strip_suffix('\\') {
+            pending = Some((n, body.trim_end().to_string()));
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[') {
+            let name = name.strip_suffix(']').ok_or(format!("line {}: unterminated section header", n + 1))?;
+            if ini.contains_key(name) {
+                return Err(format!("line {}: section [{name}] repeated", n + 1));
+            }
+            ini.insert(name.to_string(), Vec::new());
+            section = Some(name.to_string());
+            continue;
+        }
+        let (k, v) = line.split_once('=').ok_or(format!("line {}: not Key=Value: {line:?}", n + 1))?;
+        let k = k.trim();
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(format!("line {}: bad key {k:?}", n + 1));
+        }
+        let s = section.as_ref().ok_or(format!("line {}: key before any section", n + 1))?;
+        ini.get_mut(s).unwrap().push((k.to_string(), v.trim().to_string()));
+    }
+    if let Some((n, _)) = pending {
+        return Err(format!("line {}: continuation at end of file", n + 1));
+    }
+    Ok(ini)
+}
+
+/// The single value of `key` in `section` (systemd would take the last;
+/// a repeated key here is a mistake).
+fn one<'a>(ini: &'a Ini, section: &str, key: &str) -> &'a str {
+    let vals: Vec<&str> = ini
+        .get(section)
+        .unwrap_or_else(|| panic!("no [{section}]"))
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(vals.len(), 1, "[{section}] {key} must appear exactly once, found {vals:?}");
+    vals[0]
+}
+
+fn words(s: &str) -> Vec<&str> {
+    let mut w: Vec<&str> = s.split_whitespace().collect();
+    w.sort_unstable();
+    w
+}
+
+#[test]
+fn ini_parser_rejects_garbage() {
+    assert!(parse_ini("Key=1\n").is_err());
+    assert!(parse_ini("[Unit\n").is_err());
+    assert!(parse_ini("[Unit]\nno equals sign\n").is_err());
+    assert!(parse_ini("[Unit]\nA=1\n[Unit]\n").is_err());
+    assert!(parse_ini("[Unit]\nA=1 \\\n").is_err());
+    let ini = parse_ini("# c\n[Unit]\n; c\nA = x \\\n  y\n").unwrap();
+    assert_eq!(one(&ini, "Unit", "A"), "x y");
+}
+
+#[test]
+fn systemd_unit_has_the_required_keys() {
+    let ini = parse_ini(&read("packaging/systemd/nft-offload.service")).unwrap();
+    assert_eq!(ini.keys().collect::<Vec<_>>(), ["Install", "Service", "Unit"]);
+
+    assert_eq!(words(one(&ini, "Unit", "After")), ["network-online.target", "nftables.service"]);
+    assert_eq!(one(&ini, "Unit", "Wants"), "network-online.target");
+
+    assert_eq!(one(&ini, "Service", "Type"), "simple");
+    assert_eq!(one(&ini, "Service", "ExecStart"), "/usr/sbin/nft-offload run --config /etc/nft-offload/config.toml");
+    assert_eq!(one(&ini, "Service", "Restart"), "on-failure");
+    assert_eq!(one(&ini, "Service", "KillSignal"), "SIGTERM");
+    let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_SYS_RESOURCE"];
+    assert_eq!(words(one(&ini, "Service", "AmbientCapabilities")), caps);
+    // The bounding set, if any, must not take away what the daemon needs.
+    if ini["Service"].iter().any(|(k, _)| k == "CapabilityBoundingSet") {
+        let bounding = words(one(&ini, "Service", "CapabilityBoundingSet"));
+        assert!(caps.iter().all(|c| bounding.contains(c)), "{bounding:?}");
+    }
+    assert_eq!(one(&ini, "Service", "ProtectSystem"), "strict");
+    assert_eq!(one(&ini, "Service", "ProtectHome"), "yes");
+    assert_eq!(one(&ini, "Service", "NoNewPrivileges"), "yes");
+    assert_eq!(one(&ini, "Service", "PrivateTmp"), "yes");
+
+    assert_eq!(one(&ini, "Install", "WantedBy"), "multi-user.target");
+}
+
+/// systemd's own check, where it is installed: unknown keys, bad values, a
+/// missing executable (pointed at the test build of the daemon).
+#[test]
+fn systemd_analyze_verify() {
+    if !have("systemd-analyze", &["--version"]) {
+        eprintln!("systemd-analyze not installed; skipped");
+        return;
+    }
+    let dir = scratch("systemd");
+    let unit = dir.join("nft-offload.service");
+    let text = read("packaging/systemd/nft-offload.service")
+        .replace("/usr/sbin/nft-offload", env!("CARGO_BIN_EXE_nft-offload"));
+    std::fs::write(&unit, text).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&unit).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("nft-offload.service")).collect();
+    assert!(ours.is_empty(), "systemd-analyze verify complains about the unit:\n{stderr}");
+    if !out.status.success() {
+        // Nothing about our unit: the environment (no systemd state).
+        eprintln!("systemd-analyze verify failed for reasons outside the unit; ignored:\n{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- OpenWrt procd init script ----
+
+const INIT: &str = "packaging/openwrt/nft-offload.init";
+
+/// Stand-ins for what rc.common provides (/lib/functions.sh,
+/// /lib/functions/procd.sh), for network.sh and for logger. UCI files under
+/// $STUB_ROOT/etc/config are real UCI syntax, which is shell once `config`,
+/// `option` and `list` are functions. Calls are recorded in $STUB_LOG.
+const STUBS: &str = r#"
+_stub_n=0
+_stub_sections=""
+config() {
+	_stub_n=$((_stub_n + 1))
+	_stub_sec=${2:-cfg$_stub_n}
+	_stub_sections="$_stub_sections $_stub_sec"
+	eval "_stub_type_$_stub_sec=\$1"
+}
+option() { eval "CONFIG_${_stub_sec}_$1=\$2"; }
+list() {
+	eval "_stub_v=\${CONFIG_${_stub_sec}_$1-}"
+	eval "CONFIG_${_stub_sec}_$1=\"\${_stub_v:+\$_stub_v }\$2\""
+}
+config_load() {
+	echo "config_load $1" >> "$STUB_LOG"
+	_stub_sections=""
+	if [ -f "$STUB_ROOT/etc/config/$1" ]; then . "$STUB_ROOT/etc/config/$1"; fi
+	return 0
+}
+config_foreach() {
+	for _stub_s in $_stub_sections; do
+		eval "_stub_st=\$_stub_type_$_stub_s"
+		if [ "$_stub_st" = "$2" ]; then "$1" "$_stub_s"; fi
+	done
+	return 0
+}
+config_get() { eval "$1=\${CONFIG_${2}_${3}:-\${4-}}"; }
+config_get_bool() {
+	config_get _stub_b "$2" "$3" "$4"
+	case "$_stub_b" in
+	1 | on | true | yes | enabled) _stub_b=1 ;;
+	0 | off | false | no | disabled) _stub_b=0 ;;
+	*) _stub_b=$4 ;;
+	esac
+	eval "$1=\$_stub_b"
+}
+network_get_device() {
+	eval "_stub_d=\${STUB_NETDEV_$2-}"
+	[ -n "$_stub_d" ] || return 1
+	eval "$1=\$_stub_d"
+}
+_stub_args() { for _stub_a in "$@"; do printf '<%s>' "$_stub_a"; done; }
+procd_open_instance() {
+	_stub_cmd=""
+	_stub_argv=""
+	echo "open_instance" >> "$STUB_LOG"
+}
+procd_set_param() {
+	_stub_p=$1
+	shift
+	if [ "$_stub_p" = command ]; then
+		_stub_cmd="$*"
+		_stub_argv=$(_stub_args "$@")
+	fi
+	echo "param $_stub_p $*" >> "$STUB_LOG"
+}
+procd_append_param() {
+	_stub_p=$1
+	shift
+	if [ "$_stub_p" = command ]; then
+		_stub_cmd="$_stub_cmd $*"
+		_stub_argv="$_stub_argv$(_stub_args "$@")"
+	fi
+	echo "append $_stub_p $*" >> "$STUB_LOG"
+}
+procd_close_instance() {
+	echo "command $_stub_cmd" >> "$STUB_LOG"
+	echo "argv $_stub_argv" >> "$STUB_LOG"
+	echo "close_instance" >> "$STUB_LOG"
+}
+procd_add_reload_trigger() { echo "reload_trigger $*" >> "$STUB_LOG"; }
+procd_add_interface_trigger() { echo "interface_trigger $*" >> "$STUB_LOG"; }
+logger() { echo "logger $*" >> "$STUB_LOG"; }
+"#;
+
+/// Shells to run the script under: OpenWrt's is busybox ash; dash is the
+/// closest strict POSIX shell on Debian.
+fn shells() -> Vec<Vec<&'static str>> {
+    let mut v = vec![vec!["sh"]];
+    if have("dash", &["-c", "true"]) {
+        v.push(vec!["dash"]);
+    }
+    if have("busybox", &["sh", "-c", "true"]) {
+        v.push(vec!["busybox", "sh"]);
+    }
+    if have("bash", &["-c", "true"]) {
+        v.push(vec!["bash", "--posix"]);
+    }
+    v
+}
+
+struct Router {
+    firewall: String,
+    own: Option<String>,
+    netdevs: Vec<(&'static str, &'static str)>,
+}
+
+impl Router {
+    fn new(firewall: &str) -> Router {
+        Router { firewall: firewall.to_string(), own: None, netdevs: Vec::new() }
+    }
+
+    fn own(mut self, uci: &str) -> Router {
+        self.own = Some(uci.to_string());
+        self
+    }
+
+    fn netdev(mut self, net: &'static str, dev: &'static str) -> Router {
+        self.netdevs.push((net, dev));
+        self
+    }
+
+    /// Source the stubs and the init script (its `#!/bin/sh /etc/rc.common`
+    /// line is a comment when sourced), call `func`, return the record.
+    fn run(&self, shell: &[&str], func: &str) -> Vec<String> {
+        let dir = scratch("procd");
+        std::fs::create_dir_all(dir.join("etc/config")).unwrap();
+        std::fs::write(dir.join("etc/config/firewall"), &self.firewall).unwrap();
+        if let Some(own) = &self.own {
+            std::fs::write(dir.join("etc/config/nft-offload"), own).unwrap();
+        }
+        let stubs = dir.join("stubs.sh");
+        std::fs::write(&stubs, STUBS).unwrap();
+        let log = dir.join("log");
+        std::fs::write(&log, "").unwrap();
+        let mut cmd = Command::new(shell[0]);
+        cmd.args(&shell[1..])
+            .arg("-c")
+            .arg(format!(". \"$STUBS\" && . \"$INIT\" && {func}"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("STUBS", &stubs)
+            .env("INIT", repo(INIT))
+            .env("STUB_ROOT", &dir)
+            .env("STUB_LOG", &log);
+        for (net, dev) in &self.netdevs {
+            cmd.env(format!("STUB_NETDEV_{net}"), dev);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{shell:?} {func}: {:?}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = std::fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        lines
+    }
+}
+
+const FW_ON: &str = "
+config defaults
+	option input 'REJECT'
+	option forward 'REJECT'
+	option flow_offloading '1'
+
+config zone
+	option name 'lan'
+";
+
+const FW_ON_HW: &str = "
+config defaults
+	option flow_offloading '1'
+	option flow_offloading_hw '1'
+";
+
+const FW_OFF: &str = "
+config defaults
+	option flow_offloading '0'
+	option flow_offloading_hw '1'
+";
+
+const OWN_ETH: &str = "
+config nft-offload 'main'
+	list interface 'eth0'
+	list interface 'eth1'
+";
+
+fn commands(log: &[String]) -> Vec<&str> {
+    log.iter().filter_map(|l| l.strip_prefix("command ")).collect()
+}
+
+fn loggers(log: &[String]) -> Vec<&str> {
+    log.iter().filter_map(|l| l.strip_prefix("logger ")).collect()
+}
+
+fn opened(log: &[String]) -> usize {
+    log.iter().filter(|l| *l == "open_instance").count()
+}
+
+#[test]
+fn procd_flow_offloading_on_with_listed_interfaces() {
+    for sh in shells() {
+        let log = Router::new(FW_ON).own(OWN_ETH).run(&sh, "start_service");
+        assert_eq!(opened(&log), 1, "{sh:?}: {log:#?}");
+        assert_eq!(
+            commands(&log),
+            ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0 --iface eth1"],
+            "{sh:?}"
+        );
+        let argv = log.iter().find_map(|l| l.strip_prefix("argv ")).unwrap();
+        assert_eq!(
+            argv,
+            "</usr/sbin/nft-offload><run><--mode><auto><--idle-timeout><30><--iface><eth0><--iface><eth1>"
+        );
+        assert!(log.iter().any(|l| l.starts_with("param respawn")), "{log:#?}");
+        assert!(log.contains(&"param stderr 1".to_string()), "{log:#?}");
+        assert!(log.contains(&"close_instance".to_string()));
+        assert!(loggers(&log).is_empty(), "{sh:?}: nothing to complain about: {log:#?}");
+    }
+}
+
+#[test]
+fn procd_hardware_offload_falls_back_to_software() {
+    for sh in shells() {
+        let log = Router::new(FW_ON_HW).own(OWN_ETH).run(&sh, "start_service");
+        let msgs = loggers(&log);
+        assert_eq!(
+            msgs,
+            ["-t nft-offload hardware flow offloading is not available; using software (eBPF) flow offloading"],
+            "{sh:?}"
+        );
+        assert_eq!(opened(&log), 1, "{sh:?}: still starts, in software");
+        assert_eq!(
+            commands(&log),
+            ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0 --iface eth1"]
+        );
+    }
+}
+
+#[test]
+fn procd_flow_offloading_off_starts_nothing() {
+    for sh in shells() {
+        for fw in [FW_OFF, "\nconfig defaults\n\toption input 'ACCEPT'\n", ""] {
+            let log = Router::new(fw).own(OWN_ETH).run(&sh, "start_service");
+            assert_eq!(opened(&log), 0, "{sh:?} {fw:?}: {log:#?}");
+            let msgs = loggers(&log);
+            assert_eq!(msgs.len(), 1, "{sh:?}: says why, once: {log:#?}");
+            assert!(msgs[0].contains("flow offloading is off"), "{msgs:?}");
+        }
+    }
+}
+
+#[test]
+fn procd_only_the_first_defaults_section_counts() {
+    let fw = "config defaults\n\toption flow_offloading '0'\n\nconfig defaults\n\toption flow_offloading '1'\n";
+    let log = Router::new(fw).own(OWN_ETH).run(&["sh"], "start_service");
+    assert_eq!(opened(&log), 0, "{log:#?}");
+    let fw = "config defaults\n\toption flow_offloading 'on'\n\nconfig defaults\n\toption flow_offloading '0'\n";
+    let log = Router::new(fw).own(OWN_ETH).run(&["sh"], "start_service");
+    assert_eq!(opened(&log), 1, "{log:#?}");
+}
+
+#[test]
+fn procd_own_settings() {
+    let own = "config nft-offload 'main'\n\toption mode 'tc'\n\toption idle_timeout '120'\n\tlist interface 'br-lan'\n";
+    let log = Router::new(FW_ON).own(own).run(&["sh"], "start_service");
+    assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode tc --idle-timeout 120 --iface br-lan"]);
+
+    // Bad values fall back to the defaults, with a word in the log, rather
+    // than leaving procd to respawn a daemon that refuses them.
+    let own = "config nft-offload 'main'\n\toption mode 'fast'\n\toption idle_timeout '0'\n\tlist interface 'eth0'\n";
+    let log = Router::new(FW_ON).own(own).run(&["sh"], "start_service");
+    assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0"]);
+    assert_eq!(loggers(&log).len(), 2, "{log:#?}");
+    for bad in ["99999", "30s", "99999999999999999999999"] {
+        let own = format!("config nft-offload 'main'\n\toption idle_timeout '{bad}'\n\tlist interface 'eth0'\n");
+        let log = Router::new(FW_ON).own(&own).run(&["sh"], "start_service");
+        assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0"], "{bad}");
+    }
+}
+
+#[test]
+fn procd_default_interfaces_from_wan_and_lan() {
+    for sh in shells() {
+        // No /etc/config/nft-offload at all.
+        let log = Router::new(FW_ON).netdev("wan", "pppoe-wan").netdev("lan", "br-lan").run(&sh, "start_service");
+        assert_eq!(
+            commands(&log),
+            ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface pppoe-wan --iface br-lan"],
+            "{sh:?}: {log:#?}"
+        );
+    }
+    // A router on a stick: one device for both, named once.
+    let log = Router::new(FW_ON).netdev("wan", "eth0").netdev("lan", "eth0").run(&["sh"], "start_service");
+    assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0"]);
+    // wan down at boot: lan alone; the interface trigger brings wan in later.
+    let log = Router::new(FW_ON).netdev("lan", "br-lan").run(&["sh"], "start_service");
+    assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface br-lan"]);
+    // Nothing at all: no instance, and the log says why.
+    let log = Router::new(FW_ON).run(&["sh"], "start_service");
+    assert_eq!(opened(&log), 0, "{log:#?}");
+    assert!(loggers(&log)[0].contains("no interfaces"), "{log:#?}");
+}
+
+#[test]
+fn procd_triggers_and_header() {
+    let log = Router::new(FW_ON).run(&["sh"], "service_triggers");
+    assert!(log.contains(&"reload_trigger firewall nft-offload".to_string()), "{log:#?}");
+    assert!(log.iter().any(|l| l.starts_with("interface_trigger interface.* wan ")), "{log:#?}");
+    let log = Router::new(FW_ON).run(&["sh"], "echo \"vars $USE_PROCD $START\" >> \"$STUB_LOG\"");
+    assert_eq!(log, ["vars 1 21"]);
+    let text = read(INIT);
+    assert_eq!(text.lines().next(), Some("#!/bin/sh /etc/rc.common"));
+}
+
+#[test]
+fn procd_script_syntax() {
+    let path = repo(INIT);
+    let mut checked = 0;
+    for sh in [&["sh"][..], &["dash"], &["busybox", "sh"], &["bash", "--posix"]] {
+        if !have(sh[0], &[&sh[1..], &["-c", "true"]].concat()) {
+            continue;
+        }
+        let out = Command::new(sh[0]).args(&sh[1..]).arg("-n").arg(&path).output().unwrap();
+        assert!(out.status.success(), "{sh:?} -n: {}", String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    assert!(checked >= 1);
+    if have("checkbashisms", &["--version"]) {
+        let out = Command::new("checkbashisms").arg("--posix").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "checkbashisms: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("checkbashisms not installed; skipped");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert!(mode & 0o111 != 0, "{INIT} must be executable (installed as /etc/init.d/nft-offload)");
+    }
+}
