@@ -109,6 +109,23 @@ fn setup() -> Lab {
             to_lan,
         ),
     ];
+    // IPv6 masquerade (NAT66) with a port change
+    conns.push((
+        t("fd00:1::2", 40005, "fd00:2::2", 5201, 6),
+        t("fd00:2::2", 5201, "fd00:2::1", 50005, 6),
+        lan,
+        to_wan,
+        wan,
+        to_lan,
+    ));
+    conns.push((
+        t("fd00:1::2", 40006, "fd00:2::2", 5201, 17),
+        t("fd00:2::2", 5201, "fd00:2::1", 50006, 17),
+        lan,
+        to_wan,
+        wan,
+        to_lan,
+    ));
     // a flow whose route MTU is small, for the MTU cases
     let small = NextHop { mtu: 1000, ..to_wan };
     conns.push((
@@ -279,6 +296,27 @@ fn cases() -> Vec<Case> {
             input: udp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40003, 5201, pl),
             want: Want::Fwd("wan"),
             expect: Some(udp6(R_WAN, SERVER, "fd00:1::2", "fd00:2::2", 63, 40003, 5201, pl)),
+        },
+        Case {
+            name: "ipv6 tcp masquerade (NAT66), original direction",
+            on: "lan",
+            input: tcp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40005, 5201, pl),
+            want: Want::Fwd("wan"),
+            expect: Some(tcp6(R_WAN, SERVER, "fd00:2::1", "fd00:2::2", 63, 50005, 5201, pl)),
+        },
+        Case {
+            name: "ipv6 tcp masquerade (NAT66), reply direction",
+            on: "wan",
+            input: tcp6(SERVER, R_WAN, "fd00:2::2", "fd00:2::1", 64, 5201, 50005, pl),
+            want: Want::Fwd("lan"),
+            expect: Some(tcp6(R_LAN, CLIENT, "fd00:2::2", "fd00:1::2", 63, 5201, 40005, pl)),
+        },
+        Case {
+            name: "ipv6 udp masquerade (NAT66)",
+            on: "lan",
+            input: udp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40006, 5201, pl),
+            want: Want::Fwd("wan"),
+            expect: Some(udp6(R_WAN, SERVER, "fd00:2::1", "fd00:2::2", 63, 50006, 5201, pl)),
         },
         Case {
             name: "ipv4 ttl 1: kernel must answer with ICMP time exceeded",
