@@ -49,7 +49,7 @@ case "$cmd" in
         # Unit and fast-path tests first (fast), then the end-to-end tests one
         # at a time: they move real traffic and measure nothing, but two
         # iperf3 runs at once on 2 CPUs only make each other slower.
-        cargo test --locked --lib --bins --test fastpath
+        cargo test --locked --lib --bins --test fastpath --test packaging
         cargo test --locked --test e2e -- --test-threads=1
         cargo fmt --check
         cargo clippy --locked -q --all-targets -- -D warnings
