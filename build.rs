@@ -1,9 +1,11 @@
-//! Compiles the BPF fast path with clang and generates its typed skeleton.
+//! Compiles the BPF programs with clang and generates their typed skeletons.
 use std::{env, path::PathBuf};
 
 use libbpf_cargo::SkeletonBuilder;
 
-const SRC: &str = "bpf/fastpath.bpf.c";
+/// (source, skeleton file): the product's fast path, and the benchmark's
+/// generator and floor programs (kept out of the product object).
+const OBJECTS: [(&str, &str); 2] = [("bpf/fastpath.bpf.c", "fastpath.skel.rs"), ("bpf/bench.bpf.c", "bench.skel.rs")];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR set by cargo"));
@@ -15,14 +17,16 @@ fn main() {
         "aarch64" => "/usr/include/aarch64-linux-gnu",
         _ => "/usr/include",
     };
-    if let Err(e) = SkeletonBuilder::new()
-        .source(SRC)
-        .clang_args(["-I", "bpf", "-I", multiarch, "-Wall", "-Werror", "-O2"])
-        .build_and_generate(out.join("fastpath.skel.rs"))
-    {
-        panic!("building {SRC} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)");
+    for (src, skel) in OBJECTS {
+        if let Err(e) = SkeletonBuilder::new()
+            .source(src)
+            .clang_args(["-I", "bpf", "-I", multiarch, "-Wall", "-Werror", "-O2"])
+            .build_and_generate(out.join(skel))
+        {
+            panic!("building {src} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)");
+        }
     }
-    for f in ["fastpath.bpf.c", "flow.h", "maps.h", "parse.h", "nat.h", "csum.h"] {
+    for f in ["fastpath.bpf.c", "bench.bpf.c", "flow.h", "maps.h", "parse.h", "nat.h", "csum.h"] {
         println!("cargo:rerun-if-changed=bpf/{f}");
     }
 }

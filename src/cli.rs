@@ -73,6 +73,19 @@ pub enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Benchmark: offload against the kernel paths and a bare redirect, in
+    /// the lab, in one run.
+    Bench {
+        /// About a minute instead of about ten.
+        #[arg(long)]
+        quick: bool,
+        /// Write the full results as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Directory for the SVG plots.
+        #[arg(long, default_value = "bench-plots")]
+        plots: PathBuf,
+    },
     /// The built-in lab: namespaces LAN client - router - WAN server.
     Lab {
         #[command(subcommand)]
@@ -180,6 +193,12 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Lab { cmd } => crate::lab::cli(cmd),
+        Cmd::Bench { quick, json, plots } => {
+            let exe = std::env::current_exe().context("locating the nft-offload binary")?;
+            let r = crate::bench::run(&crate::bench::BenchOpts { quick, json, exe, plots })?;
+            print!("{}", r.render());
+            Ok(())
+        }
     }
 }
 

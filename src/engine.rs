@@ -188,6 +188,10 @@ pub struct Engine {
     /// when they change, and the `flow add` label is usually set on the
     /// first packet, long before the connection is ESTABLISHED.
     labels_seen: HashMap<FlowId, [u8; 16]>,
+    /// When the batch of conntrack events being handled was read.
+    events_at: Option<Instant>,
+    /// Event-to-installed times of recent offloads, microseconds.
+    offload_us: std::collections::VecDeque<u32>,
 }
 
 impl Engine {
@@ -271,6 +275,8 @@ impl Engine {
             route_dirty: None,
             ruleset,
             labels_seen: HashMap::new(),
+            events_at: None,
+            offload_us: std::collections::VecDeque::new(),
         };
         e.resync().context("initial conntrack dump")?;
         Ok(e)
@@ -324,10 +330,12 @@ impl Engine {
     fn on_ct_events(&mut self) {
         match self.ct_ev.recv_events() {
             Ok(evs) => {
+                self.events_at = Some(Instant::now());
                 for ev in evs {
                     self.n.ct_events += 1;
                     self.on_ct_event(ev);
                 }
+                self.events_at = None;
             }
             Err(CtError::Overrun) => {
                 // Events were lost: the table is the truth (as conntrackd).
@@ -557,6 +565,12 @@ impl Engine {
         }
         let now = now_ns();
         self.n.offloads += 1;
+        if let Some(t) = self.events_at {
+            if self.offload_us.len() >= 10_000 {
+                self.offload_us.pop_front();
+            }
+            self.offload_us.push_back(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
         tracing::debug!(?id, "offloaded");
         self.flows.insert(
             id,
@@ -769,6 +783,12 @@ impl Engine {
             conntrack_events: self.n.ct_events,
             conntrack_resyncs: self.n.ct_resyncs,
             conntrack_refreshes: self.n.ct_refreshes,
+            offload_latency_us: {
+                let mut v: Vec<u32> = self.offload_us.iter().copied().collect();
+                v.sort_unstable();
+                let pct = |p: f64| v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0);
+                BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))])
+            },
         }
     }
 
@@ -986,6 +1006,10 @@ pub struct Status {
     pub conntrack_events: u64,
     pub conntrack_resyncs: u64,
     pub conntrack_refreshes: u64,
+    /// From a conntrack event reaching the engine to both map entries
+    /// installed, over the last 10k offloads.
+    #[serde(default)]
+    pub offload_latency_us: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

@@ -3,6 +3,7 @@
 //! The fast path is BPF (bpf/*.bpf.c); this crate is the control plane that
 //! follows conntrack and programs the fast path's maps.
 
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;

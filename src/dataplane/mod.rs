@@ -361,3 +361,22 @@ impl Dataplane {
             .map_err(|e| anyhow!("adding ifindex {ifindex} to the XDP redirect map: {e}"))
     }
 }
+
+impl Dataplane {
+    /// Kernel memory charged to the fast path's maps (memlock in fdinfo).
+    pub fn map_memory(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        let fds = [
+            self.skel.maps.fo_flows.as_fd().as_raw_fd(),
+            self.skel.maps.fo_dormant.as_fd().as_raw_fd(),
+            self.skel.maps.fo_stats.as_fd().as_raw_fd(),
+            self.skel.maps.fo_tx_ports.as_fd().as_raw_fd(),
+        ];
+        fds.iter()
+            .filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok())
+            .filter_map(|s| {
+                s.lines().find(|l| l.starts_with("memlock:")).and_then(|l| l[8..].trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+}

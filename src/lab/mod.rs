@@ -18,9 +18,9 @@
 
 mod cli;
 mod cmd;
-mod cpu;
+pub(crate) mod cpu;
 pub mod demo;
-mod netns;
+pub(crate) mod netns;
 
 pub use cli::cli;
 pub use demo::{demo, interrupted, DemoOpts, DemoReport, PathReport, RunReport};
