@@ -60,8 +60,18 @@ pub fn bars(r: &Report) -> String {
             COLORS[i % COLORS.len()]
         );
         let cx = x + bw / 2.0;
-        let _ = writeln!(s, "<line x1=\"{cx:.1}\" y1=\"{:.1}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", y(st.min), y(st.max));
-        let _ = writeln!(s, "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>", y(st.max) - 5.0, st.median);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{cx:.1}\" y1=\"{:.1}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
+            y(st.min),
+            y(st.max)
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>",
+            y(st.max) - 5.0,
+            st.median
+        );
         let _ = writeln!(s, "<text x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\">{name}</text>", H - B + 18.0);
     }
     s + "</svg>\n"
@@ -77,11 +87,17 @@ pub fn scaling(r: &Report) -> String {
     let x = |v: f64| L + (W - 40.0 - L) * v / xmax;
     let y = |v: f64| H - B - (H - B - T) * v / max;
     for e in 0..=6 {
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">1e{e}</text>", x(f64::from(e)), H - B + 18.0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">1e{e}</text>",
+            x(f64::from(e)),
+            H - B + 18.0
+        );
     }
     let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">flows</text>", W / 2.0, H - 15.0);
     let path: Vec<String> = pts.iter().map(|(a, b)| format!("{:.1},{:.1}", x(*a), y(*b))).collect();
-    let _ = writeln!(s, "<polyline points=\"{}\" fill=\"none\" stroke=\"#2980b9\" stroke-width=\"2\"/>", path.join(" "));
+    let _ =
+        writeln!(s, "<polyline points=\"{}\" fill=\"none\" stroke=\"#2980b9\" stroke-width=\"2\"/>", path.join(" "));
     for (a, b) in &pts {
         let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#2980b9\"/>", x(*a), y(*b));
         let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{b:.0}</text>", x(*a), y(*b) - 8.0);
@@ -111,7 +127,8 @@ pub fn latency_cdf(r: &Report) -> String {
             v.iter().enumerate().map(|(k, t)| format!("{:.1},{:.1}", x(*t), y((k + 1) as f64 / n))).collect();
         let c = COLORS[i % COLORS.len()];
         let _ = writeln!(s, "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>", pts.join(" "));
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{name}</text>", W - 150.0, T + 16.0 * (i as f64 + 1.0));
+        let _ =
+            writeln!(s, "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{name}</text>", W - 150.0, T + 16.0 * (i as f64 + 1.0));
     }
     s + "</svg>\n"
 }
