@@ -3,6 +3,7 @@
 #   ./run.sh demo   install what is missing, build, run the lab demo
 #   ./run.sh test   install what is missing, build, run every test
 #   ./run.sh bench  install what is missing, build, run the benchmark
+#                   (plots in bench-plots/; add --json FILE for every figure, --quick for ~2 min)
 #   ./run.sh setup  only install the system packages
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,6 +52,8 @@ case "$cmd" in
         # iperf3 runs at once on 2 CPUs only make each other slower.
         cargo test --locked --lib --bins --test fastpath --test packaging
         cargo test --locked --test e2e -- --test-threads=1
+        # The benchmark, quick, once: proves it still runs (no timing asserted).
+        ./target/debug/nft-offload bench --quick --json target/bench-quick.json --plots target/bench-quick-plots
         cargo fmt --check
         cargo clippy --locked -q --all-targets -- -D warnings
         ;;

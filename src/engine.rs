@@ -98,6 +98,19 @@ pub struct IfaceStatus {
     pub up: bool,
 }
 
+impl IfaceStatus {
+    fn new(info: &link::LinkInfo, d: crate::policy::ModeDecision) -> Self {
+        IfaceStatus {
+            name: info.name.clone(),
+            ifindex: info.ifindex,
+            driver: info.driver.clone(),
+            mode: d.mode,
+            reason: d.reason,
+            up: info.up,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 struct Counters {
     offloads: u64,
@@ -239,14 +252,7 @@ impl Engine {
         for (info, d) in infos.iter().zip(decisions) {
             dp.attach(info.ifindex, &info.name, d.mode)?;
             tracing::info!(iface = %info.name, mode = d.mode.as_str(), reason = %d.reason, "attached");
-            ifaces.push(IfaceStatus {
-                name: info.name.clone(),
-                ifindex: info.ifindex,
-                driver: info.driver.clone(),
-                mode: d.mode,
-                reason: d.reason,
-                up: info.up,
-            });
+            ifaces.push(IfaceStatus::new(info, d));
         }
         // Subscribe before dumping so no change falls between the two.
         let ct_ev = CtSocket::events().context("subscribing to conntrack events")?;
@@ -926,14 +932,7 @@ impl Engine {
                 return Err(e.context("reload aborted, the previous ruleset stays"));
             }
             added.push(info.ifindex);
-            self.ifaces.push(IfaceStatus {
-                name: info.name.clone(),
-                ifindex: info.ifindex,
-                driver: info.driver.clone(),
-                mode: d.mode,
-                reason: d.reason,
-                up: info.up,
-            });
+            self.ifaces.push(IfaceStatus::new(info, d));
         }
         if let Err(e) = rs.apply(&old.translated.tables, false) {
             for i in &added {
