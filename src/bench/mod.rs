@@ -785,6 +785,9 @@ fn wait_child(mut c: Child) -> Result<()> {
 /// flows come from a UDP sender opening one socket per flow.
 fn offload_rate(lab: &Lab, exe: &std::path::Path, n: u32, r: &mut Report) -> Result<()> {
     let before = EngineProc::status(lab, exe)?;
+    let pid = before["pid"].as_u64().unwrap_or(0);
+    let flows0 = before["flows_offloaded"].as_f64().unwrap_or(0.0);
+    let rss0 = rss_kb(pid);
     let o0 = before["offloads_total"].as_u64().unwrap_or(0);
     let py = format!(
         "import socket\nfor p in range(20000, 20000 + {n}):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('192.168.1.2', p))\n    s.sendto(b'x', ('203.0.113.2', 10))\n    s.close()\n"
@@ -813,6 +816,18 @@ fn offload_rate(lab: &Lab, exe: &std::path::Path, n: u32, r: &mut Report) -> Res
     r.offload.insert("sender_new_flows_per_s".into(), f64::from(n) / sent);
     r.offload.insert("flows_offloaded".into(), done as f64);
     r.offload.insert("offloads_per_s".into(), done as f64 / secs);
+    // The daemon's resident memory, before and after these flows.
+    let flows1 = st["flows_offloaded"].as_f64().unwrap_or(0.0);
+    if let (Some(a), Some(b)) = (rss0, rss_kb(pid)) {
+        r.memory.insert("daemon_rss_kb_before".into(), a);
+        r.memory.insert("daemon_rss_kb_after".into(), b);
+        r.memory.insert("daemon_flows_after".into(), flows1);
+        if flows1 > flows0 {
+            let per = (b - a).max(0.0) * 1024.0 / (flows1 - flows0);
+            r.memory.insert("daemon_rss_bytes_per_flow".into(), per);
+            r.memory.insert("daemon_rss_mb_at_64k_estimated".into(), (a * 1024.0 + per * 65536.0) / 1048576.0);
+        }
+    }
     if done >= u64::from(n) && secs < sent + 0.05 {
         r.notes.push("offloads_per_s is bounded by the sender: the engine kept up with every new flow".into());
     }
@@ -822,6 +837,12 @@ fn offload_rate(lab: &Lab, exe: &std::path::Path, n: u32, r: &mut Report) -> Res
         }
     }
     Ok(())
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kb(pid: u64) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
