@@ -573,6 +573,193 @@ impl Ruleset {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What firewall4 generates with flow_offloading=1 and _hw=1 (shape and
+    /// order of the relevant parts).
+    const FW4: &str = r#"table inet fw4
+flush table inet fw4
+
+table inet fw4 {
+	#
+	# Flowtable
+	#
+
+	flowtable ft {
+		hook ingress priority 0;
+		devices = { "br-lan", "eth0.2", "pppoe-wan" };
+		counter;
+		flags offload;
+	}
+
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+
+		meta l4proto { tcp, udp } flow offload @ft comment "!fw4: Traffic offloading"
+		ct state vmap { established : accept, related : accept, invalid : drop } comment "!fw4: Handle forwarded flows"
+		iifname "br-lan" jump forward_lan comment "!fw4: Handle lan IPv4/IPv6 forward traffic"
+	}
+}
+"#;
+
+    #[test]
+    fn firewall4_shape_is_translated_line_for_line() {
+        let t = translate(FW4).unwrap();
+        assert_eq!(t.text.lines().count(), FW4.lines().count());
+        assert_eq!(t.flowtables.len(), 1);
+        let ft = &t.flowtables[0];
+        assert_eq!((ft.family.as_str(), ft.table.as_str(), ft.name.as_str()), ("inet", "fw4", "ft"));
+        assert_eq!(ft.devices, vec!["br-lan", "eth0.2", "pppoe-wan"]);
+        assert!(ft.hw_offload && ft.counter);
+        assert_eq!(ft.line, 9);
+        assert_eq!(ft.label_bit, 127);
+        assert!(!t.text.contains("flowtable"));
+        assert!(!t.text.contains("flow offload"));
+        let n = FW4.lines().position(|l| l.contains("flow offload")).unwrap();
+        let l = t.text.lines().nth(n).unwrap();
+        assert_eq!(l.trim(), "meta l4proto { tcp, udp } ct label set 127 comment \"!fw4: Traffic offloading\"");
+        assert_eq!(t.offload_statements, 1);
+        assert_eq!(t.tables, vec![("inet".to_string(), "fw4".to_string())]);
+        // everything else is byte-identical
+        for (a, b) in FW4.lines().zip(t.text.lines()).filter(|(a, _)| !a.contains("flow")) {
+            if !(9..=14).contains(&FW4.lines().position(|x| x == a).unwrap()) {
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn ip_and_ip6_tables_and_flow_add() {
+        let src = "table ip filter {\n flowtable f4 { hook ingress priority 10; devices = eth0; }\n chain fwd { type filter hook forward priority 0; ip protocol tcp flow add @f4; }\n}\ntable ip6 filter6 {\n flowtable f6 { hook ingress priority 0; devices = { eth1, eth2 } }\n chain forward { type filter hook forward priority 0; flow add @f6 }\n}\n";
+        let t = translate(src).unwrap();
+        assert_eq!(t.flowtables.len(), 2);
+        assert_eq!(t.flowtables[0].family, "ip");
+        assert_eq!(t.flowtables[0].devices, vec!["eth0"]);
+        assert_eq!(t.flowtables[1].family, "ip6");
+        assert_eq!(t.flowtables[1].devices, vec!["eth1", "eth2"]);
+        assert_eq!(t.flowtables[1].label_bit, 126);
+        assert!(t.text.contains("ip protocol tcp ct label set 127;"));
+        assert!(t.text.contains("priority 0; ct label set 126 }"));
+        assert!(!t.flowtables[0].hw_offload);
+        assert_eq!(t.text.lines().count(), src.lines().count());
+    }
+
+    #[test]
+    fn command_form_and_comments() {
+        let src = "add table inet t\n# flow add @nope in a comment stays\nadd flowtable inet t ft { hook ingress priority 0; devices = { a, b }; }\nadd chain inet t f { type filter hook forward priority 0; }\nadd rule inet t f flow offload @ft\n";
+        let t = translate(src).unwrap();
+        assert_eq!(t.flowtables[0].table, "t");
+        assert!(t.text.contains("# flow add @nope in a comment stays"));
+        assert!(t.text.contains("add rule inet t f ct label set 127"));
+        assert!(!t.text.contains("add flowtable"));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = translate("table inet t {\n chain c { flow add @missing }\n}\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.msg.contains("@missing"));
+        let e = translate("table inet t {\n\n flowtable ft { hook ingress priority 0; }\n}\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.msg.contains("no devices"));
+    }
+
+    #[test]
+    fn rulesets_without_flowtables_pass_through() {
+        let src = "table inet t {\n chain c { type filter hook forward priority 0; accept }\n}\n";
+        let t = translate(src).unwrap();
+        assert_eq!(t.text, src);
+        assert!(t.flowtables.is_empty());
+    }
+
+    #[test]
+    fn label_bits() {
+        let m = label_mask(&[127, 126, 0]);
+        assert_eq!(m[15], 0xc0);
+        assert_eq!(m[0], 0x01);
+        assert!(has_label(Some(&m), 127));
+        assert!(!has_label(Some(&m), 125));
+        assert!(!has_label(None, 127));
+    }
+}
+
+/// A ruleset file, translated and ready to hand to nft.
+#[derive(Debug, Clone)]
+pub struct Ruleset {
+    pub path: std::path::PathBuf,
+    pub translated: Translated,
+}
+
+impl Ruleset {
+    /// Read and translate `path`; errors name the file and line.
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Ruleset> {
+        let src = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let translated = translate(&src).map_err(|e| anyhow::anyhow!("{}:{}: {}", path.display(), e.line, e.msg))?;
+        Ok(Ruleset { path: path.to_path_buf(), translated })
+    }
+
+    /// Every device of every flowtable, in order of first appearance.
+    pub fn devices(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for ft in &self.translated.flowtables {
+            for d in &ft.devices {
+                if !v.contains(d) {
+                    v.push(d.clone());
+                }
+            }
+        }
+        v
+    }
+
+    /// Load into the kernel in one nft transaction: the tables in `replace`
+    /// and those the file declares are deleted and the file's contents
+    /// added, all or nothing. `check_only` runs nft's dry run (`-c`).
+    pub fn apply(&self, replace: &[(String, String)], check_only: bool) -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("nft-offload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let body = dir.join("ruleset.nft");
+        std::fs::write(&body, &self.translated.text)?;
+        let mut wrap = String::new();
+        let mut tables: Vec<&(String, String)> = replace.iter().collect();
+        for t in &self.translated.tables {
+            if !tables.contains(&t) {
+                tables.push(t);
+            }
+        }
+        for (fam, name) in tables {
+            // `add` first so the `delete` cannot fail on a missing table.
+            wrap += &format!("add table {fam} {name}\ndelete table {fam} {name}\n");
+        }
+        wrap += &format!("include \"{}\"\n", body.display());
+        let main = dir.join("load.nft");
+        std::fs::write(&main, wrap)?;
+        let mut cmd = std::process::Command::new("nft");
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            cmd.arg("-I").arg(parent);
+        }
+        if check_only {
+            cmd.arg("-c");
+        }
+        cmd.arg("-f").arg(&main);
+        let out = cmd.output().map_err(|e| anyhow::anyhow!("cannot run nft: {e} (is nftables installed?)"))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        if !out.status.success() {
+            // nft's own message, pointed back at the user's file (the
+            // translation kept every line where it was).
+            let err = String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| !l.starts_with("In file included from"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .replace(&body.display().to_string(), &self.path.display().to_string());
+            anyhow::bail!("nft rejected {} (nothing was loaded):\n{err}", self.path.display());
+        }
+        Ok(())
+    }
+}
+
 /// Delete tables we loaded (on a clean stop of `run --nft` they stay: the
 /// firewall must keep protecting; this is for tests and `lab down`).
 pub fn delete_tables(tables: &[(String, String)]) -> anyhow::Result<()> {
