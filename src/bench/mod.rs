@@ -153,61 +153,38 @@ const MAC_S: [u8; 6] = [2, 0, 0, 0, 0, 0x05];
 const MAC_RL: [u8; 6] = [2, 0, 0, 0, 1, 1];
 const MAC_RW: [u8; 6] = [2, 0, 0, 0, 2, 1];
 
-fn csum(data: &[u8]) -> u16 {
-    let mut s: u32 = 0;
-    for c in data.chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-/// 64-byte Ethernet frame (60 + FCS on the wire) with IPv4 + UDP, UDP
-/// checksum 0 (none), as a packet generator sends.
+/// 64-byte Ethernet frame (60 + FCS on the wire) with IPv4 + UDP, as a
+/// packet generator sends.
 pub fn udp4_frame(src_mac: [u8; 6], dst_mac: [u8; 6], s: [u8; 4], d: [u8; 4], sp: u16, dp: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend(dst_mac);
-    f.extend(src_mac);
-    f.extend([0x08, 0x00]);
-    let tot = 46u16;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&tot.to_be_bytes());
-    ip.extend(s);
-    ip.extend(d);
-    let c = csum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend(ip);
-    f.extend(sp.to_be_bytes());
-    f.extend(dp.to_be_bytes());
-    f.extend((tot - 20).to_be_bytes());
-    f.extend([0, 0]);
-    f.resize(60, 0x5a);
-    f
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(s, d, 64)
+        .udp(sp, dp)
+        .write(&mut v, &[0x5a; 18])
+        .expect("frame");
+    v
 }
 
-fn tcp_frame(v6: bool, sp: u16) -> Vec<u8> {
+/// Client address and port of the i-th installed benchmark connection.
+fn client_of(i: u32) -> ([u8; 4], u16) {
+    let hi = i / 50000;
+    ([192, 168, (1 + hi / 250) as u8, (2 + hi % 250) as u8], (10000 + i % 50000) as u16)
+}
+
+/// A TCP ACK from the LAN client: IPv4 from `src4`, or the IPv6 client.
+fn tcp_frame(v6: bool, src4: [u8; 4], sp: u16, ttl: u8) -> Vec<u8> {
     let mut v = Vec::new();
-    if v6 {
-        etherparse::PacketBuilder::ethernet2(MAC_C, MAC_RL)
-            .ipv6(
-                [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-                [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-                64,
-            )
-            .tcp(sp, 5201, 1, 65000)
-            .ack(1)
-            .write(&mut v, &[0u8; 6])
-            .expect("frame");
+    let eth = etherparse::PacketBuilder::ethernet2(MAC_C, MAC_RL);
+    let ip = if v6 {
+        eth.ipv6(
+            [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            ttl,
+        )
     } else {
-        etherparse::PacketBuilder::ethernet2(MAC_C, MAC_RL)
-            .ipv4([192, 168, 1, 2], [203, 0, 113, 2], 64)
-            .tcp(sp, 5201, 1, 65000)
-            .ack(1)
-            .write(&mut v, &[0u8; 6])
-            .expect("frame");
-    }
+        eth.ipv4(src4, [203, 0, 113, 2], ttl)
+    };
+    ip.tcp(sp, 5201, 1, 65000).ack(1).write(&mut v, &[0u8; 6]).expect("frame");
     v
 }
 
@@ -252,8 +229,8 @@ fn hops(lan: u32, wan: u32) -> (NextHop, NextHop) {
 fn install(dp: &Dataplane, lan: u32, wan: u32, n: u32) -> Result<()> {
     let (to_wan, to_lan) = hops(lan, wan);
     for i in 0..n {
-        let cport = (10000 + (i % 50000)) as u16;
-        let client = format!("192.168.{}.{}", 1 + (i / 50000) / 250, 2 + (i / 50000) % 250);
+        let (addr, cport) = client_of(i);
+        let client = std::net::Ipv4Addr::from(addr).to_string();
         let o = tuple(&client, cport, "203.0.113.2", 5201);
         let rp = tuple("203.0.113.2", 5201, "203.0.113.1", cport);
         let d = build_direction(&o, &rp, lan, &to_wan);
@@ -293,22 +270,11 @@ fn fast_path_alone(o: &BenchOpts) -> Result<FastPathAlone> {
         let back = tuple("203.0.113.2", 5201, "192.168.1.2", 10000);
         let d = build_direction(&natted, &back, lan, &to_wan);
         dp.put_flow(&d.key, &d.val)?;
-        let ttl255 = |mut f: Vec<u8>, v6: bool| {
-            if v6 {
-                f[21] = 255;
-            } else {
-                f[22] = 255;
-                f[24] = 0;
-                f[25] = 0;
-                let c = csum(&f[14..34]);
-                f[24..26].copy_from_slice(&c.to_be_bytes());
-            }
-            f
-        };
         let frames = [
-            ("ipv4 nat tcp hit", ttl255(tcp_frame(false, 10000), false)),
-            ("ipv6 tcp hit", ttl255(tcp_frame(true, 40002), true)),
-            ("miss", tcp_frame(false, 9999)),
+            // TTL 255: it drops by one per repetition
+            ("ipv4 nat tcp hit", tcp_frame(false, client_of(0).0, 10000, 255)),
+            ("ipv6 tcp hit", tcp_frame(true, [0; 4], 40002, 255)),
+            ("miss", tcp_frame(false, client_of(0).0, 9999, 64)),
         ];
         let mut out = FastPathAlone::default();
         for (name, f) in &frames {
@@ -357,17 +323,8 @@ fn scaling(o: &BenchOpts) -> Result<BTreeMap<u64, Stat>> {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let i = (x % u64::from(n)) as u32;
-                    let mut f = tcp_frame(false, (10000 + (i % 50000)) as u16);
-                    // client address as installed
-                    f[28] = (1 + (i / 50000) / 250) as u8;
-                    f[29] = (2 + (i / 50000) % 250) as u8;
-                    let ihl = 14..34;
-                    f[24] = 0;
-                    f[25] = 0;
-                    let c = csum(&f[ihl]);
-                    f[24..26].copy_from_slice(&c.to_be_bytes());
-                    f
+                    let (addr, port) = client_of((x % u64::from(n)) as u32);
+                    tcp_frame(false, addr, port, 64)
                 })
                 .collect();
             let mut per = Vec::new();
@@ -430,13 +387,10 @@ impl Gen {
     fn start(lan_ns: &str, lan0: u32, frame: Vec<u8>) -> Result<Gen> {
         let (tx, req) = std::sync::mpsc::channel::<(u32, u32, u16)>();
         let (resp, rx) = std::sync::mpsc::channel::<Result<Duration>>();
-        let path = netns::netns_path(lan_ns);
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let ns = netns::NetnsHandle::open(lan_ns)?;
         std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            // SAFETY: moves only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = resp.send(Err(anyhow!("setns: {}", std::io::Error::last_os_error())));
+            if let Err(e) = ns.join() {
+                let _ = resp.send(Err(e));
                 return;
             }
             let storage = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -516,17 +470,12 @@ impl Drop for Floor {
 
 fn attach_floor(lab: &Lab, xdp: bool, rwan: u32, smac: [u8; 6], dmac: [u8; 6]) -> Result<Floor> {
     let rlan = ifindex_in(lab, &lab.rtr, "rlan")?;
-    let path = netns::netns_path(&lab.rtr);
-    let file = std::fs::File::open(&path)?;
+    let ns = netns::NetnsHandle::open(&lab.rtr)?;
     let (stop, wait) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready) = std::sync::mpsc::channel::<Result<()>>();
     let th = std::thread::spawn(move || {
         let r = (|| -> Result<Vec<Link>> {
-            use std::os::fd::AsRawFd;
-            // SAFETY: moves only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
-            }
+            ns.join()?;
             let storage = Box::leak(Box::new(MaybeUninit::uninit()));
             let s = Box::leak(Box::new(skel::BenchSkelBuilder::default().open(storage)?.load()?));
             let cfg = skel::types::bench_cfg { out_ifindex: rwan, nflows: 1, base_port: 0, smac, dmac, pad: 0 };

@@ -26,22 +26,40 @@ pub(crate) fn netns_exists(ns: &str) -> bool {
     netns_path(ns).exists()
 }
 
+/// A handle on namespace `ns`, opened now so a missing namespace is an
+/// error at the call site; `join` moves the calling thread into it.
+pub(crate) struct NetnsHandle {
+    file: File,
+    name: String,
+}
+
+impl NetnsHandle {
+    pub(crate) fn open(ns: &str) -> Result<Self> {
+        let path = netns_path(ns);
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(NetnsHandle { file, name: ns.to_string() })
+    }
+
+    pub(crate) fn join(&self) -> Result<()> {
+        // SAFETY: plain syscall on a valid fd; only the calling thread moves.
+        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns({}): {} (needs root)", self.name, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Run `f` on a fresh thread that has joined network namespace `ns`.
 pub(crate) fn in_netns<T, F>(ns: &str, f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    let path = netns_path(ns);
-    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let ns_name = ns.to_string();
+    let h = NetnsHandle::open(ns)?;
     std::thread::Builder::new()
         .name(format!("netns-{ns}"))
         .spawn(move || {
-            // SAFETY: plain syscall on a valid fd; only this thread moves.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns({ns_name}): {} (needs root)", std::io::Error::last_os_error());
-            }
+            h.join()?;
             f()
         })
         .context("spawning netns thread")?
