@@ -231,10 +231,15 @@ struct IfaceFacts {
     tc_ingress: Vec<TcProg>,
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_NET_ADMIN: u32 = 12;
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
+pub(crate) const CAP_BPF: u32 = 39;
+
+/// Effective capabilities of the calling thread (they are per thread).
+pub(crate) fn effective_caps() -> Option<u64> {
+    fs::read_to_string("/proc/thread-self/status").ok().and_then(|s| parse_cap_eff(&s))
+}
 
 const KFUNCS: [&str; 2] = ["bpf_xdp_ct_lookup", "bpf_ct_change_timeout"];
 
@@ -255,7 +260,7 @@ fn gather_host() -> HostFacts {
     let config = kernel_config(&release);
     HostFacts {
         // thread-self: capabilities are per thread.
-        cap_eff: fs::read_to_string("/proc/thread-self/status").ok().and_then(|s| parse_cap_eff(&s)),
+        cap_eff: effective_caps(),
         bpf_load: probe_bpf_load(),
         jit_enable: read_u32("/proc/sys/net/core/bpf_jit_enable"),
         jit_always_on: config.as_deref().map(|c| config_enabled(c, "CONFIG_BPF_JIT_ALWAYS_ON")),

@@ -117,7 +117,6 @@ struct Counters {
     ct_events: u64,
     ct_resyncs: u64,
     ct_refreshes: u64,
-    route_resolves: u64,
     teardowns: BTreeMap<&'static str, u64>,
     not_offloaded: BTreeMap<String, u64>,
 }
@@ -162,15 +161,9 @@ fn ct_timeouts() -> CtTimeouts {
 
 /// Checks that must pass before anything is touched.
 pub fn preflight() -> Result<()> {
-    let caps = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("CapEff:")).map(|l| l[7..].trim().to_string()))
-        .and_then(|h| u64::from_str_radix(&h, 16).ok())
-        .unwrap_or(0);
+    use crate::check::{effective_caps, CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN};
+    let caps = effective_caps().unwrap_or(0);
     let has = |bit: u32| caps & (1u64 << bit) != 0;
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
     if !has(CAP_NET_ADMIN) || !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
         bail!("insufficient privileges: nft-offload needs CAP_BPF and CAP_NET_ADMIN (run as root)");
     }
@@ -487,7 +480,6 @@ impl Engine {
             .find(|i| i.up)
             .map(|i| i.ifindex)
             .ok_or(("no managed interface is up".to_string(), true))?;
-        self.n.route_resolves += 1;
         let (o, r) = (&e.orig, &e.reply);
         // The original direction arrives where the kernel routes its source.
         let in_orig = match routes::egress_for(&self.dp, first, o.src) {
