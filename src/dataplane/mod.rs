@@ -77,6 +77,29 @@ fn put_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
+/// One BPF_PROG_TEST_RUN of `prog` on `frame` with context bytes `ctx`:
+/// (return value, output frame, ns per repetition).
+fn test_run(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    frame: &[u8],
+    ctx: &mut [u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, u64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = libbpf_rs::ProgramInput {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        context_in: Some(ctx),
+        repeat,
+        ..Default::default()
+    };
+    let r = prog.test_run(opts)?;
+    let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
+    let (ret, ns) = (r.return_value, r.duration.as_nanos() as u64);
+    out.truncate(n);
+    Ok((ret, out, ns))
+}
+
 fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     let mut t = T::default();
     let n = b.len().min(std::mem::size_of::<T>());
@@ -194,10 +217,6 @@ impl Dataplane {
         self.attached.iter().any(|a| a.ifindex == ifindex && a.mode == Mode::Xdp)
     }
 
-    pub fn attached(&self) -> Vec<(u32, Mode)> {
-        self.attached.iter().map(|a| (a.ifindex, a.mode)).collect()
-    }
-
     /// Detach from every interface (links are released).
     pub fn detach_all(&mut self) {
         for a in self.attached.drain(..) {
@@ -273,19 +292,7 @@ impl Dataplane {
         let mut ctx_bytes = vec![0u8; std::mem::size_of::<Md>()];
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, data_end), frame.len() as u32);
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, ingress_ifindex), ingress_ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = libbpf_rs::ProgramInput {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            context_in: Some(&mut ctx_bytes),
-            repeat,
-            ..Default::default()
-        };
-        let r = self.skel.progs.fo_xdp.test_run(opts).context("XDP test run")?;
-        let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
-        let (ret, ns) = (r.return_value, r.duration.as_nanos() as u64);
-        out.truncate(n);
-        Ok((ret, out, ns))
+        test_run(&self.skel.progs.fo_xdp, frame, &mut ctx_bytes, repeat).context("XDP test run")
     }
 
     /// Run the TC entry on one frame; `ifindex` is the device the skb
@@ -304,24 +311,8 @@ impl Dataplane {
             put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_segs), segs);
             put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_size), size);
         }
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = libbpf_rs::ProgramInput {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            context_in: Some(&mut ctx_bytes),
-            repeat,
-            ..Default::default()
-        };
-        let r = self.skel.progs.fo_tc.test_run(opts).context("TC test run")?;
-        let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
-        let (ret, ns) = (r.return_value as i32, r.duration.as_nanos() as u64);
-        out.truncate(n);
-        Ok((ret, out, ns))
-    }
-
-    pub fn map_fds_info(&self) -> (u32, u32) {
-        let _ = self.skel.maps.fo_flows.as_fd();
-        (self.skel.maps.fo_flows.max_entries(), self.skel.maps.fo_tx_ports.max_entries())
+        let (ret, out, ns) = test_run(&self.skel.progs.fo_tc, frame, &mut ctx_bytes, repeat).context("TC test run")?;
+        Ok((ret as i32, out, ns))
     }
 }
 
