@@ -38,7 +38,6 @@ pub fn fib_ret_str(ret: i32) -> &'static str {
 }
 
 pub const FIB_NO_NEIGH: i32 = 7;
-const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
 
 /// Why a direction could not be resolved.
@@ -104,16 +103,15 @@ pub fn resolve(
     Ok(Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: r.mtu.min(0xffff) as u16, xdp_ok: false }))
 }
 
-/// Which interface the kernel would send packets for `dst` out of (an
-/// output lookup, neighbour not needed). Used to find where a connection's
+/// Which interface the kernel would forward packets for `dst` out of
+/// (neighbour not needed). Used to find where a connection's
 /// original direction arrives: the reverse path, as rp_filter assumes.
 pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Option<u32>> {
     let unspecified: IpAddr = if dst.is_ipv4() { [0u8; 4].into() } else { [0u8; 16].into() };
-    // An output lookup takes the interface as oif; 0 would make the kernel
-    // refuse (no device), so ask as a forwarded packet from any managed
-    // interface and skip the neighbour.
+    // BPF_FIB_LOOKUP_OUTPUT would take the interface as oif and needs a
+    // device, so ask as a forwarded packet from any managed interface and
+    // skip the neighbour.
     let r = dp.fib_query(&req(family_of(dst), any_ifindex, unspecified, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH))?;
-    let _ = BPF_FIB_LOOKUP_OUTPUT;
     if r.ret == 0 || r.ret == FIB_NO_NEIGH {
         Ok(Some(r.ifindex_out))
     } else {
