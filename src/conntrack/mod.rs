@@ -8,6 +8,7 @@
 //! Message formats mirror net/netfilter/nf_conntrack_netlink.c; the
 //! netlink codec is hand-rolled on libc sockets.
 
+pub mod merge;
 pub mod msg;
 pub mod nla;
 pub mod socket;
@@ -16,5 +17,6 @@ pub use msg::{
     build_delete, build_dump_request, build_update, parse_message, parse_message_with_header, parse_request, status,
     tcp_state, CtAttrs, CtEntry, CtEvent, CtTuple, CtUpdate, ParsedMsg, RawCtMsg, IP_CT_TCP_FLAG_BE_LIBERAL,
 };
+pub use merge::{merge, Memo, Seen};
 pub use nla::NlHeader;
 pub use socket::{CtError, CtSocket};

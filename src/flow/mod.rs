@@ -9,7 +9,28 @@ pub mod lifecycle;
 pub use entry::{build_direction, csum_diff, Direction, NextHop};
 pub use lifecycle::{decide, Action, CtTimeouts, FlowClock, TeardownReason};
 
+use std::net::IpAddr;
+
 use crate::conntrack::{status, tcp_state, CtEntry};
+
+/// A connection: its original tuple and zone, as conntrack identifies it
+/// (`nf_conntrack_find_get` hashes the tuple within a zone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub zone: u16,
+}
+
+impl ConnId {
+    pub fn of(e: &CtEntry) -> Self {
+        let o = &e.orig;
+        ConnId { src: o.src, dst: o.dst, proto: o.proto, sport: o.sport, dport: o.dport, zone: e.zone }
+    }
+}
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;

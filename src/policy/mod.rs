@@ -2,6 +2,7 @@
 //! unit-tested; the engine feeds them facts read from the system.
 
 pub mod nft;
+pub mod verdict;
 
 use crate::dataplane::Mode;
 use crate::routes::link::{is_shaper, is_virtual, LinkInfo};

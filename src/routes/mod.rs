@@ -9,6 +9,7 @@
 //! `nf_flow_dst_check`; we re-resolve everything that could have moved).
 
 pub mod link;
+pub mod path;
 
 use std::io;
 use std::net::IpAddr;

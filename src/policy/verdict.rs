@@ -1,0 +1,207 @@
+//! The offload verdict: what happens to one connection, decided from the
+//! merged conntrack view, what the engine already does with it, the user's
+//! rules and facts about the world. Pure: no I/O, table-tested below.
+//!
+//! This is the one function to read for "why was this connection not
+//! offloaded" (`status` shows the reasons it returns, counted).
+//!
+//! The rules mirror the kernel flowtable: `nft_flow_offload_eval`
+//! (net/netfilter/nft_flow_offload.c) offloads a connection that reached
+//! `flow add @ft`, is eligible (`flow::eligible`) and whose route goes
+//! between devices of that flowtable; `nf_flow_offload_gc_step` /
+//! `flow_offload_teardown` (nf_flow_table_core.c) take it off when it ends.
+
+use std::fmt;
+
+use crate::config::Exclusions;
+use crate::conntrack::{tcp_state, CtEntry};
+use crate::flow::{eligible, Direction, Ineligible, TeardownReason};
+use crate::routes::path::{NoPath, Ports};
+
+use super::nft::{has_label, Flowtable};
+
+/// fo_flow.teardown values (bpf/flow.h FO_TD_*).
+const TD_FIN: u32 = 1;
+const TD_RST: u32 = 2;
+
+/// The user's rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// Connections never offloaded (`[exclude]` of the config file).
+    pub exclude: &'a Exclusions,
+    /// `run --nft`: the ruleset's flowtables; only connections that reached
+    /// one's `flow add` (its label bit) are offloaded, between its devices.
+    /// `None` (`--iface`, `--config`): every eligible connection between
+    /// the managed interfaces.
+    pub flowtables: Option<&'a [Flowtable]>,
+}
+
+impl Rules<'_> {
+    /// Did the ruleset ask for this connection to be offloaded?
+    pub fn requested(&self, e: &CtEntry) -> bool {
+        match self.flowtables {
+            None => true,
+            Some(fts) => fts.iter().any(|ft| has_label(e.labels.as_ref(), ft.label_bit)),
+        }
+    }
+
+    /// A flowtable the connection was added to lists both devices (the
+    /// kernel's flowtable hooks only its own devices).
+    fn admits(&self, e: &CtEntry, devices: [Option<&str>; 2]) -> bool {
+        let Some(fts) = self.flowtables else { return true };
+        fts.iter().any(|ft| {
+            has_label(e.labels.as_ref(), ft.label_bit)
+                && devices.iter().all(|d| d.is_some_and(|d| ft.devices.iter().any(|x| x == d)))
+        })
+    }
+}
+
+/// What the engine does with the connection now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    Untracked,
+    /// Eligible and requested; its path was not resolvable yet.
+    Waiting { mark: u32 },
+    /// On the fast path. `close` is the fast path's FO_TD_* flag (a FIN or
+    /// RST it saw), 0 if none.
+    Offloaded { mark: u32, close: u32 },
+    /// Taken off while still alive (idle, route change, link down);
+    /// `woke`: the fast path saw one of its packets since.
+    Dormant { mark: u32, woke: bool },
+}
+
+impl Known {
+    fn mark(&self) -> Option<u32> {
+        match *self {
+            Known::Untracked => None,
+            Known::Waiting { mark } | Known::Offloaded { mark, .. } | Known::Dormant { mark, .. } => Some(mark),
+        }
+    }
+}
+
+/// Facts about the world.
+#[derive(Clone, Copy)]
+pub struct World<'a> {
+    pub ports: &'a dyn Ports,
+    /// Both directions' path, once resolved (`routes::path`); `None`: not
+    /// asked yet (the verdict says `NeedsPath` when it needs it).
+    pub path: Option<&'a Result<[Direction; 2], NoPath>>,
+}
+
+/// Why a connection that asked for offload is not offloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotOffloaded {
+    /// An `[exclude]` rule matched (its text names the rule).
+    Excluded(String),
+    Ineligible(Ineligible),
+    NoPath(NoPath),
+    NotInFlowtable,
+    /// Found when applying: the flow map is full.
+    TableFull,
+    /// Found when applying: conntrack refused the liberal-TCP update.
+    ConntrackUpdateFailed,
+}
+
+impl fmt::Display for NotOffloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotOffloaded::Excluded(why) => f.write_str(why),
+            NotOffloaded::Ineligible(i) => f.write_str(i.as_str()),
+            NotOffloaded::NoPath(p) => p.fmt(f),
+            NotOffloaded::NotInFlowtable => f.write_str("interfaces not in the flowtable the connection was added to"),
+            NotOffloaded::TableFull => f.write_str("flow table full"),
+            NotOffloaded::ConntrackUpdateFailed => f.write_str("conntrack update failed"),
+        }
+    }
+}
+
+/// No PartialEq: the generated map types have none.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Not ours (never reached `flow add`): nothing to do.
+    Ignore,
+    /// Not eligible yet (e.g. TCP handshake): a later event brings it
+    /// back; stop waiting for it, count nothing.
+    NotYet(Ineligible),
+    /// Stays as it is; remember the new entry.
+    Update,
+    /// Everything else allows it: resolve the path and ask again.
+    NeedsPath,
+    /// Its path is about to exist (neighbour resolving): retry soon.
+    Wait(NoPath),
+    /// Install (or, when offloaded, re-point) both directions.
+    Offload([Direction; 2]),
+    /// Off the fast path, or stop tracking it.
+    Teardown(TeardownReason),
+    /// Final: counted under this reason in `status`.
+    NotOffloaded(NotOffloaded),
+}
+
+/// The verdict for connection `e` (a merged, full view).
+pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verdict {
+    let requested = rules.requested(e);
+    // The user's ruleset changed its mind about this connection (our label
+    // cleared, its mark changed): the kernel's firewall decides again.
+    if rules.flowtables.is_some() && known.mark().is_some_and(|m| !requested || m != e.mark) {
+        return Verdict::Teardown(TeardownReason::Policy);
+    }
+    if !requested {
+        return Verdict::Ignore;
+    }
+    if let Some(why) = rules.exclude.excludes(e) {
+        return match known {
+            Known::Untracked | Known::Waiting { .. } => Verdict::NotOffloaded(NotOffloaded::Excluded(why)),
+            _ => Verdict::Teardown(TeardownReason::Policy),
+        };
+    }
+    let ineligible = eligible(e).err();
+    match *known {
+        Known::Offloaded { close, .. } => match (ineligible, world.path) {
+            (Some(_), _) => Verdict::Teardown(closing(close, e.tcp_state)),
+            (None, None) => Verdict::Update,
+            (None, Some(Ok(dirs))) if admitted(e, dirs, rules, world) => Verdict::Offload(*dirs),
+            (None, Some(_)) => Verdict::Teardown(TeardownReason::RouteChange),
+        },
+        Known::Dormant { woke, .. } => match ineligible {
+            Some(_) => Verdict::Teardown(TeardownReason::NoLongerEligible),
+            None if !woke => Verdict::Update,
+            None => candidate(e, rules, world),
+        },
+        Known::Untracked | Known::Waiting { .. } => match ineligible {
+            // Every connection passes through these on its way to
+            // ESTABLISHED: not a final verdict.
+            Some(i @ (Ineligible::TcpNotEstablished | Ineligible::NotAssured)) => Verdict::NotYet(i),
+            Some(i) => Verdict::NotOffloaded(NotOffloaded::Ineligible(i)),
+            None => candidate(e, rules, world),
+        },
+    }
+}
+
+/// Eligible, requested, not excluded: the path decides.
+fn candidate(e: &CtEntry, rules: &Rules, world: &World) -> Verdict {
+    match world.path {
+        None => Verdict::NeedsPath,
+        Some(Err(p)) if p.transient() => Verdict::Wait(p.clone()),
+        Some(Err(p)) => Verdict::NotOffloaded(NotOffloaded::NoPath(p.clone())),
+        Some(Ok(dirs)) if admitted(e, dirs, rules, world) => Verdict::Offload(*dirs),
+        Some(Ok(_)) => Verdict::NotOffloaded(NotOffloaded::NotInFlowtable),
+    }
+}
+
+fn admitted(e: &CtEntry, dirs: &[Direction; 2], rules: &Rules, world: &World) -> bool {
+    rules.admits(e, dirs.map(|d| world.ports.name(d.key.ifindex)))
+}
+
+/// Why an offloaded connection that stopped being eligible ends: the fast
+/// path's FIN/RST flag first, then conntrack's TCP state.
+fn closing(close: u32, state: Option<u8>) -> TeardownReason {
+    match (close, state) {
+        (TD_RST, _) => TeardownReason::TcpRst,
+        (TD_FIN, _) => TeardownReason::TcpFin,
+        (_, Some(s)) if s > tcp_state::ESTABLISHED => TeardownReason::TcpFin,
+        _ => TeardownReason::NoLongerEligible,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! Every branch of `verdict`, one row each.
+
+use super::*;
+use crate::conntrack::status;
+use crate::flow::tests::tcp_masq;
+use crate::flow::{build_direction, NextHop};
+
+const LAN: u32 = 3;
+const WAN: u32 = 4;
+const DMZ: u32 = 5;
+
+struct FakePorts;
+
+impl Ports for FakePorts {
+    fn is_up(&self, ifindex: u32) -> bool {
+        self.name(ifindex).is_some()
+    }
+    fn first_up(&self) -> Option<u32> {
+        Some(LAN)
+    }
+    fn name(&self, ifindex: u32) -> Option<&str> {
+        match ifindex {
+            LAN => Some("lan"),
+            WAN => Some("wan"),
+            DMZ => Some("dmz"),
+            _ => None,
+        }
+    }
+}
+
+fn label(bit: u32) -> [u8; 16] {
+    let mut l = [0u8; 16];
+    l[(bit / 8) as usize] |= 1 << (bit % 8);
+    l
+}
+
+fn flowtables() -> Vec<Flowtable> {
+    let ft = |name: &str, devices: &[&str], label_bit| Flowtable {
+        family: "inet".into(),
+        table: "fw4".into(),
+        name: name.into(),
+        devices: devices.iter().map(|d| d.to_string()).collect(),
+        hw_offload: false,
+        counter: false,
+        label_bit,
+        line: 1,
+    };
+    vec![ft("ft", &["lan", "wan"], 127), ft("ft_dmz", &["dmz", "lan"], 126)]
+}
+
+/// The masqueraded TCP connection, routed LAN -> `out`.
+fn path(out: u32) -> Result<[Direction; 2], NoPath> {
+    let e = tcp_masq();
+    let nh = |ifindex| NextHop { ifindex, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, 2], mtu: 1500, xdp_ok: false };
+    Ok([build_direction(&e.orig, &e.reply, LAN, &nh(out)), build_direction(&e.reply, &e.orig, out, &nh(LAN))])
+}
+
+fn exclusions() -> Exclusions {
+    Exclusions { ports: vec!["5060".parse().unwrap()], ..Default::default() }
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Iface,
+    Nft,
+}
+
+/// Entry variations.
+fn labelled(bit: u32) -> CtEntry {
+    CtEntry { labels: Some(label(bit)), ..tcp_masq() }
+}
+fn plain() -> CtEntry {
+    tcp_masq()
+}
+fn marked() -> CtEntry {
+    CtEntry { mark: 7, ..labelled(127) }
+}
+fn sip() -> CtEntry {
+    let mut e = labelled(127);
+    e.orig.dport = 5060;
+    e.reply.sport = 5060;
+    e
+}
+fn state(s: u8) -> CtEntry {
+    CtEntry { tcp_state: Some(s), ..labelled(127) }
+}
+fn not_assured() -> CtEntry {
+    CtEntry { status: status::CONFIRMED | status::SEEN_REPLY, ..labelled(127) }
+}
+fn helper() -> CtEntry {
+    CtEntry { has_helper: true, ..labelled(127) }
+}
+fn udp_unconfirmed() -> CtEntry {
+    let mut e = labelled(127);
+    e.orig.proto = 17;
+    e.reply.proto = 17;
+    e.tcp_state = None;
+    e.status = 0;
+    e
+}
+
+const OFF: Known = Known::Offloaded { mark: 0, close: 0 };
+const DORMANT: Known = Known::Dormant { mark: 0, woke: false };
+const WOKE: Known = Known::Dormant { mark: 0, woke: true };
+const WAITING: Known = Known::Waiting { mark: 0 };
+
+#[test]
+fn every_branch() {
+    let ok = path(WAN);
+    let to_dmz = path(DMZ);
+    let neigh = Err(NoPath::Unroutable(7));
+    let asym = Err(NoPath::Asymmetric);
+    let dirs = ok.clone().unwrap();
+    let dirs_dmz = to_dmz.clone().unwrap();
+    use Known::Untracked as U;
+    use Mode::*;
+    use TeardownReason as T;
+    use Verdict as V;
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Mode, CtEntry, Known, Option<&Result<[Direction; 2], NoPath>>, Verdict)> = vec![
+        // the ruleset decides
+        ("never reached flow add", Nft, plain(), U, None, V::Ignore),
+        ("label cleared while offloaded", Nft, plain(), OFF, None, V::Teardown(T::Policy)),
+        ("mark changed while offloaded", Nft, marked(), OFF, None, V::Teardown(T::Policy)),
+        ("label cleared while dormant", Nft, plain(), DORMANT, None, V::Teardown(T::Policy)),
+        ("mark changed while waiting", Nft, marked(), WAITING, None, V::Teardown(T::Policy)),
+        ("mark change without a ruleset is no policy change", Iface, marked(), OFF, None, V::Update),
+        ("labelled: candidate", Nft, labelled(127), U, None, V::NeedsPath),
+        // exclusions
+        ("excluded, new", Iface, sip(), U, None, V::NotOffloaded(NotOffloaded::Excluded("excluded by port 5060".into()))),
+        ("excluded, waiting", Iface, sip(), WAITING, None, V::NotOffloaded(NotOffloaded::Excluded("excluded by port 5060".into()))),
+        ("excluded, offloaded", Iface, sip(), OFF, None, V::Teardown(T::Policy)),
+        ("excluded, dormant", Iface, sip(), DORMANT, None, V::Teardown(T::Policy)),
+        // offloaded connections
+        ("offloaded, RST seen", Iface, state(tcp_state::CLOSE), Known::Offloaded { mark: 0, close: TD_RST }, None, V::Teardown(T::TcpRst)),
+        ("offloaded, FIN seen", Iface, state(tcp_state::FIN_WAIT), Known::Offloaded { mark: 0, close: TD_FIN }, None, V::Teardown(T::TcpFin)),
+        ("offloaded, conntrack closing", Iface, state(tcp_state::TIME_WAIT), OFF, None, V::Teardown(T::TcpFin)),
+        ("offloaded, helper attached", Iface, helper(), OFF, None, V::Teardown(T::NoLongerEligible)),
+        ("offloaded, still eligible", Iface, plain(), OFF, None, V::Update),
+        ("offloaded, path re-resolved", Iface, plain(), OFF, Some(&ok), V::Offload(dirs)),
+        ("offloaded, path gone", Iface, plain(), OFF, Some(&asym), V::Teardown(T::RouteChange)),
+        ("offloaded, neighbour gone", Iface, plain(), OFF, Some(&neigh), V::Teardown(T::RouteChange)),
+        ("offloaded, rerouted out of its flowtable", Nft, labelled(127), OFF, Some(&to_dmz), V::Teardown(T::RouteChange)),
+        // dormant connections
+        ("dormant, ineligible", Iface, state(tcp_state::FIN_WAIT), DORMANT, None, V::Teardown(T::NoLongerEligible)),
+        ("dormant, asleep", Iface, plain(), DORMANT, None, V::Update),
+        ("dormant, woke", Iface, plain(), WOKE, None, V::NeedsPath),
+        ("dormant, woke, path", Iface, plain(), WOKE, Some(&ok), V::Offload(dirs)),
+        ("dormant, woke, no path", Iface, plain(), WOKE, Some(&asym), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Asymmetric))),
+        ("dormant, woke, neighbour", Iface, plain(), WOKE, Some(&neigh), V::Wait(NoPath::Unroutable(7))),
+        // new and waiting connections
+        ("handshake", Iface, state(tcp_state::SYN_RECV), U, None, V::NotYet(Ineligible::TcpNotEstablished)),
+        ("handshake while waiting", Iface, state(tcp_state::SYN_RECV), WAITING, None, V::NotYet(Ineligible::TcpNotEstablished)),
+        ("not assured", Iface, not_assured(), U, None, V::NotYet(Ineligible::NotAssured)),
+        ("helper", Iface, helper(), U, None, V::NotOffloaded(NotOffloaded::Ineligible(Ineligible::Helper))),
+        ("udp unconfirmed", Iface, udp_unconfirmed(), U, None, V::NotOffloaded(NotOffloaded::Ineligible(Ineligible::NotConfirmed))),
+        ("eligible", Iface, plain(), U, None, V::NeedsPath),
+        ("neighbour resolving", Iface, plain(), U, Some(&neigh), V::Wait(NoPath::Unroutable(7))),
+        ("unroutable", Iface, plain(), U, Some(&asym), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Asymmetric))),
+        ("routed", Iface, plain(), U, Some(&ok), V::Offload(dirs)),
+        ("waiting, routed", Iface, plain(), WAITING, Some(&ok), V::Offload(dirs)),
+        ("any interface without a ruleset", Iface, plain(), U, Some(&to_dmz), V::Offload(dirs_dmz)),
+        ("between its flowtable's devices", Nft, labelled(127), U, Some(&ok), V::Offload(dirs)),
+        ("outside its flowtable's devices", Nft, labelled(127), U, Some(&to_dmz), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
+        ("the other flowtable's devices", Nft, labelled(126), U, Some(&to_dmz), V::Offload(dirs_dmz)),
+        ("the other flowtable, wrong devices", Nft, labelled(126), U, Some(&ok), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
+    ];
+    let fts = flowtables();
+    let ex = exclusions();
+    for (case, mode, e, known, p, want) in cases {
+        let rules = Rules { exclude: &ex, flowtables: matches!(mode, Nft).then_some(&fts[..]) };
+        let world = World { ports: &FakePorts, path: p };
+        let got = verdict(&e, &known, &rules, &world);
+        // Direction has no PartialEq (generated type): compare its bytes.
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "{case}");
+    }
+}
+
+#[test]
+fn reasons_read_as_before() {
+    let cases = [
+        (NotOffloaded::Excluded("excluded by port 22".into()), "excluded by port 22"),
+        (NotOffloaded::Ineligible(Ineligible::Helper), "conntrack helper attached (ALG)"),
+        (NotOffloaded::NoPath(NoPath::Asymmetric), "asymmetric routing"),
+        (NotOffloaded::NotInFlowtable, "interfaces not in the flowtable the connection was added to"),
+        (NotOffloaded::TableFull, "flow table full"),
+        (NotOffloaded::ConntrackUpdateFailed, "conntrack update failed"),
+    ];
+    for (r, text) in cases {
+        assert_eq!(r.to_string(), text);
+    }
+}
