@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::engine::{Config, Engine, FlowView, Status};
+use crate::control::{Client, FlowView, Status};
+use crate::engine::{Config, Engine};
 use crate::policy::ModeChoice;
 
 #[derive(Parser, Debug)]
@@ -155,16 +156,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
         }
         Cmd::Reload { nft } => {
             let path = std::path::absolute(&nft).unwrap_or(nft);
-            let raw = crate::control::request(&format!("reload {}", path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&raw).context("decoding the engine's answer")?;
-            match (v.get("ok"), v.get("error")) {
-                (Some(ok), _) => {
-                    println!("{}", ok.as_str().unwrap_or_default());
-                    Ok(())
-                }
-                (_, Some(err)) => anyhow::bail!("{}", err.as_str().unwrap_or("reload failed")),
-                _ => anyhow::bail!("unexpected answer from the engine: {raw}"),
-            }
+            println!("{}", Client::reload(&path)?);
+            Ok(())
         }
         Cmd::Check { ifaces, mode, output } => {
             let report = crate::check::run(&crate::check::CheckOpts { ifaces, mode });
@@ -175,8 +168,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             std::process::exit(report.exit_code());
         }
         Cmd::Status { output } => {
-            let raw = crate::control::request("status")?;
-            let st: Status = serde_json::from_str(&raw).context("decoding the engine's status")?;
+            let st = Client::status()?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
                 Output::Text => print!("{}", render_status(&st)),
@@ -184,8 +176,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Flows { output } => {
-            let raw = crate::control::request("flows")?;
-            let flows: Vec<FlowView> = serde_json::from_str(&raw).context("decoding the engine's flows")?;
+            let flows = Client::flows()?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
                 Output::Text => print!("{}", render_flows(&flows)),

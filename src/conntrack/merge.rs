@@ -33,7 +33,13 @@ pub struct Memo {
 
 impl Memo {
     pub fn of(e: &CtEntry) -> Memo {
-        Memo { tcp_state: e.tcp_state, tcp_flags: e.tcp_flags, labels: e.labels, has_helper: e.has_helper, mark: e.mark }
+        Memo {
+            tcp_state: e.tcp_state,
+            tcp_flags: e.tcp_flags,
+            labels: e.labels,
+            has_helper: e.has_helper,
+            mark: e.mark,
+        }
     }
 }
 
@@ -86,10 +92,40 @@ mod tests {
 
         // (case, entry, seen, last, expected tcp_state, labels, flags, helper, mark)
         #[allow(clippy::type_complexity)]
-        let cases: Vec<(&str, &CtEntry, Seen, Option<&Memo>, Option<u8>, Option<[u8; 16]>, Option<[u8; 2]>, bool, u32)> = vec![
+        let cases: Vec<(
+            &str,
+            &CtEntry,
+            Seen,
+            Option<&Memo>,
+            Option<u8>,
+            Option<[u8; 16]>,
+            Option<[u8; 2]>,
+            bool,
+            u32,
+        )> = vec![
             ("first sight of an update", &bare, Seen::Changes, None, None, None, None, false, 0),
-            ("update fills from memo", &bare, Seen::Changes, Some(&memo), full.tcp_state, memo.labels, memo.tcp_flags, true, 0),
-            ("update keeps what it carries", &newer, Seen::Changes, Some(&memo), Some(tcp_state::FIN_WAIT), Some(label(3)), memo.tcp_flags, true, 9),
+            (
+                "update fills from memo",
+                &bare,
+                Seen::Changes,
+                Some(&memo),
+                full.tcp_state,
+                memo.labels,
+                memo.tcp_flags,
+                true,
+                0,
+            ),
+            (
+                "update keeps what it carries",
+                &newer,
+                Seen::Changes,
+                Some(&memo),
+                Some(tcp_state::FIN_WAIT),
+                Some(label(3)),
+                memo.tcp_flags,
+                true,
+                9,
+            ),
             ("full view: absent labels are none", &bare, Seen::Full, Some(&memo), None, None, None, true, 0),
             ("full view as is", &newer, Seen::Full, None, Some(tcp_state::FIN_WAIT), Some(label(3)), None, false, 9),
         ];

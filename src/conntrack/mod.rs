@@ -13,10 +13,10 @@ pub mod msg;
 pub mod nla;
 pub mod socket;
 
+pub use merge::{merge, Memo, Seen};
 pub use msg::{
     build_delete, build_dump_request, build_update, parse_message, parse_message_with_header, parse_request, status,
     tcp_state, CtAttrs, CtEntry, CtEvent, CtTuple, CtUpdate, ParsedMsg, RawCtMsg, IP_CT_TCP_FLAG_BE_LIBERAL,
 };
-pub use merge::{merge, Memo, Seen};
 pub use nla::NlHeader;
 pub use socket::{CtError, CtSocket};

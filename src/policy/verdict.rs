@@ -61,13 +61,21 @@ impl Rules<'_> {
 pub enum Known {
     Untracked,
     /// Eligible and requested; its path was not resolvable yet.
-    Waiting { mark: u32 },
+    Waiting {
+        mark: u32,
+    },
     /// On the fast path. `close` is the fast path's FO_TD_* flag (a FIN or
     /// RST it saw), 0 if none.
-    Offloaded { mark: u32, close: u32 },
+    Offloaded {
+        mark: u32,
+        close: u32,
+    },
     /// Taken off while still alive (idle, route change, link down);
     /// `woke`: the fast path saw one of its packets since.
-    Dormant { mark: u32, woke: bool },
+    Dormant {
+        mark: u32,
+        woke: bool,
+    },
 }
 
 impl Known {
@@ -115,8 +123,10 @@ impl fmt::Display for NotOffloaded {
     }
 }
 
-/// No PartialEq: the generated map types have none.
+/// No PartialEq: the generated map types have none. Large, but it lives on
+/// the stack for one call and is never stored.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Verdict {
     /// Not ours (never reached `flow add`): nothing to do.
     Ignore,

@@ -49,15 +49,20 @@ fn flowtables() -> Vec<Flowtable> {
 }
 
 /// The masqueraded TCP connection, routed LAN -> `out`.
-fn path(out: u32) -> Result<[Direction; 2], NoPath> {
+fn path(out: u32) -> PathAnswer {
     let e = tcp_masq();
-    let nh = |ifindex| NextHop { ifindex, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, 2], mtu: 1500, xdp_ok: false };
+    let nh =
+        |ifindex| NextHop { ifindex, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, 2], mtu: 1500, xdp_ok: false };
     Ok([build_direction(&e.orig, &e.reply, LAN, &nh(out)), build_direction(&e.reply, &e.orig, out, &nh(LAN))])
 }
 
 fn exclusions() -> Exclusions {
     Exclusions { ports: vec!["5060".parse().unwrap()], ..Default::default() }
 }
+
+type PathAnswer = Result<[Direction; 2], NoPath>;
+/// (case, mode, entry, known, path, expected)
+type Case<'a> = (&'static str, Mode, CtEntry, Known, Option<&'a PathAnswer>, Verdict);
 
 #[derive(Clone, Copy)]
 enum Mode {
@@ -117,7 +122,7 @@ fn every_branch() {
     use TeardownReason as T;
     use Verdict as V;
     #[rustfmt::skip]
-    let cases: Vec<(&str, Mode, CtEntry, Known, Option<&Result<[Direction; 2], NoPath>>, Verdict)> = vec![
+    let cases: Vec<Case> = vec![
         // the ruleset decides
         ("never reached flow add", Nft, plain(), U, None, V::Ignore),
         ("label cleared while offloaded", Nft, plain(), OFF, None, V::Teardown(T::Policy)),

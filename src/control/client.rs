@@ -1,0 +1,54 @@
+//! The client side, used by the CLI.
+
+use std::io::{Read, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+
+use super::{Envelope, FlowView, Request, Status, NAME};
+
+/// The engine running in this network namespace.
+pub struct Client;
+
+impl Client {
+    pub fn status() -> Result<Status> {
+        call(&Request::Status)
+    }
+
+    pub fn flows() -> Result<Vec<FlowView>> {
+        call(&Request::Flows)
+    }
+
+    /// Returns the engine's summary of what changed.
+    pub fn reload(path: &std::path::Path) -> Result<String> {
+        call(&Request::Reload { path: path.to_path_buf() })
+    }
+}
+
+fn call<T: DeserializeOwned>(req: &Request) -> Result<T> {
+    let addr = SocketAddr::from_abstract_name(NAME)?;
+    let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
+        if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) {
+            anyhow!("nft-offload is not running in this network namespace (start it with `nft-offload run`)")
+        } else {
+            anyhow!("cannot reach the running nft-offload: {e}")
+        }
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).context("reading the engine's answer")?;
+    if out.is_empty() {
+        bail!("the running nft-offload closed the connection without answering");
+    }
+    match serde_json::from_str::<Envelope<T>>(&out) {
+        Ok(Envelope::Ok(v)) => Ok(v),
+        Ok(Envelope::Error(e)) => bail!("{e}"),
+        Err(e) => bail!("unexpected answer from the engine ({e}): {}", out.chars().take(200).collect::<String>()),
+    }
+}

@@ -1,0 +1,78 @@
+//! What `status` and `flows` show: the engine fills these, the protocol
+//! carries them as JSON, the CLI renders them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::Mode;
+use crate::policy::ModeChoice;
+
+/// A managed interface: where the fast path is attached, how, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub driver: String,
+    pub mode: Mode,
+    pub reason: String,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub mode_requested: ModeChoice,
+    pub interfaces: Vec<IfaceStatus>,
+    pub flows_offloaded: usize,
+    pub flows_waiting_for_neighbour: usize,
+    pub flows_dormant: usize,
+    pub flow_capacity: u32,
+    pub idle_timeout_s: u64,
+    pub fast_path_packets: u64,
+    pub fast_path_bytes: u64,
+    pub slow_path: BTreeMap<String, u64>,
+    pub offloads_total: u64,
+    pub teardowns: BTreeMap<String, u64>,
+    pub not_offloaded: BTreeMap<String, u64>,
+    pub conntrack_events: u64,
+    pub conntrack_resyncs: u64,
+    pub conntrack_refreshes: u64,
+    /// From a conntrack event reaching the engine to both map entries
+    /// installed, over the last 10k offloads.
+    #[serde(default)]
+    pub offload_latency_us: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TupleView {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// One offloaded connection, conntrack style.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowView {
+    pub id: u32,
+    pub proto: String,
+    pub family: u8,
+    pub state: Option<String>,
+    pub orig: TupleView,
+    pub reply: TupleView,
+    pub packets_orig: u64,
+    pub bytes_orig: u64,
+    pub packets_reply: u64,
+    pub bytes_reply: u64,
+    pub idle_s: f64,
+    pub mode: Mode,
+    pub iif: String,
+    pub oif: String,
+    pub mark: u32,
+    pub zone: u16,
+    pub nat_src: bool,
+    pub nat_dst: bool,
+}

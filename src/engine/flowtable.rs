@@ -1,0 +1,360 @@
+//! The connections the engine handles and their fast-path map entries:
+//! offloaded (both directions in `fo_flows`), waiting for their path, and
+//! dormant (taken off while alive; `fo_dormant` tells when a packet of
+//! theirs shows up). Verdicts come from `policy::verdict`; this applies
+//! them. It also keeps the one memo per connection that completes
+//! ctnetlink's update events (`conntrack::merge`).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
+use crate::dataplane::{fo_flow, fo_flow_key, Dataplane};
+use crate::flow::{ConnId, Direction, FlowClock, TeardownReason};
+use crate::policy::nft;
+use crate::policy::verdict::{Known, NotOffloaded, Verdict};
+
+use super::now_ns;
+
+pub(super) struct Offloaded {
+    pub entry: CtEntry,
+    pub dirs: [Direction; 2],
+    pub clock: FlowClock,
+    /// Counters of map entries this connection had before a rewrite.
+    pub base: [(u64, u64); 2],
+    /// Latest map values, for display and the fast path's FIN/RST flag.
+    pub last: [fo_flow; 2],
+}
+
+struct Dormant {
+    entry: CtEntry,
+    keys: [fo_flow_key; 2],
+    since_ns: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub offloads: u64,
+    pub refreshes: u64,
+    pub teardowns: BTreeMap<&'static str, u64>,
+    pub not_offloaded: BTreeMap<String, u64>,
+    /// Event-to-installed times of recent offloads, microseconds.
+    pub offload_us: VecDeque<u32>,
+}
+
+pub struct FlowTable {
+    pub(super) dp: Dataplane,
+    /// Request socket: liberal TCP, label clearing, timeout refresh, dumps.
+    pub(super) ct: CtSocket,
+    pub(super) offloaded: HashMap<ConnId, Offloaded>,
+    waiting: HashMap<ConnId, CtEntry>,
+    dormant: HashMap<ConnId, Dormant>,
+    memos: HashMap<ConnId, Memo>,
+    /// The ruleset's flowtable label bits: cleared on a policy teardown so
+    /// that only the ruleset can bring the connection back.
+    label_bits: Vec<u32>,
+    pub counters: Counters,
+    /// When the batch of conntrack events being handled was read.
+    pub events_at: Option<Instant>,
+}
+
+impl FlowTable {
+    pub fn new(dp: Dataplane, ct: CtSocket, label_bits: Vec<u32>) -> Self {
+        FlowTable {
+            dp,
+            ct,
+            offloaded: HashMap::new(),
+            waiting: HashMap::new(),
+            dormant: HashMap::new(),
+            memos: HashMap::new(),
+            label_bits,
+            counters: Counters::default(),
+            events_at: None,
+        }
+    }
+
+    pub fn dp(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn dp_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    pub fn set_label_bits(&mut self, bits: Vec<u32>) {
+        self.label_bits = bits;
+    }
+
+    pub fn len(&self) -> (usize, usize, usize) {
+        (self.offloaded.len(), self.waiting.len(), self.dormant.len())
+    }
+
+    /// Complete an entry from the connection's memo (see conntrack::merge).
+    pub fn merge(&mut self, e: CtEntry, seen: Seen) -> CtEntry {
+        let id = ConnId::of(&e);
+        let (e, memo) = merge(e, seen, self.memos.get(&id));
+        self.memos.insert(id, memo);
+        e
+    }
+
+    /// What the engine does with `id` now, for the verdict. `woke` is
+    /// decided by the caller (see `woken`).
+    pub fn known(&self, id: &ConnId) -> Known {
+        if let Some(f) = self.offloaded.get(id) {
+            let close = f.last.iter().map(|v| v.teardown).max().unwrap_or(0);
+            Known::Offloaded { mark: f.entry.mark, close }
+        } else if let Some(d) = self.dormant.get(id) {
+            Known::Dormant { mark: d.entry.mark, woke: false }
+        } else if let Some(e) = self.waiting.get(id) {
+            Known::Waiting { mark: e.mark }
+        } else {
+            Known::Untracked
+        }
+    }
+
+    /// The stored entry of a tracked connection.
+    pub fn entry(&self, id: &ConnId) -> Option<&CtEntry> {
+        self.offloaded
+            .get(id)
+            .map(|f| &f.entry)
+            .or_else(|| self.dormant.get(id).map(|d| &d.entry))
+            .or_else(|| self.waiting.get(id))
+    }
+
+    pub fn offloaded_ids(&self) -> Vec<ConnId> {
+        self.offloaded.keys().copied().collect()
+    }
+
+    pub fn waiting_ids(&self) -> Vec<ConnId> {
+        self.waiting.keys().copied().collect()
+    }
+
+    /// Offloaded connections that enter or leave through `ifindex`.
+    pub fn offloaded_via(&self, ifindex: u32) -> Vec<ConnId> {
+        self.offloaded
+            .iter()
+            .filter(|(_, f)| f.dirs.iter().any(|d| d.key.ifindex == ifindex || d.val.out_ifindex == ifindex))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Dormant connections the fast path saw a packet of since they slept.
+    pub fn woken(&self) -> Vec<ConnId> {
+        self.dormant
+            .iter()
+            .filter(|(_, d)| d.keys.iter().any(|k| self.dp.dormant_seen(k).is_some_and(|t| t > d.since_ns)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Apply a verdict about connection `e`.
+    pub fn apply(&mut self, e: CtEntry, v: Verdict) {
+        let id = ConnId::of(&e);
+        match v {
+            Verdict::Ignore => {}
+            // The engine resolves the path before applying; reaching here
+            // means it did not, so nothing changes.
+            Verdict::NeedsPath => tracing::debug!(?id, "verdict applied without a path"),
+            Verdict::NotYet(_) => {
+                self.waiting.remove(&id);
+            }
+            Verdict::Update => {
+                if let Some(f) = self.offloaded.get_mut(&id) {
+                    f.entry = e;
+                } else if let Some(d) = self.dormant.get_mut(&id) {
+                    d.entry = e;
+                } else if let Some(w) = self.waiting.get_mut(&id) {
+                    *w = e;
+                }
+            }
+            Verdict::Wait(why) => {
+                tracing::trace!(?id, %why, "waiting");
+                self.wake(&id);
+                self.waiting.insert(id, e);
+            }
+            Verdict::Offload(dirs) if self.offloaded.contains_key(&id) => self.repath(&id, dirs),
+            Verdict::Offload(dirs) => self.install(id, e, dirs),
+            Verdict::Teardown(r) => self.teardown(&id, r),
+            Verdict::NotOffloaded(why) => {
+                self.waiting.remove(&id);
+                self.wake(&id);
+                self.not_offloaded(why);
+            }
+        }
+    }
+
+    pub fn not_offloaded(&mut self, why: NotOffloaded) {
+        *self.counters.not_offloaded.entry(why.to_string()).or_default() += 1;
+    }
+
+    /// Stop watching a dormant connection.
+    fn wake(&mut self, id: &ConnId) {
+        if let Some(d) = self.dormant.remove(id) {
+            d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
+        }
+    }
+
+    fn install(&mut self, id: ConnId, e: CtEntry, dirs: [Direction; 2]) {
+        self.waiting.remove(&id);
+        self.wake(&id);
+        // Conntrack will miss the packets we forward: stop it from judging
+        // windows it cannot see, as nft_flow_offload_eval does
+        // (IP_CT_TCP_FLAG_BE_LIBERAL both ways).
+        if e.orig.proto == 6 {
+            let upd = CtUpdate { tcp_liberal: true, ..Default::default() };
+            match self.ct.update(&e.orig, e.zone, &upd) {
+                Ok(()) => {}
+                Err(CtError::NotFound) => return,
+                Err(err) => {
+                    tracing::warn!("cannot set TCP liberal mode: {err}; not offloading");
+                    self.not_offloaded(NotOffloaded::ConntrackUpdateFailed);
+                    return;
+                }
+            }
+        }
+        for (i, d) in dirs.iter().enumerate() {
+            if let Err(err) = self.dp.put_flow(&d.key, &d.val) {
+                tracing::warn!("{err}");
+                for prev in &dirs[..i] {
+                    self.dp.delete_flow(&prev.key);
+                }
+                self.not_offloaded(NotOffloaded::TableFull);
+                return;
+            }
+        }
+        let now = now_ns();
+        let c = &mut self.counters;
+        c.offloads += 1;
+        if let Some(t) = self.events_at {
+            if c.offload_us.len() >= 10_000 {
+                c.offload_us.pop_front();
+            }
+            c.offload_us.push_back(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+        tracing::debug!(?id, "offloaded");
+        let clock = FlowClock { installed_ns: now, last_seen_ns: 0, last_refresh_ns: now, refreshed_seen_ns: 0 };
+        let last = [dirs[0].val, dirs[1].val];
+        self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last });
+    }
+
+    /// An offloaded connection's path was resolved again: rewrite the map
+    /// entries that changed, keeping counters, stamps and the close flag.
+    fn repath(&mut self, id: &ConnId, new: [Direction; 2]) {
+        let Some(f) = self.offloaded.get_mut(id) else { return };
+        for (i, nd) in new.iter().enumerate() {
+            let old = &f.dirs[i];
+            if old.key.ifindex != nd.key.ifindex {
+                // Arrives elsewhere now: replace the entry.
+                self.dp.delete_flow(&old.key);
+            } else if old.val.out_ifindex == nd.val.out_ifindex
+                && old.val.dmac == nd.val.dmac
+                && old.val.smac == nd.val.smac
+                && old.val.mtu == nd.val.mtu
+                && old.val.flags == nd.val.flags
+            {
+                continue;
+            }
+            let cur = self.dp.get_flow(&old.key).unwrap_or(f.last[i]);
+            f.base[i].0 += cur.packets;
+            f.base[i].1 += cur.bytes;
+            let mut v = nd.val;
+            v.last_seen_ns = cur.last_seen_ns;
+            v.teardown = cur.teardown;
+            if self.dp.put_flow(&nd.key, &v).is_err() {
+                continue;
+            }
+            f.dirs[i] = Direction { key: nd.key, val: nd.val };
+            f.last[i] = v;
+        }
+    }
+
+    /// Take a connection off the fast path (or stop waiting for or
+    /// watching it). Connections still alive in conntrack after an idle
+    /// period, a route change or a link going down come back on their next
+    /// packet (see fo_dormant); after a policy change only the ruleset can
+    /// bring them back.
+    pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
+        let entry = if let Some(f) = self.offloaded.remove(id) {
+            for d in &f.dirs {
+                self.dp.delete_flow(&d.key);
+            }
+            *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
+            tracing::debug!(?id, reason = reason.as_str(), "teardown");
+            if matches!(reason, TeardownReason::Idle | TeardownReason::RouteChange | TeardownReason::InterfaceDown) {
+                let keys = [f.dirs[0].key, f.dirs[1].key];
+                keys.iter().for_each(|k| self.dp.watch_dormant(k));
+                self.dormant.insert(*id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
+                return;
+            }
+            f.entry
+        } else if let Some(d) = self.dormant.remove(id) {
+            d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
+            d.entry
+        } else if let Some(e) = self.waiting.remove(id) {
+            e
+        } else {
+            return;
+        };
+        if reason == TeardownReason::Policy {
+            self.forget_offload_request(&entry);
+        }
+    }
+
+    /// The conntrack entry is gone.
+    pub fn destroyed(&mut self, id: &ConnId) {
+        self.teardown(id, TeardownReason::ConntrackDestroyed);
+        self.memos.remove(id);
+    }
+
+    /// After a full dump: forget every connection it did not list.
+    pub fn retain_present(&mut self, present: &HashSet<ConnId>) {
+        let gone: Vec<ConnId> = self.offloaded.keys().filter(|id| !present.contains(id)).copied().collect();
+        for id in gone {
+            self.teardown(&id, TeardownReason::ConntrackDestroyed);
+        }
+        self.waiting.retain(|id, _| present.contains(id));
+        let gone: Vec<ConnId> = self.dormant.keys().filter(|id| !present.contains(id)).copied().collect();
+        gone.iter().for_each(|id| self.wake(id));
+        self.memos.retain(|id, _| present.contains(id));
+    }
+
+    /// A new ruleset: every connection goes back through it; returns how
+    /// many were offloaded.
+    pub fn send_all_back(&mut self) -> usize {
+        let ids = self.offloaded_ids();
+        let n = ids.len();
+        for id in ids {
+            self.teardown(&id, TeardownReason::Policy);
+        }
+        let dormant: Vec<ConnId> = self.dormant.keys().copied().collect();
+        for id in dormant {
+            self.teardown(&id, TeardownReason::Policy);
+        }
+        let waiting = self.waiting_ids();
+        for id in waiting {
+            self.teardown(&id, TeardownReason::Policy);
+        }
+        n
+    }
+
+    /// Clear our label bits on the conntrack entry.
+    pub fn forget_offload_request(&mut self, e: &CtEntry) {
+        if self.label_bits.is_empty() {
+            return;
+        }
+        let mask = nft::label_mask(&self.label_bits);
+        // Events already queued may carry no labels (they only do when
+        // labels change) and would otherwise be completed with the old ones.
+        let memo = self.memos.entry(ConnId::of(e)).or_insert_with(|| Memo::of(e));
+        let mut now = memo.labels.or(e.labels).unwrap_or_default();
+        for (b, m) in now.iter_mut().zip(mask) {
+            *b &= !m;
+        }
+        memo.labels = Some(now);
+        let upd = CtUpdate { labels: Some(([0u8; 16], mask)), ..Default::default() };
+        match self.ct.update(&e.orig, e.zone, &upd) {
+            Ok(()) | Err(CtError::NotFound) => {}
+            Err(err) => tracing::warn!("cannot clear the offload label: {err}"),
+        }
+    }
+}

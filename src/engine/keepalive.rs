@@ -1,0 +1,56 @@
+//! Keepalive: read the fast path's counters and stamps of every offloaded
+//! connection, keep its conntrack entry alive while packets flow, and take
+//! it off when it goes idle or the fast path saw it close. The decisions
+//! are `flow::lifecycle::decide` (pure); this reads and applies them.
+
+use std::time::Duration;
+
+use crate::conntrack::{status, CtError, CtUpdate};
+use crate::flow::{decide, Action, CtTimeouts, TeardownReason};
+
+use super::flowtable::FlowTable;
+
+pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts) {
+    for id in ft.offloaded_ids() {
+        let action = {
+            let f = ft.offloaded.get_mut(&id).expect("listed");
+            let mut td = 0;
+            let mut missing = false;
+            for (i, d) in f.dirs.iter().enumerate() {
+                match ft.dp.get_flow(&d.key) {
+                    Some(v) => {
+                        f.last[i] = v;
+                        td = td.max(v.teardown);
+                        f.clock.last_seen_ns = f.clock.last_seen_ns.max(v.last_seen_ns);
+                    }
+                    None => missing = true,
+                }
+            }
+            if missing {
+                // An entry removed behind our back (map edited by hand):
+                // take the connection off the fast path entirely.
+                Action::Teardown(TeardownReason::Policy)
+            } else {
+                let seen_reply = f.entry.status & status::SEEN_REPLY != 0 || f.last[1].packets > 0;
+                decide(now, &f.clock, td, idle, timeouts.for_flow(f.entry.orig.proto, seen_reply))
+            }
+        };
+        match action {
+            Action::Keep => {}
+            Action::Teardown(r) => ft.teardown(&id, r),
+            Action::Refresh(t) => {
+                let f = ft.offloaded.get_mut(&id).expect("listed");
+                let upd = CtUpdate { timeout: Some(t), ..Default::default() };
+                match ft.ct.update(&f.entry.orig, f.entry.zone, &upd) {
+                    Ok(()) => {
+                        f.clock.last_refresh_ns = now;
+                        f.clock.refreshed_seen_ns = f.clock.last_seen_ns;
+                        ft.counters.refreshes += 1;
+                    }
+                    Err(CtError::NotFound) => ft.teardown(&id, TeardownReason::ConntrackDestroyed),
+                    Err(err) => tracing::warn!(proto = f.entry.orig.proto, "conntrack timeout refresh failed: {err}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The engine: one thread, one poll loop; every source of change is a file
+//! descriptor. The loop only reads sources and applies verdicts:
+//!
+//! * conntrack events and dumps -> `policy::verdict` -> `FlowTable::apply`
+//! * rtnetlink changes -> link state, then every offloaded connection's
+//!   path is resolved again and judged again
+//! * the 250 ms tick -> `keepalive`, dormant connections that woke, retries
+//! * the control socket -> `status`, `flows`, `reload` (`ruleset`)
+//!
+//! What is decided where: `policy::verdict` (offload or not, and why),
+//! `flow::lifecycle` (keepalive and idle), `routes::path` (next hops),
+//! `policy::choose_modes` (XDP or TC per interface).
+
+mod flowtable;
+mod keepalive;
+mod ports;
+mod ruleset;
+mod views;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::conntrack::{CtEntry, CtError, CtEvent, CtSocket, Seen};
+use crate::control::{ControlServer, Request, Response};
+use crate::dataplane::Dataplane;
+use crate::flow::{ConnId, CtTimeouts, TeardownReason};
+use crate::policy::nft::Ruleset;
+use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
+use crate::routes::path::resolve_path;
+use crate::routes::RouteWatch;
+
+use flowtable::FlowTable;
+use ports::Interfaces;
+
+/// How long rtnetlink changes settle before paths are resolved again.
+const ROUTE_SETTLE: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(250);
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+}
+
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer. CLOCK_MONOTONIC_COARSE is what the fast path's
+    // bpf_ktime_get_coarse_ns reads.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn read_sysctl(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}")).ok()?.trim().parse().ok()
+}
+
+fn ct_timeouts() -> CtTimeouts {
+    let d = CtTimeouts::default();
+    CtTimeouts {
+        tcp_established: read_sysctl("nf_conntrack_tcp_timeout_established").unwrap_or(d.tcp_established),
+        udp: read_sysctl("nf_conntrack_udp_timeout").unwrap_or(d.udp),
+        udp_stream: read_sysctl("nf_conntrack_udp_timeout_stream").unwrap_or(d.udp_stream),
+    }
+}
+
+/// Checks that must pass before anything is touched.
+pub fn preflight() -> Result<()> {
+    use crate::check::{effective_caps, CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN};
+    let caps = effective_caps().unwrap_or(0);
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    if !has(CAP_NET_ADMIN) || !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+        anyhow::bail!("insufficient privileges: nft-offload needs CAP_BPF and CAP_NET_ADMIN (run as root)");
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        anyhow::bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux missing): it needs CONFIG_DEBUG_INFO_BTF=y");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub ifaces: Vec<String>,
+    pub mode: crate::policy::ModeChoice,
+    pub idle_timeout: Duration,
+    pub max_flows: u32,
+    /// An nftables ruleset with flowtables: loaded by us, its `flow add`
+    /// statements decide what is offloaded, its flowtables' devices are the
+    /// interfaces.
+    pub nft: Option<std::path::PathBuf>,
+    /// Connections never offloaded (config file `[exclude]`).
+    pub exclude: crate::config::Exclusions,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // 30 s: the kernel flowtable's NF_FLOW_TIMEOUT.
+        Config {
+            ifaces: Vec::new(),
+            mode: crate::policy::ModeChoice::Auto,
+            idle_timeout: Duration::from_secs(30),
+            max_flows: 65536,
+            nft: None,
+            exclude: Default::default(),
+        }
+    }
+}
+
+/// The file descriptors the loop waits on.
+struct Sources {
+    ct_events: CtSocket,
+    routes: RouteWatch,
+    control: ControlServer,
+}
+
+pub struct Engine {
+    src: Sources,
+    core: Core,
+}
+
+/// Everything the loop's handlers change.
+struct Core {
+    cfg: Config,
+    started: Instant,
+    /// The loaded ruleset in `--nft` mode.
+    ruleset: Option<Ruleset>,
+    ifaces: Interfaces,
+    flows: FlowTable,
+    timeouts: CtTimeouts,
+    ct_events: u64,
+    ct_resyncs: u64,
+    route_dirty: Option<Instant>,
+}
+
+impl Engine {
+    /// Validate, load, attach. On any error nothing stays attached: the
+    /// dataplane's links are dropped with it.
+    pub fn start(mut cfg: Config) -> Result<Self> {
+        preflight()?;
+        let ruleset = match &cfg.nft {
+            Some(path) => {
+                if !cfg.ifaces.is_empty() {
+                    anyhow::bail!(
+                        "--iface and --nft exclude each other: the devices come from the ruleset's flowtables"
+                    );
+                }
+                let rs = ruleset::prepare(path, &[])?;
+                cfg.ifaces = rs.devices();
+                Some(rs)
+            }
+            None => None,
+        };
+        if cfg.ifaces.is_empty() {
+            anyhow::bail!("no interfaces given: use --iface IF (at least two for forwarding)");
+        }
+        let infos = ports::gather(&cfg.ifaces)?;
+        let control = ControlServer::bind()?;
+        let mut dp = Dataplane::load(cfg.max_flows)?;
+        let mut ifaces = Interfaces::default();
+        ifaces.attach(&mut dp, &infos, cfg.mode)?;
+        // Subscribe before dumping so no change falls between the two.
+        let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
+        let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
+        let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
+        if let Some(rs) = &ruleset {
+            // Attached first, ruleset second: if nft fails now the engine is
+            // dropped and detaches; nothing stays half-applied.
+            rs.apply(&[], false)?;
+            tracing::info!(file = %rs.path.display(), flowtables = rs.translated.flowtables.len(), "ruleset loaded");
+        }
+        let bits = ruleset::label_bits(ruleset.as_ref());
+        let mut core = Core {
+            cfg,
+            started: Instant::now(),
+            ruleset,
+            ifaces,
+            flows: FlowTable::new(dp, ct_req, bits),
+            timeouts: ct_timeouts(),
+            ct_events: 0,
+            ct_resyncs: 0,
+            route_dirty: None,
+        };
+        core.resync().context("initial conntrack dump")?;
+        Ok(Engine { src: Sources { ct_events, routes, control }, core })
+    }
+
+    /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
+    pub fn run(&mut self) -> Result<()> {
+        install_signal_handlers();
+        tracing::info!(flows = self.core.flows.len().0, "running");
+        let mut last_tick = Instant::now();
+        while !STOP.load(Ordering::SeqCst) {
+            let (src, core) = (&mut self.src, &mut self.core);
+            let mut fds = [
+                libc::pollfd { fd: src.ct_events.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: src.routes.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: src.control.fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: valid array of pollfds.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
+            if fds[0].revents != 0 {
+                match src.ct_events.recv_events() {
+                    Ok(evs) => core.on_ct_events(evs),
+                    Err(CtError::Overrun) => core.on_ct_overrun(),
+                    Err(e) => tracing::warn!("conntrack events: {e}"),
+                }
+            }
+            if fds[1].revents != 0 {
+                let ch = src.routes.drain();
+                core.on_route_changes(&ch);
+            }
+            if fds[2].revents != 0 {
+                src.control.serve(|req| core.answer(req));
+            }
+            if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
+                core.route_dirty = None;
+                core.reresolve_all();
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                core.tick();
+            }
+        }
+        tracing::info!("stopping: detaching; connections continue through the kernel");
+        Ok(())
+    }
+
+    pub fn status(&self) -> crate::control::Status {
+        self.core.status()
+    }
+
+    pub fn flow_list(&self) -> Vec<crate::control::FlowView> {
+        self.core.flow_list()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Links go with the dataplane; be explicit about order: nothing is
+        // redirected to a port after it left the map.
+        self.core.flows.dp_mut().detach_all();
+    }
+}
+
+impl Core {
+    fn on_ct_events(&mut self, evs: Vec<CtEvent>) {
+        self.flows.events_at = Some(Instant::now());
+        for ev in evs {
+            self.ct_events += 1;
+            match ev {
+                CtEvent::New(e) => self.consider(e, Seen::Full),
+                CtEvent::Update(e) => self.consider(e, Seen::Changes),
+                CtEvent::Destroy(e) => self.flows.destroyed(&ConnId::of(&e)),
+            }
+        }
+        self.flows.events_at = None;
+    }
+
+    fn on_ct_overrun(&mut self) {
+        // Events were lost: the table is the truth (as conntrackd).
+        tracing::warn!("conntrack event overrun; resyncing from a full dump");
+        self.ct_resyncs += 1;
+        if let Err(e) = self.resync() {
+            tracing::error!("conntrack resync failed: {e:#}");
+        }
+    }
+
+    /// Full dump: judge every entry, forget what vanished.
+    fn resync(&mut self) -> Result<()> {
+        let all = self.flows.ct.dump()?;
+        let present: HashSet<ConnId> = all.iter().map(ConnId::of).collect();
+        self.flows.retain_present(&present);
+        for e in all {
+            self.consider(e, Seen::Full);
+        }
+        Ok(())
+    }
+
+    /// A conntrack entry appeared or changed.
+    fn consider(&mut self, e: CtEntry, seen: Seen) {
+        let e = self.flows.merge(e, seen);
+        let known = self.flows.known(&ConnId::of(&e));
+        self.judge(e, known, false);
+    }
+
+    /// Ask the verdict, resolving the path when it needs it (or always,
+    /// with `reroute`), and apply it.
+    fn judge(&mut self, e: CtEntry, known: Known, reroute: bool) {
+        let rules = Rules {
+            exclude: &self.cfg.exclude,
+            flowtables: self.ruleset.as_ref().map(|r| &r.translated.flowtables[..]),
+        };
+        let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &e));
+        let mut v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, path: path.as_ref() });
+        if matches!(v, Verdict::NeedsPath) {
+            let path = resolve_path(self.flows.dp(), &self.ifaces, &e);
+            v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, path: Some(&path) });
+        }
+        tracing::trace!(id = e.id, ?known, verdict = ?v, "verdict");
+        self.flows.apply(e, v);
+    }
+
+    fn on_route_changes(&mut self, ch: &crate::routes::Changes) {
+        for &(ifindex, up) in &ch.links {
+            if self.ifaces.set_up(ifindex, up) {
+                for id in self.flows.offloaded_via(ifindex) {
+                    self.flows.teardown(&id, TeardownReason::InterfaceDown);
+                }
+            }
+        }
+        if ch.any() {
+            self.route_dirty.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Something in routes, neighbours, addresses or links changed: every
+    /// offloaded connection follows the kernel's current decision, and
+    /// those waiting try again.
+    fn reresolve_all(&mut self) {
+        for id in self.flows.offloaded_ids() {
+            self.rejudge(&id, None, true);
+        }
+        self.retry_waiting();
+    }
+
+    fn retry_waiting(&mut self) {
+        for id in self.flows.waiting_ids() {
+            self.rejudge(&id, None, false);
+        }
+    }
+
+    /// Judge a tracked connection again from its stored entry.
+    fn rejudge(&mut self, id: &ConnId, known: Option<Known>, reroute: bool) {
+        let Some(e) = self.flows.entry(id).cloned() else { return };
+        let known = known.unwrap_or_else(|| self.flows.known(id));
+        self.judge(e, known, reroute);
+    }
+
+    /// Periodic work: keepalive, dormant connections that saw a packet,
+    /// connections waiting for their path.
+    fn tick(&mut self) {
+        keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);
+        for id in self.flows.woken() {
+            let Known::Dormant { mark, .. } = self.flows.known(&id) else { continue };
+            self.rejudge(&id, Some(Known::Dormant { mark, woke: true }), false);
+        }
+        self.retry_waiting();
+    }
+
+    fn answer(&mut self, req: Request) -> Result<Response, String> {
+        match req {
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
+            Request::Flows => Ok(Response::Flows(self.flow_list())),
+            Request::Reload { path } => self.reload(&path).map(Response::Done).map_err(|e| format!("{e:#}")),
+        }
+    }
+}

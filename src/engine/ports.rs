@@ -1,0 +1,95 @@
+//! The managed interfaces: which are attached, in which mode, and whether
+//! they are up. One attach routine serves start and reload.
+
+use anyhow::{bail, Result};
+
+use crate::control::IfaceStatus;
+use crate::dataplane::Dataplane;
+use crate::policy::{choose_modes, ModeChoice, ModeDecision};
+use crate::routes::link::{self, LinkInfo};
+use crate::routes::path::Ports;
+
+#[derive(Debug, Default, Clone)]
+pub struct Interfaces(pub Vec<IfaceStatus>);
+
+impl Ports for Interfaces {
+    fn is_up(&self, ifindex: u32) -> bool {
+        self.get(ifindex).is_some_and(|i| i.up)
+    }
+
+    fn first_up(&self) -> Option<u32> {
+        self.0.iter().find(|i| i.up).map(|i| i.ifindex)
+    }
+
+    fn name(&self, ifindex: u32) -> Option<&str> {
+        self.get(ifindex).map(|i| i.name.as_str())
+    }
+}
+
+impl Interfaces {
+    pub fn get(&self, ifindex: u32) -> Option<&IfaceStatus> {
+        self.0.iter().find(|i| i.ifindex == ifindex)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|i| i.name == name)
+    }
+
+    /// A link event: returns true if a managed interface went down.
+    pub fn set_up(&mut self, ifindex: u32, up: bool) -> bool {
+        let Some(i) = self.0.iter_mut().find(|i| i.ifindex == ifindex) else { return false };
+        if i.up != up {
+            tracing::info!(iface = %i.name, up, "link state changed");
+        }
+        i.up = up;
+        !up
+    }
+
+    /// Attach the fast path to every interface in `infos`, each in the mode
+    /// `choose_modes` gives it. All or nothing: on an error, what this call
+    /// attached is detached again and the error says which one failed.
+    pub fn attach(&mut self, dp: &mut Dataplane, infos: &[LinkInfo], mode: ModeChoice) -> Result<Vec<u32>> {
+        let mut added = Vec::new();
+        for (info, d) in infos.iter().zip(choose_modes(infos, mode)) {
+            if let Err(e) = dp.attach(info.ifindex, &info.name, d.mode) {
+                self.detach(dp, &added);
+                return Err(e);
+            }
+            tracing::info!(iface = %info.name, mode = d.mode.as_str(), reason = %d.reason, "attached");
+            added.push(info.ifindex);
+            self.0.push(status_of(info, d));
+        }
+        Ok(added)
+    }
+
+    pub fn detach(&mut self, dp: &mut Dataplane, ifindexes: &[u32]) {
+        for i in ifindexes {
+            dp.detach(*i);
+        }
+        self.0.retain(|i| !ifindexes.contains(&i.ifindex));
+    }
+}
+
+fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
+    IfaceStatus {
+        name: info.name.clone(),
+        ifindex: info.ifindex,
+        driver: info.driver.clone(),
+        mode: d.mode,
+        reason: d.reason,
+        up: info.up,
+    }
+}
+
+/// Facts about each named interface; a name given twice or missing is an
+/// error.
+pub fn gather(names: &[String]) -> Result<Vec<LinkInfo>> {
+    let mut infos: Vec<LinkInfo> = Vec::new();
+    for name in names {
+        if infos.iter().any(|i| &i.name == name) {
+            bail!("interface {name} given twice");
+        }
+        infos.push(link::info(name)?);
+    }
+    Ok(infos)
+}

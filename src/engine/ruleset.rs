@@ -1,0 +1,95 @@
+//! The ruleset's lifecycle in `run --nft`: prepared (translated, checked by
+//! nft's dry run) before anything is attached, loaded after attaching, and
+//! replaced by `reload`.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::policy::nft::{self, Ruleset};
+
+use super::{ports, Core};
+
+/// Read, translate and dry-run a ruleset that is to replace the tables in
+/// `replace`. It must declare a flowtable, or nothing would be offloaded.
+pub fn prepare(path: &Path, replace: &[(String, String)]) -> Result<Ruleset> {
+    let rs = Ruleset::read(path)?;
+    if rs.translated.flowtables.is_empty() {
+        bail!(
+            "{} declares no flowtable, so nothing would be offloaded: add one \
+             (flowtable ft {{ hook ingress priority 0; devices = {{ lan0, wan0 }}; }}) \
+             and `flow add @ft` in the forward chain",
+            path.display()
+        );
+    }
+    // nft's dry run first: a ruleset nft rejects loads nothing and attaches
+    // nothing.
+    rs.apply(replace, true)?;
+    announce(&rs);
+    Ok(rs)
+}
+
+pub fn label_bits(rs: Option<&Ruleset>) -> Vec<u32> {
+    rs.map(|r| r.translated.flowtables.iter().map(|f| f.label_bit).collect()).unwrap_or_default()
+}
+
+fn announce(rs: &Ruleset) {
+    for ft in &rs.translated.flowtables {
+        if ft.hw_offload {
+            // As firewall4 does when flow_offloading_hw finds no driver.
+            tracing::warn!(
+                flowtable = %ft.name,
+                "`flags offload` asks for hardware offload; no hardware backend here, using software (eBPF) offload"
+            );
+        }
+    }
+    if Path::new("/sys/module/nf_flow_table").exists() {
+        tracing::info!(
+            "this kernel has nf_flow_table; the ruleset's flowtables are handled by nft-offload instead \
+             (they are not created in the kernel, so the two never offload the same connection)"
+        );
+    }
+}
+
+impl Core {
+    /// Replace the ruleset of a running `run --nft`: check, attach new
+    /// devices, load atomically, detach devices that left, and send every
+    /// offloaded connection back through the new rules.
+    pub(super) fn reload(&mut self, path: &Path) -> Result<String> {
+        let Some(old) = self.ruleset.clone() else {
+            bail!("this engine was started with --iface, not --nft: there is no ruleset to reload");
+        };
+        let rs = prepare(path, &old.translated.tables)?;
+        let wanted = rs.devices();
+        let new: Vec<String> = wanted.iter().filter(|n| !self.ifaces.has(n)).cloned().collect();
+        let infos = ports::gather(&new)?;
+        let rollback = |e: anyhow::Error| e.context("reload aborted, the previous ruleset stays");
+        let added = self.ifaces.attach(self.flows.dp_mut(), &infos, self.cfg.mode).map_err(rollback)?;
+        if let Err(e) = rs.apply(&old.translated.tables, false) {
+            self.ifaces.detach(self.flows.dp_mut(), &added);
+            return Err(rollback(e));
+        }
+        // Every connection goes back to the kernel and returns only if the
+        // new rules send it to `flow add` again: first those we handle, then
+        // entries that carry the old label but were not offloaded yet.
+        let n = self.flows.send_all_back();
+        if let Ok(all) = self.flows.ct.dump() {
+            let bits = label_bits(Some(&old));
+            for e in all.iter().filter(|e| bits.iter().any(|b| nft::has_label(e.labels.as_ref(), *b))) {
+                self.flows.forget_offload_request(e);
+            }
+        }
+        let removed: Vec<u32> = self.ifaces.0.iter().filter(|i| !wanted.contains(&i.name)).map(|i| i.ifindex).collect();
+        self.ifaces.detach(self.flows.dp_mut(), &removed);
+        self.flows.set_label_bits(label_bits(Some(&rs)));
+        self.ruleset = Some(rs);
+        tracing::info!(file = %path.display(), reoffload = n, "ruleset reloaded");
+        Ok(format!(
+            "reloaded {}: {} interface(s) added, {} removed, {} offloaded connection(s) sent back through the new rules",
+            path.display(),
+            added.len(),
+            removed.len(),
+            n
+        ))
+    }
+}

@@ -1,0 +1,81 @@
+//! `status` and `flows` as the engine sees itself.
+
+use std::collections::BTreeMap;
+
+use crate::conntrack::CtTuple;
+use crate::control::{FlowView, Status, TupleView};
+use crate::dataplane::{Mode, STAT_NAMES};
+use crate::flow::entry::{words_addr, AF_INET};
+
+use super::{now_ns, Core};
+
+impl Core {
+    pub(super) fn status(&self) -> Status {
+        let stats = self.flows.dp().stats();
+        // The first two are the fast path's totals, the rest slow-path reasons.
+        let slow = STAT_NAMES.iter().zip(&stats).skip(2).map(|(n, v)| (n.to_string(), *v)).collect();
+        let (offloaded, waiting, dormant) = self.flows.len();
+        let c = &self.flows.counters;
+        let mut lat: Vec<u32> = c.offload_us.iter().copied().collect();
+        lat.sort_unstable();
+        let pct = |p: f64| lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0);
+        Status {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            mode_requested: self.cfg.mode,
+            interfaces: self.ifaces.0.clone(),
+            flows_offloaded: offloaded,
+            flows_waiting_for_neighbour: waiting,
+            flows_dormant: dormant,
+            flow_capacity: self.flows.dp().flow_capacity(),
+            idle_timeout_s: self.cfg.idle_timeout.as_secs(),
+            fast_path_packets: stats[0],
+            fast_path_bytes: stats[1],
+            slow_path: slow,
+            offloads_total: c.offloads,
+            teardowns: c.teardowns.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            not_offloaded: c.not_offloaded.clone(),
+            conntrack_events: self.ct_events,
+            conntrack_resyncs: self.ct_resyncs,
+            conntrack_refreshes: c.refreshes,
+            offload_latency_us: BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))]),
+        }
+    }
+
+    pub(super) fn flow_list(&self) -> Vec<FlowView> {
+        let now = now_ns();
+        let name = |i: u32| self.ifaces.get(i).map(|x| x.name.clone()).unwrap_or_else(|| i.to_string());
+        let tuple = |t: &CtTuple| TupleView { src: t.src, dst: t.dst, sport: t.sport, dport: t.dport };
+        let mut v: Vec<FlowView> = self
+            .flows
+            .offloaded
+            .values()
+            .map(|f| {
+                let o = &f.dirs[0];
+                let tcp = f.entry.orig.proto == 6;
+                FlowView {
+                    id: f.entry.id,
+                    proto: if tcp { "tcp" } else { "udp" }.into(),
+                    state: tcp.then(|| "ESTABLISHED".into()),
+                    orig: tuple(&f.entry.orig),
+                    reply: tuple(&f.entry.reply),
+                    packets_orig: f.base[0].0 + f.last[0].packets,
+                    bytes_orig: f.base[0].1 + f.last[0].bytes,
+                    packets_reply: f.base[1].0 + f.last[1].packets,
+                    bytes_reply: f.base[1].1 + f.last[1].bytes,
+                    idle_s: now.saturating_sub(f.clock.last_seen_ns.max(f.clock.installed_ns)) as f64 / 1e9,
+                    mode: self.ifaces.get(o.key.ifindex).map(|x| x.mode).unwrap_or(Mode::Tc),
+                    iif: name(o.key.ifindex),
+                    oif: name(o.val.out_ifindex),
+                    mark: f.entry.mark,
+                    zone: f.entry.zone,
+                    family: if o.key.family == AF_INET { 4 } else { 6 },
+                    nat_src: words_addr(o.key.family, &o.val.new_saddr) != f.entry.orig.src,
+                    nat_dst: words_addr(o.key.family, &o.val.new_daddr) != f.entry.orig.dst,
+                }
+            })
+            .collect();
+        v.sort_by_key(|f| f.id);
+        v
+    }
+}
