@@ -14,4 +14,5 @@ pub mod engine;
 pub mod flow;
 pub mod lab;
 pub mod policy;
+pub mod proto;
 pub mod routes;

@@ -8,9 +8,8 @@ use std::net::IpAddr;
 
 use crate::conntrack::CtTuple;
 use crate::dataplane::skel::types::{fo_flow, fo_flow_key};
-
-pub const AF_INET: u8 = 2;
-pub const AF_INET6: u8 = 10;
+// Re-exported for the modules that imported the families from here.
+pub use crate::proto::{AF_INET, AF_INET6};
 
 pub const FO_F_SNAT: u8 = 0x01;
 pub const FO_F_DNAT: u8 = 0x02;
@@ -149,6 +148,7 @@ pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &Ne
 mod tests {
     use super::*;
     use crate::flow::tests::{tcp_masq, tuple};
+    use crate::proto::IPPROTO_TCP;
 
     /// Full Internet checksum over `data`, for checking the incremental one.
     fn csum(data: &[u8]) -> u16 {
@@ -228,8 +228,8 @@ mod tests {
 
     #[test]
     fn dnat_port_forward_rewrites_port() {
-        let orig = tuple("198.51.100.7", 50000, "203.0.113.1", 8080, 6);
-        let reply = tuple("192.168.1.2", 80, "198.51.100.7", 50000, 6);
+        let orig = tuple("198.51.100.7", 50000, "203.0.113.1", 8080, IPPROTO_TCP);
+        let reply = tuple("192.168.1.2", 80, "198.51.100.7", 50000, IPPROTO_TCP);
         let o = build_direction(&orig, &reply, 4, &nh(3));
         assert_eq!(o.val.new_dport, 80u16.to_be());
         assert_eq!(o.val.new_sport, 50000u16.to_be());
@@ -241,8 +241,8 @@ mod tests {
 
     #[test]
     fn routed_ipv6_has_no_rewrite() {
-        let orig = tuple("fd00:1::2", 40000, "fd00:2::2", 5201, 6);
-        let reply = tuple("fd00:2::2", 5201, "fd00:1::2", 40000, 6);
+        let orig = tuple("fd00:1::2", 40000, "fd00:2::2", 5201, IPPROTO_TCP);
+        let reply = tuple("fd00:2::2", 5201, "fd00:1::2", 40000, IPPROTO_TCP);
         let o = build_direction(&orig, &reply, 3, &nh(4));
         assert_eq!(o.key.family, AF_INET6);
         assert_eq!(o.val.flags & (FO_F_SNAT | FO_F_DNAT), 0);

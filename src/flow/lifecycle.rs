@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use crate::proto::IPPROTO_TCP;
+
 /// Conntrack's per-state timeouts in this network namespace (seconds), from
 /// /proc/sys/net/netfilter/nf_conntrack_*_timeout_*.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +33,7 @@ impl CtTimeouts {
     /// Timeout conntrack would give an entry of this protocol after a packet.
     pub fn for_flow(&self, proto: u8, seen_reply: bool) -> u32 {
         match (proto, seen_reply) {
-            (6, _) => self.tcp_established,
+            (IPPROTO_TCP, _) => self.tcp_established,
             (_, true) => self.udp_stream,
             _ => self.udp,
         }
@@ -170,8 +172,8 @@ mod tests {
     #[test]
     fn timeouts_per_protocol() {
         let t = CtTimeouts::default();
-        assert_eq!(t.for_flow(6, true), 432000);
-        assert_eq!(t.for_flow(17, false), 30);
-        assert_eq!(t.for_flow(17, true), 120);
+        assert_eq!(t.for_flow(IPPROTO_TCP, true), 432000);
+        assert_eq!(t.for_flow(crate::proto::IPPROTO_UDP, false), 30);
+        assert_eq!(t.for_flow(crate::proto::IPPROTO_UDP, true), 120);
     }
 }
