@@ -431,10 +431,9 @@ impl Engine {
                 Ok(()) => f.entry = e,
                 Err(_) => {
                     let td = f.last.iter().map(|v| v.teardown).max().unwrap_or(0);
-                    let reason = match (td, e.tcp_state) {
-                        (2, _) => TeardownReason::TcpRst,
-                        (1, _) => TeardownReason::TcpFin,
-                        (_, Some(s)) if s > crate::conntrack::tcp_state::ESTABLISHED => TeardownReason::TcpFin,
+                    let reason = match (TeardownReason::from_fast_path(td), e.tcp_state) {
+                        (Some(r), _) => r,
+                        (None, Some(s)) if s > crate::conntrack::tcp_state::ESTABLISHED => TeardownReason::TcpFin,
                         _ => TeardownReason::NoLongerEligible,
                     };
                     self.teardown(&id, reason);

@@ -7,13 +7,20 @@
 use std::net::IpAddr;
 
 use crate::conntrack::CtTuple;
-use crate::dataplane::skel::types::{fo_flow, fo_flow_key};
+use crate::dataplane::skel::types::{fo_flow, fo_flow_flag, fo_flow_key};
 // Re-exported for the modules that imported the families from here.
 pub use crate::proto::{AF_INET, AF_INET6};
 
-pub const FO_F_SNAT: u8 = 0x01;
-pub const FO_F_DNAT: u8 = 0x02;
-pub const FO_F_XDP_OK: u8 = 0x04;
+/// `enum fo_flow_flag` (bpf/flow.h) as the one-byte `fo_flow.flags` holds it.
+pub const FO_F_SNAT: u8 = flag_bit(fo_flow_flag::FO_F_SNAT);
+pub const FO_F_DNAT: u8 = flag_bit(fo_flow_flag::FO_F_DNAT);
+pub const FO_F_XDP_OK: u8 = flag_bit(fo_flow_flag::FO_F_XDP_OK);
+
+/// Fails the build if flow.h grows a flag that no longer fits the field.
+const fn flag_bit(f: fo_flow_flag) -> u8 {
+    assert!(f.0 != 0 && f.0 <= u8::MAX as u32, "fo_flow.flags is one byte");
+    f.0 as u8
+}
 
 /// Where a direction's packets leave, as the kernel's FIB and neighbour
 /// table say (from `bpf_fib_lookup`).
@@ -203,6 +210,17 @@ mod tests {
 
     fn nh(ifindex: u32) -> NextHop {
         NextHop { ifindex, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, 2], mtu: 1500, xdp_ok: false }
+    }
+
+    #[test]
+    fn flag_bits_are_flow_h_s() {
+        let c = [fo_flow_flag::FO_F_SNAT, fo_flow_flag::FO_F_DNAT, fo_flow_flag::FO_F_XDP_OK];
+        let rust = [FO_F_SNAT, FO_F_DNAT, FO_F_XDP_OK];
+        for (c, r) in c.iter().zip(rust) {
+            assert_eq!(c.0, u32::from(r));
+            assert!(r.is_power_of_two(), "{r:#x} is one bit");
+        }
+        assert_eq!(rust.iter().fold(0, |a, b| a | b).count_ones(), 3, "distinct bits");
     }
 
     #[test]
