@@ -19,34 +19,7 @@ use crate::flow::{build_direction, decide, eligible, Action, CtTimeouts, Directi
 use crate::policy::nft::{self, Ruleset};
 use crate::policy::{choose_modes, ModeChoice};
 use crate::routes::{self, link, RouteWatch};
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub ifaces: Vec<String>,
-    pub mode: ModeChoice,
-    pub idle_timeout: Duration,
-    pub max_flows: u32,
-    /// An nftables ruleset with flowtables: loaded by us, its `flow add`
-    /// statements decide what is offloaded, its flowtables' devices are the
-    /// interfaces.
-    pub nft: Option<std::path::PathBuf>,
-    /// Connections never offloaded (config file `[exclude]`).
-    pub exclude: crate::config::Exclusions,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        // 30 s: the kernel flowtable's NF_FLOW_TIMEOUT.
-        Config {
-            ifaces: Vec::new(),
-            mode: ModeChoice::Auto,
-            idle_timeout: Duration::from_secs(30),
-            max_flows: 65536,
-            nft: None,
-            exclude: Default::default(),
-        }
-    }
-}
+use crate::settings::Settings;
 
 /// A connection is identified by its original tuple and zone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -174,7 +147,7 @@ pub fn preflight() -> Result<()> {
 }
 
 pub struct Engine {
-    cfg: Config,
+    cfg: Settings,
     dp: Dataplane,
     ifaces: Vec<IfaceStatus>,
     flows: HashMap<FlowId, Offloaded>,
@@ -203,7 +176,7 @@ pub struct Engine {
 impl Engine {
     /// Validate, load, attach. On any error nothing stays attached: the
     /// dataplane's links are dropped with it.
-    pub fn start(mut cfg: Config) -> Result<Self> {
+    pub fn start(mut cfg: Settings) -> Result<Self> {
         preflight()?;
         let ruleset = match &cfg.nft {
             Some(path) => {
@@ -456,7 +429,7 @@ impl Engine {
         }
         if let Some(why) = self.cfg.exclude.excludes(&e) {
             self.pending.remove(&id);
-            self.not_offloaded(why);
+            self.not_offloaded(why.to_string());
             return;
         }
         if let Err(why) = eligible(&e) {

@@ -6,7 +6,6 @@
 pub mod bench;
 pub mod check;
 pub mod cli;
-pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod dataplane;
@@ -16,3 +15,4 @@ pub mod lab;
 pub mod policy;
 pub mod proto;
 pub mod routes;
+pub mod settings;

@@ -22,6 +22,11 @@ pub fn name(proto: u8) -> &'static str {
     }
 }
 
+/// The protocol `name` gives that name.
+pub fn by_name(name: &str) -> Option<u8> {
+    [IPPROTO_TCP, IPPROTO_UDP].into_iter().find(|&p| self::name(p) == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +39,6 @@ mod tests {
         assert_eq!((IPPROTO_SCTP, IPPROTO_UDPLITE), (132, 136));
         assert_eq!((AF_INET, AF_INET6), (2, 10));
         assert_eq!((name(IPPROTO_TCP), name(IPPROTO_UDP), name(1)), ("tcp", "udp", "other"));
+        assert_eq!((by_name("tcp"), by_name("udp"), by_name("other")), (Some(IPPROTO_TCP), Some(IPPROTO_UDP), None));
     }
 }
