@@ -107,7 +107,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	__sync_fetch_and_add(&f->packets, pkts);
 	__sync_fetch_and_add(&f->bytes, bytes);
 	f->last_seen_ns = bpf_ktime_get_coarse_ns();
-	fo_count(FO_STAT_FWD_PKTS, pkts);
+	fo_count(FO_STAT_FWD_PACKETS, pkts);
 	fo_count(FO_STAT_FWD_BYTES, bytes);
 	*out_ifindex = f->out_ifindex;
 	return FO_FWD;
@@ -238,8 +238,10 @@ int fo_fib_query(struct xdp_md *ctx)
 }
 
 /* Never read: they put these types into the object's BTF so the generated
- * Rust skeleton defines them (the control plane builds fo_fib_req and names
- * the fo_stat counters).
+ * Rust skeleton defines them (the control plane builds fo_fib_req, names
+ * the fo_stat counters, sets fo_flow_flag bits and reads fo_teardown codes).
  */
 const volatile struct fo_fib_req fo_btf_fib_req;
 const volatile enum fo_stat fo_btf_stat;
+const volatile enum fo_flow_flag fo_btf_flow_flag;
+const volatile enum fo_teardown fo_btf_teardown;

@@ -24,14 +24,27 @@ struct fo_flow_key {
 	__be32 daddr[4];
 };
 
-/* fo_flow.flags, set by the control plane */
-#define FO_F_SNAT	0x01
-#define FO_F_DNAT	0x02
-#define FO_F_XDP_OK	0x04	/* egress is in fo_tx_ports (XDP redirect target) */
+/* Enums rather than #defines: enums reach the object's BTF, so the Rust
+ * side gets these values from the generated skeleton types instead of
+ * retyping them (fastpath.bpf.c anchors the ones no field refers to).
+ */
 
-/* fo_flow.teardown, set by the fast path when a packet ends the flow */
-#define FO_TD_FIN	1
-#define FO_TD_RST	2
+/* Bits of fo_flow.flags, set by the control plane. */
+enum fo_flow_flag {
+	FO_F_SNAT	= 0x01,
+	FO_F_DNAT	= 0x02,
+	FO_F_XDP_OK	= 0x04,	/* egress is in fo_tx_ports (XDP redirect target) */
+};
+
+/* fo_flow.teardown, set by the fast path when a packet ends the flow.
+ * Zero is a live flow (entries start zeroed). The control plane keeps the
+ * larger code of the two directions, so RST ranks above FIN.
+ */
+enum fo_teardown {
+	FO_TD_NONE = 0,
+	FO_TD_FIN,
+	FO_TD_RST,
+};
 
 /* What to do with a packet that matched: the rewrite and the next hop. */
 struct fo_flow {
@@ -52,16 +65,21 @@ struct fo_flow {
 	__u8 pad0;
 	__u8 dmac[6];		/* next hop */
 	__u8 smac[6];		/* egress interface */
-	__u32 teardown;		/* FO_TD_*; written by the fast path */
+	__u32 teardown;		/* enum fo_teardown; written by the fast path */
 	/* written by the fast path, read by the control plane */
 	__u64 packets;
 	__u64 bytes;		/* L3 bytes, as conntrack accounting counts */
 	__u64 last_seen_ns;	/* CLOCK_MONOTONIC (coarse) */
 };
 
-/* Per-CPU counters: index into fo_stats. Every slow-path exit has a reason. */
+/* Per-CPU counters: index into fo_stats. Every slow-path exit has a reason.
+ * The control plane names each counter after its enumerator, without the
+ * FO_STAT_ / FO_SLOW_ prefix and in lower case (FO_SLOW_NO_FLOW is
+ * "no_flow" in `status`; build.rs reads them from the BTF), so adding a
+ * reason here is the whole change, and renaming one renames the counter.
+ */
 enum fo_stat {
-	FO_STAT_FWD_PKTS = 0,
+	FO_STAT_FWD_PACKETS = 0,
 	FO_STAT_FWD_BYTES,
 	FO_SLOW_NOT_IP,		/* ARP, LLDP, ... */
 	FO_SLOW_ENCAP,		/* VLAN / QinQ / PPPoE: not handled yet */

@@ -1,14 +1,14 @@
 //! Command line: parsing and rendering. Data goes to stdout, logs to stderr.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::control::{Client, FlowView, Status};
-use crate::engine::{Config, Engine};
+use crate::engine::Engine;
 use crate::policy::ModeChoice;
+use crate::settings::{self, Given, Settings, SettingsInput};
 
 #[derive(Parser, Debug)]
 #[command(name = "nft-offload", version, about = "Flow offload for Linux routers: eBPF fast path driven by conntrack")]
@@ -26,27 +26,7 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Run the offload engine in the foreground (SIGINT/SIGTERM detach it).
-    Run {
-        /// Interface to offload between (repeat; at least two to forward).
-        #[arg(long = "iface", required_unless_present_any = ["nft", "config"], conflicts_with_all = ["nft", "config"])]
-        ifaces: Vec<String>,
-        /// TOML configuration (interfaces, mode, exclusions, timeouts).
-        #[arg(long, value_name = "FILE", conflicts_with = "nft")]
-        config: Option<PathBuf>,
-        /// nftables ruleset with a flowtable and `flow add @ft` (as for
-        /// kmod-nft-offload / firewall4): loaded atomically; it decides what is
-        /// offloaded and its flowtable's devices are the interfaces.
-        #[arg(long, value_name = "FILE")]
-        nft: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
-        mode: ModeChoice,
-        /// Take a flow off the fast path after this many idle seconds.
-        #[arg(long, default_value_t = 30)]
-        idle_timeout: u64,
-        /// Maximum number of offloaded connections.
-        #[arg(long, default_value_t = 65536)]
-        max_flows: u32,
-    },
+    Run(RunArgs),
     /// Replace the ruleset of a running `run --nft`, atomically; offloaded
     /// connections go back through the new rules.
     Reload {
@@ -94,6 +74,63 @@ pub enum Cmd {
     },
 }
 
+/// `run`: the engine's settings as flags, a TOML file, or both (flags
+/// override the file's values). Defaults and ranges are the settings
+/// module's, not clap's, so flags and file agree.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Interface to offload between (repeat; at least two to forward).
+    #[arg(long = "iface", required_unless_present_any = ["nft", "config"], conflicts_with = "nft")]
+    pub ifaces: Vec<String>,
+    /// TOML configuration (interfaces, mode, exclusions, timeouts); flags
+    /// given as well override its values.
+    #[arg(long, value_name = "FILE", conflicts_with = "nft")]
+    pub config: Option<PathBuf>,
+    /// nftables ruleset with a flowtable and `flow add @ft` (as for
+    /// kmod-nft-offload / firewall4): loaded atomically; it decides what is
+    /// offloaded and its flowtable's devices are the interfaces.
+    #[arg(long, value_name = "FILE")]
+    pub nft: Option<PathBuf>,
+    #[arg(long, value_enum, help = format!(
+        "auto: XDP where it is correct and faster, else TC (status says why) [default: {}]",
+        settings::DEFAULT_MODE.to_possible_value().expect("a visible value").get_name()
+    ))]
+    pub mode: Option<ModeChoice>,
+    #[arg(long, value_name = "SECONDS", help = format!(
+        "Take a flow off the fast path after this many idle seconds [default: {}]",
+        settings::DEFAULT_IDLE_TIMEOUT.as_secs()
+    ))]
+    pub idle_timeout: Option<i64>,
+    #[arg(long, value_name = "N", help = format!(
+        "Maximum number of offloaded connections [default: {}]",
+        settings::DEFAULT_MAX_FLOWS
+    ))]
+    pub max_flows: Option<i64>,
+}
+
+impl RunArgs {
+    /// The file's values (if any) with the flags given on top, validated.
+    pub fn settings(self) -> Result<Settings> {
+        let mut input = match &self.config {
+            Some(path) => settings::file::read(path)?,
+            None => SettingsInput::default(),
+        };
+        if !self.ifaces.is_empty() {
+            let names = self.ifaces.into_iter().map(|i| Given::flag("--iface", i)).collect();
+            input.ifaces = Some(Given::flag("--iface", names));
+        }
+        input.mode = self.mode.map(|v| Given::flag("--mode", v)).or(input.mode);
+        input.idle_timeout = self.idle_timeout.map(|v| Given::flag("--idle-timeout", v)).or(input.idle_timeout);
+        input.max_flows = self.max_flows.map(|v| Given::flag("--max-flows", v)).or(input.max_flows);
+        input.nft = self.nft.map(|v| Given::flag("--nft", v));
+        let s = settings::validate(input)?;
+        if let Some(path) = &self.config {
+            tracing::info!(file = %path.display(), exclusions = !s.exclude.is_empty(), "configuration loaded");
+        }
+        Ok(s)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum LabCmd {
     /// Create the lab namespaces (nfolab-lan, nfolab-rtr, nfolab-wan).
@@ -123,32 +160,8 @@ pub enum LabCmd {
 
 pub fn main_with(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Run { ifaces, config: Some(path), .. } if ifaces.is_empty() => {
-            let file = crate::config::load(&path)?;
-            tracing::info!(file = %path.display(), exclusions = !file.exclude.is_empty(), "configuration loaded");
-            let mut engine = Engine::start(file.engine_config())?;
-            engine.run()?;
-            drop(engine);
-            tracing::info!("stopped; nothing left attached");
-            Ok(())
-        }
-        Cmd::Run { ifaces, nft, mode, idle_timeout, max_flows, .. } => {
-            if idle_timeout == 0 {
-                anyhow::bail!("--idle-timeout must be at least 1 second");
-            }
-            if max_flows == 0 {
-                anyhow::bail!("--max-flows must be at least 1");
-            }
-            let nft = nft.map(|p| std::path::absolute(&p).unwrap_or(p));
-            let cfg = Config {
-                ifaces,
-                mode,
-                idle_timeout: Duration::from_secs(idle_timeout),
-                max_flows,
-                nft,
-                exclude: Default::default(),
-            };
-            let mut engine = Engine::start(cfg)?;
+        Cmd::Run(args) => {
+            let mut engine = Engine::start(args.settings()?)?;
             engine.run()?;
             drop(engine);
             tracing::info!("stopped; nothing left attached");

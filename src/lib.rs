@@ -6,7 +6,6 @@
 pub mod bench;
 pub mod check;
 pub mod cli;
-pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod dataplane;
@@ -14,4 +13,6 @@ pub mod engine;
 pub mod flow;
 pub mod lab;
 pub mod policy;
+pub mod proto;
 pub mod routes;
+pub mod settings;

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{Dataplane, STAT_NAMES};
+use nft_offload::dataplane::{fo_teardown, Dataplane, STAT_NAMES};
 use nft_offload::flow::{build_direction, NextHop};
 
 const XDP_PASS: u32 = 2;
@@ -542,7 +542,7 @@ fn tc_table() {
 #[test]
 fn fin_and_rst_flag_teardown() {
     for xdp in [true, false] {
-        for (flag, reason, td) in [("F", "tcp_fin", 1u32), ("R", "tcp_rst", 2u32)] {
+        for (flag, reason, td) in [("F", "tcp_fin", fo_teardown::FO_TD_FIN), ("R", "tcp_rst", fo_teardown::FO_TD_RST)] {
             let lab = setup();
             let run = |f: &[u8]| -> bool {
                 if xdp {
@@ -558,7 +558,7 @@ fn fin_and_rst_flag_teardown() {
             assert_eq!(stat(&lab.dp, reason), r0 + 1);
             let key =
                 lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.lan && k.sport == 40000u16.to_be()).unwrap();
-            assert_eq!(lab.dp.get_flow(&key).unwrap().teardown, td);
+            assert_eq!(lab.dp.get_flow(&key).unwrap().teardown, td.0);
             let t0 = stat(&lab.dp, "teardown");
             assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)));
             assert_eq!(stat(&lab.dp, "teardown"), t0 + 1);

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nft_offload::config;
 use nft_offload::policy::ModeChoice;
+use nft_offload::settings;
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -42,10 +42,10 @@ fn have(prog: &str, args: &[&str]) -> bool {
 #[test]
 fn debian_example_config_parses() {
     let text = read("packaging/debian/config.toml");
-    let c = config::parse(&text).unwrap_or_else(|e| panic!("packaging/debian/config.toml: {e}"));
-    assert!(!c.interfaces.is_empty());
+    let c = settings::parse(&text).unwrap_or_else(|e| panic!("packaging/debian/config.toml: {e}"));
+    assert!(!c.ifaces.is_empty());
     assert_eq!(c.mode, ModeChoice::Auto);
-    assert_eq!(c.idle_timeout, 30);
+    assert_eq!(c.idle_timeout.as_secs(), 30);
     assert_eq!(c.max_flows, 65536);
     assert!(c.exclude.is_empty(), "the example must not exclude anything by default");
 }
@@ -74,7 +74,7 @@ fn debian_example_config_commented_exclusions_parse() {
         out += "\n";
     }
     assert_eq!(enabled, keys.len(), "one commented example per exclusion key");
-    let c = config::parse(&out).unwrap_or_else(|e| panic!("enabled examples: {e}\n{out}"));
+    let c = settings::parse(&out).unwrap_or_else(|e| panic!("enabled examples: {e}\n{out}"));
     assert!(!c.exclude.addresses.is_empty() && !c.exclude.ports.is_empty());
     assert!(!c.exclude.marks.is_empty() && !c.exclude.protocols.is_empty());
 }

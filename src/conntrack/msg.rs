@@ -13,6 +13,9 @@ use super::nla::{
     NLM_F_DUMP, NLM_F_REQUEST,
 };
 use super::CtError;
+use crate::proto::{
+    AF_INET, AF_INET6, IPPROTO_DCCP, IPPROTO_GRE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+};
 
 /// nfnetlink subsystem id of ctnetlink (high byte of `nlmsg_type`).
 pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -130,8 +133,6 @@ pub const IP_CT_TCP_FLAG_BE_LIBERAL: u8 = 0x08;
 pub const IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED: u8 = 0x10;
 pub const IP_CT_TCP_FLAG_MAXACK_SET: u8 = 0x20;
 
-const IPPROTO_TCP: u8 = 6;
-
 /// One direction of a connection. For protocols without ports (ICMP, GRE
 /// keys aside) `sport` and `dport` are 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,8 +148,8 @@ impl CtTuple {
     /// `AF_INET` or `AF_INET6`, from the source address.
     pub fn family(&self) -> u8 {
         match self.src {
-            IpAddr::V4(_) => libc::AF_INET as u8,
-            IpAddr::V6(_) => libc::AF_INET6 as u8,
+            IpAddr::V4(_) => AF_INET,
+            IpAddr::V6(_) => AF_INET6,
         }
     }
 }
@@ -157,7 +158,7 @@ impl CtTuple {
 /// i.e. uses `nf_ct_port_nlattr_to_tuple()` (TCP, UDP, DCCP, GRE, SCTP,
 /// UDP-Lite) and so requires both ports in a request tuple.
 fn proto_has_ports(proto: u8) -> bool {
-    matches!(proto, 6 | 17 | 33 | 47 | 132 | 136)
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_DCCP | IPPROTO_GRE | IPPROTO_SCTP | IPPROTO_UDPLITE)
 }
 
 /// A conntrack entry as reported by a dump or an event.
@@ -972,7 +973,7 @@ mod tests {
         assert_eq!(raw.header.flags, NLM_F_REQUEST | NLM_F_ACK);
         assert_eq!(raw.header.flags & NLM_F_CREATE, 0);
         assert_eq!(raw.header.seq, 0x1234);
-        assert_eq!(raw.family, libc::AF_INET as u8);
+        assert_eq!(raw.family, AF_INET);
         let want = CtAttrs {
             orig: Some(tcp4()),
             zone: Some(9),
@@ -1009,7 +1010,7 @@ mod tests {
         assert_eq!(raw.header.msg_type, 0x0102);
         assert_eq!(raw.header.flags, NLM_F_REQUEST | NLM_F_ACK);
         assert_eq!(raw.header.seq, 77);
-        assert_eq!(raw.family, libc::AF_INET6 as u8);
+        assert_eq!(raw.family, AF_INET6);
         assert_eq!(raw.attrs.orig, Some(t6));
         assert_eq!(raw.attrs.zone, Some(3));
 

@@ -17,30 +17,11 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
 }
 
-pub use skel::types::{fo_fib_req, fo_flow, fo_flow_key};
+pub use skel::types::{fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
-/// Fast-path counters, in `enum fo_stat` order (bpf/flow.h).
-pub const STAT_NAMES: [&str; 18] = [
-    "fwd_packets",
-    "fwd_bytes",
-    "not_ip",
-    "encap",
-    "l2_not_host",
-    "malformed",
-    "fragment",
-    "ip_options",
-    "ipv6_ext",
-    "not_tcp_udp",
-    "ttl",
-    "tcp_syn",
-    "tcp_fin",
-    "tcp_rst",
-    "no_flow",
-    "teardown",
-    "mtu",
-    "xdp_target",
-];
+// STAT_NAMES, derived from `enum fo_stat` in bpf/flow.h (see build.rs).
+include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -369,5 +350,41 @@ impl Dataplane {
                 s.lines().find(|l| l.starts_with("memlock:")).and_then(|l| l[8..].trim().parse::<u64>().ok())
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rust's view of `enum fo_stat` is the C one: one name per counter, in
+    /// index order, and the names `status` shows (and the tests assert)
+    /// still sit at their enumerators.
+    #[test]
+    fn stat_names_follow_enum_fo_stat() {
+        assert_eq!(STAT_NAMES.len(), fo_stat::FO_STAT_MAX.0 as usize);
+        for (i, n) in STAT_NAMES.iter().enumerate() {
+            assert!(!n.is_empty() && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+            assert_eq!(STAT_NAMES.iter().position(|m| m == n), Some(i), "{n} named twice");
+        }
+        let at = |s: fo_stat| STAT_NAMES[s.0 as usize];
+        assert_eq!(at(fo_stat::FO_STAT_FWD_PACKETS), "fwd_packets");
+        assert_eq!(at(fo_stat::FO_STAT_FWD_BYTES), "fwd_bytes");
+        assert_eq!(at(fo_stat::FO_SLOW_NOT_IP), "not_ip");
+        assert_eq!(at(fo_stat::FO_SLOW_ENCAP), "encap");
+        assert_eq!(at(fo_stat::FO_SLOW_L2_NOT_HOST), "l2_not_host");
+        assert_eq!(at(fo_stat::FO_SLOW_MALFORMED), "malformed");
+        assert_eq!(at(fo_stat::FO_SLOW_FRAGMENT), "fragment");
+        assert_eq!(at(fo_stat::FO_SLOW_IP_OPTIONS), "ip_options");
+        assert_eq!(at(fo_stat::FO_SLOW_IPV6_EXT), "ipv6_ext");
+        assert_eq!(at(fo_stat::FO_SLOW_NOT_TCP_UDP), "not_tcp_udp");
+        assert_eq!(at(fo_stat::FO_SLOW_TTL), "ttl");
+        assert_eq!(at(fo_stat::FO_SLOW_TCP_SYN), "tcp_syn");
+        assert_eq!(at(fo_stat::FO_SLOW_TCP_FIN), "tcp_fin");
+        assert_eq!(at(fo_stat::FO_SLOW_TCP_RST), "tcp_rst");
+        assert_eq!(at(fo_stat::FO_SLOW_NO_FLOW), "no_flow");
+        assert_eq!(at(fo_stat::FO_SLOW_TEARDOWN), "teardown");
+        assert_eq!(at(fo_stat::FO_SLOW_MTU), "mtu");
+        assert_eq!(at(fo_stat::FO_SLOW_XDP_TARGET), "xdp_target");
     }
 }

@@ -13,6 +13,7 @@ use crate::dataplane::{fo_flow, fo_flow_key, Dataplane};
 use crate::flow::{ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
+use crate::proto::IPPROTO_TCP;
 
 use super::now_ns;
 
@@ -147,6 +148,14 @@ impl FlowTable {
             .collect()
     }
 
+    /// The world changed (routes, neighbours, links): a packet the fast
+    /// path saw before the change says nothing about what the kernel does
+    /// with the connection now, so it no longer counts as a reason to wake.
+    pub fn discount_wakes(&mut self) {
+        let now = now_ns();
+        self.dormant.values_mut().for_each(|d| d.since_ns = now);
+    }
+
     /// Apply a verdict about connection `e`.
     pub fn apply(&mut self, e: CtEntry, v: Verdict) {
         let id = ConnId::of(&e);
@@ -200,7 +209,7 @@ impl FlowTable {
         // Conntrack will miss the packets we forward: stop it from judging
         // windows it cannot see, as nft_flow_offload_eval does
         // (IP_CT_TCP_FLAG_BE_LIBERAL both ways).
-        if e.orig.proto == 6 {
+        if e.orig.proto == IPPROTO_TCP {
             let upd = CtUpdate { tcp_liberal: true, ..Default::default() };
             match self.ct.update(&e.orig, e.zone, &upd) {
                 Ok(()) => {}

@@ -31,6 +31,7 @@ use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::resolve_path;
 use crate::routes::RouteWatch;
+use crate::settings::Settings;
 
 use flowtable::FlowTable;
 use ports::Interfaces;
@@ -91,34 +92,6 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub ifaces: Vec<String>,
-    pub mode: crate::policy::ModeChoice,
-    pub idle_timeout: Duration,
-    pub max_flows: u32,
-    /// An nftables ruleset with flowtables: loaded by us, its `flow add`
-    /// statements decide what is offloaded, its flowtables' devices are the
-    /// interfaces.
-    pub nft: Option<std::path::PathBuf>,
-    /// Connections never offloaded (config file `[exclude]`).
-    pub exclude: crate::config::Exclusions,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        // 30 s: the kernel flowtable's NF_FLOW_TIMEOUT.
-        Config {
-            ifaces: Vec::new(),
-            mode: crate::policy::ModeChoice::Auto,
-            idle_timeout: Duration::from_secs(30),
-            max_flows: 65536,
-            nft: None,
-            exclude: Default::default(),
-        }
-    }
-}
-
 /// The file descriptors the loop waits on.
 struct Sources {
     ct_events: CtSocket,
@@ -133,7 +106,7 @@ pub struct Engine {
 
 /// Everything the loop's handlers change.
 struct Core {
-    cfg: Config,
+    cfg: Settings,
     started: Instant,
     /// The loaded ruleset in `--nft` mode.
     ruleset: Option<Ruleset>,
@@ -148,7 +121,7 @@ struct Core {
 impl Engine {
     /// Validate, load, attach. On any error nothing stays attached: the
     /// dataplane's links are dropped with it.
-    pub fn start(mut cfg: Config) -> Result<Self> {
+    pub fn start(mut cfg: Settings) -> Result<Self> {
         preflight()?;
         let ruleset = match &cfg.nft {
             Some(path) => {
@@ -211,16 +184,20 @@ impl Engine {
             ];
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
+            // Links before conntrack: a link going down makes the kernel
+            // flush the conntrack entries masqueraded through it
+            // (nf_nat_masquerade's device notifier, from a work item, so
+            // after the link message), and the link is the reason.
+            if fds[1].revents != 0 {
+                let ch = src.routes.drain();
+                core.on_route_changes(&ch);
+            }
             if fds[0].revents != 0 {
                 match src.ct_events.recv_events() {
                     Ok(evs) => core.on_ct_events(evs),
                     Err(CtError::Overrun) => core.on_ct_overrun(),
                     Err(e) => tracing::warn!("conntrack events: {e}"),
                 }
-            }
-            if fds[1].revents != 0 {
-                let ch = src.routes.drain();
-                core.on_route_changes(&ch);
             }
             if fds[2].revents != 0 {
                 src.control.serve(|req| core.answer(req));
@@ -320,6 +297,9 @@ impl Core {
                     self.flows.teardown(&id, TeardownReason::InterfaceDown);
                 }
             }
+        }
+        if ch.routes || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
+            self.flows.discount_wakes();
         }
         if ch.any() {
             self.route_dirty.get_or_insert_with(Instant::now);

@@ -4,16 +4,20 @@ use std::collections::BTreeMap;
 
 use crate::conntrack::CtTuple;
 use crate::control::{FlowView, Status, TupleView};
-use crate::dataplane::{Mode, STAT_NAMES};
-use crate::flow::entry::{words_addr, AF_INET};
+use crate::dataplane::{fo_stat, Mode, STAT_NAMES};
+use crate::flow::entry::words_addr;
+use crate::proto::{AF_INET, IPPROTO_TCP};
 
 use super::{now_ns, Core};
 
 impl Core {
     pub(super) fn status(&self) -> Status {
         let stats = self.flows.dp().stats();
-        // The first two are the fast path's totals, the rest slow-path reasons.
-        let slow = STAT_NAMES.iter().zip(&stats).skip(2).map(|(n, v)| (n.to_string(), *v)).collect();
+        // The fast path's totals, then the slow-path reasons.
+        let (fwd_packets, fwd_bytes) =
+            (stats[fo_stat::FO_STAT_FWD_PACKETS.0 as usize], stats[fo_stat::FO_STAT_FWD_BYTES.0 as usize]);
+        let first_reason = fo_stat::FO_STAT_FWD_BYTES.0 as usize + 1;
+        let slow = STAT_NAMES.iter().zip(&stats).skip(first_reason).map(|(n, v)| (n.to_string(), *v)).collect();
         let (offloaded, waiting, dormant) = self.flows.len();
         let c = &self.flows.counters;
         let mut lat: Vec<u32> = c.offload_us.iter().copied().collect();
@@ -29,8 +33,8 @@ impl Core {
             flows_dormant: dormant,
             flow_capacity: self.flows.dp().flow_capacity(),
             idle_timeout_s: self.cfg.idle_timeout.as_secs(),
-            fast_path_packets: stats[0],
-            fast_path_bytes: stats[1],
+            fast_path_packets: fwd_packets,
+            fast_path_bytes: fwd_bytes,
             slow_path: slow,
             offloads_total: c.offloads,
             teardowns: c.teardowns.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
@@ -52,7 +56,7 @@ impl Core {
             .values()
             .map(|f| {
                 let o = &f.dirs[0];
-                let tcp = f.entry.orig.proto == 6;
+                let tcp = f.entry.orig.proto == IPPROTO_TCP;
                 FlowView {
                     id: f.entry.id,
                     proto: if tcp { "tcp" } else { "udp" }.into(),

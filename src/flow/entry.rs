@@ -7,14 +7,20 @@
 use std::net::IpAddr;
 
 use crate::conntrack::CtTuple;
-use crate::dataplane::skel::types::{fo_flow, fo_flow_key};
+use crate::dataplane::skel::types::{fo_flow, fo_flow_flag, fo_flow_key};
+// Re-exported for the modules that imported the families from here.
+pub use crate::proto::{AF_INET, AF_INET6};
 
-pub const AF_INET: u8 = 2;
-pub const AF_INET6: u8 = 10;
+/// `enum fo_flow_flag` (bpf/flow.h) as the one-byte `fo_flow.flags` holds it.
+pub const FO_F_SNAT: u8 = flag_bit(fo_flow_flag::FO_F_SNAT);
+pub const FO_F_DNAT: u8 = flag_bit(fo_flow_flag::FO_F_DNAT);
+pub const FO_F_XDP_OK: u8 = flag_bit(fo_flow_flag::FO_F_XDP_OK);
 
-pub const FO_F_SNAT: u8 = 0x01;
-pub const FO_F_DNAT: u8 = 0x02;
-pub const FO_F_XDP_OK: u8 = 0x04;
+/// Fails the build if flow.h grows a flag that no longer fits the field.
+const fn flag_bit(f: fo_flow_flag) -> u8 {
+    assert!(f.0 != 0 && f.0 <= u8::MAX as u32, "fo_flow.flags is one byte");
+    f.0 as u8
+}
 
 /// Where a direction's packets leave, as the kernel's FIB and neighbour
 /// table say (from `bpf_fib_lookup`).
@@ -149,6 +155,7 @@ pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &Ne
 mod tests {
     use super::*;
     use crate::flow::tests::{tcp_masq, tuple};
+    use crate::proto::IPPROTO_TCP;
 
     /// Full Internet checksum over `data`, for checking the incremental one.
     fn csum(data: &[u8]) -> u16 {
@@ -206,6 +213,17 @@ mod tests {
     }
 
     #[test]
+    fn flag_bits_are_flow_h_s() {
+        let c = [fo_flow_flag::FO_F_SNAT, fo_flow_flag::FO_F_DNAT, fo_flow_flag::FO_F_XDP_OK];
+        let rust = [FO_F_SNAT, FO_F_DNAT, FO_F_XDP_OK];
+        for (c, r) in c.iter().zip(rust) {
+            assert_eq!(c.0, u32::from(r));
+            assert!(r.is_power_of_two(), "{r:#x} is one bit");
+        }
+        assert_eq!(rust.iter().fold(0, |a, b| a | b).count_ones(), 3, "distinct bits");
+    }
+
+    #[test]
     fn masquerade_both_directions() {
         let e = tcp_masq();
         let o = build_direction(&e.orig, &e.reply, 3, &nh(4));
@@ -228,8 +246,8 @@ mod tests {
 
     #[test]
     fn dnat_port_forward_rewrites_port() {
-        let orig = tuple("198.51.100.7", 50000, "203.0.113.1", 8080, 6);
-        let reply = tuple("192.168.1.2", 80, "198.51.100.7", 50000, 6);
+        let orig = tuple("198.51.100.7", 50000, "203.0.113.1", 8080, IPPROTO_TCP);
+        let reply = tuple("192.168.1.2", 80, "198.51.100.7", 50000, IPPROTO_TCP);
         let o = build_direction(&orig, &reply, 4, &nh(3));
         assert_eq!(o.val.new_dport, 80u16.to_be());
         assert_eq!(o.val.new_sport, 50000u16.to_be());
@@ -241,8 +259,8 @@ mod tests {
 
     #[test]
     fn routed_ipv6_has_no_rewrite() {
-        let orig = tuple("fd00:1::2", 40000, "fd00:2::2", 5201, 6);
-        let reply = tuple("fd00:2::2", 5201, "fd00:1::2", 40000, 6);
+        let orig = tuple("fd00:1::2", 40000, "fd00:2::2", 5201, IPPROTO_TCP);
+        let reply = tuple("fd00:2::2", 5201, "fd00:1::2", 40000, IPPROTO_TCP);
         let o = build_direction(&orig, &reply, 3, &nh(4));
         assert_eq!(o.key.family, AF_INET6);
         assert_eq!(o.val.flags & (FO_F_SNAT | FO_F_DNAT), 0);

@@ -11,6 +11,9 @@
 
 use std::time::Duration;
 
+use crate::dataplane::fo_teardown;
+use crate::proto::IPPROTO_TCP;
+
 /// Conntrack's per-state timeouts in this network namespace (seconds), from
 /// /proc/sys/net/netfilter/nf_conntrack_*_timeout_*.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +34,7 @@ impl CtTimeouts {
     /// Timeout conntrack would give an entry of this protocol after a packet.
     pub fn for_flow(&self, proto: u8, seen_reply: bool) -> u32 {
         match (proto, seen_reply) {
-            (6, _) => self.tcp_established,
+            (IPPROTO_TCP, _) => self.tcp_established,
             (_, true) => self.udp_stream,
             _ => self.udp,
         }
@@ -79,7 +82,26 @@ impl TeardownReason {
             TeardownReason::Shutdown => "shutdown",
         }
     }
+
+    /// What the fast path's `fo_flow.teardown` code (`enum fo_teardown`,
+    /// bpf/flow.h) means; `None` while the flow is live.
+    pub fn from_fast_path(code: u32) -> Option<TeardownReason> {
+        match fo_teardown(code) {
+            fo_teardown::FO_TD_NONE => None,
+            fo_teardown::FO_TD_RST => Some(TeardownReason::TcpRst),
+            // FO_TD_FIN, the only other code the fast path writes.
+            _ => Some(TeardownReason::TcpFin),
+        }
+    }
 }
+
+// What the control plane assumes of flow.h's codes: a zeroed entry is
+// live, and RST outranks FIN when both directions are combined with `max`.
+const _: () = assert!(
+    fo_teardown::FO_TD_NONE.0 == 0
+        && fo_teardown::FO_TD_FIN.0 > 0
+        && fo_teardown::FO_TD_RST.0 > fo_teardown::FO_TD_FIN.0
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -97,12 +119,11 @@ pub fn refresh_interval(ct_timeout_s: u32) -> Duration {
 }
 
 /// Decide what to do with one offloaded flow now.
-/// `teardown_flag` is the fast path's FO_TD_* value of either direction.
+/// `teardown_flag` is the fast path's `enum fo_teardown` code of either
+/// direction (the larger of the two).
 pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct_timeout_s: u32) -> Action {
-    match teardown_flag {
-        0 => {}
-        2 => return Action::Teardown(TeardownReason::TcpRst),
-        _ => return Action::Teardown(TeardownReason::TcpFin),
+    if let Some(r) = TeardownReason::from_fast_path(teardown_flag) {
+        return Action::Teardown(r);
     }
     let active = c.last_seen_ns.max(c.installed_ns);
     if now_ns.saturating_sub(active) > idle.as_nanos() as u64 {
@@ -130,11 +151,23 @@ mod tests {
         }
     }
 
+    const FIN: u32 = fo_teardown::FO_TD_FIN.0;
+    const RST: u32 = fo_teardown::FO_TD_RST.0;
+
     #[test]
     fn fin_and_rst_tear_down_first() {
         let c = clock(100, 105, 100, 100);
-        assert_eq!(decide(106 * S, &c, 1, Duration::from_secs(30), 120), Action::Teardown(TeardownReason::TcpFin));
-        assert_eq!(decide(106 * S, &c, 2, Duration::from_secs(30), 120), Action::Teardown(TeardownReason::TcpRst));
+        assert_eq!(decide(106 * S, &c, FIN, Duration::from_secs(30), 120), Action::Teardown(TeardownReason::TcpFin));
+        assert_eq!(decide(106 * S, &c, RST, Duration::from_secs(30), 120), Action::Teardown(TeardownReason::TcpRst));
+    }
+
+    #[test]
+    fn teardown_codes_are_flow_h_s() {
+        assert_eq!(crate::dataplane::fo_flow::default().teardown, fo_teardown::FO_TD_NONE.0);
+        assert_eq!(TeardownReason::from_fast_path(fo_teardown::FO_TD_NONE.0), None);
+        assert_eq!(TeardownReason::from_fast_path(FIN), Some(TeardownReason::TcpFin));
+        assert_eq!(TeardownReason::from_fast_path(RST), Some(TeardownReason::TcpRst));
+        assert_eq!(TeardownReason::from_fast_path(FIN.max(RST)), Some(TeardownReason::TcpRst));
     }
 
     #[test]
@@ -170,8 +203,8 @@ mod tests {
     #[test]
     fn timeouts_per_protocol() {
         let t = CtTimeouts::default();
-        assert_eq!(t.for_flow(6, true), 432000);
-        assert_eq!(t.for_flow(17, false), 30);
-        assert_eq!(t.for_flow(17, true), 120);
+        assert_eq!(t.for_flow(IPPROTO_TCP, true), 432000);
+        assert_eq!(t.for_flow(crate::proto::IPPROTO_UDP, false), 30);
+        assert_eq!(t.for_flow(crate::proto::IPPROTO_UDP, true), 120);
     }
 }

@@ -32,8 +32,7 @@ impl ConnId {
     }
 }
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+use crate::proto::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Why a conntrack entry cannot be offloaded (yet). Shown by `flows`/`status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -113,8 +112,8 @@ pub(crate) mod tests {
     pub fn tcp_masq() -> CtEntry {
         CtEntry {
             id: 7,
-            orig: tuple("192.168.1.2", 40000, "203.0.113.2", 5201, 6),
-            reply: tuple("203.0.113.2", 5201, "203.0.113.1", 40000, 6),
+            orig: tuple("192.168.1.2", 40000, "203.0.113.2", 5201, IPPROTO_TCP),
+            reply: tuple("203.0.113.2", 5201, "203.0.113.1", 40000, IPPROTO_TCP),
             status: status::CONFIRMED | status::ASSURED | status::SEEN_REPLY | status::SRC_NAT,
             timeout: Some(432000),
             mark: 0,
@@ -144,8 +143,8 @@ pub(crate) mod tests {
     #[test]
     fn udp_needs_only_confirmation() {
         let mut e = tcp_masq();
-        e.orig.proto = 17;
-        e.reply.proto = 17;
+        e.orig.proto = IPPROTO_UDP;
+        e.reply.proto = IPPROTO_UDP;
         e.tcp_state = None;
         e.status = status::CONFIRMED;
         assert_eq!(eligible(&e), Ok(()));

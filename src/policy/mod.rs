@@ -1,6 +1,7 @@
 //! Policy: which interfaces are managed and in which mode. Pure decisions,
 //! unit-tested; the engine feeds them facts read from the system.
 
+pub mod exclude;
 pub mod nft;
 pub mod verdict;
 

@@ -13,16 +13,12 @@
 
 use std::fmt;
 
-use crate::config::Exclusions;
 use crate::conntrack::{tcp_state, CtEntry};
 use crate::flow::{eligible, Direction, Ineligible, TeardownReason};
 use crate::routes::path::{NoPath, Ports};
 
+use super::exclude::{Excluded, Exclusions};
 use super::nft::{has_label, Flowtable};
-
-/// fo_flow.teardown values (bpf/flow.h FO_TD_*).
-const TD_FIN: u32 = 1;
-const TD_RST: u32 = 2;
 
 /// The user's rules.
 #[derive(Debug, Clone, Copy)]
@@ -99,8 +95,8 @@ pub struct World<'a> {
 /// Why a connection that asked for offload is not offloaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotOffloaded {
-    /// An `[exclude]` rule matched (its text names the rule).
-    Excluded(String),
+    /// An `[exclude]` rule matched.
+    Excluded(Excluded),
     Ineligible(Ineligible),
     NoPath(NoPath),
     NotInFlowtable,
@@ -113,7 +109,7 @@ pub enum NotOffloaded {
 impl fmt::Display for NotOffloaded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NotOffloaded::Excluded(why) => f.write_str(why),
+            NotOffloaded::Excluded(rule) => rule.fmt(f),
             NotOffloaded::Ineligible(i) => f.write_str(i.as_str()),
             NotOffloaded::NoPath(p) => p.fmt(f),
             NotOffloaded::NotInFlowtable => f.write_str("interfaces not in the flowtable the connection was added to"),
@@ -205,10 +201,9 @@ fn admitted(e: &CtEntry, dirs: &[Direction; 2], rules: &Rules, world: &World) ->
 /// Why an offloaded connection that stopped being eligible ends: the fast
 /// path's FIN/RST flag first, then conntrack's TCP state.
 fn closing(close: u32, state: Option<u8>) -> TeardownReason {
-    match (close, state) {
-        (TD_RST, _) => TeardownReason::TcpRst,
-        (TD_FIN, _) => TeardownReason::TcpFin,
-        (_, Some(s)) if s > tcp_state::ESTABLISHED => TeardownReason::TcpFin,
+    match (TeardownReason::from_fast_path(close), state) {
+        (Some(r), _) => r,
+        (None, Some(s)) if s > tcp_state::ESTABLISHED => TeardownReason::TcpFin,
         _ => TeardownReason::NoLongerEligible,
     }
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::conntrack::status;
+use crate::dataplane::fo_teardown;
 use crate::flow::tests::tcp_masq;
 use crate::flow::{build_direction, NextHop};
 
@@ -132,13 +133,13 @@ fn every_branch() {
         ("mark change without a ruleset is no policy change", Iface, marked(), OFF, None, V::Update),
         ("labelled: candidate", Nft, labelled(127), U, None, V::NeedsPath),
         // exclusions
-        ("excluded, new", Iface, sip(), U, None, V::NotOffloaded(NotOffloaded::Excluded("excluded by port 5060".into()))),
-        ("excluded, waiting", Iface, sip(), WAITING, None, V::NotOffloaded(NotOffloaded::Excluded("excluded by port 5060".into()))),
+        ("excluded, new", Iface, sip(), U, None, V::NotOffloaded(NotOffloaded::Excluded(Excluded::Port("5060".parse().unwrap())))),
+        ("excluded, waiting", Iface, sip(), WAITING, None, V::NotOffloaded(NotOffloaded::Excluded(Excluded::Port("5060".parse().unwrap())))),
         ("excluded, offloaded", Iface, sip(), OFF, None, V::Teardown(T::Policy)),
         ("excluded, dormant", Iface, sip(), DORMANT, None, V::Teardown(T::Policy)),
         // offloaded connections
-        ("offloaded, RST seen", Iface, state(tcp_state::CLOSE), Known::Offloaded { mark: 0, close: TD_RST }, None, V::Teardown(T::TcpRst)),
-        ("offloaded, FIN seen", Iface, state(tcp_state::FIN_WAIT), Known::Offloaded { mark: 0, close: TD_FIN }, None, V::Teardown(T::TcpFin)),
+        ("offloaded, RST seen", Iface, state(tcp_state::CLOSE), Known::Offloaded { mark: 0, close: fo_teardown::FO_TD_RST.0 }, None, V::Teardown(T::TcpRst)),
+        ("offloaded, FIN seen", Iface, state(tcp_state::FIN_WAIT), Known::Offloaded { mark: 0, close: fo_teardown::FO_TD_FIN.0 }, None, V::Teardown(T::TcpFin)),
         ("offloaded, conntrack closing", Iface, state(tcp_state::TIME_WAIT), OFF, None, V::Teardown(T::TcpFin)),
         ("offloaded, helper attached", Iface, helper(), OFF, None, V::Teardown(T::NoLongerEligible)),
         ("offloaded, still eligible", Iface, plain(), OFF, None, V::Update),
@@ -184,7 +185,7 @@ fn every_branch() {
 #[test]
 fn reasons_read_as_before() {
     let cases = [
-        (NotOffloaded::Excluded("excluded by port 22".into()), "excluded by port 22"),
+        (NotOffloaded::Excluded(Excluded::Port("22".parse().unwrap())), "excluded by port 22"),
         (NotOffloaded::Ineligible(Ineligible::Helper), "conntrack helper attached (ALG)"),
         (NotOffloaded::NoPath(NoPath::Asymmetric), "asymmetric routing"),
         (NotOffloaded::NotInFlowtable, "interfaces not in the flowtable the connection was added to"),
