@@ -11,7 +11,7 @@ use std::ffi::CString;
 use anyhow::{bail, Result};
 
 pub use ethtool::{driver, gro};
-pub use table::{LinkFacts, LinkRef, LinkTable, OperState, XdpMode, XdpProgs};
+pub use table::{LinkFacts, LinkRef, LinkTable, OperState, Undecoded, XdpMode, XdpProgs};
 
 /// An interface as mode selection and the engine see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -46,7 +46,16 @@ impl LinkTable {
     pub fn info(&self, name: &str) -> Result<LinkInfo> {
         match self.by_name(name) {
             Some(l) => Ok(LinkInfo::new(l, driver(name))),
-            None => bail!("interface {name} does not exist in this network namespace"),
+            None => bail!("interface {}", self.why_missing(name)),
+        }
+    }
+
+    /// Why there is no record for `name`: no such link, or one the decoder
+    /// rejected.
+    pub fn why_missing(&self, name: &str) -> String {
+        match self.undecoded().iter().find(|u| u.name == name) {
+            Some(u) => format!("{name}: its rtnetlink attributes could not be decoded ({})", u.error),
+            None => format!("{name} does not exist in this network namespace"),
         }
     }
 }

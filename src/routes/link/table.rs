@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use std::io;
 
 use anyhow::{anyhow, bail, Context, Result};
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST};
+use netlink_packet_core::{
+    parse_string, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
 use netlink_packet_route::link::{
     self as rt, LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage, LinkXdp, XdpAttached,
 };
@@ -177,10 +180,12 @@ fn xdp_progs(attrs: &[LinkXdp]) -> Option<XdpProgs> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkTable {
     links: BTreeMap<u32, LinkFacts>,
+    undecoded: Vec<Undecoded>,
 }
 
 /// Sequence number of the dump request; replies carry it back.
 const DUMP_SEQ: u32 = 1;
+const RTM_NEWLINK: u16 = 16;
 
 impl LinkTable {
     /// Dump the calling thread's namespace. A dump the kernel marks as
@@ -207,34 +212,67 @@ impl LinkTable {
         self.links.values()
     }
 
+    /// Links whose attributes the decoder rejected, with their name read raw.
+    pub fn undecoded(&self) -> &[Undecoded] {
+        &self.undecoded
+    }
+
     /// Take the replies in one datagram. Returns whether the dump is done,
     /// and sets `*intr` if a reply says it was interrupted.
     fn absorb(&mut self, mut datagram: &[u8], intr: &mut bool) -> Result<bool> {
         while !datagram.is_empty() {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(datagram)
-                .map_err(|e| anyhow!("undecodable reply: {e}"))?;
-            let len = (msg.header.length as usize).next_multiple_of(4);
-            if msg.header.sequence_number == DUMP_SEQ {
-                *intr |= msg.header.flags & NLM_F_DUMP_INTR != 0;
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
-                        let f = LinkFacts::from_message(&m);
-                        self.links.insert(f.ifindex, f);
-                    }
-                    NetlinkPayload::Done(d) if d.code != 0 => {
-                        return Err(io::Error::from_raw_os_error(d.code.abs()).into())
-                    }
-                    NetlinkPayload::Done(_) => return Ok(true),
-                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io().into()),
-                    _ => {}
+            let nl = NetlinkBuffer::new_checked(datagram).map_err(|e| anyhow!("undecodable reply: {e}"))?;
+            let (len, flags, seq, ty) = (nl.length() as usize, nl.flags(), nl.sequence_number(), nl.message_type());
+            let msg = &datagram[..len];
+            datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
+            if seq != DUMP_SEQ {
+                continue;
+            }
+            *intr |= flags & NLM_F_DUMP_INTR != 0;
+            let payload = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
+                Ok(m) => m.payload,
+                // One link the decoder does not understand must not hide the others.
+                Err(e) if ty == RTM_NEWLINK => {
+                    self.undecoded.push(Undecoded::read(nl.payload(), e.to_string()));
+                    continue;
                 }
+                Err(e) => bail!("undecodable reply: {e}"),
+            };
+            match payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    let f = LinkFacts::from_message(&m);
+                    self.links.insert(f.ifindex, f);
+                }
+                NetlinkPayload::Done(d) if d.code != 0 => return Err(io::Error::from_raw_os_error(d.code.abs()).into()),
+                NetlinkPayload::Done(_) => return Ok(true),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io().into()),
+                _ => {}
             }
-            if len == 0 || len >= datagram.len() {
-                break;
-            }
-            datagram = &datagram[len..];
         }
         Ok(false)
+    }
+}
+
+/// A link in the dump whose attributes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecoded {
+    pub ifindex: u32,
+    /// IFLA_IFNAME, read without the decoder (empty if even that failed).
+    pub name: String,
+    pub error: String,
+}
+
+impl Undecoded {
+    /// From the payload of an RTM_NEWLINK: struct ifinfomsg, then attributes.
+    fn read(payload: &[u8], error: String) -> Self {
+        const IFLA_IFNAME: u16 = 3;
+        let ifindex = payload.get(4..8).map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        let name = NlasIterator::new(payload.get(16..).unwrap_or_default())
+            .map_while(Result::ok)
+            .find(|a| a.kind() == IFLA_IFNAME)
+            .and_then(|a| parse_string(a.value()).ok())
+            .unwrap_or_default();
+        Undecoded { ifindex, name, error }
     }
 }
 
@@ -277,7 +315,7 @@ fn dump_request() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::{DoneMessage, NLM_F_MULTIPART};
+    use netlink_packet_core::{DefaultNla, DoneMessage, NLM_F_MULTIPART};
     use netlink_packet_route::link::{InfoKind, LinkLayerType};
 
     fn link_msg(index: u32, flags: LinkFlags, attrs: Vec<LinkAttribute>) -> LinkMessage {
@@ -401,6 +439,25 @@ mod tests {
         assert_eq!(t.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["vb"]);
 
         assert!(t.absorb(&[0xff; 20], &mut intr).is_err(), "garbage is an error, not a panic");
+    }
+
+    #[test]
+    fn a_link_the_decoder_rejects_is_kept_by_name_and_does_not_hide_the_others() {
+        // IFLA_MTU (4) with two bytes instead of four.
+        let bad = link_msg(
+            9,
+            LinkFlags::Up,
+            vec![LinkAttribute::IfName("odd0".into()), LinkAttribute::Other(DefaultNla::new(4, vec![1, 2]))],
+        );
+        let mut d = new_link(bad);
+        d.extend(new_link(veth(3, "va", 4, None)));
+        d.extend(done(0));
+        let mut t = LinkTable::default();
+        assert!(t.absorb(&d, &mut false).unwrap());
+        assert_eq!(t.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["va"]);
+        let [u] = t.undecoded() else { panic!("{t:?}") };
+        assert_eq!((u.ifindex, u.name.as_str()), (9, "odd0"));
+        assert!(!u.error.is_empty());
     }
 
     #[test]
