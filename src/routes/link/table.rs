@@ -34,8 +34,7 @@ pub struct LinkRef {
 }
 
 /// How the XDP program(s) on a link are attached (IFLA_XDP_ATTACHED).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpMode {
     /// Native, in the driver.
     Driver,
