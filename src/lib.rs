@@ -11,6 +11,7 @@ pub mod control;
 pub mod dataplane;
 pub mod engine;
 pub mod flow;
+pub mod host;
 pub mod lab;
 pub mod policy;
 pub mod proto;

@@ -18,7 +18,6 @@ mod ruleset;
 mod views;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -27,6 +26,7 @@ use crate::conntrack::{CtEntry, CtError, CtEvent, CtSocket, Seen};
 use crate::control::{ControlServer, Request, Response};
 use crate::dataplane::Dataplane;
 use crate::flow::{ConnId, CtTimeouts, TeardownReason};
+use crate::host;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::resolve_path;
@@ -40,56 +40,12 @@ use ports::Interfaces;
 const ROUTE_SETTLE: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(250);
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-    }
-}
-
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer. CLOCK_MONOTONIC_COARSE is what the fast path's
     // bpf_ktime_get_coarse_ns reads.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn read_sysctl(name: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}")).ok()?.trim().parse().ok()
-}
-
-fn ct_timeouts() -> CtTimeouts {
-    let d = CtTimeouts::default();
-    CtTimeouts {
-        tcp_established: read_sysctl("nf_conntrack_tcp_timeout_established").unwrap_or(d.tcp_established),
-        udp: read_sysctl("nf_conntrack_udp_timeout").unwrap_or(d.udp),
-        udp_stream: read_sysctl("nf_conntrack_udp_timeout_stream").unwrap_or(d.udp_stream),
-    }
-}
-
-/// Checks that must pass before anything is touched.
-pub fn preflight() -> Result<()> {
-    use crate::check::{effective_caps, CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN};
-    let caps = effective_caps().unwrap_or(0);
-    let has = |bit: u32| caps & (1u64 << bit) != 0;
-    if !has(CAP_NET_ADMIN) || !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
-        anyhow::bail!("insufficient privileges: nft-offload needs CAP_BPF and CAP_NET_ADMIN (run as root)");
-    }
-    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-        anyhow::bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux missing): it needs CONFIG_DEBUG_INFO_BTF=y");
-    }
-    Ok(())
 }
 
 /// The file descriptors the loop waits on.
@@ -122,7 +78,7 @@ impl Engine {
     /// Validate, load, attach. On any error nothing stays attached: the
     /// dataplane's links are dropped with it.
     pub fn start(mut cfg: Settings) -> Result<Self> {
-        preflight()?;
+        host::preflight()?;
         let ruleset = match &cfg.nft {
             Some(path) => {
                 if !cfg.ifaces.is_empty() {
@@ -161,7 +117,7 @@ impl Engine {
             ruleset,
             ifaces,
             flows: FlowTable::new(dp, ct_req, bits),
-            timeouts: ct_timeouts(),
+            timeouts: host::ct_timeouts(),
             ct_events: 0,
             ct_resyncs: 0,
             route_dirty: None,
@@ -172,10 +128,10 @@ impl Engine {
 
     /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
     pub fn run(&mut self) -> Result<()> {
-        install_signal_handlers();
+        let _signals = host::SignalGuard::install().context("installing the SIGINT/SIGTERM handlers")?;
         tracing::info!(flows = self.core.flows.len().0, "running");
         let mut last_tick = Instant::now();
-        while !STOP.load(Ordering::SeqCst) {
+        while !host::stop_requested() {
             let (src, core) = (&mut self.src, &mut self.core);
             let mut fds = [
                 libc::pollfd { fd: src.ct_events.fd(), events: libc::POLLIN, revents: 0 },

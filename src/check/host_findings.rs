@@ -1,0 +1,263 @@
+//! Host findings: one pure function per item, listed in `HOST_FINDINGS` in
+//! the order they are reported.
+
+use super::facts::HostFacts;
+use super::Verdict;
+use crate::host::{has_cap, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN};
+
+/// What host findings may look at besides the host's facts.
+pub(super) struct HostCtx<'a> {
+    /// Some interface uses TC (or none is known, so TC may well be needed).
+    pub tc_needed: bool,
+    /// Interfaces that exist and failed nothing of their own.
+    pub usable: Vec<&'a str>,
+}
+
+type HostFinding = fn(&HostFacts, &HostCtx) -> Verdict;
+
+/// Every host item, in report order. The names are stable: scripts match on them.
+pub(super) const HOST_FINDINGS: &[(&str, HostFinding)] = &[
+    ("privileges", privileges),
+    ("bpf_syscall", bpf_syscall),
+    ("bpf_jit", bpf_jit),
+    ("btf", btf),
+    ("tcx", tcx),
+    ("conntrack_kfuncs", conntrack_kfuncs),
+    ("nf_flow_table", nf_flow_table),
+    ("conntrack", conntrack),
+    ("conntrack_events", conntrack_events),
+    ("conntrack_acct", conntrack_acct),
+    ("nft", nft),
+    ("ip_forward", ip_forward),
+    ("interfaces", interfaces),
+];
+
+const ROOT_REMEDY: &str = "run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)";
+
+fn privileges(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let Some(caps) = h.cap_eff else {
+        return Verdict::warn("could not read CapEff from /proc/thread-self/status", ROOT_REMEDY);
+    };
+    let has = |c| has_cap(caps, c);
+    let named: Vec<&str> = [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| has(*c))
+    .map(|(_, n)| n)
+    .collect();
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF (or CAP_SYS_ADMIN): loading BPF programs");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN: attaching to interfaces, ctnetlink");
+    }
+    if missing.is_empty() {
+        Verdict::ok(format!("effective: {}", named.join(", ")))
+    } else {
+        Verdict::fail(format!("missing {}", missing.join("; ")), ROOT_REMEDY)
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    format!("{} (errno {e})", std::io::Error::from_raw_os_error(e))
+}
+
+fn bpf_syscall(h: &HostFacts, _: &HostCtx) -> Verdict {
+    match h.bpf_load {
+        Ok(()) => Verdict::ok("the kernel loads a trivial XDP program (libbpf probe)"),
+        Err(e) if e == libc::ENOSYS => {
+            Verdict::fail("bpf() is not implemented by this kernel", "a kernel built with CONFIG_BPF_SYSCALL=y")
+        }
+        Err(e) if e == libc::EPERM || e == libc::EACCES => Verdict::fail(
+            format!("loading a trivial XDP program was refused: {}", errno_name(e)),
+            "run as root (see privileges); if root is refused, a security module or lockdown \
+             (kernel.unprivileged_bpf_disabled does not apply to root) denies bpf()",
+        ),
+        Err(e) => Verdict::fail(
+            format!("loading a trivial XDP program failed: {}", errno_name(e)),
+            "a kernel with CONFIG_BPF_SYSCALL=y and XDP; see dmesg",
+        ),
+    }
+}
+
+fn bpf_jit(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let remedy = "sysctl -w net.core.bpf_jit_enable=1";
+    let unknown = |config: &str| {
+        Verdict::warn(
+            format!(
+                "net.core.bpf_jit_enable is not visible here (not the initial network namespace?) and \
+                 {config}: JIT state unknown"
+            ),
+            format!("check `sysctl net.core.bpf_jit_enable` in the initial namespace; if 0: {remedy}"),
+        )
+    };
+    match (h.jit_enable, h.jit_always_on) {
+        (Some(1), _) => Verdict::ok("net.core.bpf_jit_enable = 1"),
+        (Some(2), _) => Verdict::ok("net.core.bpf_jit_enable = 2 (on, with debug output to the log)"),
+        (_, Some(true)) => Verdict::ok("CONFIG_BPF_JIT_ALWAYS_ON=y: programs are always JIT-compiled"),
+        (Some(n), _) => Verdict::warn(
+            format!("net.core.bpf_jit_enable = {n}: programs run in the interpreter, several times slower"),
+            remedy,
+        ),
+        // net.core.bpf_jit_enable only exists in the initial network namespace.
+        (None, Some(false)) => unknown("CONFIG_BPF_JIT_ALWAYS_ON is not set"),
+        (None, None) => unknown("the kernel config is not readable (CONFIG_BPF_JIT_ALWAYS_ON unknown)"),
+    }
+}
+
+fn btf(h: &HostFacts, _: &HostCtx) -> Verdict {
+    if h.btf_vmlinux {
+        Verdict::ok("/sys/kernel/btf/vmlinux present")
+    } else {
+        Verdict::fail(
+            "/sys/kernel/btf/vmlinux missing: the fast path's CO-RE relocations need kernel BTF",
+            "a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        )
+    }
+}
+
+pub(super) fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn tcx(h: &HostFacts, ctx: &HostCtx) -> Verdict {
+    let what = match kernel_version(&h.kernel_release) {
+        Some(ver) if ver >= (6, 6) => {
+            return Verdict::ok(format!("kernel {}: TC mode attaches through TCX links", h.kernel_release))
+        }
+        Some(_) => format!("kernel {} is older than 6.6: no TCX, so no TC mode", h.kernel_release),
+        None => format!("kernel release {:?} not understood: TCX (6.6+) unknown", h.kernel_release),
+    };
+    let remedy = "kernel 6.6 or newer, or --mode xdp on hardware NICs without a shaper";
+    if ctx.tc_needed {
+        Verdict::fail(what, remedy)
+    } else {
+        Verdict::warn(format!("{what} (not needed: every interface uses XDP)"), remedy)
+    }
+}
+
+/// Informational: the engine uses ctnetlink today, not these kfuncs.
+fn conntrack_kfuncs(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let Some(k) = &h.kfuncs else {
+        return Verdict::ok("kernel BTF not readable; not needed by the engine today");
+    };
+    let (have, miss): (Vec<_>, Vec<_>) = k.iter().partition(|(_, f)| *f);
+    let names = |v: &[&(&str, bool)]| v.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+    if miss.is_empty() {
+        Verdict::ok(format!("{} available (not needed by the engine today)", names(&have)))
+    } else {
+        Verdict::ok(format!(
+            "{} not in kernel BTF (needs CONFIG_NF_CONNTRACK and BTF); not needed by the engine today",
+            names(&miss)
+        ))
+    }
+}
+
+fn nf_flow_table(h: &HostFacts, _: &HostCtx) -> Verdict {
+    match &h.flowtable {
+        None => {
+            Verdict::ok("not present: nft-offload does its job; `flowtable` objects in nft rulesets are translated")
+        }
+        Some(seen) => Verdict::ok(format!(
+            "present ({seen}): kernel flowtable available; nft-offload takes over offload for rulesets \
+             loaded through it, do not also load `flow add` rules directly or both will try to offload"
+        )),
+    }
+}
+
+fn conntrack(h: &HostFacts, _: &HostCtx) -> Verdict {
+    if h.conntrack {
+        Verdict::ok("nf_conntrack active in this namespace")
+    } else {
+        Verdict::fail(
+            "no conntrack in this namespace (no /proc/net/nf_conntrack, no nf_conntrack_max sysctl): \
+             nothing to follow",
+            "modprobe nf_conntrack (a ruleset with `ct state` rules loads it too)",
+        )
+    }
+}
+
+fn conntrack_events(h: &HostFacts, _: &HostCtx) -> Verdict {
+    match h.ct_events {
+        Some(0) => Verdict::fail(
+            "net.netfilter.nf_conntrack_events = 0: the engine learns about connections from events",
+            "sysctl -w net.netfilter.nf_conntrack_events=1",
+        ),
+        Some(1) => Verdict::ok("net.netfilter.nf_conntrack_events = 1"),
+        Some(n) => {
+            Verdict::ok(format!("net.netfilter.nf_conntrack_events = {n}: on once a listener (nft-offload) subscribes"))
+        }
+        None => Verdict::fail(
+            "no net.netfilter.nf_conntrack_events sysctl: no conntrack, or a kernel without \
+             CONFIG_NF_CONNTRACK_EVENTS",
+            "modprobe nf_conntrack; the kernel needs CONFIG_NF_CONNTRACK_EVENTS=y and CONFIG_NF_CT_NETLINK",
+        ),
+    }
+}
+
+fn conntrack_acct(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let remedy = "sysctl -w net.netfilter.nf_conntrack_acct=1";
+    match h.ct_acct {
+        Some(0) => Verdict::warn(
+            "nf_conntrack_acct = 0: conntrack counters do not include offloaded packets; \
+             `nft-offload flows` has them",
+            remedy,
+        ),
+        Some(_) => Verdict::ok("net.netfilter.nf_conntrack_acct = 1"),
+        None => Verdict::warn(
+            "no net.netfilter.nf_conntrack_acct sysctl: conntrack counters unavailable; \
+             `nft-offload flows` has per-flow counters",
+            remedy,
+        ),
+    }
+}
+
+fn nft(h: &HostFacts, _: &HostCtx) -> Verdict {
+    match &h.nft_version {
+        Some(ver) => Verdict::ok(ver.clone()),
+        None => Verdict::warn(
+            "`nft --version` failed: nft not installed; `run --nft` and ruleset translation need it",
+            "install nftables (apt install nftables)",
+        ),
+    }
+}
+
+fn ip_forward(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let fwd =
+        [("IPv4", h.ipv4_forward, "net.ipv4.ip_forward"), ("IPv6", h.ipv6_forward, "net.ipv6.conf.all.forwarding")];
+    let off: Vec<_> = fwd.iter().filter(|(_, v, _)| *v != Some(1)).collect();
+    if off.is_empty() {
+        return Verdict::ok("IPv4 and IPv6 forwarding on");
+    }
+    let what = off.iter().map(|(f, _, _)| *f).collect::<Vec<_>>().join(" and ");
+    let detail = if off.len() == fwd.len() {
+        format!("{what} forwarding off: this host does not forward")
+    } else {
+        format!("{what} forwarding off: this host does not forward {what}")
+    };
+    Verdict::warn(detail, off.iter().map(|(_, _, k)| format!("sysctl -w {k}=1")).collect::<Vec<_>>().join("; "))
+}
+
+fn interfaces(h: &HostFacts, ctx: &HostCtx) -> Verdict {
+    match ctx.usable[..] {
+        [] => Verdict::fail(
+            match &h.links_unreadable {
+                None => "no usable interface".to_string(),
+                Some(e) => format!("no usable interface: interfaces not readable ({e})"),
+            },
+            "name existing interfaces (`ip link`), run check in the router's namespace \
+             (`ip netns exec NS nft-offload check`), and fix the interfaces' failures below",
+        ),
+        [one] => Verdict::warn(
+            format!("only one usable interface ({one}): offload forwards between interfaces"),
+            "forwarding between two ports needs both; one interface only serves a one-armed router",
+        ),
+        ref all => Verdict::ok(format!("{} usable: {}", all.len(), all.join(", "))),
+    }
+}

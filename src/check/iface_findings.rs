@@ -1,0 +1,293 @@
+//! Interface findings: one pure function per item, listed in
+//! `IFACE_FINDINGS` in the order they are reported, and the report of one
+//! interface built from them.
+
+use super::facts::{IfaceFacts, Peer, ProgRef, TcProg};
+use super::{IfaceReport, Verdict};
+use crate::dataplane::Mode;
+use crate::policy::ModeDecision;
+use crate::routes::link::{self, LinkInfo};
+
+/// What interface findings may look at besides the interface's facts: the
+/// interface as mode selection saw it, and the mode `run` would pick.
+pub(super) struct IfaceCtx<'a> {
+    pub link: &'a LinkInfo,
+    pub mode: Mode,
+    pub reason: &'a str,
+}
+
+impl IfaceCtx<'_> {
+    fn xdp(&self) -> bool {
+        self.mode == Mode::Xdp
+    }
+}
+
+/// None: the item does not apply to this interface.
+type IfaceFinding = fn(&IfaceFacts, &IfaceCtx) -> Option<Verdict>;
+
+/// Every interface item, in report order. The names are stable: scripts match on them.
+pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
+    ("exists", exists),
+    ("link_state", link_state),
+    ("mode", mode),
+    ("native_xdp", native_xdp_finding),
+    ("xdp_redirect_target", xdp_redirect_target),
+    ("egress_qdisc", egress_qdisc),
+    ("xdp_program", xdp_program),
+    ("tc_ingress", tc_ingress),
+];
+
+/// nft-offload's own program names (bpf/fastpath.bpf.c): a previous or
+/// running `nft-offload run` is reported as such, not as a stranger.
+const OWN_PROGS: [&str; 2] = ["fo_xdp", "fo_tc"];
+
+/// The report of one interface; `decision` is None when it does not exist.
+pub(super) fn report(f: &IfaceFacts, decision: Option<ModeDecision>) -> IfaceReport {
+    let (Ok(l), Some(d)) = (&f.link, decision) else {
+        let why = f.link.as_ref().err().cloned().unwrap_or_default();
+        return IfaceReport {
+            name: f.name.clone(),
+            exists: false,
+            driver: String::new(),
+            mode: None,
+            reason: String::new(),
+            native_xdp: None,
+            xdp_redirect_target: None,
+            egress_qdisc: String::new(),
+            shaper: false,
+            xdp_prog_id: None,
+            tc_ingress_programs: Vec::new(),
+            findings: vec![Verdict::fail(
+                why,
+                "check the name (`ip link`), or run check where the interface is: \
+                 `ip netns exec NS nft-offload check`",
+            )
+            .named("exists")],
+        };
+    };
+    let ctx = IfaceCtx { link: l, mode: d.mode, reason: &d.reason };
+    let findings = IFACE_FINDINGS.iter().filter_map(|(item, judge)| judge(f, &ctx).map(|v| v.named(item))).collect();
+    IfaceReport {
+        name: l.name.clone(),
+        exists: true,
+        driver: l.driver.clone(),
+        mode: Some(d.mode),
+        native_xdp: native_xdp(&l.driver).0,
+        xdp_redirect_target: redirect_target(&f.peer),
+        egress_qdisc: l.qdisc.clone(),
+        shaper: link::is_shaper(&l.qdisc),
+        xdp_prog_id: f.xdp_prog.as_ref().map(|p| p.id),
+        tc_ingress_programs: tc_descriptions(&f.tc_ingress),
+        reason: d.reason,
+        findings,
+    }
+}
+
+fn or_unknown(driver: &str) -> &str {
+    if driver.is_empty() {
+        "?"
+    } else {
+        driver
+    }
+}
+
+fn exists(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    Some(Verdict::ok(format!("ifindex {}, driver {}", c.link.ifindex, or_unknown(&c.link.driver))))
+}
+
+fn link_state(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    Some(if c.link.up {
+        Verdict::ok("up")
+    } else {
+        Verdict::warn(
+            "down or no carrier: nothing is forwarded through it until it comes up",
+            format!("ip link set dev {} up (and check the cable or peer)", c.link.name),
+        )
+    })
+}
+
+fn mode(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    Some(Verdict::ok(format!("{}: {}", c.mode.as_str(), c.reason)))
+}
+
+/// Known native-XDP support by driver name (ETHTOOL_GDRVINFO), with caveats.
+pub(super) fn native_xdp(driver: &str) -> (Option<bool>, String) {
+    const NATIVE: &[&str] = &[
+        "mlx4_en",
+        "mlx5_core",
+        "ixgbe",
+        "ixgbevf",
+        "i40e",
+        "ice",
+        "igb",
+        "igc",
+        "idpf",
+        "bnxt_en",
+        "nfp",
+        "qede",
+        "ena",
+        "sfc",
+        "gve",
+        "hv_netvsc",
+        "mana",
+        "ionic",
+        "atlantic",
+        "fsl_dpaa2_eth",
+        "enetc",
+        "fec",
+        "mvneta",
+        "mvpp2",
+        "st_gmac",
+        "txgbe",
+        "ngbe",
+        "thunder-nicvf",
+        "tsnep",
+    ];
+    // Software devices link::is_virtual does not list; none has native XDP.
+    const SOFTWARE: &[&str] =
+        &["ifb", "ipip", "ip_gre", "ip6_gre", "sit", "ip6_tunnel", "geneve", "vrf", "team", "openvswitch", "netkit"];
+    match driver {
+        "veth" => (
+            Some(true),
+            "native, with caveats: a redirect into a veth needs NAPI on its peer (GRO or an XDP program), \
+             and locally generated CHECKSUM_PARTIAL frames lose their checksum"
+                .into(),
+        ),
+        "virtio_net" => (
+            Some(true),
+            "native (virtio_net); attaching may need the host's guest offloads (GRO_HW, guest TSO) off \
+             and enough queues for XDP_TX"
+                .into(),
+        ),
+        "tun" => (Some(true), "native (tun/tap)".into()),
+        "bonding" => (None, "native only if every slave's driver has it".into()),
+        "" => (None, "driver unknown".into()),
+        d if link::is_virtual(d) || SOFTWARE.contains(&d) => {
+            (Some(false), format!("{d} is a software device without native XDP"))
+        }
+        d if NATIVE.contains(&d) => (Some(true), format!("native ({d})")),
+        d => (None, format!("{d} is not in nft-offload's list of native-XDP drivers (not probed)")),
+    }
+}
+
+fn native_xdp_finding(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let (native, why) = native_xdp(&c.link.driver);
+    Some(if c.xdp() && native != Some(true) {
+        let fallback = if native == Some(false) { "runs as" } else { "may fall back to" };
+        Verdict::warn(format!("{why}: XDP mode {fallback} generic XDP, slower than TC"), "--mode tc")
+    } else {
+        Verdict::ok(why)
+    })
+}
+
+/// veth only: whether frames redirected into it arrive (its peer has NAPI).
+fn redirect_target(peer: &Option<Peer>) -> Option<bool> {
+    match peer {
+        Some(Peer::Local { xdp_prog: Some(_), .. } | Peer::Local { gro: Some(true), .. }) => Some(true),
+        Some(Peer::Local { gro: Some(false), xdp_prog: None, .. }) => Some(false),
+        _ => None,
+    }
+}
+
+fn xdp_redirect_target(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let peer = f.peer.as_ref()?;
+    let target = redirect_target(&f.peer);
+    let only = if c.xdp() { "" } else { " (matters only with --mode xdp)" };
+    let (detail, peer_name) = match peer {
+        Peer::Local { name, xdp_prog, .. } => (
+            match (target, xdp_prog) {
+                (Some(true), Some(id)) => format!("yes: peer {name} has an XDP program (id {id})"),
+                (Some(true), None) => format!("yes: peer {name} has GRO on"),
+                (Some(false), _) => format!("no: peer {name} has neither GRO nor an XDP program{only}"),
+                _ => format!("unknown: GRO state of peer {name} not readable (ETHTOOL_GGRO failed){only}"),
+            },
+            name.as_str(),
+        ),
+        Peer::OtherNetns => (format!("unknown (peer in another namespace){only}"), "PEER"),
+        Peer::Unknown(why) => (format!("unknown: {why}{only}"), "PEER"),
+    };
+    let remedy = format!(
+        "ethtool -K {peer_name} gro on (in the peer's namespace), or attach an XDP program to it, or --mode tc"
+    );
+    Some(match (target, c.xdp()) {
+        (Some(true), _) | (_, false) => Verdict::ok(detail),
+        (Some(false), true) => {
+            Verdict::fail(format!("{detail}: frames redirected into {} are silently dropped", c.link.name), remedy)
+        }
+        (None, true) => Verdict::warn(detail, remedy),
+    })
+}
+
+fn egress_qdisc(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    Some(match (c.link.qdisc.as_str(), link::is_shaper(&c.link.qdisc)) {
+        ("noop", _) => Verdict::ok("noop: no qdisc while the interface is down; the one it gets when up decides"),
+        ("", _) => Verdict::warn(
+            "unknown: rtnetlink reported no root qdisc (IFLA_QDISC)",
+            "a shaper on egress matters for the mode: check `tc qdisc show dev IF`",
+        ),
+        (q, true) if c.xdp() => Verdict::warn(
+            format!("{q} is a shaper and XDP redirect bypasses it: offloaded flows are not shaped"),
+            "--mode auto or tc (TC keeps the qdisc in the path)",
+        ),
+        (q, true) => Verdict::ok(format!("{q} (a shaper: TC mode keeps it in the path)")),
+        (q, false) => Verdict::ok(q.to_string()),
+    })
+}
+
+fn prog_desc(p: &ProgRef) -> String {
+    let name = if p.name.is_empty() { "?" } else { &p.name };
+    if OWN_PROGS.contains(&p.name.as_str()) {
+        format!("{name} (id {}, nft-offload's own: is `nft-offload run` running?)", p.id)
+    } else {
+        format!("{name} (id {})", p.id)
+    }
+}
+
+fn xdp_program(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let name = &c.link.name;
+    Some(match &f.xdp_prog {
+        None => Verdict::ok("none attached"),
+        Some(p) if c.xdp() => Verdict::fail(
+            format!("{} already attached: XDP mode cannot attach (one program per interface)", prog_desc(p)),
+            format!("ip link set dev {name} xdp off, or --mode tc"),
+        ),
+        Some(p) => Verdict::warn(
+            format!(
+                "{} attached: it runs before nft-offload's TC hook; fine if it returns XDP_PASS for \
+                 forwarded traffic",
+                prog_desc(p)
+            ),
+            format!("make sure it passes forwarded traffic, or remove it: ip link set dev {name} xdp off"),
+        ),
+    })
+}
+
+fn tc_descriptions(progs: &[TcProg]) -> Vec<String> {
+    progs
+        .iter()
+        .map(|t| match t {
+            TcProg::Tcx(p) => format!("tcx {}", prog_desc(p)),
+            TcProg::Legacy { kind, prog: Some(p) } => format!("cls_{kind} {}", prog_desc(p)),
+            TcProg::Legacy { kind, prog: None } => format!("cls_{kind} filter"),
+        })
+        .collect()
+}
+
+fn tc_ingress(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let desc = tc_descriptions(&f.tc_ingress);
+    if desc.is_empty() {
+        return Some(Verdict::ok("no other TC ingress programs"));
+    }
+    let order = if c.xdp() {
+        "packets nft-offload redirects in XDP never reach them"
+    } else {
+        "TCX programs attached earlier run before nft-offload, legacy filters after it"
+    };
+    Some(Verdict::warn(
+        format!(
+            "{}: runs before/after nft-offload ({order}); fine if it returns TCX_NEXT/TC_ACT_UNSPEC",
+            desc.join(", ")
+        ),
+        "check what they return for forwarded traffic, or detach them",
+    ))
+}

@@ -1,0 +1,482 @@
+use std::fs;
+use std::process::Command;
+
+use super::facts::{config_enabled, Peer, ProgRef, TcProg, KFUNCS};
+use super::host_findings::kernel_version;
+use super::iface_findings::native_xdp;
+use super::*;
+use crate::host::CAP_NET_ADMIN;
+use crate::routes::link;
+
+// ------------------------------------------------ pure verdicts (no root)
+
+fn good_host() -> HostFacts {
+    HostFacts {
+        cap_eff: Some(0x1ff_ffff_ffff),
+        bpf_load: Ok(()),
+        jit_enable: Some(1),
+        jit_always_on: Some(false),
+        btf_vmlinux: true,
+        kernel_release: "6.8.0-45-generic".into(),
+        kfuncs: Some(KFUNCS.iter().map(|k| (*k, true)).collect()),
+        flowtable: None,
+        conntrack: true,
+        ct_events: Some(1),
+        ct_acct: Some(1),
+        nft_version: Some("nftables v1.0.9 (Old Doc Yak #3)".into()),
+        ipv4_forward: Some(1),
+        ipv6_forward: Some(1),
+        links_unreadable: None,
+    }
+}
+
+fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
+    IfaceFacts {
+        name: name.into(),
+        link: Ok(LinkInfo {
+            name: name.into(),
+            ifindex: 7,
+            up: true,
+            driver: driver.into(),
+            mtu: 1500,
+            qdisc: qdisc.into(),
+        }),
+        peer: None,
+        xdp_prog: None,
+        tc_ingress: Vec::new(),
+    }
+}
+
+fn missing(name: &str) -> IfaceFacts {
+    IfaceFacts { link: Err(format!("{name} does not exist in this network namespace")), ..iface(name, "", "") }
+}
+
+fn veth(name: &str, peer: Peer) -> IfaceFacts {
+    IfaceFacts { peer: Some(peer), ..iface(name, "veth", "noqueue") }
+}
+
+fn hw_pair() -> Vec<IfaceFacts> {
+    vec![iface("eth0", "ixgbe", "mq"), iface("eth1", "mlx5_core", "fq_codel")]
+}
+
+fn host_finding<'a>(r: &'a CheckReport, item: &str) -> &'a Finding {
+    r.host.iter().find(|f| f.item == item).unwrap_or_else(|| panic!("no host finding {item}: {r:#?}"))
+}
+
+fn finding<'a>(i: &'a IfaceReport, item: &str) -> &'a Finding {
+    i.findings.iter().find(|f| f.item == item).unwrap_or_else(|| panic!("no {item} for {}: {i:#?}", i.name))
+}
+
+fn judged(h: &HostFacts) -> CheckReport {
+    judge(h, &hw_pair(), ModeChoice::Auto)
+}
+
+#[test]
+fn a_good_host_is_all_ok_and_exits_zero() {
+    let r = judged(&good_host());
+    for f in r.host.iter().chain(r.interfaces.iter().flat_map(|i| &i.findings)) {
+        assert_eq!(f.status, Status::Ok, "{f:?}");
+        assert!(f.remedy.is_none(), "{f:?}");
+    }
+    assert!(r.offload_possible);
+    assert_eq!(r.exit_code(), 0);
+    assert!(r.interfaces.iter().all(|i| i.mode == Some(Mode::Xdp) && i.native_xdp == Some(true)));
+    assert_eq!(host_finding(&r, "interfaces").detail, "2 usable: eth0, eth1");
+}
+
+#[test]
+fn every_host_failure_has_a_remedy_and_makes_exit_nonzero() {
+    type Breaker = fn(&mut HostFacts);
+    let cases: [(&str, Breaker, &str); 7] = [
+        ("privileges", |h| h.cap_eff = Some(1 << CAP_NET_ADMIN), "CAP_BPF (or CAP_SYS_ADMIN)"),
+        ("bpf_syscall", |h| h.bpf_load = Err(libc::EPERM), "refused"),
+        ("bpf_syscall", |h| h.bpf_load = Err(libc::ENOSYS), "not implemented"),
+        ("btf", |h| h.btf_vmlinux = false, "/sys/kernel/btf/vmlinux missing"),
+        ("conntrack", |h| h.conntrack = false, "no conntrack"),
+        ("conntrack_events", |h| h.ct_events = Some(0), "nf_conntrack_events = 0"),
+        ("conntrack_events", |h| h.ct_events = None, "no net.netfilter.nf_conntrack_events"),
+    ];
+    for (item, brk, detail) in cases {
+        let mut h = good_host();
+        brk(&mut h);
+        let r = judged(&h);
+        let f = host_finding(&r, item);
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert!(f.detail.contains(detail), "{f:?}");
+        assert!(f.remedy.is_some(), "{f:?}");
+        assert!(!r.offload_possible);
+        assert_eq!(r.exit_code(), 1);
+    }
+    let mut h = good_host();
+    h.ct_events = Some(0);
+    assert_eq!(
+        host_finding(&judged(&h), "conntrack_events").remedy.as_deref(),
+        Some("sysctl -w net.netfilter.nf_conntrack_events=1")
+    );
+    // events = 2 is "on when a listener subscribes": fine for us.
+    h.ct_events = Some(2);
+    assert_eq!(host_finding(&judged(&h), "conntrack_events").status, Status::Ok);
+}
+
+#[test]
+fn tcx_fails_only_when_tc_mode_is_needed() {
+    let mut h = good_host();
+    h.kernel_release = "6.1.0-18-amd64".into();
+    let r = judge(&h, &hw_pair(), ModeChoice::Auto);
+    assert_eq!(host_finding(&r, "tcx").status, Status::Warn, "hardware pair uses XDP");
+    assert!(r.offload_possible);
+    let r = judge(&h, &hw_pair(), ModeChoice::Tc);
+    assert_eq!(host_finding(&r, "tcx").status, Status::Fail);
+    assert!(host_finding(&r, "tcx").detail.contains("older than 6.6"));
+    let r = judge(&h, &[iface("a", "veth", "noqueue"), iface("b", "veth", "noqueue")], ModeChoice::Auto);
+    assert_eq!(host_finding(&r, "tcx").status, Status::Fail);
+    h.kernel_release = "6.6.0".into();
+    assert_eq!(host_finding(&judged(&h), "tcx").status, Status::Ok);
+    assert_eq!(kernel_version("6.18.44-fc-v782"), Some((6, 18)));
+    assert_eq!(kernel_version("garbage"), None);
+}
+
+#[test]
+fn warnings_do_not_make_exit_nonzero() {
+    let mut h = good_host();
+    h.jit_enable = Some(0);
+    h.ct_acct = Some(0);
+    h.nft_version = None;
+    h.ipv4_forward = Some(0);
+    h.ipv6_forward = Some(0);
+    let r = judged(&h);
+    for item in ["bpf_jit", "conntrack_acct", "nft", "ip_forward"] {
+        let f = host_finding(&r, item);
+        assert_eq!(f.status, Status::Warn, "{f:?}");
+        assert!(f.remedy.is_some(), "{f:?}");
+    }
+    assert!(host_finding(&r, "ip_forward").detail.contains("this host does not forward"));
+    assert_eq!(
+        host_finding(&r, "ip_forward").remedy.as_deref(),
+        Some("sysctl -w net.ipv4.ip_forward=1; sysctl -w net.ipv6.conf.all.forwarding=1")
+    );
+    assert!(host_finding(&r, "conntrack_acct").detail.contains("`nft-offload flows` has them"));
+    assert_eq!(
+        host_finding(&r, "conntrack_acct").remedy.as_deref(),
+        Some("sysctl -w net.netfilter.nf_conntrack_acct=1")
+    );
+    assert!(r.offload_possible);
+    assert_eq!(r.exit_code(), 0);
+}
+
+#[test]
+fn jit_state_outside_the_initial_namespace() {
+    let mut h = good_host();
+    h.jit_enable = None;
+    h.jit_always_on = Some(true);
+    assert_eq!(host_finding(&judged(&h), "bpf_jit").status, Status::Ok);
+    h.jit_always_on = None;
+    let r = judged(&h);
+    let f = host_finding(&r, "bpf_jit");
+    assert_eq!(f.status, Status::Warn);
+    assert!(f.detail.contains("CONFIG_BPF_JIT_ALWAYS_ON unknown"), "{f:?}");
+    h.jit_enable = Some(0);
+    h.jit_always_on = Some(true);
+    assert_eq!(host_finding(&judged(&h), "bpf_jit").status, Status::Ok);
+}
+
+#[test]
+fn informational_items_are_ok_either_way() {
+    let mut h = good_host();
+    h.kfuncs = Some(KFUNCS.iter().map(|k| (*k, false)).collect());
+    h.flowtable = Some("module nf_flow_table loaded".into());
+    let r = judged(&h);
+    let k = host_finding(&r, "conntrack_kfuncs");
+    assert_eq!(k.status, Status::Ok);
+    assert!(k.detail.contains("bpf_xdp_ct_lookup, bpf_ct_change_timeout not in kernel BTF"), "{k:?}");
+    let ft = host_finding(&r, "nf_flow_table");
+    assert_eq!(ft.status, Status::Ok);
+    assert!(ft.detail.contains("do not also load `flow add` rules directly"), "{ft:?}");
+    let ft = host_finding(&judged(&good_host()), "nf_flow_table").clone();
+    assert!(ft.detail.starts_with("not present: nft-offload does its job"), "{ft:?}");
+}
+
+#[test]
+fn interface_counts() {
+    let h = good_host();
+    let r = judge(&h, &[iface("eth0", "ixgbe", "mq"), missing("nosuch")], ModeChoice::Auto);
+    let f = host_finding(&r, "interfaces");
+    assert_eq!(f.status, Status::Warn, "one-armed router still works");
+    assert!(f.remedy.as_deref().unwrap().contains("two ports"));
+    assert_eq!(r.exit_code(), 0);
+    let r = judge(&h, &[missing("nosuch")], ModeChoice::Auto);
+    assert_eq!(host_finding(&r, "interfaces").status, Status::Fail);
+    assert_eq!(r.exit_code(), 1);
+    let nosuch = &r.interfaces[0];
+    assert!(!nosuch.exists && nosuch.mode.is_none());
+    assert_eq!(nosuch.findings.len(), 1);
+    assert_eq!(nosuch.findings[0].status, Status::Fail);
+    assert!(nosuch.findings[0].detail.contains("does not exist"));
+    // An interface that fails on its own is not usable.
+    let mut busy = iface("eth1", "ixgbe", "mq");
+    busy.xdp_prog = Some(ProgRef { id: 9, name: "xdp_fw".into() });
+    let r = judge(&h, &[iface("eth0", "ixgbe", "mq"), busy], ModeChoice::Xdp);
+    assert_eq!(host_finding(&r, "interfaces").status, Status::Warn);
+}
+
+#[test]
+fn veth_redirect_target_depends_on_the_peer_and_matters_only_for_xdp() {
+    let h = good_host();
+    let no_napi = Peer::Local { name: "p".into(), gro: Some(false), xdp_prog: None };
+    let r = judge(&h, &[veth("a", no_napi.clone()), veth("b", no_napi.clone())], ModeChoice::Auto);
+    let a = &r.interfaces[0];
+    assert_eq!(a.mode, Some(Mode::Tc));
+    assert!(a.reason.contains("software device (veth)"));
+    assert_eq!(a.xdp_redirect_target, Some(false));
+    assert_eq!(finding(a, "xdp_redirect_target").status, Status::Ok);
+    assert!(finding(a, "xdp_redirect_target").detail.contains("matters only with --mode xdp"));
+    assert!(finding(a, "native_xdp").detail.contains("CHECKSUM_PARTIAL"));
+
+    let r = judge(&h, &[veth("a", no_napi.clone()), veth("b", no_napi)], ModeChoice::Xdp);
+    let f = finding(&r.interfaces[0], "xdp_redirect_target");
+    assert_eq!(f.status, Status::Fail);
+    assert!(f.detail.contains("silently dropped"));
+    assert!(f.remedy.as_deref().unwrap().starts_with("ethtool -K p gro on"));
+
+    let gro = Peer::Local { name: "p".into(), gro: Some(true), xdp_prog: None };
+    let prog = Peer::Local { name: "q".into(), gro: Some(false), xdp_prog: Some(3) };
+    let r = judge(&h, &[veth("a", gro), veth("b", prog), veth("c", Peer::OtherNetns)], ModeChoice::Xdp);
+    assert_eq!(r.interfaces[0].xdp_redirect_target, Some(true));
+    assert_eq!(finding(&r.interfaces[0], "xdp_redirect_target").status, Status::Ok);
+    assert_eq!(r.interfaces[1].xdp_redirect_target, Some(true));
+    assert!(finding(&r.interfaces[1], "xdp_redirect_target").detail.contains("XDP program (id 3)"));
+    let c = finding(&r.interfaces[2], "xdp_redirect_target");
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.detail.contains("unknown (peer in another namespace)"));
+    // Not veth: no such finding.
+    let r = judged(&h);
+    assert!(r.interfaces[0].findings.iter().all(|f| f.item != "xdp_redirect_target"));
+}
+
+#[test]
+fn other_programs_and_shapers() {
+    let h = good_host();
+    let mut a = iface("eth0", "ixgbe", "htb");
+    a.xdp_prog = Some(ProgRef { id: 11, name: "xdp_fw".into() });
+    a.tc_ingress = vec![
+        TcProg::Tcx(ProgRef { id: 12, name: "cilium".into() }),
+        TcProg::Legacy { kind: "bpf".into(), prog: Some(ProgRef { id: 13, name: "fo_tc".into() }) },
+        TcProg::Legacy { kind: "u32".into(), prog: None },
+    ];
+    let r = judge(&h, &[a.clone(), iface("eth1", "ixgbe", "mq")], ModeChoice::Auto);
+    let i = &r.interfaces[0];
+    assert_eq!(i.mode, Some(Mode::Tc));
+    assert!(i.shaper);
+    assert_eq!(finding(i, "egress_qdisc").status, Status::Ok);
+    let x = finding(i, "xdp_program");
+    assert_eq!(x.status, Status::Warn, "TC mode: another XDP program is only a caveat");
+    assert!(x.detail.contains("xdp_fw (id 11)"));
+    let t = finding(i, "tc_ingress");
+    assert_eq!(t.status, Status::Warn);
+    assert!(t.detail.contains("tcx cilium (id 12)"), "{t:?}");
+    assert!(t.detail.contains("cls_bpf fo_tc (id 13, nft-offload's own"), "{t:?}");
+    assert!(t.detail.contains("cls_u32 filter"), "{t:?}");
+    assert!(t.detail.contains("fine if it returns TCX_NEXT/TC_ACT_UNSPEC"));
+    assert_eq!(i.tc_ingress_programs.len(), 3);
+
+    let r = judge(&h, &[a, iface("eth1", "ixgbe", "mq")], ModeChoice::Xdp);
+    let i = &r.interfaces[0];
+    assert_eq!(finding(i, "xdp_program").status, Status::Fail);
+    assert_eq!(finding(i, "egress_qdisc").status, Status::Warn, "XDP bypasses the shaper");
+}
+
+#[test]
+fn down_and_generic_only_interfaces_warn() {
+    let mut d = iface("br0", "bridge", "noqueue");
+    d.link.as_mut().unwrap().up = false;
+    let r = judge(&good_host(), &[d, iface("eth1", "ixgbe", "mq")], ModeChoice::Xdp);
+    let i = &r.interfaces[0];
+    assert_eq!(finding(i, "link_state").status, Status::Warn);
+    assert_eq!(i.native_xdp, Some(false));
+    assert_eq!(finding(i, "native_xdp").status, Status::Warn);
+    assert_eq!(native_xdp("some_new_nic").0, None);
+    assert_eq!(native_xdp("ifb").0, Some(false));
+    // A never-up interface has the noop qdisc (rtnetlink says so; tc lists none).
+    let d = iface("eth0", "ixgbe", "noop");
+    let r = judge(&good_host(), &[d], ModeChoice::Auto);
+    assert_eq!(finding(&r.interfaces[0], "egress_qdisc").status, Status::Ok);
+    assert!(finding(&r.interfaces[0], "egress_qdisc").detail.starts_with("noop"));
+}
+
+#[test]
+fn render_and_json() {
+    let mut h = good_host();
+    h.ct_events = Some(0);
+    let r = judge(&h, &[iface("eth0", "ixgbe", "mq"), missing("nosuch")], ModeChoice::Auto);
+    let text = r.render();
+    let w = r.host.iter().chain(r.interfaces.iter().flat_map(|i| &i.findings)).map(|f| f.item.len()).max();
+    let w = w.unwrap();
+    let line = format!("  FAIL  {:<w$}  net.netfilter.nf_conntrack_events = 0", "conntrack_events");
+    assert!(text.contains(&line), "{text}");
+    let remedy = format!("  {:<4}  {:<w$}  remedy: sysctl -w net.netfilter.nf_conntrack_events=1", "", "");
+    assert!(text.contains(&remedy), "{text}");
+    assert!(text.contains("Interface eth0 (driver ixgbe, mode xdp):"), "{text}");
+    assert!(text.contains("Interface nosuch:"), "{text}");
+    assert!(text.ends_with("Offload NOT possible: 2 failed, 1 warnings\n"), "{text}");
+    let j = serde_json::to_value(&r).unwrap();
+    assert_eq!(j["host"][0]["status"], "ok");
+    assert_eq!(j["interfaces"][1]["findings"][0]["status"], "fail");
+    assert_eq!(j["interfaces"][0]["mode"], "xdp");
+    assert_eq!(j["offload_possible"], false);
+}
+
+#[test]
+fn parsers() {
+    assert!(config_enabled("# x\nCONFIG_BPF_JIT_ALWAYS_ON=y\n", "CONFIG_BPF_JIT_ALWAYS_ON"));
+    assert!(!config_enabled("# CONFIG_BPF_JIT_ALWAYS_ON is not set\n", "CONFIG_BPF_JIT_ALWAYS_ON"));
+    assert!(!config_enabled("CONFIG_BPF_JIT_ALWAYS_ON_X=y\n", "CONFIG_BPF_JIT_ALWAYS_ON"));
+}
+
+// ------------------------------------------------ the real thing (root)
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e} (is it installed?)"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Tiny programs for the test to attach: XDP pass, a legacy cls_bpf and a
+/// TCX program that both hand the packet on.
+const PROGS_C: &str = r#"
+#include <linux/bpf.h>
+__attribute__((section("xdp"), used)) int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }
+__attribute__((section("classifier"), used)) int cls_pass(struct __sk_buff *skb) { return -1; }
+__attribute__((section("tcx/ingress"), used)) int tcx_pass(struct __sk_buff *skb) { return -1; }
+char _license[] __attribute__((section("license"), used)) = "GPL";
+"#;
+
+/// Runs `check` in a fresh network namespace against veth pairs set up to
+/// trigger each per-interface finding. Needs root; fails (does not skip)
+/// without it.
+#[test]
+fn check_in_a_fresh_netns() {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("check_in_a_fresh_netns needs root (unshare(CLONE_NEWNET), veth, XDP); run `cargo test` as root");
+    }
+    // A dedicated thread: unshare moves only it (and what it spawns).
+    let r = std::thread::spawn(netns_scenario).join();
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn netns_scenario() {
+    // SAFETY: plain syscall, affects only this thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+
+    let dir = std::env::temp_dir().join(format!("nft-offload-check-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("progs.c");
+    let obj = dir.join("progs.o");
+    fs::write(&src, PROGS_C).unwrap();
+    let inc = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    sh(&["clang", "-O2", "-g", "-target", "bpf", &inc, "-c", src.to_str().unwrap(), "-o", obj.to_str().unwrap()]);
+    let obj_s = obj.to_str().unwrap();
+
+    for (a, b) in [("ca", "cb"), ("cc", "cd")] {
+        sh(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
+    }
+    for i in ["ca", "cb", "cc", "cd"] {
+        sh(&["ip", "link", "set", "dev", i, "up"]);
+    }
+    // cb's peer gets GRO, ca's peer (cb) keeps the veth default (off).
+    sh(&["ethtool", "-K", "ca", "gro", "on"]);
+    sh(&["ethtool", "-K", "cb", "gro", "off"]);
+    sh(&["ip", "link", "set", "dev", "cc", "xdpdrv", "obj", obj_s, "sec", "xdp"]);
+    sh(&["tc", "qdisc", "add", "dev", "cb", "root", "handle", "1:", "htb"]);
+    sh(&["tc", "qdisc", "add", "dev", "ca", "clsact"]);
+    sh(&["tc", "filter", "add", "dev", "ca", "ingress", "bpf", "da", "obj", obj_s, "sec", "classifier"]);
+    // A TCX program on cb, held by a link for the duration of the test.
+    let mut open = libbpf_rs::ObjectBuilder::default().open_file(&obj).unwrap();
+    for mut p in open.progs_mut() {
+        p.set_autoload(p.name() == "tcx_pass");
+    }
+    let loaded = open.load().unwrap();
+    let tcx_prog = loaded.progs().find(|p| p.name() == "tcx_pass").unwrap();
+    let cb_index = link::ifindex("cb").unwrap();
+    // SAFETY: valid loaded program; NULL opts; link owned below.
+    let raw = unsafe {
+        use libbpf_rs::AsRawLibbpf;
+        libbpf_sys::bpf_program__attach_tcx(tcx_prog.as_libbpf_object().as_ptr(), cb_index as i32, std::ptr::null())
+    };
+    let ptr = std::ptr::NonNull::new(raw).expect("attaching TCX to cb");
+    // SAFETY: a valid link pointer we now own.
+    let _tcx_link = unsafe { libbpf_rs::Link::from_ptr(ptr) };
+    fs::write("/proc/sys/net/netfilter/nf_conntrack_events", "0").unwrap();
+
+    let opts = CheckOpts { ifaces: ["ca", "cb", "cc", "nosuch"].map(String::from).to_vec(), mode: ModeChoice::Auto };
+    let r = run(&opts);
+    let text = r.render();
+    println!("{text}");
+    let _ = fs::remove_dir_all(&dir);
+
+    // Host.
+    let ev = host_finding(&r, "conntrack_events");
+    assert_eq!(ev.status, Status::Fail, "{text}");
+    assert_eq!(ev.remedy.as_deref(), Some("sysctl -w net.netfilter.nf_conntrack_events=1"));
+    for ok in ["btf", "privileges", "bpf_syscall", "tcx", "conntrack", "interfaces"] {
+        assert_eq!(host_finding(&r, ok).status, Status::Ok, "{ok}\n{text}");
+    }
+    // A fresh namespace does not forward.
+    assert_eq!(host_finding(&r, "ip_forward").status, Status::Warn);
+    assert!(host_finding(&r, "interfaces").detail.starts_with("3 usable: ca, cb, cc"), "{text}");
+
+    let [ca, cb, cc, nosuch] = &r.interfaces[..] else { panic!("{text}") };
+    assert!(!nosuch.exists);
+    assert_eq!(nosuch.findings.len(), 1);
+    assert_eq!(nosuch.findings[0].status, Status::Fail);
+    assert!(nosuch.findings[0].detail.contains("does not exist"), "{text}");
+
+    assert!(ca.exists);
+    assert_eq!(ca.driver, "veth");
+    assert_eq!(ca.mode, Some(Mode::Tc));
+    assert!(ca.reason.contains("software device (veth)"), "{}", ca.reason);
+    assert_eq!(finding(ca, "link_state").status, Status::Ok, "up, via netlink not the host's sysfs");
+    assert_eq!(ca.xdp_redirect_target, Some(false), "peer cb: no GRO, no XDP");
+    assert_eq!(ca.tc_ingress_programs.len(), 1, "{text}");
+    assert!(ca.tc_ingress_programs[0].starts_with("cls_bpf cls_pass (id "), "{text}");
+    assert_eq!(finding(ca, "tc_ingress").status, Status::Warn);
+
+    assert!(cb.shaper);
+    assert_eq!(cb.egress_qdisc, "htb");
+    assert_eq!(cb.xdp_redirect_target, Some(true), "peer ca has GRO on");
+    assert_eq!(cb.tc_ingress_programs.len(), 1, "{text}");
+    assert!(cb.tc_ingress_programs[0].starts_with("tcx tcx_pass (id "), "{text}");
+
+    let id = cc.xdp_prog_id.expect("cc has an XDP program");
+    let x = finding(cc, "xdp_program");
+    assert_eq!(x.status, Status::Warn, "TC mode: a caveat, not a failure");
+    assert!(x.detail.contains(&format!("xdp_pass (id {id})")), "{text}");
+    assert_eq!(cc.xdp_redirect_target, Some(false), "peer cd has neither");
+    assert!(finding(cc, "tc_ingress").detail.contains("no other"));
+
+    // A host failure makes offload impossible: exit 1.
+    assert!(!r.offload_possible);
+    assert_eq!(r.exit_code(), 1);
+    for item in r.host.iter().chain(r.interfaces.iter().flat_map(|i| &i.findings)).map(|f| &f.item) {
+        assert!(text.contains(item.as_str()));
+    }
+
+    // Fix it: warnings and a missing interface do not stop offload.
+    fs::write("/proc/sys/net/netfilter/nf_conntrack_events", "1").unwrap();
+    let r = run(&opts);
+    assert!(r.offload_possible, "{}", r.render());
+    assert_eq!(r.exit_code(), 0);
+
+    // No interfaces named: everything but lo.
+    let r = run(&CheckOpts { ifaces: Vec::new(), mode: ModeChoice::Auto });
+    let mut names: Vec<&str> = r.interfaces.iter().map(|i| i.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["ca", "cb", "cc", "cd"]);
+    let cd = r.interfaces.iter().find(|i| i.name == "cd").unwrap();
+    assert_eq!(cd.xdp_redirect_target, Some(true), "peer cc has an XDP program");
+}

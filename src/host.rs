@@ -1,0 +1,172 @@
+//! Facts about the host that `check` reports and the engine relies on:
+//! capabilities, sysctls, the preflight that must pass before anything is
+//! touched, and a SIGINT/SIGTERM guard for long-running loops.
+//!
+//! Everything is read for the calling thread: capabilities are per thread
+//! (/proc/thread-self/status) and /proc/sys/net follows the thread's network
+//! namespace, so a thread that entered another namespace sees that one.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Result};
+
+use crate::flow::CtTimeouts;
+
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// Kernel BTF: the fast path's CO-RE relocations need it.
+pub const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+/// Effective capability set of the calling thread (None: not readable).
+pub fn effective_caps() -> Option<u64> {
+    fs::read_to_string("/proc/thread-self/status").ok().and_then(|s| parse_cap_eff(&s))
+}
+
+/// Whether capability number `cap` is in the set `caps`.
+pub fn has_cap(caps: u64, cap: u32) -> bool {
+    caps & (1u64 << cap) != 0
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// A sysctl by its dotted name ("net.ipv4.ip_forward"), trimmed; None when
+/// it does not exist here (module not loaded, not the initial namespace).
+pub fn sysctl(name: &str) -> Option<String> {
+    fs::read_to_string(Path::new("/proc/sys").join(name.replace('.', "/"))).ok().map(|s| s.trim().to_string())
+}
+
+/// A numeric sysctl; None when missing or not a number.
+pub fn sysctl_u32(name: &str) -> Option<u32> {
+    sysctl(name)?.parse().ok()
+}
+
+/// Checks that must pass before anything is touched: privileges to load BPF
+/// and attach to interfaces, and kernel BTF.
+pub fn preflight() -> Result<()> {
+    let caps = effective_caps().unwrap_or(0);
+    let has = |c| has_cap(caps, c);
+    if !has(CAP_NET_ADMIN) || !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+        bail!("insufficient privileges: nft-offload needs CAP_BPF and CAP_NET_ADMIN (run as root)");
+    }
+    if !Path::new(BTF_VMLINUX).exists() {
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux missing): it needs CONFIG_DEBUG_INFO_BTF=y");
+    }
+    Ok(())
+}
+
+/// Conntrack's timeouts in this namespace, the kernel defaults where a
+/// sysctl is missing.
+pub fn ct_timeouts() -> CtTimeouts {
+    let d = CtTimeouts::default();
+    let ct = |key: &str| sysctl_u32(&format!("net.netfilter.{key}"));
+    CtTimeouts {
+        tcp_established: ct("nf_conntrack_tcp_timeout_established").unwrap_or(d.tcp_established),
+        udp: ct("nf_conntrack_udp_timeout").unwrap_or(d.udp),
+        udp_stream: ct("nf_conntrack_udp_timeout_stream").unwrap_or(d.udp_stream),
+    }
+}
+
+/// Set by the handler `SignalGuard` installs.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Has SIGINT/SIGTERM arrived since the current `SignalGuard` was installed?
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// While alive, SIGINT and SIGTERM only set the flag `stop_requested` reads,
+/// so loops end through their normal path (and Drop impls clean up) instead
+/// of the process dying with programs attached or namespaces left behind.
+/// Dropping it restores the handlers that were there before.
+pub struct SignalGuard {
+    old: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+impl SignalGuard {
+    /// Installs the handler and clears the flag.
+    pub fn install() -> io::Result<SignalGuard> {
+        STOP.store(false, Ordering::SeqCst);
+        let mut g = SignalGuard { old: Vec::new() };
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: sigaction structs are plain data; the handler only
+            // performs an atomic store.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                // Blocking reads and waits resume; poll(2) still returns EINTR.
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, &sa, &mut old) != 0 {
+                    // `g` restores what was already replaced.
+                    return Err(io::Error::last_os_error());
+                }
+                g.old.push((sig, old));
+            }
+        }
+        Ok(g)
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        for (sig, old) in &self.old {
+            // SAFETY: restoring what sigaction gave us.
+            unsafe { libc::sigaction(*sig, old, std::ptr::null_mut()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_eff_is_parsed_from_status() {
+        assert_eq!(parse_cap_eff("Name:\tx\nCapEff:\t000001fffeffffff\n"), Some(0x1fffeffffff));
+        assert_eq!(parse_cap_eff("nothing"), None);
+        assert!(has_cap(0x1fffeffffff, CAP_BPF) && !has_cap(1 << CAP_NET_ADMIN, CAP_SYS_ADMIN));
+    }
+
+    #[test]
+    fn sysctls_are_read_by_dotted_name() {
+        let v = sysctl_u32("net.ipv4.ip_forward").expect("net.ipv4.ip_forward exists in every namespace");
+        assert!(v <= 1);
+        assert_eq!(sysctl("net.no_such_key"), None);
+    }
+
+    /// A signal to ourselves while the guard is installed only sets the flag;
+    /// after Drop the previous disposition is back.
+    #[test]
+    fn signal_guard_sets_the_flag_and_restores_the_old_handler() {
+        // SAFETY: querying the current disposition into a zeroed struct.
+        let disposition = || unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGTERM, std::ptr::null(), &mut sa);
+            sa.sa_sigaction
+        };
+        let before = disposition();
+        let g = SignalGuard::install().unwrap();
+        assert!(!stop_requested());
+        // SAFETY: raise delivers to this thread; our handler is installed.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        assert!(stop_requested());
+        drop(g);
+        assert_eq!(disposition(), before);
+        assert!(SignalGuard::install().map(|_| stop_requested()).is_ok_and(|s| !s), "install clears the flag");
+    }
+}

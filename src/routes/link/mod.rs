@@ -1,0 +1,123 @@
+//! Facts about network interfaces: every link from one rtnetlink dump
+//! (`LinkTable`), plus the driver name and GRO state from the ethtool ioctl,
+//! the two facts rtnetlink does not carry. Both answer for the calling
+//! thread's network namespace.
+
+mod ethtool;
+mod table;
+
+use std::ffi::CString;
+
+use anyhow::{bail, Result};
+
+pub use ethtool::{driver, gro};
+pub use table::{LinkFacts, LinkRef, LinkTable, OperState, Undecoded, XdpMode, XdpProgs};
+
+/// An interface as mode selection and the engine see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinkInfo {
+    pub name: String,
+    pub ifindex: u32,
+    /// Admin up with carrier.
+    pub up: bool,
+    pub driver: String,
+    pub mtu: u32,
+    /// Root egress qdisc kind ("noqueue", "fq_codel", "htb", ...; "noop"
+    /// while an interface has never been up).
+    pub qdisc: String,
+}
+
+impl LinkInfo {
+    /// From the link's record and its driver (see `driver`).
+    pub fn new(l: &LinkFacts, driver: String) -> Self {
+        LinkInfo {
+            name: l.name.clone(),
+            ifindex: l.ifindex,
+            up: l.up(),
+            driver,
+            mtu: l.mtu,
+            qdisc: l.qdisc.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl LinkTable {
+    /// `LinkInfo` of the link called `name`, with its driver.
+    pub fn info(&self, name: &str) -> Result<LinkInfo> {
+        match self.by_name(name) {
+            Some(l) => Ok(LinkInfo::new(l, driver(name))),
+            None => bail!("interface {}", self.why_missing(name)),
+        }
+    }
+
+    /// Why there is no record for `name`: no such link, or one the decoder
+    /// rejected.
+    pub fn why_missing(&self, name: &str) -> String {
+        match self.undecoded().iter().find(|u| u.name == name) {
+            Some(u) => format!("{name}: its rtnetlink attributes could not be decoded ({})", u.error),
+            None => format!("{name} does not exist in this network namespace"),
+        }
+    }
+}
+
+/// Name to index in the calling thread's namespace (the kernel's own
+/// lookup, SIOCGIFINDEX: no dump needed for one name).
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buffer of IF_NAMESIZE as required.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated string.
+    Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// One interface, from a fresh dump.
+pub fn info(name: &str) -> Result<LinkInfo> {
+    LinkTable::dump()?.info(name)
+}
+
+/// Qdiscs that shape or schedule: with one of these on egress, XDP
+/// redirect would bypass it, so auto mode picks TC (keeps SQM working).
+/// "noop" is what a never-up interface has: it gets its real qdisc on up.
+pub fn is_shaper(qdisc: &str) -> bool {
+    !matches!(qdisc, "" | "noop" | "noqueue" | "pfifo_fast" | "mq" | "fq_codel" | "pfifo" | "bfifo" | "fq")
+}
+
+/// Drivers that are software devices (veth, bridges, tunnels): XDP on
+/// them either runs in generic mode or has pitfalls (veth needs NAPI on the
+/// peer and loses CHECKSUM_PARTIAL metadata), and TC measured cheaper.
+pub fn is_virtual(driver: &str) -> bool {
+    matches!(
+        driver,
+        "veth"
+            | "bridge"
+            | "tun"
+            | "vxlan"
+            | "wireguard"
+            | "ppp"
+            | "802.1Q VLAN Support"
+            | "bonding"
+            | "dummy"
+            | "macvlan"
+            | "ipvlan"
+            | "ifb"
+            | "geneve"
+            | "gre"
+            | "ip_gre"
+            | "ip6_gre"
+            | "ipip"
+            | "sit"
+            | "nlmon"
+            | "team"
+            | ""
+    )
+}
