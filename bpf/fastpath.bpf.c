@@ -60,8 +60,12 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	if (!f) {
 		__u64 *dormant = bpf_map_lookup_elem(&fo_dormant, &p.key);
 
-		if (dormant)
+		if (dormant) {
+			/* Two CPUs may both see 0 and both notify: harmless. */
+			if (!*dormant)
+				bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0);
 			*dormant = bpf_ktime_get_coarse_ns();
+		}
 		reason = FO_SLOW_NO_FLOW;
 		goto slow;
 	}

@@ -33,6 +33,15 @@ struct {
 	__uint(max_entries, 65536);
 } fo_dormant SEC(".maps");
 
+/* The first packet of a dormant connection (its fo_dormant stamp was 0)
+ * sends the flow key here, so the control plane wakes it at once instead of
+ * finding it on its next scan.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} fo_wake SEC(".maps");
+
 /* Per-CPU counters indexed by enum fo_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

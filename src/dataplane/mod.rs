@@ -2,10 +2,12 @@
 //! (XDP or TCX links owned by this process, so the kernel detaches them if
 //! the process dies), and the maps the control plane programs.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -320,6 +322,49 @@ impl Dataplane {
 
     pub fn unwatch_dormant(&self, key: &fo_flow_key) {
         let _ = self.skel.maps.fo_dormant.delete(bytes_of(key));
+    }
+
+    /// The channel on which the fast path announces the first packet of a
+    /// dormant connection (fo_wake in bpf/maps.h).
+    pub fn wake_events(&self) -> Result<WakeEvents> {
+        let keys: Rc<RefCell<Vec<fo_flow_key>>> = Rc::default();
+        let sink = Rc::clone(&keys);
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&self.skel.maps.fo_wake, move |data: &[u8]| {
+            if data.len() >= std::mem::size_of::<fo_flow_key>() {
+                sink.borrow_mut().push(from_bytes(data));
+            }
+            0
+        })?;
+        // The ring buffer mmaps the map, which keeps it alive on its own.
+        Ok(WakeEvents { rb: b.build().context("opening the wake-up ring buffer")?, keys })
+    }
+}
+
+pub const KEY_LEN: usize = std::mem::size_of::<fo_flow_key>();
+
+/// A flow key as the bytes the maps hash, for indexing by key.
+pub fn key_bytes(k: &fo_flow_key) -> [u8; KEY_LEN] {
+    bytes_of(k).try_into().expect("KEY_LEN bytes")
+}
+
+/// Flow keys of dormant connections whose packet the fast path saw.
+pub struct WakeEvents {
+    rb: libbpf_rs::RingBuffer<'static>,
+    keys: Rc<RefCell<Vec<fo_flow_key>>>,
+}
+
+impl WakeEvents {
+    pub fn fd(&self) -> i32 {
+        self.rb.epoll_fd()
+    }
+
+    /// Everything announced since the last call.
+    pub fn drain(&mut self) -> Vec<fo_flow_key> {
+        if let Err(e) = self.rb.consume() {
+            tracing::warn!("wake-up ring buffer: {e}");
+        }
+        std::mem::take(&mut *self.keys.borrow_mut())
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
-use crate::dataplane::{fo_flow, fo_flow_key, Dataplane};
+use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, KEY_LEN};
 use crate::flow::{ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
@@ -50,6 +50,8 @@ pub struct FlowTable {
     pub(super) offloaded: HashMap<ConnId, Offloaded>,
     waiting: HashMap<ConnId, CtEntry>,
     dormant: HashMap<ConnId, Dormant>,
+    /// Dormant connections by either direction's flow key.
+    dormant_keys: HashMap<[u8; KEY_LEN], ConnId>,
     memos: HashMap<ConnId, Memo>,
     /// The ruleset's flowtable label bits: cleared on a policy teardown so
     /// that only the ruleset can bring the connection back.
@@ -67,6 +69,7 @@ impl FlowTable {
             offloaded: HashMap::new(),
             waiting: HashMap::new(),
             dormant: HashMap::new(),
+            dormant_keys: HashMap::new(),
             memos: HashMap::new(),
             label_bits,
             counters: Counters::default(),
@@ -139,13 +142,22 @@ impl FlowTable {
             .collect()
     }
 
-    /// Dormant connections the fast path saw a packet of since they slept.
-    pub fn woken(&self) -> Vec<ConnId> {
-        self.dormant
-            .iter()
-            .filter(|(_, d)| d.keys.iter().any(|k| self.dp.dormant_seen(k).is_some_and(|t| t > d.since_ns)))
-            .map(|(id, _)| *id)
-            .collect()
+    /// Dormant connections the fast path saw a packet of since they slept,
+    /// among those the fast path announced (`keys`) or, with `None`, all.
+    pub fn woken(&self, keys: Option<&[fo_flow_key]>) -> Vec<ConnId> {
+        let seen = |d: &Dormant| d.keys.iter().any(|k| self.dp.dormant_seen(k).is_some_and(|t| t > d.since_ns));
+        let mut ids: Vec<ConnId> = match keys {
+            None => self.dormant.iter().filter(|(_, d)| seen(d)).map(|(id, _)| *id).collect(),
+            Some(keys) => keys
+                .iter()
+                .filter_map(|k| self.dormant_keys.get(&key_bytes(k)))
+                .filter(|id| self.dormant.get(id).is_some_and(seen))
+                .copied()
+                .collect(),
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// The world changed (routes, neighbours, links): a packet the fast
@@ -153,7 +165,11 @@ impl FlowTable {
     /// with the connection now, so it no longer counts as a reason to wake.
     pub fn discount_wakes(&mut self) {
         let now = now_ns();
-        self.dormant.values_mut().for_each(|d| d.since_ns = now);
+        for d in self.dormant.values_mut() {
+            d.since_ns = now;
+            // Re-arm the first-packet notification.
+            d.keys.iter().for_each(|k| self.dp.watch_dormant(k));
+        }
     }
 
     /// Apply a verdict about connection `e`.
@@ -199,7 +215,10 @@ impl FlowTable {
     /// Stop watching a dormant connection.
     fn wake(&mut self, id: &ConnId) {
         if let Some(d) = self.dormant.remove(id) {
-            d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
+            for k in &d.keys {
+                self.dp.unwatch_dormant(k);
+                self.dormant_keys.remove(&key_bytes(k));
+            }
         }
     }
 
@@ -291,14 +310,18 @@ impl FlowTable {
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
             if matches!(reason, TeardownReason::Idle | TeardownReason::RouteChange | TeardownReason::InterfaceDown) {
                 let keys = [f.dirs[0].key, f.dirs[1].key];
-                keys.iter().for_each(|k| self.dp.watch_dormant(k));
+                for k in &keys {
+                    self.dp.watch_dormant(k);
+                    self.dormant_keys.insert(key_bytes(k), *id);
+                }
                 self.dormant.insert(*id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
                 return;
             }
             f.entry
-        } else if let Some(d) = self.dormant.remove(id) {
-            d.keys.iter().for_each(|k| self.dp.unwatch_dormant(k));
-            d.entry
+        } else if let Some(d) = self.dormant.get(id) {
+            let e = d.entry.clone();
+            self.wake(id);
+            e
         } else if let Some(e) = self.waiting.remove(id) {
             e
         } else {

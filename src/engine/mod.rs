@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 
 use crate::conntrack::{CtEntry, CtError, CtEvent, CtSocket, Seen};
 use crate::control::{ControlServer, Request, Response};
-use crate::dataplane::Dataplane;
+use crate::dataplane::{fo_flow_key, Dataplane, WakeEvents};
 use crate::flow::{ConnId, CtTimeouts, TeardownReason};
 use crate::host;
 use crate::policy::nft::Ruleset;
@@ -51,6 +51,7 @@ pub fn now_ns() -> u64 {
 /// The file descriptors the loop waits on.
 struct Sources {
     ct_events: CtSocket,
+    wake: WakeEvents,
     routes: RouteWatch,
     control: ControlServer,
 }
@@ -104,6 +105,7 @@ impl Engine {
         let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
+        let wake = dp.wake_events()?;
         if let Some(rs) = &ruleset {
             // Attached first, ruleset second: if nft fails now the engine is
             // dropped and detaches; nothing stays half-applied.
@@ -123,7 +125,7 @@ impl Engine {
             route_dirty: None,
         };
         core.resync().context("initial conntrack dump")?;
-        Ok(Engine { src: Sources { ct_events, routes, control }, core })
+        Ok(Engine { src: Sources { ct_events, wake, routes, control }, core })
     }
 
     /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
@@ -137,6 +139,7 @@ impl Engine {
                 libc::pollfd { fd: src.ct_events.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.routes.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.control.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: src.wake.fd(), events: libc::POLLIN, revents: 0 },
             ];
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
@@ -157,6 +160,10 @@ impl Engine {
             }
             if fds[2].revents != 0 {
                 src.control.serve(|req| core.answer(req));
+            }
+            if fds[3].revents != 0 {
+                let keys = src.wake.drain();
+                core.wake(Some(&keys));
             }
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
@@ -289,11 +296,17 @@ impl Core {
     /// connections waiting for their path.
     fn tick(&mut self) {
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);
-        for id in self.flows.woken() {
+        // The scan catches what the wake-up ring buffer may have dropped.
+        self.wake(None);
+        self.retry_waiting();
+    }
+
+    /// Dormant connections the fast path saw a packet of: judged again.
+    fn wake(&mut self, keys: Option<&[fo_flow_key]>) {
+        for id in self.flows.woken(keys) {
             let Known::Dormant { mark, .. } = self.flows.known(&id) else { continue };
             self.rejudge(&id, Some(Known::Dormant { mark, woke: true }), false);
         }
-        self.retry_waiting();
     }
 
     fn answer(&mut self, req: Request) -> Result<Response, String> {
