@@ -93,3 +93,36 @@ pub fn gather(names: &[String]) -> Result<Vec<LinkInfo>> {
     }
     Ok(infos)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::Mode;
+
+    fn iface(name: &str, ifindex: u32, up: bool) -> IfaceStatus {
+        IfaceStatus { name: name.into(), ifindex, driver: "veth".into(), mode: Mode::Tc, reason: String::new(), up }
+    }
+
+    #[test]
+    fn ports_and_link_state() {
+        let mut p = Interfaces(vec![iface("lan", 3, false), iface("wan", 4, true)]);
+        assert_eq!(p.first_up(), Some(4));
+        assert!(!p.is_up(3) && p.is_up(4) && !p.is_up(9), "unmanaged counts as down");
+        assert_eq!((p.name(3), p.name(9)), (Some("lan"), None));
+        assert!(p.has("wan") && !p.has("dmz"));
+        // link events: only a managed interface going down asks for teardowns
+        assert!(!p.set_up(3, true));
+        assert!(p.is_up(3));
+        assert!(p.set_up(4, false));
+        assert!(!p.set_up(9, false), "not ours");
+        assert_eq!(p.first_up(), Some(3));
+    }
+
+    #[test]
+    fn gather_refuses_duplicates_and_missing_interfaces() {
+        let e = gather(&["lo".into(), "lo".into()]).unwrap_err().to_string();
+        assert_eq!(e, "interface lo given twice");
+        let e = gather(&["nfo-no-such0".into()]).unwrap_err().to_string();
+        assert!(e.contains("nfo-no-such0"), "{e}");
+    }
+}
