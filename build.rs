@@ -1,41 +1,22 @@
-//! Compiles the BPF programs with clang, generates their typed skeletons,
-//! and derives the fast path's counter names from its BTF.
+//! Compiles the fast path's BPF program, generates its typed skeleton and
+//! derives the fast path's counter names from its BTF (the benchmark's
+//! programs are built by the lab crate, not here).
 use std::{
     env,
     fmt::Write as _,
     path::{Path, PathBuf},
 };
 
-use libbpf_cargo::SkeletonBuilder;
 use libbpf_rs::btf::{types::Enum, Btf};
 
-/// (source, object and skeleton file stem): the product's fast path, and the
-/// benchmark's generator and floor programs (kept out of the product object).
-const OBJECTS: [(&str, &str); 2] = [("bpf/fastpath.bpf.c", "fastpath"), ("bpf/bench.bpf.c", "bench")];
+#[path = "bpf/build_skel.rs"]
+mod build_skel;
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR set by cargo"));
-    // Debian keeps asm/ headers under the multiarch directory, which clang's
-    // BPF target does not search by itself.
-    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-    let multiarch = match arch.as_str() {
-        "x86_64" => "/usr/include/x86_64-linux-gnu",
-        "aarch64" => "/usr/include/aarch64-linux-gnu",
-        _ => "/usr/include",
-    };
-    for (src, stem) in OBJECTS {
-        if let Err(e) = SkeletonBuilder::new()
-            .source(src)
-            .obj(out.join(format!("{stem}.bpf.o")))
-            .clang_args(["-I", "bpf", "-I", multiarch, "-Wall", "-Werror", "-O2"])
-            .build_and_generate(out.join(format!("{stem}.skel.rs")))
-        {
-            panic!("building {src} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)");
-        }
-    }
-    let names = stat_names(&out.join("fastpath.bpf.o"));
-    std::fs::write(out.join("fastpath_stats.rs"), names).expect("writing fastpath_stats.rs");
-    for f in ["fastpath.bpf.c", "bench.bpf.c", "flow.h", "maps.h", "parse.h", "nat.h", "csum.h"] {
+    let obj = build_skel::build("bpf/fastpath.bpf.c", "bpf", "fastpath");
+    std::fs::write(out.join("fastpath_stats.rs"), stat_names(&obj)).expect("writing fastpath_stats.rs");
+    for f in ["flow.h", "maps.h", "parse.h", "nat.h", "csum.h", "build_skel.rs"] {
         println!("cargo:rerun-if-changed=bpf/{f}");
     }
 }

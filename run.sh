@@ -5,6 +5,8 @@
 #   ./run.sh bench  install what is missing, build, run the benchmark
 #                   (plots in bench-plots/; add --json FILE for every figure, --quick for ~2 min)
 #   ./run.sh setup  only install the system packages
+# Every build is of the whole workspace: the router binary (nft-offload) and
+# the lab's (nft-offload-lab), which finds the router binary next to itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,26 +38,28 @@ case "$cmd" in
     setup) need_root "$cmd"; setup ;;
     demo)
         need_root "$cmd"; setup
-        cargo build --release --locked -q
-        exec ./target/release/nft-offload lab demo "$@"
+        cargo build --workspace --release --locked -q
+        exec ./target/release/nft-offload-lab demo "$@"
         ;;
     bench)
         need_root "$cmd"; setup
-        cargo build --release --locked -q
-        exec ./target/release/nft-offload bench "$@"
+        cargo build --workspace --release --locked -q
+        exec ./target/release/nft-offload-lab bench "$@"
         ;;
     test)
         need_root "$cmd"; setup
-        cargo build --locked -q
-        # Unit and fast-path tests first (fast), then the end-to-end tests one
-        # at a time: they move real traffic and measure nothing, but two
-        # iperf3 runs at once on 2 CPUs only make each other slower.
-        cargo test --locked --lib --bins --test fastpath --test packaging
-        cargo test --locked --test e2e -- --test-threads=1
+        # The lab's tests run the router binary built here (target/debug).
+        cargo build --workspace --locked -q
+        # Unit tests of both crates, fast-path and packaging tests first
+        # (fast), then the end-to-end tests one at a time: they move real
+        # traffic and measure nothing, but two iperf3 runs at once on 2 CPUs
+        # only make each other slower.
+        cargo test --workspace --locked --lib --bins --test fastpath --test packaging
+        cargo test --locked -p nft-offload-lab --test e2e -- --test-threads=1
         # The benchmark, quick, once: proves it still runs (no timing asserted).
-        ./target/debug/nft-offload bench --quick --json target/bench-quick.json --plots target/bench-quick-plots
-        cargo fmt --check
-        cargo clippy --locked -q --all-targets -- -D warnings
+        ./target/debug/nft-offload-lab bench --quick --json target/bench-quick.json --plots target/bench-quick-plots
+        cargo fmt --all --check
+        cargo clippy --workspace --all-targets --locked -q -- -D warnings
         ;;
     *)
         echo "usage: $0 demo|test|bench|setup" >&2

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::control::{Client, FlowView, Status};
@@ -53,24 +53,6 @@ pub enum Cmd {
     Flows {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
-    },
-    /// Benchmark: offload against the kernel paths and a bare redirect, in
-    /// the lab, in one run.
-    Bench {
-        /// About a minute instead of about ten.
-        #[arg(long)]
-        quick: bool,
-        /// Write the full results as JSON.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// Directory for the SVG plots.
-        #[arg(long, default_value = "bench-plots")]
-        plots: PathBuf,
-    },
-    /// The built-in lab: namespaces LAN client - router - WAN server.
-    Lab {
-        #[command(subcommand)]
-        cmd: LabCmd,
     },
 }
 
@@ -131,33 +113,6 @@ impl RunArgs {
     }
 }
 
-#[derive(Subcommand, Debug)]
-pub enum LabCmd {
-    /// Create the lab namespaces (nfolab-lan, nfolab-rtr, nfolab-wan).
-    Up {
-        #[arg(long, default_value = "nfolab")]
-        prefix: String,
-    },
-    /// Remove the lab namespaces.
-    Down {
-        #[arg(long, default_value = "nfolab")]
-        prefix: String,
-    },
-    /// iperf3 through the router without and with offload, side by side.
-    Demo {
-        #[arg(long, default_value = "nfodemo")]
-        prefix: String,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 8)]
-        duration: u32,
-        /// Offload modes to compare with the kernel path.
-        #[arg(long, value_delimiter = ',', default_value = "tc,xdp")]
-        modes: Vec<String>,
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
-}
-
 pub fn main_with(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run(args) => {
@@ -194,13 +149,6 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
                 Output::Text => print!("{}", render_flows(&flows)),
             }
-            Ok(())
-        }
-        Cmd::Lab { cmd } => crate::lab::cli(cmd),
-        Cmd::Bench { quick, json, plots } => {
-            let exe = std::env::current_exe().context("locating the nft-offload binary")?;
-            let r = crate::bench::run(&crate::bench::BenchOpts { quick, json, exe, plots })?;
-            print!("{}", r.render());
             Ok(())
         }
     }

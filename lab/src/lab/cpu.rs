@@ -48,6 +48,28 @@ pub(crate) fn restore_affinity(set: &libc::cpu_set_t) {
     }
 }
 
+/// Pins the calling thread (and so every helper command it starts) to one
+/// CPU, e.g. the generator CPU; restores the old mask when dropped.
+pub(crate) struct ThreadPin(Option<libc::cpu_set_t>);
+
+impl ThreadPin {
+    pub(crate) fn to(cpu: Option<usize>) -> ThreadPin {
+        let Some(cpu) = cpu else { return ThreadPin(None) };
+        match get_affinity() {
+            Ok(old) if set_affinity(0, cpu).is_ok() => ThreadPin(Some(old)),
+            _ => ThreadPin(None),
+        }
+    }
+}
+
+impl Drop for ThreadPin {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            restore_affinity(old);
+        }
+    }
+}
+
 /// CPUs this process may run on (respects cpusets/affinity, not just nproc).
 pub(crate) fn usable_cpus() -> Vec<usize> {
     match get_affinity() {

@@ -1,5 +1,5 @@
 //! Built-in network-namespace lab: a LAN client, a firewall4-shaped router
-//! and a WAN server joined by veth pairs. Used by `nft-offload lab demo`, the
+//! and a WAN server joined by veth pairs. Used by `nft-offload-lab demo`, the
 //! end-to-end tests and the benchmark.
 //!
 //! ```text
@@ -16,14 +16,10 @@
 //! Everything is driven with the real tools (`ip`, `nft`, `ethtool`, ...),
 //! so the lab behaves like a small router would.
 
-mod cli;
-mod cmd;
+mod children;
+pub(crate) mod cmd;
 pub(crate) mod cpu;
-pub mod demo;
 pub(crate) mod netns;
-
-pub use cli::cli;
-pub use demo::{demo, interrupted, DemoOpts, DemoReport, PathReport, RunReport};
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -58,10 +54,6 @@ pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
 pub const DNAT_PORT: u16 = 8080;
 /// ... to this port on the client.
 pub const DNAT_TARGET_PORT: u16 = 80;
-
-/// How long Drop waits after SIGTERM before SIGKILLing lab children (the
-/// offload daemon needs a moment to detach its programs).
-const CHILD_TERM_GRACE: Duration = Duration::from_secs(3);
 
 /// The router's nftables ruleset, shaped like OpenWrt's firewall4, as a
 /// complete `nft -f` script. The leading `add table`/`delete table` makes it
@@ -193,7 +185,7 @@ fn validate_prefix(prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Remove the namespaces a `nft-offload lab up` left behind: kills every
+/// Remove the namespaces a `nft-offload-lab up` left behind: kills every
 /// process still inside them, then deletes them. Returns the names removed
 /// (empty if there was nothing to do).
 pub fn lab_down_by_prefix(prefix: &str) -> Result<Vec<String>> {
@@ -205,7 +197,7 @@ pub fn lab_down_by_prefix(prefix: &str) -> Result<Vec<String>> {
         if !netns::netns_exists(&ns) {
             continue;
         }
-        kill_netns_pids(&ns);
+        children::kill_netns_pids(&ns);
         match cmd::run(Command::new("ip").args(["netns", "del", &ns])) {
             Ok(_) => removed.push(ns),
             Err(e) => errors.push(format!("{e:#}")),
@@ -215,91 +207,6 @@ pub fn lab_down_by_prefix(prefix: &str) -> Result<Vec<String>> {
         bail!("lab down: {}", errors.join("; "));
     }
     Ok(removed)
-}
-
-/// SIGTERM, then SIGKILL, every process inside `ns` (a process left in a
-/// namespace keeps it, and its veths, alive after `ip netns del`).
-fn kill_netns_pids(ns: &str) {
-    let pids = |ns: &str| -> Vec<libc::pid_t> {
-        cmd::run(Command::new("ip").args(["netns", "pids", ns]))
-            .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
-            .unwrap_or_default()
-    };
-    let first = pids(ns);
-    if first.is_empty() {
-        return;
-    }
-    for &p in &first {
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(p, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + CHILD_TERM_GRACE;
-    while Instant::now() < deadline {
-        if pids(ns).is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for p in pids(ns) {
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-}
-
-/// State of a tracked child, probed with WNOWAIT so nothing is reaped.
-#[derive(PartialEq)]
-enum ChildState {
-    Running,
-    /// Exited, not reaped yet.
-    Zombie,
-    /// Already reaped by its `Child` owner: the pid is no longer ours and
-    /// must not be signalled.
-    Gone,
-}
-
-fn child_state(pid: u32) -> ChildState {
-    // SAFETY: zeroed siginfo is valid output storage.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        let rc = libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
-        match (rc, info.si_pid()) {
-            (0, 0) => ChildState::Running,
-            (0, _) => ChildState::Zombie,
-            _ => ChildState::Gone,
-        }
-    }
-}
-
-fn child_running(pid: u32) -> bool {
-    child_state(pid) == ChildState::Running
-}
-
-/// Terminate tracked children: SIGTERM, up to `grace` to exit, then SIGKILL;
-/// then reap every tracked child nobody reaped yet (no zombies piling up in
-/// long-running test processes). `Child` handles of lab children must not be
-/// waited on after the lab is gone.
-fn terminate_children(pids: &[u32], grace: Duration) {
-    let ours: Vec<u32> = pids.iter().copied().filter(|&p| child_state(p) != ChildState::Gone).collect();
-    let live: Vec<u32> = ours.iter().copied().filter(|&p| child_running(p)).collect();
-    for &p in &live {
-        // SAFETY: p is our unreaped child, so the pid cannot have been reused.
-        unsafe { libc::kill(p as libc::pid_t, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + grace;
-    while !live.is_empty() && Instant::now() < deadline && live.iter().any(|&p| child_running(p)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for &p in &live {
-        if child_running(p) {
-            tracing::warn!(pid = p, "lab child ignored SIGTERM, sending SIGKILL");
-            // SAFETY: as above.
-            unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
-        }
-    }
-    for &p in &ours {
-        // SAFETY: p is our child; blocking is fine, it was SIGKILLed at worst.
-        unsafe { libc::waitpid(p as libc::pid_t, std::ptr::null_mut(), 0) };
-    }
 }
 
 impl Lab {
@@ -313,7 +220,7 @@ impl Lab {
             if netns::netns_exists(ns) {
                 bail!(
                     "network namespace {ns} already exists (a lab with prefix {:?} is \
-                     running or was left behind; remove it with `nft-offload lab down` \
+                     running or was left behind; remove it with `nft-offload-lab down` \
                      or `ip netns del {ns}`)",
                     opts.prefix
                 );
@@ -496,7 +403,7 @@ impl Lab {
         drop(self)
     }
 
-    /// Leave the lab running after this value is gone (`nft-offload lab up`);
+    /// Leave the lab running after this value is gone (`nft-offload-lab up`);
     /// remove it later with [`lab_down_by_prefix`]. Children spawned so far
     /// keep running.
     pub fn persist(mut self) {
@@ -622,20 +529,18 @@ impl Lab {
             if Instant::now() > deadline {
                 bail!("nothing listens on TCP port {port} in {ns} after {timeout:?}");
             }
-            if demo::interrupted() {
-                bail!("interrupted");
-            }
+            crate::interrupt::check()?;
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn teardown(&mut self) {
         let pids = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
-        terminate_children(&pids, CHILD_TERM_GRACE);
+        children::terminate_children(&pids, children::CHILD_TERM_GRACE);
         for ns in std::mem::take(&mut self.created).into_iter().rev() {
             // Anything else still inside (e.g. started with `exec` by a
             // test and left running) would keep the namespace alive.
-            kill_netns_pids(&ns);
+            children::kill_netns_pids(&ns);
             if let Err(e) = cmd::run(Command::new("ip").args(["netns", "del", &ns])) {
                 tracing::warn!("lab teardown: {e:#}");
             }
@@ -679,18 +584,18 @@ fn tcp_listening(proc_net_tcp: &str, port: u16) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// Unique per test process and call: parallel test runs never share
     /// namespaces.
-    fn prefix() -> String {
+    pub(crate) fn prefix() -> String {
         static N: AtomicU32 = AtomicU32::new(0);
         format!("nfo{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn netns_list() -> String {
+    pub(crate) fn netns_list() -> String {
         cmd::run(Command::new("ip").args(["netns", "list"])).unwrap()
     }
 
@@ -766,7 +671,7 @@ mod tests {
             srv_pid = srv.id();
             lab.wait_tcp_listen(&lab.lan, 80, Duration::from_secs(5)).unwrap();
             let out = lab.exec(&lab.wan, &["iperf3", "-c", "203.0.113.1", "-p", "8080", "-t", "1", "-J"]).unwrap();
-            let r = demo::parse_iperf(&out, false).unwrap();
+            let r = crate::iperf::parse_iperf(&out, false).unwrap();
             assert!(r.bits_per_second > 1e6, "DNAT transfer too slow: {r:?}");
             let ct = lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "tcp"]).unwrap();
             assert!(
@@ -816,31 +721,5 @@ mod tests {
         let list = netns_list();
         assert!(!list.contains(&format!("{p}-")), "{list}");
         assert!(lab_down_by_prefix(&p).unwrap().is_empty());
-    }
-
-    /// Needs root. Kernel path only (the offload binary is not involved).
-    #[test]
-    fn demo_kernel_path() {
-        let p = prefix();
-        let report = demo(DemoOpts {
-            // Not run with no offload modes.
-            exe: std::path::PathBuf::from("/nonexistent/nft-offload"),
-            prefix: p.clone(),
-            duration_s: 2,
-            modes: vec![],
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        eprintln!("{}", report.render());
-        assert_eq!(report.paths.len(), 1);
-        let k = &report.paths[0];
-        assert_eq!(k.path, "kernel");
-        assert!(k.tcp.bits_per_second > 10e6, "{k:?}");
-        assert!(k.udp.bits_per_second > 10e6, "{k:?}");
-        // On the kernel path every forwarded packet crosses the forward chain.
-        assert!(k.tcp.fwd_chain_packets > 100, "{k:?}");
-        assert!(k.tcp.forwarded_packets > 0 && k.tcp.cpu_ns_per_packet.is_some());
-        // ... and the two ways of counting agree (UDP is not aggregated).
-        assert!(k.udp.fwd_chain_packets * 10 >= k.udp.forwarded_packets * 9, "{k:?}");
-        assert!(!netns_list().contains(&format!("{p}-")));
     }
 }

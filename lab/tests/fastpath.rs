@@ -4,64 +4,29 @@
 //! the control plane's own code (flow::build_direction) from conntrack
 //! tuples, so NAT derivation and checksum differences are tested together.
 
-// Frame builders take one argument per header field they set.
-#![allow(clippy::too_many_arguments)]
-
-mod common;
-
-use std::net::IpAddr;
-
-use etherparse::PacketBuilder;
 use nft_offload::conntrack::CtTuple;
 use nft_offload::dataplane::{fo_teardown, Dataplane, STAT_NAMES};
 use nft_offload::flow::{build_direction, NextHop};
+use nft_offload_lab::frames::{
+    fix_ip4_csum, tcp4, tcp6, udp4, udp6, CLIENT_MAC as CLIENT, RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN,
+    SERVER_MAC as SERVER,
+};
+use nft_offload_lab::private_router::PrivateRouter;
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_NEXT: i32 = -1;
 const TC_REDIRECT: i32 = 7;
 
-const CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
-const SERVER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x05];
-const R_LAN: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const R_WAN: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-
 fn t(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
     CtTuple { src: s.parse().unwrap(), dst: d.parse().unwrap(), proto, sport: sp, dport: dp }
 }
 
-fn v4(s: &str) -> [u8; 4] {
-    match s.parse::<IpAddr>().unwrap() {
-        IpAddr::V4(a) => a.octets(),
-        _ => panic!(),
-    }
-}
-
-fn v6(s: &str) -> [u8; 16] {
-    match s.parse::<IpAddr>().unwrap() {
-        IpAddr::V6(a) => a.octets(),
-        _ => panic!(),
-    }
-}
-
-struct Lab {
-    dp: Dataplane,
-    lan: u32,
-    wan: u32,
-}
-
 /// A private netns with two veths standing for the router's LAN and WAN
 /// ports, and the fast path loaded with the lab's connections.
-fn setup() -> Lab {
-    common::private_netns();
-    common::sh(&["ip", "link", "add", "rlan", "type", "veth", "peer", "name", "plan"]);
-    common::sh(&["ip", "link", "add", "rwan", "type", "veth", "peer", "name", "pwan"]);
-    common::sh(&["ip", "link", "set", "rlan", "address", "02:00:00:00:01:01", "up"]);
-    common::sh(&["ip", "link", "set", "rwan", "address", "02:00:00:00:02:01", "up"]);
-    let (lan, wan) = (common::ifindex("rlan"), common::ifindex("rwan"));
-    let dp = Dataplane::load(1024).expect("load fast path");
-    dp.add_xdp_target(lan).unwrap();
-    dp.add_xdp_target(wan).unwrap();
+fn setup() -> PrivateRouter {
+    let lab = PrivateRouter::enter(1024).unwrap_or_else(|e| panic!("private router: {e:#}"));
+    let (dp, lan, wan) = (&lab.dp, lab.lan, lab.wan);
     let to_wan = NextHop { ifindex: wan, smac: R_WAN, dmac: SERVER, mtu: 1500, xdp_ok: true };
     let to_lan = NextHop { ifindex: lan, smac: R_LAN, dmac: CLIENT, mtu: 1500, xdp_ok: true };
     let mut conns = vec![
@@ -142,76 +107,7 @@ fn setup() -> Lab {
         let d = build_direction(&r, &o, in_r, &nh_r);
         dp.put_flow(&d.key, &d.val).unwrap();
     }
-    Lab { dp, lan, wan }
-}
-
-fn tcp4(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    s: &str,
-    d: &str,
-    ttl: u8,
-    sp: u16,
-    dp: u16,
-    flags: &str,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(smac, dmac).ipv4(v4(s), v4(d), ttl).tcp(sp, dp, 1000, 64000);
-    b = b.ack(5000);
-    if flags.contains('S') {
-        b = b.syn();
-    }
-    if flags.contains('F') {
-        b = b.fin();
-    }
-    if flags.contains('R') {
-        b = b.rst();
-    }
-    if flags.contains('P') {
-        b = b.psh();
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, payload).unwrap();
-    v
-}
-
-fn udp4(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, ttl: u8, sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac).ipv4(v4(s), v4(d), ttl).udp(sp, dp).write(&mut v, payload).unwrap();
-    v
-}
-
-fn tcp6(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, hl: u8, sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac)
-        .ipv6(v6(s), v6(d), hl)
-        .tcp(sp, dp, 1000, 64000)
-        .ack(5000)
-        .write(&mut v, payload)
-        .unwrap();
-    v
-}
-
-fn udp6(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, hl: u8, sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac).ipv6(v6(s), v6(d), hl).udp(sp, dp).write(&mut v, payload).unwrap();
-    v
-}
-
-/// Recompute the IPv4 header checksum after a test edits the header.
-fn fix_ip4_csum(f: &mut [u8]) {
-    let ihl = (f[14] & 0x0f) as usize * 4;
-    f[24] = 0;
-    f[25] = 0;
-    let mut s: u32 = 0;
-    for c in f[14..14 + ihl].chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    let c = !(s as u16);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
+    lab
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

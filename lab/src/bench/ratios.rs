@@ -1,0 +1,51 @@
+//! The figures compared with their targets (DESIGN.md section 7).
+
+use super::Report;
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+pub(super) fn ratios(r: &mut Report) {
+    let ns = |p: &str| r.paths.get(p).and_then(|x| x.router_ns_per_pkt.map(|s| s.median));
+    let best = if ns("offload_tc").unwrap_or(f64::MAX) <= ns("offload_xdp").unwrap_or(f64::MAX) { "tc" } else { "xdp" };
+    let off = ns(&format!("offload_{best}"));
+    let mut put = |k: &str, v: Option<f64>, target: &str| {
+        if let Some(v) = v {
+            r.ratios.insert(k.to_string(), v);
+        }
+        r.targets.insert(k.to_string(), target.to_string());
+    };
+    put("offload_vs_floor", ratio(off, ns(&format!("floor_{best}"))), "<= 1.10");
+    put("offload_vs_kernel_ct_nat", ratio(off, ns("kernel_ct_nat")), "<= 0.55");
+    put("offload_vs_kernel_plain", ratio(off, ns("kernel_plain")), "<= 1.05");
+    let sc = |n: u64| r.scaling_ns_per_pkt.get(&n).map(|s| s.median);
+    let big = if r.scaling_ns_per_pkt.contains_key(&1_000_000) { 1_000_000 } else { 100_000 };
+    put(if big == 1_000_000 { "scaling_1m_vs_1" } else { "scaling_100k_vs_1" }, ratio(sc(big), sc(1)), "<= 1.3");
+    let tcp = |p: &str| r.paths.get(p).and_then(|x| x.tcp_1stream_1500_mbps.map(|s| s.median));
+    let best_tcp = match (tcp("offload_tc"), tcp("offload_xdp")) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    put("tcp_1500_vs_kernel_ct_nat", ratio(best_tcp, tcp("kernel_ct_nat")), ">= 1.5");
+    let p99 = |p: &str| r.paths.get(p).and_then(|x| x.ping_loaded_p99_ms);
+    put("ping_p99_loaded_vs_kernel_ct_nat", ratio(p99(&format!("offload_{best}")), p99("kernel_ct_nat")), "<= 0.5");
+    // Absolute figures with targets, shown beside the ratios.
+    let fp = r.fast_path.ns_per_pkt.get("xdp ipv4 nat tcp hit").map(|s| s.median);
+    let p99 = r.offload.get("event_to_installed_us_p99").copied();
+    let rate = r.offload.get("offloads_per_s").copied();
+    let mem = r.memory.get("map_bytes_per_flow_64k").copied();
+    let mut abs = |k: &str, v: Option<f64>, t: &str| {
+        if let Some(v) = v {
+            r.ratios.insert(k.to_string(), v);
+        }
+        r.targets.insert(k.to_string(), t.to_string());
+    };
+    abs("fast_path_ipv4_nat_hit_ns", fp, "<= 60");
+    abs("offload_p99_us", p99, "<= 5000");
+    abs("offloads_per_s", rate, ">= 50000");
+    abs("map_bytes_per_flow", mem, "<= 256");
+}

@@ -1,0 +1,34 @@
+//! Medians with spread, and percentiles.
+
+use serde::Serialize;
+
+/// Median with spread.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(mut v: Vec<f64>) -> Stat {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return Stat::default();
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Stat { median, min: v[0], max: v[n - 1], n }
+    }
+}
+
+pub(super) fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}

@@ -1,0 +1,19 @@
+//! nft-offload-lab: the test kit of nft-offload, kept out of the router
+//! binary. A network-namespace lab (LAN client - firewall4-shaped router -
+//! WAN server), the demo and the benchmark run in it, the one launcher for
+//! the offload engine ([`Daemon`]), and frame builders for fast-path tests.
+//!
+//! The kit drives the engine through the router binary's command line only;
+//! [`router_bin`] says where that binary is found.
+
+pub mod bench;
+pub mod daemon;
+pub mod demo;
+pub mod frames;
+pub mod interrupt;
+pub mod iperf;
+pub mod lab;
+pub mod private_router;
+
+pub use daemon::{router_bin, Daemon, DaemonOpts};
+pub use lab::{Lab, LabOpts};

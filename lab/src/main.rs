@@ -1,0 +1,114 @@
+//! `nft-offload-lab up|down|demo|bench`. Data to stdout, logs to stderr.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use nft_offload_lab::{bench, demo, lab, router_bin, Lab, LabOpts};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nft-offload-lab",
+    version,
+    about = "The nft-offload lab: network namespaces LAN client - router - WAN server, the demo and the benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the lab namespaces (nfolab-lan, nfolab-rtr, nfolab-wan).
+    Up {
+        #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Remove the lab namespaces.
+    Down {
+        #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// iperf3 through the router without and with offload, side by side.
+    Demo {
+        #[arg(long, default_value = "nfodemo")]
+        prefix: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        duration: u32,
+        /// Offload modes to compare with the kernel path.
+        #[arg(long, value_delimiter = ',', default_value = "tc,xdp")]
+        modes: Vec<String>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Benchmark: offload against the kernel paths and a bare redirect, in
+    /// the lab, in one run.
+    Bench {
+        /// About a minute instead of about ten.
+        #[arg(long)]
+        quick: bool,
+        /// Write the full results as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Directory for the SVG plots.
+        #[arg(long, default_value = "bench-plots")]
+        plots: PathBuf,
+    },
+}
+
+fn main() {
+    nft_offload::init_logging();
+    if let Err(e) = run(Cli::parse().cmd) {
+        eprintln!("nft-offload-lab: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Up { prefix } => {
+            // XDP-safe so every offload mode is correct on the veths; no CPU
+            // isolation, which only matters for measurements.
+            let lab = Lab::up(&LabOpts { prefix: prefix.clone(), xdp_safe: true, isolate_router_cpu: false })?;
+            lab.warm_neighbours()?;
+            println!(
+                "lab up: {} (client 192.168.1.2, fd00:1::2 on {}), {} (router: {} {}), \
+                 {} (server 203.0.113.2, fd00:2::2 on {})",
+                lab.lan, lab.lan_if, lab.rtr, lab.rtr_lan_if, lab.rtr_wan_if, lab.wan, lab.wan_if
+            );
+            println!(
+                "try: ip netns exec {} nft-offload run --iface {} --iface {}",
+                lab.rtr, lab.rtr_lan_if, lab.rtr_wan_if
+            );
+            println!("remove with: nft-offload-lab down --prefix {prefix}");
+            lab.persist();
+            Ok(())
+        }
+        Cmd::Down { prefix } => {
+            let removed = lab::lab_down_by_prefix(&prefix)?;
+            if removed.is_empty() {
+                println!("no lab namespaces with prefix {prefix}");
+            } else {
+                println!("removed {}", removed.join(" "));
+            }
+            Ok(())
+        }
+        Cmd::Demo { prefix, duration, modes, json } => {
+            let report = demo::demo(demo::DemoOpts { exe: None, prefix, duration_s: duration, modes })?;
+            print!("{}", report.render());
+            if let Some(path) = json {
+                let s = serde_json::to_string_pretty(&report)?;
+                std::fs::write(&path, s + "\n").with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Cmd::Bench { quick, json, plots } => {
+            let exe = router_bin()?;
+            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots })?;
+            print!("{}", r.render());
+            Ok(())
+        }
+    }
+}
