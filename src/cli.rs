@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::control::{Client, FlowView, Status};
+mod render;
+
+use crate::control::Client;
 use crate::engine::Engine;
 use crate::policy::ModeChoice;
 use crate::settings::{self, Given, Settings, SettingsInput};
+pub use render::{render_flows, render_status};
 
 #[derive(Parser, Debug)]
 #[command(name = "nft-offload", version, about = "Flow offload for Linux routers: eBPF fast path driven by conntrack")]
@@ -152,82 +155,4 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-pub fn render_status(s: &Status) -> String {
-    let mut o = String::new();
-    o += &format!("nft-offload running (pid {}, up {}s, mode {:?})\n", s.pid, s.uptime_s, s.mode_requested);
-    o += "Interfaces:\n";
-    for i in &s.interfaces {
-        o += &format!(
-            "  {:<12} ifindex {:<4} {:<4} {:<5} driver {:<10} {}\n",
-            i.name,
-            i.ifindex,
-            i.mode.as_str(),
-            if i.up { "up" } else { "DOWN" },
-            if i.driver.is_empty() { "?" } else { &i.driver },
-            i.reason
-        );
-    }
-    o += &format!(
-        "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
-        s.flows_offloaded, s.flow_capacity, s.flows_waiting_for_neighbour, s.flows_dormant, s.idle_timeout_s
-    );
-    o += &format!("Fast path: {} packets, {} bytes\n", s.fast_path_packets, s.fast_path_bytes);
-    o += "Slow path (packets handed to the kernel, by reason):\n";
-    for (k, v) in s.slow_path.iter().filter(|(_, v)| **v > 0) {
-        o += &format!("  {k:<14} {v}\n");
-    }
-    o += &format!(
-        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}\n",
-        s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes
-    );
-    if !s.teardowns.is_empty() {
-        o += "Teardowns:";
-        for (k, v) in &s.teardowns {
-            o += &format!(" {k}={v}");
-        }
-        o += "\n";
-    }
-    if !s.not_offloaded.is_empty() {
-        o += "Not offloaded:\n";
-        for (k, v) in &s.not_offloaded {
-            o += &format!("  {v:>6}  {k}\n");
-        }
-    }
-    o
-}
-
-/// conntrack -L style: one line per connection, original then reply tuple.
-pub fn render_flows(flows: &[FlowView]) -> String {
-    let mut o = String::new();
-    for f in flows {
-        let pnum = if f.proto == "tcp" { 6 } else { 17 };
-        o += &format!(
-            "{:<4} {:<2} {}src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [OFFLOAD] mode={} {}->{} idle={:.0}s mark={} id={}\n",
-            f.proto,
-            pnum,
-            f.state.as_ref().map(|s| format!("{s} ")).unwrap_or_default(),
-            f.orig.src,
-            f.orig.dst,
-            f.orig.sport,
-            f.orig.dport,
-            f.packets_orig,
-            f.bytes_orig,
-            f.reply.src,
-            f.reply.dst,
-            f.reply.sport,
-            f.reply.dport,
-            f.packets_reply,
-            f.bytes_reply,
-            f.mode.as_str(),
-            f.iif,
-            f.oif,
-            f.idle_s,
-            f.mark,
-            f.id
-        );
-    }
-    o += &format!("nft-offload: {} flow entries offloaded.\n", flows.len());
-    o
 }

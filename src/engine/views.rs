@@ -6,7 +6,7 @@ use crate::conntrack::CtTuple;
 use crate::control::{FlowView, Status, TupleView};
 use crate::dataplane::{fo_stat, Mode, STAT_NAMES};
 use crate::flow::entry::words_addr;
-use crate::proto::{AF_INET, IPPROTO_TCP};
+use crate::proto::{self, AF_INET, IPPROTO_TCP};
 
 use super::{now_ns, Core};
 
@@ -59,7 +59,7 @@ impl Core {
                 let tcp = f.entry.orig.proto == IPPROTO_TCP;
                 FlowView {
                     id: f.entry.id,
-                    proto: if tcp { "tcp" } else { "udp" }.into(),
+                    proto: proto::name(f.entry.orig.proto).into(),
                     state: tcp.then(|| "ESTABLISHED".into()),
                     orig: tuple(&f.entry.orig),
                     reply: tuple(&f.entry.reply),

@@ -1,0 +1,176 @@
+//! Text rendering of `status` and `flows` (JSON output is the view types'
+//! own serialisation).
+
+use crate::control::{FlowView, Status};
+use crate::proto::{self, IPPROTO_TCP, IPPROTO_UDP};
+
+pub fn render_status(s: &Status) -> String {
+    let mut o = String::new();
+    o += &format!("nft-offload running (pid {}, up {}s, mode {:?})\n", s.pid, s.uptime_s, s.mode_requested);
+    o += "Interfaces:\n";
+    for i in &s.interfaces {
+        o += &format!(
+            "  {:<12} ifindex {:<4} {:<4} {:<5} driver {:<10} {}\n",
+            i.name,
+            i.ifindex,
+            i.mode.as_str(),
+            if i.up { "up" } else { "DOWN" },
+            if i.driver.is_empty() { "?" } else { &i.driver },
+            i.reason
+        );
+    }
+    o += &format!(
+        "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
+        s.flows_offloaded, s.flow_capacity, s.flows_waiting_for_neighbour, s.flows_dormant, s.idle_timeout_s
+    );
+    o += &format!("Fast path: {} packets, {} bytes\n", s.fast_path_packets, s.fast_path_bytes);
+    o += "Slow path (packets handed to the kernel, by reason):\n";
+    for (k, v) in s.slow_path.iter().filter(|(_, v)| **v > 0) {
+        o += &format!("  {k:<14} {v}\n");
+    }
+    o += &format!(
+        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}\n",
+        s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes
+    );
+    if !s.teardowns.is_empty() {
+        o += "Teardowns:";
+        for (k, v) in &s.teardowns {
+            o += &format!(" {k}={v}");
+        }
+        o += "\n";
+    }
+    if !s.not_offloaded.is_empty() {
+        o += "Not offloaded:\n";
+        for (k, v) in &s.not_offloaded {
+            o += &format!("  {v:>6}  {k}\n");
+        }
+    }
+    o
+}
+
+/// conntrack -L style: one line per connection, original then reply tuple.
+pub fn render_flows(flows: &[FlowView]) -> String {
+    let mut o = String::new();
+    for f in flows {
+        let pnum = if f.proto == proto::name(IPPROTO_TCP) { IPPROTO_TCP } else { IPPROTO_UDP };
+        o += &format!(
+            "{:<4} {:<2} {}src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [OFFLOAD] mode={} {}->{} idle={:.0}s mark={} id={}\n",
+            f.proto,
+            pnum,
+            f.state.as_ref().map(|s| format!("{s} ")).unwrap_or_default(),
+            f.orig.src,
+            f.orig.dst,
+            f.orig.sport,
+            f.orig.dport,
+            f.packets_orig,
+            f.bytes_orig,
+            f.reply.src,
+            f.reply.dst,
+            f.reply.sport,
+            f.reply.dport,
+            f.packets_reply,
+            f.bytes_reply,
+            f.mode.as_str(),
+            f.iif,
+            f.oif,
+            f.idle_s,
+            f.mark,
+            f.id
+        );
+    }
+    o += &format!("nft-offload: {} flow entries offloaded.\n", flows.len());
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::control::{IfaceStatus, TupleView};
+    use crate::dataplane::Mode;
+    use crate::policy::ModeChoice;
+
+    fn status() -> Status {
+        let iface = |name: &str, ifindex, up| IfaceStatus {
+            name: name.into(),
+            ifindex,
+            driver: String::new(),
+            mode: Mode::Tc,
+            reason: "software device".into(),
+            up,
+        };
+        Status {
+            pid: 42,
+            uptime_s: 7,
+            mode_requested: ModeChoice::Auto,
+            interfaces: vec![iface("lan0", 2, true), iface("wan0", 3, false)],
+            flows_offloaded: 1,
+            flows_waiting_for_neighbour: 0,
+            flows_dormant: 2,
+            flow_capacity: 65536,
+            idle_timeout_s: 30,
+            fast_path_packets: 1000,
+            fast_path_bytes: 64000,
+            slow_path: BTreeMap::from([("no_flow".into(), 5), ("ttl".into(), 0)]),
+            offloads_total: 3,
+            teardowns: BTreeMap::from([("idle".into(), 2)]),
+            not_offloaded: BTreeMap::from([("excluded by port 22".into(), 4)]),
+            conntrack_events: 9,
+            conntrack_resyncs: 0,
+            conntrack_refreshes: 1,
+            offload_latency_us: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn status_text() {
+        let t = render_status(&status());
+        assert!(t.starts_with("nft-offload running (pid 42, up 7s, mode Auto)\n"), "{t}");
+        // an unknown driver shows as ?, a down link as DOWN
+        assert!(t.contains("  wan0         ifindex 3    tc   DOWN  driver ?          software device\n"), "{t}");
+        assert!(t.contains("Flows: 1 offloaded / 65536 capacity, 0 waiting for a neighbour, 2 dormant (idle > 30s)"));
+        // zero counters are left out
+        assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
+        assert!(t.contains("Teardowns: idle=2\n"), "{t}");
+        assert!(t.contains("       4  excluded by port 22\n"), "{t}");
+    }
+
+    #[test]
+    fn flows_text_is_conntrack_style() {
+        let tuple = |s: &str, sp, d: &str, dp| TupleView {
+            src: s.parse().unwrap(),
+            dst: d.parse().unwrap(),
+            sport: sp,
+            dport: dp,
+        };
+        let f = FlowView {
+            id: 77,
+            proto: "udp".into(),
+            family: 4,
+            state: None,
+            orig: tuple("192.168.1.2", 40000, "203.0.113.2", 53),
+            reply: tuple("203.0.113.2", 53, "203.0.113.1", 40000),
+            packets_orig: 3,
+            bytes_orig: 300,
+            packets_reply: 2,
+            bytes_reply: 200,
+            idle_s: 1.4,
+            mode: Mode::Xdp,
+            iif: "lan0".into(),
+            oif: "wan0".into(),
+            mark: 0,
+            zone: 0,
+            nat_src: true,
+            nat_dst: false,
+        };
+        let t = render_flows(&[f]);
+        assert_eq!(
+            t,
+            "udp  17 src=192.168.1.2 dst=203.0.113.2 sport=40000 dport=53 packets=3 bytes=300 \
+             src=203.0.113.2 dst=203.0.113.1 sport=53 dport=40000 packets=2 bytes=200 [OFFLOAD] mode=xdp \
+             lan0->wan0 idle=1s mark=0 id=77\nnft-offload: 1 flow entries offloaded.\n"
+        );
+        assert_eq!(render_flows(&[]), "nft-offload: 0 flow entries offloaded.\n");
+    }
+}
