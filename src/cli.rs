@@ -156,3 +156,43 @@ pub fn main_with(cli: Cli) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::settings::tests::{flags, FULL};
+    use crate::settings::validate;
+
+    /// `nft-offload run ARGS` through clap and `RunArgs::settings`.
+    fn run(args: &[&str]) -> anyhow::Result<Settings> {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([&["nft-offload", "run"], args].concat())?;
+        match cli.cmd {
+            Cmd::Run(a) => a.settings(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_command_line_goes_through_the_validator() {
+        let s = run(&["--iface", "lan0", "--iface", "wan0"]).unwrap();
+        assert_eq!(s, validate(flags(&["lan0", "wan0"])).unwrap(), "defaults are the validator's, not clap's");
+        let e = run(&["--iface", "lan0", "--idle-timeout", "0"]).unwrap_err().to_string();
+        assert_eq!(e, "--idle-timeout: 0 is out of range 1..=86400");
+        let e = run(&["--iface", "lan0", "--max-flows", "99999999"]).unwrap_err().to_string();
+        assert_eq!(e, "--max-flows: 99999999 is out of range 1..=16777216");
+
+        let dir = std::env::temp_dir().join(format!("nft-offload-run-args-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, FULL).unwrap();
+        let f = f.to_str().unwrap();
+        let s = run(&["--config", f, "--mode", "xdp", "--idle-timeout", "7"]).unwrap();
+        assert_eq!((s.mode, s.idle_timeout, s.max_flows), (ModeChoice::Xdp, Duration::from_secs(7), 131072));
+        assert_eq!((s.ifaces.len(), s.exclude.ports.len()), (2, 3), "the rest is the file's");
+        assert!(run(&["--config", f, "--nft", "x.nft"]).is_err(), "--nft and --config exclude each other");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -9,7 +9,7 @@
 
 pub mod file;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::ops::RangeInclusive;

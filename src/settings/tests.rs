@@ -7,7 +7,7 @@ use super::*;
 use crate::policy::exclude::tests::entry;
 use crate::policy::exclude::Excluded;
 
-const FULL: &str = r#"
+pub(crate) const FULL: &str = r#"
 interfaces = ["eth0", "eth1"]
 mode = "tc"
 idle_timeout = 120
@@ -218,7 +218,7 @@ fn full_file_exclusions_together() {
 }
 
 /// What `run --iface ...` gives the validator.
-fn flags(ifaces: &[&str]) -> SettingsInput {
+pub(crate) fn flags(ifaces: &[&str]) -> SettingsInput {
     let names = ifaces.iter().map(|i| Given::flag("--iface", i.to_string())).collect();
     SettingsInput { ifaces: Some(Given::flag("--iface", names)), ..Default::default() }
 }
@@ -275,36 +275,5 @@ fn flags_override_the_file_errors_still_point_at_their_source() {
     input.max_flows = Some(Given::flag("--max-flows", -1));
     let e = validate(input).unwrap_err().to_string();
     assert_eq!(e, "--max-flows: -1 is out of range 1..=16777216");
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// `nft-offload run ARGS` through clap and `RunArgs::settings`.
-fn run(args: &[&str]) -> anyhow::Result<Settings> {
-    use clap::Parser;
-    let cli = crate::cli::Cli::try_parse_from([&["nft-offload", "run"], args].concat())?;
-    match cli.cmd {
-        crate::cli::Cmd::Run(a) => a.settings(),
-        other => panic!("parsed as {other:?}"),
-    }
-}
-
-#[test]
-fn run_command_line_goes_through_the_validator() {
-    let s = run(&["--iface", "lan0", "--iface", "wan0"]).unwrap();
-    assert_eq!(s, validate(flags(&["lan0", "wan0"])).unwrap(), "defaults are the validator's, not clap's");
-    let e = run(&["--iface", "lan0", "--idle-timeout", "0"]).unwrap_err().to_string();
-    assert_eq!(e, "--idle-timeout: 0 is out of range 1..=86400");
-    let e = run(&["--iface", "lan0", "--max-flows", "99999999"]).unwrap_err().to_string();
-    assert_eq!(e, "--max-flows: 99999999 is out of range 1..=16777216");
-
-    let dir = std::env::temp_dir().join(format!("nft-offload-run-args-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("c.toml");
-    std::fs::write(&f, FULL).unwrap();
-    let f = f.to_str().unwrap();
-    let s = run(&["--config", f, "--mode", "xdp", "--idle-timeout", "7"]).unwrap();
-    assert_eq!((s.mode, s.idle_timeout, s.max_flows), (ModeChoice::Xdp, Duration::from_secs(7), 131072));
-    assert_eq!((s.ifaces.len(), s.exclude.ports.len()), (2, 3), "the rest is the file's");
-    assert!(run(&["--config", f, "--nft", "x.nft"]).is_err(), "--nft and --config exclude each other");
     std::fs::remove_dir_all(&dir).unwrap();
 }
