@@ -390,3 +390,141 @@ impl FlowTable {
         }
     }
 }
+
+/// The state machine against real maps: a private network namespace, the
+/// fast path loaded (not attached), conntrack's request socket. UDP entries,
+/// so no conntrack entry has to exist for an install. Needs root (CI is).
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::conntrack::{status, CtTuple};
+    use crate::flow::{build_direction, NextHop};
+
+    const LO: u32 = 1;
+
+    fn private_table() -> FlowTable {
+        // SAFETY: affects only this test's thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET) needs root");
+        let dp = Dataplane::load(64).expect("loading the fast path (needs root, BPF and BTF)");
+        let ct = CtSocket::request().expect("conntrack request socket");
+        FlowTable::new(dp, ct, vec![127])
+    }
+
+    fn udp(sport: u16) -> CtEntry {
+        let t = |s: &str, sp, d: &str, dp| CtTuple {
+            src: s.parse::<IpAddr>().unwrap(),
+            dst: d.parse::<IpAddr>().unwrap(),
+            proto: 17,
+            sport: sp,
+            dport: dp,
+        };
+        CtEntry {
+            orig: t("192.168.1.2", sport, "203.0.113.2", 53),
+            reply: t("203.0.113.2", 53, "203.0.113.1", sport),
+            status: status::CONFIRMED,
+            tcp_state: None,
+            ..crate::flow::tests::tcp_masq()
+        }
+    }
+
+    fn dirs(e: &CtEntry, dmac: u8) -> [Direction; 2] {
+        let nh =
+            NextHop { ifindex: LO, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, dmac], mtu: 1500, xdp_ok: false };
+        [build_direction(&e.orig, &e.reply, LO, &nh), build_direction(&e.reply, &e.orig, LO, &nh)]
+    }
+
+    /// A UDP frame of `e`'s original direction as it arrives on lo.
+    fn frame(e: &CtEntry) -> Vec<u8> {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (e.orig.src, e.orig.dst) else { unreachable!() };
+        let mut f = vec![0u8; 12];
+        f.extend([0x08, 0x00]);
+        f.extend([0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend(s.octets());
+        f.extend(d.octets());
+        f.extend(e.orig.sport.to_be_bytes());
+        f.extend(e.orig.dport.to_be_bytes());
+        f.extend([0, 16, 0, 0]);
+        f.extend([0u8; 8]);
+        f
+    }
+
+    #[test]
+    fn install_repoint_sleep_wake_forget() {
+        let mut ft = private_table();
+        let e = udp(40000);
+        let id = ConnId::of(&e);
+        let d = dirs(&e, 2);
+
+        ft.apply(e.clone(), Verdict::Offload(d));
+        assert_eq!(ft.len(), (1, 0, 0));
+        assert!(matches!(ft.known(&id), Known::Offloaded { close: 0, .. }));
+        assert!(d.iter().all(|x| ft.dp().get_flow(&x.key).is_some()), "both directions installed");
+        assert_eq!(ft.counters.offloads, 1);
+
+        // Re-pointed: the changed next hop is written, the entry stays.
+        ft.apply(e.clone(), Verdict::Offload(dirs(&e, 3)));
+        assert_eq!(ft.dp().get_flow(&d[0].key).unwrap().dmac[5], 3);
+        assert_eq!(ft.counters.offloads, 1, "a re-point is no new offload");
+
+        // Idle: off the fast path, watched as dormant.
+        ft.teardown(&id, TeardownReason::Idle);
+        assert_eq!(ft.len(), (0, 0, 1));
+        assert!(d.iter().all(|x| ft.dp().get_flow(&x.key).is_none()));
+        assert_eq!(ft.dp().dormant_seen(&d[0].key), Some(0));
+        assert!(ft.woken(None).is_empty(), "no packet yet");
+
+        // Its next packet misses fo_flows, stamps fo_dormant and is announced.
+        let mut wake = ft.dp().wake_events().unwrap();
+        // Stamps are coarse-clock (a jiffy): a packet counts when it comes
+        // after the connection slept.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (verdict, _, _) = ft.dp().test_tc(&frame(&e), LO, None, 1).unwrap();
+        assert_eq!(verdict, -1, "a dormant connection's packet goes to the kernel (TC_ACT_UNSPEC)");
+        let keys = wake.drain();
+        assert_eq!(keys.len(), 1, "announced once");
+        assert_eq!(ft.woken(Some(&keys)), vec![id]);
+        assert_eq!(ft.woken(None), vec![id]);
+
+        // A route change voids that evidence and re-arms the watch.
+        ft.discount_wakes();
+        assert!(ft.woken(None).is_empty());
+
+        // Waking into "not offloaded" forgets it and counts the reason.
+        ft.apply(e.clone(), Verdict::NotOffloaded(NotOffloaded::TableFull));
+        assert_eq!(ft.len(), (0, 0, 0));
+        assert_eq!(ft.dp().dormant_seen(&d[0].key), None, "no longer watched");
+        assert_eq!(ft.counters.not_offloaded.get("flow table full"), Some(&1));
+        assert!(matches!(ft.known(&id), Known::Untracked));
+    }
+
+    #[test]
+    fn waiting_policy_and_vanished_connections() {
+        let mut ft = private_table();
+        let (a, b) = (udp(40001), udp(40002));
+        ft.apply(a.clone(), Verdict::Wait(crate::routes::path::NoPath::Unroutable(7)));
+        assert_eq!(ft.len(), (0, 1, 0));
+        assert_eq!(ft.waiting_ids(), vec![ConnId::of(&a)]);
+        ft.apply(a.clone(), Verdict::NotYet(crate::flow::Ineligible::NotConfirmed));
+        assert_eq!(ft.len(), (0, 0, 0), "not eligible any more: no longer waited for");
+
+        // A policy teardown clears the flowtable label in the memo, so a
+        // later update event without labels is not read with the old ones.
+        let mut labelled = b.clone();
+        labelled.labels = Some(nft::label_mask(&[127]));
+        let merged = ft.merge(labelled.clone(), Seen::Full);
+        ft.apply(merged, Verdict::Offload(dirs(&b, 2)));
+        ft.teardown(&ConnId::of(&b), TeardownReason::Policy);
+        assert_eq!(ft.len(), (0, 0, 0), "policy teardowns do not park the connection");
+        assert_eq!(ft.counters.teardowns.get("policy"), Some(&1));
+        let next = ft.merge(CtEntry { labels: None, ..b.clone() }, Seen::Changes);
+        assert!(!nft::has_label(next.labels.as_ref(), 127), "the engine's own clear is remembered");
+
+        // A resync that no longer lists a connection forgets it.
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        ft.retain_present(&HashSet::new());
+        assert_eq!(ft.len(), (0, 0, 0));
+        assert_eq!(ft.counters.teardowns.get("conntrack_destroyed"), Some(&1));
+    }
+}
