@@ -186,11 +186,6 @@ impl Daemon {
         self.child.as_ref().map(Child::id).expect("a Daemon owns its child until stop/kill9")
     }
 
-    /// The engine's stdout and stderr.
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
