@@ -26,7 +26,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The router binary: `$NFT_OFFLOAD_BIN` if set, else the `nft-offload`
 /// built next to the running program in the same target profile directory
 /// (`target/<profile>/nft-offload-lab`, or a test binary in
-/// `target/<profile>/deps/`).
+/// `target/<profile>/deps/`). Cargo does not rebuild that binary for
+/// `cargo test -p nft-offload-lab` alone: build the workspace first
+/// (`cargo build --workspace`, as run.sh does).
 pub fn router_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(BIN_ENV) {
         let p = std::path::absolute(PathBuf::from(p)).context("resolving $NFT_OFFLOAD_BIN")?;
@@ -184,11 +186,6 @@ impl Daemon {
     /// The engine's pid (`ip netns exec` execs it, so it is our child's).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("a Daemon owns its child until stop/kill9")
-    }
-
-    /// The engine's stdout and stderr.
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// The last `lines` lines of the log.

@@ -238,10 +238,9 @@ fn dnat_port_forward_download_is_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A private (mkdtemp, 0700) directory; kept, for the logs of a failed run.
 fn tempdir(prefix: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir().expect("private temp dir").keep()
 }
 
 #[test]

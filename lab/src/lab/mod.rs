@@ -450,11 +450,6 @@ impl Lab {
         Ok(child)
     }
 
-    /// Pin an already running process/thread to `cpu`.
-    pub fn pin_pid(&self, pid: u32, cpu: usize) -> Result<()> {
-        cpu::set_affinity(pid as libc::pid_t, cpu).with_context(|| format!("sched_setaffinity({pid}, cpu {cpu})"))
-    }
-
     /// (packets, bytes) of a named counter in the router's `inet fw4` table.
     pub fn counter(&self, name: &str) -> Result<(u64, u64)> {
         let out = self.exec(&self.rtr, &["nft", "-j", "list", "counter", "inet", "fw4", name])?;
