@@ -50,12 +50,13 @@ case "$cmd" in
         need_root "$cmd"; setup
         # The lab's tests run the router binary built here (target/debug).
         cargo build --workspace --locked -q
-        # Unit tests of both crates, fast-path and packaging tests first
-        # (fast), then the end-to-end tests one at a time: they move real
-        # traffic and measure nothing, but two iperf3 runs at once on 2 CPUs
-        # only make each other slower.
-        cargo test --workspace --locked --lib --bins --test fastpath --test packaging
-        cargo test --locked -p nft-offload-lab --test e2e -- --test-threads=1
+        # The router crate's unit and packaging tests first (fast), then
+        # every test of the lab crate (its unit tests, the fast-path tables
+        # and each end-to-end file in lab/tests/) one at a time: they move
+        # real traffic and measure nothing, but two iperf3 runs at once on 2
+        # CPUs only make each other slower.
+        cargo test --locked -p nft-offload --lib --bins --test packaging
+        cargo test --locked -p nft-offload-lab --tests -- --test-threads=1
         # The benchmark, quick, once: proves it still runs (no timing asserted).
         ./target/debug/nft-offload-lab bench --quick --json target/bench-quick.json --plots target/bench-quick-plots
         cargo fmt --all --check
