@@ -187,6 +187,14 @@ int fo_tc(struct __sk_buff *skb)
 	return bpf_redirect(oif, 0);
 }
 
+/* The input mark of BPF_FIB_LOOKUP_MARK (6.10) shares its four bytes with
+ * the output smac; older uapi headers name only smac.
+ */
+static __always_inline void fib_set_mark(struct bpf_fib_lookup *fib, __u32 mark)
+{
+	__builtin_memcpy(fib->smac, &mark, sizeof(mark));
+}
+
 /* Control-plane helper, run with BPF_PROG_TEST_RUN: the packet data is a
  * struct fo_fib_req; answer it with the kernel's FIB and neighbour table.
  */
@@ -203,6 +211,7 @@ int fo_fib_query(struct xdp_md *ctx)
 		return XDP_ABORTED;
 
 	fib.family = req->family;
+	fib.tos = req->tos;
 	fib.l4_protocol = req->proto;
 	fib.sport = req->sport;
 	fib.dport = req->dport;
@@ -218,6 +227,7 @@ int fo_fib_query(struct xdp_md *ctx)
 	 * reports the route MTU (bpf_ipv4_fib_lookup in net/core/filter.c).
 	 */
 	fib.tot_len = 0xffff;
+	fib_set_mark(&fib, req->mark);
 	ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), req->flags);
 	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		req->mtu = fib.mtu_result;
@@ -230,6 +240,8 @@ int fo_fib_query(struct xdp_md *ctx)
 			__builtin_memcpy(fib.ipv6_src, req->src, 16);
 			__builtin_memcpy(fib.ipv6_dst, req->dst, 16);
 		}
+		/* The first answer wrote smac over the mark. */
+		fib_set_mark(&fib, req->mark);
 		ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), req->flags);
 	} else {
 		req->mtu = 0xffff;

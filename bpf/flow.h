@@ -113,6 +113,8 @@ struct fo_fib_req {
 	__be32 src[4];
 	__be32 dst[4];
 	__u32 flags;		/* BPF_FIB_LOOKUP_* */
+	__u32 mark;		/* packet mark, with BPF_FIB_LOOKUP_MARK */
+	__u32 tos;		/* IPv4 tos byte (IPv6: 0) */
 	/* outputs */
 	__s32 ret;		/* BPF_FIB_LKUP_RET_* */
 	__u32 ifindex_out;

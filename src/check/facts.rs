@@ -37,6 +37,8 @@ pub(super) struct HostFacts {
     pub ipv6_forward: Option<u32>,
     /// Why the interfaces could not be listed (the rtnetlink dump failed).
     pub links_unreadable: Option<String>,
+    /// The `ip rule` tables, judged as the engine judges them.
+    pub rules: crate::routes::rules::PolicyRules,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +131,7 @@ fn gather_host() -> HostFacts {
         ipv6_forward: sysctl_u32("net.ipv6.conf.all.forwarding"),
         kernel_release: release,
         links_unreadable: None,
+        rules: crate::routes::rules::PolicyRules::read(),
     }
 }
 

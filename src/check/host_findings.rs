@@ -30,6 +30,7 @@ pub(super) const HOST_FINDINGS: &[(&str, HostFinding)] = &[
     ("nft", nft),
     ("ip_forward", ip_forward),
     ("interfaces", interfaces),
+    ("policy_routing", policy_routing),
 ];
 
 const ROOT_REMEDY: &str = "run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)";
@@ -61,6 +62,30 @@ fn privileges(h: &HostFacts, _: &HostCtx) -> Verdict {
     } else {
         Verdict::fail(format!("missing {}", missing.join("; ")), ROOT_REMEDY)
     }
+}
+
+/// What the engine does with the `ip rule` tables (`routes::rules`).
+fn policy_routing(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let (v4, v6) = (h.rules.v4, h.rules.v6);
+    let blocked: Vec<String> = [("IPv4", v4), ("IPv6", v6)]
+        .iter()
+        .filter_map(|(fam, r)| r.unreproducible.map(|s| format!("{fam}: {s}")))
+        .collect();
+    if !blocked.is_empty() {
+        return Verdict::warn(
+            format!("no connection of the family is offloaded: {}", blocked.join("; ")),
+            "select on a mark instead: set it in the ruleset (`meta mark set ...` from `ip dscp`, or \
+             `ct mark`) and route with `ip rule fwmark`; or leave those connections to the kernel",
+        );
+    }
+    if v4.by_mark || v6.by_mark {
+        return Verdict::ok(
+            "ip rules select on fwmark: each connection is routed with its conntrack mark, as mwan3 and pbr \
+             copy it (`meta mark set ct mark`); a masqueraded connection the kernel routed otherwise stays \
+             on the slow path",
+        );
+    }
+    Verdict::ok("no ip rule the route lookups cannot reproduce")
 }
 
 fn errno_name(e: i32) -> String {

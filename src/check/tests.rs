@@ -27,6 +27,7 @@ fn good_host() -> HostFacts {
         ipv4_forward: Some(1),
         ipv6_forward: Some(1),
         links_unreadable: None,
+        rules: Default::default(),
     }
 }
 
@@ -479,4 +480,20 @@ fn netns_scenario() {
     assert_eq!(names, ["ca", "cb", "cc", "cd"]);
     let cd = r.interfaces.iter().find(|i| i.name == "cd").unwrap();
     assert_eq!(cd.xdp_redirect_target, Some(true), "peer cc has an XDP program");
+}
+
+#[test]
+fn policy_routing_says_what_the_rules_mean() {
+    use crate::routes::rules::{FamilyRules, Selector};
+    let r = judged(&good_host());
+    assert_eq!(host_finding(&r, "policy_routing").status, Status::Ok);
+    let mut h = good_host();
+    h.rules.v4 = FamilyRules { by_mark: true, unreproducible: None };
+    let f = host_finding(&judged(&h), "policy_routing").clone();
+    assert_eq!(f.status, Status::Ok);
+    assert!(f.detail.contains("conntrack mark"), "{f:?}");
+    h.rules.v6 = FamilyRules { by_mark: false, unreproducible: Some(Selector::Tos) };
+    let f = host_finding(&judged(&h), "policy_routing").clone();
+    assert_eq!(f.status, Status::Warn);
+    assert!(f.detail.contains("IPv6: an ip rule selects on tos") && f.remedy.is_some(), "{f:?}");
 }

@@ -30,7 +30,7 @@ use crate::host;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::resolve_path;
-use crate::routes::RouteWatch;
+use crate::routes::{RouteFacts, RouteWatch};
 use crate::settings::Settings;
 
 use flowtable::FlowTable;
@@ -73,6 +73,8 @@ struct Core {
     ct_events: u64,
     ct_resyncs: u64,
     route_dirty: Option<Instant>,
+    /// Rules and addresses the path resolution depends on.
+    facts: RouteFacts,
 }
 
 impl Engine {
@@ -123,6 +125,7 @@ impl Engine {
             ct_events: 0,
             ct_resyncs: 0,
             route_dirty: None,
+            facts: RouteFacts::read().context("reading ip rules and addresses")?,
         };
         core.resync().context("initial conntrack dump")?;
         Ok(Engine { src: Sources { ct_events, wake, routes, control }, core })
@@ -243,10 +246,10 @@ impl Core {
             exclude: &self.cfg.exclude,
             flowtables: self.ruleset.as_ref().map(|r| &r.translated.flowtables[..]),
         };
-        let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &e));
+        let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e));
         let mut v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, path: path.as_ref() });
         if matches!(v, Verdict::NeedsPath) {
-            let path = resolve_path(self.flows.dp(), &self.ifaces, &e);
+            let path = resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e);
             v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, path: Some(&path) });
         }
         tracing::trace!(id = e.id, ?known, verdict = ?v, "verdict");
@@ -261,7 +264,8 @@ impl Core {
                 }
             }
         }
-        if ch.routes || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
+        self.facts.refresh(ch);
+        if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
             self.flows.discount_wakes();
         }
         if ch.any() {
@@ -269,7 +273,7 @@ impl Core {
         }
     }
 
-    /// Something in routes, neighbours, addresses or links changed: every
+    /// Something in routes, rules, neighbours, addresses or links changed: every
     /// offloaded connection follows the kernel's current decision, and
     /// those waiting try again.
     fn reresolve_all(&mut self) {

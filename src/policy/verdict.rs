@@ -164,6 +164,9 @@ pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verd
     match *known {
         Known::Offloaded { close, .. } => match (ineligible, world.path) {
             (Some(_), _) => Verdict::Teardown(closing(close, e.tcp_state)),
+            // Rules on fwmark route on the mark: follow it (in --nft mode a
+            // changed mark already took it off above).
+            (None, None) if known.mark() != Some(e.mark) => Verdict::NeedsPath,
             (None, None) => Verdict::Update,
             (None, Some(Ok(dirs))) if admitted(e, dirs, rules, world) => Verdict::Offload(*dirs),
             (None, Some(_)) => Verdict::Teardown(TeardownReason::RouteChange),

@@ -8,8 +8,11 @@
 //! offloaded flows (the kernel flowtable only checks its cached dst,
 //! `nf_flow_dst_check`; we re-resolve everything that could have moved).
 
+pub mod addrs;
+pub(crate) mod dump;
 pub mod link;
 pub mod path;
+pub mod rules;
 
 use std::io;
 use std::net::IpAddr;
@@ -40,6 +43,10 @@ pub fn fib_ret_str(ret: i32) -> &'static str {
 
 pub const FIB_NO_NEIGH: i32 = 7;
 const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
+/// `mark` is the packet's mark for the rules (6.10, include/uapi/linux/bpf.h).
+const BPF_FIB_LOOKUP_MARK: u32 = 1 << 5;
+/// What a kernel without BPF_FIB_LOOKUP_MARK answers it with.
+pub const FIB_NO_MARK: i32 = -libc::EINVAL;
 
 /// Why a direction could not be resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,7 @@ fn req(
     sport: u16,
     dport: u16,
     flags: u32,
+    mark: u32,
 ) -> fo_fib_req {
     fo_fib_req {
         family: u32::from(family),
@@ -74,7 +82,8 @@ fn req(
         dport: dport.to_be(),
         src: addr_words(src),
         dst: addr_words(dst),
-        flags,
+        flags: if mark != 0 { flags | BPF_FIB_LOOKUP_MARK } else { flags },
+        mark,
         ..Default::default()
     }
 }
@@ -87,17 +96,24 @@ fn family_of(a: IpAddr) -> u8 {
     }
 }
 
-/// The kernel's forwarding decision for a packet arriving on `in_ifindex`.
-pub fn resolve(
-    dp: &Dataplane,
-    in_ifindex: u32,
-    src: IpAddr,
-    dst: IpAddr,
-    proto: u8,
-    sport: u16,
-    dport: u16,
-) -> Result<std::result::Result<NextHop, Unroutable>> {
-    let r = dp.fib_query(&req(family_of(src), in_ifindex, src, dst, proto, sport, dport, 0))?;
+/// One packet to route: what `ip_route_input` keys its lookup on that
+/// conntrack knows (the tos is not: see `rules`).
+#[derive(Debug, Clone, Copy)]
+pub struct Packet {
+    pub in_ifindex: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// The packet's mark as the rules see it; 0 leaves it out.
+    pub mark: u32,
+}
+
+/// The kernel's forwarding decision for packet `p`. A mark on a kernel
+/// whose lookup cannot take one is `Ok(Err(Unroutable(-EINVAL)))`.
+pub fn resolve(dp: &Dataplane, p: &Packet) -> Result<std::result::Result<NextHop, Unroutable>> {
+    let r = dp.fib_query(&req(family_of(p.src), p.in_ifindex, p.src, p.dst, p.proto, p.sport, p.dport, 0, p.mark))?;
     if r.ret != 0 {
         return Ok(Err(Unroutable(r.ret)));
     }
@@ -112,7 +128,7 @@ pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Optio
     // BPF_FIB_LOOKUP_OUTPUT would take the interface as oif and needs a
     // device, so ask as a forwarded packet from any managed interface and
     // skip the neighbour.
-    let r = dp.fib_query(&req(family_of(dst), any_ifindex, unspecified, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH))?;
+    let r = dp.fib_query(&req(family_of(dst), any_ifindex, unspecified, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH, 0))?;
     if r.ret == 0 || r.ret == FIB_NO_NEIGH {
         Ok(Some(r.ifindex_out))
     } else {
@@ -128,17 +144,52 @@ pub struct Changes {
     pub neighbours: bool,
     pub routes: bool,
     pub addresses: bool,
+    /// `ip rule` added or removed.
+    pub rules: bool,
     /// Overrun: assume everything changed.
     pub lost: bool,
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
-        !self.links.is_empty() || self.neighbours || self.routes || self.addresses || self.lost
+        !self.links.is_empty() || self.neighbours || self.routes || self.addresses || self.rules || self.lost
     }
 }
 
-/// rtnetlink multicast listener for links, neighbours, routes, addresses.
+/// What the engine's route lookups depend on besides the FIB: the rules'
+/// selectors and the router's addresses, re-read when they change.
+#[derive(Debug, Clone)]
+pub struct RouteFacts {
+    pub rules: rules::PolicyRules,
+    pub addrs: addrs::AddressTable,
+}
+
+impl RouteFacts {
+    pub fn read() -> Result<Self> {
+        Ok(RouteFacts { rules: rules::PolicyRules::read(), addrs: addrs::AddressTable::dump()? })
+    }
+
+    /// After `ch`: re-read what it touched.
+    pub fn refresh(&mut self, ch: &Changes) {
+        if ch.rules || ch.lost {
+            self.rules = rules::PolicyRules::read();
+        }
+        if ch.addresses || ch.lost {
+            match addrs::AddressTable::dump() {
+                Ok(t) => self.addrs = t,
+                // Fail safe: no address is known, so no source-NATed
+                // direction passes the check until a later change reads them.
+                Err(e) => {
+                    tracing::warn!("reading addresses: {e:#}");
+                    self.addrs = addrs::AddressTable::default();
+                }
+            }
+        }
+    }
+}
+
+/// rtnetlink multicast listener for links, neighbours, routes, addresses
+/// and rules.
 pub struct RouteWatch {
     fd: RawFd,
 }
@@ -149,6 +200,10 @@ const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+/// Rule groups by number (include/uapi/linux/rtnetlink.h): RTNLGRP_IPV6_RULE
+/// has no legacy bitmask constant.
+const RTNLGRP_IPV4_RULE: u32 = 8;
+const RTNLGRP_IPV6_RULE: u32 = 19;
 
 impl RouteWatch {
     pub fn new() -> io::Result<Self> {
@@ -178,6 +233,21 @@ impl RouteWatch {
                 let e = io::Error::last_os_error();
                 libc::close(fd);
                 return Err(e);
+            }
+            for group in [RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE] {
+                let g = group as libc::c_int;
+                if libc::setsockopt(
+                    fd,
+                    libc::SOL_NETLINK,
+                    libc::NETLINK_ADD_MEMBERSHIP,
+                    (&g as *const libc::c_int).cast(),
+                    4,
+                ) < 0
+                {
+                    let e = io::Error::last_os_error();
+                    libc::close(fd);
+                    return Err(e);
+                }
             }
             Ok(RouteWatch { fd })
         }
@@ -232,6 +302,8 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
     const RTM_DELROUTE: u16 = 25;
     const RTM_NEWNEIGH: u16 = 28;
     const RTM_DELNEIGH: u16 = 29;
+    const RTM_NEWRULE: u16 = 32;
+    const RTM_DELRULE: u16 = 33;
     const IFF_UP: u32 = 0x1;
     const IFF_LOWER_UP: u32 = 0x10000;
     while b.len() >= 16 {
@@ -252,6 +324,7 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
             RTM_NEWADDR | RTM_DELADDR => ch.addresses = true,
             RTM_NEWROUTE | RTM_DELROUTE => ch.routes = true,
             RTM_NEWNEIGH | RTM_DELNEIGH => ch.neighbours = true,
+            RTM_NEWRULE | RTM_DELRULE => ch.rules = true,
             _ => {}
         }
         let adv = (len + 3) & !3;
@@ -289,7 +362,10 @@ mod tests {
         let mut ch = Changes::default();
         parse_rtnl(&d, &mut ch);
         assert_eq!(ch.links, vec![(7, false)]);
-        assert!(ch.routes && ch.neighbours && !ch.addresses && !ch.lost);
+        assert!(ch.routes && ch.neighbours && !ch.addresses && !ch.rules && !ch.lost);
+        let mut ch = Changes::default();
+        parse_rtnl(&msg(33, &[0u8; 12]), &mut ch);
+        assert!(ch.rules && ch.any(), "RTM_DELRULE");
         ifi[8..12].copy_from_slice(&0x10001u32.to_ne_bytes());
         let mut ch = Changes::default();
         parse_rtnl(&msg(16, &ifi), &mut ch);

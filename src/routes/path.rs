@@ -8,6 +8,12 @@
 //! `nf_nat_inet_fn`. Like `nft_flow_offload_eval`, which takes both
 //! directions' dst from the route of the packet in hand, we insist that the
 //! reply leaves where the original arrived.
+//!
+//! Policy routing: each lookup carries the connection's mark when a rule
+//! selects on fwmark (see `rules`), and a family with a rule the lookup
+//! cannot reproduce has no path. A direction whose source conntrack
+//! rewrote to one of the router's addresses (source NAT) must leave by the
+//! interface that owns it (`check_source`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -16,7 +22,9 @@ use crate::conntrack::{CtEntry, CtTuple};
 use crate::dataplane::Dataplane;
 use crate::flow::{build_direction, Direction};
 
-use super::{egress_for, resolve, Unroutable};
+use super::addrs::AddressTable;
+use super::rules::Selector;
+use super::{egress_for, resolve, Packet, RouteFacts, Unroutable, FIB_NO_MARK};
 
 /// Why a connection has no fast path now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -31,6 +39,13 @@ pub enum NoPath {
     Asymmetric,
     /// The FIB query itself failed (test run error).
     LookupFailed(String),
+    /// An `ip rule` the lookup cannot reproduce.
+    Rule(Selector),
+    /// Source NAT to this address of the router, which the computed
+    /// egress interface does not have: the kernel chose another way out
+    /// (masquerade takes the egress interface's address), or the mark the
+    /// lookup assumed is not the packets'.
+    SourceElsewhere(IpAddr),
 }
 
 impl NoPath {
@@ -55,6 +70,10 @@ impl fmt::Display for NoPath {
             NoPath::Unroutable(code) => f.write_str(Unroutable(*code).as_str()),
             NoPath::Asymmetric => f.write_str("asymmetric routing"),
             NoPath::LookupFailed(e) => write!(f, "route lookup failed: {e}"),
+            NoPath::Rule(s) => s.fmt(f),
+            NoPath::SourceElsewhere(a) => {
+                write!(f, "source NAT to {a}, an address the route's egress interface does not have")
+            }
         }
     }
 }
@@ -68,9 +87,21 @@ pub trait Ports {
 }
 
 /// Both directions of `e`, or why not.
-pub fn resolve_path(dp: &Dataplane, ports: &impl Ports, e: &CtEntry) -> Result<[Direction; 2], NoPath> {
+pub fn resolve_path(
+    dp: &Dataplane,
+    ports: &impl Ports,
+    facts: &RouteFacts,
+    e: &CtEntry,
+) -> Result<[Direction; 2], NoPath> {
     let first = ports.first_up().ok_or(NoPath::NoInterfaceUp)?;
     let (o, r) = (&e.orig, &e.reply);
+    let rules = facts.rules.family(o.src.is_ipv6());
+    if let Some(s) = rules.unreproducible {
+        return Err(NoPath::Rule(s));
+    }
+    // mwan3 and pbr route on the mark they copy from the connection's
+    // (`meta mark set ct mark`); SECURITY.md says why this is safe.
+    let mark = if rules.by_mark { e.mark } else { 0 };
     let in_orig = match egress_for(dp, first, o.src) {
         Ok(Some(i)) => i,
         Ok(None) => return Err(NoPath::NoRouteBack),
@@ -79,10 +110,14 @@ pub fn resolve_path(dp: &Dataplane, ports: &impl Ports, e: &CtEntry) -> Result<[
     if !ports.is_up(in_orig) {
         return Err(NoPath::InputNotManaged);
     }
-    let hop = |in_if: u32, t: &CtTuple, dst: IpAddr| match resolve(dp, in_if, t.src, dst, t.proto, t.sport, t.dport) {
-        Ok(Ok(nh)) => Ok(nh),
-        Ok(Err(u)) => Err(NoPath::Unroutable(u.0)),
-        Err(err) => Err(NoPath::LookupFailed(format!("{err:#}"))),
+    let hop = |in_ifindex: u32, t: &CtTuple, dst: IpAddr| {
+        let p = Packet { in_ifindex, src: t.src, dst, proto: t.proto, sport: t.sport, dport: t.dport, mark };
+        match resolve(dp, &p) {
+            Ok(Ok(nh)) => Ok(nh),
+            Ok(Err(Unroutable(FIB_NO_MARK))) if mark != 0 => Err(NoPath::Rule(Selector::MarkUnsupported)),
+            Ok(Err(u)) => Err(NoPath::Unroutable(u.0)),
+            Err(err) => Err(NoPath::LookupFailed(format!("{err:#}"))),
+        }
     };
     let mut nh_o = hop(in_orig, o, r.src)?;
     if !ports.is_up(nh_o.ifindex) {
@@ -93,14 +128,58 @@ pub fn resolve_path(dp: &Dataplane, ports: &impl Ports, e: &CtEntry) -> Result<[
     if nh_r.ifindex != in_orig {
         return Err(NoPath::Asymmetric);
     }
+    // Only the source-NATed original direction: the reply's source is the
+    // DNAT undone (the address the client asked for), which may be an
+    // address of another interface (hairpin NAT) by design.
+    check_source(&facts.addrs, nh_o.ifindex, o.src, r.dst)?;
     nh_o.xdp_ok = dp.is_xdp_target(nh_o.ifindex);
     nh_r.xdp_ok = dp.is_xdp_target(nh_r.ifindex);
     Ok([build_direction(o, r, in_orig, &nh_o), build_direction(r, o, in_reply, &nh_r)])
 }
 
+/// A direction whose source `was` is rewritten to `now` leaves by `egress`.
+/// If `now` is one of the router's addresses, `egress` must own it: the
+/// kernel's masquerade takes the address of the interface it routed the
+/// first packet out of (`nf_nat_masquerade_ipv4`), and a SNAT to the
+/// router's own address leaving elsewhere is the mwan3 failure (the second
+/// WAN's address out of the first WAN). A SNAT to an address the router
+/// does not have (a routed public subnet) proves nothing either way and
+/// passes.
+pub fn check_source(addrs: &AddressTable, egress: u32, was: IpAddr, now: IpAddr) -> Result<(), NoPath> {
+    if was == now || !addrs.is_local(now) || addrs.owns(egress, now) {
+        Ok(())
+    } else {
+        Err(NoPath::SourceElsewhere(now))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_nat_must_leave_where_its_address_lives() {
+        const WAN1: u32 = 4;
+        const WAN2: u32 = 6;
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let addrs = AddressTable::from_pairs([(WAN1, ip("203.0.113.1")), (WAN2, ip("198.51.100.1"))]);
+        let lan = ip("192.168.1.2");
+        let cases = [
+            ("masquerade out of its own WAN", WAN2, lan, ip("198.51.100.1"), Ok(())),
+            (
+                "second WAN's address out of the first (mwan3)",
+                WAN1,
+                lan,
+                ip("198.51.100.1"),
+                Err(NoPath::SourceElsewhere(ip("198.51.100.1"))),
+            ),
+            ("no NAT", WAN1, lan, lan, Ok(())),
+            ("snat to a routed subnet the router has no address in", WAN1, lan, ip("192.0.2.77"), Ok(())),
+        ];
+        for (what, egress, was, now, want) in cases {
+            assert_eq!(check_source(&addrs, egress, was, now), want, "{what}");
+        }
+    }
 
     #[test]
     fn transient_and_text() {
@@ -113,6 +192,16 @@ mod tests {
             (NoPath::Unroutable(1), false, "blackhole route"),
             (NoPath::Asymmetric, false, "asymmetric routing"),
             (NoPath::LookupFailed("EPERM".into()), true, "route lookup failed: EPERM"),
+            (
+                NoPath::Rule(Selector::Tos),
+                false,
+                "an ip rule selects on tos, which each packet carries and conntrack does not record",
+            ),
+            (
+                NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()),
+                false,
+                "source NAT to 198.51.100.1, an address the route's egress interface does not have",
+            ),
         ];
         for (p, transient, text) in cases {
             assert_eq!(p.transient(), transient, "{p:?}");

@@ -5,6 +5,7 @@ use crate::conntrack::status;
 use crate::dataplane::fo_teardown;
 use crate::flow::tests::tcp_masq;
 use crate::flow::{build_direction, NextHop};
+use crate::routes::rules::Selector;
 
 const LAN: u32 = 3;
 const WAN: u32 = 4;
@@ -116,6 +117,8 @@ fn every_branch() {
     let to_dmz = path(DMZ);
     let neigh = Err(NoPath::Unroutable(7));
     let asym = Err(NoPath::Asymmetric);
+    let elsewhere = Err(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()));
+    let by_tos = Err(NoPath::Rule(Selector::Tos));
     let dirs = ok.clone().unwrap();
     let dirs_dmz = to_dmz.clone().unwrap();
     use Known::Untracked as U;
@@ -130,7 +133,8 @@ fn every_branch() {
         ("mark changed while offloaded", Nft, marked(), OFF, None, V::Teardown(T::Policy)),
         ("label cleared while dormant", Nft, plain(), DORMANT, None, V::Teardown(T::Policy)),
         ("mark changed while waiting", Nft, marked(), WAITING, None, V::Teardown(T::Policy)),
-        ("mark change without a ruleset is no policy change", Iface, marked(), OFF, None, V::Update),
+        ("mark change without a ruleset is no policy change: the path is asked again", Iface, marked(), OFF, None, V::NeedsPath),
+        ("mark changed, path follows it", Iface, marked(), OFF, Some(&ok), V::Offload(dirs)),
         ("labelled: candidate", Nft, labelled(127), U, None, V::NeedsPath),
         // exclusions
         ("excluded, new", Iface, sip(), U, None, V::NotOffloaded(NotOffloaded::Excluded(Excluded::Port("5060".parse().unwrap())))),
@@ -146,6 +150,8 @@ fn every_branch() {
         ("offloaded, path re-resolved", Iface, plain(), OFF, Some(&ok), V::Offload(dirs)),
         ("offloaded, path gone", Iface, plain(), OFF, Some(&asym), V::Teardown(T::RouteChange)),
         ("offloaded, neighbour gone", Iface, plain(), OFF, Some(&neigh), V::Teardown(T::RouteChange)),
+        ("offloaded, an ip rule moved it away from its NAT address", Iface, plain(), OFF, Some(&elsewhere), V::Teardown(T::RouteChange)),
+        ("offloaded, an ip rule on tos appeared", Iface, plain(), OFF, Some(&by_tos), V::Teardown(T::RouteChange)),
         ("offloaded, rerouted out of its flowtable", Nft, labelled(127), OFF, Some(&to_dmz), V::Teardown(T::RouteChange)),
         // dormant connections
         ("dormant, ineligible", Iface, state(tcp_state::FIN_WAIT), DORMANT, None, V::Teardown(T::NoLongerEligible)),
@@ -163,6 +169,8 @@ fn every_branch() {
         ("eligible", Iface, plain(), U, None, V::NeedsPath),
         ("neighbour resolving", Iface, plain(), U, Some(&neigh), V::Wait(NoPath::Unroutable(7))),
         ("unroutable", Iface, plain(), U, Some(&asym), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Asymmetric))),
+        ("masqueraded, routed out of another interface", Iface, plain(), U, Some(&elsewhere), V::NotOffloaded(NotOffloaded::NoPath(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap())))),
+        ("an ip rule the lookup cannot reproduce", Iface, plain(), U, Some(&by_tos), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Rule(Selector::Tos)))),
         ("routed", Iface, plain(), U, Some(&ok), V::Offload(dirs)),
         ("waiting, routed", Iface, plain(), WAITING, Some(&ok), V::Offload(dirs)),
         ("any interface without a ruleset", Iface, plain(), U, Some(&to_dmz), V::Offload(dirs_dmz)),

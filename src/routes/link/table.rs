@@ -19,7 +19,6 @@ use netlink_packet_route::link::{
     self as rt, LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage, LinkXdp, XdpAttached,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 pub use netlink_packet_route::link::State as OperState;
 
@@ -277,25 +276,10 @@ impl Undecoded {
 
 /// One dump: the table and whether the kernel flagged it as interrupted.
 fn dump_once() -> Result<(LinkTable, bool)> {
-    let mut sock = Socket::new(NETLINK_ROUTE)?;
-    sock.bind_auto()?;
-    sock.connect(&SocketAddr::new(0, 0))?;
-    sock.send(&dump_request(), 0)?;
     let mut table = LinkTable::default();
     let mut intr = false;
-    loop {
-        let datagram = match sock.recv_from_full() {
-            Ok((d, _)) => d,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if datagram.is_empty() {
-            bail!("netlink socket closed before the dump was done");
-        }
-        if table.absorb(&datagram, &mut intr)? {
-            return Ok((table, intr));
-        }
-    }
+    crate::routes::dump::exchange(&dump_request(), |datagram| table.absorb(datagram, &mut intr))?;
+    Ok((table, intr))
 }
 
 fn dump_request() -> Vec<u8> {
