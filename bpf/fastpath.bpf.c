@@ -30,6 +30,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define BPF_F_IPV6 (1ULL << 7)
 #endif
 
+/* CLOCK_MONOTONIC_COARSE ns of the engine's last loop pass (0 until its
+ * first): written by the control plane through the mmaped .bss.
+ */
+volatile __u64 fo_engine_beat_ns;
+
 /* skb fields the worker needs; zero for XDP. */
 struct fo_meta {
 	__u32 ifindex;
@@ -43,7 +48,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 {
 	struct fo_parsed p = {};
 	struct fo_flow *f;
-	__u64 pkts, bytes;
+	__u64 pkts, bytes, now;
 	int reason;
 
 	reason = fo_parse(data, data_end, m->pkt_len, &p);
@@ -100,6 +105,14 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_XDP_TARGET;
 		goto slow;
 	}
+	/* Last check before the rewrite, so only packets that would be
+	 * forwarded pay for it (one load; the clock read is reused).
+	 */
+	now = bpf_ktime_get_coarse_ns();
+	if (now > fo_engine_beat_ns + FO_STALE_ENGINE_NS) {
+		reason = FO_SLOW_STALE_ENGINE;
+		goto slow;
+	}
 
 	if (fo_rewrite(data, data_end, &p, f, xdp, fix)) {
 		reason = FO_SLOW_MALFORMED;
@@ -110,7 +123,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	bytes = p.l3_len;
 	__sync_fetch_and_add(&f->packets, pkts);
 	__sync_fetch_and_add(&f->bytes, bytes);
-	f->last_seen_ns = bpf_ktime_get_coarse_ns();
+	f->last_seen_ns = now;
 	fo_count(FO_STAT_FWD_PACKETS, pkts);
 	fo_count(FO_STAT_FWD_BYTES, bytes);
 	*out_ifindex = f->out_ifindex;

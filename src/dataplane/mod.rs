@@ -25,6 +25,16 @@ use skel::{FastpathSkel, FastpathSkelBuilder};
 // STAT_NAMES, derived from `enum fo_stat` in bpf/flow.h (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
 
+/// Why a flow map write failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutError {
+    #[error("flow key already in the flow table")]
+    KeyTaken,
+    /// Full (E2BIG), or gone when replacing (ENOENT), or anything else.
+    #[error("flow table update failed: {0}")]
+    Failed(String),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -149,6 +159,16 @@ impl Dataplane {
         Ok(Dataplane { skel, attached: Vec::new() })
     }
 
+    /// The control plane is alive at `now_ns` (CLOCK_MONOTONIC_COARSE, the
+    /// fast path's bpf_ktime_get_coarse_ns): the fast path forwards only
+    /// while this is fresher than FO_STALE_ENGINE_NS (bpf/flow.h).
+    pub fn set_heartbeat(&mut self, now_ns: u64) {
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: a valid pointer into the mmaped .bss; volatile so the
+        // store is not elided (the reader is the BPF program).
+        unsafe { std::ptr::write_volatile(&mut bss.fo_engine_beat_ns, now_ns) };
+    }
+
     pub fn flow_capacity(&self) -> u32 {
         self.skel.maps.fo_flows.max_entries() / 2
     }
@@ -214,12 +234,24 @@ impl Dataplane {
         let _ = self.skel.maps.fo_tx_ports.delete(&ifindex.to_ne_bytes());
     }
 
-    pub fn put_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<()> {
-        self.skel
-            .maps
-            .fo_flows
-            .update(bytes_of(key), bytes_of(val), MapFlags::ANY)
-            .map_err(|e| anyhow!("flow table update failed: {e}"))
+    /// Install a new map entry. Never overwrites: a key that is already
+    /// there belongs to another connection (or to one we lost track of), and
+    /// replacing it would silently steal its packets (BPF_NOEXIST).
+    pub fn put_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<(), PutError> {
+        self.write_flow(key, val, MapFlags::NO_EXIST)
+    }
+
+    /// Rewrite an entry we installed (re-pointing after a route change);
+    /// fails if it is gone (BPF_EXIST).
+    pub fn replace_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<(), PutError> {
+        self.write_flow(key, val, MapFlags::EXIST)
+    }
+
+    fn write_flow(&self, key: &fo_flow_key, val: &fo_flow, how: MapFlags) -> Result<(), PutError> {
+        self.skel.maps.fo_flows.update(bytes_of(key), bytes_of(val), how).map_err(|e| match e.kind() {
+            libbpf_rs::ErrorKind::AlreadyExists => PutError::KeyTaken,
+            _ => PutError::Failed(e.to_string()),
+        })
     }
 
     pub fn get_flow(&self, key: &fo_flow_key) -> Option<fo_flow> {
@@ -431,5 +463,6 @@ mod tests {
         assert_eq!(at(fo_stat::FO_SLOW_TEARDOWN), "teardown");
         assert_eq!(at(fo_stat::FO_SLOW_MTU), "mtu");
         assert_eq!(at(fo_stat::FO_SLOW_XDP_TARGET), "xdp_target");
+        assert_eq!(at(fo_stat::FO_SLOW_STALE_ENGINE), "stale_engine");
     }
 }
