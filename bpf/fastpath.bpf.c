@@ -35,6 +35,13 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  */
 volatile __u64 fo_engine_beat_ns;
 
+/* BPF_F_IPV6 if this kernel's bpf_l4_csum_replace knows it (6.16+ and some
+ * stable trees; older ones reject the whole call with -EINVAL, leaving the
+ * checksum unfixed), else 0: set by the control plane after running
+ * fo_probe_csum_ipv6. 0 is the fallback, correct on every kernel.
+ */
+volatile __u64 fo_csum_ipv6_flag;
+
 /* skb fields the worker needs; zero for XDP. */
 struct fo_meta {
 	__u32 ifindex;
@@ -170,6 +177,13 @@ int fo_tc(struct __sk_buff *skb)
 		fo_count(FO_SLOW_L2_NOT_HOST, 1);
 		return TC_ACT_UNSPEC;
 	}
+	/* A VLAN tag the driver stripped into metadata: the data looks
+	 * untagged, but the frame belongs to a VLAN device, not this one.
+	 */
+	if (skb->vlan_present) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return TC_ACT_UNSPEC;
+	}
 	/* Headers are normally linear at ingress; pull them if not. */
 	need = 14 + 40 + 60;
 	if (need > skb->len)
@@ -192,12 +206,31 @@ int fo_tc(struct __sk_buff *skb)
 	 */
 	mm0 = fix.udp ? BPF_F_MARK_MANGLED_0 : 0;
 	if (fix.pseudo) {
-		flags = BPF_F_PSEUDO_HDR | mm0 | (fix.ipv6 ? BPF_F_IPV6 : 0);
+		__u64 v6 = fix.ipv6 ? fo_csum_ipv6_flag : 0;
+
+		flags = BPF_F_PSEUDO_HDR | mm0 | v6;
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.pseudo, flags);
+		/* Without BPF_F_IPV6 the kernel takes the pseudo-header change
+		 * out of a CHECKSUM_COMPLETE skb->csum, as is right for IPv4
+		 * (whose header checksum cancels the address change) but not for
+		 * IPv6: put it back (a no-op for other ip_summed values).
+		 */
+		if (fix.ipv6 && !v6)
+			bpf_csum_update(skb, fix.pseudo);
 	}
 	if (fix.ports)
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.ports, mm0);
 	return bpf_redirect(oif, 0);
+}
+
+/* Control-plane probe, run once with BPF_PROG_TEST_RUN on any frame:
+ * 0 if bpf_l4_csum_replace accepts BPF_F_IPV6, -EINVAL if not. A diff of 0
+ * changes nothing.
+ */
+SEC("tc")
+int fo_probe_csum_ipv6(struct __sk_buff *skb)
+{
+	return bpf_l4_csum_replace(skb, 16, 0, 0, BPF_F_PSEUDO_HDR | BPF_F_IPV6);
 }
 
 /* Control-plane helper, run with BPF_PROG_TEST_RUN: the packet data is a

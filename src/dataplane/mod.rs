@@ -22,6 +22,9 @@ pub mod skel {
 pub use skel::types::{fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
+/// uapi bpf.h (6.16+); the build headers may predate it.
+const BPF_F_IPV6: u64 = 1 << 7;
+
 // STAT_NAMES, derived from `enum fo_stat` in bpf/flow.h (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
 
@@ -156,7 +159,35 @@ impl Dataplane {
                 log_tail(25)
             )
         })?;
-        Ok(Dataplane { skel, attached: Vec::new() })
+        let mut dp = Dataplane { skel, attached: Vec::new() };
+        let v6 = dp.probe_csum_ipv6();
+        tracing::debug!(supported = v6, "bpf_l4_csum_replace BPF_F_IPV6");
+        dp.set_csum_ipv6(v6);
+        Ok(dp)
+    }
+
+    /// Does this kernel's bpf_l4_csum_replace accept BPF_F_IPV6 (6.16+)?
+    /// Asked of the kernel itself, not its version (stable trees have it).
+    pub fn probe_csum_ipv6(&self) -> bool {
+        type Sk = skel::types::__sk_buff;
+        let mut ctx = vec![0u8; std::mem::size_of::<Sk>()];
+        let frame = [0u8; 64];
+        match test_run(&self.skel.progs.fo_probe_csum_ipv6, &frame, &mut ctx, 1) {
+            Ok((ret, _, _)) => ret == 0,
+            Err(e) => {
+                tracing::warn!("probing BPF_F_IPV6 failed ({e:#}): using the fallback");
+                false
+            }
+        }
+    }
+
+    /// Use BPF_F_IPV6 for IPv6 NAT checksum fixes (`true`), or the
+    /// fallback that works on every kernel (see fo_csum_ipv6_flag).
+    pub fn set_csum_ipv6(&mut self, use_flag: bool) {
+        let flag = if use_flag { BPF_F_IPV6 } else { 0 };
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: as in set_heartbeat.
+        unsafe { std::ptr::write_volatile(&mut bss.fo_csum_ipv6_flag, flag) };
     }
 
     /// The control plane is alive at `now_ns` (CLOCK_MONOTONIC_COARSE, the
