@@ -108,7 +108,11 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 			goto slow;
 		}
 	}
-	if (xdp && !(f->flags & FO_F_XDP_OK)) {
+	/* The flag says the control plane meant it; the lookup says the port
+	 * is still a redirect target now (it may be leaving): checked before
+	 * the rewrite, so a failed redirect never passes a rewritten frame.
+	 */
+	if (xdp && (!(f->flags & FO_F_XDP_OK) || !bpf_map_lookup_elem(&fo_tx_ports, &f->out_ifindex))) {
 		reason = FO_SLOW_XDP_TARGET;
 		goto slow;
 	}
@@ -155,8 +159,8 @@ int fo_xdp(struct xdp_md *ctx)
 
 	if (fo_worker(data, data_end, &m, true, &fix, &oif) != FO_FWD)
 		return XDP_PASS;
-	/* FO_F_XDP_OK said oif is in fo_tx_ports; the control plane removes
-	 * flows before it removes ports.
+	/* The worker found oif in fo_tx_ports; the control plane removes
+	 * links and flows before it removes ports.
 	 */
 	return bpf_redirect_map(&fo_tx_ports, oif, XDP_PASS);
 }

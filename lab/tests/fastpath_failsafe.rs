@@ -97,3 +97,22 @@ fn installs_never_overwrite_an_entry() {
     lab.dp.delete_flow(&key);
     assert!(matches!(lab.dp.replace_flow(&key, &other.val), Err(PutError::Failed(_))));
 }
+
+/// XDP: a flow whose egress left the redirect map (detached, or leaving)
+/// goes to the kernel unmodified, though its entry still says XDP_OK:
+/// the port is looked up before the rewrite.
+#[test]
+fn xdp_checks_the_redirect_target_before_rewriting() {
+    let mut lab = router();
+    assert_eq!(send(&lab).0, XDP_REDIRECT);
+    let wan = lab.wan;
+    lab.dp.detach(wan);
+    let f = udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, &[7u8; 64]);
+    let before = stat(&lab.dp, "xdp_target");
+    let (ret, out, _) = lab.dp.test_xdp(&f, lab.lan, 1).unwrap();
+    assert_eq!(ret, XDP_PASS);
+    assert_eq!(out, f, "the frame was rewritten before the redirect failed");
+    assert_eq!(stat(&lab.dp, "xdp_target"), before + 1);
+    // TC does not need the map
+    assert_eq!(lab.dp.test_tc(&f, lab.lan, None, 1).unwrap().0, TC_REDIRECT);
+}

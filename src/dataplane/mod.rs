@@ -127,10 +127,18 @@ fn log_tail(n: usize) -> String {
     log.iter().skip(start).cloned().collect::<Vec<_>>().join("\n")
 }
 
+/// What keeps a program attached: dropping it detaches (held only for
+/// its Drop, hence never read).
+#[allow(dead_code)]
+enum Held {
+    Link(Link),
+    Fd(std::os::fd::OwnedFd),
+}
+
 struct Attachment {
     ifindex: u32,
     mode: Mode,
-    _link: Link,
+    _link: Held,
 }
 
 /// The loaded fast path. Dropping it detaches everything.
@@ -207,34 +215,31 @@ impl Dataplane {
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
     /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6).
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode) -> Result<()> {
-        let link =
-            match mode {
-                Mode::Xdp => {
-                    // One XDP program per interface (without a dispatcher): refuse
-                    // clearly instead of failing inside the attach.
-                    if let Some(id) = xdp_prog_id(ifindex) {
-                        bail!(
-                            "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
+        let link = match mode {
+            Mode::Xdp => {
+                // One XDP program per interface (without a dispatcher): refuse
+                // clearly instead of failing inside the attach.
+                if let Some(id) = xdp_prog_id(ifindex) {
+                    bail!(
+                        "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
                          detach it (ip link set dev {ifname} xdp off) or use --mode tc"
-                        );
-                    }
-                    self.skel.progs.fo_xdp.attach_xdp(ifindex as i32).map_err(|e| {
-                        anyhow!("cannot attach XDP to {ifname}: {e} ({})", std::io::Error::last_os_error())
-                    })?
+                    );
                 }
-                Mode::Tc => {
-                    let prog = self.skel.progs.fo_tc.as_libbpf_object();
-                    // SAFETY: valid loaded program; libbpf returns NULL and sets
-                    // errno on failure.
-                    let raw =
-                        unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
-                    let ptr = NonNull::new(raw).ok_or_else(|| {
-                        anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
-                    })?;
-                    // SAFETY: a valid link pointer we now own.
-                    unsafe { Link::from_ptr(ptr) }
-                }
-            };
+                Held::Fd(self.attach_native_xdp(ifindex, ifname)?)
+            }
+            Mode::Tc => {
+                let prog = self.skel.progs.fo_tc.as_libbpf_object();
+                // SAFETY: valid loaded program; libbpf returns NULL and sets
+                // errno on failure.
+                let raw =
+                    unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
+                let ptr = NonNull::new(raw).ok_or_else(|| {
+                    anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
+                })?;
+                // SAFETY: a valid link pointer we now own.
+                Held::Link(unsafe { Link::from_ptr(ptr) })
+            }
+        };
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -246,6 +251,32 @@ impl Dataplane {
         Ok(())
     }
 
+    /// An XDP link in the driver's native mode only (XDP_FLAGS_DRV_MODE).
+    /// Without the flag the kernel silently falls back to generic XDP on a
+    /// driver without native support, which runs after the skb is built
+    /// and is slower than TC: never wanted. The link's fd is the link.
+    fn attach_native_xdp(&self, ifindex: u32, ifname: &str) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain C struct; zero is its documented default.
+        let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _;
+        opts.flags = libbpf_sys::XDP_FLAGS_DRV_MODE;
+        let prog = self.skel.progs.fo_xdp.as_fd().as_raw_fd();
+        // SAFETY: valid program fd and options; returns a new fd or -errno.
+        let fd = unsafe { libbpf_sys::bpf_link_create(prog, ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+        if fd < 0 {
+            let err = std::io::Error::from_raw_os_error(-fd);
+            if matches!(-fd, libc::EOPNOTSUPP | libc::EINVAL) {
+                bail!(
+                    "cannot attach XDP to {ifname}: its driver has no native XDP ({err}); generic XDP is never                      used (slower than TC): use --mode tc"
+                );
+            }
+            bail!("cannot attach XDP to {ifname}: {err}");
+        }
+        // SAFETY: a new fd we own.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// Whether `ifindex` can receive XDP redirects from this fast path.
     pub fn is_xdp_target(&self, ifindex: u32) -> bool {
         self.attached.iter().any(|a| a.ifindex == ifindex && a.mode == Mode::Xdp)
@@ -253,10 +284,13 @@ impl Dataplane {
 
     /// Detach from every interface (links are released).
     pub fn detach_all(&mut self) {
-        for a in self.attached.drain(..) {
-            if a.mode == Mode::Xdp {
-                let _ = self.skel.maps.fo_tx_ports.delete(&a.ifindex.to_ne_bytes());
-            }
+        // Links first, then ports: no program left running redirects to a
+        // port that already left the map.
+        let gone: Vec<Attachment> = self.attached.drain(..).collect();
+        let ports: Vec<u32> = gone.iter().filter(|a| a.mode == Mode::Xdp).map(|a| a.ifindex).collect();
+        drop(gone);
+        for i in ports {
+            let _ = self.skel.maps.fo_tx_ports.delete(&i.to_ne_bytes());
         }
     }
 
