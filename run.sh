@@ -54,8 +54,8 @@ case "$cmd" in
         # (fast), then the end-to-end tests one at a time: they move real
         # traffic and measure nothing, but two iperf3 runs at once on 2 CPUs
         # only make each other slower.
-        cargo test --workspace --locked --lib --bins --test fastpath --test packaging
-        cargo test --locked -p nft-offload-lab --test e2e -- --test-threads=1
+        cargo test --workspace --locked --lib --bins --test fastpath --test fastpath_failsafe --test packaging
+        cargo test --locked -p nft-offload-lab --test e2e --test timeouts -- --test-threads=1
         # The benchmark, quick, once: proves it still runs (no timing asserted).
         ./target/debug/nft-offload-lab bench --quick --json target/bench-quick.json --plots target/bench-quick-plots
         cargo fmt --all --check
