@@ -30,6 +30,18 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define BPF_F_IPV6 (1ULL << 7)
 #endif
 
+/* CLOCK_MONOTONIC_COARSE ns of the engine's last loop pass (0 until its
+ * first): written by the control plane through the mmaped .bss.
+ */
+volatile __u64 fo_engine_beat_ns;
+
+/* BPF_F_IPV6 if this kernel's bpf_l4_csum_replace knows it (6.16+ and some
+ * stable trees; older ones reject the whole call with -EINVAL, leaving the
+ * checksum unfixed), else 0: set by the control plane after running
+ * fo_probe_csum_ipv6. 0 is the fallback, correct on every kernel.
+ */
+volatile __u64 fo_csum_ipv6_flag;
+
 /* skb fields the worker needs; zero for XDP. */
 struct fo_meta {
 	__u32 ifindex;
@@ -43,7 +55,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 {
 	struct fo_parsed p = {};
 	struct fo_flow *f;
-	__u64 pkts, bytes;
+	__u64 pkts, bytes, now;
 	int reason;
 
 	reason = fo_parse(data, data_end, m->pkt_len, &p);
@@ -96,8 +108,20 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 			goto slow;
 		}
 	}
-	if (xdp && !(f->flags & FO_F_XDP_OK)) {
+	/* The flag says the control plane meant it; the lookup says the port
+	 * is still a redirect target now (it may be leaving): checked before
+	 * the rewrite, so a failed redirect never passes a rewritten frame.
+	 */
+	if (xdp && (!(f->flags & FO_F_XDP_OK) || !bpf_map_lookup_elem(&fo_tx_ports, &f->out_ifindex))) {
 		reason = FO_SLOW_XDP_TARGET;
+		goto slow;
+	}
+	/* Last check before the rewrite, so only packets that would be
+	 * forwarded pay for it (one load; the clock read is reused).
+	 */
+	now = bpf_ktime_get_coarse_ns();
+	if (now > fo_engine_beat_ns + FO_STALE_ENGINE_NS) {
+		reason = FO_SLOW_STALE_ENGINE;
 		goto slow;
 	}
 
@@ -110,7 +134,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	bytes = p.l3_len;
 	__sync_fetch_and_add(&f->packets, pkts);
 	__sync_fetch_and_add(&f->bytes, bytes);
-	f->last_seen_ns = bpf_ktime_get_coarse_ns();
+	f->last_seen_ns = now;
 	fo_count(FO_STAT_FWD_PACKETS, pkts);
 	fo_count(FO_STAT_FWD_BYTES, bytes);
 	*out_ifindex = f->out_ifindex;
@@ -135,8 +159,8 @@ int fo_xdp(struct xdp_md *ctx)
 
 	if (fo_worker(data, data_end, &m, true, &fix, &oif) != FO_FWD)
 		return XDP_PASS;
-	/* FO_F_XDP_OK said oif is in fo_tx_ports; the control plane removes
-	 * flows before it removes ports.
+	/* The worker found oif in fo_tx_ports; the control plane removes
+	 * links and flows before it removes ports.
 	 */
 	return bpf_redirect_map(&fo_tx_ports, oif, XDP_PASS);
 }
@@ -155,6 +179,13 @@ int fo_tc(struct __sk_buff *skb)
 
 	if (skb->pkt_type != PACKET_HOST) {
 		fo_count(FO_SLOW_L2_NOT_HOST, 1);
+		return TC_ACT_UNSPEC;
+	}
+	/* A VLAN tag the driver stripped into metadata: the data looks
+	 * untagged, but the frame belongs to a VLAN device, not this one.
+	 */
+	if (skb->vlan_present) {
+		fo_count(FO_SLOW_ENCAP, 1);
 		return TC_ACT_UNSPEC;
 	}
 	/* Headers are normally linear at ingress; pull them if not. */
@@ -179,8 +210,17 @@ int fo_tc(struct __sk_buff *skb)
 	 */
 	mm0 = fix.udp ? BPF_F_MARK_MANGLED_0 : 0;
 	if (fix.pseudo) {
-		flags = BPF_F_PSEUDO_HDR | mm0 | (fix.ipv6 ? BPF_F_IPV6 : 0);
+		__u64 v6 = fix.ipv6 ? fo_csum_ipv6_flag : 0;
+
+		flags = BPF_F_PSEUDO_HDR | mm0 | v6;
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.pseudo, flags);
+		/* Without BPF_F_IPV6 the kernel takes the pseudo-header change
+		 * out of a CHECKSUM_COMPLETE skb->csum, as is right for IPv4
+		 * (whose header checksum cancels the address change) but not for
+		 * IPv6: put it back (a no-op for other ip_summed values).
+		 */
+		if (fix.ipv6 && !v6)
+			bpf_csum_update(skb, fix.pseudo);
 	}
 	if (fix.ports)
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.ports, mm0);
@@ -193,6 +233,16 @@ int fo_tc(struct __sk_buff *skb)
 static __always_inline void fib_set_mark(struct bpf_fib_lookup *fib, __u32 mark)
 {
 	__builtin_memcpy(fib->smac, &mark, sizeof(mark));
+}
+
+/* Control-plane probe, run once with BPF_PROG_TEST_RUN on any frame:
+ * 0 if bpf_l4_csum_replace accepts BPF_F_IPV6, -EINVAL if not. A diff of 0
+ * changes nothing.
+ */
+SEC("tc")
+int fo_probe_csum_ipv6(struct __sk_buff *skb)
+{
+	return bpf_l4_csum_replace(skb, 16, 0, 0, BPF_F_PSEUDO_HDR | BPF_F_IPV6);
 }
 
 /* Control-plane helper, run with BPF_PROG_TEST_RUN: the packet data is a

@@ -97,8 +97,16 @@ enum fo_stat {
 	FO_SLOW_TEARDOWN,	/* flow already ending */
 	FO_SLOW_MTU,		/* kernel sends frag-needed / PTB */
 	FO_SLOW_XDP_TARGET,	/* egress cannot take an XDP redirect */
+	FO_SLOW_STALE_ENGINE,	/* control plane's heartbeat too old */
 	FO_STAT_MAX,
 };
+
+/* How old the control plane's heartbeat (fo_engine_beat_ns) may be before
+ * the fast path steps aside: a stalled engine no longer follows conntrack,
+ * routes or the ruleset, so its entries may be stale. The engine writes the
+ * beat on every loop pass (at least every 100 ms).
+ */
+#define FO_STALE_ENGINE_NS (3ULL * 1000 * 1000 * 1000)
 
 /* Route query run through BPF_PROG_TEST_RUN by the control plane so it gets
  * exactly the kernel's forwarding decision (bpf_fib_lookup), neighbour MAC

@@ -54,7 +54,9 @@ impl PrivateRouter {
         }
         let ifindex = |n: &str| nft_offload::routes::link::ifindex(n).ok_or_else(|| anyhow!("{n} missing"));
         let (lan, wan) = (ifindex("rlan")?, ifindex("rwan")?);
-        let dp = Dataplane::load(max_flows)?;
+        let mut dp = Dataplane::load(max_flows)?;
+        // A live control plane, as far as the fast path can tell.
+        dp.set_heartbeat(nft_offload::engine::now_ns());
         dp.add_xdp_target(lan)?;
         dp.add_xdp_target(wan)?;
         Ok(PrivateRouter { dp, lan, wan })

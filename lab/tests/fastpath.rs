@@ -363,8 +363,10 @@ fn stat(dp: &Dataplane, name: &str) -> u64 {
     dp.stats()[i]
 }
 
-fn run_table(xdp: bool) {
-    let lab = setup();
+/// `csum_ipv6`: use BPF_F_IPV6 (if the kernel has it) or force the fallback.
+fn run_table(xdp: bool, csum_ipv6: bool) {
+    let mut lab = setup();
+    lab.dp.set_csum_ipv6(csum_ipv6 && lab.dp.probe_csum_ipv6());
     let ifx = |n: &str| if n == "lan" { lab.lan } else { lab.wan };
     let mut failures = Vec::new();
     for c in cases() {
@@ -425,12 +427,31 @@ fn run_table(xdp: bool) {
 
 #[test]
 fn xdp_table() {
-    run_table(true);
+    run_table(true, true);
 }
 
 #[test]
 fn tc_table() {
-    run_table(false);
+    run_table(false, true);
+}
+
+/// The same table (NAT66 cases included, byte for byte) with the fallback
+/// for kernels whose bpf_l4_csum_replace lacks BPF_F_IPV6 (before 6.16).
+#[test]
+fn tc_table_without_bpf_f_ipv6() {
+    run_table(false, false);
+}
+
+/// The probe asks the kernel: from 6.16 on it must find BPF_F_IPV6.
+#[test]
+fn bpf_f_ipv6_probe_matches_the_kernel() {
+    let lab = setup();
+    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = rel.trim().split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    if (major, minor) >= (6, 16) {
+        assert!(lab.dp.probe_csum_ipv6(), "kernel {rel} has BPF_F_IPV6 but the probe did not find it");
+    }
 }
 
 /// FIN and RST go to the kernel and mark the flow, whose later packets then

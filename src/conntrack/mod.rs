@@ -19,4 +19,4 @@ pub use msg::{
     tcp_state, CtAttrs, CtEntry, CtEvent, CtTuple, CtUpdate, ParsedMsg, RawCtMsg, IP_CT_TCP_FLAG_BE_LIBERAL,
 };
 pub use nla::NlHeader;
-pub use socket::{CtError, CtSocket};
+pub use socket::{decode_events, CtBatch, CtError, CtSocket};

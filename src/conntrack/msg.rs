@@ -910,6 +910,37 @@ mod tests {
         assert!(matches!(parse_message(&ct_msg(0x0100, 0, 2, &attrs)), Err(CtError::Malformed(_))));
     }
 
+    /// [valid, garbage, valid] in one datagram: both valid events survive
+    /// and the garbage is reported (the engine then resyncs). Old code
+    /// returned only the error, losing the events around it.
+    #[test]
+    fn events_around_a_malformed_message_are_kept() {
+        let mut bad = ipv4_tcp_nat_new();
+        let off = 16 + 4 + 4;
+        bad[off..off + 2].copy_from_slice(&200u16.to_ne_bytes());
+        let first = ipv4_tcp_nat_new();
+        // Fixture messages are whole multiples of 4 bytes: no padding.
+        let d = [first.clone(), bad, ipv6_udp_datagram()].concat();
+        let mut evs = Vec::new();
+        let err = crate::conntrack::decode_events(&d, &mut evs);
+        assert!(matches!(err, Some(CtError::Malformed(_))), "{err:?}");
+        let want: Vec<CtEvent> = [first, ipv6_udp_datagram()]
+            .iter()
+            .flat_map(|m| parse_message(m).unwrap())
+            .filter_map(|m| match m {
+                ParsedMsg::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(want.len(), evs.len());
+        assert!(want.len() >= 2);
+        assert_eq!(format!("{evs:?}"), format!("{want:?}"));
+        // A clean datagram reports nothing.
+        let mut evs = Vec::new();
+        assert!(crate::conntrack::decode_events(&ipv6_udp_datagram(), &mut evs).is_none());
+        assert!(!evs.is_empty());
+    }
+
     /// xorshift64*, so the fuzz loop is deterministic without a rand crate.
     struct Rng(u64);
     impl Rng {

@@ -27,6 +27,31 @@ pub enum CtError {
     Malformed(String),
 }
 
+/// What one drain of the event socket decoded.
+#[derive(Debug, Default)]
+pub struct CtBatch {
+    pub events: Vec<CtEvent>,
+    /// The first message that failed to decode, if any: events were lost.
+    pub malformed: Option<CtError>,
+}
+
+/// Decode one datagram of events into `out`: every message that decodes is
+/// kept, also after one that does not; returns the first error. A broken
+/// netlink header ends the datagram (nothing after it can be framed).
+pub fn decode_events(buf: &[u8], out: &mut Vec<CtEvent>) -> Option<CtError> {
+    let mut bad = None;
+    for frame in NlMsgIter::new(buf) {
+        match frame.and_then(|(hdr, payload)| decode_msg(&hdr, payload)) {
+            Ok(Some(ParsedMsg::Event(ev))) => out.push(ev),
+            Ok(_) => {}
+            Err(e) => {
+                bad.get_or_insert(e);
+            }
+        }
+    }
+    bad
+}
+
 // enum nfnetlink_groups
 const NFNLGRP_CONNTRACK_NEW: libc::c_int = 1;
 const NFNLGRP_CONNTRACK_UPDATE: libc::c_int = 2;
@@ -219,15 +244,14 @@ impl CtSocket {
         }
     }
 
-    /// Everything currently queued on an `events()` socket, in order.
-    /// ENOBUFS (the kernel dropped events) discards what is still queued,
-    /// since the dump the caller must now take supersedes it, and returns
-    /// `CtError::Overrun`. A message that fails to decode is logged and
-    /// reported as `Malformed` after the queue is drained; the caller should
-    /// also resync then.
-    pub fn recv_events(&mut self) -> Result<Vec<CtEvent>, CtError> {
-        let mut events = Vec::new();
-        let mut bad: Option<CtError> = None;
+    /// Reads every queued event datagram (up to a bound). ENOBUFS (the
+    /// kernel dropped events) discards what is still queued, since the dump
+    /// the caller must now take supersedes it, and returns
+    /// `CtError::Overrun`. A message that fails to decode does not cost the
+    /// events around it: they are all returned, and `malformed` tells the
+    /// caller that something was lost, so it must resync from a dump.
+    pub fn recv_events(&mut self) -> Result<CtBatch, CtError> {
+        let mut batch = CtBatch::default();
         for _ in 0..MAX_DATAGRAMS_PER_DRAIN {
             let n = match self.recv_datagram(true) {
                 Ok(Some(n)) => n,
@@ -238,22 +262,12 @@ impl CtSocket {
                 }
                 Err(e) => return Err(e.into()),
             };
-            for frame in NlMsgIter::new(&self.buf[..n]) {
-                let decoded = frame.and_then(|(hdr, payload)| decode_msg(&hdr, payload));
-                match decoded {
-                    Ok(Some(ParsedMsg::Event(ev))) => events.push(ev),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!("undecodable conntrack event: {e}");
-                        bad.get_or_insert(e);
-                    }
-                }
+            if let Some(e) = decode_events(&self.buf[..n], &mut batch.events) {
+                tracing::warn!("undecodable conntrack event: {e}");
+                batch.malformed.get_or_insert(e);
             }
         }
-        match bad {
-            Some(e) => Err(e),
-            None => Ok(events),
-        }
+        Ok(batch)
     }
 
     fn discard_queue(&mut self) {
@@ -410,7 +424,7 @@ mod tests {
             // SAFETY: one valid pollfd.
             let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
             assert!(rc >= 0, "poll: {}", io::Error::last_os_error());
-            for ev in sock.recv_events().expect("recv_events") {
+            for ev in sock.recv_events().expect("recv_events").events {
                 for (slot, pred) in found.iter_mut().zip(want) {
                     if slot.is_none() && pred(&ev) {
                         *slot = Some(ev.clone());
@@ -462,7 +476,7 @@ mod tests {
         enter_fresh_netns();
         let mut events = CtSocket::events().expect("events socket");
         let mut req = CtSocket::request().expect("request socket");
-        assert!(events.recv_events().unwrap().is_empty(), "fresh netns has no events");
+        assert!(events.recv_events().unwrap().events.is_empty(), "fresh netns has no events");
         assert!(req.dump().unwrap().is_empty(), "fresh netns has an empty table");
 
         // Accounting on, so dumps carry (zero) counters. /proc/sys/net

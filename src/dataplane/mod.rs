@@ -22,8 +22,21 @@ pub mod skel {
 pub use skel::types::{fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
+/// uapi bpf.h (6.16+); the build headers may predate it.
+const BPF_F_IPV6: u64 = 1 << 7;
+
 // STAT_NAMES, derived from `enum fo_stat` in bpf/flow.h (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
+
+/// Why a flow map write failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutError {
+    #[error("flow key already in the flow table")]
+    KeyTaken,
+    /// Full (E2BIG), or gone when replacing (ENOENT), or anything else.
+    #[error("flow table update failed: {0}")]
+    Failed(String),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -114,10 +127,18 @@ fn log_tail(n: usize) -> String {
     log.iter().skip(start).cloned().collect::<Vec<_>>().join("\n")
 }
 
+/// What keeps a program attached: dropping it detaches (held only for
+/// its Drop, hence never read).
+#[allow(dead_code)]
+enum Held {
+    Link(Link),
+    Fd(std::os::fd::OwnedFd),
+}
+
 struct Attachment {
     ifindex: u32,
     mode: Mode,
-    _link: Link,
+    _link: Held,
 }
 
 /// The loaded fast path. Dropping it detaches everything.
@@ -146,7 +167,45 @@ impl Dataplane {
                 log_tail(25)
             )
         })?;
-        Ok(Dataplane { skel, attached: Vec::new() })
+        let mut dp = Dataplane { skel, attached: Vec::new() };
+        let v6 = dp.probe_csum_ipv6();
+        tracing::debug!(supported = v6, "bpf_l4_csum_replace BPF_F_IPV6");
+        dp.set_csum_ipv6(v6);
+        Ok(dp)
+    }
+
+    /// Does this kernel's bpf_l4_csum_replace accept BPF_F_IPV6 (6.16+)?
+    /// Asked of the kernel itself, not its version (stable trees have it).
+    pub fn probe_csum_ipv6(&self) -> bool {
+        type Sk = skel::types::__sk_buff;
+        let mut ctx = vec![0u8; std::mem::size_of::<Sk>()];
+        let frame = [0u8; 64];
+        match test_run(&self.skel.progs.fo_probe_csum_ipv6, &frame, &mut ctx, 1) {
+            Ok((ret, _, _)) => ret == 0,
+            Err(e) => {
+                tracing::warn!("probing BPF_F_IPV6 failed ({e:#}): using the fallback");
+                false
+            }
+        }
+    }
+
+    /// Use BPF_F_IPV6 for IPv6 NAT checksum fixes (`true`), or the
+    /// fallback that works on every kernel (see fo_csum_ipv6_flag).
+    pub fn set_csum_ipv6(&mut self, use_flag: bool) {
+        let flag = if use_flag { BPF_F_IPV6 } else { 0 };
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: as in set_heartbeat.
+        unsafe { std::ptr::write_volatile(&mut bss.fo_csum_ipv6_flag, flag) };
+    }
+
+    /// The control plane is alive at `now_ns` (CLOCK_MONOTONIC_COARSE, the
+    /// fast path's bpf_ktime_get_coarse_ns): the fast path forwards only
+    /// while this is fresher than FO_STALE_ENGINE_NS (bpf/flow.h).
+    pub fn set_heartbeat(&mut self, now_ns: u64) {
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: a valid pointer into the mmaped .bss; volatile so the
+        // store is not elided (the reader is the BPF program).
+        unsafe { std::ptr::write_volatile(&mut bss.fo_engine_beat_ns, now_ns) };
     }
 
     pub fn flow_capacity(&self) -> u32 {
@@ -156,34 +215,31 @@ impl Dataplane {
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
     /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6).
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode) -> Result<()> {
-        let link =
-            match mode {
-                Mode::Xdp => {
-                    // One XDP program per interface (without a dispatcher): refuse
-                    // clearly instead of failing inside the attach.
-                    if let Some(id) = xdp_prog_id(ifindex) {
-                        bail!(
-                            "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
+        let link = match mode {
+            Mode::Xdp => {
+                // One XDP program per interface (without a dispatcher): refuse
+                // clearly instead of failing inside the attach.
+                if let Some(id) = xdp_prog_id(ifindex) {
+                    bail!(
+                        "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
                          detach it (ip link set dev {ifname} xdp off) or use --mode tc"
-                        );
-                    }
-                    self.skel.progs.fo_xdp.attach_xdp(ifindex as i32).map_err(|e| {
-                        anyhow!("cannot attach XDP to {ifname}: {e} ({})", std::io::Error::last_os_error())
-                    })?
+                    );
                 }
-                Mode::Tc => {
-                    let prog = self.skel.progs.fo_tc.as_libbpf_object();
-                    // SAFETY: valid loaded program; libbpf returns NULL and sets
-                    // errno on failure.
-                    let raw =
-                        unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
-                    let ptr = NonNull::new(raw).ok_or_else(|| {
-                        anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
-                    })?;
-                    // SAFETY: a valid link pointer we now own.
-                    unsafe { Link::from_ptr(ptr) }
-                }
-            };
+                Held::Fd(self.attach_native_xdp(ifindex, ifname)?)
+            }
+            Mode::Tc => {
+                let prog = self.skel.progs.fo_tc.as_libbpf_object();
+                // SAFETY: valid loaded program; libbpf returns NULL and sets
+                // errno on failure.
+                let raw =
+                    unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
+                let ptr = NonNull::new(raw).ok_or_else(|| {
+                    anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
+                })?;
+                // SAFETY: a valid link pointer we now own.
+                Held::Link(unsafe { Link::from_ptr(ptr) })
+            }
+        };
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -195,6 +251,32 @@ impl Dataplane {
         Ok(())
     }
 
+    /// An XDP link in the driver's native mode only (XDP_FLAGS_DRV_MODE).
+    /// Without the flag the kernel silently falls back to generic XDP on a
+    /// driver without native support, which runs after the skb is built
+    /// and is slower than TC: never wanted. The link's fd is the link.
+    fn attach_native_xdp(&self, ifindex: u32, ifname: &str) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain C struct; zero is its documented default.
+        let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _;
+        opts.flags = libbpf_sys::XDP_FLAGS_DRV_MODE;
+        let prog = self.skel.progs.fo_xdp.as_fd().as_raw_fd();
+        // SAFETY: valid program fd and options; returns a new fd or -errno.
+        let fd = unsafe { libbpf_sys::bpf_link_create(prog, ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+        if fd < 0 {
+            let err = std::io::Error::from_raw_os_error(-fd);
+            if matches!(-fd, libc::EOPNOTSUPP | libc::EINVAL) {
+                bail!(
+                    "cannot attach XDP to {ifname}: its driver has no native XDP ({err}); generic XDP is never                      used (slower than TC): use --mode tc"
+                );
+            }
+            bail!("cannot attach XDP to {ifname}: {err}");
+        }
+        // SAFETY: a new fd we own.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// Whether `ifindex` can receive XDP redirects from this fast path.
     pub fn is_xdp_target(&self, ifindex: u32) -> bool {
         self.attached.iter().any(|a| a.ifindex == ifindex && a.mode == Mode::Xdp)
@@ -202,10 +284,13 @@ impl Dataplane {
 
     /// Detach from every interface (links are released).
     pub fn detach_all(&mut self) {
-        for a in self.attached.drain(..) {
-            if a.mode == Mode::Xdp {
-                let _ = self.skel.maps.fo_tx_ports.delete(&a.ifindex.to_ne_bytes());
-            }
+        // Links first, then ports: no program left running redirects to a
+        // port that already left the map.
+        let gone: Vec<Attachment> = self.attached.drain(..).collect();
+        let ports: Vec<u32> = gone.iter().filter(|a| a.mode == Mode::Xdp).map(|a| a.ifindex).collect();
+        drop(gone);
+        for i in ports {
+            let _ = self.skel.maps.fo_tx_ports.delete(&i.to_ne_bytes());
         }
     }
 
@@ -214,12 +299,24 @@ impl Dataplane {
         let _ = self.skel.maps.fo_tx_ports.delete(&ifindex.to_ne_bytes());
     }
 
-    pub fn put_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<()> {
-        self.skel
-            .maps
-            .fo_flows
-            .update(bytes_of(key), bytes_of(val), MapFlags::ANY)
-            .map_err(|e| anyhow!("flow table update failed: {e}"))
+    /// Install a new map entry. Never overwrites: a key that is already
+    /// there belongs to another connection (or to one we lost track of), and
+    /// replacing it would silently steal its packets (BPF_NOEXIST).
+    pub fn put_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<(), PutError> {
+        self.write_flow(key, val, MapFlags::NO_EXIST)
+    }
+
+    /// Rewrite an entry we installed (re-pointing after a route change);
+    /// fails if it is gone (BPF_EXIST).
+    pub fn replace_flow(&self, key: &fo_flow_key, val: &fo_flow) -> Result<(), PutError> {
+        self.write_flow(key, val, MapFlags::EXIST)
+    }
+
+    fn write_flow(&self, key: &fo_flow_key, val: &fo_flow, how: MapFlags) -> Result<(), PutError> {
+        self.skel.maps.fo_flows.update(bytes_of(key), bytes_of(val), how).map_err(|e| match e.kind() {
+            libbpf_rs::ErrorKind::AlreadyExists => PutError::KeyTaken,
+            _ => PutError::Failed(e.to_string()),
+        })
     }
 
     pub fn get_flow(&self, key: &fo_flow_key) -> Option<fo_flow> {
@@ -431,5 +528,6 @@ mod tests {
         assert_eq!(at(fo_stat::FO_SLOW_TEARDOWN), "teardown");
         assert_eq!(at(fo_stat::FO_SLOW_MTU), "mtu");
         assert_eq!(at(fo_stat::FO_SLOW_XDP_TARGET), "xdp_target");
+        assert_eq!(at(fo_stat::FO_SLOW_STALE_ENGINE), "stale_engine");
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
-use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, KEY_LEN};
+use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
 use crate::flow::{ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
@@ -185,6 +185,11 @@ impl FlowTable {
             }
             Verdict::Update => {
                 if let Some(f) = self.offloaded.get_mut(&id) {
+                    // Conntrack's own word on when the entry expires (a
+                    // slow-path packet or our refresh set it).
+                    if let Some(t) = e.timeout {
+                        f.clock.ct_expires_ns = now_ns() + u64::from(t) * 1_000_000_000;
+                    }
                     f.entry = e;
                 } else if let Some(d) = self.dormant.get_mut(&id) {
                     d.entry = e;
@@ -242,11 +247,14 @@ impl FlowTable {
         }
         for (i, d) in dirs.iter().enumerate() {
             if let Err(err) = self.dp.put_flow(&d.key, &d.val) {
-                tracing::warn!("{err}");
+                tracing::warn!(?id, "{err}");
                 for prev in &dirs[..i] {
                     self.dp.delete_flow(&prev.key);
                 }
-                self.not_offloaded(NotOffloaded::TableFull);
+                self.not_offloaded(match err {
+                    PutError::KeyTaken => NotOffloaded::KeyCollision,
+                    PutError::Failed(_) => NotOffloaded::TableFull,
+                });
                 return;
             }
         }
@@ -260,7 +268,11 @@ impl FlowTable {
             c.offload_us.push_back(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
         }
         tracing::debug!(?id, "offloaded");
-        let clock = FlowClock { installed_ns: now, last_seen_ns: 0, last_refresh_ns: now, refreshed_seen_ns: 0 };
+        // The entry's remaining timeout as conntrack reported it; unknown
+        // counts as expiring now, so the first packet refreshes it.
+        let ct_expires_ns = now + u64::from(e.timeout.unwrap_or(0)) * 1_000_000_000;
+        let clock =
+            FlowClock { installed_ns: now, last_seen_ns: 0, last_refresh_ns: now, refreshed_seen_ns: 0, ct_expires_ns };
         let last = [dirs[0].val, dirs[1].val];
         self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last });
     }
@@ -288,7 +300,18 @@ impl FlowTable {
             let mut v = nd.val;
             v.last_seen_ns = cur.last_seen_ns;
             v.teardown = cur.teardown;
-            if self.dp.put_flow(&nd.key, &v).is_err() {
+            // Same key: our own entry, rewritten in place. A new key (it
+            // arrives elsewhere now) must not take another connection's.
+            let put = if old.key.ifindex == nd.key.ifindex {
+                self.dp.replace_flow(&nd.key, &v)
+            } else {
+                self.dp.put_flow(&nd.key, &v)
+            };
+            if let Err(err) = put {
+                tracing::warn!(?id, "re-pointing: {err}");
+                if err == PutError::KeyTaken {
+                    *self.counters.not_offloaded.entry(NotOffloaded::KeyCollision.to_string()).or_default() += 1;
+                }
                 continue;
             }
             f.dirs[i] = Direction { key: nd.key, val: nd.val };

@@ -44,6 +44,7 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
                 match ft.ct.update(&f.entry.orig, f.entry.zone, &upd) {
                     Ok(()) => {
                         f.clock.last_refresh_ns = now;
+                        f.clock.ct_expires_ns = now + u64::from(t) * 1_000_000_000;
                         f.clock.refreshed_seen_ns = f.clock.last_seen_ns;
                         ft.counters.refreshes += 1;
                     }

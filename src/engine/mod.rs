@@ -39,6 +39,9 @@ use ports::Interfaces;
 /// How long rtnetlink changes settle before paths are resolved again.
 const ROUTE_SETTLE: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(250);
+/// How often conntrack's timeout sysctls are read again (three small files),
+/// so a change reaches offloaded connections at their next refresh.
+const TIMEOUTS_EVERY: Duration = Duration::from_secs(1);
 
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -70,6 +73,7 @@ struct Core {
     ifaces: Interfaces,
     flows: FlowTable,
     timeouts: CtTimeouts,
+    timeouts_read: Instant,
     ct_events: u64,
     ct_resyncs: u64,
     route_dirty: Option<Instant>,
@@ -122,6 +126,7 @@ impl Engine {
             ifaces,
             flows: FlowTable::new(dp, ct_req, bits),
             timeouts: host::ct_timeouts(),
+            timeouts_read: Instant::now(),
             ct_events: 0,
             ct_resyncs: 0,
             route_dirty: None,
@@ -138,6 +143,9 @@ impl Engine {
         let mut last_tick = Instant::now();
         while !host::stop_requested() {
             let (src, core) = (&mut self.src, &mut self.core);
+            // Every pass: the fast path steps aside if these stop (a
+            // stalled engine follows nothing; see FO_STALE_ENGINE_NS).
+            core.flows.dp_mut().set_heartbeat(now_ns());
             let mut fds = [
                 libc::pollfd { fd: src.ct_events.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.routes.fd(), events: libc::POLLIN, revents: 0 },
@@ -156,8 +164,15 @@ impl Engine {
             }
             if fds[0].revents != 0 {
                 match src.ct_events.recv_events() {
-                    Ok(evs) => core.on_ct_events(evs),
-                    Err(CtError::Overrun) => core.on_ct_overrun(),
+                    Ok(batch) => {
+                        core.on_ct_events(batch.events);
+                        // A message we could not read was an event we
+                        // missed: the table is the truth, as after an overrun.
+                        if let Some(e) = batch.malformed {
+                            core.resync_after(&e);
+                        }
+                    }
+                    Err(e @ CtError::Overrun) => core.resync_after(&e),
                     Err(e) => tracing::warn!("conntrack events: {e}"),
                 }
             }
@@ -212,9 +227,10 @@ impl Core {
         self.flows.events_at = None;
     }
 
-    fn on_ct_overrun(&mut self) {
-        // Events were lost: the table is the truth (as conntrackd).
-        tracing::warn!("conntrack event overrun; resyncing from a full dump");
+    /// Events were lost (`why`: overrun or an undecodable message): the
+    /// table is the truth (as conntrackd).
+    fn resync_after(&mut self, why: &CtError) {
+        tracing::warn!("{why}; resyncing from a full dump");
         self.ct_resyncs += 1;
         if let Err(e) = self.resync() {
             tracing::error!("conntrack resync failed: {e:#}");
@@ -299,6 +315,14 @@ impl Core {
     /// Periodic work: keepalive, dormant connections that saw a packet,
     /// connections waiting for their path.
     fn tick(&mut self) {
+        if self.timeouts_read.elapsed() >= TIMEOUTS_EVERY {
+            self.timeouts_read = Instant::now();
+            let t = host::ct_timeouts();
+            if t != self.timeouts {
+                tracing::info!(?t, "conntrack timeouts changed");
+                self.timeouts = t;
+            }
+        }
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);
         // The scan catches what the wake-up ring buffer may have dropped.
         self.wake(None);

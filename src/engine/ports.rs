@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use crate::control::IfaceStatus;
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, Mode};
 use crate::policy::{choose_modes, ModeChoice, ModeDecision};
 use crate::routes::link::{self, LinkInfo};
 use crate::routes::path::Ports;
@@ -48,12 +48,36 @@ impl Interfaces {
     /// Attach the fast path to every interface in `infos`, each in the mode
     /// `choose_modes` gives it. All or nothing: on an error, what this call
     /// attached is detached again and the error says which one failed.
+    ///
+    /// XDP is native only; when `auto` chose it and a driver turns out to
+    /// have none, every interface of this call gets TC instead (an XDP
+    /// redirect only reaches XDP interfaces), never generic XDP.
     pub fn attach(&mut self, dp: &mut Dataplane, infos: &[LinkInfo], mode: ModeChoice) -> Result<Vec<u32>> {
+        let decisions = choose_modes(infos, mode);
+        match self.attach_as(dp, infos, decisions.clone()) {
+            Err((e, Mode::Xdp)) if matches!(mode, ModeChoice::Auto) => {
+                tracing::warn!("{e:#}; using TC");
+                let why = format!("auto: native XDP unavailable ({e})");
+                let tc = decisions.into_iter().map(|_| ModeDecision { mode: Mode::Tc, reason: why.clone() }).collect();
+                self.attach_as(dp, infos, tc).map_err(|(e, _)| e)
+            }
+            r => r.map_err(|(e, _)| e),
+        }
+    }
+
+    /// Attach each interface as decided; on an error, what was attached is
+    /// detached and the failing mode comes with the error.
+    fn attach_as(
+        &mut self,
+        dp: &mut Dataplane,
+        infos: &[LinkInfo],
+        decisions: Vec<ModeDecision>,
+    ) -> Result<Vec<u32>, (anyhow::Error, Mode)> {
         let mut added = Vec::new();
-        for (info, d) in infos.iter().zip(choose_modes(infos, mode)) {
+        for (info, d) in infos.iter().zip(decisions) {
             if let Err(e) = dp.attach(info.ifindex, &info.name, d.mode) {
                 self.detach(dp, &added);
-                return Err(e);
+                return Err((e, d.mode));
             }
             tracing::info!(iface = %info.name, mode = d.mode.as_str(), reason = %d.reason, "attached");
             added.push(info.ifindex);

@@ -52,6 +52,9 @@ pub struct FlowClock {
     pub last_refresh_ns: u64,
     /// The last-seen stamp that refresh covered.
     pub refreshed_seen_ns: u64,
+    /// When the conntrack entry expires unless refreshed: from the timeout
+    /// conntrack reported when it was installed, then from our refreshes.
+    pub ct_expires_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -129,8 +132,17 @@ pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct
     if now_ns.saturating_sub(active) > idle.as_nanos() as u64 {
         return Action::Teardown(TeardownReason::Idle);
     }
+    // Against the entry's own deadline, not a cached timeout: conntrack
+    // may have given it less than the current timeout (set by a slow-path
+    // packet before the sysctl changed, or an unreplied UDP timeout), and a
+    // shortened sysctl must shorten an entry refreshed with the old value,
+    // as conntrack's next packet would.
+    let t = u64::from(ct_timeout_s) * 1_000_000_000;
+    let left = c.ct_expires_ns.saturating_sub(now_ns);
+    let stale = left.saturating_add(refresh_interval(ct_timeout_s).as_nanos() as u64) <= t;
+    let too_long = left > t + 1_000_000_000;
     let since_refresh = now_ns.saturating_sub(c.last_refresh_ns);
-    if c.last_seen_ns > c.refreshed_seen_ns && since_refresh >= refresh_interval(ct_timeout_s).as_nanos() as u64 {
+    if c.last_seen_ns > c.refreshed_seen_ns && since_refresh >= 1_000_000_000 && (stale || too_long) {
         return Action::Refresh(ct_timeout_s);
     }
     Action::Keep
@@ -148,7 +160,13 @@ mod tests {
             last_seen_ns: seen * S,
             last_refresh_ns: refreshed_at * S,
             refreshed_seen_ns: refreshed_seen * S,
+            ct_expires_ns: 0,
         }
+    }
+
+    fn expiring(mut c: FlowClock, at: u64) -> FlowClock {
+        c.ct_expires_ns = at * S;
+        c
     }
 
     const FIN: u32 = fo_teardown::FO_TD_FIN.0;
@@ -185,12 +203,40 @@ mod tests {
     fn active_flow_refreshed_within_a_third_of_its_timeout() {
         let idle = Duration::from_secs(30);
         // ct timeout 9 s -> refresh every 3 s
-        let c = clock(100, 102, 100, 100);
+        let c = expiring(clock(100, 102, 100, 100), 109);
         assert_eq!(decide(102 * S, &c, 0, idle, 9), Action::Keep);
         assert_eq!(decide(103 * S, &c, 0, idle, 9), Action::Refresh(9));
         // no new packets since the last refresh: nothing to refresh
-        let c = clock(100, 103, 103, 103);
+        let c = expiring(clock(100, 103, 103, 103), 112);
         assert_eq!(decide(110 * S, &c, 0, idle, 9), Action::Keep);
+    }
+
+    /// The timeout changed under a refreshed entry (sysctl written): the
+    /// entry follows at the next packet, in both directions.
+    #[test]
+    fn refresh_follows_the_current_timeout() {
+        let idle = Duration::from_secs(300);
+        // refreshed at 100 with 120 s; the sysctl is now 8 s
+        let c = expiring(clock(100, 102, 100, 100), 220);
+        assert_eq!(decide(102 * S, &c, 0, idle, 8), Action::Refresh(8));
+        // refreshed with 8 s; the sysctl went back to 120 s
+        let c = expiring(clock(100, 102, 100, 100), 108);
+        assert_eq!(decide(102 * S, &c, 0, idle, 120), Action::Refresh(120));
+        // at most once a second
+        assert_eq!(decide(100 * S + S / 2, &c, 0, idle, 120), Action::Keep);
+    }
+
+    /// Installed with less time left than the state's timeout (conntrack
+    /// set the unreplied UDP timeout): refreshed before that runs out, not
+    /// a third of the stream timeout later.
+    #[test]
+    fn first_refresh_follows_the_reported_timeout() {
+        let idle = Duration::from_secs(300);
+        let c = expiring(clock(100, 101, 100, 0), 108);
+        assert_eq!(decide(101 * S, &c, 0, idle, 120), Action::Refresh(120));
+        // unknown timeout at install: refreshed at the first packet
+        let c = clock(100, 101, 100, 0);
+        assert_eq!(decide(101 * S, &c, 0, idle, 120), Action::Refresh(120));
     }
 
     #[test]

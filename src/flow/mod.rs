@@ -46,6 +46,10 @@ pub enum Ineligible {
     SeqAdjust,
     NatClash,
     Dying,
+    /// In a conntrack zone other than 0: the fast path cannot know a
+    /// packet's zone before conntrack assigns it (`ct zone set` rules), so
+    /// its key could match another zone's connection with the same tuple.
+    Zoned,
 }
 
 impl Ineligible {
@@ -59,6 +63,7 @@ impl Ineligible {
             Ineligible::SeqAdjust => "sequence adjustment in use",
             Ineligible::NatClash => "NAT clash entry",
             Ineligible::Dying => "conntrack entry is dying",
+            Ineligible::Zoned => "conntrack zone other than 0",
         }
     }
 }
@@ -94,6 +99,9 @@ pub fn eligible(e: &CtEntry) -> Result<(), Ineligible> {
     }
     if e.status & status::DYING != 0 {
         return Err(Ineligible::Dying);
+    }
+    if e.zone != 0 {
+        return Err(Ineligible::Zoned);
     }
     Ok(())
 }

@@ -104,6 +104,9 @@ pub enum NotOffloaded {
     TableFull,
     /// Found when applying: conntrack refused the liberal-TCP update.
     ConntrackUpdateFailed,
+    /// Found when applying: a direction's flow key is another connection's
+    /// map entry (installs never overwrite one).
+    KeyCollision,
 }
 
 impl fmt::Display for NotOffloaded {
@@ -115,6 +118,7 @@ impl fmt::Display for NotOffloaded {
             NotOffloaded::NotInFlowtable => f.write_str("interfaces not in the flowtable the connection was added to"),
             NotOffloaded::TableFull => f.write_str("flow table full"),
             NotOffloaded::ConntrackUpdateFailed => f.write_str("conntrack update failed"),
+            NotOffloaded::KeyCollision => f.write_str("flow key already used by another connection"),
         }
     }
 }

@@ -19,7 +19,7 @@ pub(super) fn fast_path_alone(o: &BenchOpts) -> Result<FastPathAlone> {
     let (runs, reps) = if o.quick { (20, 3) } else { (50, 7) };
     let repeat = 200u32;
     in_thread(move || {
-        let PrivateRouter { dp, lan, wan } = PrivateRouter::enter(1024)?;
+        let PrivateRouter { mut dp, lan, wan } = PrivateRouter::enter(1024)?;
         install(&dp, lan, wan, 1)?;
         // ping-pong partner of the IPv4 flow: after NAT the packet is
         // 203.0.113.1:10000 -> 203.0.113.2:5201 on the same port
@@ -36,6 +36,9 @@ pub(super) fn fast_path_alone(o: &BenchOpts) -> Result<FastPathAlone> {
         ];
         let mut out = FastPathAlone::default();
         for (name, f) in &frames {
+            // As the engine's loop would: the fast path forwards only while
+            // the control plane is alive.
+            dp.set_heartbeat(nft_offload::engine::now_ns());
             let hit = !name.starts_with("miss");
             let (vx, _, _) = dp.test_xdp(f, lan, 1)?;
             let (vt, _, _) = dp.test_tc(f, lan, None, 1)?;
@@ -52,6 +55,7 @@ pub(super) fn fast_path_alone(o: &BenchOpts) -> Result<FastPathAlone> {
             let mut t = Vec::new();
             for _ in 0..reps {
                 let (mut sx, mut st) = (0u64, 0u64);
+                dp.set_heartbeat(nft_offload::engine::now_ns());
                 for _ in 0..runs {
                     sx += dp.test_xdp(f, lan, repeat)?.2;
                     st += dp.test_tc(f, lan, None, repeat)?.2;

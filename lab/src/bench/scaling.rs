@@ -14,7 +14,7 @@ pub(super) fn scaling(o: &BenchOpts) -> Result<BTreeMap<u64, Stat>> {
     let mut out = BTreeMap::new();
     for n in sizes {
         let st = in_thread(move || {
-            let PrivateRouter { dp, lan, wan } = PrivateRouter::enter(n + 1)?;
+            let PrivateRouter { mut dp, lan, wan } = PrivateRouter::enter(n + 1)?;
             install(&dp, lan, wan, n)?;
             // frames of random installed flows, one packet per run
             let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -29,6 +29,9 @@ pub(super) fn scaling(o: &BenchOpts) -> Result<BTreeMap<u64, Stat>> {
                 .collect();
             let mut per = Vec::new();
             for _ in 0..reps {
+                // As the engine's loop would: the fast path forwards only
+                // while the control plane is alive.
+                dp.set_heartbeat(nft_offload::engine::now_ns());
                 let mut total = 0u64;
                 for k in 0..samples {
                     let (ret, _, ns) = dp.test_tc(&frames[k % frames.len()], lan, None, 1)?;

@@ -97,6 +97,9 @@ fn not_assured() -> CtEntry {
 fn helper() -> CtEntry {
     CtEntry { has_helper: true, ..labelled(127) }
 }
+fn zoned() -> CtEntry {
+    CtEntry { zone: 5, ..labelled(127) }
+}
 fn udp_unconfirmed() -> CtEntry {
     let mut e = labelled(127);
     e.orig.proto = 17;
@@ -166,6 +169,7 @@ fn every_branch() {
         ("not assured", Iface, not_assured(), U, None, V::NotYet(Ineligible::NotAssured)),
         ("helper", Iface, helper(), U, None, V::NotOffloaded(NotOffloaded::Ineligible(Ineligible::Helper))),
         ("udp unconfirmed", Iface, udp_unconfirmed(), U, None, V::NotOffloaded(NotOffloaded::Ineligible(Ineligible::NotConfirmed))),
+        ("zoned", Nft, zoned(), U, None, V::NotOffloaded(NotOffloaded::Ineligible(Ineligible::Zoned))),
         ("eligible", Iface, plain(), U, None, V::NeedsPath),
         ("neighbour resolving", Iface, plain(), U, Some(&neigh), V::Wait(NoPath::Unroutable(7))),
         ("unroutable", Iface, plain(), U, Some(&asym), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Asymmetric))),
@@ -199,6 +203,8 @@ fn reasons_read_as_before() {
         (NotOffloaded::NotInFlowtable, "interfaces not in the flowtable the connection was added to"),
         (NotOffloaded::TableFull, "flow table full"),
         (NotOffloaded::ConntrackUpdateFailed, "conntrack update failed"),
+        (NotOffloaded::KeyCollision, "flow key already used by another connection"),
+        (NotOffloaded::Ineligible(Ineligible::Zoned), "conntrack zone other than 0"),
     ];
     for (r, text) in cases {
         assert_eq!(r.to_string(), text);

@@ -1,0 +1,181 @@
+//! End to end, the engine and time: offloaded connections follow conntrack's
+//! current timeouts (a sysctl changed while the engine runs), and the fast
+//! path steps aside while the engine is stalled (its heartbeat goes stale).
+//! Run under the machine-wide e2e lock, like tests/e2e.rs.
+
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nft_offload_lab::{Daemon, Lab, LabOpts};
+
+fn lab() -> Lab {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let prefix = format!("tmo{}x{}", std::process::id() % 100000, N.fetch_add(1, Ordering::SeqCst));
+    let lab = Lab::up(&LabOpts { prefix, xdp_safe: false, isolate_router_cpu: false }).expect("lab up");
+    lab.warm_neighbours().expect("neighbours");
+    lab
+}
+
+/// A background process, killed and reaped when dropped.
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A UDP echo server on the WAN host (port 9999): replies make the
+/// connection a stream in conntrack's eyes (SEEN_REPLY).
+fn udp_echo(lab: &Lab) -> Bg {
+    let py = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\n\
+              while True:\n    d,a=s.recvfrom(2048)\n    s.sendto(d,a)\n";
+    Bg(lab.spawn(&lab.wan, &["python3", "-c", py]).unwrap())
+}
+
+/// The LAN client sends from `sport` to the echo server at `pps` for
+/// `secs`, in the background.
+fn udp_stream(lab: &Lab, sport: u16, pps: u32, secs: u32) -> Bg {
+    let py = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',{sport}))\n\
+         s.setblocking(False)\nend=time.time()+{secs}\nwhile time.time()<end:\n    s.sendto(b'x'*200,('203.0.113.2',9999))\n\
+         \x20   try:\n        s.recv(2048)\n    except BlockingIOError:\n        pass\n    time.sleep({})\n",
+        1.0 / f64::from(pps)
+    );
+    Bg(lab.spawn(&lab.lan, &["python3", "-c", &py]).unwrap())
+}
+
+/// Conntrack ids of the router's UDP entries toward port 9999.
+fn ct_ids(lab: &Lab) -> Vec<u64> {
+    let out = lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "udp", "--dport", "9999", "-o", "id"]).unwrap_or_default();
+    out.split_whitespace().filter_map(|w| w.strip_prefix("id=")).filter_map(|v| v.parse().ok()).collect()
+}
+
+/// A sysctl of the router's namespace, set for the guard's life and
+/// restored when it drops (also when an assertion fails).
+struct Sysctl<'a> {
+    lab: &'a Lab,
+    key: &'static str,
+    old: String,
+}
+
+impl<'a> Sysctl<'a> {
+    fn set(lab: &'a Lab, key: &'static str, value: &str) -> Sysctl<'a> {
+        let old = lab.exec(&lab.rtr, &["sysctl", "-n", key]).unwrap().trim().to_string();
+        lab.exec(&lab.rtr, &["sysctl", "-qw", &format!("{key}={value}")]).unwrap();
+        Sysctl { lab, key, old }
+    }
+}
+
+impl Drop for Sysctl<'_> {
+    fn drop(&mut self) {
+        let _ = self.lab.exec(&self.lab.rtr, &["sysctl", "-qw", &format!("{}={}", self.key, self.old)]);
+    }
+}
+
+fn wait_offloaded(d: &Daemon, n: u64) {
+    let t0 = Instant::now();
+    while d.status().unwrap()["flows_offloaded"].as_u64() != Some(n) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "not offloaded: {}", d.status().unwrap());
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// The stream timeout is shortened to 8 s while the engine runs, then a
+/// UDP stream starts and runs for 45 s on the fast path. Conntrack gave the
+/// entry its unreplied timeout (30 s) from the slow-path packets; the
+/// engine refreshed with the cached start-up values (120 s, every 40 s),
+/// so the entry expired and was recreated. Now: the same entry all along,
+/// and once the stream stops it expires within the 8 s conntrack would
+/// give it (not 120 s later).
+#[test]
+fn keepalive_follows_a_shortened_udp_stream_timeout() {
+    let lab = lab();
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _echo = udp_echo(&lab);
+    let _short = Sysctl::set(&lab, "net.netfilter.nf_conntrack_udp_timeout_stream", "8");
+    // the engine reads the sysctls once a second
+    sleep(Duration::from_millis(1500));
+    let stream = udp_stream(&lab, 41500, 20, 45);
+    wait_offloaded(&d, 1);
+    let ids = ct_ids(&lab);
+    assert_eq!(ids.len(), 1, "one conntrack entry: {ids:?}");
+    let t0 = Instant::now();
+    let fwd0 = lab.counter_packets("fwd_all").unwrap();
+    while t0.elapsed() < Duration::from_secs(42) {
+        sleep(Duration::from_secs(3));
+        assert_eq!(ct_ids(&lab), ids, "the entry expired and was recreated after {:?}", t0.elapsed());
+    }
+    // still offloaded: the forward chain saw (almost) none of the ~1700 packets
+    let fwd = lab.counter_packets("fwd_all").unwrap() - fwd0;
+    assert!(fwd < 50, "forward chain counted {fwd} packets: not on the fast path");
+    assert!(d.status().unwrap()["conntrack_refreshes"].as_u64().unwrap_or(0) >= 10, "{}", d.status().unwrap());
+    drop(stream);
+    // the last refresh gave it at most 8 s
+    let t1 = Instant::now();
+    while !ct_ids(&lab).is_empty() {
+        assert!(t1.elapsed() < Duration::from_secs(14), "entry outlived the 8 s stream timeout: {:?}", t1.elapsed());
+        sleep(Duration::from_millis(500));
+    }
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// SIGCONT on drop, so a failed assertion never leaves the engine stopped.
+struct Stopped(u32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        signal(pid, "-STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Forward-chain packets counted over `window`.
+fn fwd_over(lab: &Lab, window: Duration) -> u64 {
+    let c0 = lab.counter_packets("fwd_all").unwrap();
+    sleep(window);
+    lab.counter_packets("fwd_all").unwrap() - c0
+}
+
+/// A stalled engine (SIGSTOP, not dead: its links stay attached) no longer
+/// follows conntrack, routes or the ruleset: within a few seconds its
+/// offloaded connections go back to the kernel, and they return to the
+/// fast path when it runs again.
+#[test]
+fn stalled_engine_steps_aside() {
+    let lab = lab();
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _echo = udp_echo(&lab);
+    let _stream = udp_stream(&lab, 41600, 100, 30);
+    wait_offloaded(&d, 1);
+    sleep(Duration::from_millis(500));
+    let fast = fwd_over(&lab, Duration::from_secs(1));
+    assert!(fast < 10, "offloaded, yet the forward chain counted {fast} packets in 1 s");
+    let stopped = Instant::now();
+    let guard = Stopped::stop(d.pid());
+    // FO_STALE_ENGINE_NS is 3 s; measured from 4 s on
+    sleep(Duration::from_secs(4).saturating_sub(stopped.elapsed()));
+    let slow = fwd_over(&lab, Duration::from_secs(1));
+    assert!(slow > 100, "engine stopped for 4 s, yet only {slow} packets in 1 s took the slow path");
+    drop(guard);
+    sleep(Duration::from_millis(1500));
+    let back = fwd_over(&lab, Duration::from_secs(1));
+    assert!(back < 10, "engine running again, yet {back} packets in 1 s took the slow path");
+    let st = d.status().unwrap();
+    assert!(st["slow_path"]["stale_engine"].as_u64().unwrap_or(0) > 100, "{st}");
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
