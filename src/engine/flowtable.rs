@@ -1,16 +1,19 @@
 //! The connections the engine handles and their fast-path map entries:
 //! offloaded (both directions in `fo_flows`), waiting for their path, and
-//! dormant (taken off while alive; `fo_dormant` tells when a packet of
-//! theirs shows up). Verdicts come from `policy::verdict`; this applies
-//! them. It also keeps the one memo per connection that completes
-//! ctnetlink's update events (`conntrack::merge`).
+//! dormant (taken off while alive). A dormant connection comes back only on
+//! evidence that the kernel, applying the current ruleset, forwarded a
+//! packet of it: in `--nft` mode its flowtable label set anew by `flow add`
+//! (a conntrack event), otherwise TC egress seeing the packet leave
+//! (`fo_dormant`, by egress key). Verdicts come from `policy::verdict`;
+//! this applies them. It also keeps the one memo per connection that
+//! completes ctnetlink's update events (`conntrack::merge`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, KEY_LEN};
-use crate::flow::{ConnId, Direction, FlowClock, TeardownReason};
+use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
 use crate::proto::IPPROTO_TCP;
@@ -27,6 +30,7 @@ pub(super) struct Offloaded {
     pub last: [fo_flow; 2],
 }
 
+/// A dormant connection in `--iface` mode, watched by its two egress keys.
 struct Dormant {
     entry: CtEntry,
     keys: [fo_flow_key; 2],
@@ -50,8 +54,12 @@ pub struct FlowTable {
     pub(super) offloaded: HashMap<ConnId, Offloaded>,
     waiting: HashMap<ConnId, CtEntry>,
     dormant: HashMap<ConnId, Dormant>,
-    /// Dormant connections by either direction's flow key.
+    /// Dormant connections by either direction's egress key.
     dormant_keys: HashMap<[u8; KEY_LEN], ConnId>,
+    /// `--nft` mode's dormant connections: their label is cleared, so the
+    /// engine does not track them (the ruleset's `flow add` brings them
+    /// back as new requests); kept only so `status` can count them.
+    asleep: HashSet<ConnId>,
     memos: HashMap<ConnId, Memo>,
     /// The ruleset's flowtable label bits: cleared on a policy teardown so
     /// that only the ruleset can bring the connection back.
@@ -70,6 +78,7 @@ impl FlowTable {
             waiting: HashMap::new(),
             dormant: HashMap::new(),
             dormant_keys: HashMap::new(),
+            asleep: HashSet::new(),
             memos: HashMap::new(),
             label_bits,
             counters: Counters::default(),
@@ -90,7 +99,7 @@ impl FlowTable {
     }
 
     pub fn len(&self) -> (usize, usize, usize) {
-        (self.offloaded.len(), self.waiting.len(), self.dormant.len())
+        (self.offloaded.len(), self.waiting.len(), self.dormant.len() + self.asleep.len())
     }
 
     /// Complete an entry from the connection's memo (see conntrack::merge).
@@ -142,8 +151,9 @@ impl FlowTable {
             .collect()
     }
 
-    /// Dormant connections the fast path saw a packet of since they slept,
-    /// among those the fast path announced (`keys`) or, with `None`, all.
+    /// Dormant connections the kernel forwarded a packet of since they
+    /// slept (or since the last change of the world, see `discount_wakes`),
+    /// among those TC egress announced (`keys`) or, with `None`, all.
     pub fn woken(&self, keys: Option<&[fo_flow_key]>) -> Vec<ConnId> {
         let seen = |d: &Dormant| d.keys.iter().any(|k| self.dp.dormant_seen(k).is_some_and(|t| t > d.since_ns));
         let mut ids: Vec<ConnId> = match keys {
@@ -160,9 +170,9 @@ impl FlowTable {
         ids
     }
 
-    /// The world changed (routes, neighbours, links): a packet the fast
-    /// path saw before the change says nothing about what the kernel does
-    /// with the connection now, so it no longer counts as a reason to wake.
+    /// The world changed (routes, neighbours, links): a packet the kernel
+    /// forwarded before the change says nothing about what it does with the
+    /// connection now, so it no longer counts as a reason to wake.
     pub fn discount_wakes(&mut self) {
         let now = now_ns();
         for d in self.dormant.values_mut() {
@@ -214,12 +224,34 @@ impl FlowTable {
 
     /// Stop watching a dormant connection.
     fn wake(&mut self, id: &ConnId) {
+        self.asleep.remove(id);
         if let Some(d) = self.dormant.remove(id) {
             for k in &d.keys {
                 self.dp.unwatch_dormant(k);
                 self.dormant_keys.remove(&key_bytes(k));
             }
+            self.dp.set_watching(self.dormant_keys.len());
         }
+    }
+
+    /// Park a connection that is still alive: it comes back only on
+    /// evidence that the kernel forwarded a packet of it again. In `--nft`
+    /// mode that is its label set anew by `flow add`, so the label is
+    /// cleared and the connection untracked; otherwise TC egress watches
+    /// for its packets leaving.
+    fn park(&mut self, id: ConnId, f: Offloaded) {
+        if !self.label_bits.is_empty() {
+            self.forget_offload_request(&f.entry);
+            self.asleep.insert(id);
+            return;
+        }
+        let keys = f.dirs.map(|d| egress_key(&d));
+        for k in &keys {
+            self.dp.watch_dormant(k);
+            self.dormant_keys.insert(key_bytes(k), id);
+        }
+        self.dp.set_watching(self.dormant_keys.len());
+        self.dormant.insert(id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
     }
 
     fn install(&mut self, id: ConnId, e: CtEntry, dirs: [Direction; 2]) {
@@ -298,10 +330,11 @@ impl FlowTable {
 
     /// Take a connection off the fast path (or stop waiting for or
     /// watching it). Connections still alive in conntrack after an idle
-    /// period, a route change or a link going down come back on their next
-    /// packet (see fo_dormant); after a policy change only the ruleset can
-    /// bring them back.
+    /// period, a route change or a link going down come back once the
+    /// kernel forwards a packet of theirs again (`park`); after a policy
+    /// change only the ruleset can bring them back.
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
+        self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
@@ -309,12 +342,7 @@ impl FlowTable {
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
             if matches!(reason, TeardownReason::Idle | TeardownReason::RouteChange | TeardownReason::InterfaceDown) {
-                let keys = [f.dirs[0].key, f.dirs[1].key];
-                for k in &keys {
-                    self.dp.watch_dormant(k);
-                    self.dormant_keys.insert(key_bytes(k), *id);
-                }
-                self.dormant.insert(*id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
+                self.park(*id, f);
                 return;
             }
             f.entry
@@ -345,6 +373,7 @@ impl FlowTable {
             self.teardown(&id, TeardownReason::ConntrackDestroyed);
         }
         self.waiting.retain(|id, _| present.contains(id));
+        self.asleep.retain(|id| present.contains(id));
         let gone: Vec<ConnId> = self.dormant.keys().filter(|id| !present.contains(id)).copied().collect();
         gone.iter().for_each(|id| self.wake(id));
         self.memos.retain(|id, _| present.contains(id));
