@@ -27,7 +27,7 @@ fn conn(lab: &PrivateRouter, orig: CtTuple, reply: CtTuple) -> [Direction; 2] {
 /// Run the watcher on `frame` leaving through `ifindex`: it always lets the
 /// packet go, byte for byte as it came.
 fn leave(dp: &Dataplane, frame: &[u8], ifindex: u32) {
-    let (ret, out) = dp.test_tc_egress(frame, ifindex).unwrap();
+    let (ret, out, _) = dp.test_tc_egress(frame, ifindex, 1).unwrap();
     assert_eq!(ret, TC_NEXT, "the watcher must let every packet go");
     assert_eq!(out, frame, "the watcher modified a packet");
 }

@@ -306,14 +306,14 @@ impl Dataplane {
     }
 
     /// Run the TC egress watcher on one frame leaving through `ifindex`.
-    /// Returns (verdict, output frame).
-    pub fn test_tc_egress(&self, frame: &[u8], ifindex: u32) -> Result<(i32, Vec<u8>)> {
+    /// Returns (verdict, output frame, ns per repetition).
+    pub fn test_tc_egress(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
         type Sk = skel::types::__sk_buff;
         let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
-        let (ret, out, _) =
-            test_run(&self.skel.progs.fo_tc_egress, frame, &mut ctx_bytes, 1).context("TC egress test run")?;
-        Ok((ret as i32, out))
+        let (ret, out, ns) =
+            test_run(&self.skel.progs.fo_tc_egress, frame, &mut ctx_bytes, repeat).context("TC egress test run")?;
+        Ok((ret as i32, out, ns))
     }
 }
 
