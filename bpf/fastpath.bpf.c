@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* nft-offload fast path: one worker, two entry points (XDP and TC ingress).
+/* nft-offload fast path: one worker, two entry points (XDP and TC ingress),
+ * and a TC egress watcher that tells the control plane which dormant
+ * connections the kernel forwarded a packet of.
  * Per packet it does what nf_flow_offload_ip_hook / nf_flow_offload_ipv6_hook
  * do (net/netfilter/nf_flow_table_ip.c): parse, look up the flow by its
  * tuple and input interface, check it may still use the fast path, NAT,
@@ -70,14 +72,9 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	p.key.ifindex = m->ifindex;
 	f = bpf_map_lookup_elem(&fo_flows, &p.key);
 	if (!f) {
-		__u64 *dormant = bpf_map_lookup_elem(&fo_dormant, &p.key);
-
-		if (dormant) {
-			/* Two CPUs may both see 0 and both notify: harmless. */
-			if (!*dormant)
-				bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0);
-			*dormant = bpf_ktime_get_coarse_ns();
-		}
+		/* A dormant connection is not woken here: the kernel has not
+		 * decided yet (TC egress sees what it forwards).
+		 */
 		reason = FO_SLOW_NO_FLOW;
 		goto slow;
 	}
@@ -165,6 +162,19 @@ int fo_xdp(struct xdp_md *ctx)
 	return bpf_redirect_map(&fo_tx_ports, oif, XDP_PASS);
 }
 
+/* Headers are normally linear in an skb; pull the ones the parser reads
+ * if not (this moves no byte of the packet).
+ */
+static __always_inline void fo_pull_headers(struct __sk_buff *skb)
+{
+	__u32 need = 14 + 40 + 60;
+
+	if (need > skb->len)
+		need = skb->len;
+	if ((long)skb->data + need > (long)skb->data_end)
+		bpf_skb_pull_data(skb, need);
+}
+
 /* TCX ingress. Slow path returns TCX_NEXT (== TC_ACT_UNSPEC) so programs
  * attached after ours still run; with none, the packet goes up the stack.
  */
@@ -174,7 +184,7 @@ int fo_tc(struct __sk_buff *skb)
 	void *data, *data_end;
 	struct fo_meta m;
 	struct fo_l4_fix fix = {};
-	__u32 oif = 0, need;
+	__u32 oif = 0;
 	__u64 mm0, flags;
 
 	if (skb->pkt_type != PACKET_HOST) {
@@ -188,13 +198,7 @@ int fo_tc(struct __sk_buff *skb)
 		fo_count(FO_SLOW_ENCAP, 1);
 		return TC_ACT_UNSPEC;
 	}
-	/* Headers are normally linear at ingress; pull them if not. */
-	need = 14 + 40 + 60;
-	if (need > skb->len)
-		need = skb->len;
-	if ((long)skb->data + need > (long)skb->data_end)
-		bpf_skb_pull_data(skb, need);
-
+	fo_pull_headers(skb);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	m.ifindex = skb->ifindex;
@@ -243,6 +247,40 @@ SEC("tc")
 int fo_probe_csum_ipv6(struct __sk_buff *skb)
 {
 	return bpf_l4_csum_replace(skb, 16, 0, 0, BPF_F_PSEUDO_HDR | BPF_F_IPV6);
+}
+
+/* TCX egress on every managed interface, in both modes (in XDP mode the
+ * packets the kernel forwards still leave through TC egress). A packet of a
+ * dormant connection seen here was forwarded by the kernel, past the
+ * current ruleset: the one piece of evidence on which the control plane
+ * puts the connection back on the fast path. Never changes the packet
+ * (bpf_skb_pull_data only linearises headers) and always lets it go.
+ */
+SEC("tcx/egress")
+int fo_tc_egress(struct __sk_buff *skb)
+{
+	struct fo_parsed p = {};
+	__u32 zero = 0, *watching;
+	__u64 *seen;
+
+	watching = bpf_map_lookup_elem(&fo_watching, &zero);
+	if (!watching || !*watching)
+		return TC_ACT_UNSPEC;
+	fo_pull_headers(skb);
+	/* Same parser as the worker: what it would not fast-path (a TTL
+	 * that is now 1, options, fragments) wakes nothing.
+	 */
+	if (fo_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, &p))
+		return TC_ACT_UNSPEC;
+	/* Keys name no interface (flow::egress_key): p.key.ifindex stays 0. */
+	seen = bpf_map_lookup_elem(&fo_dormant, &p.key);
+	if (seen) {
+		/* Two CPUs may both see 0 and both notify: harmless. */
+		if (!*seen)
+			bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0);
+		*seen = bpf_ktime_get_coarse_ns();
+	}
+	return TC_ACT_UNSPEC;
 }
 
 /* Control-plane helper, run with BPF_PROG_TEST_RUN: the packet data is a

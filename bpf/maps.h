@@ -21,10 +21,14 @@ struct {
 } fo_flows SEC(".maps");
 
 /* Connections the control plane took off the fast path while conntrack
- * still considers them offloadable (idle, route change). A miss that hits
- * here stamps the time, so the control plane re-offloads the flow on its
- * next packet, as the kernel's `flow add` rule would; there is no conntrack
- * event for a packet of an established connection.
+ * still considers them offloadable (idle, route change, link down; --iface
+ * mode). Keyed by what a packet of theirs looks like when it LEAVES: the
+ * tuple after NAT, interface 0 (flow::egress_key). TC egress
+ * stamps the time when the kernel forwarded such a packet, so the control
+ * plane re-offloads the connection only on evidence that the current
+ * ruleset let one through (the role of the kernel's `flow add` rule; there
+ * is no conntrack event for a packet of an established connection). A
+ * packet the kernel drops never gets here.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -33,9 +37,20 @@ struct {
 	__uint(max_entries, 65536);
 } fo_dormant SEC(".maps");
 
-/* The first packet of a dormant connection (its fo_dormant stamp was 0)
- * sends the flow key here, so the control plane wakes it at once instead of
- * finding it on its next scan.
+/* How many keys fo_dormant holds (index 0), set by the control plane: TC
+ * egress skips parsing when it is zero, so an engine with nothing dormant
+ * costs egress traffic (offloaded packets included) one array load.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} fo_watching SEC(".maps");
+
+/* The first forwarded packet of a dormant connection (its fo_dormant stamp
+ * was 0) sends its egress key here, so the control plane wakes it at once
+ * instead of finding it on its next scan.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

@@ -143,7 +143,7 @@ fn our_progs() -> std::collections::BTreeSet<u32> {
     libbpf_rs::query::ProgInfoIter::default()
         .filter(|p| {
             let n = p.name.to_string_lossy();
-            n == "fo_tc" || n == "fo_xdp"
+            n == "fo_tc" || n == "fo_xdp" || n == "fo_tc_egress"
         })
         .map(|p| p.id)
         .collect()

@@ -139,6 +139,21 @@ struct Attachment {
     ifindex: u32,
     mode: Mode,
     _link: Held,
+    /// `fo_tc_egress`: which dormant connections the kernel forwarded.
+    _egress: Link,
+}
+
+/// A TCX link of `prog` on `ifindex` (the program's section says ingress
+/// or egress; `what` only names it in the error).
+fn attach_tcx(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, ifname: &str, what: &str) -> Result<Link> {
+    let prog = prog.as_libbpf_object();
+    // SAFETY: valid loaded program; libbpf returns NULL and sets errno on
+    // failure.
+    let raw = unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
+    let ptr = NonNull::new(raw)
+        .ok_or_else(|| anyhow!("cannot attach TC (tcx {what}) to {ifname}: {}", std::io::Error::last_os_error()))?;
+    // SAFETY: a valid link pointer we now own.
+    Ok(unsafe { Link::from_ptr(ptr) })
 }
 
 /// The loaded fast path. Dropping it detaches everything.
@@ -213,7 +228,8 @@ impl Dataplane {
     }
 
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
-    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6).
+    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6). In
+    /// both modes the egress watcher (`fo_tc_egress`) goes on TCX egress.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode) -> Result<()> {
         let link = match mode {
             Mode::Xdp => {
@@ -227,19 +243,10 @@ impl Dataplane {
                 }
                 Held::Fd(self.attach_native_xdp(ifindex, ifname)?)
             }
-            Mode::Tc => {
-                let prog = self.skel.progs.fo_tc.as_libbpf_object();
-                // SAFETY: valid loaded program; libbpf returns NULL and sets
-                // errno on failure.
-                let raw =
-                    unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_ptr(), ifindex as i32, std::ptr::null()) };
-                let ptr = NonNull::new(raw).ok_or_else(|| {
-                    anyhow!("cannot attach TC (tcx ingress) to {ifname}: {}", std::io::Error::last_os_error())
-                })?;
-                // SAFETY: a valid link pointer we now own.
-                Held::Link(unsafe { Link::from_ptr(ptr) })
-            }
+            Mode::Tc => Held::Link(attach_tcx(&self.skel.progs.fo_tc, ifindex, ifname, "ingress")?),
         };
+        // On an error here the ingress link above is dropped (detached).
+        let egress = attach_tcx(&self.skel.progs.fo_tc_egress, ifindex, ifname, "egress")?;
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -247,7 +254,7 @@ impl Dataplane {
                 .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
                 .with_context(|| format!("adding {ifname} to the XDP redirect map"))?;
         }
-        self.attached.push(Attachment { ifindex, mode, _link: link });
+        self.attached.push(Attachment { ifindex, mode, _link: link, _egress: egress });
         Ok(())
     }
 
@@ -268,7 +275,8 @@ impl Dataplane {
             let err = std::io::Error::from_raw_os_error(-fd);
             if matches!(-fd, libc::EOPNOTSUPP | libc::EINVAL) {
                 bail!(
-                    "cannot attach XDP to {ifname}: its driver has no native XDP ({err}); generic XDP is never                      used (slower than TC): use --mode tc"
+                    "cannot attach XDP to {ifname}: its driver has no native XDP ({err}); generic XDP is never \
+                     used (slower than TC): use --mode tc"
                 );
             }
             bail!("cannot attach XDP to {ifname}: {err}");
@@ -394,6 +402,17 @@ impl Dataplane {
         let (ret, out, ns) = test_run(&self.skel.progs.fo_tc, frame, &mut ctx_bytes, repeat).context("TC test run")?;
         Ok((ret as i32, out, ns))
     }
+
+    /// Run the TC egress watcher on one frame leaving through `ifindex`.
+    /// Returns (verdict, output frame, ns per repetition).
+    pub fn test_tc_egress(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
+        type Sk = skel::types::__sk_buff;
+        let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
+        put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
+        let (ret, out, ns) =
+            test_run(&self.skel.progs.fo_tc_egress, frame, &mut ctx_bytes, repeat).context("TC egress test run")?;
+        Ok((ret as i32, out, ns))
+    }
 }
 
 impl Drop for Dataplane {
@@ -403,13 +422,15 @@ impl Drop for Dataplane {
 }
 
 impl Dataplane {
-    /// Watch a connection taken off the fast path: its next packet stamps
-    /// the entry (see fo_dormant in bpf/maps.h).
+    /// Watch an egress key of a connection taken off the fast path: the
+    /// next packet of it the kernel forwards stamps the entry (see
+    /// fo_dormant in bpf/maps.h).
     pub fn watch_dormant(&self, key: &fo_flow_key) {
         let _ = self.skel.maps.fo_dormant.update(bytes_of(key), &0u64.to_ne_bytes(), MapFlags::ANY);
     }
 
-    /// Time of the last packet seen for a dormant key (0 = none yet, None = not watched).
+    /// Time of the last forwarded packet seen for a watched egress key (0 =
+    /// none yet, None = not watched).
     pub fn dormant_seen(&self, key: &fo_flow_key) -> Option<u64> {
         match self.skel.maps.fo_dormant.lookup(bytes_of(key), MapFlags::ANY) {
             Ok(Some(v)) => Some(from_bytes::<u64>(&v)),
@@ -421,8 +442,17 @@ impl Dataplane {
         let _ = self.skel.maps.fo_dormant.delete(bytes_of(key));
     }
 
-    /// The channel on which the fast path announces the first packet of a
-    /// dormant connection (fo_wake in bpf/maps.h).
+    /// Tell TC egress how many keys are watched; with none it does not
+    /// look at packets at all (see fo_watching in bpf/maps.h).
+    pub fn set_watching(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if let Err(e) = self.skel.maps.fo_watching.update(&0u32.to_ne_bytes(), &n.to_ne_bytes(), MapFlags::ANY) {
+            tracing::warn!("cannot update the dormant watch count: {e}");
+        }
+    }
+
+    /// The channel on which TC egress announces the first forwarded packet
+    /// of a dormant connection (fo_wake in bpf/maps.h), by its egress key.
     pub fn wake_events(&self) -> Result<WakeEvents> {
         let keys: Rc<RefCell<Vec<fo_flow_key>>> = Rc::default();
         let sink = Rc::clone(&keys);
@@ -445,7 +475,7 @@ pub fn key_bytes(k: &fo_flow_key) -> [u8; KEY_LEN] {
     bytes_of(k).try_into().expect("KEY_LEN bytes")
 }
 
-/// Flow keys of dormant connections whose packet the fast path saw.
+/// Egress keys of dormant connections the kernel forwarded a packet of.
 pub struct WakeEvents {
     rb: libbpf_rs::RingBuffer<'static>,
     keys: Rc<RefCell<Vec<fo_flow_key>>>,
@@ -483,6 +513,7 @@ impl Dataplane {
         let fds = [
             self.skel.maps.fo_flows.as_fd().as_raw_fd(),
             self.skel.maps.fo_dormant.as_fd().as_raw_fd(),
+            self.skel.maps.fo_watching.as_fd().as_raw_fd(),
             self.skel.maps.fo_stats.as_fd().as_raw_fd(),
             self.skel.maps.fo_tx_ports.as_fd().as_raw_fd(),
         ];

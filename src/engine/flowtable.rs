@@ -1,16 +1,19 @@
 //! The connections the engine handles and their fast-path map entries:
 //! offloaded (both directions in `fo_flows`), waiting for their path, and
-//! dormant (taken off while alive; `fo_dormant` tells when a packet of
-//! theirs shows up). Verdicts come from `policy::verdict`; this applies
-//! them. It also keeps the one memo per connection that completes
-//! ctnetlink's update events (`conntrack::merge`).
+//! dormant (taken off while alive). A dormant connection comes back only on
+//! evidence that the kernel, applying the current ruleset, forwarded a
+//! packet of it: in `--nft` mode its flowtable label set anew by `flow add`
+//! (a conntrack event), otherwise TC egress seeing the packet leave
+//! (`fo_dormant`, by egress key). Verdicts come from `policy::verdict`;
+//! this applies them. It also keeps the one memo per connection that
+//! completes ctnetlink's update events (`conntrack::merge`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
-use crate::flow::{ConnId, Direction, FlowClock, TeardownReason};
+use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
 use crate::proto::IPPROTO_TCP;
@@ -27,6 +30,7 @@ pub(super) struct Offloaded {
     pub last: [fo_flow; 2],
 }
 
+/// A dormant connection in `--iface` mode, watched by its two egress keys.
 struct Dormant {
     entry: CtEntry,
     keys: [fo_flow_key; 2],
@@ -50,8 +54,12 @@ pub struct FlowTable {
     pub(super) offloaded: HashMap<ConnId, Offloaded>,
     waiting: HashMap<ConnId, CtEntry>,
     dormant: HashMap<ConnId, Dormant>,
-    /// Dormant connections by either direction's flow key.
+    /// Dormant connections by either direction's egress key.
     dormant_keys: HashMap<[u8; KEY_LEN], ConnId>,
+    /// `--nft` mode's dormant connections: their label is cleared, so the
+    /// engine does not track them (the ruleset's `flow add` brings them
+    /// back as new requests); kept only so `status` can count them.
+    asleep: HashSet<ConnId>,
     memos: HashMap<ConnId, Memo>,
     /// The ruleset's flowtable label bits: cleared on a policy teardown so
     /// that only the ruleset can bring the connection back.
@@ -70,6 +78,7 @@ impl FlowTable {
             waiting: HashMap::new(),
             dormant: HashMap::new(),
             dormant_keys: HashMap::new(),
+            asleep: HashSet::new(),
             memos: HashMap::new(),
             label_bits,
             counters: Counters::default(),
@@ -90,7 +99,7 @@ impl FlowTable {
     }
 
     pub fn len(&self) -> (usize, usize, usize) {
-        (self.offloaded.len(), self.waiting.len(), self.dormant.len())
+        (self.offloaded.len(), self.waiting.len(), self.dormant.len() + self.asleep.len())
     }
 
     /// Complete an entry from the connection's memo (see conntrack::merge).
@@ -142,8 +151,9 @@ impl FlowTable {
             .collect()
     }
 
-    /// Dormant connections the fast path saw a packet of since they slept,
-    /// among those the fast path announced (`keys`) or, with `None`, all.
+    /// Dormant connections the kernel forwarded a packet of since they
+    /// slept (or since the last change of the world, see `discount_wakes`),
+    /// among those TC egress announced (`keys`) or, with `None`, all.
     pub fn woken(&self, keys: Option<&[fo_flow_key]>) -> Vec<ConnId> {
         let seen = |d: &Dormant| d.keys.iter().any(|k| self.dp.dormant_seen(k).is_some_and(|t| t > d.since_ns));
         let mut ids: Vec<ConnId> = match keys {
@@ -160,9 +170,9 @@ impl FlowTable {
         ids
     }
 
-    /// The world changed (routes, neighbours, links): a packet the fast
-    /// path saw before the change says nothing about what the kernel does
-    /// with the connection now, so it no longer counts as a reason to wake.
+    /// The world changed (routes, neighbours, links): a packet the kernel
+    /// forwarded before the change says nothing about what it does with the
+    /// connection now, so it no longer counts as a reason to wake.
     pub fn discount_wakes(&mut self) {
         let now = now_ns();
         for d in self.dormant.values_mut() {
@@ -219,12 +229,34 @@ impl FlowTable {
 
     /// Stop watching a dormant connection.
     fn wake(&mut self, id: &ConnId) {
+        self.asleep.remove(id);
         if let Some(d) = self.dormant.remove(id) {
             for k in &d.keys {
                 self.dp.unwatch_dormant(k);
                 self.dormant_keys.remove(&key_bytes(k));
             }
+            self.dp.set_watching(self.dormant_keys.len());
         }
+    }
+
+    /// Park a connection that is still alive: it comes back only on
+    /// evidence that the kernel forwarded a packet of it again. In `--nft`
+    /// mode that is its label set anew by `flow add`, so the label is
+    /// cleared and the connection untracked; otherwise TC egress watches
+    /// for its packets leaving.
+    fn park(&mut self, id: ConnId, f: Offloaded) {
+        if !self.label_bits.is_empty() {
+            self.forget_offload_request(&f.entry);
+            self.asleep.insert(id);
+            return;
+        }
+        let keys = f.dirs.map(|d| egress_key(&d));
+        for k in &keys {
+            self.dp.watch_dormant(k);
+            self.dormant_keys.insert(key_bytes(k), id);
+        }
+        self.dp.set_watching(self.dormant_keys.len());
+        self.dormant.insert(id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
     }
 
     fn install(&mut self, id: ConnId, e: CtEntry, dirs: [Direction; 2]) {
@@ -321,10 +353,11 @@ impl FlowTable {
 
     /// Take a connection off the fast path (or stop waiting for or
     /// watching it). Connections still alive in conntrack after an idle
-    /// period, a route change or a link going down come back on their next
-    /// packet (see fo_dormant); after a policy change only the ruleset can
-    /// bring them back.
+    /// period, a route change or a link going down come back once the
+    /// kernel forwards a packet of theirs again (`park`); after a policy
+    /// change only the ruleset can bring them back.
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
+        self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
@@ -332,12 +365,7 @@ impl FlowTable {
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
             if matches!(reason, TeardownReason::Idle | TeardownReason::RouteChange | TeardownReason::InterfaceDown) {
-                let keys = [f.dirs[0].key, f.dirs[1].key];
-                for k in &keys {
-                    self.dp.watch_dormant(k);
-                    self.dormant_keys.insert(key_bytes(k), *id);
-                }
-                self.dormant.insert(*id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
+                self.park(*id, f);
                 return;
             }
             f.entry
@@ -368,6 +396,7 @@ impl FlowTable {
             self.teardown(&id, TeardownReason::ConntrackDestroyed);
         }
         self.waiting.retain(|id, _| present.contains(id));
+        self.asleep.retain(|id| present.contains(id));
         let gone: Vec<ConnId> = self.dormant.keys().filter(|id| !present.contains(id)).copied().collect();
         gone.iter().for_each(|id| self.wake(id));
         self.memos.retain(|id, _| present.contains(id));
@@ -427,12 +456,13 @@ mod tests {
 
     const LO: u32 = 1;
 
-    fn private_table() -> FlowTable {
+    /// `bits`: the ruleset's label bits (`--nft` mode), none for `--iface`.
+    fn private_table(bits: Vec<u32>) -> FlowTable {
         // SAFETY: affects only this test's thread.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET) needs root");
         let dp = Dataplane::load(64).expect("loading the fast path (needs root, BPF and BTF)");
         let ct = CtSocket::request().expect("conntrack request socket");
-        FlowTable::new(dp, ct, vec![127])
+        FlowTable::new(dp, ct, bits)
     }
 
     fn udp(sport: u16) -> CtEntry {
@@ -458,16 +488,16 @@ mod tests {
         [build_direction(&e.orig, &e.reply, LO, &nh), build_direction(&e.reply, &e.orig, LO, &nh)]
     }
 
-    /// A UDP frame of `e`'s original direction as it arrives on lo.
-    fn frame(e: &CtEntry) -> Vec<u8> {
-        let (IpAddr::V4(s), IpAddr::V4(d)) = (e.orig.src, e.orig.dst) else { unreachable!() };
+    /// A UDP frame on lo (the Ethernet addresses are lo's, zero).
+    fn frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else { unreachable!() };
         let mut f = vec![0u8; 12];
         f.extend([0x08, 0x00]);
         f.extend([0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0]);
         f.extend(s.octets());
         f.extend(d.octets());
-        f.extend(e.orig.sport.to_be_bytes());
-        f.extend(e.orig.dport.to_be_bytes());
+        f.extend(sport.to_be_bytes());
+        f.extend(dport.to_be_bytes());
         f.extend([0, 16, 0, 0]);
         f.extend([0u8; 8]);
         f
@@ -475,7 +505,7 @@ mod tests {
 
     #[test]
     fn install_repoint_sleep_wake_forget() {
-        let mut ft = private_table();
+        let mut ft = private_table(vec![]);
         let e = udp(40000);
         let id = ConnId::of(&e);
         let d = dirs(&e, 2);
@@ -495,16 +525,20 @@ mod tests {
         ft.teardown(&id, TeardownReason::Idle);
         assert_eq!(ft.len(), (0, 0, 1));
         assert!(d.iter().all(|x| ft.dp().get_flow(&x.key).is_none()));
-        assert_eq!(ft.dp().dormant_seen(&d[0].key), Some(0));
+        assert_eq!(ft.dp().dormant_seen(&egress_key(&d[0])), Some(0), "watched as it would leave");
         assert!(ft.woken(None).is_empty(), "no packet yet");
 
-        // Its next packet misses fo_flows, stamps fo_dormant and is announced.
         let mut wake = ft.dp().wake_events().unwrap();
         // Stamps are coarse-clock (a jiffy): a packet counts when it comes
         // after the connection slept.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let (verdict, _, _) = ft.dp().test_tc(&frame(&e), LO, None, 1).unwrap();
+        // A packet arriving is no evidence: the kernel may still drop it.
+        let (verdict, _, _) = ft.dp().test_tc(&frame(e.orig.src, e.orig.dst, 40000, 53), LO, None, 1).unwrap();
         assert_eq!(verdict, -1, "a dormant connection's packet goes to the kernel (TC_ACT_UNSPEC)");
+        assert!(wake.drain().is_empty() && ft.woken(None).is_empty(), "arrival wakes nothing");
+        // The same packet leaving, after the kernel's NAT, is.
+        let (verdict, _, _) = ft.dp().test_tc_egress(&frame(e.reply.dst, e.reply.src, 40000, 53), LO, 1).unwrap();
+        assert_eq!(verdict, -1, "the egress watcher lets every packet go");
         let keys = wake.drain();
         assert_eq!(keys.len(), 1, "announced once");
         assert_eq!(ft.woken(Some(&keys)), vec![id]);
@@ -517,14 +551,14 @@ mod tests {
         // Waking into "not offloaded" forgets it and counts the reason.
         ft.apply(e.clone(), Verdict::NotOffloaded(NotOffloaded::TableFull));
         assert_eq!(ft.len(), (0, 0, 0));
-        assert_eq!(ft.dp().dormant_seen(&d[0].key), None, "no longer watched");
+        assert_eq!(ft.dp().dormant_seen(&egress_key(&d[0])), None, "no longer watched");
         assert_eq!(ft.counters.not_offloaded.get("flow table full"), Some(&1));
         assert!(matches!(ft.known(&id), Known::Untracked));
     }
 
     #[test]
     fn waiting_policy_and_vanished_connections() {
-        let mut ft = private_table();
+        let mut ft = private_table(vec![127]);
         let (a, b) = (udp(40001), udp(40002));
         ft.apply(a.clone(), Verdict::Wait(crate::routes::path::NoPath::Unroutable(7)));
         assert_eq!(ft.len(), (0, 1, 0));

@@ -4,7 +4,8 @@
 //! * conntrack events and dumps -> `policy::verdict` -> `FlowTable::apply`
 //! * rtnetlink changes -> link state, then every offloaded connection's
 //!   path is resolved again and judged again
-//! * the 250 ms tick -> `keepalive`, dormant connections that woke, retries
+//! * `fo_wake` (TC egress saw a dormant connection's packet leave) and the
+//!   250 ms tick -> dormant connections that woke; `keepalive`, retries
 //! * the control socket -> `status`, `flows`, `reload` (`ruleset`)
 //!
 //! What is decided where: `policy::verdict` (offload or not, and why),
@@ -312,7 +313,7 @@ impl Core {
         self.judge(e, known, reroute);
     }
 
-    /// Periodic work: keepalive, dormant connections that saw a packet,
+    /// Periodic work: keepalive, dormant connections the kernel forwarded,
     /// connections waiting for their path.
     fn tick(&mut self) {
         if self.timeouts_read.elapsed() >= TIMEOUTS_EVERY {
@@ -329,7 +330,8 @@ impl Core {
         self.retry_waiting();
     }
 
-    /// Dormant connections the fast path saw a packet of: judged again.
+    /// Dormant connections the kernel forwarded a packet of (TC egress
+    /// announced or stamped their egress key): judged again.
     fn wake(&mut self, keys: Option<&[fo_flow_key]>) {
         for id in self.flows.woken(keys) {
             let Known::Dormant { mark, .. } = self.flows.known(&id) else { continue };

@@ -151,9 +151,31 @@ pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &Ne
     Direction { key, val }
 }
 
+/// What a packet of direction `d` looks like when the kernel forwards it:
+/// the tuple after NAT. TC egress watches dormant connections by this key
+/// (fo_dormant in bpf/maps.h), so only a packet the kernel let through
+/// wakes one. The interface is left out (0): the watcher runs on every
+/// managed interface, and after a route change the kernel may send the
+/// connection out of another one; the verdict resolves the path again
+/// before anything is offloaded. Conntrack keeps tuples after NAT unique
+/// (a clash is remapped or dropped), so the key names one connection.
+pub fn egress_key(d: &Direction) -> fo_flow_key {
+    fo_flow_key {
+        ifindex: 0,
+        family: d.key.family,
+        proto: d.key.proto,
+        sport: d.val.new_sport,
+        dport: d.val.new_dport,
+        encap: 0,
+        saddr: d.val.new_saddr,
+        daddr: d.val.new_daddr,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::key_bytes;
     use crate::flow::tests::{tcp_masq, tuple};
     use crate::proto::IPPROTO_TCP;
 
@@ -242,6 +264,28 @@ mod tests {
         assert_eq!(words_addr(AF_INET, &r.key.daddr), "203.0.113.1".parse::<IpAddr>().unwrap());
         assert_eq!(words_addr(AF_INET, &r.val.new_daddr), "192.168.1.2".parse::<IpAddr>().unwrap());
         assert_eq!(r.val.flags & (FO_F_SNAT | FO_F_DNAT), FO_F_DNAT);
+    }
+
+    #[test]
+    fn egress_key_is_the_packet_as_it_leaves() {
+        let e = tcp_masq();
+        let o = build_direction(&e.orig, &e.reply, 3, &nh(4));
+        let k = egress_key(&o);
+        assert_eq!((k.ifindex, k.family, k.proto, k.encap), (0, AF_INET, IPPROTO_TCP, 0));
+        // masqueraded: the router's address, the server's port
+        assert_eq!(words_addr(AF_INET, &k.saddr), "203.0.113.1".parse::<IpAddr>().unwrap());
+        assert_eq!(words_addr(AF_INET, &k.daddr), "203.0.113.2".parse::<IpAddr>().unwrap());
+        assert_eq!((k.sport, k.dport), (e.reply.dport.to_be(), e.reply.sport.to_be()));
+        // the reply leaves on the LAN side towards the client, un-NATed
+        let r = build_direction(&e.reply, &e.orig, 4, &nh(3));
+        let k = egress_key(&r);
+        assert_eq!(words_addr(AF_INET, &k.daddr), "192.168.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!((k.sport, k.dport), (e.orig.dport.to_be(), e.orig.sport.to_be()));
+        // routed, no NAT: the tuple it arrived with
+        let orig = tuple("fd00:1::2", 40000, "fd00:2::2", 5201, IPPROTO_TCP);
+        let reply = tuple("fd00:2::2", 5201, "fd00:1::2", 40000, IPPROTO_TCP);
+        let d = build_direction(&orig, &reply, 3, &nh(4));
+        assert_eq!(key_bytes(&egress_key(&d)), key_bytes(&fo_flow_key { ifindex: 0, ..d.key }));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 pub mod entry;
 pub mod lifecycle;
 
-pub use entry::{build_direction, csum_diff, Direction, NextHop};
+pub use entry::{build_direction, csum_diff, egress_key, Direction, NextHop};
 pub use lifecycle::{decide, Action, CtTimeouts, FlowClock, TeardownReason};
 
 use std::net::IpAddr;

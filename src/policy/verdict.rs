@@ -67,7 +67,12 @@ pub enum Known {
         close: u32,
     },
     /// Taken off while still alive (idle, route change, link down);
-    /// `woke`: the fast path saw one of its packets since.
+    /// `woke`: the kernel, applying the current ruleset, forwarded a packet
+    /// of it since it slept and since the last route, link or neighbour
+    /// change (TC egress saw it leave). Never a packet that merely arrived:
+    /// the kernel may have dropped it. In `--nft` mode a dormant connection
+    /// has its label cleared and is `Untracked`: the label set anew by
+    /// `flow add` is the evidence, and it comes back as a new request.
     Dormant {
         mark: u32,
         woke: bool,
