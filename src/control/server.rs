@@ -134,30 +134,56 @@ fn signal(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
+/// Refused connections waiting for their client to close: closing a unix
+/// socket with unread data makes the client's read fail (ECONNRESET) before
+/// it sees the refusal, so the refusal is sent, our side shut for writing,
+/// and what the client sends is read and dropped until it closes or
+/// LINGER passes. Bounded: the oldest goes first.
+const LINGER: Duration = Duration::from_secs(1);
+const MAX_LINGERING: usize = 256;
+
 fn accept_loop(l: UnixListener, tx: Sender<Pending>, ready: Arc<OwnedFd>, stop: Arc<OwnedFd>) {
     let active = Arc::new(AtomicUsize::new(0));
+    let mut lingering: Vec<(UnixStream, Instant)> = Vec::new();
     let _ = l.set_nonblocking(true);
     loop {
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
+        fds.extend(lingering.iter().map(|(s, _)| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+        let timeout = if lingering.is_empty() { -1 } else { 100 };
         // SAFETY: valid array of pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, timeout) };
         if fds[1].revents != 0 {
             return;
         }
+        let mut k = 0;
+        lingering.retain(|(s, since)| {
+            k += 1;
+            let gone = fds[k + 1].revents != 0 && !drain(s);
+            !gone && since.elapsed() < LINGER
+        });
         while let Ok((s, _)) = l.accept() {
             // Credentials first, before reading a byte: an unprivileged
-            // client costs one getsockopt and is gone.
+            // client costs one getsockopt and a short refusal.
             let peer = Peer::of(&s).map_err(|e| format!("cannot identify the peer: {e}"));
-            if let Err(e) = peer.and_then(|p| authorize(&p)) {
-                tracing::debug!("control connection refused: {e}");
-                refuse(&s, &format!("permission denied: {e}; nft-offload answers only root or CAP_NET_ADMIN"));
-                continue;
-            }
-            if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                refuse(&s, &format!("busy: {MAX_CONNECTIONS} control requests are in progress, try again"));
+            let refusal = match peer.and_then(|p| authorize(&p)) {
+                Err(e) => {
+                    tracing::debug!("control connection refused: {e}");
+                    Some(format!("permission denied: {e}; nft-offload answers only root or CAP_NET_ADMIN"))
+                }
+                Ok(()) if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS => {
+                    Some(format!("busy: {MAX_CONNECTIONS} control requests are in progress, try again"))
+                }
+                Ok(()) => None,
+            };
+            if let Some(msg) = refusal {
+                refuse(&s, &msg);
+                if lingering.len() >= MAX_LINGERING {
+                    lingering.remove(0);
+                }
+                lingering.push((s, Instant::now()));
                 continue;
             }
             active.fetch_add(1, Ordering::Relaxed);
@@ -173,10 +199,24 @@ fn accept_loop(l: UnixListener, tx: Sender<Pending>, ready: Arc<OwnedFd>, stop: 
     }
 }
 
-/// One short error line without waiting: the socket buffer takes it.
+/// One short error line without waiting (the socket buffer takes it),
+/// then end of stream for the client.
 fn refuse(s: &UnixStream, msg: &str) {
     let _ = s.set_nonblocking(true);
     let _ = (&*s).write_all(encode_reply(&Err(msg.to_string())).as_bytes());
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// Read and drop what a refused client sent; false once it closed.
+fn drain(s: &UnixStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match (&*s).read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) => return e.kind() == ErrorKind::WouldBlock,
+        }
+    }
 }
 
 fn serve_one(s: UnixStream, tx: &Sender<Pending>, ready: &OwnedFd) {
