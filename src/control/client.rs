@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use super::{Envelope, FlowView, Request, Status, NAME};
+use super::peer::{authorize, Peer};
+use super::{check_ruleset_size, Envelope, FlowView, Request, Status, NAME};
 
 /// The engine running in this network namespace.
 pub struct Client;
@@ -22,9 +23,13 @@ impl Client {
         call(&Request::Flows)
     }
 
-    /// Returns the engine's summary of what changed.
+    /// Send the ruleset at `path`, read here with the caller's own
+    /// permissions (the engine opens no file for a client). Returns the
+    /// engine's summary of what changed.
     pub fn reload(path: &std::path::Path) -> Result<String> {
-        call(&Request::Reload { path: path.to_path_buf() })
+        let ruleset = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        check_ruleset_size(ruleset.len()).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        call(&Request::Reload { name: path.display().to_string(), ruleset })
     }
 }
 
@@ -37,7 +42,14 @@ fn call<T: DeserializeOwned>(req: &Request) -> Result<T> {
             anyhow!("cannot reach the running nft-offload: {e}")
         }
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Anyone in the namespace can bind the abstract name first: talk only
+    // to a process that could be the engine (root or CAP_NET_ADMIN here).
+    let server = Peer::of(&s).context("identifying the process behind the control socket")?;
+    if let Err(e) = authorize(&server) {
+        bail!("refusing to talk to the process holding nft-offload's control socket: {e}; it is not the engine");
+    }
+    // A reload runs nft and attaches programs: allow it time.
+    s.set_read_timeout(Some(Duration::from_secs(130)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;

@@ -6,7 +6,8 @@
 //!   path is resolved again and judged again
 //! * `fo_wake` (TC egress saw a dormant connection's packet leave) and the
 //!   250 ms tick -> dormant connections that woke; `keepalive`, retries
-//! * the control socket -> `status`, `flows`, `reload` (`ruleset`)
+//! * the control socket's eventfd -> `status`, `flows`, `reload`
+//!   (`ruleset`), read and checked by the control thread (`control::server`)
 //!
 //! What is decided where: `policy::verdict` (offload or not, and why),
 //! `flow::lifecycle` (keepalive and idle), `routes::path` (next hops),
@@ -94,7 +95,7 @@ impl Engine {
                         "--iface and --nft exclude each other: the devices come from the ruleset's flowtables"
                     );
                 }
-                let rs = ruleset::prepare(path, &[])?;
+                let rs = ruleset::prepare(Ruleset::read(path)?, &[])?;
                 cfg.ifaces = rs.devices();
                 Some(rs)
             }
@@ -117,7 +118,7 @@ impl Engine {
             // Attached first, ruleset second: if nft fails now the engine is
             // dropped and detaches; nothing stays half-applied.
             rs.apply(&[], false)?;
-            tracing::info!(file = %rs.path.display(), flowtables = rs.translated.flowtables.len(), "ruleset loaded");
+            tracing::info!(file = %rs.name, flowtables = rs.translated.flowtables.len(), "ruleset loaded");
         }
         let bits = ruleset::label_bits(ruleset.as_ref());
         let mut core = Core {
@@ -343,7 +344,9 @@ impl Core {
         match req {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Flows => Ok(Response::Flows(self.flow_list())),
-            Request::Reload { path } => self.reload(&path).map(Response::Done).map_err(|e| format!("{e:#}")),
+            Request::Reload { name, ruleset } => {
+                self.reload(&name, &ruleset).map(Response::Done).map_err(|e| format!("{e:#}"))
+            }
         }
     }
 }

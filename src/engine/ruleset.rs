@@ -10,16 +10,15 @@ use crate::policy::nft::{self, Ruleset};
 
 use super::{ports, Core};
 
-/// Read, translate and dry-run a ruleset that is to replace the tables in
+/// Dry-run a translated ruleset that is to replace the tables in
 /// `replace`. It must declare a flowtable, or nothing would be offloaded.
-pub fn prepare(path: &Path, replace: &[(String, String)]) -> Result<Ruleset> {
-    let rs = Ruleset::read(path)?;
+pub fn prepare(rs: Ruleset, replace: &[(String, String)]) -> Result<Ruleset> {
     if rs.translated.flowtables.is_empty() {
         bail!(
             "{} declares no flowtable, so nothing would be offloaded: add one \
              (flowtable ft {{ hook ingress priority 0; devices = {{ lan0, wan0 }}; }}) \
              and `flow add @ft` in the forward chain",
-            path.display()
+            rs.name
         );
     }
     // nft's dry run first: a ruleset nft rejects loads nothing and attaches
@@ -52,14 +51,15 @@ fn announce(rs: &Ruleset) {
 }
 
 impl Core {
-    /// Replace the ruleset of a running `run --nft`: check, attach new
-    /// devices, load atomically, detach devices that left, and send every
-    /// offloaded connection back through the new rules.
-    pub(super) fn reload(&mut self, path: &Path) -> Result<String> {
+    /// Replace the ruleset of a running `run --nft` with one a client sent
+    /// (`name` labels messages): check, attach new devices, load
+    /// atomically, detach devices that left, and send every offloaded
+    /// connection back through the new rules.
+    pub(super) fn reload(&mut self, name: &str, text: &str) -> Result<String> {
         let Some(old) = self.ruleset.clone() else {
             bail!("this engine was started with --iface, not --nft: there is no ruleset to reload");
         };
-        let rs = prepare(path, &old.translated.tables)?;
+        let rs = prepare(Ruleset::from_client(name, text)?, &old.translated.tables)?;
         let wanted = rs.devices();
         let new: Vec<String> = wanted.iter().filter(|n| !self.ifaces.has(n)).cloned().collect();
         let infos = ports::gather(&new)?;
@@ -83,10 +83,9 @@ impl Core {
         self.ifaces.detach(self.flows.dp_mut(), &removed);
         self.flows.set_label_bits(label_bits(Some(&rs)));
         self.ruleset = Some(rs);
-        tracing::info!(file = %path.display(), reoffload = n, "ruleset reloaded");
+        tracing::info!(file = name, reoffload = n, "ruleset reloaded");
         Ok(format!(
-            "reloaded {}: {} interface(s) added, {} removed, {} offloaded connection(s) sent back through the new rules",
-            path.display(),
+            "reloaded {name}: {} interface(s) added, {} removed, {} offloaded connection(s) sent back through the new rules",
             added.len(),
             removed.len(),
             n

@@ -41,6 +41,8 @@ pub struct Translated {
     pub offload_statements: usize,
     /// Tables the file declares (family, name), so a reload can replace them.
     pub tables: Vec<(String, String)>,
+    /// Lines of `include` statements (nft would open those files).
+    pub includes: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,7 +368,26 @@ pub fn translate(src: &str) -> Result<Translated, NftError> {
     for (s, e, r) in &rewrites {
         text.replace_range(*s..*e, r);
     }
-    Ok(Translated { text, flowtables, offload_statements: pending_refs.len(), tables })
+    let includes = include_lines(&toks);
+    Ok(Translated { text, flowtables, offload_statements: pending_refs.len(), tables, includes })
+}
+
+/// Lines where a statement starts with `include` (nft opens the named
+/// file, with the privileges of whoever runs nft).
+fn include_lines(toks: &[Token]) -> Vec<usize> {
+    let mut at_start = true;
+    let mut lines = Vec::new();
+    for t in toks {
+        match &t.t {
+            Tok::Newline | Tok::Semi | Tok::Open | Tok::Close => at_start = true,
+            Tok::Word(w) if at_start && w.eq_ignore_ascii_case("include") => {
+                lines.push(t.line);
+                at_start = false;
+            }
+            _ => at_start = false,
+        }
+    }
+    lines
 }
 
 /// The flowtable label bits as a 16-byte mask (conntrack label layout: bit n
@@ -488,6 +509,35 @@ table inet fw4 {
     }
 
     #[test]
+    fn include_statements_are_found() {
+        let src = "include \"/etc/shadow\"\ntable inet t {\n chain c { include \"x\" }\n chain include { jump include; }\n comment \"include y\"\n}\n# include \"z\"\n;INCLUDE\"/etc/passwd\"\n";
+        assert_eq!(translate(src).unwrap().includes, vec![1, 3, 8]);
+        assert!(translate(FW4).unwrap().includes.is_empty());
+    }
+
+    #[test]
+    fn client_rulesets_may_not_include_and_name_no_file() {
+        let e = Ruleset::from_client("mine.nft", "table inet t {\n}\ninclude \"/etc/shadow\"\n").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.starts_with("mine.nft:3: `include` is not accepted"), "{e}");
+        assert!(!e.contains("shadow"), "the error must not echo the path: {e}");
+        let rs = Ruleset::from_client("mine.nft", FW4).unwrap();
+        assert_eq!(rs.name, "mine.nft");
+        assert_eq!(rs.include_dir, None);
+    }
+
+    #[test]
+    fn the_table_wrapper_keeps_the_users_line_numbers() {
+        let rs = Ruleset::from_client("x", "table inet t {\n}\n").unwrap();
+        let input = rs.nft_input(&[("inet".into(), "old".into())]);
+        assert_eq!(
+            input,
+            "add table inet old; delete table inet old; add table inet t; delete table inet t; table inet t {\n}\n"
+        );
+        assert_eq!(input.lines().count(), 2);
+    }
+
+    #[test]
     fn label_bits() {
         let m = label_mask(&[127, 126, 0]);
         assert_eq!(m[15], 0xc0);
@@ -498,19 +548,45 @@ table inet fw4 {
     }
 }
 
-/// A ruleset file, translated and ready to hand to nft.
+/// A ruleset, translated and ready to hand to nft.
 #[derive(Debug, Clone)]
 pub struct Ruleset {
-    pub path: std::path::PathBuf,
+    /// Where it came from, for messages: root's file, or the name a client
+    /// gave (the path it read).
+    pub name: String,
+    /// Relative `include`s resolve here: only for root's own file.
+    pub include_dir: Option<std::path::PathBuf>,
     pub translated: Translated,
 }
 
 impl Ruleset {
-    /// Read and translate `path`; errors name the file and line.
+    /// Read and translate the file `run --nft` was given (by root, who may
+    /// read anything, so `include` works as with `nft -f`); errors name the
+    /// file and line.
     pub fn read(path: &std::path::Path) -> anyhow::Result<Ruleset> {
         let src = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let translated = translate(&src).map_err(|e| anyhow::anyhow!("{}:{}: {}", path.display(), e.line, e.msg))?;
-        Ok(Ruleset { path: path.to_path_buf(), translated })
+        let mut rs = Ruleset::parse(&path.display().to_string(), &src)?;
+        rs.include_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.to_path_buf());
+        Ok(rs)
+    }
+
+    /// A ruleset a client sent over the control socket. nft runs as root,
+    /// so an `include` would open a file the client may not be allowed to
+    /// read (and nft's error would quote it): refused, naming only the line.
+    pub fn from_client(name: &str, text: &str) -> anyhow::Result<Ruleset> {
+        let rs = Ruleset::parse(name, text)?;
+        if let Some(line) = rs.translated.includes.first() {
+            anyhow::bail!(
+                "{name}:{line}: `include` is not accepted in a ruleset sent to the engine (nft runs as root and \
+                 would open the file for you): put the included rules into the file, or restart with `run --nft`"
+            );
+        }
+        Ok(rs)
+    }
+
+    fn parse(name: &str, src: &str) -> anyhow::Result<Ruleset> {
+        let translated = translate(src).map_err(|e| anyhow::anyhow!("{name}:{}: {}", e.line, e.msg))?;
+        Ok(Ruleset { name: name.to_string(), include_dir: None, translated })
     }
 
     /// Every device of every flowtable, in order of first appearance.
@@ -526,38 +602,46 @@ impl Ruleset {
         v
     }
 
-    /// Load into the kernel in one nft transaction: the tables in `replace`
-    /// and those the file declares are deleted and the file's contents
-    /// added, all or nothing. `check_only` runs nft's dry run (`-c`).
-    pub fn apply(&self, replace: &[(String, String)], check_only: bool) -> anyhow::Result<()> {
-        let dir = std::env::temp_dir().join(format!("nft-offload-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let body = dir.join("ruleset.nft");
-        std::fs::write(&body, &self.translated.text)?;
-        let mut wrap = String::new();
+    /// What nft reads: the tables in `replace` and those the ruleset
+    /// declares are deleted, then its contents added. The wrapper shares
+    /// the first line (`;`-separated) so every line keeps its number.
+    fn nft_input(&self, replace: &[(String, String)]) -> String {
         let mut tables: Vec<&(String, String)> = replace.iter().collect();
         for t in &self.translated.tables {
             if !tables.contains(&t) {
                 tables.push(t);
             }
         }
+        let mut input = String::new();
         for (fam, name) in tables {
             // `add` first so the `delete` cannot fail on a missing table.
-            wrap += &format!("add table {fam} {name}\ndelete table {fam} {name}\n");
+            input += &format!("add table {fam} {name}; delete table {fam} {name}; ");
         }
-        wrap += &format!("include \"{}\"\n", body.display());
-        let main = dir.join("load.nft");
-        std::fs::write(&main, wrap)?;
-        let mut cmd = std::process::Command::new("nft");
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            cmd.arg("-I").arg(parent);
+        input + &self.translated.text
+    }
+
+    /// Load into the kernel in one nft transaction (see `nft_input`), all
+    /// or nothing. `check_only` runs nft's dry run (`-c`). The ruleset goes
+    /// through nft's stdin: no file is written anywhere.
+    pub fn apply(&self, replace: &[(String, String)], check_only: bool) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new("nft");
+        if let Some(dir) = &self.include_dir {
+            cmd.arg("-I").arg(dir);
         }
         if check_only {
             cmd.arg("-c");
         }
-        cmd.arg("-f").arg(&main);
-        let out = cmd.output().map_err(|e| anyhow::anyhow!("cannot run nft: {e} (is nftables installed?)"))?;
-        let _ = std::fs::remove_dir_all(&dir);
+        cmd.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run nft: {e} (is nftables installed?)"))?;
+        let input = self.nft_input(replace);
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        // Written from a thread: nft may answer (and fill stderr) before it
+        // has read everything.
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().map_err(|e| anyhow::anyhow!("running nft: {e}"))?;
+        let _ = writer.join();
         if !out.status.success() {
             // nft's own message, pointed back at the user's file (the
             // translation kept every line where it was).
@@ -566,8 +650,8 @@ impl Ruleset {
                 .filter(|l| !l.starts_with("In file included from"))
                 .collect::<Vec<_>>()
                 .join("\n")
-                .replace(&body.display().to_string(), &self.path.display().to_string());
-            anyhow::bail!("nft rejected {} (nothing was loaded):\n{err}", self.path.display());
+                .replace("/dev/stdin", &self.name);
+            anyhow::bail!("nft rejected {} (nothing was loaded):\n{err}", self.name);
         }
         Ok(())
     }
