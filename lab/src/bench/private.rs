@@ -16,6 +16,16 @@ pub(super) fn client_of(i: u32) -> ([u8; 4], u16) {
     ([192, 168, (1 + hi / 250) as u8, (2 + hi % 250) as u8], (10000 + i % 50000) as u16)
 }
 
+/// The masquerade address of client `i`: client ports repeat every 50,000
+/// clients, so each block gets its own address (as conntrack would remap
+/// instead of letting two reply tuples clash; installs refuse a taken key).
+fn nat_of(i: u32) -> String {
+    match i / 50000 {
+        0 => "203.0.113.1".to_string(),
+        hi => format!("198.18.{}.{}", hi / 250, 1 + hi % 250),
+    }
+}
+
 /// A TCP ACK from the LAN client: IPv4 from `src4`, or the IPv6 client.
 pub(super) fn tcp_frame(v6: bool, src4: [u8; 4], sp: u16, ttl: u8) -> Vec<u8> {
     let mut v = Vec::new();
@@ -52,7 +62,7 @@ pub(super) fn install(dp: &Dataplane, lan: u32, wan: u32, n: u32) -> Result<()> 
         let (addr, cport) = client_of(i);
         let client = std::net::Ipv4Addr::from(addr).to_string();
         let o = tuple(&client, cport, "203.0.113.2", 5201);
-        let rp = tuple("203.0.113.2", 5201, "203.0.113.1", cport);
+        let rp = tuple("203.0.113.2", 5201, &nat_of(i), cport);
         let d = build_direction(&o, &rp, lan, &to_wan);
         dp.put_flow(&d.key, &d.val)?;
         let d = build_direction(&rp, &o, wan, &to_lan);
