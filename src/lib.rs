@@ -10,6 +10,7 @@ pub mod control;
 pub mod dataplane;
 pub mod engine;
 pub mod flow;
+pub mod hooks;
 pub mod host;
 pub mod policy;
 pub mod proto;

@@ -78,6 +78,9 @@ pub(super) struct IfaceFacts {
     pub peer: Option<Peer>,
     pub xdp_prog: Option<ProgRef>,
     pub tc_ingress: Vec<TcProg>,
+    /// What a fast-path redirect would skip on it (read as for TC mode;
+    /// the findings apply the mode).
+    pub hooks: crate::hooks::DeviceHooks,
 }
 
 pub(super) const KFUNCS: [&str; 2] = ["bpf_xdp_ct_lookup", "bpf_ct_change_timeout"];
@@ -96,10 +99,25 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
             .collect(),
         _ => names.to_vec(),
     };
+    let ports: Vec<crate::hooks::Port> = match &table {
+        Ok(t) => names
+            .iter()
+            .filter_map(|n| t.by_name(n))
+            .map(|l| crate::hooks::Port { ifindex: l.ifindex, name: l.name.clone(), xdp: false })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut hooks = crate::hooks::read(&ports);
     let ifaces = names
         .iter()
         .map(|n| match &table {
-            Ok(t) => gather_iface(t, n),
+            Ok(t) => {
+                let mut f = gather_iface(t, n);
+                if let Some(l) = t.by_name(n) {
+                    f.hooks = hooks.ports.remove(&l.ifindex).unwrap_or_default();
+                }
+                f
+            }
             Err(e) => IfaceFacts::absent(n, format!("interfaces not readable: {e}")),
         })
         .collect();
@@ -209,7 +227,14 @@ fn find_flowtable() -> Option<String> {
 
 impl IfaceFacts {
     fn absent(name: &str, why: String) -> Self {
-        IfaceFacts { name: name.into(), link: Err(why), peer: None, xdp_prog: None, tc_ingress: Vec::new() }
+        IfaceFacts {
+            name: name.into(),
+            link: Err(why),
+            peer: None,
+            xdp_prog: None,
+            tc_ingress: Vec::new(),
+            hooks: Default::default(),
+        }
     }
 }
 
@@ -219,7 +244,14 @@ fn gather_iface(table: &LinkTable, name: &str) -> IfaceFacts {
     let xdp_prog = l.xdp.and_then(|x| x.id()).map(|id| ProgRef { id, name: prog_name(id) });
     let mut tc_ingress: Vec<TcProg> = tcx_ingress(l.ifindex).into_iter().map(TcProg::Tcx).collect();
     tc_ingress.extend(legacy_tc_ingress(name));
-    IfaceFacts { name: name.into(), link: Ok(info), peer: veth_peer(table, l), xdp_prog, tc_ingress }
+    IfaceFacts {
+        name: name.into(),
+        link: Ok(info),
+        peer: veth_peer(table, l),
+        xdp_prog,
+        tc_ingress,
+        hooks: Default::default(),
+    }
 }
 
 /// A veth's peer (IFLA_LINK): whether XDP frames redirected into the veth

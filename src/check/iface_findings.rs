@@ -35,6 +35,7 @@ pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
     ("egress_qdisc", egress_qdisc),
     ("xdp_program", xdp_program),
     ("tc_ingress", tc_ingress),
+    ("device_hooks", device_hooks),
 ];
 
 /// nft-offload's own program names (bpf/fastpath.bpf.c): a previous or
@@ -226,7 +227,10 @@ fn egress_qdisc(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
             "a shaper on egress matters for the mode: check `tc qdisc show dev IF`",
         ),
         (q, true) if c.xdp() => Verdict::warn(
-            format!("{q} is a shaper and XDP redirect bypasses it: offloaded flows are not shaped"),
+            format!(
+                "{q} is a shaper and an XDP redirect would bypass it: directions leaving by {} stay on the slow path",
+                c.link.name
+            ),
             "--mode auto or tc (TC keeps the qdisc in the path)",
         ),
         (q, true) => Verdict::ok(format!("{q} (a shaper: TC mode keeps it in the path)")),
@@ -289,5 +293,37 @@ fn tc_ingress(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
             desc.join(", ")
         ),
         "check what they return for forwarded traffic, or detach them",
+    ))
+}
+
+/// tc filters, nftables device chains and (in XDP mode) shapers a fast-path
+/// redirect would skip: the directions crossing them are held
+/// (`hooks::HookFacts::bypass` decides; this reports the same causes).
+fn device_hooks(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let h = &f.hooks;
+    if let Some(e) = &h.unreadable {
+        return Some(Verdict::warn(
+            format!("the tc and nftables hooks could not be read ({e}): `run` keeps every direction through it on the slow path"),
+            "run check (and the engine) as root with CAP_NET_ADMIN",
+        ));
+    }
+    let mut causes = h.ingress_causes();
+    causes.extend(h.egress_causes(c.xdp()));
+    if causes.is_empty() {
+        return Some(Verdict::ok("no tc filter, nftables device chain or bypassed shaper on it"));
+    }
+    let mut remedies: Vec<String> = Vec::new();
+    for r in causes.iter().map(|x| x.remedy(h, None)) {
+        if !remedies.contains(&r) {
+            remedies.push(r);
+        }
+    }
+    let what: Vec<&str> = causes.iter().map(|x| x.what.as_str()).collect();
+    Some(Verdict::warn(
+        format!(
+            "{}: the fast path would skip it, so the directions crossing it stay on the slow path (`flows` says which)",
+            what.join(", ")
+        ),
+        remedies.join("; "),
     ))
 }

@@ -45,6 +45,7 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
         peer: None,
         xdp_prog: None,
         tc_ingress: Vec::new(),
+        hooks: Default::default(),
     }
 }
 
@@ -287,6 +288,42 @@ fn other_programs_and_shapers() {
 }
 
 #[test]
+fn device_hooks_name_what_the_fast_path_would_skip() {
+    use crate::hooks::{DeviceHooks, TcFilter};
+    let h = good_host();
+    let mut a = iface("eth0", "ixgbe", "htb");
+    a.hooks = DeviceHooks { name: "eth0".into(), shaper: Some("htb".into()), ..Default::default() };
+    let r = judge(&h, &[a.clone(), iface("eth1", "ixgbe", "mq")], ModeChoice::Tc);
+    let f = finding(&r.interfaces[0], "device_hooks");
+    assert_eq!(f.status, Status::Ok, "TC keeps the shaper: {f:?}");
+    assert!(f.detail.starts_with("no tc filter"), "{f:?}");
+    let r = judge(&h, &[a.clone(), iface("eth1", "ixgbe", "mq")], ModeChoice::Xdp);
+    let f = finding(&r.interfaces[0], "device_hooks");
+    assert_eq!(f.status, Status::Warn);
+    assert!(f.detail.starts_with("shaping qdisc htb on eth0: the fast path would skip it"), "{f:?}");
+    assert_eq!(f.remedy.as_deref(), Some("use --mode tc (a TC redirect keeps the qdisc and tc egress filters)"));
+    a.hooks.ingress_filters.push(TcFilter {
+        kind: "u32".into(),
+        actions: vec!["mirred".into()],
+        target: Some(("ifb4eth0".into(), Some("cake".into()))),
+    });
+    a.hooks.ingress_chains.push("netdev t mark".into());
+    let r = judge(&h, &[a.clone(), iface("eth1", "ixgbe", "mq")], ModeChoice::Tc);
+    let f = finding(&r.interfaces[0], "device_hooks");
+    assert!(f.detail.starts_with("nft chain netdev t mark on eth0 ingress, tc ingress filter u32 on eth0"), "{f:?}");
+    assert_eq!(
+        f.remedy.as_deref(),
+        Some(
+            "remove it to offload this direction; to offload it, shape on the egress of the port the traffic leaves \
+             by (htb or cake there) instead of an ifb on eth0's ingress"
+        )
+    );
+    a.hooks = DeviceHooks { name: "eth0".into(), unreadable: Some("EPERM".into()), ..Default::default() };
+    let r = judge(&h, &[a, iface("eth1", "ixgbe", "mq")], ModeChoice::Tc);
+    assert_eq!(finding(&r.interfaces[0], "device_hooks").status, Status::Warn);
+}
+
+#[test]
 fn down_and_generic_only_interfaces_warn() {
     let mut d = iface("br0", "bridge", "noqueue");
     d.link.as_mut().unwrap().up = false;
@@ -396,6 +433,17 @@ fn netns_scenario() {
     sh(&["tc", "qdisc", "add", "dev", "cb", "root", "handle", "1:", "htb"]);
     sh(&["tc", "qdisc", "add", "dev", "ca", "clsact"]);
     sh(&["tc", "filter", "add", "dev", "ca", "ingress", "bpf", "da", "obj", obj_s, "sec", "classifier"]);
+    // sqm-scripts' download shaper on ca (after the cls_bpf: pref 60000),
+    // a netdev egress chain on cb and an inet ingress chain on cc.
+    sh(&["ip", "link", "add", "cifb", "type", "ifb"]);
+    sh(&["ip", "link", "set", "dev", "cifb", "up"]);
+    sh(&["tc", "qdisc", "add", "dev", "cifb", "root", "tbf", "rate", "30mbit", "burst", "32k", "latency", "50ms"]);
+    sh(&[
+        "tc", "filter", "add", "dev", "ca", "ingress", "pref", "60000", "protocol", "all", "u32", "match", "u32", "0",
+        "0", "action", "mirred", "egress", "redirect", "dev", "cifb",
+    ]);
+    sh(&["nft", "add table netdev nfo_t; add chain netdev nfo_t e { type filter hook egress device cb priority 0; }"]);
+    sh(&["nft", "add table inet nfo_i; add chain inet nfo_i i { type filter hook ingress device cc priority 0; }"]);
     // A TCX program on cb, held by a link for the duration of the test.
     let mut open = libbpf_rs::ObjectBuilder::default().open_file(&obj).unwrap();
     for mut p in open.progs_mut() {
@@ -443,9 +491,25 @@ fn netns_scenario() {
     assert!(ca.reason.contains("software device (veth)"), "{}", ca.reason);
     assert_eq!(finding(ca, "link_state").status, Status::Ok, "up, via netlink not the host's sysfs");
     assert_eq!(ca.xdp_redirect_target, Some(false), "peer cb: no GRO, no XDP");
-    assert_eq!(ca.tc_ingress_programs.len(), 1, "{text}");
+    // `tc -j` lists u32 twice (the filter and its hash-table node).
+    assert_eq!(ca.tc_ingress_programs.len(), 3, "{text}");
     assert!(ca.tc_ingress_programs[0].starts_with("cls_bpf cls_pass (id "), "{text}");
     assert_eq!(finding(ca, "tc_ingress").status, Status::Warn);
+    // What the fast path would skip, read from the kernel: the filters (one
+    // with its mirred target and the shaper there), the chains by name.
+    let h = finding(ca, "device_hooks");
+    assert_eq!(h.status, Status::Warn, "{text}");
+    assert!(
+        h.detail.starts_with(
+            "tc ingress filter bpf on ca, tc ingress filter u32 on ca redirects to cifb (shaping qdisc tbf there: a \
+             download shaper): "
+        ),
+        "{text}"
+    );
+    assert!(h.remedy.as_deref().unwrap().contains("instead of an ifb on ca's ingress"), "{text}");
+    let h = finding(cb, "device_hooks");
+    assert!(h.detail.starts_with("nft chain netdev nfo_t e on cb egress: "), "TC keeps cb's htb: {text}");
+    assert!(finding(cc, "device_hooks").detail.starts_with("nft chain inet nfo_i i on cc ingress: "), "{text}");
 
     assert!(cb.shaper);
     assert_eq!(cb.egress_qdisc, "htb");
@@ -477,7 +541,7 @@ fn netns_scenario() {
     let r = run(&CheckOpts { ifaces: Vec::new(), mode: ModeChoice::Auto });
     let mut names: Vec<&str> = r.interfaces.iter().map(|i| i.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["ca", "cb", "cc", "cd"]);
+    assert_eq!(names, ["ca", "cb", "cc", "cd", "cifb"]);
     let cd = r.interfaces.iter().find(|i| i.name == "cd").unwrap();
     assert_eq!(cd.xdp_redirect_target, Some(true), "peer cc has an XDP program");
 }

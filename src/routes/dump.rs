@@ -15,15 +15,32 @@ const DUMP_SEQ: u32 = 1;
 /// Every message the kernel answers `request` (a Get* message) with. A dump
 /// interrupted by a concurrent change (NLM_F_DUMP_INTR) is repeated.
 pub fn dump(request: RouteNetlinkMessage, what: &str) -> Result<Vec<RouteNetlinkMessage>> {
+    dump_map(request, what, |m| match m {
+        Ok(m) => Ok(Some(m)),
+        Err(_) => bail!("undecodable reply"),
+    })
+}
+
+/// `dump`, each reply message handed to `take`: decoded, or as its raw
+/// bytes (header included) when netlink-packet-route cannot decode it.
+pub fn dump_map<T>(
+    request: RouteNetlinkMessage,
+    what: &str,
+    mut take: impl FnMut(std::result::Result<RouteNetlinkMessage, &[u8]>) -> Result<Option<T>>,
+) -> Result<Vec<T>> {
     for _ in 0..3 {
-        if let (msgs, false) = dump_once(request.clone()).with_context(|| format!("rtnetlink {what} dump"))? {
+        if let (msgs, false) =
+            dump_once(request.clone(), &mut take).with_context(|| format!("rtnetlink {what} dump"))?
+        {
             return Ok(msgs);
         }
     }
     bail!("rtnetlink {what} dump: interrupted by concurrent changes three times in a row")
 }
 
-fn dump_once(request: RouteNetlinkMessage) -> Result<(Vec<RouteNetlinkMessage>, bool)> {
+type Take<'a, T> = dyn FnMut(std::result::Result<RouteNetlinkMessage, &[u8]>) -> Result<Option<T>> + 'a;
+
+fn dump_once<T>(request: RouteNetlinkMessage, take: &mut Take<'_, T>) -> Result<(Vec<T>, bool)> {
     let mut msg = NetlinkMessage::new(NetlinkHeader::default(), request.into());
     msg.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     msg.header.sequence_number = DUMP_SEQ;
@@ -31,14 +48,19 @@ fn dump_once(request: RouteNetlinkMessage) -> Result<(Vec<RouteNetlinkMessage>, 
     let mut buf = vec![0; msg.buffer_len()];
     msg.serialize(&mut buf);
     let (mut out, mut intr) = (Vec::new(), false);
-    exchange(&buf, |datagram| absorb(datagram, &mut out, &mut intr))?;
+    exchange(&buf, |datagram| absorb(datagram, &mut out, &mut intr, take))?;
     Ok((out, intr))
 }
 
 /// Send `request` on a fresh rtnetlink socket and hand each reply datagram
 /// to `take` until it says the dump is done.
-pub fn exchange(request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
-    let mut sock = Socket::new(NETLINK_ROUTE)?;
+pub fn exchange(request: &[u8], take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
+    exchange_on(NETLINK_ROUTE, request, take)
+}
+
+/// `exchange` on a netlink family of choice (nfnetlink for nf_tables).
+pub fn exchange_on(protocol: isize, request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
+    let mut sock = Socket::new(protocol)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
     sock.send(request, 0)?;
@@ -58,7 +80,7 @@ pub fn exchange(request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> 
 }
 
 /// Take the replies in one datagram; true when the dump is done.
-fn absorb(mut datagram: &[u8], out: &mut Vec<RouteNetlinkMessage>, intr: &mut bool) -> Result<bool> {
+fn absorb<T>(mut datagram: &[u8], out: &mut Vec<T>, intr: &mut bool, take: &mut Take<'_, T>) -> Result<bool> {
     while !datagram.is_empty() {
         let nl = NetlinkBuffer::new_checked(datagram).map_err(|e| anyhow!("undecodable reply: {e}"))?;
         let (len, flags, seq) = (nl.length() as usize, nl.flags(), nl.sequence_number());
@@ -68,10 +90,15 @@ fn absorb(mut datagram: &[u8], out: &mut Vec<RouteNetlinkMessage>, intr: &mut bo
             continue;
         }
         *intr |= flags & NLM_F_DUMP_INTR != 0;
-        let m =
-            NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg).map_err(|e| anyhow!("undecodable reply: {e}"))?;
+        let m = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
+            Ok(m) => m,
+            Err(e) => {
+                out.extend(take(Err(msg)).map_err(|x| anyhow!("{x}: {e}"))?);
+                continue;
+            }
+        };
         match m.payload {
-            NetlinkPayload::InnerMessage(m) => out.push(m),
+            NetlinkPayload::InnerMessage(m) => out.extend(take(Ok(m))?),
             NetlinkPayload::Done(d) if d.code != 0 => return Err(io::Error::from_raw_os_error(d.code.abs()).into()),
             NetlinkPayload::Done(_) => return Ok(true),
             NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io().into()),

@@ -146,6 +146,10 @@ pub struct Changes {
     pub addresses: bool,
     /// `ip rule` added or removed.
     pub rules: bool,
+    /// A qdisc or tc filter added, changed or removed (RTMGRP_TC): the
+    /// device hooks are read again (`hooks`). Not in `any`: routes did not
+    /// move.
+    pub tc: bool,
     /// Overrun: assume everything changed.
     pub lost: bool,
 }
@@ -188,14 +192,15 @@ impl RouteFacts {
     }
 }
 
-/// rtnetlink multicast listener for links, neighbours, routes, addresses
-/// and rules.
+/// rtnetlink multicast listener for links, neighbours, routes, addresses,
+/// rules and tc.
 pub struct RouteWatch {
     fd: RawFd,
 }
 
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_TC: u32 = 0x8;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
@@ -223,6 +228,7 @@ impl RouteWatch {
             sa.nl_family = libc::AF_NETLINK as u16;
             sa.nl_groups = RTMGRP_LINK
                 | RTMGRP_NEIGH
+                | RTMGRP_TC
                 | RTMGRP_IPV4_IFADDR
                 | RTMGRP_IPV4_ROUTE
                 | RTMGRP_IPV6_IFADDR
@@ -304,6 +310,10 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
     const RTM_DELNEIGH: u16 = 29;
     const RTM_NEWRULE: u16 = 32;
     const RTM_DELRULE: u16 = 33;
+    const RTM_NEWQDISC: u16 = 36;
+    const RTM_DELQDISC: u16 = 37;
+    const RTM_NEWTFILTER: u16 = 44;
+    const RTM_DELTFILTER: u16 = 45;
     const IFF_UP: u32 = 0x1;
     const IFF_LOWER_UP: u32 = 0x10000;
     while b.len() >= 16 {
@@ -325,6 +335,7 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
             RTM_NEWROUTE | RTM_DELROUTE => ch.routes = true,
             RTM_NEWNEIGH | RTM_DELNEIGH => ch.neighbours = true,
             RTM_NEWRULE | RTM_DELRULE => ch.rules = true,
+            RTM_NEWQDISC | RTM_DELQDISC | RTM_NEWTFILTER | RTM_DELTFILTER => ch.tc = true,
             _ => {}
         }
         let adv = (len + 3) & !3;
@@ -366,6 +377,11 @@ mod tests {
         let mut ch = Changes::default();
         parse_rtnl(&msg(33, &[0u8; 12]), &mut ch);
         assert!(ch.rules && ch.any(), "RTM_DELRULE");
+        for ty in [36, 37, 44, 45] {
+            let mut ch = Changes::default();
+            parse_rtnl(&msg(ty, &[0u8; 20]), &mut ch);
+            assert!(ch.tc && !ch.any(), "tc message {ty}: hooks re-read, routes untouched");
+        }
         ifi[8..12].copy_from_slice(&0x10001u32.to_ne_bytes());
         let mut ch = Changes::default();
         parse_rtnl(&msg(16, &ifi), &mut ch);

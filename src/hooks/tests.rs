@@ -1,0 +1,164 @@
+//! The decision table: one row per hook, side and mode.
+
+use super::*;
+
+const LAN: u32 = 3;
+const WAN: u32 = 4;
+
+fn port(name: &str, xdp: bool) -> DeviceHooks {
+    DeviceHooks { name: name.into(), xdp, ..Default::default() }
+}
+
+fn sqm_ingress() -> TcFilter {
+    TcFilter {
+        kind: "u32".into(),
+        actions: vec!["mirred".into()],
+        target: Some(("ifb4rwan".into(), Some("tbf".into()))),
+    }
+}
+
+fn facts(lan: DeviceHooks, wan: DeviceHooks) -> HookFacts {
+    HookFacts { ports: [(LAN, lan), (WAN, wan)].into_iter().collect() }
+}
+
+/// (what, lan, wan, download (WAN->LAN) bypass side, upload (LAN->WAN) bypass side)
+type Row = (&'static str, DeviceHooks, DeviceHooks, Option<Side>, Option<Side>);
+
+#[test]
+fn which_directions_skip_a_hook() {
+    let tc = |f: fn(&mut DeviceHooks), xdp: bool, name: &str| {
+        let mut d = port(name, xdp);
+        f(&mut d);
+        d
+    };
+    let rows: Vec<Row> = vec![
+        ("nothing on either port", port("rlan", false), port("rwan", false), None, None),
+        (
+            "sqm download shaper: tc ingress on the WAN holds downloads only",
+            port("rlan", false),
+            tc(|d| d.ingress_filters.push(sqm_ingress()), false, "rwan"),
+            Some(Side::Ingress),
+            None,
+        ),
+        (
+            "sqm upload shaper: htb on the WAN egress is kept by a TC redirect",
+            port("rlan", false),
+            tc(|d| d.shaper = Some("htb".into()), false, "rwan"),
+            None,
+            None,
+        ),
+        (
+            "htb on the WAN egress in XDP mode: uploads would bypass it",
+            port("rlan", true),
+            tc(|d| d.shaper = Some("htb".into()), true, "rwan"),
+            None,
+            Some(Side::Egress),
+        ),
+        (
+            "tc egress filter: kept by TC",
+            port("rlan", false),
+            tc(
+                |d| d.egress_filters.push(TcFilter { kind: "matchall".into(), actions: vec![], target: None }),
+                false,
+                "rwan",
+            ),
+            None,
+            None,
+        ),
+        (
+            "tc egress filter: skipped by XDP",
+            port("rlan", true),
+            tc(
+                |d| d.egress_filters.push(TcFilter { kind: "matchall".into(), actions: vec![], target: None }),
+                true,
+                "rwan",
+            ),
+            None,
+            Some(Side::Egress),
+        ),
+        (
+            "netdev ingress chain on the LAN: uploads arrive through it",
+            tc(|d| d.ingress_chains.push("netdev t dscp".into()), false, "rlan"),
+            port("rwan", false),
+            None,
+            Some(Side::Ingress),
+        ),
+        (
+            "netdev egress chain on the WAN: a TC redirect skips it (nf_skip_egress)",
+            port("rlan", false),
+            tc(|d| d.egress_chains.push("netdev t dscp_out".into()), false, "rwan"),
+            None,
+            Some(Side::Egress),
+        ),
+        (
+            "netdev egress chain on the WAN in XDP mode",
+            port("rlan", true),
+            tc(|d| d.egress_chains.push("netdev t dscp_out".into()), true, "rwan"),
+            None,
+            Some(Side::Egress),
+        ),
+        (
+            "ingress and egress chains: ingress is named first",
+            tc(|d| d.egress_chains.push("netdev t e".into()), false, "rlan"),
+            tc(|d| d.ingress_chains.push("inet fw i".into()), false, "rwan"),
+            Some(Side::Ingress),
+            None,
+        ),
+        (
+            "unreadable WAN: both directions held",
+            port("rlan", false),
+            tc(|d| d.unreadable = Some("EPERM".into()), false, "rwan"),
+            Some(Side::Ingress),
+            Some(Side::Egress),
+        ),
+    ];
+    for (what, lan, wan, down, up) in rows {
+        let f = facts(lan, wan);
+        assert_eq!(f.bypass(WAN, LAN).map(|b| b.side), down, "{what}: download");
+        assert_eq!(f.bypass(LAN, WAN).map(|b| b.side), up, "{what}: upload");
+    }
+}
+
+#[test]
+fn why_names_device_hook_and_remedy() {
+    let mut wan = port("rwan", false);
+    wan.ingress_filters.push(sqm_ingress());
+    let why = facts(port("rlan", false), wan).bypass(WAN, LAN).unwrap().why;
+    assert_eq!(
+        why,
+        "tc ingress filter u32 on rwan redirects to ifb4rwan (shaping qdisc tbf there: a download shaper): the fast \
+         path runs before it, so this direction stays on the slow path; to offload it, shape on the egress of rlan \
+         (htb or cake there) instead of an ifb on rwan's ingress"
+    );
+    let mut lan = port("rlan", false);
+    lan.ingress_chains.push("netdev t dscp".into());
+    let why = facts(lan, port("rwan", false)).bypass(LAN, WAN).unwrap().why;
+    assert_eq!(
+        why,
+        "nft chain netdev t dscp on rlan ingress: the fast path runs before it, so this direction stays on the slow \
+         path; remove it to offload this direction"
+    );
+    let mut wan = port("rwan", true);
+    wan.shaper = Some("tbf".into());
+    let why = facts(port("rlan", true), wan).bypass(LAN, WAN).unwrap().why;
+    assert!(why.starts_with("shaping qdisc tbf on rwan: an XDP redirect (ndo_xdp_xmit)"), "{why}");
+    assert!(why.ends_with("use --mode tc (a TC redirect keeps the qdisc and tc egress filters)"), "{why}");
+    let mut wan = port("rwan", false);
+    wan.ingress_filters.push(TcFilter { kind: "matchall".into(), actions: vec!["police".into()], target: None });
+    let why = facts(port("rlan", false), wan).bypass(WAN, LAN).unwrap().why;
+    assert!(why.starts_with("tc ingress filter matchall on rwan (actions: police): "), "{why}");
+}
+
+#[test]
+fn summary_lists_only_hooked_ports() {
+    let mut wan = port("rwan", false);
+    wan.ingress_filters.push(sqm_ingress());
+    wan.shaper = Some("htb".into());
+    let s = facts(port("rlan", false), wan.clone()).summary();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, "rwan");
+    assert_eq!(s[0].1.len(), 1, "a TC port keeps its shaper: {s:?}");
+    wan.xdp = true;
+    let s = facts(port("rlan", true), wan).summary();
+    assert_eq!(s[0].1.len(), 2, "an XDP port's shaper is skipped: {s:?}");
+}
