@@ -6,14 +6,25 @@
 //! judged again (its holds recomputed, flipped in place in the map).
 
 use crate::conntrack::CtEntry;
-use crate::flow::{Direction, Held};
+use crate::flow::{Direction, Held, Hold};
+use crate::hooks::{HookFacts, Side};
 use crate::policy::verdict::Holds;
 
 #[derive(Default)]
-pub(super) struct HoldFacts {}
+pub(super) struct HoldFacts {
+    /// tc filters, nftables device chains and (XDP) shapers on the managed
+    /// ports (`hooks`), re-read on RTMGRP_TC and nf_tables notifications.
+    pub hooks: HookFacts,
+}
 
 impl Holds for HoldFacts {
-    fn held(&self, _e: &CtEntry, _dir: usize, _d: &Direction) -> Option<Held> {
-        None
+    fn held(&self, _e: &CtEntry, _dir: usize, d: &Direction) -> Option<Held> {
+        self.hooks.bypass(d.key.ifindex, d.val.out_ifindex).map(|b| Held {
+            hold: match b.side {
+                Side::Ingress => Hold::IngressHook,
+                Side::Egress => Hold::EgressHook,
+            },
+            why: b.why,
+        })
     }
 }

@@ -27,8 +27,10 @@ use anyhow::{Context, Result};
 
 use crate::conntrack::{CtEntry, CtError, CtEvent, CtSocket, Seen};
 use crate::control::{ControlServer, Request, Response};
+use crate::dataplane::Mode;
 use crate::dataplane::{fo_flow_key, Dataplane, WakeEvents};
 use crate::flow::{ConnId, CtTimeouts, TeardownReason};
+use crate::hooks::{self, NftWatch, Port};
 use crate::host;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
@@ -61,6 +63,8 @@ struct Sources {
     wake: WakeEvents,
     routes: RouteWatch,
     control: ControlServer,
+    /// nf_tables table and chain changes (device chains: `hooks`).
+    nft: NftWatch,
 }
 
 pub struct Engine {
@@ -121,6 +125,7 @@ impl Engine {
         let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
+        let nft = NftWatch::new().context("subscribing to nf_tables notifications")?;
         let wake = dp.wake_events()?;
         if let Some(rs) = &ruleset {
             // Attached first, ruleset second: if nft fails now the engine is
@@ -144,8 +149,11 @@ impl Engine {
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             holds: HoldFacts::default(),
         };
+        // After attaching (the modes are known) and after the ruleset (its
+        // device chains count), before the first verdict.
+        core.read_hooks();
         core.resync().context("initial conntrack dump")?;
-        Ok(Engine { src: Sources { ct_events, wake, routes, control }, core })
+        Ok(Engine { src: Sources { ct_events, wake, routes, control, nft }, core })
     }
 
     /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
@@ -163,6 +171,7 @@ impl Engine {
                 libc::pollfd { fd: src.routes.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.control.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.wake.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: src.nft.fd(), events: libc::POLLIN, revents: 0 },
             ];
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
@@ -194,6 +203,9 @@ impl Engine {
             if fds[3].revents != 0 {
                 let keys = src.wake.drain();
                 core.wake(Some(&keys));
+            }
+            if fds[4].revents != 0 && src.nft.drain() {
+                core.read_hooks();
             }
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
@@ -299,6 +311,9 @@ impl Core {
             }
         }
         self.facts.refresh(ch);
+        if ch.tc || ch.lost {
+            self.read_hooks();
+        }
         if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
             self.flows.discount_wakes();
         }
@@ -311,10 +326,28 @@ impl Core {
     /// every offloaded and waiting connection is judged again with its
     /// path resolved again, so its holds follow, then every conntrack entry
     /// (per change, not per tick: these changes are rare).
-    #[allow(dead_code)] // called by the hold sources
     fn facts_changed(&mut self) {
         self.route_dirty.get_or_insert_with(Instant::now);
         self.holds_dirty = true;
+    }
+
+    /// Read the managed ports' device hooks again (a tc or nf_tables change,
+    /// or a retry after they could not be read); a change re-judges.
+    fn read_hooks(&mut self) {
+        let ports: Vec<Port> = self
+            .ifaces
+            .0
+            .iter()
+            .map(|i| Port { ifindex: i.ifindex, name: i.name.clone(), xdp: i.mode == Mode::Xdp })
+            .collect();
+        let new = hooks::read(&ports);
+        if new != self.holds.hooks {
+            for (dev, what) in new.summary() {
+                tracing::info!(iface = %dev, hooks = %what.join("; "), "the fast path steps aside for these");
+            }
+            self.holds.hooks = new;
+            self.facts_changed();
+        }
     }
 
     /// Something in routes, rules, neighbours, addresses or links changed: every
@@ -349,6 +382,10 @@ impl Core {
             if t != self.timeouts {
                 tracing::info!(?t, "conntrack timeouts changed");
                 self.timeouts = t;
+            }
+            // Unreadable hooks hold their ports' directions: try again.
+            if self.holds.hooks.ports.values().any(|d| d.unreadable.is_some()) {
+                self.read_hooks();
             }
         }
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);

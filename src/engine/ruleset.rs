@@ -83,6 +83,9 @@ impl Core {
         self.ifaces.detach(self.flows.dp_mut(), &removed);
         self.flows.set_label_bits(label_bits(Some(&rs)));
         self.ruleset = Some(rs);
+        // The ports changed, and the new ruleset may carry device chains
+        // (its notifications arrive too; the ports do not).
+        self.read_hooks();
         tracing::info!(file = name, reoffload = n, "ruleset reloaded");
         Ok(format!(
             "reloaded {name}: {} interface(s) added, {} removed, {} offloaded connection(s) sent back through the new rules",
