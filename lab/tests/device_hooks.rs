@@ -23,9 +23,14 @@ const SHAPED_MAX_MBIT: f64 = SHAPER_MBIT * 1.5;
 const ECHO_PORT: u16 = 9999;
 
 fn lab() -> Lab {
+    lab_with(false)
+}
+
+/// `xdp_safe`: veth ends set up for native XDP redirect (see `LabOpts`).
+fn lab_with(xdp_safe: bool) -> Lab {
     static N: AtomicU32 = AtomicU32::new(0);
     let prefix = format!("dh{}x{}", std::process::id() % 100000, N.fetch_add(1, Ordering::SeqCst));
-    let lab = Lab::up(&LabOpts { prefix, xdp_safe: false, isolate_router_cpu: false }).expect("lab up");
+    let lab = Lab::up(&LabOpts { prefix, xdp_safe, isolate_router_cpu: false }).expect("lab up");
     lab.warm_neighbours().expect("neighbours");
     lab.load_ruleset().expect("ruleset");
     lab
@@ -52,6 +57,14 @@ impl Drop for Bg {
 
 fn daemon(lab: &Lab) -> Daemon {
     Daemon::start(lab, &[]).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The server's receive rate over `window`, in Mbit/s.
+fn server_rx_mbit(lab: &Lab, window: Duration) -> f64 {
+    let b0 = lab.iface_stats(&lab.wan, "wan0").unwrap().1;
+    sleep(window);
+    let b1 = lab.iface_stats(&lab.wan, "wan0").unwrap().1;
+    (b1 - b0) as f64 * 8.0 / window.as_secs_f64() / 1e6
 }
 
 /// sqm-scripts' download side: an ifb with the shaper (TBF here: this
@@ -208,6 +221,34 @@ fn sqm_enabled_while_offloaded_shapes_within_a_second() {
     eprintln!("tc filter add -> download held: {} (the tc command itself: {})", ms(&on), ms(&cmd));
     eprintln!("tc filter del -> download fast again: {}", ms(&off));
     iperf_mbit(down);
+}
+
+/// `--mode xdp`: an XDP redirect would skip the WAN's qdisc, so a shaper
+/// added there while an upload is offloaded holds the upload within a
+/// second and the kernel shapes it; the ACKs stay on the XDP fast path.
+#[test]
+fn xdp_mode_never_redirects_past_a_shaper() {
+    let lab = lab_with(true);
+    let d = Daemon::start(&lab, &["--mode", "xdp"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _srv = iperf_server(&lab);
+    let up = iperf(&lab, 40004, &["-t", "8"]);
+    sleep(Duration::from_millis(1500));
+    assert_eq!(flow(&d, 40004).expect("offloaded")["mode"], "xdp");
+    assert_eq!(slow(&d, 40004, 0), None, "no shaper yet: fast");
+    let t0 = Instant::now();
+    htb_upload_shaper(&lab);
+    wait_held(&d, 40004, 0, true, "tc qdisc add htb");
+    eprintln!("xdp: htb added -> upload held after {} ms", t0.elapsed().as_millis());
+    let why = slow(&d, 40004, 0).unwrap();
+    assert!(why.starts_with("shaping qdisc htb on rwan: an XDP redirect (ndo_xdp_xmit) skips"), "{why}");
+    assert!(why.ends_with("use --mode tc (a TC redirect keeps the qdisc and tc egress filters)"), "{why}");
+    assert_eq!(slow(&d, 40004, 1), None, "the ACKs leave by rlan, which has no shaper");
+    sleep(Duration::from_millis(1000));
+    let shaped = server_rx_mbit(&lab, Duration::from_millis(1500));
+    assert!(shaped < SHAPED_MAX_MBIT, "upload at {shaped:.1} Mbit/s through a {SHAPER_MBIT} Mbit/s HTB");
+    let st = d.status().unwrap();
+    assert!(st["slow_path"]["held_egress_hook"].as_u64() > Some(100), "{st}");
+    iperf_mbit(up);
 }
 
 /// The server's count of echo datagrams that arrived marked cs1.
