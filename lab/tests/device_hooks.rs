@@ -122,14 +122,22 @@ fn slow(d: &Daemon, sport: u16, dir: usize) -> Option<String> {
     f["slow"][dir].as_str().map(String::from)
 }
 
-/// Wait for direction `dir` of the connection to be `held` (or not).
-/// Fails after 1 s.
-fn wait_held(d: &Daemon, sport: u16, dir: usize, held: bool, what: &str) {
+/// Whether direction `dir` of the connection became `held` (or not)
+/// within 1 s.
+fn held_within_1s(d: &Daemon, sport: u16, dir: usize, held: bool) -> bool {
     let t0 = Instant::now();
     while slow(d, sport, dir).is_some() != held {
-        assert!(t0.elapsed() < Duration::from_secs(1), "{what}: not applied within 1 s");
+        if t0.elapsed() > Duration::from_secs(1) {
+            return false;
+        }
         sleep(Duration::from_millis(5));
     }
+    true
+}
+
+/// `held_within_1s` or fail, naming the change.
+fn wait_held(d: &Daemon, sport: u16, dir: usize, held: bool, what: &str) {
+    assert!(held_within_1s(d, sport, dir, held), "{what}: not applied within 1 s");
 }
 
 /// The client's receive rate over `window`, in Mbit/s.
@@ -161,12 +169,14 @@ fn sqm_shape_keeps_downloads_and_uploads_shaped() {
 
     let down = iperf(&lab, 40001, &["-R", "-t", "4"]);
     sleep(Duration::from_millis(1500));
-    let why = slow(&d, 40001, 1).expect("the download direction is held");
-    assert!(why.starts_with("tc ingress filter u32 on rwan redirects to ifb4rwan (shaping qdisc tbf there"), "{why}");
-    assert!(why.contains("shape on the egress of rlan"), "the remedy names the LAN port: {why}");
-    assert_eq!(slow(&d, 40001, 0), None, "the ACKs (upload direction) stay fast");
+    let slow_down = [slow(&d, 40001, 0), slow(&d, 40001, 1)];
     let mbit = iperf_mbit(down);
     assert!(mbit < SHAPED_MAX_MBIT && mbit > 5.0, "download at {mbit:.1} Mbit/s through a {SHAPER_MBIT} Mbit/s shaper");
+    eprintln!("sqm shape: download {mbit:.1} Mbit/s");
+    let why = slow_down[1].clone().expect("the download direction is held");
+    assert!(why.starts_with("tc ingress filter u32 on rwan redirects to ifb4rwan (shaping qdisc tbf there"), "{why}");
+    assert!(why.contains("shape on the egress of rlan"), "the remedy names the LAN port: {why}");
+    assert_eq!(slow_down[0], None, "the ACKs (upload direction) stay fast");
     let st = d.status().unwrap();
     // Counted per skb: the server's veth sends GSO packets.
     assert!(st["slow_path"]["held_ingress_hook"].as_u64() > Some(100), "{st}");
@@ -181,7 +191,7 @@ fn sqm_shape_keeps_downloads_and_uploads_shaped() {
     assert!(p1 - p0 > 500, "upload packets on the fast path in 1 s: {}", p1 - p0);
     let mbit = iperf_mbit(up);
     assert!(mbit < SHAPED_MAX_MBIT && mbit > 5.0, "upload at {mbit:.1} Mbit/s through a {SHAPER_MBIT} Mbit/s HTB");
-    eprintln!("sqm shape: download and upload shaped, upload offloaded");
+    eprintln!("sqm shape: upload {mbit:.1} Mbit/s, offloaded");
 }
 
 /// SQM enabled while a download is offloaded: within a second its
@@ -204,11 +214,12 @@ fn sqm_enabled_while_offloaded_shapes_within_a_second() {
         let t0 = Instant::now();
         run(&lab, &lab.rtr, REDIRECT);
         cmd.push(t0.elapsed());
-        wait_held(&d, 40003, 1, true, "tc filter add");
+        let held = held_within_1s(&d, 40003, 1, true);
         on.push(t0.elapsed());
-        sleep(Duration::from_millis(1000));
+        sleep(Duration::from_millis(1000).saturating_sub(t0.elapsed()));
         let shaped = client_rx_mbit(&lab, Duration::from_millis(1000));
-        assert!(shaped < SHAPED_MAX_MBIT, "round {round}: {shaped:.1} Mbit/s after the shaper came on");
+        assert!(shaped < SHAPED_MAX_MBIT, "round {round}: {shaped:.1} Mbit/s from 1 s after the shaper came on");
+        assert!(held, "tc filter add: not applied within 1 s");
         assert_eq!(slow(&d, 40003, 0), None, "the other direction stays fast");
         let t0 = Instant::now();
         run(&lab, &lab.rtr, UNREDIRECT);
@@ -237,15 +248,16 @@ fn xdp_mode_never_redirects_past_a_shaper() {
     assert_eq!(slow(&d, 40004, 0), None, "no shaper yet: fast");
     let t0 = Instant::now();
     htb_upload_shaper(&lab);
-    wait_held(&d, 40004, 0, true, "tc qdisc add htb");
+    let held = held_within_1s(&d, 40004, 0, true);
     eprintln!("xdp: htb added -> upload held after {} ms", t0.elapsed().as_millis());
+    sleep(Duration::from_millis(1000));
+    let shaped = server_rx_mbit(&lab, Duration::from_millis(1500));
+    assert!(shaped < SHAPED_MAX_MBIT, "upload at {shaped:.1} Mbit/s through a {SHAPER_MBIT} Mbit/s HTB");
+    assert!(held, "tc qdisc add htb: not applied within 1 s");
     let why = slow(&d, 40004, 0).unwrap();
     assert!(why.starts_with("shaping qdisc htb on rwan: an XDP redirect (ndo_xdp_xmit) skips"), "{why}");
     assert!(why.ends_with("use --mode tc (a TC redirect keeps the qdisc and tc egress filters)"), "{why}");
     assert_eq!(slow(&d, 40004, 1), None, "the ACKs leave by rlan, which has no shaper");
-    sleep(Duration::from_millis(1000));
-    let shaped = server_rx_mbit(&lab, Duration::from_millis(1500));
-    assert!(shaped < SHAPED_MAX_MBIT, "upload at {shaped:.1} Mbit/s through a {SHAPER_MBIT} Mbit/s HTB");
     let st = d.status().unwrap();
     assert!(st["slow_path"]["held_egress_hook"].as_u64() > Some(100), "{st}");
     iperf_mbit(up);
@@ -306,13 +318,13 @@ fn dscp_chain_marks_every_packet(hook: &str, dev: &str, why_start: &str) {
     let d = daemon(&lab);
     let sport = 42100;
     udp_burst(&lab, sport, 20);
-    let why = slow(&d, sport, 0).expect("the upload direction is held");
-    assert!(why.starts_with(why_start), "{why}");
     let (m0, r0) = (marked_at_server(&lab), flow(&d, sport).unwrap()["packets_reply"].as_u64().unwrap());
     udp_burst(&lab, sport, 300);
     let (m1, r1) = (marked_at_server(&lab), flow(&d, sport).unwrap()["packets_reply"].as_u64().unwrap());
     assert_eq!(m1 - m0, 300, "every upload datagram marked by the {hook} chain on {dev}");
     assert!(r1 - r0 >= 290, "the echoes (download direction) stay on the fast path: {} of 300", r1 - r0);
+    let why = slow(&d, sport, 0).expect("the upload direction is held");
+    assert!(why.starts_with(why_start), "{why}");
 
     let (mut on, mut off, mut cmd) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
