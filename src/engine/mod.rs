@@ -311,7 +311,9 @@ impl Core {
             }
         }
         self.facts.refresh(ch);
-        if ch.tc || ch.lost {
+        // A link event too: a mirred target renamed, a port's qdisc
+        // replaced as it comes up.
+        if ch.tc || ch.lost || !ch.links.is_empty() {
             self.read_hooks();
         }
         if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
