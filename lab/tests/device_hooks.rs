@@ -367,3 +367,52 @@ fn netdev_egress_chain_on_the_wan_marks_every_upload_packet() {
         "nft chain netdev nfo_dscp dscp on rwan egress: a TC redirect skips netdev egress chains",
     );
 }
+
+/// A `--nft` ruleset: a flowtable for both ports, masquerade, and with
+/// `dscp` the marking chain on the LAN's ingress.
+fn nft_mode_ruleset(dscp: bool) -> String {
+    let chain = if dscp { dscp_chain("ingress", "rlan") } else { String::new() };
+    format!(
+        "table inet fw4 {{\n flowtable ft {{\n  hook ingress priority 0;\n  devices = {{ \"rlan\", \"rwan\" }};\n }}\n \
+         chain forward {{\n  type filter hook forward priority filter; policy drop;\n  \
+         meta l4proto {{ tcp, udp }} flow offload @ft\n  ct state vmap {{ established : accept, related : accept }}\n  \
+         iifname \"rlan\" oifname \"rwan\" accept\n }}\n chain srcnat {{\n  \
+         type nat hook postrouting priority srcnat; policy accept;\n  oifname \"rwan\" meta nfproto ipv4 masquerade\n \
+         }}\n}}\n{chain}"
+    )
+}
+
+/// The engine's own ruleset (`run --nft`) counts: its netdev chain holds
+/// the uploads (every one marked), and a reload without it brings them back
+/// to the fast path, unmarked.
+#[test]
+fn nft_mode_ruleset_with_a_netdev_chain_holds_its_direction() {
+    let lab = lab();
+    let _echo = echo_server(&lab);
+    let dir = std::env::temp_dir().join(format!("nfo-{}", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (with, without) = (dir.join("with.nft"), dir.join("without.nft"));
+    std::fs::write(&with, nft_mode_ruleset(true)).unwrap();
+    std::fs::write(&without, nft_mode_ruleset(false)).unwrap();
+    let d = Daemon::start_raw(&lab, &["--nft", with.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e:#}"));
+    let sport = 42200;
+    udp_burst(&lab, sport, 20);
+    let m0 = marked_at_server(&lab);
+    udp_burst(&lab, sport, 300);
+    assert_eq!(marked_at_server(&lab) - m0, 300, "every upload datagram marked by the ruleset's own chain");
+    let why = slow(&d, sport, 0).expect("the upload direction is held");
+    assert!(why.starts_with("nft chain netdev nfo_dscp dscp on rlan ingress: "), "{why}");
+    assert_eq!(slow(&d, sport, 1), None, "the echoes stay fast");
+
+    let out = d.cli(&["reload", "--nft", without.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(out.contains("reloaded"), "{out}");
+    udp_burst(&lab, sport, 20);
+    let (m0, p0) =
+        (marked_at_server(&lab), flow(&d, sport).expect("offloaded again")["packets_orig"].as_u64().unwrap());
+    udp_burst(&lab, sport, 300);
+    let (m1, p1) = (marked_at_server(&lab), flow(&d, sport).unwrap()["packets_orig"].as_u64().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(m1 - m0, 0, "the chain went with the reload");
+    assert!(p1 - p0 >= 290, "the upload direction is fast: {} of 300", p1 - p0);
+    assert_eq!(slow(&d, sport, 0), None);
+}
