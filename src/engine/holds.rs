@@ -28,3 +28,32 @@ impl Holds for HoldFacts {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{fo_flow, fo_flow_key};
+    use crate::hooks::DeviceHooks;
+
+    /// The hooks' side becomes the hold code the fast path counts by, and
+    /// the direction is found by its input and output ports.
+    #[test]
+    fn device_hooks_hold_by_side() {
+        let dir = |ifindex, out_ifindex| Direction {
+            key: fo_flow_key { ifindex, ..Default::default() },
+            val: fo_flow { out_ifindex, ..Default::default() },
+        };
+        let mut wan = DeviceHooks { name: "rwan".into(), ..Default::default() };
+        wan.ingress_chains.push("netdev t i".into());
+        wan.egress_chains.push("netdev t e".into());
+        let lan = DeviceHooks { name: "rlan".into(), ..Default::default() };
+        let h = HoldFacts { hooks: HookFacts { ports: [(3, lan), (4, wan)].into_iter().collect() } };
+        let e = crate::flow::tests::tcp_masq();
+        let down = h.held(&e, 1, &dir(4, 3)).expect("arrives on rwan");
+        assert_eq!(down.hold, Hold::IngressHook);
+        assert!(down.why.starts_with("nft chain netdev t i on rwan ingress"), "{}", down.why);
+        let up = h.held(&e, 0, &dir(3, 4)).expect("leaves by rwan");
+        assert_eq!(up.hold, Hold::EgressHook);
+        assert_eq!(h.held(&e, 0, &dir(3, 9)), None, "neither port hooked");
+    }
+}
