@@ -261,8 +261,15 @@ pub fn read(ports: &[Port]) -> HookFacts {
                     }
                 }
                 d.shaper = shaper_of(qdiscs, p.ifindex);
-                if qdiscs.iter().any(|q| q.ifindex == p.ifindex && q.is_hook()) {
-                    match (tc::filters(p.ifindex, tc::PARENT_INGRESS), tc::filters(p.ifindex, tc::PARENT_EGRESS)) {
+                if let Some(hook) = qdiscs.iter().find(|q| q.ifindex == p.ifindex && q.is_hook()) {
+                    // Only clsact has an egress side: the ingress qdisc's
+                    // `ingress_tcf_block` answers any parent with its one
+                    // (ingress) block.
+                    let egress = match hook.kind.as_str() {
+                        "clsact" => tc::filters(p.ifindex, tc::PARENT_EGRESS),
+                        _ => Ok(Vec::new()),
+                    };
+                    match (tc::filters(p.ifindex, tc::PARENT_INGRESS), egress) {
                         (Ok(i), Ok(e)) => {
                             d.ingress_filters = i.iter().map(|f| filter_fact(f, qdiscs)).collect();
                             d.egress_filters = e.iter().map(|f| filter_fact(f, qdiscs)).collect();

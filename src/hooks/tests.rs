@@ -162,3 +162,86 @@ fn summary_lists_only_hooked_ports() {
     let s = facts(port("rlan", true), wan).summary();
     assert_eq!(s[0].1.len(), 2, "an XDP port's shaper is skipped: {s:?}");
 }
+
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e} (is it installed?)"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `read` against the kernel, in a fresh network namespace: chains by
+/// name and side, an ingress qdisc's filters (and no egress side for it),
+/// clsact's egress filters, a mirred target and its shaper, a shaper under
+/// a root qdisc. Needs root; fails (does not skip) without it.
+#[test]
+fn read_from_the_kernel() {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("read_from_the_kernel needs root (unshare(CLONE_NEWNET), veth, tc, nft)");
+    }
+    let r = std::thread::spawn(|| {
+        // SAFETY: plain syscall, affects only this thread (and its children).
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        sh(&["ip", "link", "add", "ha", "type", "veth", "peer", "name", "hb"]);
+        sh(&["ip", "link", "add", "hifb", "type", "ifb"]);
+        for i in ["ha", "hb", "hifb"] {
+            sh(&["ip", "link", "set", "dev", i, "up"]);
+        }
+        sh(&["tc", "qdisc", "add", "dev", "hifb", "root", "handle", "1:", "htb", "default", "1"]);
+        sh(&["tc", "class", "add", "dev", "hifb", "parent", "1:", "classid", "1:1", "htb", "rate", "10mbit"]);
+        sh(&[
+            "tc", "qdisc", "add", "dev", "hifb", "parent", "1:1", "tbf", "rate", "5mbit", "burst", "8k", "latency",
+            "50ms",
+        ]);
+        sh(&["tc", "qdisc", "add", "dev", "ha", "handle", "ffff:", "ingress"]);
+        sh(&[
+            "tc", "filter", "add", "dev", "ha", "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0",
+            "action", "mirred", "egress", "redirect", "dev", "hifb",
+        ]);
+        sh(&["tc", "qdisc", "add", "dev", "hb", "clsact"]);
+        // This kernel has neither matchall nor gact: u32 with a mirror.
+        sh(&[
+            "tc", "filter", "add", "dev", "hb", "egress", "protocol", "all", "u32", "match", "u32", "0", "0", "action",
+            "mirred", "egress", "mirror", "dev", "hifb",
+        ]);
+        sh(&[
+            "nft",
+            "add table netdev t; add chain netdev t i { type filter hook ingress devices = { ha, hb } priority 0; }",
+        ]);
+        let ports = |xdp| {
+            ["ha", "hb"]
+                .map(|n| Port { ifindex: crate::routes::link::ifindex(n).unwrap(), name: n.into(), xdp })
+                .to_vec()
+        };
+        let f = read(&ports(false));
+        let [a, b] = [&f.ports[&ports(false)[0].ifindex], &f.ports[&ports(false)[1].ifindex]];
+        assert_eq!((a.unreadable.as_deref(), b.unreadable.as_deref()), (None, None));
+        assert_eq!(a.ingress_chains, ["netdev t i"]);
+        assert_eq!(b.ingress_chains, ["netdev t i"]);
+        assert_eq!(a.ingress_filters.len(), 1, "{a:?}");
+        assert_eq!(a.ingress_filters[0].kind, "u32");
+        assert_eq!(a.ingress_filters[0].target, Some(("hifb".into(), Some("htb".into()))));
+        assert!(a.egress_filters.is_empty(), "the ingress qdisc has no egress side: {a:?}");
+        assert!(b.ingress_filters.is_empty(), "{b:?}");
+        assert_eq!(b.egress_filters.len(), 1, "{b:?}");
+        assert_eq!(b.egress_filters[0].actions, ["mirred"]);
+        assert_eq!(b.egress_filters[0].target.as_ref().map(|t| t.0.as_str()), Some("hifb"));
+        assert_eq!((a.shaper.as_deref(), b.shaper.as_deref()), (None, None), "veth: noqueue");
+        // Chains and filters gone: nothing left to hold for.
+        sh(&["nft", "delete table netdev t"]);
+        sh(&["tc", "qdisc", "del", "dev", "ha", "ingress"]);
+        sh(&["tc", "qdisc", "del", "dev", "hb", "clsact"]);
+        sh(&["tc", "qdisc", "add", "dev", "hb", "root", "handle", "1:", "htb"]);
+        let f = read(&ports(true));
+        assert_eq!(f.summary(), vec![("hb".to_string(), vec!["shaping qdisc htb on hb".to_string()])]);
+        assert!(f.bypass(ports(true)[0].ifindex, ports(true)[1].ifindex).is_some(), "XDP into hb's htb");
+        assert!(f.bypass(ports(true)[1].ifindex, ports(true)[0].ifindex).is_none());
+    })
+    .join();
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
