@@ -89,6 +89,8 @@ struct Core {
     /// conntrack entry again (a dump), so connections not offloaded
     /// because both directions were held come back when a hold goes.
     holds_dirty: bool,
+    /// `Dataplane::wake_lost` when last scanned.
+    wake_lost: u64,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
     /// What holds directions on the slow path.
@@ -146,6 +148,7 @@ impl Engine {
             ct_resyncs: 0,
             route_dirty: None,
             holds_dirty: false,
+            wake_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             holds: HoldFacts::default(),
         };
@@ -384,6 +387,8 @@ impl Core {
             if t != self.timeouts {
                 tracing::info!(?t, "conntrack timeouts changed");
                 self.timeouts = t;
+                // Every deadline was planned with the old timeouts.
+                self.flows.all_due(now_ns());
             }
             // Unreadable hooks hold their ports' directions: try again.
             if self.holds.hooks.ports.values().any(|d| d.unreadable.is_some()) {
@@ -391,8 +396,13 @@ impl Core {
             }
         }
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);
-        // The scan catches what the wake-up ring buffer may have dropped.
-        self.wake(None);
+        // The scan catches what the wake-up ring buffer dropped, only
+        // when it dropped something: O(dormant) per loss, not per tick.
+        let lost = self.flows.dp().wake_lost();
+        if lost != self.wake_lost {
+            self.wake_lost = lost;
+            self.wake(None);
+        }
         self.retry_waiting();
     }
 
