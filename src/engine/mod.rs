@@ -176,8 +176,11 @@ impl Engine {
                 libc::pollfd { fd: src.wake.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.nft.fd(), events: libc::POLLIN, revents: 0 },
             ];
+            // Wake when pending changes have settled, not up to 100 ms later.
+            let wait =
+                core.route_dirty.map_or(100, |t| ROUTE_SETTLE.saturating_sub(t.elapsed()).as_millis().min(99) + 1);
             // SAFETY: valid array of pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, wait as libc::c_int) };
             // Links before conntrack: a link going down makes the kernel
             // flush the conntrack entries masqueraded through it
             // (nf_nat_masquerade's device notifier, from a work item, so
