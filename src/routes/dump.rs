@@ -37,8 +37,13 @@ fn dump_once(request: RouteNetlinkMessage) -> Result<(Vec<RouteNetlinkMessage>, 
 
 /// Send `request` on a fresh rtnetlink socket and hand each reply datagram
 /// to `take` until it says the dump is done.
-pub fn exchange(request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
-    let mut sock = Socket::new(NETLINK_ROUTE)?;
+pub fn exchange(request: &[u8], take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
+    exchange_on(NETLINK_ROUTE, request, take)
+}
+
+/// [`exchange`] on a netlink family of choice (`xfrm` dumps NETLINK_XFRM).
+pub fn exchange_on(protocol: isize, request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
+    let mut sock = Socket::new(protocol)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
     sock.send(request, 0)?;
