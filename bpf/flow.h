@@ -98,6 +98,7 @@ enum fo_stat {
 	FO_SLOW_MTU,		/* kernel sends frag-needed / PTB */
 	FO_SLOW_XDP_TARGET,	/* egress cannot take an XDP redirect */
 	FO_SLOW_STALE_ENGINE,	/* control plane's heartbeat too old */
+	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
 	FO_STAT_MAX,
 };
 
