@@ -131,6 +131,17 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_TEARDOWN;
 		goto slow;
 	}
+	/* A held direction is the kernel's: stamp last_seen so keepalive and
+	 * idle see the connection in use, count nothing else (conntrack counts
+	 * these packets itself).
+	 */
+	if (f->hold) {
+		f->last_seen_ns = bpf_ktime_get_coarse_ns();
+		reason = f->hold == FO_HOLD_XFRM ? FO_SLOW_HELD_XFRM
+			 : f->hold == FO_HOLD_INGRESS_HOOK ? FO_SLOW_HELD_INGRESS_HOOK
+			 : FO_SLOW_HELD_EGRESS_HOOK;
+		goto slow;
+	}
 	/* FIN/RST: let conntrack see the close, and stop fast-pathing this
 	 * flow (older nf_flow_table behaviour, flow_offload_teardown on
 	 * FIN/RST; the control plane removes both directions).
@@ -392,9 +403,11 @@ int fo_fib_query(struct xdp_md *ctx)
 
 /* Never read: they put these types into the object's BTF so the generated
  * Rust skeleton defines them (the control plane builds fo_fib_req, names
- * the fo_stat counters, sets fo_flow_flag bits and reads fo_teardown codes).
+ * the fo_stat counters, sets fo_flow_flag bits and fo_hold codes, and reads
+ * fo_teardown codes).
  */
 const volatile struct fo_fib_req fo_btf_fib_req;
 const volatile enum fo_stat fo_btf_stat;
 const volatile enum fo_flow_flag fo_btf_flow_flag;
 const volatile enum fo_teardown fo_btf_teardown;
+const volatile enum fo_hold fo_btf_hold;

@@ -36,6 +36,21 @@ enum fo_flow_flag {
 	FO_F_XDP_OK	= 0x04,	/* egress is in fo_tx_ports (XDP redirect target) */
 };
 
+/* fo_flow.hold, set by the control plane: this direction matches a flow
+ * entry but must go through the kernel because something the fast path
+ * would skip applies to it (the other direction may stay fast). The kernel
+ * flowtable has no such state: its hooks run after tc ingress and netdev
+ * ingress and it hands xfrm routes to xfrm (nf_flow_table_ip.c,
+ * nf_flow_offload_ip_hook, FLOW_OFFLOAD_XMIT_XFRM); we cannot, so we step
+ * aside for that direction.
+ */
+enum fo_hold {
+	FO_HOLD_NONE = 0,
+	FO_HOLD_XFRM,		/* its route goes through an xfrm policy */
+	FO_HOLD_INGRESS_HOOK,	/* tc filter / netdev chain on the input device */
+	FO_HOLD_EGRESS_HOOK,	/* netdev chain (or XDP-bypassed tc/qdisc) on the output */
+};
+
 /* fo_flow.teardown, set by the fast path when a packet ends the flow.
  * Zero is a live flow (entries start zeroed). The control plane keeps the
  * larger code of the two directions, so RST ranks above FIN.
@@ -62,7 +77,7 @@ struct fo_flow {
 	__u32 out_ifindex;
 	__u16 mtu;		/* route MTU toward the next hop (L3 bytes) */
 	__u8 flags;
-	__u8 pad0;
+	__u8 hold;		/* enum fo_hold */
 	__u8 dmac[6];		/* next hop */
 	__u8 smac[6];		/* egress interface */
 	__u32 teardown;		/* enum fo_teardown; written by the fast path */
@@ -98,6 +113,9 @@ enum fo_stat {
 	FO_SLOW_MTU,		/* kernel sends frag-needed / PTB */
 	FO_SLOW_XDP_TARGET,	/* egress cannot take an XDP redirect */
 	FO_SLOW_STALE_ENGINE,	/* control plane's heartbeat too old */
+	FO_SLOW_HELD_XFRM,		/* direction held: enum fo_hold */
+	FO_SLOW_HELD_INGRESS_HOOK,
+	FO_SLOW_HELD_EGRESS_HOOK,
 	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
 	FO_STAT_MAX,
 };

@@ -6,7 +6,7 @@
 
 use nft_offload::conntrack::CtTuple;
 use nft_offload::dataplane::{fo_teardown, Dataplane, STAT_NAMES};
-use nft_offload::flow::{build_direction, NextHop};
+use nft_offload::flow::{build_direction, Hold, NextHop};
 use nft_offload_lab::frames::{
     fix_ip4_csum, tcp4, tcp6, udp4, udp6, CLIENT_MAC as CLIENT, RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN,
     SERVER_MAC as SERVER,
@@ -504,6 +504,47 @@ fn fin_and_rst_flag_teardown() {
             let t0 = stat(&lab.dp, "teardown");
             assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)));
             assert_eq!(stat(&lab.dp, "teardown"), t0 + 1);
+        }
+    }
+}
+
+/// A held direction goes to the kernel untouched under its own reason,
+/// stamps last-seen (keepalive) but counts no packets (conntrack does);
+/// the other direction of the same connection stays on the fast path.
+#[test]
+fn held_direction_goes_to_the_kernel_the_other_stays_fast() {
+    for xdp in [true, false] {
+        for hold in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+            let lab = setup();
+            let run = |f: &[u8], on: u32| -> (bool, Vec<u8>) {
+                if xdp {
+                    let (ret, out, _) = lab.dp.test_xdp(f, on, 1).unwrap();
+                    (ret == XDP_REDIRECT, out)
+                } else {
+                    let (ret, out, _) = lab.dp.test_tc(f, on, None, 1).unwrap();
+                    (ret == TC_REDIRECT, out)
+                }
+            };
+            let key =
+                lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.wan && k.dport == 40001u16.to_be()).unwrap();
+            let mut v = lab.dp.get_flow(&key).unwrap();
+            let mut d = nft_offload::flow::Direction { key, val: v };
+            d.set_hold(Some(hold));
+            v.hold = d.val.hold;
+            lab.dp.replace_flow(&key, &v).unwrap();
+
+            let down = udp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 40001, &[7u8; 100]);
+            let r0 = stat(&lab.dp, hold.as_str());
+            let (fwd, out) = run(&down, lab.wan);
+            assert!(!fwd, "{hold:?} xdp={xdp}: a held direction was forwarded");
+            assert_eq!(out, down, "{hold:?} xdp={xdp}: slow-path frame modified");
+            assert_eq!(stat(&lab.dp, hold.as_str()), r0 + 1, "{hold:?} xdp={xdp}");
+            let after = lab.dp.get_flow(&key).unwrap();
+            assert_eq!(after.packets, 0, "{hold:?}: conntrack counts a held direction's packets");
+            assert!(after.last_seen_ns > 0, "{hold:?}: a held direction still stamps last-seen");
+
+            let up = udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, &[7u8; 100]);
+            assert!(run(&up, lab.lan).0, "{hold:?} xdp={xdp}: the other direction left the fast path");
         }
     }
 }

@@ -77,6 +77,11 @@ pub fn render_flows(flows: &[FlowView]) -> String {
             f.mark,
             f.id
         );
+        for (which, why) in ["original", "reply"].iter().zip(&f.slow) {
+            if let Some(why) = why {
+                o += &format!("     {which} direction on the slow path: {why}\n");
+            }
+        }
     }
     o += &format!("nft-offload: {} flow entries offloaded.\n", flows.len());
     o
@@ -163,8 +168,9 @@ mod tests {
             zone: 0,
             nat_src: true,
             nat_dst: false,
+            slow: [None, None],
         };
-        let t = render_flows(&[f]);
+        let t = render_flows(std::slice::from_ref(&f));
         assert_eq!(
             t,
             "udp  17 src=192.168.1.2 dst=203.0.113.2 sport=40000 dport=53 packets=3 bytes=300 \
@@ -172,5 +178,9 @@ mod tests {
              lan0->wan0 idle=1s mark=0 id=77\nnft-offload: 1 flow entries offloaded.\n"
         );
         assert_eq!(render_flows(&[]), "nft-offload: 0 flow entries offloaded.\n");
+        let held = FlowView { slow: [None, Some("tc ingress filter on wan0".into())], ..f };
+        let t = render_flows(&[held]);
+        assert!(t.contains(" id=77\n     reply direction on the slow path: tc ingress filter on wan0\n"), "{t}");
+        assert!(!t.contains("original direction"), "{t}");
     }
 }

@@ -75,4 +75,8 @@ pub struct FlowView {
     pub zone: u16,
     pub nat_src: bool,
     pub nat_dst: bool,
+    /// Per direction (original, reply): why it goes through the kernel
+    /// (`flow::Held`), if it does.
+    #[serde(default)]
+    pub slow: [Option<String>; 2],
 }

@@ -323,6 +323,7 @@ impl FlowTable {
                 && old.val.smac == nd.val.smac
                 && old.val.mtu == nd.val.mtu
                 && old.val.flags == nd.val.flags
+                && old.val.hold == nd.val.hold
             {
                 continue;
             }

@@ -14,6 +14,7 @@
 //! `policy::choose_modes` (XDP or TC per interface).
 
 mod flowtable;
+mod holds;
 mod keepalive;
 mod ports;
 mod ruleset;
@@ -36,6 +37,7 @@ use crate::routes::{RouteFacts, RouteWatch};
 use crate::settings::Settings;
 
 use flowtable::FlowTable;
+use holds::HoldFacts;
 use ports::Interfaces;
 
 /// How long rtnetlink changes settle before paths are resolved again.
@@ -79,8 +81,14 @@ struct Core {
     ct_events: u64,
     ct_resyncs: u64,
     route_dirty: Option<Instant>,
+    /// A hold source changed: with the re-resolution, judge every
+    /// conntrack entry again (a dump), so connections not offloaded
+    /// because both directions were held come back when a hold goes.
+    holds_dirty: bool,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
+    /// What holds directions on the slow path.
+    holds: HoldFacts,
 }
 
 impl Engine {
@@ -132,7 +140,9 @@ impl Engine {
             ct_events: 0,
             ct_resyncs: 0,
             route_dirty: None,
+            holds_dirty: false,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
+            holds: HoldFacts::default(),
         };
         core.resync().context("initial conntrack dump")?;
         Ok(Engine { src: Sources { ct_events, wake, routes, control }, core })
@@ -188,6 +198,11 @@ impl Engine {
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
                 core.reresolve_all();
+                if std::mem::take(&mut core.holds_dirty) {
+                    if let Err(e) = core.resync() {
+                        tracing::error!("conntrack dump after a hold change failed: {e:#}");
+                    }
+                }
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
@@ -265,10 +280,11 @@ impl Core {
             flowtables: self.ruleset.as_ref().map(|r| &r.translated.flowtables[..]),
         };
         let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e));
-        let mut v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, path: path.as_ref() });
+        let mut v =
+            verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: path.as_ref() });
         if matches!(v, Verdict::NeedsPath) {
             let path = resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e);
-            v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, path: Some(&path) });
+            v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: Some(&path) });
         }
         tracing::trace!(id = e.id, ?known, verdict = ?v, "verdict");
         self.flows.apply(e, v);
@@ -289,6 +305,16 @@ impl Core {
         if ch.any() {
             self.route_dirty.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// A source of holds (`holds::HoldFacts`) changed: within ROUTE_SETTLE
+    /// every offloaded and waiting connection is judged again with its
+    /// path resolved again, so its holds follow, then every conntrack entry
+    /// (per change, not per tick: these changes are rare).
+    #[allow(dead_code)] // called by the hold sources
+    fn facts_changed(&mut self) {
+        self.route_dirty.get_or_insert_with(Instant::now);
+        self.holds_dirty = true;
     }
 
     /// Something in routes, rules, neighbours, addresses or links changed: every

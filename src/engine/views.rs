@@ -8,6 +8,8 @@ use crate::dataplane::{fo_stat, Mode, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::proto::{self, AF_INET, IPPROTO_TCP};
 
+use crate::policy::verdict::Holds;
+
 use super::{now_ns, Core};
 
 impl Core {
@@ -76,6 +78,13 @@ impl Core {
                     family: if o.key.family == AF_INET { 4 } else { 6 },
                     nat_src: words_addr(o.key.family, &o.val.new_saddr) != f.entry.orig.src,
                     nat_dst: words_addr(o.key.family, &o.val.new_daddr) != f.entry.orig.dst,
+                    // Recomputed from the current facts, which the
+                    // installed hold followed within ROUTE_SETTLE.
+                    slow: [0, 1].map(|i| {
+                        f.dirs[i].hold().map(|h| {
+                            self.holds.held(&f.entry, i, &f.dirs[i]).map_or_else(|| h.as_str().to_string(), |x| x.why)
+                        })
+                    }),
                 }
             })
             .collect();

@@ -68,6 +68,8 @@ pub enum TeardownReason {
     InterfaceDown,
     RouteChange,
     Policy,
+    /// Both directions must now go through the kernel (`flow::Hold`).
+    Held,
     Shutdown,
 }
 
@@ -82,6 +84,7 @@ impl TeardownReason {
             TeardownReason::InterfaceDown => "interface_down",
             TeardownReason::RouteChange => "route_change",
             TeardownReason::Policy => "policy",
+            TeardownReason::Held => "held",
             TeardownReason::Shutdown => "shutdown",
         }
     }

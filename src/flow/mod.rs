@@ -4,9 +4,11 @@
 //! of an offloaded flow (keepalive, idle timeout, teardown).
 
 pub mod entry;
+pub mod hold;
 pub mod lifecycle;
 
 pub use entry::{build_direction, csum_diff, egress_key, Direction, NextHop};
+pub use hold::{Held, Hold};
 pub use lifecycle::{decide, Action, CtTimeouts, FlowClock, TeardownReason};
 
 use std::net::IpAddr;

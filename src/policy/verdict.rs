@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::conntrack::{tcp_state, CtEntry};
-use crate::flow::{eligible, Direction, Ineligible, TeardownReason};
+use crate::flow::{eligible, Direction, Held, Ineligible, TeardownReason};
 use crate::routes::path::{NoPath, Ports};
 
 use super::exclude::{Excluded, Exclusions};
@@ -88,10 +88,18 @@ impl Known {
     }
 }
 
+/// What holds a direction on the slow path (`flow::Hold`): xfrm policies,
+/// hooks on its devices. `dir` 0 is the original direction, 1 the reply;
+/// `d` arrives on `d.key.ifindex` and leaves by `d.val.out_ifindex`.
+pub trait Holds {
+    fn held(&self, e: &CtEntry, dir: usize, d: &Direction) -> Option<Held>;
+}
+
 /// Facts about the world.
 #[derive(Clone, Copy)]
 pub struct World<'a> {
     pub ports: &'a dyn Ports,
+    pub holds: &'a dyn Holds,
     /// Both directions' path, once resolved (`routes::path`); `None`: not
     /// asked yet (the verdict says `NeedsPath` when it needs it).
     pub path: Option<&'a Result<[Direction; 2], NoPath>>,
@@ -112,6 +120,8 @@ pub enum NotOffloaded {
     /// Found when applying: a direction's flow key is another connection's
     /// map entry (installs never overwrite one).
     KeyCollision,
+    /// Both directions must go through the kernel (original, reply).
+    Held(Box<[Held; 2]>),
 }
 
 impl fmt::Display for NotOffloaded {
@@ -124,6 +134,8 @@ impl fmt::Display for NotOffloaded {
             NotOffloaded::TableFull => f.write_str("flow table full"),
             NotOffloaded::ConntrackUpdateFailed => f.write_str("conntrack update failed"),
             NotOffloaded::KeyCollision => f.write_str("flow key already used by another connection"),
+            NotOffloaded::Held(h) if h[0] == h[1] => write!(f, "both directions: {}", h[0]),
+            NotOffloaded::Held(h) => write!(f, "original: {}; reply: {}", h[0], h[1]),
         }
     }
 }
@@ -177,7 +189,10 @@ pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verd
             // changed mark already took it off above).
             (None, None) if known.mark() != Some(e.mark) => Verdict::NeedsPath,
             (None, None) => Verdict::Update,
-            (None, Some(Ok(dirs))) if admitted(e, dirs, rules, world) => Verdict::Offload(*dirs),
+            (None, Some(Ok(dirs))) if admitted(e, dirs, rules, world) => match with_holds(e, dirs, world) {
+                Ok(dirs) => Verdict::Offload(dirs),
+                Err(_) => Verdict::Teardown(TeardownReason::Held),
+            },
             (None, Some(_)) => Verdict::Teardown(TeardownReason::RouteChange),
         },
         Known::Dormant { woke, .. } => match ineligible {
@@ -201,8 +216,24 @@ fn candidate(e: &CtEntry, rules: &Rules, world: &World) -> Verdict {
         None => Verdict::NeedsPath,
         Some(Err(p)) if p.transient() => Verdict::Wait(p.clone()),
         Some(Err(p)) => Verdict::NotOffloaded(NotOffloaded::NoPath(p.clone())),
-        Some(Ok(dirs)) if admitted(e, dirs, rules, world) => Verdict::Offload(*dirs),
+        Some(Ok(dirs)) if admitted(e, dirs, rules, world) => match with_holds(e, dirs, world) {
+            Ok(dirs) => Verdict::Offload(dirs),
+            Err(held) => Verdict::NotOffloaded(held),
+        },
         Some(Ok(_)) => Verdict::NotOffloaded(NotOffloaded::NotInFlowtable),
+    }
+}
+
+/// The resolved directions with their holds set; both held is no offload.
+fn with_holds(e: &CtEntry, dirs: &[Direction; 2], world: &World) -> Result<[Direction; 2], NotOffloaded> {
+    let mut out = *dirs;
+    let held = [0, 1].map(|i| world.holds.held(e, i, &dirs[i]));
+    for (d, h) in out.iter_mut().zip(&held) {
+        d.set_hold(h.as_ref().map(|h| h.hold));
+    }
+    match held {
+        [Some(a), Some(b)] => Err(NotOffloaded::Held(Box::new([a, b]))),
+        _ => Ok(out),
     }
 }
 

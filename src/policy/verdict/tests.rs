@@ -4,7 +4,7 @@ use super::*;
 use crate::conntrack::status;
 use crate::dataplane::fo_teardown;
 use crate::flow::tests::tcp_masq;
-use crate::flow::{build_direction, NextHop};
+use crate::flow::{build_direction, Hold, NextHop};
 use crate::routes::rules::Selector;
 
 const LAN: u32 = 3;
@@ -29,6 +29,17 @@ impl Ports for FakePorts {
         }
     }
 }
+
+/// Holds each direction as listed (original, reply).
+struct FakeHolds([Option<Hold>; 2]);
+
+impl Holds for FakeHolds {
+    fn held(&self, _: &CtEntry, dir: usize, d: &Direction) -> Option<Held> {
+        self.0[dir].map(|hold| Held { hold, why: format!("{hold:?} on {}", d.key.ifindex) })
+    }
+}
+
+const NO_HOLDS: FakeHolds = FakeHolds([None, None]);
 
 fn label(bit: u32) -> [u8; 16] {
     let mut l = [0u8; 16];
@@ -187,7 +198,7 @@ fn every_branch() {
     let ex = exclusions();
     for (case, mode, e, known, p, want) in cases {
         let rules = Rules { exclude: &ex, flowtables: matches!(mode, Nft).then_some(&fts[..]) };
-        let world = World { ports: &FakePorts, path: p };
+        let world = World { ports: &FakePorts, holds: &NO_HOLDS, path: p };
         let got = verdict(&e, &known, &rules, &world);
         // Direction has no PartialEq (generated type): compare its bytes.
         assert_eq!(format!("{got:?}"), format!("{want:?}"), "{case}");
@@ -209,4 +220,49 @@ fn reasons_read_as_before() {
     for (r, text) in cases {
         assert_eq!(r.to_string(), text);
     }
+}
+
+/// (case, known, holds of original and reply, path, expected)
+type HoldCase<'a> = (&'static str, Known, [Option<Hold>; 2], Option<&'a PathAnswer>, Verdict);
+
+/// One held direction is still offloaded, with the hold in its entry;
+/// both held is no offload (or a teardown); a path not re-resolved keeps
+/// what is installed.
+#[test]
+fn holds_per_direction() {
+    let ok = path(WAN);
+    let dirs = ok.clone().unwrap();
+    let held = |h: [Option<Hold>; 2]| {
+        let mut d = dirs;
+        d[0].set_hold(h[0]);
+        d[1].set_hold(h[1]);
+        d
+    };
+    let why = |hold, ifindex| Held { hold, why: format!("{hold:?} on {ifindex}") };
+    use Hold::*;
+    use Known::Untracked as U;
+    use Verdict as V;
+    #[rustfmt::skip]
+    let cases: Vec<HoldCase> = vec![
+        ("none", U, [None, None], Some(&ok), V::Offload(dirs)),
+        ("download held (ifb on the WAN)", U, [None, Some(IngressHook)], Some(&ok), V::Offload(held([None, Some(IngressHook)]))),
+        ("upload held (xfrm out)", U, [Some(Xfrm), None], Some(&ok), V::Offload(held([Some(Xfrm), None]))),
+        ("both held", U, [Some(Xfrm), Some(EgressHook)], Some(&ok), V::NotOffloaded(NotOffloaded::Held(Box::new([why(Xfrm, LAN), why(EgressHook, WAN)])))),
+        ("offloaded, a hold appears", OFF, [None, Some(IngressHook)], Some(&ok), V::Offload(held([None, Some(IngressHook)]))),
+        ("offloaded, both held now", OFF, [Some(Xfrm), Some(Xfrm)], Some(&ok), V::Teardown(TeardownReason::Held)),
+        ("offloaded, not re-resolved", OFF, [Some(Xfrm), Some(Xfrm)], None, V::Update),
+        ("dormant woke into a hold", WOKE, [Some(EgressHook), None], Some(&ok), V::Offload(held([Some(EgressHook), None]))),
+        ("waiting, both held", WAITING, [Some(IngressHook), Some(IngressHook)], Some(&ok), V::NotOffloaded(NotOffloaded::Held(Box::new([why(IngressHook, LAN), why(IngressHook, WAN)])))),
+    ];
+    let ex = exclusions();
+    for (case, known, h, p, want) in cases {
+        let rules = Rules { exclude: &ex, flowtables: None };
+        let holds = FakeHolds(h);
+        let got = verdict(&plain(), &known, &rules, &World { ports: &FakePorts, holds: &holds, path: p });
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "{case}");
+    }
+    let both = NotOffloaded::Held(Box::new([why(Xfrm, 3), why(IngressHook, 4)]));
+    assert_eq!(both.to_string(), "original: Xfrm on 3; reply: IngressHook on 4");
+    let same = NotOffloaded::Held(Box::new([why(Xfrm, 3), why(Xfrm, 3)]));
+    assert_eq!(same.to_string(), "both directions: Xfrm on 3");
 }

@@ -1,0 +1,92 @@
+//! Holds: a direction of an offloaded connection that the kernel must
+//! forward itself, because something the fast path would skip applies to
+//! it (an xfrm policy, a tc filter or netdev chain on its input device, a
+//! netdev chain on its output). The other direction may stay fast. The
+//! codes are `enum fo_hold` of bpf/flow.h; what holds a direction is
+//! decided by the sources in `engine::holds`, pure per direction.
+
+use std::fmt;
+
+use crate::dataplane::fo_hold;
+
+use super::Direction;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    Xfrm,
+    IngressHook,
+    EgressHook,
+}
+
+impl Hold {
+    pub fn code(self) -> u8 {
+        let c = match self {
+            Hold::Xfrm => fo_hold::FO_HOLD_XFRM,
+            Hold::IngressHook => fo_hold::FO_HOLD_INGRESS_HOOK,
+            Hold::EgressHook => fo_hold::FO_HOLD_EGRESS_HOOK,
+        };
+        c.0 as u8
+    }
+
+    pub fn from_code(c: u8) -> Option<Hold> {
+        [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook].into_iter().find(|h| h.code() == c)
+    }
+
+    /// The fast path's counter for packets of a held direction (`status`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hold::Xfrm => "held_xfrm",
+            Hold::IngressHook => "held_ingress_hook",
+            Hold::EgressHook => "held_egress_hook",
+        }
+    }
+}
+
+/// A hold and its cause in one line, naming the device, chain, filter or
+/// policy and, where there is one, the remedy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Held {
+    pub hold: Hold,
+    pub why: String,
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl Direction {
+    pub fn hold(&self) -> Option<Hold> {
+        Hold::from_code(self.val.hold)
+    }
+
+    pub fn set_hold(&mut self, h: Option<Hold>) {
+        self.val.hold = h.map_or(fo_hold::FO_HOLD_NONE.0 as u8, Hold::code);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{fo_flow, fo_flow_key};
+
+    /// Rust and flow.h agree on every code, and "none" is the zeroed entry.
+    #[test]
+    fn codes_are_flow_h_s() {
+        let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default() };
+        assert_eq!(d.hold(), None);
+        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+            d.set_hold(Some(h));
+            assert_eq!(d.hold(), Some(h));
+            assert_ne!(d.val.hold, 0);
+        }
+        d.set_hold(None);
+        assert_eq!(d.val.hold, 0);
+        let names: Vec<&str> = crate::dataplane::STAT_NAMES.to_vec();
+        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+            assert!(names.contains(&h.as_str()), "{} is a fast-path counter", h.as_str());
+        }
+    }
+}
