@@ -16,4 +16,4 @@ pub mod lab;
 pub mod private_router;
 
 pub use daemon::{router_bin, Daemon, DaemonOpts};
-pub use lab::{Lab, LabOpts};
+pub use lab::{Background, Lab, LabOpts};

@@ -6,14 +6,32 @@
 //! judged again (its holds recomputed, flipped in place in the map).
 
 use crate::conntrack::CtEntry;
-use crate::flow::{Direction, Held};
+use crate::flow::{Direction, Held, Hold};
 use crate::policy::verdict::Holds;
+use crate::xfrm::{self, Spd};
 
 #[derive(Default)]
-pub(super) struct HoldFacts {}
+pub(super) struct HoldFacts {
+    /// The xfrm policies (`xfrm::watch`): a direction the kernel would
+    /// encrypt, or drop for xfrm, is the kernel's.
+    pub xfrm: Spd,
+}
 
 impl Holds for HoldFacts {
-    fn held(&self, _e: &CtEntry, _dir: usize, _d: &Direction) -> Option<Held> {
-        None
+    fn held(&self, _e: &CtEntry, _dir: usize, d: &Direction) -> Option<Held> {
+        xfrm::applies(&self.xfrm, &xfrm::Route::of(d)).map(|a| Held { hold: Hold::Xfrm, why: a.to_string() })
+    }
+}
+
+impl super::Core {
+    /// XFRMNLGRP_POLICY said something (or overran): read the SPD again,
+    /// and if it differs, judge the connections again.
+    pub(super) fn on_xfrm_change(&mut self) {
+        let spd = xfrm::read_spd();
+        if spd != self.holds.xfrm {
+            tracing::info!(policies = spd.policies.len(), unknown = ?spd.unknown, "xfrm policies changed");
+            self.holds.xfrm = spd;
+            self.facts_changed();
+        }
     }
 }

@@ -35,6 +35,7 @@ use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::resolve_path;
 use crate::routes::{RouteFacts, RouteWatch};
 use crate::settings::Settings;
+use crate::xfrm::XfrmWatch;
 
 use flowtable::FlowTable;
 use holds::HoldFacts;
@@ -61,6 +62,8 @@ struct Sources {
     wake: WakeEvents,
     routes: RouteWatch,
     control: ControlServer,
+    /// None: this kernel has no xfrm netlink interface (no policies).
+    xfrm: Option<XfrmWatch>,
 }
 
 pub struct Engine {
@@ -121,6 +124,11 @@ impl Engine {
         let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
+        let xfrm = match XfrmWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => None,
+            Err(e) => return Err(e).context("subscribing to xfrm policy changes"),
+        };
         let wake = dp.wake_events()?;
         if let Some(rs) = &ruleset {
             // Attached first, ruleset second: if nft fails now the engine is
@@ -142,10 +150,10 @@ impl Engine {
             route_dirty: None,
             holds_dirty: false,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
-            holds: HoldFacts::default(),
+            holds: HoldFacts { xfrm: crate::xfrm::read_spd() },
         };
         core.resync().context("initial conntrack dump")?;
-        Ok(Engine { src: Sources { ct_events, wake, routes, control }, core })
+        Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm }, core })
     }
 
     /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
@@ -163,6 +171,7 @@ impl Engine {
                 libc::pollfd { fd: src.routes.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.control.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.wake.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: src.xfrm.as_ref().map_or(-1, XfrmWatch::fd), events: libc::POLLIN, revents: 0 },
             ];
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
@@ -194,6 +203,9 @@ impl Engine {
             if fds[3].revents != 0 {
                 let keys = src.wake.drain();
                 core.wake(Some(&keys));
+            }
+            if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
+                core.on_xfrm_change();
             }
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
@@ -311,7 +323,6 @@ impl Core {
     /// every offloaded and waiting connection is judged again with its
     /// path resolved again, so its holds follow, then every conntrack entry
     /// (per change, not per tick: these changes are rare).
-    #[allow(dead_code)] // called by the hold sources
     fn facts_changed(&mut self) {
         self.route_dirty.get_or_insert_with(Instant::now);
         self.holds_dirty = true;
@@ -343,6 +354,10 @@ impl Core {
     /// Periodic work: keepalive, dormant connections the kernel forwarded,
     /// connections waiting for their path.
     fn tick(&mut self) {
+        // An SPD that could not be read holds everything: try again.
+        if self.holds.xfrm.unknown.is_some() {
+            self.on_xfrm_change();
+        }
         if self.timeouts_read.elapsed() >= TIMEOUTS_EVERY {
             self.timeouts_read = Instant::now();
             let t = host::ct_timeouts();
