@@ -270,3 +270,24 @@ fn time_for_a_policy_to_reach_an_offloaded_connection() {
     ms.sort_unstable();
     eprintln!("xfrm policy to last clear packet: median {} ms, max {} ms, all {ms:?}", ms[2], ms[4]);
 }
+
+/// `check` names the policy that keeps traffic on the slow path, with the
+/// remedy, and says nothing while there is none.
+#[test]
+fn check_names_the_policies_with_a_remedy() {
+    let lab = lab();
+    let exe = nft_offload_lab::router_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    let ipsec = || {
+        let argv = [exe.to_str().unwrap(), "check", "--iface", "rlan", "--iface", "rwan", "-o", "json"];
+        let out = lab.command(&lab.rtr, &argv).output().unwrap();
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("check -o json: {e}"));
+        r["host"].as_array().unwrap().iter().find(|f| f["item"] == "ipsec").cloned().expect("an ipsec finding")
+    };
+    assert_eq!(ipsec()["status"], "ok", "{}", ipsec());
+    ip(&lab, &format!("xfrm policy add {OUT_ESP}"));
+    let f = ipsec();
+    assert_eq!(f["status"], "warn", "{f}");
+    let detail = f["detail"].as_str().unwrap();
+    assert!(detail.contains("`dir out src 192.168.1.0/24 dst 203.0.113.2/32 tmpl esp tunnel`"), "{detail}");
+    assert!(f["remedy"].as_str().is_some_and(|r| r.contains("slow path by design")), "{f}");
+}
