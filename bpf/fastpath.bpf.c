@@ -45,6 +45,11 @@ volatile __u64 fo_engine_beat_ns;
  */
 volatile __u64 fo_csum_ipv6_flag;
 
+/* Wake-ups fo_wake had no room for: the control plane scans the dormant
+ * connections only when this grows, instead of on every tick.
+ */
+volatile __u64 fo_wake_lost;
+
 /* skb fields the worker needs; zero for XDP. */
 struct fo_meta {
 	__u32 ifindex;
@@ -336,8 +341,8 @@ int fo_tc_egress(struct __sk_buff *skb)
 	seen = bpf_map_lookup_elem(&fo_dormant, &p.key);
 	if (seen) {
 		/* Two CPUs may both see 0 and both notify: harmless. */
-		if (!*seen)
-			bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0);
+		if (!*seen && bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0))
+			__sync_fetch_and_add(&fo_wake_lost, 1);
 		*seen = bpf_ktime_get_coarse_ns();
 	}
 	return TC_ACT_UNSPEC;

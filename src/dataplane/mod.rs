@@ -223,6 +223,15 @@ impl Dataplane {
         unsafe { std::ptr::write_volatile(&mut bss.fo_engine_beat_ns, now_ns) };
     }
 
+    /// How many wake-ups TC egress could not put in the ring buffer so
+    /// far (the dormant connections must then be scanned).
+    pub fn wake_lost(&self) -> u64 {
+        let bss = self.skel.maps.bss_data.as_deref().expect("the fast path has a .bss");
+        // SAFETY: a valid pointer into the mmaped .bss; volatile because the
+        // BPF program writes it.
+        unsafe { std::ptr::read_volatile(&bss.fo_wake_lost) }
+    }
+
     pub fn flow_capacity(&self) -> u32 {
         self.skel.maps.fo_flows.max_entries() / 2
     }
@@ -436,6 +445,12 @@ impl Dataplane {
             Ok(Some(v)) => Some(from_bytes::<u64>(&v)),
             _ => None,
         }
+    }
+
+    /// Stamp a watched key as TC egress does (unit tests of the engine).
+    #[cfg(test)]
+    pub fn test_mark_dormant(&self, key: &fo_flow_key, at_ns: u64) {
+        self.skel.maps.fo_dormant.update(bytes_of(key), &at_ns.to_ne_bytes(), MapFlags::ANY).expect("stamp");
     }
 
     pub fn unwatch_dormant(&self, key: &fo_flow_key) {

@@ -8,7 +8,7 @@
 //! this applies them. It also keeps the one memo per connection that
 //! completes ctnetlink's update events (`conntrack::merge`).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
@@ -20,14 +20,19 @@ use crate::proto::IPPROTO_TCP;
 
 use super::now_ns;
 
+/// A new offload's first keepalive look (then `flow::next_check`).
+const FIRST_LOOK_NS: u64 = 250_000_000;
+
 pub(super) struct Offloaded {
     pub entry: CtEntry,
     pub dirs: [Direction; 2],
     pub clock: FlowClock,
     /// Counters of map entries this connection had before a rewrite.
     pub base: [(u64, u64); 2],
-    /// Latest map values, for display and the fast path's FIN/RST flag.
+    /// Map values as keepalive last read them.
     pub last: [fo_flow; 2],
+    /// When keepalive reads its map entries next (`due`).
+    pub check_at: u64,
 }
 
 /// A dormant connection in `--iface` mode, watched by its two egress keys.
@@ -52,6 +57,9 @@ pub struct FlowTable {
     /// Request socket: liberal TCP, label clearing, timeout refresh, dumps.
     pub(super) ct: CtSocket,
     pub(super) offloaded: HashMap<ConnId, Offloaded>,
+    /// Offloaded connections by when keepalive next looks at them
+    /// (`flow::next_check`), so a tick reads only the entries due.
+    due: BTreeSet<(u64, ConnId)>,
     waiting: HashMap<ConnId, CtEntry>,
     dormant: HashMap<ConnId, Dormant>,
     /// Dormant connections by either direction's egress key.
@@ -75,6 +83,7 @@ impl FlowTable {
             dp,
             ct,
             offloaded: HashMap::new(),
+            due: BTreeSet::new(),
             waiting: HashMap::new(),
             dormant: HashMap::new(),
             dormant_keys: HashMap::new(),
@@ -114,7 +123,9 @@ impl FlowTable {
     /// decided by the caller (see `woken`).
     pub fn known(&self, id: &ConnId) -> Known {
         if let Some(f) = self.offloaded.get(id) {
-            let close = f.last.iter().map(|v| v.teardown).max().unwrap_or(0);
+            // Read now, not at keepalive's last look: a conntrack event
+            // about the close may come first, and RST outranks FIN.
+            let close = f.dirs.iter().filter_map(|d| self.dp.get_flow(&d.key)).map(|v| v.teardown).max().unwrap_or(0);
             Known::Offloaded { mark: f.entry.mark, close }
         } else if let Some(d) = self.dormant.get(id) {
             Known::Dormant { mark: d.entry.mark, woke: false }
@@ -136,6 +147,28 @@ impl FlowTable {
 
     pub fn offloaded_ids(&self) -> Vec<ConnId> {
         self.offloaded.keys().copied().collect()
+    }
+
+    /// Offloaded connections keepalive must look at by `now`, taken off the
+    /// schedule (`schedule` puts each back).
+    pub fn due(&mut self, now: u64) -> Vec<ConnId> {
+        let later = self.due.split_off(&(now + 1, ConnId::MIN));
+        std::mem::replace(&mut self.due, later).into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Keepalive looks at offloaded connection `id` next at `at`.
+    pub fn schedule(&mut self, id: ConnId, at: u64) {
+        let Some(f) = self.offloaded.get_mut(&id) else { return };
+        self.due.remove(&(f.check_at, id));
+        f.check_at = at;
+        self.due.insert((at, id));
+    }
+
+    /// Every offloaded connection is due at `now` (the timeouts changed).
+    pub fn all_due(&mut self, now: u64) {
+        for id in self.offloaded_ids() {
+            self.schedule(id, now);
+        }
     }
 
     pub fn waiting_ids(&self) -> Vec<ConnId> {
@@ -160,9 +193,18 @@ impl FlowTable {
             None => self.dormant.iter().filter(|(_, d)| seen(d)).map(|(id, _)| *id).collect(),
             Some(keys) => keys
                 .iter()
-                .filter_map(|k| self.dormant_keys.get(&key_bytes(k)))
-                .filter(|id| self.dormant.get(id).is_some_and(seen))
-                .copied()
+                .filter_map(|k| self.dormant_keys.get(&key_bytes(k)).map(|id| (k, id)))
+                .filter(|(k, id)| {
+                    let woke = self.dormant.get(id).is_some_and(seen);
+                    // Announced but stamped no later than it slept (the
+                    // same coarse-clock tick): re-arm, or the next packet
+                    // would not be announced.
+                    if !woke {
+                        self.dp.watch_dormant(k);
+                    }
+                    woke
+                })
+                .map(|(_, id)| *id)
                 .collect(),
         };
         ids.sort_unstable();
@@ -201,6 +243,9 @@ impl FlowTable {
                         f.clock.ct_expires_ns = now_ns() + u64::from(t) * 1_000_000_000;
                     }
                     f.entry = e;
+                    // Its deadline may have moved: look soon, then plan anew.
+                    let at = f.check_at.min(now_ns() + FIRST_LOOK_NS);
+                    self.schedule(id, at);
                 } else if let Some(d) = self.dormant.get_mut(&id) {
                     d.entry = e;
                 } else if let Some(w) = self.waiting.get_mut(&id) {
@@ -306,7 +351,10 @@ impl FlowTable {
         let clock =
             FlowClock { installed_ns: now, last_seen_ns: 0, last_refresh_ns: now, refreshed_seen_ns: 0, ct_expires_ns };
         let last = [dirs[0].val, dirs[1].val];
-        self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last });
+        // First look a tick from now; from then on `flow::next_check`.
+        let check_at = now + FIRST_LOOK_NS;
+        self.due.insert((check_at, id));
+        self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last, check_at });
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map
@@ -360,6 +408,7 @@ impl FlowTable {
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
         self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
+            self.due.remove(&(f.check_at, *id));
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
             }
@@ -555,6 +604,49 @@ mod tests {
         assert_eq!(ft.dp().dormant_seen(&egress_key(&d[0])), None, "no longer watched");
         assert_eq!(ft.counters.not_offloaded.get("flow table full"), Some(&1));
         assert!(matches!(ft.known(&id), Known::Untracked));
+    }
+
+    /// Keepalive's schedule: a new offload is due one look later, taken
+    /// off when looked at until put back, and gone with the connection.
+    #[test]
+    fn keepalive_reads_only_what_is_due() {
+        let mut ft = private_table(vec![]);
+        let (a, b) = (udp(40010), udp(40011));
+        let (ia, ib) = (ConnId::of(&a), ConnId::of(&b));
+        let t0 = now_ns();
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 2)));
+        assert!(ft.due(t0).is_empty(), "nothing due before the first look");
+        let first = now_ns() + FIRST_LOOK_NS;
+        assert_eq!(ft.due(first), vec![ia, ib]);
+        assert!(ft.due(first).is_empty(), "taken off when listed");
+        ft.schedule(ia, first + 10);
+        ft.schedule(ib, first + 20);
+        ft.schedule(ia, first + 30);
+        assert_eq!(ft.due(first + 25), vec![ib], "a new time replaces the old");
+        ft.teardown(&ia, TeardownReason::Policy);
+        assert!(ft.due(u64::MAX - 1).is_empty(), "a torn-down connection leaves the schedule");
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        ft.all_due(first);
+        assert_eq!(ft.due(first), vec![ia, ib], "every offloaded connection");
+    }
+
+    /// A wake-up announced for a packet stamped in the tick the connection
+    /// slept in does not wake it, and re-arms the watch so the next one is
+    /// announced.
+    #[test]
+    fn an_early_announcement_rearms_the_watch() {
+        let mut ft = private_table(vec![]);
+        let e = udp(40012);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Offload(d));
+        ft.teardown(&ConnId::of(&e), TeardownReason::Idle);
+        let k = egress_key(&d[0]);
+        // What TC egress leaves after announcing: a stamp, here one that
+        // does not postdate the sleep.
+        ft.dp().test_mark_dormant(&k, 1);
+        assert!(ft.woken(Some(&[k])).is_empty());
+        assert_eq!(ft.dp().dormant_seen(&k), Some(0), "re-armed");
     }
 
     #[test]

@@ -1,18 +1,21 @@
-//! Keepalive: read the fast path's counters and stamps of every offloaded
-//! connection, keep its conntrack entry alive while packets flow, and take
-//! it off when it goes idle or the fast path saw it close. The decisions
-//! are `flow::lifecycle::decide` (pure); this reads and applies them.
+//! Keepalive: read the fast path's counters and stamps of an offloaded
+//! connection when it is due (`flow::next_check`: when it could go idle or
+//! need a refresh), keep its conntrack entry alive while packets flow, and
+//! take it off when it goes idle or the fast path saw it close. A tick reads
+//! only the connections due, so 100,000 idle ones cost little. The
+//! decisions are `flow::lifecycle::decide` (pure); this reads and applies
+//! them.
 
 use std::time::Duration;
 
 use crate::conntrack::{status, CtError, CtUpdate};
-use crate::flow::{decide, Action, CtTimeouts, TeardownReason};
+use crate::flow::{decide, next_check, Action, CtTimeouts, TeardownReason};
 
 use super::flowtable::FlowTable;
 
 pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts) {
-    for id in ft.offloaded_ids() {
-        let action = {
+    for id in ft.due(now) {
+        let (action, timeout) = {
             let f = ft.offloaded.get_mut(&id).expect("listed");
             let mut td = 0;
             let mut missing = false;
@@ -29,15 +32,19 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
             if missing {
                 // An entry removed behind our back (map edited by hand):
                 // take the connection off the fast path entirely.
-                Action::Teardown(TeardownReason::Policy)
+                (Action::Teardown(TeardownReason::Policy), 0)
             } else {
                 let seen_reply = f.entry.status & status::SEEN_REPLY != 0 || f.last[1].packets > 0;
-                decide(now, &f.clock, td, idle, timeouts.for_flow(f.entry.orig.proto, seen_reply))
+                let timeout = timeouts.for_flow(f.entry.orig.proto, seen_reply);
+                (decide(now, &f.clock, td, idle, timeout), timeout)
             }
         };
         match action {
             Action::Keep => {}
-            Action::Teardown(r) => ft.teardown(&id, r),
+            Action::Teardown(r) => {
+                ft.teardown(&id, r);
+                continue;
+            }
             Action::Refresh(t) => {
                 let f = ft.offloaded.get_mut(&id).expect("listed");
                 let upd = CtUpdate { timeout: Some(t), ..Default::default() };
@@ -48,10 +55,17 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
                         f.clock.refreshed_seen_ns = f.clock.last_seen_ns;
                         ft.counters.refreshes += 1;
                     }
-                    Err(CtError::NotFound) => ft.teardown(&id, TeardownReason::ConntrackDestroyed),
+                    Err(CtError::NotFound) => {
+                        ft.teardown(&id, TeardownReason::ConntrackDestroyed);
+                        continue;
+                    }
                     Err(err) => tracing::warn!(proto = f.entry.orig.proto, "conntrack timeout refresh failed: {err}"),
                 }
             }
+        }
+        if let Some(f) = ft.offloaded.get(&id) {
+            let at = next_check(now, &f.clock, idle, timeout);
+            ft.schedule(id, at);
         }
     }
 }

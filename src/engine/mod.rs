@@ -88,6 +88,8 @@ struct Core {
     /// conntrack entry again (a dump), so connections not offloaded
     /// because both directions were held come back when a hold goes.
     holds_dirty: bool,
+    /// `Dataplane::wake_lost` when last scanned.
+    wake_lost: u64,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
     /// What holds directions on the slow path.
@@ -149,6 +151,7 @@ impl Engine {
             ct_resyncs: 0,
             route_dirty: None,
             holds_dirty: false,
+            wake_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             holds: HoldFacts { xfrm: crate::xfrm::read_spd() },
         };
@@ -364,11 +367,18 @@ impl Core {
             if t != self.timeouts {
                 tracing::info!(?t, "conntrack timeouts changed");
                 self.timeouts = t;
+                // Every deadline was planned with the old timeouts.
+                self.flows.all_due(now_ns());
             }
         }
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);
-        // The scan catches what the wake-up ring buffer may have dropped.
-        self.wake(None);
+        // The scan catches what the wake-up ring buffer dropped, only
+        // when it dropped something: O(dormant) per loss, not per tick.
+        let lost = self.flows.dp().wake_lost();
+        if lost != self.wake_lost {
+            self.wake_lost = lost;
+            self.wake(None);
+        }
         self.retry_waiting();
     }
 

@@ -58,6 +58,9 @@ impl Core {
             .values()
             .map(|f| {
                 let o = &f.dirs[0];
+                // Keepalive reads the map only when a connection is due:
+                // counters as of now.
+                let cur = [0, 1].map(|i| self.flows.dp().get_flow(&f.dirs[i].key).unwrap_or(f.last[i]));
                 let tcp = f.entry.orig.proto == IPPROTO_TCP;
                 FlowView {
                     id: f.entry.id,
@@ -65,11 +68,13 @@ impl Core {
                     state: tcp.then(|| "ESTABLISHED".into()),
                     orig: tuple(&f.entry.orig),
                     reply: tuple(&f.entry.reply),
-                    packets_orig: f.base[0].0 + f.last[0].packets,
-                    bytes_orig: f.base[0].1 + f.last[0].bytes,
-                    packets_reply: f.base[1].0 + f.last[1].packets,
-                    bytes_reply: f.base[1].1 + f.last[1].bytes,
-                    idle_s: now.saturating_sub(f.clock.last_seen_ns.max(f.clock.installed_ns)) as f64 / 1e9,
+                    packets_orig: f.base[0].0 + cur[0].packets,
+                    bytes_orig: f.base[0].1 + cur[0].bytes,
+                    packets_reply: f.base[1].0 + cur[1].packets,
+                    bytes_reply: f.base[1].1 + cur[1].bytes,
+                    idle_s: now.saturating_sub(cur.iter().map(|v| v.last_seen_ns).fold(f.clock.installed_ns, u64::max))
+                        as f64
+                        / 1e9,
                     mode: self.ifaces.get(o.key.ifindex).map(|x| x.mode).unwrap_or(Mode::Tc),
                     iif: name(o.key.ifindex),
                     oif: name(o.val.out_ifindex),

@@ -151,11 +151,106 @@ pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct
     Action::Keep
 }
 
+/// When `decide` can next say something other than `Keep` about a flow
+/// just judged at `now` (with the stamps read then): the moment it would
+/// go idle if no packet came, or the moment its refresh falls due. Keepalive
+/// reads a flow's map entries only then, so its cost follows what changes,
+/// not the number of offloaded flows.
+///
+/// A refresh needs packets since the last one, which only a read shows: a
+/// flow whose refresh was due but had none is looked at again later, ever
+/// more often as its entry nears its end, so a packet is seen before the
+/// entry expires unless it comes in the last tick (as with a check every
+/// tick).
+/// The shortest wait `next_check` asks for near an entry's end: the
+/// engine's tick.
+const LOOK_MIN_NS: u64 = 250_000_000;
+
+pub fn next_check(now_ns: u64, c: &FlowClock, idle: Duration, ct_timeout_s: u32) -> u64 {
+    const S: u64 = 1_000_000_000;
+    let idle_at = c.last_seen_ns.max(c.installed_ns) + idle.as_nanos() as u64 + 1;
+    let t = u64::from(ct_timeout_s) * S;
+    let interval = refresh_interval(ct_timeout_s).as_nanos() as u64;
+    let too_long = c.ct_expires_ns.saturating_sub(now_ns) > t + S;
+    // decide's `stale`: left + interval <= t.
+    let stale_at = (c.ct_expires_ns + interval).saturating_sub(t);
+    let due = if too_long { c.last_refresh_ns + S } else { stale_at.max(c.last_refresh_ns + S) };
+    // Had none: look again after an interval, and ever more often as the
+    // entry nears its end (halving what is left, down to a tick).
+    let left = c.ct_expires_ns.saturating_sub(now_ns);
+    let refresh_at = if due <= now_ns { now_ns + interval.min((left / 2).max(LOOK_MIN_NS)) } else { due };
+    idle_at.min(refresh_at).max(now_ns + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
+
+    /// Checking only at `next_check` finds every action `decide` takes when
+    /// asked at every instant, no later than one tick after: simulated over
+    /// packet patterns, timeouts and idle limits, with refreshes applied as
+    /// keepalive applies them.
+    #[test]
+    fn checking_at_next_check_misses_nothing() {
+        let tick = S / 4;
+        for (idle_s, timeout_s) in [(30, 120), (300, 120), (30, 432_000), (5, 8), (600, 30)] {
+            let idle = Duration::from_secs(idle_s);
+            for gap in [S / 10, 2 * S, 7 * S, 31 * S, 200 * S] {
+                // packets every `gap` for 400 s, then silence
+                let packet = |t: u64| t.is_multiple_of(gap) && t < 400 * S;
+                let start = 1000 * S;
+                let mut c = FlowClock {
+                    installed_ns: start,
+                    last_refresh_ns: start,
+                    ct_expires_ns: start + 30 * S,
+                    ..Default::default()
+                };
+                let mut next = start;
+                let mut t = start;
+                let ended = loop {
+                    t += tick;
+                    if packet(t - start) {
+                        c.last_seen_ns = t;
+                    }
+                    if c.ct_expires_ns <= t {
+                        break None;
+                    }
+                    if t < next {
+                        continue;
+                    }
+                    match decide(t, &c, 0, idle, timeout_s) {
+                        Action::Teardown(r) => break Some((r, t)),
+                        Action::Refresh(secs) => {
+                            c.last_refresh_ns = t;
+                            c.ct_expires_ns = t + u64::from(secs) * S;
+                            c.refreshed_seen_ns = c.last_seen_ns;
+                        }
+                        Action::Keep => {}
+                    }
+                    next = next_check(t, &c, idle, timeout_s);
+                    assert!(next > t, "next_check moves forward");
+                };
+                let what = format!("idle {idle_s}s timeout {timeout_s}s gap {gap}");
+                let active = c.last_seen_ns.max(c.installed_ns);
+                match ended {
+                    // Expired: only as conntrack would have expired it had
+                    // it seen the packets (give or take a refresh interval).
+                    // Never a packet: conntrack's own deadline ran out.
+                    None => assert!(
+                        c.last_seen_ns == 0 || t >= active + u64::from(timeout_s) * S / 2,
+                        "{what}: conntrack entry expired {}s after a packet",
+                        (t - active) / S
+                    ),
+                    Some((r, at)) => {
+                        assert_eq!(r, TeardownReason::Idle, "{what}");
+                        assert!(at <= active + idle.as_nanos() as u64 + tick, "{what}: idle noticed late");
+                    }
+                }
+            }
+        }
+    }
 
     fn clock(installed: u64, seen: u64, refreshed_at: u64, refreshed_seen: u64) -> FlowClock {
         FlowClock {

@@ -9,7 +9,7 @@ pub mod lifecycle;
 
 pub use entry::{build_direction, csum_diff, egress_key, Direction, NextHop};
 pub use hold::{Held, Hold};
-pub use lifecycle::{decide, Action, CtTimeouts, FlowClock, TeardownReason};
+pub use lifecycle::{decide, next_check, Action, CtTimeouts, FlowClock, TeardownReason};
 
 use std::net::IpAddr;
 
@@ -28,6 +28,16 @@ pub struct ConnId {
 }
 
 impl ConnId {
+    /// The least id in `Ord`, for ranges.
+    pub const MIN: ConnId = ConnId {
+        src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        proto: 0,
+        sport: 0,
+        dport: 0,
+        zone: 0,
+    };
+
     pub fn of(e: &CtEntry) -> Self {
         let o = &e.orig;
         ConnId { src: o.src, dst: o.dst, proto: o.proto, sport: o.sport, dport: o.dport, zone: e.zone }
