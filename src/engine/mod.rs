@@ -33,7 +33,7 @@ use crate::host;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::resolve_path;
-use crate::routes::{RouteFacts, RouteWatch};
+use crate::routes::{NeighbourTable, RouteFacts, RouteWatch};
 use crate::settings::Settings;
 use crate::xfrm::XfrmWatch;
 
@@ -92,6 +92,13 @@ struct Core {
     wake_lost: u64,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
+    /// Each neighbour's last answer, so only real changes count.
+    neigh: NeighbourTable,
+    /// Connections through a neighbour that changed, re-resolved after
+    /// ROUTE_SETTLE (everything is, if `route_dirty`).
+    neigh_dirty: Option<Instant>,
+    neigh_ids: HashSet<ConnId>,
+    path_resolutions: u64,
     /// What holds directions on the slow path.
     holds: HoldFacts,
 }
@@ -153,6 +160,12 @@ impl Engine {
             holds_dirty: false,
             wake_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
+            // After subscribing (`routes`): no change falls in between.
+            neigh: NeighbourTable::read().context("reading the neighbour table")?,
+            neigh_dirty: None,
+            neigh_ids: HashSet::new(),
+            path_resolutions: 0,
+            // After subscribing (`xfrm`), likewise.
             holds: HoldFacts { xfrm: crate::xfrm::read_spd() },
         };
         core.resync().context("initial conntrack dump")?;
@@ -209,6 +222,10 @@ impl Engine {
             }
             if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
                 core.on_xfrm_change();
+            }
+            if core.neigh_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
+                core.neigh_dirty = None;
+                core.reresolve_neighbours();
             }
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
@@ -294,10 +311,12 @@ impl Core {
             exclude: &self.cfg.exclude,
             flowtables: self.ruleset.as_ref().map(|r| &r.translated.flowtables[..]),
         };
+        self.path_resolutions += u64::from(reroute);
         let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e));
         let mut v =
             verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: path.as_ref() });
         if matches!(v, Verdict::NeedsPath) {
+            self.path_resolutions += 1;
             let path = resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e);
             v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: Some(&path) });
         }
@@ -317,9 +336,34 @@ impl Core {
         if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
             self.flows.discount_wakes();
         }
-        if ch.any() {
+        // A neighbour's answer changing moves only the connections whose
+        // next hop it is (by its old MAC); one first usable may give the
+        // waiting ones a path. STALE/REACHABLE churn changes nothing.
+        if ch.lost {
+            // Messages were lost: start the table again (everything is
+            // re-resolved below anyway).
+            match NeighbourTable::read() {
+                Ok(t) => self.neigh = t,
+                Err(e) => tracing::warn!("reading the neighbour table: {e:#}"),
+            }
+        }
+        for n in self.neigh.changes(&ch.neighbours) {
+            if let Some(mac) = n.was {
+                self.neigh_ids.extend(self.flows.offloaded_via_hop(n.ifindex, mac));
+            }
+            self.neigh_dirty.get_or_insert_with(Instant::now);
+        }
+        if ch.beyond_neighbours() {
             self.route_dirty.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// Re-resolve the connections through changed neighbours.
+    fn reresolve_neighbours(&mut self) {
+        for id in std::mem::take(&mut self.neigh_ids) {
+            self.rejudge(&id, None, true);
+        }
+        self.retry_waiting();
     }
 
     /// A source of holds (`holds::HoldFacts`) changed: within ROUTE_SETTLE
@@ -335,6 +379,7 @@ impl Core {
     /// offloaded connection follows the kernel's current decision, and
     /// those waiting try again.
     fn reresolve_all(&mut self) {
+        self.neigh_ids.clear();
         for id in self.flows.offloaded_ids() {
             self.rejudge(&id, None, true);
         }
