@@ -13,6 +13,7 @@
 #include <linux/if_packet.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "flow.h"
 #include "maps.h"
@@ -57,8 +58,49 @@ struct fo_meta {
 	__u32 gso_size;
 };
 
+/* Secpath: a packet xfrm decrypted carries the SKB_EXT_SEC_PATH extension.
+ * In tunnel mode xfrm_input (net/xfrm/xfrm_input.c) hands the inner packet
+ * to gro_cells_receive, a NAPI of its own that delivers it through
+ * __netif_receive_skb again, so TC ingress of the device it arrived on sees
+ * it, secpath attached; XDP never does (native XDP runs in the driver's
+ * NAPI poll on frames from the wire, and those are still ESP). The kernel
+ * checks such a packet against the fwd policy's templates
+ * (__xfrm_policy_check), which the fast path cannot: it goes to the kernel.
+ *
+ * Read straight from the kernel's sk_buff (bpf_cast_to_kern_ctx is a
+ * verifier rewrite to a register move, then one byte load, CO-RE relocated)
+ * rather than with bpf_skb_get_xfrm_state, which costs a helper call
+ * (measured: see SECURITY.md) and would keep the program from loading on a
+ * kernel without CONFIG_XFRM. Without SKB extensions or XFRM there is no
+ * secpath: both existence checks are constants at load time.
+ */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+struct sk_buff___fo {
+	__u8 active_extensions;
+} __attribute__((preserve_access_index));
+
+enum skb_ext_id___fo {
+	SKB_EXT_SEC_PATH = 1,
+};
+
+static __always_inline bool fo_secpath(struct __sk_buff *skb)
+{
+	struct sk_buff___fo *k;
+
+	if (!bpf_core_field_exists(struct sk_buff___fo, active_extensions) ||
+	    !bpf_core_enum_value_exists(enum skb_ext_id___fo, SKB_EXT_SEC_PATH))
+		return false;
+	k = bpf_cast_to_kern_ctx(skb);
+	return k->active_extensions & (1 << bpf_core_enum_value(enum skb_ext_id___fo, SKB_EXT_SEC_PATH));
+}
+
+/* skb: the TC context, NULL for XDP (xdp is a constant: the TC-only checks
+ * compile out of fo_xdp).
+ */
 static __always_inline int fo_worker(void *data, void *data_end, const struct fo_meta *m,
-				     const bool xdp, struct fo_l4_fix *fix, __u32 *out_ifindex)
+				     const bool xdp, struct __sk_buff *skb, struct fo_l4_fix *fix,
+				     __u32 *out_ifindex)
 {
 	struct fo_parsed p = {};
 	struct fo_flow *f;
@@ -81,6 +123,13 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		 * decided yet (TC egress sees what it forwards).
 		 */
 		reason = FO_SLOW_NO_FLOW;
+		goto slow;
+	}
+	/* Only packets of an offloaded flow pay for this, and before any
+	 * state of the flow changes.
+	 */
+	if (!xdp && fo_secpath(skb)) {
+		reason = FO_SLOW_SECPATH;
 		goto slow;
 	}
 	if (f->teardown) {
@@ -170,7 +219,7 @@ int fo_xdp(struct xdp_md *ctx)
 	struct fo_l4_fix fix = {};
 	__u32 oif = 0;
 
-	if (fo_worker(data, data_end, &m, true, &fix, &oif) != FO_FWD)
+	if (fo_worker(data, data_end, &m, true, NULL, &fix, &oif) != FO_FWD)
 		return XDP_PASS;
 	/* The worker found oif in fo_tx_ports; the control plane removes
 	 * links and flows before it removes ports.
@@ -222,7 +271,7 @@ int fo_tc(struct __sk_buff *skb)
 	m.gso_segs = skb->gso_segs;
 	m.gso_size = skb->gso_size;
 
-	if (fo_worker(data, data_end, &m, false, &fix, &oif) != FO_FWD)
+	if (fo_worker(data, data_end, &m, false, skb, &fix, &oif) != FO_FWD)
 		return TC_ACT_UNSPEC;
 
 	/* After the direct writes: fix the L4 checksum through the kernel so

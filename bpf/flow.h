@@ -116,6 +116,7 @@ enum fo_stat {
 	FO_SLOW_HELD_XFRM,		/* direction held: enum fo_hold */
 	FO_SLOW_HELD_INGRESS_HOOK,
 	FO_SLOW_HELD_EGRESS_HOOK,
+	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
 	FO_STAT_MAX,
 };
 

@@ -442,6 +442,31 @@ fn tc_table_without_bpf_f_ipv6() {
     run_table(false, false);
 }
 
+/// A packet that arrived decrypted (its skb carries a secpath) goes to the
+/// kernel, counted as `secpath` (fo_secpath in bpf/fastpath.bpf.c).
+/// BPF_PROG_TEST_RUN builds its skb from bytes and cannot attach a secpath
+/// (bpf_prog_test_run_skb has no way to add skb extensions), and this kernel
+/// has no ESP to decrypt a real packet, so what is tested here is the other
+/// half: the loaded program carries the check, and clear packets of
+/// offloaded flows, the only ones that reach it, still forward (XDP never
+/// sees a decrypted packet and has no such check).
+#[test]
+fn tc_secpath_check_lets_clear_packets_through() {
+    let lab = setup();
+    assert!(STAT_NAMES.contains(&"secpath"), "no secpath counter in {STAT_NAMES:?}");
+    let pl = b"clear";
+    let frames = [
+        (lab.lan, udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, pl)),
+        (lab.wan, udp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 40001, pl)),
+        (lab.lan, tcp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40002, 5201, pl)),
+    ];
+    for (ifindex, f) in &frames {
+        assert_eq!(lab.dp.test_tc(f, *ifindex, None, 1).unwrap().0, TC_REDIRECT);
+    }
+    assert_eq!(stat(&lab.dp, "secpath"), 0);
+    assert_eq!(stat(&lab.dp, "fwd_packets"), frames.len() as u64);
+}
+
 /// The probe asks the kernel: from 6.16 on it must find BPF_F_IPV6.
 #[test]
 fn bpf_f_ipv6_probe_matches_the_kernel() {

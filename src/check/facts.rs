@@ -39,6 +39,8 @@ pub(super) struct HostFacts {
     pub links_unreadable: Option<String>,
     /// The `ip rule` tables, judged as the engine judges them.
     pub rules: crate::routes::rules::PolicyRules,
+    /// The xfrm policies, as the engine reads them.
+    pub xfrm: crate::xfrm::Spd,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +152,7 @@ fn gather_host() -> HostFacts {
         kernel_release: release,
         links_unreadable: None,
         rules: crate::routes::rules::PolicyRules::read(),
+        xfrm: crate::xfrm::read_spd(),
     }
 }
 

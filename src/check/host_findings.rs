@@ -11,6 +11,8 @@ pub(super) struct HostCtx<'a> {
     pub tc_needed: bool,
     /// Interfaces that exist and failed nothing of their own.
     pub usable: Vec<&'a str>,
+    /// The ifindex of every checked interface that exists.
+    pub ifindexes: Vec<u32>,
 }
 
 type HostFinding = fn(&HostFacts, &HostCtx) -> Verdict;
@@ -31,6 +33,7 @@ pub(super) const HOST_FINDINGS: &[(&str, HostFinding)] = &[
     ("ip_forward", ip_forward),
     ("interfaces", interfaces),
     ("policy_routing", policy_routing),
+    ("ipsec", ipsec),
 ];
 
 const ROOT_REMEDY: &str = "run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)";
@@ -86,6 +89,41 @@ fn policy_routing(h: &HostFacts, _: &HostCtx) -> Verdict {
         );
     }
     Verdict::ok("no ip rule the route lookups cannot reproduce")
+}
+
+/// What the xfrm policies mean for offload (`xfrm::matcher`): the forwarded
+/// directions a policy encrypts or blocks stay with the kernel.
+fn ipsec(h: &HostFacts, ctx: &HostCtx) -> Verdict {
+    let spd = &h.xfrm;
+    if let Some(why) = &spd.unknown {
+        return Verdict::warn(
+            format!("the xfrm policies could not be read ({why}): the engine offloads nothing until they can"),
+            "run with CAP_NET_ADMIN; check `ip xfrm policy list` works",
+        );
+    }
+    // A policy bound to another interface never sees a managed one's packets.
+    let covering: Vec<String> = spd
+        .policies
+        .iter()
+        .filter(|p| !p.bypass() && p.if_id == 0)
+        .filter(|p| p.sel.ifindex == 0 || ctx.ifindexes.contains(&(p.sel.ifindex as u32)))
+        .map(|p| format!("`{p}`"))
+        .chain(spd.fwd_block.then(|| "`setdefault fwd block`".to_string()))
+        .chain(spd.out_block.then(|| "`setdefault out block`".to_string()))
+        .collect();
+    if covering.is_empty() {
+        return Verdict::ok("no xfrm policy encrypts or blocks forwarded traffic");
+    }
+    Verdict::warn(
+        format!(
+            "xfrm policies cover forwarded traffic: the directions they match stay on the slow path (the kernel \
+             encrypts them, or drops them without an SA): {}",
+            covering.join("; ")
+        ),
+        "nothing to do if that traffic is IPsec: it takes the slow path by design (a policy with a mark is taken \
+         as matching every packet, the packet mark not being known); to keep those hosts from being offered at \
+         all, exclude them (`[exclude]` in the config file, or leave them out of `flow add` in the ruleset)",
+    )
 }
 
 fn errno_name(e: i32) -> String {

@@ -131,6 +131,7 @@ fn judge(host: &HostFacts, ifaces: &[IfaceFacts], requested: ModeChoice) -> Chec
             .filter(|i| i.exists && i.findings.iter().all(|f| f.status != Status::Fail))
             .map(|i| i.name.as_str())
             .collect(),
+        ifindexes: existing.iter().map(|l| l.ifindex).collect(),
     };
     let host: Vec<Finding> = HOST_FINDINGS.iter().map(|(item, judge)| judge(host, &ctx).named(item)).collect();
     let offload_possible = host.iter().all(|f| f.status != Status::Fail);

@@ -28,6 +28,7 @@ fn good_host() -> HostFacts {
         ipv6_forward: Some(1),
         links_unreadable: None,
         rules: Default::default(),
+        xfrm: Default::default(),
     }
 }
 
@@ -560,4 +561,43 @@ fn policy_routing_says_what_the_rules_mean() {
     let f = host_finding(&judged(&h), "policy_routing").clone();
     assert_eq!(f.status, Status::Warn);
     assert!(f.detail.contains("IPv6: an ip rule selects on tos") && f.remedy.is_some(), "{f:?}");
+}
+
+#[test]
+fn ipsec_names_the_policies_that_keep_traffic_on_the_slow_path() {
+    use crate::xfrm::policy::{Dir, Policy, Prefix, Selector, Spd, Template};
+    let r = judged(&good_host());
+    assert_eq!(host_finding(&r, "ipsec").status, Status::Ok);
+    let pol = |dir, tmpl: bool, ifindex: i32| Policy {
+        dir,
+        block: false,
+        priority: 0,
+        index: 0,
+        sub: false,
+        sel: Selector {
+            family: 2,
+            src: Prefix::new("192.168.1.0".parse().unwrap(), 24),
+            dst: Prefix::new("203.0.113.2".parse().unwrap(), 32),
+            ifindex,
+            ..Default::default()
+        },
+        templates: if tmpl { vec![Template { proto: 50, mode: 1, optional: false }] } else { vec![] },
+        mark: (0, 0),
+        if_id: 0,
+    };
+    let mut h = good_host();
+    // a bypass, and an ESP policy bound to an interface that is not checked
+    h.xfrm = Spd::new(vec![pol(Dir::Out, false, 0), pol(Dir::Out, true, 99)], Default::default(), None);
+    assert_eq!(host_finding(&judged(&h), "ipsec").status, Status::Ok);
+    h.xfrm = Spd::new(vec![pol(Dir::Fwd, true, 0)], Default::default(), None);
+    let f = host_finding(&judged(&h), "ipsec").clone();
+    assert_eq!(f.status, Status::Warn);
+    assert!(f.detail.contains("`dir fwd src 192.168.1.0/24 dst 203.0.113.2/32 tmpl esp tunnel`"), "{f:?}");
+    assert!(f.remedy.as_deref().is_some_and(|r| r.contains("exclude")), "{f:?}");
+    h.xfrm = Spd::new(vec![], netlink_packet_xfrm::UserPolicyDefault { input: 2, forward: 1, output: 2 }, None);
+    let f = host_finding(&judged(&h), "ipsec").clone();
+    assert!(f.status == Status::Warn && f.detail.contains("setdefault fwd block"), "{f:?}");
+    h.xfrm = Spd::unreadable("xfrm policy dump: EPERM".into());
+    let f = host_finding(&judged(&h), "ipsec").clone();
+    assert!(f.status == Status::Warn && f.detail.contains("offloads nothing"), "{f:?}");
 }

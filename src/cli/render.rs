@@ -29,8 +29,8 @@ pub fn render_status(s: &Status) -> String {
         o += &format!("  {k:<14} {v}\n");
     }
     o += &format!(
-        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}\n",
-        s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes
+        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}   path resolutions: {}\n",
+        s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes, s.path_resolutions
     );
     if !s.teardowns.is_empty() {
         o += "Teardowns:";
@@ -124,6 +124,7 @@ mod tests {
             conntrack_events: 9,
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
+            path_resolutions: 6,
             offload_latency_us: BTreeMap::new(),
         }
     }

@@ -40,6 +40,10 @@ pub struct Status {
     pub conntrack_events: u64,
     pub conntrack_resyncs: u64,
     pub conntrack_refreshes: u64,
+    /// Two-way route resolutions (three FIB lookups each) since start: what
+    /// route, neighbour and policy changes cost.
+    #[serde(default)]
+    pub path_resolutions: u64,
     /// From a conntrack event reaching the engine to both map entries
     /// installed, over the last 10k offloads.
     #[serde(default)]

@@ -57,6 +57,10 @@ pub struct FlowTable {
     /// Request socket: liberal TCP, label clearing, timeout refresh, dumps.
     pub(super) ct: CtSocket,
     pub(super) offloaded: HashMap<ConnId, Offloaded>,
+    /// Offloaded connections by the next hop a direction leaves to
+    /// (egress interface, neighbour MAC), so a neighbour change re-resolves
+    /// only the connections through it.
+    by_hop: HashMap<(u32, [u8; 6]), HashSet<ConnId>>,
     /// Offloaded connections by when keepalive next looks at them
     /// (`flow::next_check`), so a tick reads only the entries due.
     due: BTreeSet<(u64, ConnId)>,
@@ -84,6 +88,7 @@ impl FlowTable {
             ct,
             offloaded: HashMap::new(),
             due: BTreeSet::new(),
+            by_hop: HashMap::new(),
             waiting: HashMap::new(),
             dormant: HashMap::new(),
             dormant_keys: HashMap::new(),
@@ -173,6 +178,26 @@ impl FlowTable {
 
     pub fn waiting_ids(&self) -> Vec<ConnId> {
         self.waiting.keys().copied().collect()
+    }
+
+    /// Offloaded connections with a direction that leaves by `ifindex` to
+    /// the neighbour with MAC `mac`.
+    pub fn offloaded_via_hop(&self, ifindex: u32, mac: [u8; 6]) -> Vec<ConnId> {
+        self.by_hop.get(&(ifindex, mac)).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    fn index_hops(&mut self, id: ConnId, dirs: &[Direction; 2], add: bool) {
+        for d in dirs {
+            let hop = (d.val.out_ifindex, d.val.dmac);
+            if add {
+                self.by_hop.entry(hop).or_default().insert(id);
+            } else if let Some(set) = self.by_hop.get_mut(&hop) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_hop.remove(&hop);
+                }
+            }
+        }
     }
 
     /// Offloaded connections that enter or leave through `ifindex`.
@@ -354,12 +379,21 @@ impl FlowTable {
         // First look a tick from now; from then on `flow::next_check`.
         let check_at = now + FIRST_LOOK_NS;
         self.due.insert((check_at, id));
+        self.index_hops(id, &dirs, true);
         self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last, check_at });
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map
     /// entries that changed, keeping counters, stamps and the close flag.
     fn repath(&mut self, id: &ConnId, new: [Direction; 2]) {
+        let Some(old) = self.offloaded.get(id).map(|f| f.dirs) else { return };
+        self.index_hops(*id, &old, false);
+        self.rewrite(id, new);
+        let now = self.offloaded.get(id).map(|f| f.dirs).unwrap_or(old);
+        self.index_hops(*id, &now, true);
+    }
+
+    fn rewrite(&mut self, id: &ConnId, new: [Direction; 2]) {
         let Some(f) = self.offloaded.get_mut(id) else { return };
         for (i, nd) in new.iter().enumerate() {
             let old = &f.dirs[i];
@@ -409,6 +443,7 @@ impl FlowTable {
         self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
             self.due.remove(&(f.check_at, *id));
+            self.index_hops(*id, &f.dirs, false);
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
             }

@@ -6,12 +6,17 @@
 //! judged again (its holds recomputed, flipped in place in the map).
 
 use crate::conntrack::CtEntry;
+use crate::dataplane::Mode;
 use crate::flow::{Direction, Held, Hold};
-use crate::hooks::{HookFacts, Side};
+use crate::hooks::{self, HookFacts, Port, Side};
 use crate::policy::verdict::Holds;
+use crate::xfrm::{self, Spd};
 
 #[derive(Default)]
 pub(super) struct HoldFacts {
+    /// The xfrm policies (`xfrm::watch`): a direction the kernel would
+    /// encrypt, or drop for xfrm, is the kernel's.
+    pub xfrm: Spd,
     /// tc filters, nftables device chains and (XDP) shapers on the managed
     /// ports (`hooks`), re-read on RTMGRP_TC and nf_tables notifications.
     pub hooks: HookFacts,
@@ -19,6 +24,9 @@ pub(super) struct HoldFacts {
 
 impl Holds for HoldFacts {
     fn held(&self, _e: &CtEntry, _dir: usize, d: &Direction) -> Option<Held> {
+        if let Some(a) = xfrm::applies(&self.xfrm, &xfrm::Route::of(d)) {
+            return Some(Held { hold: Hold::Xfrm, why: a.to_string() });
+        }
         self.hooks.bypass(d.key.ifindex, d.val.out_ifindex).map(|b| Held {
             hold: match b.side {
                 Side::Ingress => Hold::IngressHook,
@@ -26,6 +34,39 @@ impl Holds for HoldFacts {
             },
             why: b.why,
         })
+    }
+}
+
+impl super::Core {
+    /// XFRMNLGRP_POLICY said something (or overran): read the SPD again,
+    /// and if it differs, judge the connections again.
+    pub(super) fn on_xfrm_change(&mut self) {
+        let spd = xfrm::read_spd();
+        if spd != self.holds.xfrm {
+            tracing::info!(policies = spd.policies.len(), unknown = ?spd.unknown, "xfrm policies changed");
+            self.holds.xfrm = spd;
+            self.facts_changed();
+        }
+    }
+
+    /// Read the managed ports' device hooks again (a tc or nf_tables change,
+    /// a link event, or a retry after they could not be read); a change
+    /// re-judges.
+    pub(super) fn read_hooks(&mut self) {
+        let ports: Vec<Port> = self
+            .ifaces
+            .0
+            .iter()
+            .map(|i| Port { ifindex: i.ifindex, name: i.name.clone(), xdp: i.mode == Mode::Xdp })
+            .collect();
+        let new = hooks::read(&ports);
+        if new != self.holds.hooks {
+            for (dev, what) in new.summary() {
+                tracing::info!(iface = %dev, hooks = %what.join("; "), "the fast path steps aside for these");
+            }
+            self.holds.hooks = new;
+            self.facts_changed();
+        }
     }
 }
 
@@ -47,7 +88,8 @@ mod tests {
         wan.ingress_chains.push("netdev t i".into());
         wan.egress_chains.push("netdev t e".into());
         let lan = DeviceHooks { name: "rlan".into(), ..Default::default() };
-        let h = HoldFacts { hooks: HookFacts { ports: [(3, lan), (4, wan)].into_iter().collect() } };
+        let h =
+            HoldFacts { hooks: HookFacts { ports: [(3, lan), (4, wan)].into_iter().collect() }, ..Default::default() };
         let e = crate::flow::tests::tcp_masq();
         let down = h.held(&e, 1, &dir(4, 3)).expect("arrives on rwan");
         assert_eq!(down.hold, Hold::IngressHook);

@@ -27,16 +27,16 @@ use anyhow::{Context, Result};
 
 use crate::conntrack::{CtEntry, CtError, CtEvent, CtSocket, Seen};
 use crate::control::{ControlServer, Request, Response};
-use crate::dataplane::Mode;
 use crate::dataplane::{fo_flow_key, Dataplane, WakeEvents};
 use crate::flow::{ConnId, CtTimeouts, TeardownReason};
-use crate::hooks::{self, NftWatch, Port};
+use crate::hooks::NftWatch;
 use crate::host;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::resolve_path;
-use crate::routes::{RouteFacts, RouteWatch};
+use crate::routes::{NeighbourTable, RouteFacts, RouteWatch};
 use crate::settings::Settings;
+use crate::xfrm::XfrmWatch;
 
 use flowtable::FlowTable;
 use holds::HoldFacts;
@@ -63,6 +63,8 @@ struct Sources {
     wake: WakeEvents,
     routes: RouteWatch,
     control: ControlServer,
+    /// None: this kernel has no xfrm netlink interface (no policies).
+    xfrm: Option<XfrmWatch>,
     /// nf_tables table and chain changes (device chains: `hooks`).
     nft: NftWatch,
 }
@@ -93,6 +95,13 @@ struct Core {
     wake_lost: u64,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
+    /// Each neighbour's last answer, so only real changes count.
+    neigh: NeighbourTable,
+    /// Connections through a neighbour that changed, re-resolved after
+    /// ROUTE_SETTLE (everything is, if `route_dirty`).
+    neigh_dirty: Option<Instant>,
+    neigh_ids: HashSet<ConnId>,
+    path_resolutions: u64,
     /// What holds directions on the slow path.
     holds: HoldFacts,
 }
@@ -128,6 +137,11 @@ impl Engine {
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
         let nft = NftWatch::new().context("subscribing to nf_tables notifications")?;
+        let xfrm = match XfrmWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => None,
+            Err(e) => return Err(e).context("subscribing to xfrm policy changes"),
+        };
         let wake = dp.wake_events()?;
         if let Some(rs) = &ruleset {
             // Attached first, ruleset second: if nft fails now the engine is
@@ -150,13 +164,19 @@ impl Engine {
             holds_dirty: false,
             wake_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
-            holds: HoldFacts::default(),
+            // After subscribing (`routes`): no change falls in between.
+            neigh: NeighbourTable::read().context("reading the neighbour table")?,
+            neigh_dirty: None,
+            neigh_ids: HashSet::new(),
+            path_resolutions: 0,
+            // After subscribing (`xfrm`), likewise.
+            holds: HoldFacts { xfrm: crate::xfrm::read_spd(), hooks: Default::default() },
         };
         // After attaching (the modes are known) and after the ruleset (its
         // device chains count), before the first verdict.
         core.read_hooks();
         core.resync().context("initial conntrack dump")?;
-        Ok(Engine { src: Sources { ct_events, wake, routes, control, nft }, core })
+        Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm, nft }, core })
     }
 
     /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
@@ -174,11 +194,12 @@ impl Engine {
                 libc::pollfd { fd: src.routes.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.control.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.wake.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: src.xfrm.as_ref().map_or(-1, XfrmWatch::fd), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.nft.fd(), events: libc::POLLIN, revents: 0 },
             ];
             // Wake when pending changes have settled, not up to 100 ms later.
-            let wait =
-                core.route_dirty.map_or(100, |t| ROUTE_SETTLE.saturating_sub(t.elapsed()).as_millis().min(99) + 1);
+            let pending = [core.route_dirty, core.neigh_dirty].into_iter().flatten().min();
+            let wait = pending.map_or(100, |t| ROUTE_SETTLE.saturating_sub(t.elapsed()).as_millis().min(99) + 1);
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, wait as libc::c_int) };
             // Links before conntrack: a link going down makes the kernel
@@ -210,8 +231,15 @@ impl Engine {
                 let keys = src.wake.drain();
                 core.wake(Some(&keys));
             }
-            if fds[4].revents != 0 && src.nft.drain() {
+            if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
+                core.on_xfrm_change();
+            }
+            if fds[5].revents != 0 && src.nft.drain() {
                 core.read_hooks();
+            }
+            if core.neigh_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
+                core.neigh_dirty = None;
+                core.reresolve_neighbours();
             }
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
@@ -297,10 +325,12 @@ impl Core {
             exclude: &self.cfg.exclude,
             flowtables: self.ruleset.as_ref().map(|r| &r.translated.flowtables[..]),
         };
+        self.path_resolutions += u64::from(reroute);
         let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e));
         let mut v =
             verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: path.as_ref() });
         if matches!(v, Verdict::NeedsPath) {
+            self.path_resolutions += 1;
             let path = resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e);
             v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: Some(&path) });
         }
@@ -325,9 +355,34 @@ impl Core {
         if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
             self.flows.discount_wakes();
         }
-        if ch.any() {
+        // A neighbour's answer changing moves only the connections whose
+        // next hop it is (by its old MAC); one first usable may give the
+        // waiting ones a path. STALE/REACHABLE churn changes nothing.
+        if ch.lost {
+            // Messages were lost: start the table again (everything is
+            // re-resolved below anyway).
+            match NeighbourTable::read() {
+                Ok(t) => self.neigh = t,
+                Err(e) => tracing::warn!("reading the neighbour table: {e:#}"),
+            }
+        }
+        for n in self.neigh.changes(&ch.neighbours) {
+            if let Some(mac) = n.was {
+                self.neigh_ids.extend(self.flows.offloaded_via_hop(n.ifindex, mac));
+            }
+            self.neigh_dirty.get_or_insert_with(Instant::now);
+        }
+        if ch.beyond_neighbours() {
             self.route_dirty.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// Re-resolve the connections through changed neighbours.
+    fn reresolve_neighbours(&mut self) {
+        for id in std::mem::take(&mut self.neigh_ids) {
+            self.rejudge(&id, None, true);
+        }
+        self.retry_waiting();
     }
 
     /// A source of holds (`holds::HoldFacts`) changed: within ROUTE_SETTLE
@@ -339,29 +394,11 @@ impl Core {
         self.holds_dirty = true;
     }
 
-    /// Read the managed ports' device hooks again (a tc or nf_tables change,
-    /// or a retry after they could not be read); a change re-judges.
-    fn read_hooks(&mut self) {
-        let ports: Vec<Port> = self
-            .ifaces
-            .0
-            .iter()
-            .map(|i| Port { ifindex: i.ifindex, name: i.name.clone(), xdp: i.mode == Mode::Xdp })
-            .collect();
-        let new = hooks::read(&ports);
-        if new != self.holds.hooks {
-            for (dev, what) in new.summary() {
-                tracing::info!(iface = %dev, hooks = %what.join("; "), "the fast path steps aside for these");
-            }
-            self.holds.hooks = new;
-            self.facts_changed();
-        }
-    }
-
     /// Something in routes, rules, neighbours, addresses or links changed: every
     /// offloaded connection follows the kernel's current decision, and
     /// those waiting try again.
     fn reresolve_all(&mut self) {
+        self.neigh_ids.clear();
         for id in self.flows.offloaded_ids() {
             self.rejudge(&id, None, true);
         }
@@ -384,6 +421,10 @@ impl Core {
     /// Periodic work: keepalive, dormant connections the kernel forwarded,
     /// connections waiting for their path.
     fn tick(&mut self) {
+        // An SPD that could not be read holds everything: try again.
+        if self.holds.xfrm.unknown.is_some() {
+            self.on_xfrm_change();
+        }
         if self.timeouts_read.elapsed() >= TIMEOUTS_EVERY {
             self.timeouts_read = Instant::now();
             let t = host::ct_timeouts();

@@ -44,6 +44,7 @@ impl Core {
             conntrack_events: self.ct_events,
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
+            path_resolutions: self.path_resolutions,
             offload_latency_us: BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))]),
         }
     }

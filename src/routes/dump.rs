@@ -58,7 +58,8 @@ pub fn exchange(request: &[u8], take: impl FnMut(&[u8]) -> Result<bool>) -> Resu
     exchange_on(NETLINK_ROUTE, request, take)
 }
 
-/// `exchange` on a netlink family of choice (nfnetlink for nf_tables).
+/// [`exchange`] on a netlink family of choice (nfnetlink for nf_tables;
+/// `xfrm` dumps NETLINK_XFRM).
 pub fn exchange_on(protocol: isize, request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {
     let mut sock = Socket::new(protocol)?;
     sock.bind_auto()?;

@@ -14,11 +14,15 @@ pub mod link;
 pub mod path;
 pub mod rules;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 
 use anyhow::Result;
+use netlink_packet_core::Parseable;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
+use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::dataplane::{fo_fib_req, Dataplane};
 use crate::flow::entry::{addr_words, AF_INET, AF_INET6};
@@ -137,11 +141,34 @@ pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Optio
 }
 
 /// What changed since the last drain.
+/// A neighbour as an rtnetlink message states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    /// Its link-layer address while bpf_fib_lookup would use it (NUD_VALID
+    /// states: `bpf_ipv4_fib_lookup` answers NO_NEIGH otherwise); `None`
+    /// when deleted, failed or still resolving.
+    pub lladdr: Option<[u8; 6]>,
+}
+
+/// A neighbour whose forwarding answer changed (not STALE <-> REACHABLE
+/// churn): `was` is the MAC the fast path may have installed for it,
+/// `None` if it had none usable (then no installed flow uses it; waiting
+/// ones may now have a path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeighChange {
+    pub ifindex: u32,
+    pub was: Option<[u8; 6]>,
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     /// (ifindex, up) for link events.
     pub links: Vec<(u32, bool)>,
-    pub neighbours: bool,
+    /// Neighbour messages, in order; `RouteWatch::drain` keeps only those
+    /// that change a forwarding answer.
+    pub neighbours: Vec<Neighbour>,
     pub routes: bool,
     pub addresses: bool,
     /// `ip rule` added or removed.
@@ -156,7 +183,44 @@ pub struct Changes {
 
 impl Changes {
     pub fn any(&self) -> bool {
-        !self.links.is_empty() || self.neighbours || self.routes || self.addresses || self.rules || self.lost
+        !self.links.is_empty() || !self.neighbours.is_empty() || self.beyond_neighbours()
+    }
+
+    /// Something other than a neighbour changed: any path may have moved.
+    pub fn beyond_neighbours(&self) -> bool {
+        !self.links.is_empty() || self.routes || self.addresses || self.rules || self.lost
+    }
+}
+
+/// The last answer heard for each neighbour, so that only messages that
+/// change one count: a busy LAN's neighbours go STALE and REACHABLE all the
+/// time with the same MAC, which changes no path. Started from a dump, so
+/// a neighbour first heard of was not usable before (no flow can use it).
+#[derive(Debug, Default)]
+pub struct NeighbourTable(HashMap<(u32, IpAddr), Option<[u8; 6]>>);
+
+impl NeighbourTable {
+    pub fn read() -> Result<Self> {
+        let mut t = NeighbourTable::default();
+        t.changes(&dump_neighbours()?);
+        Ok(t)
+    }
+
+    /// The changes among `heard`, recorded.
+    pub fn changes(&mut self, heard: &[Neighbour]) -> Vec<NeighChange> {
+        let mut out = Vec::new();
+        for n in heard {
+            let before = self.0.insert((n.ifindex, n.addr), n.lladdr).flatten();
+            if before != n.lladdr {
+                out.push(NeighChange { ifindex: n.ifindex, was: before });
+            }
+            if n.lladdr.is_none() {
+                // Gone or failed: forget it, so the table stays the size of
+                // the live neighbours (it is heard of anew when it returns).
+                self.0.remove(&(n.ifindex, n.addr));
+            }
+        }
+        out
     }
 }
 
@@ -333,7 +397,10 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
             }
             RTM_NEWADDR | RTM_DELADDR => ch.addresses = true,
             RTM_NEWROUTE | RTM_DELROUTE => ch.routes = true,
-            RTM_NEWNEIGH | RTM_DELNEIGH => ch.neighbours = true,
+            RTM_NEWNEIGH | RTM_DELNEIGH => match parse_neigh(ty == RTM_NEWNEIGH, body) {
+                Some(n) => ch.neighbours.push(n),
+                None => ch.lost = true,
+            },
             RTM_NEWRULE | RTM_DELRULE => ch.rules = true,
             RTM_NEWQDISC | RTM_DELQDISC | RTM_NEWTFILTER | RTM_DELTFILTER => ch.tc = true,
             _ => {}
@@ -344,6 +411,46 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
         }
         b = &b[adv..];
     }
+}
+
+/// An ndmsg (include/uapi/linux/neighbour.h) with its NDA_DST and
+/// NDA_LLADDR, decoded by netlink-packet-route.
+fn parse_neigh(new: bool, body: &[u8]) -> Option<Neighbour> {
+    let m = NeighbourMessage::parse(body).ok()?;
+    neighbour_of(new, &m)
+}
+
+/// What the fast path depends on in a neighbour message; `None` for one
+/// without a destination address.
+pub fn neighbour_of(new: bool, m: &NeighbourMessage) -> Option<Neighbour> {
+    use NeighbourState as N;
+    let mut addr = None;
+    let mut lladdr = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => addr = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => addr = Some(IpAddr::V6(*v6)),
+            NeighbourAttribute::LinkLayerAddress(ll) => lladdr = <[u8; 6]>::try_from(&ll[..]).ok(),
+            _ => {}
+        }
+    }
+    // NUD_VALID (include/net/neighbour.h): the states in which
+    // bpf_ipv4_fib_lookup / bpf_ipv6_fib_lookup use the neighbour's MAC.
+    let valid =
+        new && matches!(m.header.state, N::Reachable | N::Stale | N::Delay | N::Probe | N::Permanent | N::Noarp);
+    Some(Neighbour { ifindex: m.header.ifindex, addr: addr?, lladdr: lladdr.filter(|_| valid) })
+}
+
+/// The neighbour table as it is now (RTM_GETNEIGH dump), to start from.
+pub fn dump_neighbours() -> Result<Vec<Neighbour>> {
+    let msgs = dump::dump(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), "neighbour")?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => neighbour_of(true, n),
+            _ => None,
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -369,11 +476,13 @@ mod tests {
         ifi[8..12].copy_from_slice(&0x1u32.to_ne_bytes()); // UP but no LOWER_UP
         let mut d = msg(16, &ifi);
         d.extend(msg(24, &[0u8; 12]));
-        d.extend(msg(28, &[0u8; 12]));
+        d.extend(msg(28, &ndmsg(7, 0x02, [192, 0, 2, 1], Some([2, 0, 0, 0, 0, 9]))));
         let mut ch = Changes::default();
         parse_rtnl(&d, &mut ch);
         assert_eq!(ch.links, vec![(7, false)]);
-        assert!(ch.routes && ch.neighbours && !ch.addresses && !ch.rules && !ch.lost);
+        assert!(ch.routes && !ch.addresses && !ch.rules && !ch.lost);
+        let n = Neighbour { ifindex: 7, addr: "192.0.2.1".parse().unwrap(), lladdr: Some([2, 0, 0, 0, 0, 9]) };
+        assert_eq!(ch.neighbours, vec![n]);
         let mut ch = Changes::default();
         parse_rtnl(&msg(33, &[0u8; 12]), &mut ch);
         assert!(ch.rules && ch.any(), "RTM_DELRULE");
@@ -386,6 +495,61 @@ mod tests {
         let mut ch = Changes::default();
         parse_rtnl(&msg(16, &ifi), &mut ch);
         assert_eq!(ch.links, vec![(7, true)]);
+    }
+
+    /// An ndmsg with NDA_DST (IPv4) and, if given, NDA_LLADDR.
+    fn ndmsg(ifindex: i32, state: u16, dst: [u8; 4], ll: Option<[u8; 6]>) -> Vec<u8> {
+        let mut b = vec![2u8, 0, 0, 0];
+        b.extend(ifindex.to_ne_bytes());
+        b.extend(state.to_ne_bytes());
+        b.extend([0u8, 1]);
+        b.extend(8u16.to_ne_bytes());
+        b.extend(1u16.to_ne_bytes());
+        b.extend(dst);
+        if let Some(ll) = ll {
+            b.extend(10u16.to_ne_bytes());
+            b.extend(2u16.to_ne_bytes());
+            b.extend(ll);
+            b.extend([0u8, 0]);
+        }
+        b
+    }
+
+    /// Only messages that change a forwarding answer count: STALE and
+    /// REACHABLE with the same MAC do not; a new MAC, a failure or a
+    /// deletion do, with the MAC that may be installed.
+    #[test]
+    fn neighbour_churn_is_not_a_change() {
+        const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+        const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+        let (reachable, stale, failed, incomplete) = (0x02, 0x04, 0x20, 0x01);
+        let mut t = NeighbourTable::default();
+        let heard = |d: Vec<u8>| {
+            let mut ch = Changes::default();
+            parse_rtnl(&d, &mut ch);
+            assert!(!ch.lost);
+            ch.neighbours
+        };
+        let gw = [192, 0, 2, 1];
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<u8>, Vec<NeighChange>)> = vec![
+            ("first heard of", msg(28, &ndmsg(4, reachable, gw, Some(MAC_A))), vec![NeighChange { ifindex: 4, was: None }]),
+            ("reachable again", msg(28, &ndmsg(4, reachable, gw, Some(MAC_A))), vec![]),
+            ("stale, same MAC", msg(28, &ndmsg(4, stale, gw, Some(MAC_A))), vec![]),
+            ("same address on another link", msg(28, &ndmsg(5, stale, gw, Some(MAC_A))), vec![NeighChange { ifindex: 5, was: None }]),
+            ("moved to another MAC", msg(28, &ndmsg(4, reachable, gw, Some(MAC_B))), vec![NeighChange { ifindex: 4, was: Some(MAC_A) }]),
+            ("failed", msg(28, &ndmsg(4, failed, gw, Some(MAC_B))), vec![NeighChange { ifindex: 4, was: Some(MAC_B) }]),
+            ("resolving, never usable", msg(28, &ndmsg(4, incomplete, gw, None)), vec![]),
+            ("resolved", msg(28, &ndmsg(4, reachable, gw, Some(MAC_A))), vec![NeighChange { ifindex: 4, was: None }]),
+            ("deleted", msg(29, &ndmsg(4, stale, gw, Some(MAC_A))), vec![NeighChange { ifindex: 4, was: Some(MAC_A) }]),
+            ("deleted again", msg(29, &ndmsg(4, stale, gw, Some(MAC_A))), vec![]),
+        ];
+        for (case, d, want) in cases {
+            assert_eq!(t.changes(&heard(d)), want, "{case}");
+        }
+        let mut ch = Changes::default();
+        parse_rtnl(&msg(28, &[0u8; 8]), &mut ch);
+        assert!(ch.lost, "a short ndmsg is a lost event");
     }
 
     #[test]

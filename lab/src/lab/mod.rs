@@ -209,7 +209,30 @@ pub fn lab_down_by_prefix(prefix: &str) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// A background process of a test, killed and reaped when dropped (before
+/// its lab goes, whose teardown would kill it too).
+#[derive(Debug)]
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Lab {
+    /// A test's lab: namespaces named `{tag}{pid}x{n}`, unique per process
+    /// and call, neighbours resolved.
+    pub fn up_unique(tag: &str) -> Result<Lab> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let prefix = format!("{tag}{}x{n}", std::process::id() % 100000);
+        let lab = Lab::up(&LabOpts { prefix, xdp_safe: false, isolate_router_cpu: false })?;
+        lab.warm_neighbours()?;
+        Ok(lab)
+    }
+
     /// Build the topology. On failure everything created so far is removed
     /// and the error names the failed command and its stderr.
     pub fn up(opts: &LabOpts) -> Result<Lab> {
