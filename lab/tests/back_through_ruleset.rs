@@ -137,14 +137,17 @@ fn blocked_stays_off_unblocked_comes_back(lab: &Lab, d: &Daemon, sink: &Sink, sp
 
     nft(lab, &["delete", "element", "inet", "fw4", "block", &format!("{{ {SERVER} }}")]);
     let fwd0 = lab.counter_packets("fwd_all").unwrap();
-    send(lab, sport, 300, 1);
+    send(lab, sport, 600, 1);
     let slow = lab.counter_packets("fwd_all").unwrap() - fwd0;
     let st = d.status().unwrap();
     assert_eq!(st["flows_offloaded"], 1, "{mode}: not back on the fast path: {st}");
     assert_eq!(st["offloads_total"], 2, "{mode}: {st}");
-    assert_eq!(sink.received(), 340, "{mode}: {st}");
-    assert!(st["fast_path_packets"].as_u64().unwrap() >= fp0 + 200, "{mode}: {st}");
-    assert!(slow <= 100, "{mode}: {slow} packets (1 ms apart) took the slow path before the re-offload");
+    assert_eq!(sink.received(), 640, "{mode}: {st}");
+    // Typically a handful of slow-path packets (about a millisecond); the
+    // bounds leave room for a busy machine, where the engine may wait
+    // for a CPU: the claim is that it comes back, on evidence.
+    assert!(st["fast_path_packets"].as_u64().unwrap() >= fp0 + 300, "{mode}: {st}");
+    assert!(slow <= 300, "{mode}: {slow} packets (1 ms apart) took the slow path before the re-offload");
     eprintln!("{mode}: back on the fast path after {slow} slow-path packet(s), 1 ms apart");
 }
 
