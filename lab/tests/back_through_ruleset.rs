@@ -128,6 +128,9 @@ fn offloaded_stream(lab: &Lab, d: &Daemon, sink: &Sink, sport: u16, mode: &str) 
 fn blocked_stays_off_unblocked_comes_back(lab: &Lab, d: &Daemon, sink: &Sink, sport: u16, mode: &str) {
     let fp0 = stat(d, "fast_path_packets");
     nft(lab, &["add", "element", "inet", "fw4", "block", &format!("{{ {SERVER} }}")]);
+    // An offloaded connection goes back through the kernel a few ms after
+    // the change (`offloaded_then_blocked`); room for a busy machine.
+    sleep(Duration::from_millis(200));
     send(lab, sport, 40, 10);
     let st = d.status().unwrap();
     assert_eq!(sink.received(), 40, "{mode}: packets reached a blocked host: {st}");
@@ -160,6 +163,46 @@ fn idle_then_blocked(lab: &Lab, d: &Daemon, sink: &Sink, mode: &str) {
     assert_eq!(st["teardowns"]["idle"], 1, "{mode}: {st}");
     assert_eq!(st["flows_dormant"], 1, "{mode}: {st}");
     blocked_stays_off_unblocked_comes_back(lab, d, sink, 41500, mode);
+}
+
+/// Blocked while offloaded, not idle: the ruleset change itself sends the
+/// connection back through the kernel, which drops it (before, the fast
+/// path kept forwarding it to the blocked host), and it returns once
+/// unblocked. Also measures how soon the change reaches it.
+fn offloaded_then_blocked(lab: &Lab, d: &Daemon, sink: &Sink, mode: &str) {
+    offloaded_stream(lab, d, sink, 41502, mode);
+    // A stream keeps it offloaded (and active) while the change lands.
+    let streaming = std::thread::scope(|sc| {
+        let h = sc.spawn(|| send(lab, 41502, 100, 10));
+        sleep(Duration::from_millis(300));
+        assert_eq!(stat(d, "flows_offloaded"), 1, "{mode}: {}", d.status().unwrap());
+        let t0 = Instant::now();
+        nft(lab, &["add", "element", "inet", "fw4", "block", &format!("{{ {SERVER} }}")]);
+        while stat(d, "flows_offloaded") != 0 {
+            assert!(t0.elapsed() < Duration::from_secs(1), "{mode}: ruleset change not applied within 1 s");
+            sleep(Duration::from_millis(5));
+        }
+        let took = t0.elapsed();
+        h.join().unwrap();
+        took
+    });
+    eprintln!("{mode}: an offloaded connection left the fast path {streaming:?} after `nft add element` started");
+    let st = d.status().unwrap();
+    assert_eq!(st["teardowns"]["ruleset_change"], 1, "{mode}: {st}");
+    // Unblock, so the shared tail below starts from a clean state.
+    nft(lab, &["delete", "element", "inet", "fw4", "block", &format!("{{ {SERVER} }}")]);
+    send(lab, 41502, 40, 10);
+    let base = sink.received();
+    assert_eq!(stat(d, "flows_offloaded"), 1, "{mode}: not back after the unblock: {}", d.status().unwrap());
+    let (fp0, st0) = (stat(d, "fast_path_packets"), d.status().unwrap());
+    nft(lab, &["add", "element", "inet", "fw4", "block", &format!("{{ {SERVER} }}")]);
+    sleep(Duration::from_millis(200));
+    send(lab, 41502, 40, 10);
+    let st = d.status().unwrap();
+    assert_eq!(sink.received(), base, "{mode}: packets reached a blocked host after the change: {st}");
+    assert_eq!(st["flows_offloaded"], 0, "{mode}: still offloaded: {st}");
+    assert_eq!(st["fast_path_packets"], fp0, "{mode}: fast-pathed while blocked: {st} (before: {st0})");
+    nft(lab, &["delete", "element", "inet", "fw4", "block", &format!("{{ {SERVER} }}")]);
 }
 
 /// Taken off by a route change (a blackhole for the server), the route
@@ -231,6 +274,20 @@ fn nft_mode_blocked_dormant_connection_is_not_woken() {
     let s = Setup::new();
     let d = s.nft_daemon(&["--idle-timeout", "2"]);
     idle_then_blocked(&s.lab, &d, &s.sink, "--nft");
+}
+
+#[test]
+fn iface_mode_ruleset_change_reaches_offloaded_connections() {
+    let s = Setup::new();
+    let d = s.iface_daemon(&[]);
+    offloaded_then_blocked(&s.lab, &d, &s.sink, "--iface");
+}
+
+#[test]
+fn nft_mode_ruleset_change_reaches_offloaded_connections() {
+    let s = Setup::new();
+    let d = s.nft_daemon(&[]);
+    offloaded_then_blocked(&s.lab, &d, &s.sink, "--nft");
 }
 
 #[test]

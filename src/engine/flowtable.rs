@@ -449,7 +449,13 @@ impl FlowTable {
             }
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
-            if matches!(reason, TeardownReason::Idle | TeardownReason::RouteChange | TeardownReason::InterfaceDown) {
+            if matches!(
+                reason,
+                TeardownReason::Idle
+                    | TeardownReason::RouteChange
+                    | TeardownReason::InterfaceDown
+                    | TeardownReason::RulesetChange
+            ) {
                 self.park(*id, f);
                 return;
             }
@@ -485,6 +491,19 @@ impl FlowTable {
         let gone: Vec<ConnId> = self.dormant.keys().filter(|id| !present.contains(id)).copied().collect();
         gone.iter().for_each(|id| self.wake(id));
         self.memos.retain(|id, _| present.contains(id));
+    }
+
+    /// The nftables ruleset changed (anyone's change): every offloaded
+    /// connection goes back through the kernel's new rules, parked like an
+    /// idle one, so it returns only on evidence that they forward it (its
+    /// packet seen leaving, or in `--nft` mode `flow add` labelling it
+    /// again). Returns how many were offloaded.
+    pub fn send_back_through_new_rules(&mut self) -> usize {
+        let ids = self.offloaded_ids();
+        for id in &ids {
+            self.teardown(id, TeardownReason::RulesetChange);
+        }
+        ids.len()
     }
 
     /// A new ruleset: every connection goes back through it; returns how

@@ -87,10 +87,11 @@ struct Core {
     ct_events: u64,
     ct_resyncs: u64,
     route_dirty: Option<Instant>,
-    /// A hold source changed: with the re-resolution, judge every
-    /// conntrack entry again (a dump), so connections not offloaded
-    /// because both directions were held come back when a hold goes.
-    holds_dirty: bool,
+    /// A hold source or an `ip rule` changed: with the re-resolution,
+    /// judge every conntrack entry again (a dump), so connections refused
+    /// for it (both directions held, a rule the lookup cannot reproduce)
+    /// come back when it goes.
+    rescan: bool,
     /// `Dataplane::wake_lost` when last scanned.
     wake_lost: u64,
     /// Rules and addresses the path resolution depends on.
@@ -149,6 +150,10 @@ impl Engine {
             rs.apply(&[], false)?;
             tracing::info!(file = %rs.name, flowtables = rs.translated.flowtables.len(), "ruleset loaded");
         }
+        // Our own load's notifications: nothing is offloaded yet (the hooks
+        // are read below anyway).
+        let mut nft = nft;
+        nft.drain();
         let bits = ruleset::label_bits(ruleset.as_ref());
         let mut core = Core {
             cfg,
@@ -161,7 +166,7 @@ impl Engine {
             ct_events: 0,
             ct_resyncs: 0,
             route_dirty: None,
-            holds_dirty: false,
+            rescan: false,
             wake_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             // After subscribing (`routes`): no change falls in between.
@@ -234,8 +239,14 @@ impl Engine {
             if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
                 core.on_xfrm_change();
             }
-            if fds[5].revents != 0 && src.nft.drain() {
-                core.read_hooks();
+            if fds[5].revents != 0 {
+                let ch = src.nft.drain();
+                if ch.ruleset {
+                    core.on_ruleset_change();
+                }
+                if ch.chains {
+                    core.read_hooks();
+                }
             }
             if core.neigh_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.neigh_dirty = None;
@@ -244,9 +255,9 @@ impl Engine {
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
                 core.reresolve_all();
-                if std::mem::take(&mut core.holds_dirty) {
+                if std::mem::take(&mut core.rescan) {
                     if let Err(e) = core.resync() {
-                        tracing::error!("conntrack dump after a hold change failed: {e:#}");
+                        tracing::error!("conntrack dump after a hold or rule change failed: {e:#}");
                     }
                 }
             }
@@ -375,6 +386,25 @@ impl Core {
         if ch.beyond_neighbours() {
             self.route_dirty.get_or_insert_with(Instant::now);
         }
+        // Connections refused for an `ip rule` are in no list: a dump
+        // brings them back when the rule goes (rules change rarely).
+        if ch.rules || ch.lost {
+            self.rescan = true;
+        }
+    }
+
+    /// Someone changed the nftables ruleset: what it does with an
+    /// offloaded connection's next packet is not known, so every one goes
+    /// back through the kernel and returns on evidence that the new rules
+    /// forward it (the kernel flowtable keeps forwarding stale flows after
+    /// a firewall reload; we do not). Set updates from the packet path are
+    /// not notified, so this follows admin changes (a reload, a blocklist
+    /// entry), not traffic.
+    fn on_ruleset_change(&mut self) {
+        let n = self.flows.send_back_through_new_rules();
+        if n > 0 {
+            tracing::info!(connections = n, "nftables ruleset changed: offloaded connections go back through it");
+        }
     }
 
     /// Re-resolve the connections through changed neighbours.
@@ -391,7 +421,7 @@ impl Core {
     /// (per change, not per tick: these changes are rare).
     fn facts_changed(&mut self) {
         self.route_dirty.get_or_insert_with(Instant::now);
-        self.holds_dirty = true;
+        self.rescan = true;
     }
 
     /// Something in routes, rules, neighbours, addresses or links changed: every

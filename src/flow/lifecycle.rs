@@ -70,6 +70,9 @@ pub enum TeardownReason {
     Policy,
     /// Both directions must now go through the kernel (`flow::Hold`).
     Held,
+    /// The nftables ruleset changed: back through the kernel's new rules,
+    /// returning on evidence that they forward the connection.
+    RulesetChange,
     Shutdown,
 }
 
@@ -85,6 +88,7 @@ impl TeardownReason {
             TeardownReason::RouteChange => "route_change",
             TeardownReason::Policy => "policy",
             TeardownReason::Held => "held",
+            TeardownReason::RulesetChange => "ruleset_change",
             TeardownReason::Shutdown => "shutdown",
         }
     }

@@ -1,8 +1,13 @@
-//! nf_tables change notifications (NFNLGRP_NFTABLES): a table or chain
-//! added or deleted means the device chains are read again. Rule and set
-//! changes do not move a base chain and are ignored (sets change often:
-//! banIP, fw4's dynamic sets). tc changes come through the route watcher
-//! (RTMGRP_TC).
+//! nf_tables change notifications (NFNLGRP_NFTABLES). Any committed change
+//! to the ruleset (a rule, set element, set, chain, table, object or
+//! flowtable added, deleted or replaced, by anyone) may change what the
+//! kernel does with an offloaded connection's next packet: the engine sends
+//! every offloaded connection back through the kernel (`NftChanges::ruleset`).
+//! A table or chain change may also add or remove a device chain: the device
+//! hooks are read again (`NftChanges::chains`). Set updates from the packet
+//! path (`update @set`, `add @set` in rules: nft_dynset) are not notified,
+//! so fw4's dynamic sets cause none of this. tc changes come through the
+//! route watcher (RTMGRP_TC).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -15,6 +20,24 @@ const NFNLGRP_NFTABLES: libc::c_int = 7;
 /// NFT_MSG_{NEW,DEL}TABLE, NFT_MSG_{NEW,DEL}CHAIN, and the DESTROY variants
 /// (6.3): include/uapi/linux/netfilter/nf_tables.h.
 const TABLE_OR_CHAIN: [u16; 6] = [0, 2, 3, 5, 26, 27];
+
+/// Every message that changes the ruleset (nf_tables.h): NEW/DEL of
+/// tables, chains, rules, sets, set elements (0-14, the GETs excepted),
+/// objects (18, 20) and flowtables (22, 24), and the DESTROY variants
+/// (26-32). Not NEWGEN (15), which ends every transaction, nor GETs, traces
+/// or resets.
+fn changes_ruleset(t: u16) -> bool {
+    matches!(t, 0 | 2 | 3 | 5 | 6 | 8 | 9 | 11 | 12 | 14 | 18 | 20 | 22 | 24 | 26..=32)
+}
+
+/// What a batch of notifications changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NftChanges {
+    /// A table or chain: the device chains may have changed.
+    pub chains: bool,
+    /// Anything in the ruleset.
+    pub ruleset: bool,
+}
 
 pub struct NftWatch {
     fd: OwnedFd,
@@ -63,10 +86,9 @@ impl NftWatch {
         self.fd.as_raw_fd()
     }
 
-    /// Read everything queued: true if a table or chain changed (or
-    /// notifications were lost).
-    pub fn drain(&mut self) -> bool {
-        let mut changed = false;
+    /// Read everything queued (lost notifications count as every change).
+    pub fn drain(&mut self) -> NftChanges {
+        let mut changed = NftChanges::default();
         let mut buf = vec![0u8; 1 << 16];
         loop {
             // SAFETY: reading into an owned buffer.
@@ -75,7 +97,7 @@ impl NftWatch {
                 match io::Error::last_os_error().raw_os_error() {
                     Some(libc::EINTR) => continue,
                     Some(libc::ENOBUFS) => {
-                        changed = true;
+                        changed = NftChanges { chains: true, ruleset: true };
                         continue;
                     }
                     _ => break,
@@ -84,19 +106,30 @@ impl NftWatch {
             if n == 0 {
                 break;
             }
-            changed |= touches_chains(&buf[..n as usize]);
+            let c = summarise(&buf[..n as usize]);
+            changed.chains |= c.chains;
+            changed.ruleset |= c.ruleset;
         }
         changed
     }
 }
 
-/// Does this datagram of notifications add or remove a table or chain?
-pub fn touches_chains(datagram: &[u8]) -> bool {
-    crate::conntrack::nla::NlMsgIter::new(datagram).any(|m| match m {
-        Ok((h, _)) => h.msg_type >> 8 == NFNL_SUBSYS_NFTABLES && TABLE_OR_CHAIN.contains(&(h.msg_type & 0xff)),
-        // Unreadable: assume the worst.
-        Err(_) => true,
-    })
+/// What this datagram of notifications changes.
+pub fn summarise(datagram: &[u8]) -> NftChanges {
+    let mut c = NftChanges::default();
+    for m in crate::conntrack::nla::NlMsgIter::new(datagram) {
+        match m {
+            Ok((h, _)) if h.msg_type >> 8 == NFNL_SUBSYS_NFTABLES => {
+                let t = h.msg_type & 0xff;
+                c.chains |= TABLE_OR_CHAIN.contains(&t);
+                c.ruleset |= changes_ruleset(t);
+            }
+            Ok(_) => {}
+            // Unreadable: assume the worst.
+            Err(_) => return NftChanges { chains: true, ruleset: true },
+        }
+    }
+    c
 }
 
 #[cfg(test)]
@@ -105,16 +138,28 @@ mod tests {
     use crate::conntrack::nla::NlMsgBuilder;
 
     #[test]
-    fn chain_and_table_changes_count_rules_and_sets_do_not() {
+    fn what_each_notification_changes() {
         let msg = |t: u16| NlMsgBuilder::new((NFNL_SUBSYS_NFTABLES << 8) | t, 0, 0).finish();
-        for (t, want) in [(3, true), (5, true), (0, true), (2, true), (27, true), (6, false), (12, false), (16, false)]
-        {
-            assert_eq!(touches_chains(&msg(t)), want, "NFT_MSG type {t}");
+        let (both, rules_only, none) = (
+            NftChanges { chains: true, ruleset: true },
+            NftChanges { chains: false, ruleset: true },
+            NftChanges::default(),
+        );
+        #[rustfmt::skip]
+        let cases = [
+            (0, both, "NEWTABLE"), (2, both, "DELTABLE"), (3, both, "NEWCHAIN"), (5, both, "DELCHAIN"),
+            (27, both, "DESTROYCHAIN"), (6, rules_only, "NEWRULE"), (8, rules_only, "DELRULE"),
+            (12, rules_only, "NEWSETELEM"), (14, rules_only, "DELSETELEM"), (9, rules_only, "NEWSET"),
+            (18, rules_only, "NEWOBJ"), (22, rules_only, "NEWFLOWTABLE"), (30, rules_only, "DESTROYSETELEM"),
+            (15, none, "NEWGEN"), (16, none, "GETGEN"), (17, none, "TRACE"), (4, none, "GETCHAIN"),
+        ];
+        for (t, want, name) in cases {
+            assert_eq!(summarise(&msg(t)), want, "NFT_MSG_{name}");
         }
-        let mut d = msg(6);
+        let mut d = msg(15);
         d.extend(msg(3));
-        assert!(touches_chains(&d), "a chain anywhere in the batch");
-        assert!(!touches_chains(&NlMsgBuilder::new((1 << 8) | 3, 0, 0).finish()), "ctnetlink, not nf_tables");
-        assert!(touches_chains(&[0xff; 7]), "garbage");
+        assert_eq!(summarise(&d), both, "a chain anywhere in the batch");
+        assert_eq!(summarise(&NlMsgBuilder::new((1 << 8) | 3, 0, 0).finish()), none, "ctnetlink, not nf_tables");
+        assert_eq!(summarise(&[0xff; 7]), both, "garbage");
     }
 }
