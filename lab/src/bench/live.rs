@@ -8,17 +8,16 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::cost::Cost;
-use super::paths::{measure, start_engine, Bench, PPS};
+use super::paths::{measure, start_engine, Bench, PPS, RUN_FRAMES};
 use super::{BenchOpts, Report, Stat};
 use crate::lab::Lab;
 
 /// First destination port of the scaling flows (the sink drops 100-109).
 const DPORT: u16 = 100;
-/// While creating connections: frames per generator run, and the gap
-/// between them (new conntrack entries cost the kernel path more than a
-/// forwarded packet: 50k new flows per second, so the router's ring does
-/// not overflow and drop the first packets, which create the entries).
-const WARM_BATCH: u32 = 4000;
+/// While creating connections: the gap between frames (a new conntrack
+/// entry costs the kernel path more than a forwarded packet: 50k new flows
+/// per second, in groups of 16, so the router's ring does not overflow and
+/// drop the first packets, which create the entries).
 const WARM_GAP_NS: u32 = 20_000;
 
 /// One size of the live-connection scaling figure.
@@ -65,22 +64,17 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
         let t0 = Instant::now();
         let want = u64::from(n) * 99 / 100;
         let mut offloaded = 0;
-        // Each pass sends one packet of every flow (the generator's flow
-        // index runs on across runs).
-        while t0.elapsed() < Duration::from_secs(120) {
-            for _ in 0..n.div_ceil(WARM_BATCH) {
-                b.g.paced(WARM_BATCH.min(n), n, DPORT, WARM_GAP_NS, 16)?;
-            }
-            let wait = Instant::now();
-            while wait.elapsed() < Duration::from_secs(5) {
+        // The generator cycles through all n flows; until the engine
+        // reports them offloaded, or a minute.
+        let mut checked = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            b.g.paced(RUN_FRAMES, n, DPORT, WARM_GAP_NS, 16)?;
+            if checked.elapsed() > Duration::from_millis(500) {
                 offloaded = d.status()?["flows_offloaded"].as_u64().unwrap_or(0);
                 if offloaded >= want {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            if offloaded >= want {
-                break;
+                checked = Instant::now();
             }
         }
         let setup_s = t0.elapsed().as_secs_f64();
@@ -91,7 +85,7 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
         let mut costs: Vec<Cost> = Vec::new();
         let mut pps = Vec::new();
         for _ in 0..rounds {
-            let (c, p) = measure(lab, &b.g, pid, (n, DPORT, PPS, super::paths::BATCH), secs)?;
+            let (c, p) = measure(lab, &b.g, pid, (n, DPORT, PPS), secs)?;
             costs.push(c);
             pps.push(p);
         }

@@ -25,9 +25,9 @@ pub(super) const PATHS: [&str; 6] =
 /// Flows of the fixed-load figure, as in the independent
 /// measurement.
 pub(super) const FLOWS: u32 = 64;
-/// Offered load of the fixed-load figure (at most: each generator run also
-/// waits for an RCU grace period, see [`BATCH`]).
-pub(super) const PPS: f64 = 100_000.0;
+/// Offered load of the fixed-load figure while the generator runs (it
+/// pauses for a grace period between runs, see [`RUN_FRAMES`]).
+pub(super) const PPS: f64 = BURST_PPS;
 
 fn mac_of(lab: &Lab, ns: &str, ifc: &str) -> Result<[u8; 6]> {
     let out = lab.exec(ns, &["cat", &format!("/sys/class/net/{ifc}/address")])?;
@@ -43,47 +43,41 @@ fn wan_rx(lab: &Lab) -> Result<u64> {
     Ok(lab.iface_stats(&lab.wan, "wan0")?.0)
 }
 
-/// Frames per generator run. Each live-frames run with repeat > 1 switches
-/// the XDP dispatcher and so waits for an RCU grace period (net/bpf/
-/// test_run.c bpf_prog_test_run_xdp), milliseconds to tens of them on a
-/// busy machine, so runs must be long.
-pub(super) const BATCH: u32 = 4000;
+/// Frames per paced generator run, most of them dropped by the generator
+/// itself (it lets through groups of [`GROUP`] at [`BURST_PPS`]). Each
+/// live-frames run with repeat > 1 switches the XDP dispatcher and so waits
+/// for an RCU grace period (net/bpf/test_run.c bpf_prog_test_run_xdp),
+/// milliseconds to tens of them on a busy machine, so runs must be long.
+pub(super) const RUN_FRAMES: u32 = 1_000_000;
 /// Frame rate inside a run, in groups of [`GROUP`]: below what the slowest
 /// path (kernel_ct_nat, ~8 us per packet on a busy machine) forwards, so the
 /// router's 256-slot veth ring does not overflow, every path forwards the
 /// same packets in the same batches, and the batches do not depend on how
 /// late its thread got the CPU.
 pub(super) const BURST_PPS: f64 = 100_000.0;
-/// Frames sent back to back, one NAPI budget: the generator flushes its
-/// frames to the router's ring every 64 (xdp_test_run_batch's default batch),
-/// and the router polls up to 64 per round, as a loaded router would.
-const GROUP: u32 = 64;
+/// Frames sent back to back, one NAPI budget: the router polls up to 64 per
+/// round, as a loaded router would.
+pub(super) const GROUP: u32 = 64;
 
-/// Offer `pps` over `nflows` flows for `secs` in paced batches of `batch`
-/// and measure the router's cost; returns (cost, forwarded packets/s).
-/// Measured again if the NAPI kthreads changed meanwhile.
+/// Offer `pps` over `nflows` flows (flow i: destination port `dport` +
+/// i / 50,000) for `secs` and measure the router's cost; returns (cost,
+/// forwarded packets/s). Measured again if the NAPI kthreads changed
+/// meanwhile.
 pub(super) fn measure(
     lab: &Lab,
     g: &Gen,
     engine: Option<u32>,
-    load: (u32, u16, f64, u32),
+    load: (u32, u16, f64),
     secs: f64,
 ) -> Result<(Cost, f64)> {
-    let (nflows, dport, pps, batch) = load;
+    let (nflows, dport, pps) = load;
     for _ in 0..3 {
         let th = Threads::of(lab, engine)?;
         let rx0 = wan_rx(lab)?;
         let Ok(s0) = th.sample() else { continue };
         let t0 = Instant::now();
-        let mut sent = 0f64;
         while t0.elapsed().as_secs_f64() < secs {
-            g.paced(batch, nflows, dport, (1e9 / BURST_PPS) as u32, GROUP)?;
-            sent += f64::from(batch);
-            let due = sent / pps;
-            let now = t0.elapsed().as_secs_f64();
-            if due > now {
-                std::thread::sleep(Duration::from_secs_f64(due - now));
-            }
+            g.paced(RUN_FRAMES, nflows, dport, (1e9 / pps) as u32, GROUP)?;
         }
         let wall = t0.elapsed().as_secs_f64();
         // let the rings drain into the counted threads
@@ -233,7 +227,7 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
             warm(&b, &a, &mut r.notes, path)?;
             let pid = a.engine.as_ref().map(Daemon::pid);
             let x = acc.entry(path).or_default();
-            let (c, pps) = measure(lab, &b.g, pid, (FLOWS, 9, PPS, BATCH), secs)?;
+            let (c, pps) = measure(lab, &b.g, pid, (FLOWS, 9, PPS), secs)?;
             x.cost.push(c);
             x.fwd_pps.push(pps);
             x.max_pps.push(max_pps(lab, &b.g, secs.min(1.0))?);
