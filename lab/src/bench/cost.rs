@@ -76,6 +76,33 @@ pub struct Cost {
     pub sink: f64,
     /// CPU-wide: the router CPU's non-idle time, everything on it counted.
     pub cpu_wide: f64,
+    /// Packets the veth ends dropped (rings full), per forwarded packet:
+    /// the paths should all be near 0, or they forward different packets.
+    pub ring_drops: f64,
+}
+
+/// The lab's veth ends, as (namespace, device), whose drop counters are read.
+fn ends(lab: &Lab) -> [(&str, &'static str); 4] {
+    [(&lab.lan, LAN_IF), (&lab.rtr, RTR_LAN_IF), (&lab.rtr, RTR_WAN_IF), (&lab.wan, WAN_IF)]
+}
+
+/// rx_dropped + tx_dropped summed over the lab's veth ends.
+pub(super) fn ring_drops(lab: &Lab) -> Result<u64> {
+    let mut n = 0;
+    for (ns, dev) in ends(lab) {
+        let out = lab.exec(
+            ns,
+            &[
+                "cat",
+                &format!("/sys/class/net/{dev}/statistics/rx_dropped"),
+                &format!("/sys/class/net/{dev}/statistics/tx_dropped"),
+            ],
+        )?;
+        for v in out.split_whitespace() {
+            n += v.parse::<u64>().with_context(|| format!("drop counters of {dev} in {ns}: {out:?}"))?;
+        }
+    }
+    Ok(n)
 }
 
 impl Threads {
@@ -123,7 +150,7 @@ impl Threads {
 }
 
 impl Cost {
-    pub(super) fn between(a: &Sample, b: &Sample, forwarded: u64) -> Cost {
+    pub(super) fn between(a: &Sample, b: &Sample, forwarded: u64, drops: u64) -> Cost {
         let per = |x: u64, y: u64| y.saturating_sub(x) as f64 / forwarded.max(1) as f64;
         let napi = per(a.router_napi, b.router_napi);
         let engine = per(a.engine, b.engine);
@@ -133,6 +160,7 @@ impl Cost {
             engine,
             sink: per(a.sink, b.sink),
             cpu_wide: cpu::busy_ns(&a.cpu, &b.cpu).0 as f64 / forwarded.max(1) as f64,
+            ring_drops: drops as f64 / forwarded.max(1) as f64,
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct PathResult {
     /// that ran on that CPU included.
     pub cpu_wide_ns_per_pkt: Option<Stat>,
     pub offered_pps: f64,
+    /// Packets dropped at the veth ends (rings full) per forwarded packet.
+    pub ring_drops_per_fwd: Option<Stat>,
     /// Forwarded packets/s during the router-cost measurement.
     pub forwarded_pps: Option<Stat>,
     /// Forwarded packets/s with the generator at full speed.

@@ -74,6 +74,7 @@ pub(super) fn measure(
     for _ in 0..3 {
         let th = Threads::of(lab, engine)?;
         let rx0 = wan_rx(lab)?;
+        let d0 = super::cost::ring_drops(lab)?;
         let Ok(s0) = th.sample() else { continue };
         let t0 = Instant::now();
         while t0.elapsed().as_secs_f64() < secs {
@@ -84,6 +85,7 @@ pub(super) fn measure(
         std::thread::sleep(Duration::from_millis(50));
         let Ok(s1) = th.sample() else { continue };
         let fwd = wan_rx(lab)?.saturating_sub(rx0);
+        let drops = super::cost::ring_drops(lab)?.saturating_sub(d0);
         if Threads::of(lab, engine)? != th {
             continue;
         }
@@ -95,7 +97,7 @@ pub(super) fn measure(
                 rwan.2
             );
         }
-        return Ok((Cost::between(&s0, &s1, fwd), fwd as f64 / wall));
+        return Ok((Cost::between(&s0, &s1, fwd, drops), fwd as f64 / wall));
     }
     bail!("the router's NAPI kthreads or engine threads kept changing during the measurement")
 }
@@ -252,6 +254,7 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
             engine_ns_per_pkt: st(|c| c.engine),
             sink_ns_per_pkt: st(|c| c.sink),
             cpu_wide_ns_per_pkt: st(|c| c.cpu_wide),
+            ring_drops_per_fwd: st(|c| c.ring_drops),
             forwarded_pps: Some(Stat::of(x.fwd_pps)),
             max_pps: Some(Stat::of(x.max_pps)),
             ..Default::default()

@@ -17,11 +17,12 @@ impl Report {
         o += &format!(
             "Router cost: on-CPU ns of the router's NAPI kthreads + engine threads per forwarded packet \
              (64-byte UDP, {FLOWS} flows, {:.0} kpps offered); medians (min-max) over interleaved rounds. \
-             CPU-wide = the router CPU's non-idle time, everything on it counted.\n",
+             CPU-wide = the router CPU's non-idle time, everything on it counted. \
+             drops = packets the veth ends dropped per forwarded packet.\n",
             PPS / 1e3
         );
         o += &format!(
-            "{:<14} {:>20} {:>7} {:>8} {:>8} {:>22} {:>9} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
+            "{:<14} {:>20} {:>7} {:>8} {:>8} {:>22} {:>9} {:>6} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
             "path",
             "router ns/pkt",
             "spread",
@@ -29,6 +30,7 @@ impl Report {
             "engine",
             "CPU-wide ns/pkt",
             "fwd pps",
+            "drops",
             "max pps",
             "TCP 1500",
             "TCP GSO",
@@ -39,7 +41,7 @@ impl Report {
         for p in PATHS {
             if let Some(x) = self.paths.get(p) {
                 o += &format!(
-                    "{:<14} {:>20} {:>7} {:>8} {:>8} {:>22} {:>9} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
+                    "{:<14} {:>20} {:>7} {:>8} {:>8} {:>22} {:>9} {:>6} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
                     p,
                     med_range(&x.router_ns_per_pkt),
                     spread(&x.router_ns_per_pkt),
@@ -47,6 +49,7 @@ impl Report {
                     m(&x.engine_ns_per_pkt),
                     med_range(&x.cpu_wide_ns_per_pkt),
                     m(&x.forwarded_pps),
+                    x.ring_drops_per_fwd.map(|s| format!("{:.2}", s.median)).unwrap_or("-".into()),
                     med_range(&x.max_pps),
                     m(&x.tcp_1stream_1500_mbps),
                     m(&x.tcp_1stream_gso_mbps),
