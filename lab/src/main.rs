@@ -46,7 +46,7 @@ enum Cmd {
     /// Benchmark: offload against the kernel paths and a bare redirect, in
     /// the lab, in one run.
     Bench {
-        /// About a minute instead of about ten.
+        /// Under two minutes instead of about fifteen.
         #[arg(long)]
         quick: bool,
         /// Write the full results as JSON.
@@ -55,6 +55,11 @@ enum Cmd {
         /// Directory for the SVG plots.
         #[arg(long, default_value = "bench-plots")]
         plots: PathBuf,
+        /// Exit non-zero when the run's own sanity checks mark it invalid
+        /// (a spread over 25%, a floor costing more than its path); without
+        /// it an invalid run is reported as INVALID and exits 0.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -104,10 +109,13 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, json, plots } => {
+        Cmd::Bench { quick, json, plots, strict } => {
             let exe = router_bin()?;
             let r = bench::run(&bench::BenchOpts { quick, json, exe, plots })?;
             print!("{}", r.render());
+            if strict && !r.valid() {
+                anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));
+            }
             Ok(())
         }
     }

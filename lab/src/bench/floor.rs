@@ -27,6 +27,23 @@ impl Drop for Floor {
     }
 }
 
+/// Attach a TCX ingress program; `flags` 0 appends to the chain,
+/// `BPF_F_BEFORE` (with no relative program) puts it first.
+pub(super) fn attach_tcx(prog: &libbpf_rs::Program<'_>, ifindex: u32, flags: u32) -> Result<Link> {
+    use libbpf_rs::AsRawLibbpf;
+    let opts = libbpf_sys::bpf_tcx_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: valid loaded program and options; NULL + errno on failure.
+    let raw = unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_libbpf_object().as_ptr(), ifindex as i32, &opts) };
+    let p = std::ptr::NonNull::new(raw)
+        .ok_or_else(|| anyhow!("tcx attach on ifindex {ifindex}: {}", std::io::Error::last_os_error()))?;
+    // SAFETY: valid link pointer we own.
+    Ok(unsafe { Link::from_ptr(p) })
+}
+
 pub(super) fn attach_floor(lab: &Lab, xdp: bool, rwan: u32, smac: [u8; 6], dmac: [u8; 6]) -> Result<Floor> {
     let rlan = ifindex_in(lab, &lab.rtr, "rlan")?;
     let ns = netns::NetnsHandle::open(&lab.rtr)?;
@@ -37,7 +54,7 @@ pub(super) fn attach_floor(lab: &Lab, xdp: bool, rwan: u32, smac: [u8; 6], dmac:
             ns.join()?;
             let storage = Box::leak(Box::new(MaybeUninit::uninit()));
             let s = Box::leak(Box::new(skel::BenchSkelBuilder::default().open(storage)?.load()?));
-            let cfg = skel::types::bench_cfg { out_ifindex: rwan, nflows: 1, base_port: 0, smac, dmac, pad: 0 };
+            let cfg = skel::types::bench_cfg { out_ifindex: rwan, nflows: 1, smac, dmac, ..Default::default() };
             super::set_cfg(&s.maps.bench_cfg, &cfg)?;
             s.maps.bench_ports.update(&rwan.to_ne_bytes(), &rwan.to_ne_bytes(), MapFlags::ANY)?;
             let mut links = Vec::new();
@@ -46,19 +63,7 @@ pub(super) fn attach_floor(lab: &Lab, xdp: bool, rwan: u32, smac: [u8; 6], dmac:
                 // like nft-offload, an XDP program on the egress port too
                 links.push(s.progs.floor_xdp.attach_xdp(rwan as i32)?);
             } else {
-                use libbpf_rs::AsRawLibbpf;
-                // SAFETY: valid loaded program; NULL + errno on failure.
-                let raw = unsafe {
-                    libbpf_sys::bpf_program__attach_tcx(
-                        s.progs.floor_tc.as_libbpf_object().as_ptr(),
-                        rlan as i32,
-                        std::ptr::null(),
-                    )
-                };
-                let p = std::ptr::NonNull::new(raw)
-                    .ok_or_else(|| anyhow!("tcx attach: {}", std::io::Error::last_os_error()))?;
-                // SAFETY: valid link pointer we own.
-                links.push(unsafe { Link::from_ptr(p) });
+                links.push(attach_tcx(&s.progs.floor_tc, rlan, 0)?);
             }
             Ok(links)
         })();

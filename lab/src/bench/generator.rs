@@ -13,16 +13,24 @@ use crate::lab::netns;
 /// The traffic generator: a thread inside the LAN namespace that owns the
 /// loaded generator program and runs it on request.
 pub(super) struct Gen {
-    tx: std::sync::mpsc::Sender<(u32, u32, u16)>,
+    tx: std::sync::mpsc::Sender<(u32, u32, u16, u32, u32)>,
     rx: std::sync::mpsc::Receiver<Result<Duration>>,
 }
 
 impl Gen {
-    pub(super) fn start(lan_ns: &str, lan0: u32, frame: Vec<u8>) -> Result<Gen> {
-        let (tx, req) = std::sync::mpsc::channel::<(u32, u32, u16)>();
+    /// `cpu`: where the generator thread runs (the generator CPU, away from
+    /// the router's threads).
+    pub(super) fn start(lan_ns: &str, lan0: u32, frame: Vec<u8>, cpu: Option<usize>) -> Result<Gen> {
+        let (tx, req) = std::sync::mpsc::channel::<(u32, u32, u16, u32, u32)>();
         let (resp, rx) = std::sync::mpsc::channel::<Result<Duration>>();
         let ns = netns::NetnsHandle::open(lan_ns)?;
         std::thread::spawn(move || {
+            if let Some(c) = cpu {
+                if let Err(e) = crate::lab::cpu::set_affinity(0, c) {
+                    let _ = resp.send(Err(anyhow!("pinning the generator to CPU {c}: {e}")));
+                    return;
+                }
+            }
             if let Err(e) = ns.join() {
                 let _ = resp.send(Err(e));
                 return;
@@ -36,12 +44,15 @@ impl Gen {
                 }
             };
             let _ = resp.send(Ok(Duration::ZERO));
-            while let Ok((count, nflows, dport)) = req.recv() {
+            while let Ok((count, nflows, dport, gap_ns, burst)) = req.recv() {
                 let r = (|| -> Result<Duration> {
-                    let cfg = skel::types::bench_cfg { nflows, base_port: 10000, ..Default::default() };
+                    let cfg = skel::types::bench_cfg { nflows, base_port: 10000, gap_ns, burst, ..Default::default() };
                     super::set_cfg(&s.maps.bench_cfg, &cfg)?;
                     let mut f = frame.clone();
                     f[36..38].copy_from_slice(&dport.to_be_bytes());
+                    // No UDP checksum (legal over IPv4), or the new port would
+                    // make it wrong and conntrack would call the packet invalid.
+                    f[40..42].copy_from_slice(&[0, 0]);
                     // xdp_md: data_end at 4, ingress_ifindex at 12
                     let mut ctx = vec![0u8; 24];
                     ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
@@ -67,14 +78,21 @@ impl Gen {
         Ok(g)
     }
 
-    /// Send `count` frames spread over `nflows` source ports as fast as
-    /// possible; returns the time taken.
+    /// Send `count` frames spread over `nflows` flows as fast as possible;
+    /// returns the time taken. Flow i has source port 10000 + i % 50000 and
+    /// destination port `dport` + i / 50000 (bench.bpf.c bench_gen).
     pub(super) fn blast(&self, count: u32, nflows: u32) -> Result<Duration> {
         self.blast_to(count, nflows, 9)
     }
 
     pub(super) fn blast_to(&self, count: u32, nflows: u32, dport: u16) -> Result<Duration> {
-        self.tx.send((count, nflows, dport)).map_err(|_| anyhow!("generator thread gone"))?;
+        self.paced(count, nflows, dport, 0, 1)
+    }
+
+    /// [`Gen::blast_to`] in groups of `burst` frames, `burst * gap_ns`
+    /// apart.
+    pub(super) fn paced(&self, count: u32, nflows: u32, dport: u16, gap_ns: u32, burst: u32) -> Result<Duration> {
+        self.tx.send((count, nflows, dport, gap_ns, burst)).map_err(|_| anyhow!("generator thread gone"))?;
         self.rx.recv().map_err(|_| anyhow!("generator thread gone"))?
     }
 }

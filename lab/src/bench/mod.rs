@@ -1,16 +1,22 @@
 //! `nft-offload-lab bench`: offload against the paths a router would otherwise
 //! use, measured in one run on the lab (DESIGN.md section 7).
 //!
-//! Router work is isolated on CPU 1 (threaded NAPI of the router's ports and
-//! the engine pinned there), the generator and the hosts run on CPU 0. Router
-//! CPU time is CPU 1's non-idle time from /proc/stat. The generator is an XDP
-//! program run with BPF_PROG_RUN and BPF_F_TEST_XDP_LIVE_FRAMES on the LAN
-//! host's port: it transmits 64-byte UDP frames far faster than sendmmsg.
-//! Every figure is the median of several repetitions with min and max.
+//! Router work runs in its own threads on CPU 1 (threaded NAPI of the
+//! router's ports and the engine pinned there), the generator and the hosts'
+//! NAPI threads on CPU 0. Router cost is the on-CPU time of the router's
+//! threads (schedstat) per forwarded packet (`cost`), so other work on the
+//! machine is not counted; CPU 1's non-idle time is kept as a second,
+//! CPU-wide column. Paths are measured in interleaved rounds. The generator
+//! is an XDP program run with BPF_PROG_RUN and BPF_F_TEST_XDP_LIVE_FRAMES on
+//! the LAN host's port. Every figure is a median with its spread; a run whose
+//! figures contradict themselves is marked invalid (`validity`).
 
+mod cost;
 mod fast_path;
 mod floor;
 mod generator;
+mod latency;
+mod live;
 mod memory;
 mod offload_rate;
 mod paths;
@@ -20,7 +26,11 @@ mod ratios;
 mod render;
 mod scaling;
 mod stat;
+mod tcp;
+mod validity;
 
+pub use latency::OffloadLatency;
+pub use live::LiveRow;
 pub use stat::Stat;
 
 use std::collections::BTreeMap;
@@ -47,11 +57,22 @@ pub struct BenchOpts {
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct PathResult {
-    /// Router CPU ns per forwarded packet at a fixed offered load, 1 flow.
+    /// Router cost: on-CPU ns of the router's NAPI kthreads and the engine's
+    /// threads per forwarded packet, at a fixed offered load, 64 flows.
     pub router_ns_per_pkt: Option<Stat>,
-    /// Same with 1000 flows.
-    pub router_ns_per_pkt_1k: Option<Stat>,
+    /// Its two parts.
+    pub napi_ns_per_pkt: Option<Stat>,
+    pub engine_ns_per_pkt: Option<Stat>,
+    /// The sink's NAPI kthread on the other CPU (not router cost).
+    pub sink_ns_per_pkt: Option<Stat>,
+    /// CPU-wide: router CPU non-idle ns per forwarded packet, everything
+    /// that ran on that CPU included.
+    pub cpu_wide_ns_per_pkt: Option<Stat>,
     pub offered_pps: f64,
+    /// Packets dropped at the veth ends (rings full) per forwarded packet.
+    pub ring_drops_per_fwd: Option<Stat>,
+    /// Forwarded packets/s during the router-cost measurement.
+    pub forwarded_pps: Option<Stat>,
     /// Forwarded packets/s with the generator at full speed.
     pub max_pps: Option<Stat>,
     pub tcp_1stream_1500_mbps: Option<Stat>,
@@ -79,18 +100,22 @@ pub struct Report {
     /// flows -> ns per packet (TC entry, one packet per run, keys at random
     /// among the installed flows). Entries installed directly in the map.
     pub scaling_ns_per_pkt: BTreeMap<u64, Stat>,
+    /// live connections -> router cost with traffic over all of them.
+    pub live_scaling: BTreeMap<u64, LiveRow>,
+    /// Eligible-to-fast-path latency from packet timestamps.
+    pub offload_latency: OffloadLatency,
     pub memory: BTreeMap<String, f64>,
     pub offload: BTreeMap<String, f64>,
     pub ratios: BTreeMap<String, f64>,
     pub targets: BTreeMap<String, String>,
     pub notes: Vec<String>,
+    /// Why the run is invalid (empty: valid).
+    pub invalid: Vec<String>,
 }
 
-fn reps(o: &BenchOpts) -> usize {
-    if o.quick {
-        2
-    } else {
-        5
+impl Report {
+    pub fn valid(&self) -> bool {
+        self.invalid.is_empty()
     }
 }
 
@@ -106,6 +131,7 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     eprintln!("bench: router paths in the lab");
     paths::router_paths(opts, &mut r)?;
     ratios::ratios(&mut r);
+    validity::check(&mut r);
     if let Some(p) = &opts.json {
         std::fs::write(p, serde_json::to_string_pretty(&r)?).with_context(|| format!("writing {}", p.display()))?;
     }

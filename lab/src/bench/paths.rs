@@ -1,23 +1,33 @@
 //! Router paths in the lab: the kernel with and without conntrack and NAT,
-//! the bare-redirect floor and the offload engine in both modes, each under
-//! the same generator load, TCP transfers and pings.
+//! the bare-redirect floor and the offload engine in both modes, measured
+//! in interleaved rounds (every path once per round, rounds repeated) so
+//! that drift on the shared machine hits all paths alike.
 
-use std::process::Child;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::floor::attach_floor;
+use super::cost::{Cost, Threads};
+use super::floor::{attach_floor, Floor};
 use super::generator::Gen;
 use super::offload_rate::offload_rate;
 use super::stat::percentile;
-use super::{reps, BenchOpts, PathResult, Report, Stat};
+use super::tcp::{tcp_and_ping, TcpAcc};
+use super::{BenchOpts, PathResult, Report, Stat};
 use crate::daemon::{Daemon, DaemonOpts};
 use crate::frames;
 use crate::lab::{cpu, Lab, LabOpts};
 
 pub(super) const PATHS: [&str; 6] =
     ["kernel_ct_nat", "kernel_plain", "floor_tc", "floor_xdp", "offload_tc", "offload_xdp"];
+
+/// Flows of the fixed-load figure, as in the independent
+/// measurement.
+pub(super) const FLOWS: u32 = 64;
+/// Offered load of the fixed-load figure while the generator runs (it
+/// pauses for a grace period between runs, see [`RUN_FRAMES`]).
+pub(super) const PPS: f64 = BURST_PPS;
 
 fn mac_of(lab: &Lab, ns: &str, ifc: &str) -> Result<[u8; 6]> {
     let out = lab.exec(ns, &["cat", &format!("/sys/class/net/{ifc}/address")])?;
@@ -33,37 +43,63 @@ fn wan_rx(lab: &Lab) -> Result<u64> {
     Ok(lab.iface_stats(&lab.wan, "wan0")?.0)
 }
 
-/// Frames per generator run. Each live-frames run sets up a page pool
-/// (about a millisecond), so runs must be large; a run is a burst at the
-/// generator's full speed, part of which the router's 256-slot veth input
-/// ring drops. CPU per packet divides by what was forwarded, so it is not
-/// skewed by those drops.
-const BATCH: u32 = 2000;
+/// Frames per paced generator run, most of them dropped by the generator
+/// itself (it lets through groups of [`GROUP`] at [`BURST_PPS`]). Each
+/// live-frames run with repeat > 1 switches the XDP dispatcher and so waits
+/// for an RCU grace period (net/bpf/test_run.c bpf_prog_test_run_xdp),
+/// milliseconds to tens of them on a busy machine, so runs must be long.
+pub(super) const RUN_FRAMES: u32 = 1_000_000;
+/// Frame rate inside a run, in groups of [`GROUP`]: below what the slowest
+/// path (kernel_ct_nat, ~8 us per packet on a busy machine) forwards, so the
+/// router's 256-slot veth ring does not overflow, every path forwards the
+/// same packets in the same batches, and the batches do not depend on how
+/// late its thread got the CPU.
+pub(super) const BURST_PPS: f64 = 100_000.0;
+/// Frames sent back to back, one NAPI budget: the router polls up to 64 per
+/// round, as a loaded router would.
+pub(super) const GROUP: u32 = 64;
 
-/// Offer `pps` for `secs` in small paced batches; returns
-/// (router CPU ns per forwarded packet, forwarded packets per second).
-fn paced(lab: &Lab, g: &Gen, nflows: u32, dport: u16, pps: f64, secs: f64) -> Result<(f64, f64)> {
-    let rx0 = wan_rx(lab)?;
-    let c0 = cpu::sample(Some(1))?;
-    let t0 = Instant::now();
-    let mut sent = 0f64;
-    while t0.elapsed().as_secs_f64() < secs {
-        g.blast_to(BATCH, nflows, dport)?;
-        sent += f64::from(BATCH);
-        let due = sent / pps;
-        let now = t0.elapsed().as_secs_f64();
-        if due > now {
-            std::thread::sleep(Duration::from_secs_f64(due - now));
+/// Offer `pps` over `nflows` flows (flow i: destination port `dport` +
+/// i / 50,000) for `secs` and measure the router's cost; returns (cost,
+/// forwarded packets/s). Measured again if the NAPI kthreads changed
+/// meanwhile.
+pub(super) fn measure(
+    lab: &Lab,
+    g: &Gen,
+    engine: Option<u32>,
+    load: (u32, u16, f64),
+    secs: f64,
+) -> Result<(Cost, f64)> {
+    let (nflows, dport, pps) = load;
+    for _ in 0..3 {
+        let th = Threads::of(lab, engine)?;
+        let rx0 = wan_rx(lab)?;
+        let d0 = super::cost::ring_drops(lab)?;
+        let Ok(s0) = th.sample() else { continue };
+        let t0 = Instant::now();
+        while t0.elapsed().as_secs_f64() < secs {
+            g.paced(RUN_FRAMES, nflows, dport, (1e9 / pps) as u32, GROUP)?;
         }
+        let wall = t0.elapsed().as_secs_f64();
+        // let the rings drain into the counted threads
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(s1) = th.sample() else { continue };
+        let fwd = wan_rx(lab)?.saturating_sub(rx0);
+        let drops = super::cost::ring_drops(lab)?.saturating_sub(d0);
+        if Threads::of(lab, engine)? != th {
+            continue;
+        }
+        if fwd == 0 {
+            let (rlan, rwan) = (lab.iface_stats(&lab.rtr, "rlan")?, lab.iface_stats(&lab.rtr, "rwan")?);
+            bail!(
+                "nothing was forwarded ({nflows} flows to port {dport}; router rlan rx {} packets, rwan tx {})",
+                rlan.0,
+                rwan.2
+            );
+        }
+        return Ok((Cost::between(&s0, &s1, fwd, drops), fwd as f64 / wall));
     }
-    let wall = t0.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(50));
-    let c1 = cpu::sample(Some(1))?;
-    let fwd = wan_rx(lab)?.saturating_sub(rx0);
-    if fwd == 0 {
-        bail!("nothing was forwarded");
-    }
-    Ok((cpu::busy_ns(&c0, &c1).0 as f64 / fwd as f64, fwd as f64 / wall))
+    bail!("the router's NAPI kthreads or engine threads kept changing during the measurement")
 }
 
 /// Forwarded packets per second with the generator running back to back.
@@ -71,164 +107,175 @@ fn max_pps(lab: &Lab, g: &Gen, secs: f64) -> Result<f64> {
     let rx0 = wan_rx(lab)?;
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < secs {
-        g.blast(50_000, 1)?;
+        g.blast(50_000, FLOWS)?;
     }
     let wall = t0.elapsed().as_secs_f64();
     Ok(wan_rx(lab)?.saturating_sub(rx0) as f64 / wall)
 }
 
-fn iperf(lab: &Lab, streams: u32, secs: u32) -> Result<f64> {
-    let (p, t) = (streams.to_string(), secs.to_string());
-    let out = lab.exec(&lab.lan, &["iperf3", "-c", "203.0.113.2", "-J", "-t", &t, "-P", &p])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    v["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e6).ok_or_else(|| anyhow!("iperf3: no result"))
+/// The lab as the benchmark uses it: router CPU isolated, a sink that
+/// drops the generator's packets, an iperf3 server, the generator.
+pub(super) struct Bench {
+    pub lab: Lab,
+    pub g: Gen,
+    rwan: u32,
+    m_rwan: [u8; 6],
+    m_wan0: [u8; 6],
 }
 
-fn set_gso(lab: &Lab, on: bool) -> Result<()> {
-    let v = if on { "on" } else { "off" };
-    lab.exec(&lab.lan, &["ethtool", "-K", "lan0", "tso", v, "gso", v])?;
-    lab.exec(&lab.wan, &["ethtool", "-K", "wan0", "tso", v, "gso", v])?;
-    Ok(())
+impl Bench {
+    fn up() -> Result<Bench> {
+        let prefix = format!("nfb{}", std::process::id() % 100000);
+        let lab = Lab::up(&LabOpts { prefix, xdp_safe: true, isolate_router_cpu: true })?;
+        lab.warm_neighbours()?;
+        // kernel_plain forwards without NAT: the server needs a route back.
+        lab.exec(&lab.wan, &["ip", "route", "add", "192.168.1.0/24", "via", "203.0.113.1"])?;
+        // The server drops the generator's packets at once (no ICMP replies):
+        // dports 9 and 10, and 100-109 for the live-connection scaling.
+        lab.exec_stdin(&lab.wan, &["nft", "-f", "-"], "table inet sink {\n chain pre {\n  type filter hook prerouting priority -300;\n  udp dport { 9, 10, 100-109 } drop\n }\n}\n")?;
+        let lan0 = ifindex_in(&lab, &lab.lan, "lan0")?;
+        let rwan = ifindex_in(&lab, &lab.rtr, "rwan")?;
+        let (m_lan0, m_rlan, m_rwan, m_wan0) = (
+            mac_of(&lab, &lab.lan, "lan0")?,
+            mac_of(&lab, &lab.rtr, "rlan")?,
+            mac_of(&lab, &lab.rtr, "rwan")?,
+            mac_of(&lab, &lab.wan, "wan0")?,
+        );
+        // 64-byte Ethernet frame (60 + FCS on the wire), as a packet generator sends.
+        let frame = frames::udp4(m_lan0, m_rlan, "192.168.1.2", "203.0.113.2", 64, 10000, 9, &[0x5a; 18]);
+        let g = Gen::start(&lab.lan, lan0, frame, lab.isolation.generator_cpu)?;
+        super::tcp::router_tso(&lab, false)?;
+        Ok(Bench { lab, g, rwan, m_rwan, m_wan0 })
+    }
+}
+
+/// One path set up on the router: its ruleset, floor program or engine.
+struct Active {
+    _floor: Option<Floor>,
+    engine: Option<Daemon>,
+}
+
+fn enter(b: &Bench, o: &BenchOpts, path: &str) -> Result<Active> {
+    let lab = &b.lab;
+    if path == "kernel_plain" {
+        lab.exec(&lab.rtr, &["nft", "flush", "ruleset"])?;
+    } else {
+        lab.load_ruleset()?;
+    }
+    let floor = match path {
+        "floor_tc" => Some(attach_floor(lab, false, b.rwan, b.m_rwan, b.m_wan0)?),
+        "floor_xdp" => Some(attach_floor(lab, true, b.rwan, b.m_rwan, b.m_wan0)?),
+        _ => None,
+    };
+    let engine = match path {
+        "offload_tc" => Some(start_engine(lab, o, "tc", &[])?),
+        "offload_xdp" => Some(start_engine(lab, o, "xdp", &[])?),
+        _ => None,
+    };
+    Ok(Active { _floor: floor, engine })
+}
+
+/// Conntrack entries for the generator's flows, and with an engine, wait
+/// until it has offloaded them.
+fn warm(b: &Bench, a: &Active, notes: &mut Vec<String>, path: &str) -> Result<()> {
+    for _ in 0..4 {
+        b.g.blast(256, FLOWS)?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let Some(d) = &a.engine else {
+        std::thread::sleep(Duration::from_millis(100));
+        return Ok(());
+    };
+    let t0 = Instant::now();
+    loop {
+        let n = d.status()?["flows_offloaded"].as_u64().unwrap_or(0);
+        if n >= u64::from(FLOWS) {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            notes.push(format!("{path}: only {n} of {FLOWS} generator flows offloaded after 10 s"));
+            return Ok(());
+        }
+        b.g.blast(256, FLOWS)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[derive(Default)]
+struct Acc {
+    cost: Vec<Cost>,
+    fwd_pps: Vec<f64>,
+    max_pps: Vec<f64>,
+    tcp: TcpAcc,
 }
 
 pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
-    let prefix = format!("nfb{}", std::process::id() % 100000);
-    let lab = Lab::up(&LabOpts { prefix, xdp_safe: true, isolate_router_cpu: true })?;
-    lab.warm_neighbours()?;
+    let b = Bench::up()?;
+    let lab = &b.lab;
+    // Helper commands started from here run on the generator's CPU.
+    let _pin = cpu::ThreadPin::to(lab.isolation.generator_cpu);
     if !lab.isolation.enabled {
-        r.notes.push(format!("router CPU not isolated: {}", lab.isolation.note));
+        r.invalid.push(format!("router CPU not isolated: {}", lab.isolation.note));
+        bail!("the benchmark needs 2 CPUs for its method: {}", lab.isolation.note);
     }
-    // kernel_plain forwards without NAT: the server needs a route back.
-    lab.exec(&lab.wan, &["ip", "route", "add", "192.168.1.0/24", "via", "203.0.113.1"])?;
-    // The server drops the generator's packets at once (no ICMP replies).
-    lab.exec_stdin(&lab.wan, &["nft", "-f", "-"], "table inet sink {\n chain pre {\n  type filter hook prerouting priority -300;\n  udp dport { 9, 10 } drop\n }\n}\n")?;
-    let _srv = lab.spawn_pinned(&lab.wan, &["iperf3", "-s"], Some(0))?;
+    let _srv = lab.spawn_pinned(&lab.wan, &["iperf3", "-s"], lab.isolation.generator_cpu)?;
     lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(5))?;
-    let lan0 = ifindex_in(&lab, &lab.lan, "lan0")?;
-    let rwan = ifindex_in(&lab, &lab.rtr, "rwan")?;
-    let (m_lan0, m_rlan, m_rwan, m_wan0) = (
-        mac_of(&lab, &lab.lan, "lan0")?,
-        mac_of(&lab, &lab.rtr, "rlan")?,
-        mac_of(&lab, &lab.rtr, "rwan")?,
-        mac_of(&lab, &lab.wan, "wan0")?,
-    );
-    // 64-byte Ethernet frame (60 + FCS on the wire), as a packet generator sends.
-    let frame = frames::udp4(m_lan0, m_rlan, "192.168.1.2", "203.0.113.2", 64, 10000, 9, &[0x5a; 18]);
-    let g = Gen::start(&lab.lan, lan0, frame)?;
-    let n = reps(o);
-    let secs = if o.quick { 0.6 } else { 2.0 };
-    let pps = 150_000.0;
-    let tcp_secs = if o.quick { 2 } else { 5 };
-    for path in PATHS {
-        eprintln!("bench:   {path}");
-        if path == "kernel_plain" {
-            lab.exec(&lab.rtr, &["nft", "flush", "ruleset"])?;
-        } else {
-            lab.load_ruleset()?;
+    let (rounds, secs, tcp_rounds) = if o.quick { (2, 0.6, 1) } else { (5, 3.0, 2) };
+    let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
+    for round in 0..rounds {
+        for path in PATHS {
+            eprintln!("bench:   round {}/{rounds}: {path}", round + 1);
+            let a = enter(&b, o, path)?;
+            warm(&b, &a, &mut r.notes, path)?;
+            let pid = a.engine.as_ref().map(Daemon::pid);
+            let x = acc.entry(path).or_default();
+            let (c, pps) = measure(lab, &b.g, pid, (FLOWS, 9, PPS), secs)?;
+            x.cost.push(c);
+            x.fwd_pps.push(pps);
+            x.max_pps.push(max_pps(lab, &b.g, secs.min(1.0))?);
+            if round < tcp_rounds && !path.starts_with("floor") {
+                tcp_and_ping(lab, o.quick, &mut x.tcp)?;
+            }
+            if let (Some(d), "offload_tc", 0) = (&a.engine, path, round) {
+                offload_rate(lab, d, if o.quick { 2000 } else { 10_000 }, r)?;
+                r.offload_latency = super::latency::offload_latency(lab, o.quick)?;
+            }
+            if let Some(d) = a.engine {
+                d.stop()?;
+            }
         }
-        let _floor = match path {
-            "floor_tc" => Some(attach_floor(&lab, false, rwan, m_rwan, m_wan0)?),
-            "floor_xdp" => Some(attach_floor(&lab, true, rwan, m_rwan, m_wan0)?),
-            _ => None,
+    }
+    for (path, x) in acc {
+        let st = |f: fn(&Cost) -> f64| Some(Stat::of(x.cost.iter().map(f).collect()));
+        let mut pr = PathResult {
+            offered_pps: PPS,
+            router_ns_per_pkt: st(|c| c.router),
+            napi_ns_per_pkt: st(|c| c.napi),
+            engine_ns_per_pkt: st(|c| c.engine),
+            sink_ns_per_pkt: st(|c| c.sink),
+            cpu_wide_ns_per_pkt: st(|c| c.cpu_wide),
+            ring_drops_per_fwd: st(|c| c.ring_drops),
+            forwarded_pps: Some(Stat::of(x.fwd_pps)),
+            max_pps: Some(Stat::of(x.max_pps)),
+            ..Default::default()
         };
-        let engine = match path {
-            "offload_tc" => Some(start_engine(&lab, o, "tc")?),
-            "offload_xdp" => Some(start_engine(&lab, o, "xdp")?),
-            _ => None,
-        };
-        let mut pr = PathResult { offered_pps: pps, ..Default::default() };
-        // warm up: conntrack entries for 1 and 1000 flows, then offload
-        for _ in 0..8 {
-            g.blast(BATCH, 1000)?;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(1500));
-        if let Some(d) = &engine {
-            let st = d.status()?;
-            if st["flows_offloaded"].as_u64().unwrap_or(0) < 1000 {
-                r.notes.push(format!(
-                    "{path}: only {} of 1000 generator flows offloaded at the start",
-                    st["flows_offloaded"]
-                ));
-            }
-        }
-        let mut v1 = Vec::new();
-        let mut vk = Vec::new();
-        let mut vm = Vec::new();
-        for _ in 0..n {
-            v1.push(paced(&lab, &g, 1, 9, pps, secs)?.0);
-            vk.push(paced(&lab, &g, 1000, 9, pps, secs)?.0);
-            vm.push(max_pps(&lab, &g, secs)?);
-        }
-        pr.router_ns_per_pkt = Some(Stat::of(v1));
-        pr.router_ns_per_pkt_1k = Some(Stat::of(vk));
-        pr.max_pps = Some(Stat::of(vm));
-        if !path.starts_with("floor") {
-            let mut a = Vec::new();
-            let mut b = Vec::new();
-            let mut c = Vec::new();
-            let tcp_reps = if o.quick { 1 } else { 3 };
-            for _ in 0..tcp_reps {
-                set_gso(&lab, false)?;
-                a.push(iperf(&lab, 1, tcp_secs)?);
-                set_gso(&lab, true)?;
-                b.push(iperf(&lab, 1, tcp_secs)?);
-                c.push(iperf(&lab, 4, tcp_secs)?);
-            }
-            pr.tcp_1stream_1500_mbps = Some(Stat::of(a));
-            pr.tcp_1stream_gso_mbps = Some(Stat::of(b));
-            pr.tcp_4stream_gso_mbps = Some(Stat::of(c));
-            // latency: idle, then under a saturating TCP load
-            let dst = "203.0.113.2".parse()?;
-            let idle: Vec<f64> =
-                (0..20).filter_map(|_| lab.ping(&lab.lan, dst).ok()).map(|d| d.as_secs_f64() * 1e3).collect();
-            pr.ping_idle_ms = Some(Stat::of(idle));
-            let load = lab.spawn_pinned(
-                &lab.lan,
-                &["iperf3", "-c", "203.0.113.2", "-t", &(tcp_secs + 2).to_string()],
-                Some(0),
-            )?;
-            std::thread::sleep(Duration::from_millis(700));
-            let t0 = Instant::now();
-            let mut samples = Vec::new();
-            while t0.elapsed() < Duration::from_secs(u64::from(tcp_secs)) {
-                if let Ok(d) = lab.ping(&lab.lan, dst) {
-                    samples.push(d.as_secs_f64() * 1e3);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = wait_child(load);
-            pr.ping_loaded_p50_ms = Some(percentile(&samples, 0.5));
-            pr.ping_loaded_p99_ms = Some(percentile(&samples, 0.99));
-            pr.ping_loaded_samples = samples;
-        }
-        if let (Some(d), "offload_tc") = (&engine, path) {
-            offload_rate(&lab, d, if o.quick { 2000 } else { 10_000 }, r)?;
-        }
-        if let Some(d) = engine {
-            d.stop()?;
-        }
+        x.tcp.into_result(&mut pr);
         r.paths.insert(path.to_string(), pr);
     }
+    eprintln!("bench: live offloaded connections");
+    super::live::live_scaling(&b, o, r)?;
     Ok(())
 }
 
 /// The engine on the router's ports, pinned to the router CPU.
-fn start_engine(lab: &Lab, o: &BenchOpts, mode: &str) -> Result<Daemon> {
-    let args = ["--iface", "rlan", "--iface", "rwan", "--mode", mode].map(String::from).to_vec();
+pub(super) fn start_engine(lab: &Lab, o: &BenchOpts, mode: &str, extra: &[&str]) -> Result<Daemon> {
+    let mut args = ["--iface", "rlan", "--iface", "rwan", "--mode", mode].map(String::from).to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
     let cpu = lab.isolation.router_cpu;
     Daemon::launch(lab, DaemonOpts { exe: Some(o.exe.clone()), args, cpu, ..Default::default() })
 }
 
-fn wait_child(mut c: Child) -> Result<()> {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        if c.try_wait()?.is_some() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-    Ok(())
+/// p50 and p99 of a sample set (NaN when empty).
+pub(super) fn p50_p99(v: &[f64]) -> (f64, f64) {
+    (percentile(v, 0.5), percentile(v, 0.99))
 }

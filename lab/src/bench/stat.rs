@@ -22,6 +22,15 @@ impl Stat {
         let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
         Stat { median, min: v[0], max: v[n - 1], n }
     }
+
+    /// (max - min) / median: how far apart the repetitions were.
+    pub fn spread(&self) -> f64 {
+        if self.median > 0.0 {
+            (self.max - self.min) / self.median
+        } else {
+            f64::NAN
+        }
+    }
 }
 
 pub(super) fn percentile(v: &[f64], p: f64) -> f64 {
@@ -31,4 +40,18 @@ pub(super) fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap());
     s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        let s = Stat::of(vec![110.0, 90.0, 100.0, f64::NAN]);
+        assert_eq!((s.median, s.min, s.max, s.n), (100.0, 90.0, 110.0, 3));
+        assert!((s.spread() - 0.2).abs() < 1e-12);
+        assert!(Stat::default().spread().is_nan());
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.99), 3.0);
+    }
 }

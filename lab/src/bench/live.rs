@@ -1,0 +1,110 @@
+//! Scaling with live connections: real conntrack entries through the lab's
+//! router, offloaded by the engine (offload_tc), and traffic spread over all
+//! of them while the router's cost is measured as in the path rounds.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::cost::Cost;
+use super::paths::{measure, start_engine, Bench, PPS, RUN_FRAMES};
+use super::{BenchOpts, Report, Stat};
+use crate::lab::Lab;
+
+/// First destination port of the scaling flows (the sink drops 100-109).
+const DPORT: u16 = 100;
+/// While creating connections: the gap between frames (a new conntrack
+/// entry costs the kernel path more than a forwarded packet: 50k new flows
+/// per second, in groups of 16, so the router's ring does not overflow and
+/// drop the first packets, which create the entries).
+const WARM_GAP_NS: u32 = 20_000;
+
+/// One size of the live-connection scaling figure.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct LiveRow {
+    /// Connections the engine had offloaded when measuring.
+    pub offloaded: u64,
+    /// Conntrack entries in the router's namespace.
+    pub conntrack: u64,
+    /// Router cost (NAPI kthreads + engine threads), ns per forwarded packet.
+    pub router_ns_per_pkt: Stat,
+    pub napi_ns_per_pkt: Stat,
+    pub engine_ns_per_pkt: Stat,
+    /// CPU-wide, labelled as such.
+    pub cpu_wide_ns_per_pkt: Stat,
+    /// Forwarded packets/s while measuring.
+    pub forwarded_pps: Stat,
+    /// Share of forwarded packets the kernel's forward hook saw (slow path).
+    pub slow_share: f64,
+    /// Seconds from the first packet to the engine reporting the connections
+    /// offloaded.
+    pub setup_s: f64,
+}
+
+fn conntrack_count(lab: &Lab) -> Result<u64> {
+    Ok(lab.exec(&lab.rtr, &["conntrack", "-C"])?.trim().parse()?)
+}
+
+pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<()> {
+    let lab = &b.lab;
+    let sizes: Vec<u32> = if o.quick { vec![1, 2000] } else { vec![1, 1000, 100_000, 250_000] };
+    let (rounds, secs) = if o.quick { (2, 0.6) } else { (3, 3.0) };
+    let max = sizes.iter().max().copied().unwrap_or(1);
+    lab.load_ruleset()?;
+    // Only this phase's connections: the earlier phases' UDP entries would
+    // otherwise be offloaded too (the engine starts with a conntrack dump)
+    // and count against the conntrack limit (262,144 here).
+    lab.exec(&lab.rtr, &["conntrack", "-F"])?;
+    let cap = (max + max / 5 + 1024).to_string();
+    let d = start_engine(lab, o, "tc", &["--max-flows", &cap])?;
+    let pid = Some(d.pid());
+    for n in sizes {
+        eprintln!("bench:   {n} live connections");
+        let t0 = Instant::now();
+        let want = u64::from(n) * 99 / 100;
+        let mut offloaded = 0;
+        // The generator cycles through all n flows; until the engine
+        // reports them offloaded, or a minute.
+        let mut checked = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            b.g.paced(RUN_FRAMES, n, DPORT, WARM_GAP_NS, 16)?;
+            if checked.elapsed() > Duration::from_millis(500) {
+                offloaded = d.status()?["flows_offloaded"].as_u64().unwrap_or(0);
+                if offloaded >= want {
+                    break;
+                }
+                checked = Instant::now();
+            }
+        }
+        let setup_s = t0.elapsed().as_secs_f64();
+        if offloaded < want {
+            r.notes.push(format!("live scaling: only {offloaded} of {n} connections offloaded after {setup_s:.0} s"));
+        }
+        let fwd0 = lab.counter_packets("fwd_all")?;
+        let mut costs: Vec<Cost> = Vec::new();
+        let mut pps = Vec::new();
+        for _ in 0..rounds {
+            let (c, p) = measure(lab, &b.g, pid, (n, DPORT, PPS), secs)?;
+            costs.push(c);
+            pps.push(p);
+        }
+        let forwarded: f64 = pps.iter().map(|p| p * secs).sum();
+        let slow = lab.counter_packets("fwd_all")?.saturating_sub(fwd0) as f64;
+        let st = |f: fn(&Cost) -> f64| Stat::of(costs.iter().map(f).collect());
+        let row = LiveRow {
+            offloaded: d.status()?["flows_offloaded"].as_u64().unwrap_or(0),
+            conntrack: conntrack_count(lab)?,
+            router_ns_per_pkt: st(|c| c.router),
+            napi_ns_per_pkt: st(|c| c.napi),
+            engine_ns_per_pkt: st(|c| c.engine),
+            cpu_wide_ns_per_pkt: st(|c| c.cpu_wide),
+            forwarded_pps: Stat::of(pps),
+            slow_share: slow / forwarded.max(1.0),
+            setup_s,
+        };
+        r.live_scaling.insert(u64::from(n), row);
+    }
+    d.stop()?;
+    Ok(())
+}
