@@ -14,7 +14,6 @@ pub mod interrupt;
 pub mod iperf;
 pub mod lab;
 pub mod private_router;
-pub mod testkit;
 
 pub use daemon::{router_bin, Daemon, DaemonOpts};
 pub use lab::{Background, Lab, LabOpts};

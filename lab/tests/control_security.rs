@@ -7,11 +7,12 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use nft_offload_lab::Background as Bg;
 use nft_offload_lab::{router_bin, Daemon, Lab, LabOpts};
 
 /// setpriv arguments: uid/gid 65534, no groups, and the given capability
@@ -126,16 +127,6 @@ fn forward_policy(lab: &Lab) -> String {
 /// The system's python, which every user may run (root's PATH may lead to a
 /// private one).
 const PYTHON: &str = "/usr/bin/python3";
-
-/// A background process, killed and reaped when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A python program in the router's namespace as `user`, started once it
 /// printed its first line.

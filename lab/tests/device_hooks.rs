@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use nft_offload_lab::Background as Bg;
 use nft_offload_lab::{Daemon, Lab, LabOpts};
 
 /// The shapers' rate, and what a shaped transfer may reach at most.
@@ -43,16 +44,6 @@ fn run(lab: &Lab, ns: &str, cmd: &str) {
 
 fn nft(lab: &Lab, ns: &str, script: &str) {
     lab.exec_stdin(ns, &["nft", "-f", "-"], script).unwrap_or_else(|e| panic!("nft {script}: {e:#}"));
-}
-
-/// A background process, killed and reaped when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn daemon(lab: &Lab) -> Daemon {

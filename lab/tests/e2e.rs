@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use nft_offload_lab::Background as Bg;
 use nft_offload_lab::{router_bin, Daemon, Lab, LabOpts};
 
 /// The router binary under test (see `router_bin`).
@@ -42,16 +43,6 @@ fn daemon(lab: &Lab, extra: &[&str]) -> Daemon {
 /// `nft-offload run <args>` on the lab router, ready.
 fn daemon_raw(lab: &Lab, args: &[&str]) -> Daemon {
     Daemon::start_raw(lab, args).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// A background process, killed and reaped when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn iperf_server(lab: &Lab, ns: &str, port: u16) -> Bg {

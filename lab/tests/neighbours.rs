@@ -7,8 +7,7 @@
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use nft_offload_lab::testkit::{test_lab, Bg};
-use nft_offload_lab::{Daemon, Lab};
+use nft_offload_lab::{Background as Bg, Daemon, Lab};
 
 /// UDP datagrams delivered to sockets in namespace `ns` so far.
 fn udp_in(lab: &Lab, ns: &str) -> u64 {
@@ -25,7 +24,7 @@ fn resolutions(d: &Daemon) -> u64 {
 
 #[test]
 fn neighbour_churn_costs_nothing_and_a_moved_next_hop_is_followed() {
-    let lab = test_lab("ngh");
+    let lab = Lab::up_unique("ngh").unwrap_or_else(|e| panic!("{e:#}"));
     let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
     let py = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\n\
               while True:\n    s.recvfrom(2048)\n";

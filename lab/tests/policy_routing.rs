@@ -7,11 +7,11 @@
 //! Evidence is the server's side: which of its two interfaces received the
 //! connection's packets.
 
-use std::process::Child;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use nft_offload_lab::Background as Bg;
 use nft_offload_lab::{Daemon, Lab, LabOpts};
 
 const SINK_PORT: u16 = 9999;
@@ -83,16 +83,6 @@ const MWAN3: &str = "udp dport 9999 ct state new ct mark set 2\n\t\tmeta mark se
 fn daemon(lab: &Lab) -> Daemon {
     Daemon::start_raw(lab, &["--iface", "rlan", "--iface", "rwan", "--iface", "rwan2"])
         .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// A background process, killed and reaped when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn udp_sink(lab: &Lab) -> Bg {

@@ -3,11 +3,12 @@
 //! path steps aside while the engine is stalled (its heartbeat goes stale).
 //! Run under the machine-wide e2e lock, like tests/e2e.rs.
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use nft_offload_lab::Background as Bg;
 use nft_offload_lab::{Daemon, Lab, LabOpts};
 
 fn lab() -> Lab {
@@ -16,16 +17,6 @@ fn lab() -> Lab {
     let lab = Lab::up(&LabOpts { prefix, xdp_safe: false, isolate_router_cpu: false }).expect("lab up");
     lab.warm_neighbours().expect("neighbours");
     lab
-}
-
-/// A background process, killed and reaped when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A UDP echo server on the WAN host (port 9999): replies make the
