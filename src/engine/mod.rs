@@ -3,9 +3,13 @@
 //!
 //! * conntrack events and dumps -> `policy::verdict` -> `FlowTable::apply`
 //! * rtnetlink changes -> link state, then every offloaded connection's
-//!   path is resolved again and judged again
-//! * `fo_wake` (TC egress saw a dormant connection's packet leave) and the
-//!   250 ms tick -> dormant connections that woke; `keepalive`, retries
+//!   path is resolved again and judged again (a neighbour change: only the
+//!   connections through it); tc changes -> the device hooks
+//! * xfrm policy and nf_tables changes -> the holds (`holds`); any ruleset
+//!   change sends the offloaded connections back through the kernel
+//! * `fo_wake` (TC egress saw a dormant connection's packet leave) ->
+//!   dormant connections that woke; the 250 ms tick -> `keepalive` for the
+//!   connections due, retries
 //! * the control socket's eventfd -> `status`, `flows`, `reload`
 //!   (`ruleset`), read and checked by the control thread (`control::server`)
 //!
