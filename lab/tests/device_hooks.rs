@@ -131,6 +131,23 @@ fn wait_held(d: &Daemon, sport: u16, dir: usize, held: bool, what: &str) {
     assert!(held_within_1s(d, sport, dir, held), "{what}: not applied within 1 s");
 }
 
+/// After an nftables change: every offloaded connection went back through
+/// the kernel's new rules and returns on its next packet the kernel
+/// forwards. One datagram every 20 ms stands for the traffic until the
+/// connection is back with direction `dir` held (or not), within 1 s.
+fn wait_held_after_nft(lab: &Lab, d: &Daemon, sport: u16, dir: usize, held: bool, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        match flow(d, sport) {
+            Some(f) if f["slow"][dir].is_string() == held => return,
+            Some(_) => {}
+            None => udp_burst_now(lab, sport, 1),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "{what}: not applied within 1 s: {:?}", d.flows());
+        sleep(Duration::from_millis(20));
+    }
+}
+
 /// The client's receive rate over `window`, in Mbit/s.
 fn client_rx_mbit(lab: &Lab, window: Duration) -> f64 {
     let b0 = lab.iface_stats(&lab.lan, &lab.lan_if).unwrap().1;
@@ -280,14 +297,20 @@ fn echo_server(lab: &Lab) -> Bg {
 /// `count` datagrams from the client's `sport` to the echo server, and
 /// time for the counts to settle.
 fn udp_burst(lab: &Lab, sport: u16, count: u32) {
+    udp_burst_now(lab, sport, count);
+    // The last echoes arrive, and the engine reads the fast path's
+    // counters every 250 ms (keepalive).
+    sleep(Duration::from_millis(600));
+}
+
+/// `count` datagrams from `sport` to the echo server, 4 ms apart, without
+/// waiting for the echoes.
+fn udp_burst_now(lab: &Lab, sport: u16, count: u32) {
     let py = format!(
         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',{sport}))\n\
          for i in range({count}):\n    s.sendto(b'x'*200,('203.0.113.2',{ECHO_PORT}))\n    time.sleep(0.004)\n"
     );
     lab.exec(&lab.lan, &["python3", "-c", &py]).unwrap();
-    // The last echoes arrive, and the engine reads the fast path's
-    // counters every 250 ms (keepalive).
-    sleep(Duration::from_millis(600));
 }
 
 /// A chain on `hook` of `dev` setting cs1 on the echo traffic.
@@ -321,12 +344,12 @@ fn dscp_chain_marks_every_packet(hook: &str, dev: &str, why_start: &str) {
     for _ in 0..3 {
         let t0 = Instant::now();
         run(&lab, &lab.rtr, "nft delete table netdev nfo_dscp");
-        wait_held(&d, sport, 0, false, "nft delete table");
+        wait_held_after_nft(&lab, &d, sport, 0, false, "nft delete table");
         off.push(t0.elapsed());
         let t0 = Instant::now();
         nft(&lab, &lab.rtr, &dscp_chain(hook, dev));
         cmd.push(t0.elapsed());
-        wait_held(&d, sport, 0, true, "nft add chain");
+        wait_held_after_nft(&lab, &d, sport, 0, true, "nft add chain");
         on.push(t0.elapsed());
     }
     eprintln!("nft add chain netdev ({hook} {dev}) -> upload held: {} (nft itself: {})", ms(&on), ms(&cmd));
@@ -337,7 +360,7 @@ fn dscp_chain_marks_every_packet(hook: &str, dev: &str, why_start: &str) {
 
     // Removed: back on the fast path, unmarked.
     run(&lab, &lab.rtr, "nft delete table netdev nfo_dscp");
-    wait_held(&d, sport, 0, false, "nft delete table");
+    wait_held_after_nft(&lab, &d, sport, 0, false, "nft delete table");
     let (m0, p0) = (marked_at_server(&lab), flow(&d, sport).unwrap()["packets_orig"].as_u64().unwrap());
     udp_burst(&lab, sport, 300);
     let (m1, p1) = (marked_at_server(&lab), flow(&d, sport).unwrap()["packets_orig"].as_u64().unwrap());
