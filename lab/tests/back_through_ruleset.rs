@@ -88,10 +88,21 @@ impl Sink {
         Sink { _proc: proc, count }
     }
 
+    /// The count once it has stopped moving: datagrams still on their way,
+    /// or a sink the machine's load keeps behind, are waited for (at most
+    /// 5 s; quiet for 300 ms ends the wait).
     fn received(&self) -> u64 {
-        // the last datagram may still be on its way
-        sleep(Duration::from_millis(200));
-        std::fs::read_to_string(&self.count).unwrap().trim().parse().unwrap()
+        let read = || -> u64 { std::fs::read_to_string(&self.count).unwrap().trim().parse().unwrap() };
+        let t0 = Instant::now();
+        let (mut last, mut since) = (read(), Instant::now());
+        while since.elapsed() < Duration::from_millis(300) && t0.elapsed() < Duration::from_secs(5) {
+            sleep(Duration::from_millis(50));
+            let now = read();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
     }
 }
 

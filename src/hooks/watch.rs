@@ -10,12 +10,14 @@
 //! route watcher (RTMGRP_TC).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
+
+use crate::nlwatch::Subscription;
 
 use super::nft::NFNL_SUBSYS_NFTABLES;
 
 /// include/uapi/linux/netfilter/nfnetlink.h.
-const NFNLGRP_NFTABLES: libc::c_int = 7;
+const NFNLGRP_NFTABLES: u32 = 7;
 
 /// NFT_MSG_{NEW,DEL}TABLE, NFT_MSG_{NEW,DEL}CHAIN, and the DESTROY variants
 /// (6.3): include/uapi/linux/netfilter/nf_tables.h.
@@ -40,75 +42,30 @@ pub struct NftChanges {
 }
 
 pub struct NftWatch {
-    fd: OwnedFd,
+    sub: Subscription,
 }
 
 impl NftWatch {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket syscalls with checked results; the fd is
-        // owned right after creation.
-        unsafe {
-            let raw = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_NETFILTER,
-            );
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(raw);
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            if libc::bind(
-                raw,
-                (&sa as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            let g = NFNLGRP_NFTABLES;
-            if libc::setsockopt(
-                raw,
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                (&g as *const libc::c_int).cast(),
-                4,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(NftWatch { fd })
-        }
+        Ok(NftWatch {
+            sub: Subscription::new(netlink_sys::protocols::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES], 1 << 20)?,
+        })
     }
 
     pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sub.fd()
     }
 
     /// Read everything queued (lost notifications count as every change).
     pub fn drain(&mut self) -> NftChanges {
         let mut changed = NftChanges::default();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: reading into an owned buffer.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::ENOBUFS) => {
-                        changed = NftChanges { chains: true, ruleset: true };
-                        continue;
-                    }
-                    _ => break,
-                }
-            }
-            if n == 0 {
-                break;
-            }
-            let c = summarise(&buf[..n as usize]);
+        let lost = self.sub.drain(|d| {
+            let c = summarise(d);
             changed.chains |= c.chains;
             changed.ruleset |= c.ruleset;
+        });
+        if lost {
+            changed = NftChanges { chains: true, ruleset: true };
         }
         changed
     }

@@ -27,6 +27,7 @@ use netlink_packet_route::RouteNetlinkMessage;
 use crate::dataplane::{fo_fib_req, Dataplane};
 use crate::flow::entry::{addr_words, AF_INET, AF_INET6};
 use crate::flow::NextHop;
+use crate::nlwatch::Subscription;
 
 /// bpf_fib_lookup results (include/uapi/linux/bpf.h, BPF_FIB_LKUP_RET_*).
 pub fn fib_ret_str(ret: i32) -> &'static str {
@@ -259,106 +260,48 @@ impl RouteFacts {
 /// rtnetlink multicast listener for links, neighbours, routes, addresses,
 /// rules and tc.
 pub struct RouteWatch {
-    fd: RawFd,
+    sub: Subscription,
 }
 
-const RTMGRP_LINK: u32 = 0x1;
-const RTMGRP_NEIGH: u32 = 0x4;
-const RTMGRP_TC: u32 = 0x8;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV4_ROUTE: u32 = 0x40;
-const RTMGRP_IPV6_IFADDR: u32 = 0x100;
-const RTMGRP_IPV6_ROUTE: u32 = 0x400;
-/// Rule groups by number (include/uapi/linux/rtnetlink.h): RTNLGRP_IPV6_RULE
-/// has no legacy bitmask constant.
+/// The groups followed, by number (include/uapi/linux/rtnetlink.h, enum
+/// rtnetlink_groups): links, neighbours, tc, IPv4/IPv6 addresses, routes
+/// and rules.
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_NEIGH: u32 = 3;
+const RTNLGRP_TC: u32 = 4;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV4_RULE: u32 = 8;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 const RTNLGRP_IPV6_RULE: u32 = 19;
 
 impl RouteWatch {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket syscalls with checked results.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            );
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let sz: libc::c_int = 4 << 20;
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&sz as *const libc::c_int).cast(), 4);
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            sa.nl_groups = RTMGRP_LINK
-                | RTMGRP_NEIGH
-                | RTMGRP_TC
-                | RTMGRP_IPV4_IFADDR
-                | RTMGRP_IPV4_ROUTE
-                | RTMGRP_IPV6_IFADDR
-                | RTMGRP_IPV6_ROUTE;
-            if libc::bind(fd, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
-                < 0
-            {
-                let e = io::Error::last_os_error();
-                libc::close(fd);
-                return Err(e);
-            }
-            for group in [RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE] {
-                let g = group as libc::c_int;
-                if libc::setsockopt(
-                    fd,
-                    libc::SOL_NETLINK,
-                    libc::NETLINK_ADD_MEMBERSHIP,
-                    (&g as *const libc::c_int).cast(),
-                    4,
-                ) < 0
-                {
-                    let e = io::Error::last_os_error();
-                    libc::close(fd);
-                    return Err(e);
-                }
-            }
-            Ok(RouteWatch { fd })
-        }
+        let groups = [
+            RTNLGRP_LINK,
+            RTNLGRP_NEIGH,
+            RTNLGRP_TC,
+            RTNLGRP_IPV4_IFADDR,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV4_RULE,
+            RTNLGRP_IPV6_IFADDR,
+            RTNLGRP_IPV6_ROUTE,
+            RTNLGRP_IPV6_RULE,
+        ];
+        Ok(RouteWatch { sub: Subscription::new(netlink_sys::protocols::NETLINK_ROUTE, &groups, 4 << 20)? })
     }
 
     pub fn fd(&self) -> RawFd {
-        self.fd
+        self.sub.fd()
     }
 
     /// Read everything queued and summarise it.
     pub fn drain(&mut self) -> Changes {
         let mut ch = Changes::default();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: reading into an owned buffer.
-            let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::EINTR) => continue,
-                    Some(libc::ENOBUFS) => {
-                        ch.lost = true;
-                        continue;
-                    }
-                    _ => break,
-                }
-            }
-            if n == 0 {
-                break;
-            }
-            parse_rtnl(&buf[..n as usize], &mut ch);
-        }
+        let lost = self.sub.drain(|d| parse_rtnl(d, &mut ch));
+        ch.lost |= lost;
         ch
-    }
-}
-
-impl Drop for RouteWatch {
-    fn drop(&mut self) {
-        // SAFETY: we own the fd.
-        unsafe { libc::close(self.fd) };
     }
 }
 

@@ -12,15 +12,16 @@
 //! there is nothing to get out of step.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST};
 use netlink_packet_xfrm::policy::{DefaultMessage, DelGetMessage};
 use netlink_packet_xfrm::{UserPolicyDefault, XfrmMessage, XFRMNLGRP_POLICY};
-use netlink_sys::{protocols::NETLINK_XFRM, Socket};
+use netlink_sys::protocols::NETLINK_XFRM;
 
 use super::policy::{decode_datagram, Policy, Spd};
+use crate::nlwatch::Subscription;
 use crate::routes::dump::exchange_on;
 
 const DUMP_SEQ: u32 = 1;
@@ -114,51 +115,30 @@ fn no_xfrm(e: &anyhow::Error) -> bool {
 
 /// Subscription to XFRMNLGRP_POLICY.
 pub struct XfrmWatch {
-    sock: Socket,
+    sub: Subscription,
 }
 
 impl XfrmWatch {
     /// Subscribe (before the first dump, so no change falls between).
     pub fn new() -> io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_XFRM)?;
-        sock.bind_auto()?;
-        sock.add_membership(XFRMNLGRP_POLICY)?;
-        sock.set_non_blocking(true)?;
         // A burst of changes (an IKE daemon starting) is summarised anyway;
-        // a small buffer that overruns only costs a dump.
-        let _ = sock.set_rx_buf_sz(1 << 20);
-        Ok(XfrmWatch { sock })
+        // an overrun only costs a dump.
+        Ok(XfrmWatch { sub: Subscription::new(NETLINK_XFRM, &[XFRMNLGRP_POLICY], 1 << 20)? })
     }
 
     pub fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+        self.sub.fd()
     }
 
     /// Read everything queued: true if the SPD may have changed (a message,
     /// an overrun or a read error).
     pub fn drain(&mut self) -> bool {
         let mut changed = false;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match self.sock.recv(&mut &mut buf[..], 0) {
-                Ok(0) => break,
-                Ok(_) => changed = true,
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::EINTR) => continue,
-                    Some(libc::ENOBUFS) => {
-                        tracing::debug!("xfrm events overran; reading the policies again");
-                        changed = true;
-                    }
-                    _ => {
-                        tracing::warn!("xfrm events: {e}");
-                        changed = true;
-                        break;
-                    }
-                },
-            }
+        let lost = self.sub.drain(|_| changed = true);
+        if lost {
+            tracing::debug!("xfrm events overran; reading the policies again");
         }
-        changed
+        changed || lost
     }
 }
 
