@@ -13,13 +13,28 @@
  * include/net/netfilter/nf_flow_table.h: addresses, ports, l3/l4 proto and
  * the input interface).
  */
+/* One header between Ethernet and IP, as flow_offload_tuple.encap[] holds
+ * it (nf_flow_table.h): a VLAN tag (802.1Q or 802.1ad) or a PPPoE session
+ * header. A tag the driver stripped into skb metadata counts as the
+ * outermost one, as in nf_flow_tuple_encap (nf_flow_table_ip.c).
+ */
+struct fo_encap {
+	__be16 proto;	/* ETH_P_8021Q, ETH_P_8021AD or ETH_P_PPP_SES */
+	__u16 id;	/* VLAN id (12 bits) or PPPoE session id; host order */
+};
+
+/* At most this many headers, like NF_FLOW_TABLE_ENCAP_MAX. */
+#define FO_ENCAP_MAX 2
+
 struct fo_flow_key {
-	__u32 ifindex;	/* ingress interface */
+	__u32 ifindex;	/* ingress interface (the port the fast path runs on) */
 	__u8 family;	/* AF_INET or AF_INET6 */
 	__u8 proto;	/* IPPROTO_TCP or IPPROTO_UDP */
 	__be16 sport;
 	__be16 dport;
-	__u16 encap;	/* reserved for a VLAN id / PPPoE session; 0 today */
+	__u8 encap_num;	/* headers in encap[], outermost first */
+	__u8 pad;	/* always zero */
+	struct fo_encap encap[FO_ENCAP_MAX];	/* unused slots zero */
 	__be32 saddr[4];	/* IPv4 uses [0]; the rest stays zero */
 	__be32 daddr[4];
 };
@@ -34,6 +49,7 @@ enum fo_flow_flag {
 	FO_F_SNAT	= 0x01,
 	FO_F_DNAT	= 0x02,
 	FO_F_XDP_OK	= 0x04,	/* egress is in fo_tx_ports (XDP redirect target) */
+	FO_F_L3_OUT	= 0x08,	/* egress has no link-layer header (ppp, wg, tun) */
 };
 
 /* fo_flow.hold, set by the control plane: this direction matches a flow
@@ -80,6 +96,14 @@ struct fo_flow {
 	__u8 hold;		/* enum fo_hold */
 	__u8 dmac[6];		/* next hop */
 	__u8 smac[6];		/* egress interface */
+	/* The router's MAC on the input port: a frame addressed elsewhere is
+	 * being bridged or is for another host and is not touched. All zero
+	 * when the input has no link-layer header.
+	 */
+	__u8 in_dmac[6];
+	__u8 out_encap_num;	/* headers to push on egress, outermost first */
+	__u8 pad;		/* always zero */
+	struct fo_encap out_encap[FO_ENCAP_MAX];
 	__u32 teardown;		/* enum fo_teardown; written by the fast path */
 	/* written by the fast path, read by the control plane */
 	__u64 packets;

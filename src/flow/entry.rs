@@ -106,9 +106,9 @@ pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &Ne
         proto: seen.proto,
         sport: seen.sport.to_be(),
         dport: seen.dport.to_be(),
-        encap: 0,
         saddr: addr_words(seen.src),
         daddr: addr_words(seen.dst),
+        ..Default::default()
     };
     // After NAT this direction's packet carries the reverse of the other
     // direction's tuple.
@@ -166,9 +166,9 @@ pub fn egress_key(d: &Direction) -> fo_flow_key {
         proto: d.key.proto,
         sport: d.val.new_sport,
         dport: d.val.new_dport,
-        encap: 0,
         saddr: d.val.new_saddr,
         daddr: d.val.new_daddr,
+        ..Default::default()
     }
 }
 
@@ -271,7 +271,7 @@ mod tests {
         let e = tcp_masq();
         let o = build_direction(&e.orig, &e.reply, 3, &nh(4));
         let k = egress_key(&o);
-        assert_eq!((k.ifindex, k.family, k.proto, k.encap), (0, AF_INET, IPPROTO_TCP, 0));
+        assert_eq!((k.ifindex, k.family, k.proto, k.encap_num), (0, AF_INET, IPPROTO_TCP, 0));
         // masqueraded: the router's address, the server's port
         assert_eq!(words_addr(AF_INET, &k.saddr), "203.0.113.1".parse::<IpAddr>().unwrap());
         assert_eq!(words_addr(AF_INET, &k.daddr), "203.0.113.2".parse::<IpAddr>().unwrap());
