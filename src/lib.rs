@@ -17,6 +17,7 @@ pub mod policy;
 pub mod proto;
 pub mod routes;
 pub mod settings;
+pub mod topology;
 pub mod xfrm;
 
 /// Logs to stderr, filtered by `NFT_OFFLOAD_LOG` (default `info`): the same

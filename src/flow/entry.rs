@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use crate::conntrack::CtTuple;
-use crate::dataplane::skel::types::{fo_flow, fo_flow_flag, fo_flow_key};
+use crate::dataplane::skel::types::{fo_encap, fo_flow, fo_flow_flag, fo_flow_key};
 // Re-exported for the modules that imported the families from here.
 pub use crate::proto::{AF_INET, AF_INET6};
 
@@ -15,6 +15,7 @@ pub use crate::proto::{AF_INET, AF_INET6};
 pub const FO_F_SNAT: u8 = flag_bit(fo_flow_flag::FO_F_SNAT);
 pub const FO_F_DNAT: u8 = flag_bit(fo_flow_flag::FO_F_DNAT);
 pub const FO_F_XDP_OK: u8 = flag_bit(fo_flow_flag::FO_F_XDP_OK);
+pub const FO_F_L3_OUT: u8 = flag_bit(fo_flow_flag::FO_F_L3_OUT);
 
 /// Fails the build if flow.h grows a flag that no longer fits the field.
 const fn flag_bit(f: fo_flow_flag) -> u8 {
@@ -31,6 +32,69 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     pub mtu: u16,
     pub xdp_ok: bool,
+}
+
+/// One header between Ethernet and IP (`struct fo_encap`): a VLAN tag or a
+/// PPPoE session. Both fields in host order here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Encap {
+    /// ETH_P_8021Q, ETH_P_8021AD or ETH_P_PPP_SES.
+    pub proto: u16,
+    /// VLAN id or PPPoE session id.
+    pub id: u16,
+}
+
+/// Up to FO_ENCAP_MAX headers, outermost first (`flow_offload_tuple.encap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EncapStack {
+    len: u8,
+    hdr: [Encap; EncapStack::CAP],
+}
+
+impl EncapStack {
+    /// FO_ENCAP_MAX (bpf/flow.h); a test checks it against the map layout.
+    pub const CAP: usize = 2;
+
+    /// Append below the headers already there; false when full.
+    pub fn push(&mut self, e: Encap) -> bool {
+        let Some(slot) = self.hdr.get_mut(usize::from(self.len)) else { return false };
+        *slot = e;
+        self.len += 1;
+        true
+    }
+
+    pub fn as_slice(&self) -> &[Encap] {
+        &self.hdr[..usize::from(self.len)]
+    }
+
+    pub fn from_map(n: u8, hdr: &[fo_encap; EncapStack::CAP]) -> Self {
+        let mut s = EncapStack::default();
+        for h in hdr.iter().take(usize::from(n)) {
+            s.push(Encap { proto: u16::from_be(h.proto), id: h.id });
+        }
+        s
+    }
+
+    fn to_map(self) -> (u8, [fo_encap; EncapStack::CAP]) {
+        let mut out = [fo_encap::default(); EncapStack::CAP];
+        for (o, e) in out.iter_mut().zip(self.as_slice()) {
+            *o = fo_encap { proto: e.proto.to_be(), id: e.id };
+        }
+        (self.len, out)
+    }
+}
+
+/// What the devices between the FIB's and the fast path's ports add to a
+/// direction (`topology::Topology::egress`): the headers its frames arrive
+/// with and the MAC they are addressed to, the headers to push on the way
+/// out, and whether the egress has no link-layer header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkLayer {
+    pub in_encap: EncapStack,
+    /// All zero when the input has no link-layer header.
+    pub in_dmac: [u8; 6],
+    pub out_encap: EncapStack,
+    pub l3_out: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +215,28 @@ pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &Ne
     Direction { key, val }
 }
 
+impl Direction {
+    /// This direction with its link layer: keyed by the headers it arrives
+    /// with, so a tagged and an untagged frame are different flows.
+    pub fn with_link(mut self, l: &LinkLayer) -> Direction {
+        (self.key.encap_num, self.key.encap) = l.in_encap.to_map();
+        (self.val.out_encap_num, self.val.out_encap) = l.out_encap.to_map();
+        self.val.in_dmac = l.in_dmac;
+        if l.l3_out {
+            self.val.flags |= FO_F_L3_OUT;
+        }
+        self
+    }
+
+    /// The headers this direction arrives with and leaves with.
+    pub fn encap(&self) -> (EncapStack, EncapStack) {
+        (
+            EncapStack::from_map(self.key.encap_num, &self.key.encap),
+            EncapStack::from_map(self.val.out_encap_num, &self.val.out_encap),
+        )
+    }
+}
+
 /// What a packet of direction `d` looks like when the kernel forwards it:
 /// the tuple after NAT. TC egress watches dormant connections by this key
 /// (fo_dormant in bpf/maps.h), so only a packet the kernel let through
@@ -236,13 +322,39 @@ mod tests {
 
     #[test]
     fn flag_bits_are_flow_h_s() {
-        let c = [fo_flow_flag::FO_F_SNAT, fo_flow_flag::FO_F_DNAT, fo_flow_flag::FO_F_XDP_OK];
-        let rust = [FO_F_SNAT, FO_F_DNAT, FO_F_XDP_OK];
+        let c =
+            [fo_flow_flag::FO_F_SNAT, fo_flow_flag::FO_F_DNAT, fo_flow_flag::FO_F_XDP_OK, fo_flow_flag::FO_F_L3_OUT];
+        let rust = [FO_F_SNAT, FO_F_DNAT, FO_F_XDP_OK, FO_F_L3_OUT];
         for (c, r) in c.iter().zip(rust) {
             assert_eq!(c.0, u32::from(r));
             assert!(r.is_power_of_two(), "{r:#x} is one bit");
         }
-        assert_eq!(rust.iter().fold(0, |a, b| a | b).count_ones(), 3, "distinct bits");
+        assert_eq!(rust.iter().fold(0, |a, b| a | b).count_ones(), 4, "distinct bits");
+    }
+
+    #[test]
+    fn link_layer_goes_into_key_and_value() {
+        let k = fo_flow_key::default();
+        assert_eq!(k.encap.len(), EncapStack::CAP, "FO_ENCAP_MAX");
+        let e = tcp_masq();
+        let plain = build_direction(&e.orig, &e.reply, 3, &nh(4));
+        let mut in_encap = EncapStack::default();
+        assert!(in_encap.push(Encap { proto: 0x8100, id: 7 }));
+        assert!(in_encap.push(Encap { proto: 0x8864, id: 0x1a2b }));
+        assert!(!in_encap.push(Encap { proto: 0x8100, id: 8 }), "full at FO_ENCAP_MAX");
+        let mut out_encap = EncapStack::default();
+        out_encap.push(Encap { proto: 0x88a8, id: 100 });
+        let l = LinkLayer { in_encap, in_dmac: [2, 0, 0, 0, 0, 9], out_encap, l3_out: true };
+        let d = plain.with_link(&l);
+        assert_eq!(d.key.encap_num, 2);
+        assert_eq!((d.key.encap[0].proto, d.key.encap[0].id), (0x8100u16.to_be(), 7), "proto big-endian, id host");
+        assert_eq!((d.key.encap[1].proto, d.key.encap[1].id), (0x8864u16.to_be(), 0x1a2b));
+        assert_eq!((d.val.out_encap_num, d.val.out_encap[1].proto), (1, 0), "unused slot zero");
+        assert_eq!(d.val.in_dmac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(d.val.flags & FO_F_L3_OUT, FO_F_L3_OUT);
+        assert_eq!(d.encap(), (in_encap, out_encap), "read back");
+        assert_ne!(key_bytes(&d.key), key_bytes(&plain.key), "a tagged flow is another flow");
+        assert_eq!(plain.with_link(&LinkLayer::default()).val.flags, plain.val.flags);
     }
 
     #[test]

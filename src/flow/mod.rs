@@ -7,7 +7,7 @@ pub mod entry;
 pub mod hold;
 pub mod lifecycle;
 
-pub use entry::{build_direction, csum_diff, egress_key, Direction, NextHop};
+pub use entry::{build_direction, csum_diff, egress_key, Direction, Encap, EncapStack, LinkLayer, NextHop};
 pub use hold::{Held, Hold};
 pub use lifecycle::{decide, next_check, Action, CtTimeouts, FlowClock, TeardownReason};
 

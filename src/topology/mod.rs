@@ -1,0 +1,254 @@
+//! The links between the device the FIB names and the port the fast path
+//! runs on: a snapshot of the namespace's link topology (`Topology`, read
+//! from rtnetlink and /proc/net/pppoe by `read`) and the pure walk down it
+//! (`walk`), like `dev_fill_forward_path` (net/core/dev.c) and
+//! `nft_dev_path_info` (net/netfilter/nft_flow_offload.c).
+
+mod read;
+mod walk;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+pub use walk::{Egress, LowerError};
+
+/// ARPHRD_ETHER: the only link type with an Ethernet header.
+pub const ARPHRD_ETHER: u16 = 1;
+/// ETH_P_* (include/uapi/linux/if_ether.h), host order.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_PPP_SES: u16 = 0x8864;
+
+/// What kind of device a link is, as far as the walk cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A bridge; with VLAN filtering its ports' VLAN entries decide tagging.
+    Bridge { vlan_filtering: bool },
+    /// A VLAN device: `proto` is ETH_P_8021Q or ETH_P_8021AD.
+    Vlan { id: u16, proto: u16 },
+    /// A ppp device (PPPoE when a session in /proc/net/pppoe is its).
+    Ppp,
+    /// A DSA user port: the walk stops there, as the kernel's software
+    /// path does (`dsa_user_fill_forward_path` only matters to hardware).
+    Dsa,
+    /// Anything else (a NIC, veth, WireGuard, a tunnel): the bottom.
+    Other(Option<String>),
+}
+
+/// A port's (or the bridge's own) membership in one bridge VLAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortVlan {
+    pub vid: u16,
+    /// Frames of this VLAN leave the port untagged.
+    pub untagged: bool,
+    /// Untagged frames arriving on the port belong to this VLAN.
+    pub pvid: bool,
+}
+
+/// IFLA_BRPORT_STATE values (include/uapi/linux/if_bridge.h).
+pub const BR_STATE_FORWARDING: u8 = 3;
+
+/// One link of the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    pub kind: Kind,
+    /// IFLA_MASTER.
+    pub master: Option<u32>,
+    /// IFLA_LINK in this namespace (a VLAN's lower device).
+    pub lower: Option<u32>,
+    /// IFLA_ADDRESS when it is a MAC (all zero otherwise).
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// ARPHRD_*.
+    pub link_type: u16,
+    /// IFLA_BRPORT_STATE when the link is a bridge port.
+    pub port_state: Option<u8>,
+    /// Bridge VLAN entries (a port's, or the bridge's own), from the
+    /// AF_BRIDGE link dump with RTEXT_FILTER_BRVLAN.
+    pub vlans: Vec<PortVlan>,
+}
+
+impl Link {
+    /// A device without an Ethernet header (ppp, WireGuard, tun, ...).
+    pub fn is_l3(&self) -> bool {
+        self.link_type != ARPHRD_ETHER
+    }
+}
+
+/// One bridge forwarding database entry learned or configured on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub bridge: u32,
+    pub port: u32,
+    pub mac: [u8; 6],
+    /// NDA_VLAN; None on a bridge without VLAN filtering.
+    pub vlan: Option<u16>,
+}
+
+/// One PPPoE session, as /proc/net/pppoe lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PppoeSession {
+    /// Host order.
+    pub id: u16,
+    pub peer: [u8; 6],
+    /// The Ethernet device the session runs over, by name.
+    pub device: String,
+}
+
+/// A snapshot of the links, bridge fdbs and PPPoE sessions of one
+/// namespace. Pure data: the walk answers from it alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    links: BTreeMap<u32, Link>,
+    fdb: Vec<FdbEntry>,
+    pppoe: Vec<PppoeSession>,
+}
+
+impl Topology {
+    pub fn new(links: impl IntoIterator<Item = Link>, fdb: Vec<FdbEntry>, pppoe: Vec<PppoeSession>) -> Self {
+        Topology { links: links.into_iter().map(|l| (l.ifindex, l)).collect(), fdb, pppoe }
+    }
+
+    pub fn link(&self, ifindex: u32) -> Option<&Link> {
+        self.links.get(&ifindex)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Link> {
+        self.links.values().find(|l| l.name == name)
+    }
+
+    fn name(&self, ifindex: u32) -> String {
+        self.link(ifindex).map_or_else(|| format!("ifindex {ifindex}"), |l| l.name.clone())
+    }
+
+    /// The fdb entry for `mac` on `bridge` in `vlan`: where the bridge sends
+    /// a frame to it (`br_fdb_find_rcu`). Entries on the bridge device
+    /// itself are its own addresses, not a port.
+    pub fn fdb_port(&self, bridge: u32, mac: [u8; 6], vlan: Option<u16>) -> Option<u32> {
+        self.fdb
+            .iter()
+            .find(|e| e.bridge == bridge && e.mac == mac && e.vlan == vlan && e.port != bridge)
+            .map(|e| e.port)
+    }
+
+    /// Record fdb changes; returns the MACs whose port changed (learned,
+    /// moved or forgotten): the connections sent to them must be walked
+    /// again.
+    pub fn apply_fdb(&mut self, changes: &[FdbChange]) -> Vec<[u8; 6]> {
+        let mut moved = Vec::new();
+        for c in changes {
+            let e = c.entry;
+            let at = self.fdb.iter().position(|x| x.bridge == e.bridge && x.mac == e.mac && x.vlan == e.vlan);
+            let before = at.map(|i| self.fdb[i].port);
+            match (at, c.gone) {
+                (Some(i), true) => {
+                    self.fdb.swap_remove(i);
+                }
+                (Some(i), false) => self.fdb[i] = e,
+                (None, true) => {}
+                (None, false) => self.fdb.push(e),
+            }
+            let after = (!c.gone).then_some(e.port);
+            if before != after && !moved.contains(&e.mac) {
+                moved.push(e.mac);
+            }
+        }
+        moved
+    }
+
+    /// The PPPoE session of ppp device `ppp`. /proc/net/pppoe names the
+    /// session's Ethernet device but not its ppp unit, and no netlink
+    /// message links the two, so a ppp device is matched to a session only
+    /// when that is unambiguous: the namespace has exactly one ppp device
+    /// and exactly one session. Anything else is refused with the reason
+    /// (several PPPoE uplinks are rare; guessing would send one session's
+    /// traffic into another).
+    pub fn pppoe_of(&self, ppp: u32) -> Result<&PppoeSession, String> {
+        let ppps: Vec<&Link> = self.links.values().filter(|l| l.kind == Kind::Ppp).collect();
+        let name = self.name(ppp);
+        match (self.pppoe.as_slice(), ppps.len()) {
+            ([], _) => Err(format!("{name}: no PPPoE session in /proc/net/pppoe")),
+            ([s], 1) => Ok(s),
+            (s, n) => Err(format!(
+                "{name}: {} PPPoE sessions and {n} ppp devices; /proc/net/pppoe does not say which session is whose",
+                s.len()
+            )),
+        }
+    }
+
+    /// What `ifindex` is and what it stands on, for `check` and `status`:
+    /// "br-lan: bridge, ports lan1 lan2"; "pppoe-wan: PPPoE session 0x1a2b
+    /// over wan.7 (VLAN 7) on eth1".
+    pub fn describe(&self, ifindex: u32) -> String {
+        let Some(top) = self.link(ifindex) else { return format!("ifindex {ifindex}: not in the link snapshot") };
+        let mut chain: Vec<(&str, String)> = Vec::new();
+        let mut cur = Some(top);
+        while let Some(l) = cur.filter(|_| chain.len() < walk::MAX_DEPTH) {
+            let (label, next) = self.label(l);
+            chain.push((&l.name, label));
+            cur = next.and_then(|i| self.link(i));
+        }
+        let first = match (&chain[0].1, &top.kind) {
+            (l, _) if !l.is_empty() => l.clone(),
+            (_, Kind::Other(Some(k))) => format!("{k} port"),
+            _ => "Ethernet port".into(),
+        };
+        let mut out = format!("{}: {first}", chain[0].0);
+        let last = chain.len() - 1;
+        for (i, (name, label)) in chain.iter().enumerate().skip(1) {
+            if i == last && label.is_empty() {
+                out.push_str(&format!(" on {name}"));
+            } else {
+                out.push_str(&format!(" over {name} ({label})"));
+            }
+        }
+        if let Some(m) = top.master.and_then(|m| self.link(m)) {
+            out.push_str(&format!(", port of {}", m.name));
+        }
+        out
+    }
+
+    /// One link's label and the link it stands on. A plain port's label is
+    /// empty below the top ("on eth1").
+    fn label(&self, l: &Link) -> (String, Option<u32>) {
+        match &l.kind {
+            Kind::Bridge { vlan_filtering } => {
+                let ports: Vec<&str> =
+                    self.links.values().filter(|p| p.master == Some(l.ifindex)).map(|p| p.name.as_str()).collect();
+                let vf = if *vlan_filtering { " with VLAN filtering" } else { "" };
+                let ports = if ports.is_empty() { "none".to_string() } else { ports.join(" ") };
+                (format!("bridge{vf}, ports {ports}"), None)
+            }
+            Kind::Vlan { id, proto } => {
+                let q = if *proto == ETH_P_8021AD { "802.1ad VLAN" } else { "VLAN" };
+                (format!("{q} {id}"), l.lower)
+            }
+            Kind::Ppp => match self.pppoe_of(l.ifindex) {
+                Ok(s) => (format!("PPPoE session {:#x}", s.id), self.by_name(&s.device).map(|d| d.ifindex)),
+                Err(why) => (format!("ppp, no link-layer header ({why})"), None),
+            },
+            Kind::Dsa => ("DSA user port".into(), None),
+            Kind::Other(k) if l.is_l3() => {
+                (format!("{}, no link-layer header", k.as_deref().unwrap_or("device")), None)
+            }
+            Kind::Other(_) => (String::new(), None),
+        }
+    }
+}
+
+/// An fdb entry as an RTM_NEWNEIGH / RTM_DELNEIGH (AF_BRIDGE) states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdbChange {
+    pub entry: FdbEntry,
+    pub gone: bool,
+}
+
+pub fn mac_str(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub use read::{fdb_of, read};

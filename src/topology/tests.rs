@@ -1,0 +1,360 @@
+//! The walk over each OpenWrt shape, from snapshots built as plain data
+//! (and, for the decoders, from constructed rtnetlink messages).
+
+use netlink_packet_route::link::{
+    self as rt, AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoPortKind, InfoVlan, LinkAttribute, LinkLayerType, LinkMessage, VlanProtocol,
+};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
+use netlink_packet_route::AddressFamily;
+
+use super::read::{link_of, parse_pppoe, vlans_of};
+use super::*;
+use crate::flow::{Encap, EncapStack};
+
+const ARPHRD_PPP: u16 = 512;
+const ARPHRD_NONE: u16 = 65534;
+const CLIENT: [u8; 6] = [2, 0xc, 0, 0, 0, 1];
+const PEER: [u8; 6] = [2, 0xac, 0, 0, 0, 1];
+const GW: [u8; 6] = [2, 0x99, 0, 0, 0, 1];
+
+fn mac(i: u32) -> [u8; 6] {
+    [2, 0, 0, 0, 0, i as u8]
+}
+
+fn link(ifindex: u32, name: &str, kind: Kind) -> Link {
+    Link {
+        ifindex,
+        name: name.into(),
+        kind,
+        master: None,
+        lower: None,
+        mac: mac(ifindex),
+        mtu: 1500,
+        link_type: ARPHRD_ETHER,
+        port_state: None,
+        vlans: Vec::new(),
+    }
+}
+
+fn port(ifindex: u32, name: &str, kind: Kind, bridge: u32) -> Link {
+    Link { master: Some(bridge), port_state: Some(BR_STATE_FORWARDING), ..link(ifindex, name, kind) }
+}
+
+fn vlan(ifindex: u32, name: &str, id: u16, proto: u16, lower: u32) -> Link {
+    Link { lower: Some(lower), ..link(ifindex, name, Kind::Vlan { id, proto }) }
+}
+
+fn ppp(ifindex: u32, name: &str) -> Link {
+    Link { mac: [0; 6], mtu: 1492, link_type: ARPHRD_PPP, ..link(ifindex, name, Kind::Ppp) }
+}
+
+fn pv(vid: u16, untagged: bool, pvid: bool) -> PortVlan {
+    PortVlan { vid, untagged, pvid }
+}
+
+fn stack(h: &[(u16, u16)]) -> EncapStack {
+    let mut s = EncapStack::default();
+    for &(proto, id) in h {
+        assert!(s.push(Encap { proto, id }));
+    }
+    s
+}
+
+/// eth0 is the DSA conduit; lan1, lan2 (ports of br-lan) and wan are user
+/// ports; eth0.2 a VLAN WAN; the client is on lan2.
+fn dsa_router(lan2_state: u8) -> Topology {
+    let br = Link { vlans: Vec::new(), ..link(10, "br-lan", Kind::Bridge { vlan_filtering: false }) };
+    let links = [
+        link(2, "eth0", Kind::Other(None)),
+        Link { lower: Some(2), ..port(3, "lan1", Kind::Dsa, 10) },
+        Link { lower: Some(2), port_state: Some(lan2_state), ..port(4, "lan2", Kind::Dsa, 10) },
+        Link { lower: Some(2), ..link(5, "wan", Kind::Dsa) },
+        vlan(6, "eth0.2", 2, ETH_P_8021Q, 2),
+        br,
+    ];
+    let fdb = vec![
+        FdbEntry { bridge: 10, port: 4, mac: CLIENT, vlan: None },
+        // The bridge's own address: not a port.
+        FdbEntry { bridge: 10, port: 10, mac: mac(10), vlan: None },
+    ];
+    Topology::new(links, fdb, Vec::new())
+}
+
+/// pppoe-wan over wan.7 (VLAN 7) over eth1; wg0; QinQ eth1.100.7 and a
+/// PPPoE session over it in the `deep` variant.
+fn wan_router(sessions: Vec<PppoeSession>, second_ppp: bool) -> Topology {
+    let mut links = vec![
+        link(2, "eth1", Kind::Other(None)),
+        vlan(3, "wan.7", 7, ETH_P_8021Q, 2),
+        ppp(4, "pppoe-wan"),
+        Link {
+            mac: [0; 6],
+            mtu: 1420,
+            link_type: ARPHRD_NONE,
+            ..link(5, "wg0", Kind::Other(Some("wireguard".into())))
+        },
+        vlan(6, "eth1.100", 100, ETH_P_8021AD, 2),
+        vlan(7, "eth1.100.7", 7, ETH_P_8021Q, 6),
+    ];
+    if second_ppp {
+        links.push(ppp(8, "pppoe-wan2"));
+    }
+    Topology::new(links, Vec::new(), sessions)
+}
+
+fn session(id: u16, device: &str) -> PppoeSession {
+    PppoeSession { id, peer: PEER, device: device.into() }
+}
+
+/// br-lan with VLAN filtering: its own PVID 1; lan1 untagged member of 1
+/// (PVID) and tagged member of 10; lan2 tagged member of 1; lan3 sends 1
+/// untagged but its PVID is 20; br-lan.10 a VLAN device on the bridge.
+fn filtering_bridge() -> Topology {
+    let links = [
+        Link { vlans: vec![pv(1, true, true)], ..link(10, "br-lan", Kind::Bridge { vlan_filtering: true }) },
+        Link { vlans: vec![pv(1, true, true), pv(10, false, false)], ..port(3, "lan1", Kind::Other(None), 10) },
+        Link { vlans: vec![pv(1, false, false)], ..port(4, "lan2", Kind::Other(None), 10) },
+        Link { vlans: vec![pv(1, true, false), pv(20, true, true)], ..port(5, "lan3", Kind::Other(None), 10) },
+        vlan(11, "br-lan.10", 10, ETH_P_8021Q, 10),
+    ];
+    Topology::new(links, Vec::new(), Vec::new())
+}
+
+fn with_fdb(mut t: Topology, entries: &[(u32, [u8; 6], Option<u16>)]) -> Topology {
+    let changes: Vec<FdbChange> = entries
+        .iter()
+        .map(|&(port, mac, vlan)| FdbChange { entry: FdbEntry { bridge: 10, port, mac, vlan }, gone: false })
+        .collect();
+    t.apply_fdb(&changes);
+    t
+}
+
+type Want = Result<(u32, EncapStack, [u8; 6], [u8; 6], u32, bool), LowerError>;
+/// What, snapshot, FIB device, next hop, managed ports, answer.
+type Case<'a> = (&'a str, Topology, u32, [u8; 6], &'a [u32], Want);
+
+#[test]
+fn each_openwrt_shape_walks_to_its_port() {
+    const Q: u16 = ETH_P_8021Q;
+    const AD: u16 = ETH_P_8021AD;
+    const S: u16 = ETH_P_PPP_SES;
+    let none = EncapStack::default();
+    let one = || wan_router(vec![session(0x1a2b, "wan.7")], false);
+    let deep = || wan_router(vec![session(0x1a2b, "eth1.100.7")], false);
+    let fb = || filtering_bridge();
+    let fdb1 = |port| with_fdb(fb(), &[(port, CLIENT, Some(1))]);
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        ("DSA + br-lan, ports listed (hardware-offload style)", dsa_router(3), 10, CLIENT, &[3, 4, 5],
+            Ok((4, none, CLIENT, mac(10), 1500, false))),
+        ("DSA + br-lan, the bridge listed (firewall4 software style)", dsa_router(3), 10, CLIENT, &[10, 5],
+            Ok((10, none, CLIENT, mac(10), 1500, false))),
+        ("DSA user port listed directly", dsa_router(3), 5, GW, &[3, 4, 5],
+            Ok((5, none, GW, mac(5), 1500, false))),
+        ("DSA: the walk stops at the user port, not the conduit", dsa_router(3), 10, CLIENT, &[2],
+            Err(LowerError::NotManaged("lan2".into()))),
+        ("blocked bridge port", dsa_router(4), 10, CLIENT, &[3, 4],
+            Err(LowerError::PortNotForwarding { port: "lan2".into(), state: 4 })),
+        ("no fdb entry for the next hop", dsa_router(3), 10, GW, &[3, 4],
+            Err(LowerError::NoFdb { bridge: "br-lan".into(), mac: mac_str(&GW), vlan: None })),
+        ("VLAN WAN eth0.2, the NIC listed", dsa_router(3), 6, GW, &[2],
+            Ok((2, stack(&[(Q, 2)]), GW, mac(6), 1500, false))),
+        ("VLAN WAN eth0.2 listed itself", dsa_router(3), 6, GW, &[6],
+            Ok((6, none, GW, mac(6), 1500, false))),
+        ("PPPoE over VLAN, the NIC listed", one(), 4, [0; 6], &[2],
+            Ok((2, stack(&[(Q, 7), (S, 0x1a2b)]), PEER, mac(3), 1492, false))),
+        ("PPPoE over VLAN, the VLAN device listed", one(), 4, [0; 6], &[3],
+            Ok((3, stack(&[(S, 0x1a2b)]), PEER, mac(3), 1492, false))),
+        ("PPPoE device listed itself: L3", one(), 4, [0; 6], &[4],
+            Ok((4, none, [0; 6], [0; 6], 1492, true))),
+        ("PPPoE, two ppp devices: which session is whose?", wan_router(vec![session(1, "wan.7")], true), 4, [0; 6], &[2],
+            Err(LowerError::Pppoe("pppoe-wan: 1 PPPoE sessions and 2 ppp devices; /proc/net/pppoe does not say which session is whose".into()))),
+        ("ppp without a session", wan_router(vec![], false), 4, [0; 6], &[2],
+            Err(LowerError::Pppoe("pppoe-wan: no PPPoE session in /proc/net/pppoe".into()))),
+        ("WireGuard listed: L3", one(), 5, [0; 6], &[2, 5],
+            Ok((5, none, [0; 6], [0; 6], 1420, true))),
+        ("WireGuard not listed", one(), 5, [0; 6], &[2],
+            Err(LowerError::NotManaged("wg0".into()))),
+        ("QinQ", one(), 7, GW, &[2],
+            Ok((2, stack(&[(AD, 100), (Q, 7)]), GW, mac(7), 1500, false))),
+        ("PPPoE over QinQ: three headers", deep(), 4, [0; 6], &[2],
+            Err(LowerError::TooDeep("pppoe-wan".into()))),
+        ("PPPoE over QinQ, the outer VLAN device listed: two", deep(), 4, [0; 6], &[6],
+            Ok((6, stack(&[(Q, 7), (S, 0x1a2b)]), PEER, mac(7), 1492, false))),
+        ("VLAN filtering, untagged member", fdb1(3), 10, CLIENT, &[3, 4, 5],
+            Ok((3, none, CLIENT, mac(10), 1500, false))),
+        ("VLAN filtering, tagged member", fdb1(4), 10, CLIENT, &[3, 4, 5],
+            Ok((4, stack(&[(Q, 1)]), CLIENT, mac(10), 1500, false))),
+        ("VLAN filtering, untagged but another PVID", fdb1(5), 10, CLIENT, &[3, 4, 5],
+            Err(LowerError::PvidMismatch { port: "lan3".into(), vid: 1 })),
+        ("VLAN filtering, fdb entry in another VLAN", with_fdb(fb(), &[(3, CLIENT, Some(20))]), 10, CLIENT, &[3],
+            Err(LowerError::NoFdb { bridge: "br-lan".into(), mac: mac_str(&CLIENT), vlan: Some(1) })),
+        ("VLAN device on a filtering bridge: the tag is the bridge VLAN", with_fdb(fb(), &[(3, CLIENT, Some(10))]), 11, CLIENT, &[3, 4],
+            Ok((3, stack(&[(Q, 10)]), CLIENT, mac(11), 1500, false))),
+        ("VLAN device on a filtering bridge, port not a member", with_fdb(fb(), &[(4, CLIENT, Some(10))]), 11, CLIENT, &[3, 4],
+            Err(LowerError::PortNotInVlan { port: "lan2".into(), vid: 10 })),
+        ("device not in the snapshot", one(), 99, GW, &[2],
+            Err(LowerError::Unknown(99))),
+    ];
+    for (what, topo, dev, dmac, managed, want) in cases {
+        let got =
+            topo.egress(dev, dmac, |i| managed.contains(&i)).map(|e| (e.port, e.encap, e.dmac, e.smac, e.mtu, e.l3));
+        assert_eq!(got, want, "{what}");
+    }
+}
+
+#[test]
+fn bridges_crossed_are_reported() {
+    let e = dsa_router(3).egress(10, CLIENT, |i| i == 4).unwrap();
+    assert_eq!(e.bridges, [10]);
+    let e = dsa_router(3).egress(6, GW, |i| i == 2).unwrap();
+    assert!(e.bridges.is_empty());
+}
+
+#[test]
+fn only_the_fdb_and_transient_errors_are_retried() {
+    let no_fdb = LowerError::NoFdb { bridge: "br-lan".into(), mac: mac_str(&GW), vlan: Some(1) };
+    assert!(no_fdb.transient());
+    assert_eq!(no_fdb.to_string(), "br-lan has no fdb entry for 02:99:00:00:00:01 in VLAN 1 yet");
+    assert!(LowerError::Unknown(3).transient());
+    for e in [
+        LowerError::NotManaged("wg0".into()),
+        LowerError::PortNotForwarding { port: "lan2".into(), state: 4 },
+        LowerError::TooDeep("pppoe-wan".into()),
+        LowerError::Loop,
+    ] {
+        assert!(!e.transient(), "{e}");
+    }
+}
+
+#[test]
+fn a_client_roaming_moves_its_fdb_entry() {
+    let mut t = dsa_router(3);
+    let at = |p: u32| FdbChange { entry: FdbEntry { bridge: 10, port: p, mac: CLIENT, vlan: None }, gone: false };
+    assert_eq!(t.apply_fdb(&[at(4)]), Vec::<[u8; 6]>::new(), "refreshed on the same port");
+    assert_eq!(t.apply_fdb(&[at(3)]), vec![CLIENT], "moved to lan1");
+    assert_eq!(t.egress(10, CLIENT, |i| i == 3 || i == 4).unwrap().port, 3);
+    assert_eq!(t.apply_fdb(&[FdbChange { gone: true, ..at(3) }]), vec![CLIENT], "forgotten");
+    assert!(matches!(t.egress(10, CLIENT, |i| i == 3), Err(LowerError::NoFdb { .. })));
+}
+
+#[test]
+fn a_loop_is_refused() {
+    let t = Topology::new([vlan(2, "a", 1, ETH_P_8021Q, 3), vlan(3, "b", 2, ETH_P_8021Q, 2)], vec![], vec![]);
+    assert_eq!(t.egress(2, GW, |_| false), Err(LowerError::Loop));
+}
+
+#[test]
+fn describe_says_what_each_device_is() {
+    let one = wan_router(vec![session(0x1a2b, "wan.7")], false);
+    let dsa = dsa_router(3);
+    let cases = [
+        (&one, 4, "pppoe-wan: PPPoE session 0x1a2b over wan.7 (VLAN 7) on eth1"),
+        (&one, 3, "wan.7: VLAN 7 on eth1"),
+        (&one, 7, "eth1.100.7: VLAN 7 over eth1.100 (802.1ad VLAN 100) on eth1"),
+        (&one, 5, "wg0: wireguard, no link-layer header"),
+        (&one, 2, "eth1: Ethernet port"),
+        (&dsa, 10, "br-lan: bridge, ports lan1 lan2"),
+        (&dsa, 4, "lan2: DSA user port, port of br-lan"),
+        (&filtering_bridge(), 10, "br-lan: bridge with VLAN filtering, ports lan1 lan2 lan3"),
+    ];
+    for (t, i, want) in cases {
+        assert_eq!(t.describe(i), want);
+    }
+}
+
+#[test]
+fn proc_net_pppoe_is_read_as_the_kernel_prints_it() {
+    // pppoe_seq_show prints the __be16 id with %08X.
+    let text = format!(
+        "Id       Address              Device\n{:08X} 02:ac:00:00:00:01    wan.7\n",
+        u32::from(0x1a2bu16.to_be())
+    );
+    assert_eq!(parse_pppoe(&text).unwrap(), vec![session(0x1a2b, "wan.7")]);
+    assert_eq!(parse_pppoe("Id       Address              Device\n").unwrap(), vec![]);
+    let bad = parse_pppoe("Id Address Device\n00002B1A 02:ac:00 wan\n").unwrap_err();
+    assert!(format!("{bad:#}").contains("peer MAC"), "{bad:#}");
+    assert!(parse_pppoe("Id Address Device\nzz 02:ac:00:00:00:01 wan\n").is_err());
+}
+
+/// The decoders over messages as the kernel sends them.
+#[test]
+fn rtnetlink_messages_decode_into_links_vlans_and_fdb() {
+    let msg = |index: u32, ty: LinkLayerType, attrs: Vec<LinkAttribute>| {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.header.link_layer_type = ty;
+        m.attributes = attrs;
+        m
+    };
+    let vlan = msg(
+        6,
+        LinkLayerType::Ether,
+        vec![
+            LinkAttribute::IfName("wan.7".into()),
+            LinkAttribute::Link(2),
+            LinkAttribute::Mtu(1500),
+            LinkAttribute::Address(mac(6).to_vec()),
+            LinkAttribute::LinkInfo(vec![
+                rt::LinkInfo::Kind(InfoKind::Vlan),
+                rt::LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(7), InfoVlan::Protocol(VlanProtocol::Ieee8021Ad)])),
+            ]),
+        ],
+    );
+    let l = link_of(&vlan);
+    assert_eq!(
+        (l.name.as_str(), l.kind.clone(), l.lower, l.mac),
+        ("wan.7", Kind::Vlan { id: 7, proto: ETH_P_8021AD }, Some(2), mac(6))
+    );
+    let br = msg(
+        10,
+        LinkLayerType::Ether,
+        vec![LinkAttribute::LinkInfo(vec![
+            rt::LinkInfo::Kind(InfoKind::Bridge),
+            rt::LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(true)])),
+        ])],
+    );
+    assert_eq!(link_of(&br).kind, Kind::Bridge { vlan_filtering: true });
+    let p = msg(
+        3,
+        LinkLayerType::Ether,
+        vec![
+            LinkAttribute::Controller(10),
+            LinkAttribute::LinkInfo(vec![
+                rt::LinkInfo::Kind(InfoKind::Veth),
+                rt::LinkInfo::PortKind(InfoPortKind::Bridge),
+                rt::LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::State(
+                    rt::BridgePortState::Blocking,
+                )])),
+            ]),
+        ],
+    );
+    let p = link_of(&p);
+    assert_eq!((p.master, p.port_state, p.kind), (Some(10), Some(4), Kind::Other(Some("veth".into()))));
+    let wg = msg(5, LinkLayerType::None, vec![LinkAttribute::LinkInfo(vec![rt::LinkInfo::Kind(InfoKind::Wireguard)])]);
+    assert!(link_of(&wg).is_l3());
+
+    let mut bv = msg(3, LinkLayerType::Ether, vec![]);
+    bv.header.interface_family = AddressFamily::Bridge;
+    bv.attributes.push(LinkAttribute::AfSpecBridge(vec![
+        AfSpecBridge::VlanInfo(BridgeVlanInfo {
+            flags: BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged,
+            vid: 1,
+        }),
+        AfSpecBridge::VlanInfo(BridgeVlanInfo { flags: BridgeVlanInfoFlags::empty(), vid: 10 }),
+    ]));
+    assert_eq!(vlans_of(&bv), [pv(1, true, true), pv(10, false, false)]);
+
+    let mut n = NeighbourMessage::default();
+    n.header.family = AddressFamily::Bridge;
+    n.header.ifindex = 4;
+    n.attributes = vec![
+        NeighbourAttribute::LinkLayerAddress(CLIENT.to_vec()),
+        NeighbourAttribute::Vlan(1),
+        NeighbourAttribute::Controller(10),
+    ];
+    assert_eq!(fdb_of(&n), Some(FdbEntry { bridge: 10, port: 4, mac: CLIENT, vlan: Some(1) }));
+    n.attributes.pop();
+    assert_eq!(fdb_of(&n), None, "a port's own address list (no NDA_MASTER)");
+}
