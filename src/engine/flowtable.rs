@@ -186,6 +186,13 @@ impl FlowTable {
         self.by_hop.get(&(ifindex, mac)).map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
+    /// Offloaded connections with a direction sent to `mac` or arriving
+    /// from it (a bridge fdb entry moved: the port may have changed for
+    /// both). O(offloaded), once per moved MAC.
+    pub fn offloaded_via_mac(&self, mac: [u8; 6]) -> Vec<ConnId> {
+        self.offloaded.iter().filter(|(_, f)| f.dirs.iter().any(|d| d.val.dmac == mac)).map(|(id, _)| *id).collect()
+    }
+
     fn index_hops(&mut self, id: ConnId, dirs: &[Direction; 2], add: bool) {
         for d in dirs {
             let hop = (d.val.out_ifindex, d.val.dmac);
@@ -397,12 +404,16 @@ impl FlowTable {
         let Some(f) = self.offloaded.get_mut(id) else { return };
         for (i, nd) in new.iter().enumerate() {
             let old = &f.dirs[i];
-            if old.key.ifindex != nd.key.ifindex {
-                // Arrives elsewhere now: replace the entry.
+            let moved = key_bytes(&old.key) != key_bytes(&nd.key);
+            if moved {
+                // Arrives elsewhere now (another port, other headers):
+                // replace the entry.
                 self.dp.delete_flow(&old.key);
             } else if old.val.out_ifindex == nd.val.out_ifindex
                 && old.val.dmac == nd.val.dmac
                 && old.val.smac == nd.val.smac
+                && old.val.in_dmac == nd.val.in_dmac
+                && old.encap().1 == nd.encap().1
                 && old.val.mtu == nd.val.mtu
                 && old.val.flags == nd.val.flags
                 && old.val.hold == nd.val.hold
@@ -417,11 +428,7 @@ impl FlowTable {
             v.teardown = cur.teardown;
             // Same key: our own entry, rewritten in place. A new key (it
             // arrives elsewhere now) must not take another connection's.
-            let put = if old.key.ifindex == nd.key.ifindex {
-                self.dp.replace_flow(&nd.key, &v)
-            } else {
-                self.dp.put_flow(&nd.key, &v)
-            };
+            let put = if !moved { self.dp.replace_flow(&nd.key, &v) } else { self.dp.put_flow(&nd.key, &v) };
             if let Err(err) = put {
                 tracing::warn!(?id, "re-pointing: {err}");
                 if err == PutError::KeyTaken {

@@ -361,7 +361,12 @@ impl Core {
                 }
             }
         }
-        self.facts.refresh(ch);
+        // A MAC moved to another bridge port (a client roamed): the
+        // connections sent to it are walked again, like a neighbour change.
+        for mac in self.facts.refresh(ch) {
+            self.neigh_ids.extend(self.flows.offloaded_via_mac(mac));
+            self.neigh_dirty.get_or_insert_with(Instant::now);
+        }
         // A link event too: a mirred target renamed, a port's qdisc
         // replaced as it comes up.
         if ch.tc || ch.lost || !ch.links.is_empty() {

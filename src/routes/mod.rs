@@ -19,7 +19,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use netlink_packet_core::Parseable;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -170,6 +170,9 @@ pub struct Changes {
     /// Neighbour messages, in order; `RouteWatch::drain` keeps only those
     /// that change a forwarding answer.
     pub neighbours: Vec<Neighbour>,
+    /// Bridge fdb messages (RTM_NEWNEIGH / RTM_DELNEIGH, AF_BRIDGE), in
+    /// order.
+    pub fdb: Vec<crate::topology::FdbChange>,
     pub routes: bool,
     pub addresses: bool,
     /// `ip rule` added or removed.
@@ -184,7 +187,7 @@ pub struct Changes {
 
 impl Changes {
     pub fn any(&self) -> bool {
-        !self.links.is_empty() || !self.neighbours.is_empty() || self.beyond_neighbours()
+        !self.links.is_empty() || !self.neighbours.is_empty() || !self.fdb.is_empty() || self.beyond_neighbours()
     }
 
     /// Something other than a neighbour changed: any path may have moved.
@@ -231,15 +234,39 @@ impl NeighbourTable {
 pub struct RouteFacts {
     pub rules: rules::PolicyRules,
     pub addrs: addrs::AddressTable,
+    /// The devices below the FIB's (bridges, VLANs, PPPoE).
+    pub topo: crate::topology::Topology,
 }
 
 impl RouteFacts {
     pub fn read() -> Result<Self> {
-        Ok(RouteFacts { rules: rules::PolicyRules::read(), addrs: addrs::AddressTable::dump()? })
+        Ok(RouteFacts {
+            rules: rules::PolicyRules::read(),
+            addrs: addrs::AddressTable::dump()?,
+            topo: crate::topology::read().context("reading the link topology")?,
+        })
     }
 
-    /// After `ch`: re-read what it touched.
-    pub fn refresh(&mut self, ch: &Changes) {
+    /// After `ch`: re-read what it touched. Returns the MACs whose bridge
+    /// port changed (a client roamed, an entry was learned or forgotten).
+    pub fn refresh(&mut self, ch: &Changes) -> Vec<[u8; 6]> {
+        // A link event covers bridge port state and VLAN changes (the
+        // bridge notifies them as RTM_NEWLINK) and a PPPoE reconnect (a new
+        // ppp device): read the whole snapshot again.
+        let moved = if !ch.links.is_empty() || ch.lost {
+            match crate::topology::read() {
+                Ok(t) => self.topo = t,
+                // Fail safe: nothing below the FIB's devices is known, so
+                // only directions on managed L3 devices resolve.
+                Err(e) => {
+                    tracing::warn!("reading the link topology: {e:#}");
+                    self.topo = Default::default();
+                }
+            }
+            Vec::new()
+        } else {
+            self.topo.apply_fdb(&ch.fdb)
+        };
         if ch.rules || ch.lost {
             self.rules = rules::PolicyRules::read();
         }
@@ -254,6 +281,7 @@ impl RouteFacts {
                 }
             }
         }
+        moved
     }
 }
 
@@ -321,6 +349,7 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
     const RTM_DELQDISC: u16 = 37;
     const RTM_NEWTFILTER: u16 = 44;
     const RTM_DELTFILTER: u16 = 45;
+    const AF_BRIDGE: u8 = 7;
     const IFF_UP: u32 = 0x1;
     const IFF_LOWER_UP: u32 = 0x10000;
     while b.len() >= 16 {
@@ -340,6 +369,14 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
             }
             RTM_NEWADDR | RTM_DELADDR => ch.addresses = true,
             RTM_NEWROUTE | RTM_DELROUTE => ch.routes = true,
+            // The bridge's fdb arrives on the same group (ndm_family
+            // AF_BRIDGE, no NDA_DST).
+            RTM_NEWNEIGH | RTM_DELNEIGH if body.first() == Some(&AF_BRIDGE) => {
+                // None: a port's own address list (NTF_SELF), not the bridge's.
+                if let Some(entry) = NeighbourMessage::parse(body).ok().as_ref().and_then(crate::topology::fdb_of) {
+                    ch.fdb.push(crate::topology::FdbChange { entry, gone: ty == RTM_DELNEIGH });
+                }
+            }
             RTM_NEWNEIGH | RTM_DELNEIGH => match parse_neigh(ty == RTM_NEWNEIGH, body) {
                 Some(n) => ch.neighbours.push(n),
                 None => ch.lost = true,
@@ -493,6 +530,38 @@ mod tests {
         let mut ch = Changes::default();
         parse_rtnl(&msg(28, &[0u8; 8]), &mut ch);
         assert!(ch.lost, "a short ndmsg is a lost event");
+    }
+
+    /// A bridge learning or moving a MAC: an fdb change, not a lost
+    /// neighbour event.
+    #[test]
+    fn fdb_events_are_fdb_changes() {
+        use netlink_packet_core::Emitable;
+        use netlink_packet_route::AddressFamily;
+        let mut n = NeighbourMessage::default();
+        n.header.family = AddressFamily::Bridge;
+        n.header.ifindex = 4;
+        n.attributes = vec![
+            NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 9]),
+            NeighbourAttribute::Controller(10),
+            NeighbourAttribute::Vlan(1),
+        ];
+        let mut body = vec![0u8; n.buffer_len()];
+        n.emit(&mut body);
+        let entry = crate::topology::FdbEntry { bridge: 10, port: 4, mac: [2, 0, 0, 0, 0, 9], vlan: Some(1) };
+        for (ty, gone) in [(28, false), (29, true)] {
+            let mut ch = Changes::default();
+            parse_rtnl(&msg(ty, &body), &mut ch);
+            assert_eq!(ch.fdb, vec![crate::topology::FdbChange { entry, gone }]);
+            assert!(!ch.lost && ch.neighbours.is_empty() && ch.any() && !ch.beyond_neighbours());
+        }
+        // A port's own address (NTF_SELF, no NDA_MASTER): nothing.
+        n.attributes.remove(1);
+        let mut body = vec![0u8; n.buffer_len()];
+        n.emit(&mut body);
+        let mut ch = Changes::default();
+        parse_rtnl(&msg(28, &body), &mut ch);
+        assert!(!ch.any());
     }
 
     #[test]

@@ -20,7 +20,8 @@ use std::net::IpAddr;
 
 use crate::conntrack::{CtEntry, CtTuple};
 use crate::dataplane::Dataplane;
-use crate::flow::{build_direction, Direction};
+use crate::flow::{build_direction, Direction, LinkLayer, NextHop};
+use crate::topology::{Egress, LowerError, Topology};
 
 use super::addrs::AddressTable;
 use super::rules::Selector;
@@ -46,6 +47,9 @@ pub enum NoPath {
     /// (masquerade takes the egress interface's address), or the mark the
     /// lookup assumed is not the packets'.
     SourceElsewhere(IpAddr),
+    /// The devices between the FIB's and a managed port (bridge, VLAN,
+    /// PPPoE) do not lead to one the fast path can use.
+    Lower(LowerError),
 }
 
 impl NoPath {
@@ -55,6 +59,7 @@ impl NoPath {
         match self {
             NoPath::NoInterfaceUp | NoPath::LookupFailed(_) => true,
             NoPath::Unroutable(code) => Unroutable(*code).transient(),
+            NoPath::Lower(l) => l.transient(),
             _ => false,
         }
     }
@@ -74,6 +79,7 @@ impl fmt::Display for NoPath {
             NoPath::SourceElsewhere(a) => {
                 write!(f, "source NAT to {a}, an address the route's egress interface does not have")
             }
+            NoPath::Lower(l) => l.fmt(f),
         }
     }
 }
@@ -87,6 +93,12 @@ pub trait Ports {
 }
 
 /// Both directions of `e`, or why not.
+///
+/// The FIB answers with L3 devices (br-lan, pppoe-wan, eth0.2); `topo`
+/// walks each direction's output down to the managed port it leaves by,
+/// and the other direction arrives on that same port with the same
+/// headers, addressed to the MAC this one is sent from (the mirror, as
+/// `nft_flow_offload` fills both tuples from the two routes).
 pub fn resolve_path(
     dp: &Dataplane,
     ports: &impl Ports,
@@ -107,9 +119,6 @@ pub fn resolve_path(
         Ok(None) => return Err(NoPath::NoRouteBack),
         Err(err) => return Err(NoPath::LookupFailed(format!("{err:#}"))),
     };
-    if !ports.is_up(in_orig) {
-        return Err(NoPath::InputNotManaged);
-    }
     let hop = |in_ifindex: u32, t: &CtTuple, dst: IpAddr| {
         let p = Packet { in_ifindex, src: t.src, dst, proto: t.proto, sport: t.sport, dport: t.dport, mark };
         match resolve(dp, &p) {
@@ -119,12 +128,9 @@ pub fn resolve_path(
             Err(err) => Err(NoPath::LookupFailed(format!("{err:#}"))),
         }
     };
-    let mut nh_o = hop(in_orig, o, r.src)?;
-    if !ports.is_up(nh_o.ifindex) {
-        return Err(NoPath::OutputNotManaged);
-    }
+    let nh_o = hop(in_orig, o, r.src)?;
     let in_reply = nh_o.ifindex;
-    let mut nh_r = hop(in_reply, r, o.src)?;
+    let nh_r = hop(in_reply, r, o.src)?;
     if nh_r.ifindex != in_orig {
         return Err(NoPath::Asymmetric);
     }
@@ -132,9 +138,46 @@ pub fn resolve_path(
     // DNAT undone (the address the client asked for), which may be an
     // address of another interface (hairpin NAT) by design.
     check_source(&facts.addrs, nh_o.ifindex, o.src, r.dst)?;
-    nh_o.xdp_ok = dp.is_xdp_target(nh_o.ifindex);
-    nh_r.xdp_ok = dp.is_xdp_target(nh_r.ifindex);
-    Ok([build_direction(o, r, in_orig, &nh_o), build_direction(r, o, in_reply, &nh_r)])
+    let out_o = walk(&facts.topo, ports, &nh_o, NoPath::OutputNotManaged)?;
+    let out_r = walk(&facts.topo, ports, &nh_r, NoPath::InputNotManaged)?;
+    let dir = |seen: &CtTuple, other: &CtTuple, arrive: &Egress, out: &Egress| {
+        let nh = NextHop {
+            ifindex: out.port,
+            smac: out.smac,
+            dmac: out.dmac,
+            mtu: out.mtu.min(0xffff) as u16,
+            xdp_ok: dp.is_xdp_target(out.port),
+        };
+        build_direction(seen, other, arrive.port, &nh).with_link(&mirror(arrive, out))
+    };
+    let mut d = [dir(o, r, &out_r, &out_o), dir(r, o, &out_o, &out_r)];
+    // Each direction's MTU is its own route's (pppoe-wan's 1492, the LAN's
+    // 1500) capped by what its port carries after encapsulation.
+    d[0].val.mtu = d[0].val.mtu.min(nh_o.mtu);
+    d[1].val.mtu = d[1].val.mtu.min(nh_r.mtu);
+    Ok(d)
+}
+
+/// Walk the FIB's answer `nh` down to a managed port that is up; `unmanaged`
+/// when there is none.
+fn walk(topo: &Topology, ports: &impl Ports, nh: &NextHop, unmanaged: NoPath) -> Result<Egress, NoPath> {
+    match topo.egress(nh.ifindex, nh.dmac, |i| ports.name(i).is_some()) {
+        Ok(e) if ports.is_up(e.port) => Ok(e),
+        Ok(_) | Err(LowerError::NotManaged(_)) => Err(unmanaged),
+        Err(l) => Err(NoPath::Lower(l)),
+    }
+}
+
+/// A direction leaving as `out` whose frames arrive the way the other
+/// direction's leave (`arrive`): with its headers, addressed to the MAC it
+/// is sent from (none on an L3 port).
+fn mirror(arrive: &Egress, out: &Egress) -> LinkLayer {
+    LinkLayer {
+        in_encap: arrive.encap,
+        in_dmac: if arrive.l3 { [0; 6] } else { arrive.smac },
+        out_encap: out.encap,
+        l3_out: out.l3,
+    }
 }
 
 /// A direction whose source `was` is rewritten to `now` leaves by `egress`.
@@ -201,6 +244,20 @@ mod tests {
                 NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()),
                 false,
                 "source NAT to 198.51.100.1, an address the route's egress interface does not have",
+            ),
+            (
+                NoPath::Lower(LowerError::NoFdb {
+                    bridge: "br-lan".into(),
+                    mac: "02:00:00:00:00:09".into(),
+                    vlan: None,
+                }),
+                true,
+                "br-lan has no fdb entry for 02:00:00:00:00:09 yet",
+            ),
+            (
+                NoPath::Lower(LowerError::PortNotForwarding { port: "lan2".into(), state: 4 }),
+                false,
+                "bridge port lan2 is not forwarding (STP state 4)",
             ),
         ];
         for (p, transient, text) in cases {

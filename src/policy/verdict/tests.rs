@@ -6,6 +6,7 @@ use crate::dataplane::fo_teardown;
 use crate::flow::tests::tcp_masq;
 use crate::flow::{build_direction, Hold, NextHop};
 use crate::routes::rules::Selector;
+use crate::topology::LowerError;
 
 const LAN: u32 = 3;
 const WAN: u32 = 4;
@@ -133,6 +134,11 @@ fn every_branch() {
     let asym = Err(NoPath::Asymmetric);
     let elsewhere = Err(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()));
     let by_tos = Err(NoPath::Rule(Selector::Tos));
+    let no_fdb = LowerError::NoFdb { bridge: "br-lan".into(), mac: "02:00:00:00:00:02".into(), vlan: None };
+    let blocked = LowerError::PortNotForwarding { port: "lan2".into(), state: 4 };
+    let too_deep = LowerError::TooDeep("pppoe-wan".into());
+    let (no_fdb_p, blocked_p, too_deep_p) =
+        (Err(NoPath::Lower(no_fdb.clone())), Err(NoPath::Lower(blocked.clone())), Err(NoPath::Lower(too_deep.clone())));
     let dirs = ok.clone().unwrap();
     let dirs_dmz = to_dmz.clone().unwrap();
     use Known::Untracked as U;
@@ -185,6 +191,9 @@ fn every_branch() {
         ("neighbour resolving", Iface, plain(), U, Some(&neigh), V::Wait(NoPath::Unroutable(7))),
         ("unroutable", Iface, plain(), U, Some(&asym), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Asymmetric))),
         ("masqueraded, routed out of another interface", Iface, plain(), U, Some(&elsewhere), V::NotOffloaded(NotOffloaded::NoPath(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap())))),
+        ("bridge has not learned the next hop yet", Iface, plain(), U, Some(&no_fdb_p), V::Wait(NoPath::Lower(no_fdb))),
+        ("bridge port blocked", Iface, plain(), U, Some(&blocked_p), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Lower(blocked)))),
+        ("three VLAN/PPPoE headers", Iface, plain(), U, Some(&too_deep_p), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Lower(too_deep)))),
         ("an ip rule the lookup cannot reproduce", Iface, plain(), U, Some(&by_tos), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Rule(Selector::Tos)))),
         ("routed", Iface, plain(), U, Some(&ok), V::Offload(dirs)),
         ("waiting, routed", Iface, plain(), WAITING, Some(&ok), V::Offload(dirs)),
