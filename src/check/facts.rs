@@ -83,6 +83,9 @@ pub(super) struct IfaceFacts {
     /// What a fast-path redirect would skip on it (read as for TC mode;
     /// the findings apply the mode).
     pub hooks: crate::hooks::DeviceHooks,
+    /// What it is and what it stands on (`topology::Topology::describe`);
+    /// None when the topology could not be read.
+    pub topology: Option<String>,
 }
 
 pub(super) const KFUNCS: [&str; 2] = ["bpf_xdp_ct_lookup", "bpf_ct_change_timeout"];
@@ -110,6 +113,7 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
         Err(_) => Vec::new(),
     };
     let mut hooks = crate::hooks::read(&ports);
+    let topo = crate::topology::read().ok();
     let ifaces = names
         .iter()
         .map(|n| match &table {
@@ -117,6 +121,7 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
                 let mut f = gather_iface(t, n);
                 if let Some(l) = t.by_name(n) {
                     f.hooks = hooks.ports.remove(&l.ifindex).unwrap_or_default();
+                    f.topology = topo.as_ref().map(|t| t.describe(l.ifindex));
                 }
                 f
             }
@@ -237,6 +242,7 @@ impl IfaceFacts {
             xdp_prog: None,
             tc_ingress: Vec::new(),
             hooks: Default::default(),
+            topology: None,
         }
     }
 }
@@ -254,6 +260,7 @@ fn gather_iface(table: &LinkTable, name: &str) -> IfaceFacts {
         xdp_prog,
         tc_ingress,
         hooks: Default::default(),
+        topology: None,
     }
 }
 

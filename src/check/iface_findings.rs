@@ -28,6 +28,7 @@ type IfaceFinding = fn(&IfaceFacts, &IfaceCtx) -> Option<Verdict>;
 /// Every interface item, in report order. The names are stable: scripts match on them.
 pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
     ("exists", exists),
+    ("topology", topology),
     ("link_state", link_state),
     ("mode", mode),
     ("native_xdp", native_xdp_finding),
@@ -94,6 +95,11 @@ fn or_unknown(driver: &str) -> &str {
 
 fn exists(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
     Some(Verdict::ok(format!("ifindex {}, driver {}", c.link.ifindex, or_unknown(&c.link.driver))))
+}
+
+/// What the device is (bridge, VLAN, PPPoE, L3) and what it stands on.
+fn topology(f: &IfaceFacts, _: &IfaceCtx) -> Option<Verdict> {
+    f.topology.as_ref().map(|d| Verdict::ok(d.clone()))
 }
 
 fn link_state(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {

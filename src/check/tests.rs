@@ -47,6 +47,7 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
         xdp_prog: None,
         tc_ingress: Vec::new(),
         hooks: Default::default(),
+        topology: None,
     }
 }
 
@@ -197,6 +198,16 @@ fn informational_items_are_ok_either_way() {
     assert!(ft.detail.contains("do not also load `flow add` rules directly"), "{ft:?}");
     let ft = host_finding(&judged(&good_host()), "nf_flow_table").clone();
     assert!(ft.detail.starts_with("not present: nft-offload does its job"), "{ft:?}");
+}
+
+#[test]
+fn each_interface_says_what_it_is() {
+    let br =
+        IfaceFacts { topology: Some("br-lan: bridge, ports lan1 lan2".into()), ..iface("br-lan", "bridge", "noqueue") };
+    let r = judge(&good_host(), &[br, iface("eth0", "ixgbe", "mq")], ModeChoice::Auto);
+    let t = finding(&r.interfaces[0], "topology");
+    assert_eq!((t.status, t.detail.as_str()), (Status::Ok, "br-lan: bridge, ports lan1 lan2"));
+    assert!(r.interfaces[1].findings.iter().all(|f| f.item != "topology"), "not read: no finding");
 }
 
 #[test]

@@ -18,6 +18,9 @@ pub fn render_status(s: &Status) -> String {
             if i.driver.is_empty() { "?" } else { &i.driver },
             i.reason
         );
+        if !i.topology.is_empty() {
+            o += &format!("  {:<12} {}\n", "", i.topology);
+        }
     }
     o += &format!(
         "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
@@ -82,6 +85,11 @@ pub fn render_flows(flows: &[FlowView]) -> String {
                 o += &format!("     {which} direction on the slow path: {why}\n");
             }
         }
+        for (which, encap) in ["original", "reply"].iter().zip(&f.encap) {
+            if let Some(encap) = encap {
+                o += &format!("     {which} direction {encap}\n");
+            }
+        }
     }
     o += &format!("nft-offload: {} flow entries offloaded.\n", flows.len());
     o
@@ -104,6 +112,7 @@ mod tests {
             mode: Mode::Tc,
             reason: "software device".into(),
             up,
+            topology: if name == "lan0" { "lan0: bridge, ports lan1 lan2".into() } else { String::new() },
         };
         Status {
             pid: 42,
@@ -135,6 +144,7 @@ mod tests {
         assert!(t.starts_with("nft-offload running (pid 42, up 7s, mode Auto)\n"), "{t}");
         // an unknown driver shows as ?, a down link as DOWN
         assert!(t.contains("  wan0         ifindex 3    tc   DOWN  driver ?          software device\n"), "{t}");
+        assert!(t.contains("software device\n               lan0: bridge, ports lan1 lan2\n  wan0"), "{t}");
         assert!(t.contains("Flows: 1 offloaded / 65536 capacity, 0 waiting for a neighbour, 2 dormant (idle > 30s)"));
         // zero counters are left out
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
@@ -170,6 +180,7 @@ mod tests {
             nat_src: true,
             nat_dst: false,
             slow: [None, None],
+            encap: [None, None],
         };
         let t = render_flows(std::slice::from_ref(&f));
         assert_eq!(
@@ -179,9 +190,12 @@ mod tests {
              lan0->wan0 idle=1s mark=0 id=77\nnft-offload: 1 flow entries offloaded.\n"
         );
         assert_eq!(render_flows(&[]), "nft-offload: 0 flow entries offloaded.\n");
-        let held = FlowView { slow: [None, Some("tc ingress filter on wan0".into())], ..f };
+        let held = FlowView { slow: [None, Some("tc ingress filter on wan0".into())], ..f.clone() };
         let t = render_flows(&[held]);
         assert!(t.contains(" id=77\n     reply direction on the slow path: tc ingress filter on wan0\n"), "{t}");
         assert!(!t.contains("original direction"), "{t}");
+        let tagged = FlowView { encap: [Some("arrives untagged, leaves VLAN 7 + PPPoE 0x1a2b".into()), None], ..f };
+        let t = render_flows(&[tagged]);
+        assert!(t.contains(" id=77\n     original direction arrives untagged, leaves VLAN 7 + PPPoE 0x1a2b\n"), "{t}");
     }
 }

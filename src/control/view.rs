@@ -18,6 +18,10 @@ pub struct IfaceStatus {
     pub mode: Mode,
     pub reason: String,
     pub up: bool,
+    /// What it is and what it stands on ("br-lan: bridge, ports lan1
+    /// lan2"), as of the last link change.
+    #[serde(default)]
+    pub topology: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,4 +87,8 @@ pub struct FlowView {
     /// (`flow::Held`), if it does.
     #[serde(default)]
     pub slow: [Option<String>; 2],
+    /// Per direction: the VLAN/PPPoE headers it arrives and leaves with,
+    /// if any.
+    #[serde(default)]
+    pub encap: [Option<String>; 2],
 }

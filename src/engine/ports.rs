@@ -102,6 +102,8 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         mode: d.mode,
         reason: d.reason,
         up: info.up,
+        // Filled in by `status` from the current topology.
+        topology: String::new(),
     }
 }
 
@@ -124,7 +126,15 @@ mod tests {
     use crate::dataplane::Mode;
 
     fn iface(name: &str, ifindex: u32, up: bool) -> IfaceStatus {
-        IfaceStatus { name: name.into(), ifindex, driver: "veth".into(), mode: Mode::Tc, reason: String::new(), up }
+        IfaceStatus {
+            name: name.into(),
+            ifindex,
+            driver: "veth".into(),
+            mode: Mode::Tc,
+            reason: String::new(),
+            up,
+            topology: String::new(),
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::conntrack::CtTuple;
-use crate::control::{FlowView, Status, TupleView};
+use crate::control::{FlowView, IfaceStatus, Status, TupleView};
 use crate::dataplane::{fo_stat, Mode, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::proto::{self, AF_INET, IPPROTO_TCP};
@@ -29,7 +29,12 @@ impl Core {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
             mode_requested: self.cfg.mode,
-            interfaces: self.ifaces.0.clone(),
+            interfaces: self
+                .ifaces
+                .0
+                .iter()
+                .map(|i| IfaceStatus { topology: self.facts.topo.describe(i.ifindex), ..i.clone() })
+                .collect(),
             flows_offloaded: offloaded,
             flows_waiting_for_neighbour: waiting,
             flows_dormant: dormant,
@@ -90,6 +95,11 @@ impl Core {
                         f.dirs[i].hold().map(|h| {
                             self.holds.held(&f.entry, i, &f.dirs[i]).map_or_else(|| h.as_str().to_string(), |x| x.why)
                         })
+                    }),
+                    encap: [0, 1].map(|i| {
+                        let (arrive, leave) = f.dirs[i].encap();
+                        (!arrive.as_slice().is_empty() || !leave.as_slice().is_empty())
+                            .then(|| format!("arrives {arrive}, leaves {leave}"))
                     }),
                 }
             })

@@ -84,6 +84,27 @@ impl EncapStack {
     }
 }
 
+impl std::fmt::Display for EncapStack {
+    /// "untagged", "VLAN 7 + PPPoE 0x1a2b", "802.1ad 100 + VLAN 7".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.len == 0 {
+            return f.write_str("untagged");
+        }
+        for (i, e) in self.as_slice().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" + ")?;
+            }
+            match e.proto {
+                0x8100 => write!(f, "VLAN {}", e.id)?,
+                0x88a8 => write!(f, "802.1ad {}", e.id)?,
+                0x8864 => write!(f, "PPPoE {:#x}", e.id)?,
+                p => write!(f, "ethertype {p:#06x} id {}", e.id)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the devices between the FIB's and the fast path's ports add to a
 /// direction (`topology::Topology::egress`): the headers its frames arrive
 /// with and the MAC they are addressed to, the headers to push on the way
@@ -353,6 +374,11 @@ mod tests {
         assert_eq!(d.val.in_dmac, [2, 0, 0, 0, 0, 9]);
         assert_eq!(d.val.flags & FO_F_L3_OUT, FO_F_L3_OUT);
         assert_eq!(d.encap(), (in_encap, out_encap), "read back");
+        assert_eq!(in_encap.to_string(), "VLAN 7 + PPPoE 0x1a2b");
+        assert_eq!(
+            (out_encap.to_string(), EncapStack::default().to_string()),
+            ("802.1ad 100".into(), "untagged".into())
+        );
         assert_ne!(key_bytes(&d.key), key_bytes(&plain.key), "a tagged flow is another flow");
         assert_eq!(plain.with_link(&LinkLayer::default()).val.flags, plain.val.flags);
     }
