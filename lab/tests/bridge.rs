@@ -268,3 +268,39 @@ fn bridge_device_listed_tc() {
 fn bridge_ports_listed_tc() {
     bridge_case(&["rlan", "rlan2", "rwan"], "tc", false, true);
 }
+
+/// A bridge-family base chain sees routed frames on their way up from a
+/// port (prerouting, input) and down through the bridge device (output,
+/// postrouting): with the ports listed the fast path would skip it, so a
+/// direction arriving on a port is held (here: prerouting only, so the
+/// reply, which arrives on rwan, is not); with the bridge listed TC runs
+/// after its input hooks and redirects into br_dev_xmit, so nothing is.
+#[test]
+fn bridge_family_chains_hold_directions_through_the_ports_only() {
+    for (ifaces, mode, held) in [(&["rlan", "rlan2", "rwan"][..], "xdp", true), (&["brlan", "rwan"][..], "tc", false)] {
+        let lab = lab(mode == "xdp");
+        let chain = "add table bridge bt; add chain bridge bt pre { type filter hook prerouting priority 0; }";
+        lab.exec(&lab.rtr, &["nft", chain]).unwrap();
+        let mut args: Vec<&str> = ifaces.iter().flat_map(|i| ["--iface", i]).collect();
+        args.extend(["--mode", mode]);
+        let d = Daemon::start_raw(&lab, &args).unwrap_or_else(|e| panic!("{e:#}"));
+        let _sink = udp_sink(&lab);
+        let _v4 = udp_stream(&lab, false, "192.168.1.2", "203.0.113.2");
+        let t0 = Instant::now();
+        let slow = loop {
+            if let Some(f) = d.flows().unwrap().first() {
+                break f["slow"].clone();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "not offloaded: {}", d.status().unwrap());
+            sleep(Duration::from_millis(100));
+        };
+        if held {
+            let why = slow[0].as_str().unwrap_or_else(|| panic!("original direction not held: {slow}"));
+            assert!(why.contains("nft chain bridge bt pre (bridge brlan) on rlan ingress"), "{why}");
+            assert_eq!(slow[1], serde_json::Value::Null, "the reply arrives on rwan");
+        } else {
+            assert_eq!(slow, serde_json::json!([null, null]), "TC on the bridge device keeps its hooks");
+        }
+        d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}

@@ -108,7 +108,12 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
         Ok(t) => names
             .iter()
             .filter_map(|n| t.by_name(n))
-            .map(|l| crate::hooks::Port { ifindex: l.ifindex, name: l.name.clone(), xdp: false })
+            .map(|l| crate::hooks::Port {
+                ifindex: l.ifindex,
+                name: l.name.clone(),
+                xdp: false,
+                bridge: bridge_of(t, l.master),
+            })
             .collect(),
         Err(_) => Vec::new(),
     };
@@ -129,6 +134,11 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
         })
         .collect();
     (host, ifaces)
+}
+
+/// The name of the bridge `master` is, if it is one.
+fn bridge_of(t: &LinkTable, master: Option<u32>) -> Option<String> {
+    master.and_then(|m| t.get(m)).filter(|b| b.kind.as_deref() == Some("bridge")).map(|b| b.name.clone())
 }
 
 fn gather_host() -> HostFacts {

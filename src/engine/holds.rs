@@ -57,7 +57,12 @@ impl super::Core {
             .ifaces
             .0
             .iter()
-            .map(|i| Port { ifindex: i.ifindex, name: i.name.clone(), xdp: i.mode == Mode::Xdp })
+            .map(|i| Port {
+                ifindex: i.ifindex,
+                name: i.name.clone(),
+                xdp: i.mode == Mode::Xdp,
+                bridge: self.facts.topo.bridge_of(i.ifindex),
+            })
             .collect();
         let new = hooks::read(&ports);
         if new != self.holds.hooks {

@@ -44,6 +44,9 @@ pub struct Port {
     pub name: String,
     /// Attached in XDP mode: what it forwards leaves by XDP redirect.
     pub xdp: bool,
+    /// The bridge it is a port of: routed frames through it pass the
+    /// bridge family's chains, which the fast path on the port skips.
+    pub bridge: Option<String>,
 }
 
 /// A classic tc filter, with where it redirects to.
@@ -258,6 +261,18 @@ pub fn read(ports: &[Port]) -> HookFacts {
                     match c.side {
                         Side::Ingress => d.ingress_chains.push(c.label()),
                         Side::Egress => d.egress_chains.push(c.label()),
+                    }
+                }
+                // TC on the bridge device itself runs after its input
+                // hooks and redirects into br_dev_xmit, which runs its
+                // output ones: only its ports skip them.
+                if let Some(b) = &p.bridge {
+                    for c in chains.iter().filter(|c| c.family == "bridge") {
+                        let label = format!("{} (bridge {b})", c.label());
+                        match c.side {
+                            Side::Ingress => d.ingress_chains.push(label),
+                            Side::Egress => d.egress_chains.push(label),
+                        }
                     }
                 }
                 d.shaper = shaper_of(qdiscs, p.ifindex);

@@ -28,6 +28,17 @@ const NFTA_HOOK_DEVS: u16 = 4;
 /// NFPROTO_INET / NFPROTO_NETDEV (include/uapi/linux/netfilter.h).
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_NETDEV: u8 = 5;
+const NFPROTO_BRIDGE: u8 = 7;
+/// The bridge family's hooks a routed frame meets (include/uapi/linux/
+/// netfilter_bridge.h): arriving on a port, NF_BR_PRE_ROUTING and
+/// NF_BR_LOCAL_IN on its way up to the bridge device (br_handle_frame,
+/// br_pass_frame_up); leaving by the bridge device, NF_BR_LOCAL_OUT and
+/// NF_BR_POST_ROUTING (br_dev_xmit -> br_forward -> __br_forward).
+/// NF_BR_FORWARD (2) sees bridged frames only.
+const NF_BR_PRE_ROUTING: u32 = 0;
+const NF_BR_LOCAL_IN: u32 = 1;
+const NF_BR_LOCAL_OUT: u32 = 3;
+const NF_BR_POST_ROUTING: u32 = 4;
 /// NF_NETDEV_INGRESS / NF_NETDEV_EGRESS, and NF_INET_INGRESS (5), the inet
 /// family's ingress hook, which registers at the device's netdev ingress
 /// (nf_tables_chain_hook in net/netfilter/nf_tables_api.c).
@@ -47,7 +58,8 @@ pub enum Side {
 /// A base chain on a device hook.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DeviceChain {
-    /// "netdev" or "inet".
+    /// "netdev", "inet" or "bridge" (a bridge chain is on every bridge,
+    /// with no devices: the fast path on a bridge port skips it).
     pub family: &'static str,
     pub table: String,
     pub name: String,
@@ -114,6 +126,7 @@ pub fn parse_chain(payload: &[u8]) -> Result<Option<DeviceChain>> {
     let family = match payload.first() {
         Some(&NFPROTO_NETDEV) => "netdev",
         Some(&NFPROTO_INET) => "inet",
+        Some(&NFPROTO_BRIDGE) => "bridge",
         Some(_) => return Ok(None),
         None => bail!("chain message without its nfgenmsg"),
     };
@@ -133,6 +146,8 @@ pub fn parse_chain(payload: &[u8]) -> Result<Option<DeviceChain>> {
     let side = match (family, num) {
         ("netdev", NF_NETDEV_INGRESS) | ("inet", NF_INET_INGRESS) => Side::Ingress,
         ("netdev", NF_NETDEV_EGRESS) => Side::Egress,
+        ("bridge", NF_BR_PRE_ROUTING | NF_BR_LOCAL_IN) => Side::Ingress,
+        ("bridge", NF_BR_LOCAL_OUT | NF_BR_POST_ROUTING) => Side::Egress,
         _ => return Ok(None),
     };
     let missing = |what: &str| anyhow!("device chain message without its {what}");
@@ -212,7 +227,12 @@ pub(super) mod tests {
         assert_eq!((c.side, c.devices), (Side::Egress, vec!["rwan".to_string(), "rwan2".to_string()]));
         let c = parse(&chain_msg(NFPROTO_INET, "fw", "i", Some((5, 0, &["rwan"])))).unwrap();
         assert_eq!((c.family, c.side), ("inet", Side::Ingress), "inet ingress runs at netdev ingress");
-        let cases: [(&str, Vec<u8>); 4] = [
+        for (hook, side) in [(0, Side::Ingress), (1, Side::Ingress), (3, Side::Egress), (4, Side::Egress)] {
+            let c = parse(&chain_msg(NFPROTO_BRIDGE, "bt", "c", Some((hook, 0, &[])))).unwrap();
+            assert_eq!((c.family, c.side, c.devices.len()), ("bridge", side, 0), "bridge hook {hook}");
+        }
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("bridge forward: bridged frames only", chain_msg(NFPROTO_BRIDGE, "bt", "f", Some((2, 0, &[])))),
             ("inet forward", chain_msg(NFPROTO_INET, "fw4", "forward", Some((2, 0, &[])))),
             ("ip prerouting", chain_msg(2, "t", "pre", Some((0, 0, &[])))),
             ("regular chain", chain_msg(NFPROTO_NETDEV, "t", "jump_target", None)),

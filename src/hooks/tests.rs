@@ -211,16 +211,31 @@ fn read_from_the_kernel() {
             "nft",
             "add table netdev t; add chain netdev t i { type filter hook ingress devices = { ha, hb } priority 0; }",
         ]);
+        // Bridge chains: ha is (said to be) a port of hbr, hb of none; the
+        // forward hook sees bridged frames only.
+        sh(&[
+            "nft",
+            "add table bridge bt; add chain bridge bt pre { type filter hook prerouting priority 0; }; \
+             add chain bridge bt out { type filter hook postrouting priority 0; }; \
+             add chain bridge bt fw { type filter hook forward priority 0; }",
+        ]);
         let ports = |xdp| {
             ["ha", "hb"]
-                .map(|n| Port { ifindex: crate::routes::link::ifindex(n).unwrap(), name: n.into(), xdp })
+                .map(|n| Port {
+                    ifindex: crate::routes::link::ifindex(n).unwrap(),
+                    name: n.into(),
+                    xdp,
+                    bridge: (n == "ha").then(|| "hbr".into()),
+                })
                 .to_vec()
         };
         let f = read(&ports(false));
         let [a, b] = [&f.ports[&ports(false)[0].ifindex], &f.ports[&ports(false)[1].ifindex]];
         assert_eq!((a.unreadable.as_deref(), b.unreadable.as_deref()), (None, None));
-        assert_eq!(a.ingress_chains, ["netdev t i"]);
+        assert_eq!(a.ingress_chains, ["netdev t i", "bridge bt pre (bridge hbr)"]);
+        assert_eq!(a.egress_chains, ["bridge bt out (bridge hbr)"]);
         assert_eq!(b.ingress_chains, ["netdev t i"]);
+        assert!(b.egress_chains.is_empty(), "{b:?}");
         assert_eq!(a.ingress_filters.len(), 1, "{a:?}");
         assert_eq!(a.ingress_filters[0].kind, "u32");
         assert_eq!(a.ingress_filters[0].target, Some(("hifb".into(), Some("htb".into()))));
@@ -232,6 +247,7 @@ fn read_from_the_kernel() {
         assert_eq!((a.shaper.as_deref(), b.shaper.as_deref()), (None, None), "veth: noqueue");
         // Chains and filters gone: nothing left to hold for.
         sh(&["nft", "delete table netdev t"]);
+        sh(&["nft", "delete table bridge bt"]);
         sh(&["tc", "qdisc", "del", "dev", "ha", "ingress"]);
         sh(&["tc", "qdisc", "del", "dev", "hb", "clsact"]);
         sh(&["tc", "qdisc", "add", "dev", "hb", "root", "handle", "1:", "htb"]);

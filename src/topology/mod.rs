@@ -121,6 +121,12 @@ impl Topology {
         self.links.values().find(|l| l.name == name)
     }
 
+    /// The bridge `ifindex` is a port of, by name.
+    pub fn bridge_of(&self, ifindex: u32) -> Option<String> {
+        let m = self.link(ifindex)?.master?;
+        self.link(m).filter(|b| matches!(b.kind, Kind::Bridge { .. })).map(|b| b.name.clone())
+    }
+
     fn name(&self, ifindex: u32) -> String {
         self.link(ifindex).map_or_else(|| format!("ifindex {ifindex}"), |l| l.name.clone())
     }
