@@ -282,6 +282,12 @@ fn bridge_family_chains_hold_directions_through_the_ports_only() {
         let chain = "add table bridge bt; add chain bridge bt pre { type filter hook prerouting priority 0; }";
         lab.exec(&lab.rtr, &["nft", chain]).unwrap();
         let mut args: Vec<&str> = ifaces.iter().flat_map(|i| ["--iface", i]).collect();
+        if !held {
+            // XDP on the bridge device is refused, by name.
+            let xdp = [&args[..], &["--mode", "xdp"]].concat();
+            let e = format!("{:#}", Daemon::start_raw(&lab, &xdp).err().expect("XDP on a bridge must be refused"));
+            assert!(e.contains("brlan is a bridge, which has no native XDP: use --mode tc"), "{e}");
+        }
         args.extend(["--mode", mode]);
         let d = Daemon::start_raw(&lab, &args).unwrap_or_else(|e| panic!("{e:#}"));
         let _sink = udp_sink(&lab);

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 
 use crate::control::IfaceStatus;
 use crate::dataplane::{Dataplane, Mode};
-use crate::policy::{choose_modes, ModeChoice, ModeDecision};
+use crate::policy::{choose_modes, xdp_refused, ModeChoice, ModeDecision};
 use crate::routes::link::{self, LinkInfo};
 use crate::routes::path::Ports;
 
@@ -53,6 +53,11 @@ impl Interfaces {
     /// have none, every interface of this call gets TC instead (an XDP
     /// redirect only reaches XDP interfaces), never generic XDP.
     pub fn attach(&mut self, dp: &mut Dataplane, infos: &[LinkInfo], mode: ModeChoice) -> Result<Vec<u32>> {
+        if matches!(mode, ModeChoice::Xdp) {
+            if let Some(why) = infos.iter().find_map(xdp_refused) {
+                bail!("{why}");
+            }
+        }
         let decisions = choose_modes(infos, mode);
         match self.attach_as(dp, infos, decisions.clone()) {
             Err((e, Mode::Xdp)) if matches!(mode, ModeChoice::Auto) => {

@@ -93,9 +93,34 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
         .collect()
 }
 
+/// Why XDP cannot run on `l` at all, if it cannot: a bridge has no native
+/// XDP (it forwards in br_dev_xmit and br_handle_frame, with no ndo_bpf),
+/// so `--mode xdp` on it is refused rather than left to a kernel error;
+/// auto picks TC there (`is_virtual`).
+pub fn xdp_refused(l: &LinkInfo) -> Option<String> {
+    (l.driver == "bridge").then(|| {
+        format!(
+            "{} is a bridge, which has no native XDP: use --mode tc (TC on the bridge), or list its ports \
+             instead of the bridge to use XDP on them",
+            l.name
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xdp_is_refused_on_a_bridge_only() {
+        let why = xdp_refused(&link("br-lan", "bridge", "noqueue")).expect("a bridge");
+        assert!(why.starts_with("br-lan is a bridge, which has no native XDP: use --mode tc"), "{why}");
+        for l in [link("lan1", "veth", "noqueue"), link("eth0", "mlx5_core", "mq"), link("x", "", "")] {
+            assert_eq!(xdp_refused(&l), None, "{l:?}");
+        }
+        let d = choose_modes(&[link("br-lan", "bridge", "noqueue"), link("eth0", "mlx5_core", "mq")], ModeChoice::Auto);
+        assert!(d.iter().all(|d| d.mode == Mode::Tc), "auto picks TC: {d:?}");
+    }
 
     fn link(name: &str, driver: &str, qdisc: &str) -> LinkInfo {
         LinkInfo { name: name.into(), ifindex: 1, up: true, driver: driver.into(), mtu: 1500, qdisc: qdisc.into() }
