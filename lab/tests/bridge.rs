@@ -285,7 +285,8 @@ fn bridge_family_chains_hold_directions_through_the_ports_only() {
         if !held {
             // XDP on the bridge device is refused, by name.
             let xdp = [&args[..], &["--mode", "xdp"]].concat();
-            let e = format!("{:#}", Daemon::start_raw(&lab, &xdp).err().expect("XDP on a bridge must be refused"));
+            let Err(e) = Daemon::start_raw(&lab, &xdp) else { panic!("XDP on a bridge must be refused") };
+            let e = format!("{e:#}");
             assert!(e.contains("brlan is a bridge, which has no native XDP: use --mode tc"), "{e}");
         }
         args.extend(["--mode", mode]);
