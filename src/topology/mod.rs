@@ -141,9 +141,13 @@ impl Topology {
             .map(|e| e.port)
     }
 
-    /// Record fdb changes; returns the MACs whose port changed (learned,
-    /// moved or forgotten): the connections sent to them must be walked
-    /// again.
+    /// Record fdb changes; returns the MACs learned on another port than
+    /// before (a client roamed): the connections sent to them must be
+    /// walked again. A forgotten entry is not reported: the bridge ages
+    /// out what the fast path forwards (it never sees those frames), and
+    /// like the kernel flowtable, which keeps the port it resolved, the
+    /// offloaded connection keeps its port; a port going away is a link
+    /// event.
     pub fn apply_fdb(&mut self, changes: &[FdbChange]) -> Vec<[u8; 6]> {
         let mut moved = Vec::new();
         for c in changes {
@@ -158,8 +162,7 @@ impl Topology {
                 (None, true) => {}
                 (None, false) => self.fdb.push(e),
             }
-            let after = (!c.gone).then_some(e.port);
-            if before != after && !moved.contains(&e.mac) {
+            if !c.gone && before != Some(e.port) && !moved.contains(&e.mac) {
                 moved.push(e.mac);
             }
         }
