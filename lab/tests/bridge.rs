@@ -156,6 +156,15 @@ fn bridge_case(ifaces: &[&str], mode: &str, xdp: bool, rekeyed: bool) {
     args.extend(["--mode", mode, "--idle-timeout", "60"]);
     let d = Daemon::start_raw(&lab, &args).unwrap_or_else(|e| panic!("{e:#}"));
     let status = d.status().unwrap();
+    // What each managed interface is, from the kernel's own link data.
+    let what: Vec<&str> =
+        status["interfaces"].as_array().unwrap().iter().map(|i| i["topology"].as_str().unwrap()).collect();
+    let want: &[&str] = if ifaces.contains(&"brlan") {
+        &["brlan: bridge, ports rlan rlan2", "rwan: veth port"]
+    } else {
+        &["rlan: veth port, port of brlan", "rlan2: veth port, port of brlan", "rwan: veth port"]
+    };
+    assert_eq!(what, want);
     let dir = tempfile_dir();
     let count = format!("{dir}/dnat-bytes");
     let _sink = udp_sink(&lab);
