@@ -224,6 +224,64 @@ mod tests {
         }
     }
 
+    /// A direction arrives the way the other leaves: on its port, with its
+    /// headers, addressed to the MAC it is sent from; nothing to match on
+    /// an L3 port.
+    #[test]
+    fn each_direction_arrives_as_the_other_leaves() {
+        use crate::flow::{Encap, EncapStack};
+        let stack = |h: &[(u16, u16)]| {
+            let mut s = EncapStack::default();
+            h.iter().for_each(|&(proto, id)| assert!(s.push(Encap { proto, id })));
+            s
+        };
+        let eg = |port, encap, smac, l3| Egress { port, encap, dmac: [2; 6], smac, mtu: 1500, l3, bridges: vec![] };
+        let wan = eg(2, stack(&[(0x8100, 7), (0x8864, 0x1a2b)]), [2, 0, 0, 0, 0, 3], false);
+        let lan = eg(4, EncapStack::default(), [2, 0, 0, 0, 0, 10], false);
+        let wg = eg(5, EncapStack::default(), [0; 6], true);
+        let cases = [
+            (
+                "upload: arrives from the LAN port, leaves by PPPoE over VLAN",
+                &lan,
+                &wan,
+                EncapStack::default(),
+                [2, 0, 0, 0, 0, 10],
+                wan.encap,
+                false,
+            ),
+            (
+                "download: arrives tagged, addressed to wan.7's MAC",
+                &wan,
+                &lan,
+                wan.encap,
+                [2, 0, 0, 0, 0, 3],
+                EncapStack::default(),
+                false,
+            ),
+            (
+                "into WireGuard: no link layer out",
+                &lan,
+                &wg,
+                EncapStack::default(),
+                [2, 0, 0, 0, 0, 10],
+                EncapStack::default(),
+                true,
+            ),
+            (
+                "out of WireGuard: no MAC to match",
+                &wg,
+                &lan,
+                EncapStack::default(),
+                [0; 6],
+                EncapStack::default(),
+                false,
+            ),
+        ];
+        for (what, arrive, out, in_encap, in_dmac, out_encap, l3_out) in cases {
+            assert_eq!(mirror(arrive, out), LinkLayer { in_encap, in_dmac, out_encap, l3_out }, "{what}");
+        }
+    }
+
     #[test]
     fn transient_and_text() {
         let cases = [
