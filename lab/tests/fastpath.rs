@@ -12,6 +12,7 @@ use nft_offload_lab::frames::{
     SERVER_MAC as SERVER,
 };
 use nft_offload_lab::private_router::PrivateRouter;
+use nft_offload_lab::table::{check, stat_delta, Outcome};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -393,41 +394,15 @@ fn run_table(xdp: bool, csum_ipv6: bool) {
             assert!(ret == TC_NEXT || ret == TC_REDIRECT, "{}: unexpected TC verdict {ret}", c.name);
             (ret == TC_REDIRECT, out)
         };
-        let after = lab.dp.stats();
-        let delta: Vec<(&str, u64)> = STAT_NAMES
-            .iter()
-            .zip(after.iter().zip(&before))
-            .filter(|(_, (a, b))| a != b)
-            .map(|(n, (a, b))| (*n, a - b))
-            .collect();
-        match c.want {
+        let delta = stat_delta(&before, &lab.dp.stats());
+        let outcome = match c.want {
             Want::Fwd(_) => {
-                if !fwd {
-                    failures.push(format!("{}: expected forward, got slow path {delta:?}", c.name));
-                    continue;
-                }
-                let expect = c.expect.as_ref().unwrap();
-                if out[..] != expect[..] {
-                    failures.push(format!("{}: output differs\n got    {:02x?}\n expect {:02x?}", c.name, out, expect));
-                }
-                let want_delta = vec![("fwd_packets", 1), ("fwd_bytes", (expect.len() - 14) as u64)];
-                if delta != want_delta {
-                    failures.push(format!("{}: counters {delta:?}, want {want_delta:?}", c.name));
-                }
+                let frame = c.expect.as_deref().expect("a forwarded case has its frame");
+                Outcome::Fwd { frame, l3_bytes: (frame.len() - 14) as u64 }
             }
-            Want::Slow(reason) => {
-                if fwd {
-                    failures.push(format!("{}: expected slow path ({reason}), got forward", c.name));
-                    continue;
-                }
-                if out != c.input {
-                    failures.push(format!("{}: slow-path frame was modified", c.name));
-                }
-                if delta != vec![(reason, 1)] {
-                    failures.push(format!("{}: counters {delta:?}, want [({reason:?}, 1)]", c.name));
-                }
-            }
-        }
+            Want::Slow(reason) => Outcome::Slow(reason),
+        };
+        failures.extend(check(c.name, outcome, fwd, &c.input, &out, &delta));
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases().len(), failures.join("\n"));
 }

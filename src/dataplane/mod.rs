@@ -21,7 +21,7 @@ pub mod skel {
 
 mod test_run;
 
-pub use skel::types::{fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
+pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
 /// uapi bpf.h (6.16+); the build headers may predate it.
