@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
+use nft_offload::dataplane::fo_encap;
 
 /// The LAN client's MAC.
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
@@ -114,6 +115,22 @@ pub enum Encap {
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const ETH_P_PPP_SES: u16 = 0x8864;
+
+/// `e` as a flow entry holds it (fo_flow_key.encap / fo_flow.out_encap):
+/// the slots and how many are used.
+pub fn fo_encaps(e: &[Encap]) -> ([fo_encap; 2], u8) {
+    assert!(e.len() <= 2, "at most two headers (FO_ENCAP_MAX): {e:?}");
+    let mut a = [fo_encap::default(); 2];
+    for (slot, e) in a.iter_mut().zip(e) {
+        let (proto, id) = match *e {
+            Encap::Vlan(id) => (ETH_P_8021Q, id),
+            Encap::Svlan(id) => (ETH_P_8021AD, id),
+            Encap::Pppoe(sid) => (ETH_P_PPP_SES, sid),
+        };
+        *slot = fo_encap { proto: proto.to_be(), id };
+    }
+    (a, e.len() as u8)
+}
 
 /// `frame` (an Ethernet II frame from the builders above, no padding) with
 /// `encap` between its MACs and its IP header, outermost first: each header

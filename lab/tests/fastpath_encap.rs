@@ -18,10 +18,10 @@
 //! source 2001:db8:86dd::/48), so the program sees what the device gives it.
 
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{fo_encap, fo_flow_flag, Dataplane, STAT_NAMES};
+use nft_offload::dataplane::{fo_flow_flag, Dataplane, STAT_NAMES};
 use nft_offload::flow::{build_direction, egress_key, Direction, NextHop};
 use nft_offload_lab::frames::{
-    encap, tcp4, tcp6, udp4, Encap, CLIENT_MAC as CLIENT, ETH_P_8021AD, ETH_P_8021Q, ETH_P_PPP_SES,
+    encap, fo_encaps, tcp4, tcp6, udp4, Encap, CLIENT_MAC as CLIENT, ETH_P_8021AD, ETH_P_8021Q, ETH_P_PPP_SES,
     RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN, SERVER_MAC as SERVER,
 };
 use nft_offload_lab::private_router::PrivateRouter;
@@ -43,19 +43,6 @@ fn t(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
     CtTuple { src: s.parse().unwrap(), dst: d.parse().unwrap(), proto, sport: sp, dport: dp }
 }
 
-fn wire(e: &[Encap]) -> ([fo_encap; 2], u8) {
-    let mut a = [fo_encap::default(); 2];
-    for (slot, e) in a.iter_mut().zip(e) {
-        let (proto, id) = match *e {
-            Vlan(id) => (ETH_P_8021Q, id),
-            Svlan(id) => (ETH_P_8021AD, id),
-            Pppoe(sid) => (ETH_P_PPP_SES, sid),
-        };
-        *slot = fo_encap { proto: proto.to_be(), id };
-    }
-    (a, e.len() as u8)
-}
-
 /// One side of a connection: the port, its encapsulation, whether it is a
 /// device without a link-layer header, the MAC its frames are addressed to.
 #[derive(Clone, Copy)]
@@ -72,8 +59,8 @@ struct Side {
 fn direction(seen: &CtTuple, other: &CtTuple, from: Side, to: Side) -> Direction {
     let nh = NextHop { ifindex: to.ifindex, smac: to.router_mac, dmac: to.peer_mac, mtu: to.mtu, xdp_ok: !to.l3 };
     let mut d = build_direction(seen, other, from.ifindex, &nh);
-    (d.key.encap, d.key.encap_num) = wire(from.encap);
-    (d.val.out_encap, d.val.out_encap_num) = wire(to.encap);
+    (d.key.encap, d.key.encap_num) = fo_encaps(from.encap);
+    (d.val.out_encap, d.val.out_encap_num) = fo_encaps(to.encap);
     d.val.in_dmac = if from.l3 { [0; 6] } else { from.router_mac };
     if to.l3 {
         d.val.flags |= fo_flow_flag::FO_F_L3_OUT.0 as u8;
