@@ -57,7 +57,6 @@ pub(super) fn ratios(r: &mut Report) {
         ("fast_path_xdp_vlan_vs_ipv4_nat_hit", "xdp ipv4 vlan nat tcp hit", "xdp ipv4 nat tcp hit"),
         ("fast_path_xdp_pppoe_vs_ipv4_nat_hit", "xdp ipv4 pppoe nat tcp hit", "xdp ipv4 nat tcp hit"),
         ("fast_path_tc_vlan_vs_ipv4_nat_hit", "tc ipv4 vlan nat tcp hit", "tc ipv4 nat tcp hit"),
-        ("fast_path_tc_pppoe_out_vs_ipv4_nat_hit", "tc ipv4 pppoe out hit, 1 rep", "tc ipv4 nat tcp hit, 1 rep"),
     ] {
         put(k, ratio(fpn(a), fpn(b)), "<= 1.2");
     }
