@@ -449,3 +449,45 @@ fn egress_watcher_sees_through_encapsulation_and_on_l3_devices() {
     assert!(dp.dormant_seen(&keys[1]).unwrap() > 0, "a packet leaving an L3 device did not stamp its connection");
     assert_eq!(stat(dp, "fwd_packets"), 0);
 }
+
+/// The one way a test run shows TC's VLAN metadata: BPF_PROG_TEST_RUN
+/// repeats on the same skb. A ping-pong pair on the LAN port, the first
+/// arriving with `arrive` and leaving untagged, the second arriving
+/// untagged and leaving with `push`: the second repetition pushes the tag
+/// into metadata (the frame's bytes stay untagged) and the third is a hit
+/// only if the metadata tag is exactly the first flow's key (protocol and
+/// id), which it then pops again.
+fn metadata_round_trip(arrive: &'static [Encap], push: &'static [Encap]) -> (i32, Vec<u8>, [u64; 2], u64) {
+    let lab = setup();
+    let (dp, r) = (&lab.lab.dp, &lab.lab);
+    let a = (t("192.168.1.2", 42000, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "203.0.113.1", 42000, 6));
+    let b = (t("203.0.113.1", 42000, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "192.168.1.2", 42000, 6));
+    // each output is addressed to the router again, so the next
+    // repetition passes the router-MAC check
+    let back = |e| Side { peer_mac: R_LAN, ..lan(r, e) };
+    let dirs = [direction(&a.0, &a.1, lan(r, arrive), back(&[])), direction(&b.0, &b.1, lan(r, &[]), back(push))];
+    for d in &dirs {
+        dp.put_flow(&d.key, &d.val).unwrap();
+    }
+    let pl = b"metadata";
+    let input = encap(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 42000, 5201, "", pl), arrive);
+    let no_flow = stat(dp, "no_flow");
+    let (ret, out, _) = dp.test_tc(&input, r.lan, None, 3).unwrap();
+    let packets = dirs.map(|d| dp.get_flow(&d.key).unwrap().packets);
+    (ret, out, packets, stat(dp, "no_flow") - no_flow)
+}
+
+#[test]
+fn tc_vlan_push_lands_in_metadata_and_is_keyed_and_popped_from_there() {
+    let (ret, out, packets, misses) = metadata_round_trip(&[Vlan(7)], &[Vlan(7)]);
+    assert_eq!((ret, packets, misses), (TC_REDIRECT, [2, 1], 0), "arrive VLAN 7, pushed VLAN 7");
+    // three hops of TTL, NATed twice: the first flow's output, untagged
+    let pl = b"metadata";
+    assert_eq!(out, tcp4(R_LAN, R_LAN, "203.0.113.1", "203.0.113.2", 61, 42000, 5201, "", pl));
+    // a pushed tag with another id is another key: the third repetition
+    // misses, and the skb it leaves still carries the tag
+    let (ret, _, packets, misses) = metadata_round_trip(&[Vlan(7)], &[Vlan(8)]);
+    assert_eq!((ret, packets, misses), (TC_NEXT, [1, 1], 1), "arrive VLAN 7, pushed VLAN 8");
+    let (ret, _, packets, misses) = metadata_round_trip(&[Vlan(7)], &[Svlan(7)]);
+    assert_eq!((ret, packets, misses), (TC_NEXT, [1, 1], 1), "arrive 802.1Q 7, pushed 802.1ad 7");
+}
