@@ -9,6 +9,7 @@
 #ifndef FO_ENCAP_H
 #define FO_ENCAP_H
 
+#include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <stdbool.h>
 #include <bpf/bpf_helpers.h>
@@ -239,6 +240,80 @@ static __always_inline int fo_write_l2(void *data, void *data_end, const struct 
 			return -1;
 		fo_write_pppoe(ph, f->out_encap[o->vlans & 1].id, family, l3_len);
 	}
+	return 0;
+}
+
+/* TC's link-layer change, through the kernel's helpers so the skb's
+ * metadata stays right: tags off with bpf_skb_vlan_pop (skb_vlan_pop
+ * clears a metadata tag, removes an in-band one and moves the next one
+ * into metadata), room for PPPoE with bpf_skb_adjust_room (an IP skb after
+ * the pops) or bpf_skb_change_head (from an L3 device), tags on with
+ * bpf_skb_vlan_push, innermost first (skb_vlan_push moves the tag already
+ * in metadata into the frame and puts the new, outer one in metadata, as a
+ * VLAN device's xmit leaves it). Towards an L3 device nothing is written:
+ * the redirect pulls everything up to the network header
+ * (__bpf_redirect_no_mac in net/core/filter.c).
+ * in_tags: the ingress tags (the caller sends PPPoE ingress to the slow
+ * path). Returns 0 with the new IP header offset, 1 if it failed with the frame
+ * unchanged, -1 if it failed after changing it.
+ */
+static __always_inline int fo_tc_l2(struct __sk_buff *skb, __u8 in_tags, __u8 family, __u32 l3_len,
+				    const struct fo_flow *f, const struct fo_out_encap *o, const bool l3dev,
+				    __u32 *l3_off)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+	bool changed = false;
+
+	if (!l3dev && in_tags > 0) {
+		if (bpf_skb_vlan_pop(skb))
+			return 1;
+		changed = true;
+		if (in_tags > 1 && bpf_skb_vlan_pop(skb))
+			return -1;
+	}
+	if (f->flags & FO_F_L3_OUT) {
+		*l3_off = l3dev ? 0 : sizeof(struct ethhdr);
+		return 0;
+	}
+	if (l3dev) {
+		if (bpf_skb_change_head(skb, sizeof(struct ethhdr) + o->pppoe * FO_PPPOE_HLEN, 0))
+			return 1;
+		changed = true;
+	} else if (o->pppoe) {
+		if (bpf_skb_adjust_room(skb, FO_PPPOE_HLEN, BPF_ADJ_ROOM_MAC, 0))
+			return changed ? -1 : 1;
+		changed = true;
+	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return changed ? -1 : 1;
+	if (o->pppoe) {
+		struct fo_pppoe_hdr *ph = (void *)(eth + 1);
+
+		if ((void *)(ph + 1) > data_end)
+			return -1;
+		eth->h_proto = bpf_htons(FO_ETH_P_PPP_SES);
+		fo_write_pppoe(ph, f->out_encap[o->vlans & 1].id, family, l3_len);
+	} else {
+		eth->h_proto = fo_l3_ethertype(family);
+	}
+	if (o->vlans > 1 && bpf_skb_vlan_push(skb, f->out_encap[1].proto, f->out_encap[1].id & FO_VLAN_VID_MASK))
+		return changed ? -1 : 1;
+	if (o->vlans > 1)
+		changed = true;
+	if (o->vlans > 0 && bpf_skb_vlan_push(skb, f->out_encap[0].proto, f->out_encap[0].id & FO_VLAN_VID_MASK))
+		return changed ? -1 : 1;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, f->dmac, 6);
+	__builtin_memcpy(eth->h_source, f->smac, 6);
+	*l3_off = sizeof(*eth) + (o->vlans ? o->vlans - 1 : 0) * FO_VLAN_HLEN + o->pppoe * FO_PPPOE_HLEN;
 	return 0;
 }
 

@@ -325,84 +325,6 @@ static __always_inline void fo_tc_meta(struct __sk_buff *skb, struct fo_meta *m)
 	m->protocol = skb->protocol;
 }
 
-/* TC's link-layer change, through the kernel's helpers so the skb's
- * metadata stays right: tags off with bpf_skb_vlan_pop (skb_vlan_pop
- * clears a metadata tag, removes an in-band one and moves the next one
- * into metadata), room for PPPoE with bpf_skb_adjust_room (an IP skb after
- * the pops) or bpf_skb_change_head (from an L3 device), tags on with
- * bpf_skb_vlan_push, innermost first (skb_vlan_push moves the tag already
- * in metadata into the frame and puts the new, outer one in metadata, as a
- * VLAN device's xmit leaves it). Towards an L3 device nothing is written:
- * the redirect pulls everything up to the network header
- * (__bpf_redirect_no_mac in net/core/filter.c).
- * Returns 0 with the new IP header offset, 1 if it failed with the frame
- * unchanged, -1 if it failed after changing it.
- */
-static __always_inline int fo_tc_l2(struct __sk_buff *skb, const struct fo_parsed *p, const struct fo_flow *f,
-				    const struct fo_out_encap *o, const bool l3dev, __u32 *l3_off)
-{
-	void *data, *data_end;
-	struct ethhdr *eth;
-	bool changed = false;
-	int i;
-
-	if (!l3dev) {
-#pragma unroll
-		for (i = 0; i < FO_ENCAP_MAX; i++) {
-			if (i >= p->key.encap_num)
-				break;
-			if (bpf_skb_vlan_pop(skb))
-				return changed ? -1 : 1;
-			changed = true;
-		}
-	}
-	if (f->flags & FO_F_L3_OUT) {
-		*l3_off = l3dev ? 0 : sizeof(struct ethhdr);
-		return 0;
-	}
-	if (l3dev) {
-		if (bpf_skb_change_head(skb, sizeof(struct ethhdr) + o->pppoe * FO_PPPOE_HLEN, 0))
-			return 1;
-		changed = true;
-	} else if (o->pppoe) {
-		if (bpf_skb_adjust_room(skb, FO_PPPOE_HLEN, BPF_ADJ_ROOM_MAC, 0))
-			return changed ? -1 : 1;
-		changed = true;
-	}
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return changed ? -1 : 1;
-	if (o->pppoe) {
-		struct fo_pppoe_hdr *ph = (void *)(eth + 1);
-
-		if ((void *)(ph + 1) > data_end)
-			return -1;
-		eth->h_proto = bpf_htons(FO_ETH_P_PPP_SES);
-		fo_write_pppoe(ph, f->out_encap[o->vlans & 1].id, p->key.family, p->l3_len);
-	} else {
-		eth->h_proto = fo_l3_ethertype(p->key.family);
-	}
-#pragma unroll
-	for (i = FO_ENCAP_MAX - 1; i >= 0; i--) {
-		if (i >= o->vlans)
-			continue;
-		if (bpf_skb_vlan_push(skb, f->out_encap[i].proto, f->out_encap[i].id & FO_VLAN_VID_MASK))
-			return changed ? -1 : 1;
-		changed = true;
-	}
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return -1;
-	__builtin_memcpy(eth->h_dest, f->dmac, 6);
-	__builtin_memcpy(eth->h_source, f->smac, 6);
-	*l3_off = sizeof(*eth) + (o->vlans ? o->vlans - 1 : 0) * FO_VLAN_HLEN + o->pppoe * FO_PPPOE_HLEN;
-	return 0;
-}
-
 /* TCX ingress, on an Ethernet device (fo_tc) or one without a link-layer
  * header (fo_tc_l3). Slow path returns TCX_NEXT (== TC_ACT_UNSPEC) so
  * programs attached after ours still run; with none, the packet goes up
@@ -427,7 +349,7 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 
 	if (fo_worker(data, data_end, &m, false, l3dev, skb, &p, &f, &o, &now) != FO_FWD || !f)
 		return TC_ACT_UNSPEC;
-	r = fo_tc_l2(skb, &p, f, &o, l3dev, &l3_off);
+	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, &l3_off);
 	if (r > 0) {
 		fo_count(FO_SLOW_ENCAP, 1);
 		return TC_ACT_UNSPEC;
