@@ -16,7 +16,7 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR set by cargo"));
     let obj = build_skel::build("bpf/fastpath.bpf.c", "bpf", "fastpath");
     std::fs::write(out.join("fastpath_stats.rs"), stat_names(&obj)).expect("writing fastpath_stats.rs");
-    for f in ["flow.h", "maps.h", "parse.h", "nat.h", "csum.h", "build_skel.rs"] {
+    for f in ["flow.h", "maps.h", "parse.h", "encap.h", "nat.h", "csum.h", "build_skel.rs"] {
         println!("cargo:rerun-if-changed=bpf/{f}");
     }
 }

@@ -50,14 +50,6 @@ volatile __u64 fo_csum_ipv6_flag;
  */
 volatile __u64 fo_wake_lost;
 
-/* skb fields the worker needs; zero for XDP. */
-struct fo_meta {
-	__u32 ifindex;
-	__u32 pkt_len;	/* bytes from the Ethernet header to the end */
-	__u32 gso_segs;
-	__u32 gso_size;
-};
-
 /* Secpath: a packet xfrm decrypted carries the SKB_EXT_SEC_PATH extension.
  * In tunnel mode xfrm_input (net/xfrm/xfrm_input.c) hands the inner packet
  * to gro_cells_receive, a NAPI of its own that delivers it through
@@ -78,6 +70,7 @@ extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 
 struct sk_buff___fo {
 	__u8 active_extensions;
+	__u8 ip_summed:2;
 } __attribute__((preserve_access_index));
 
 enum skb_ext_id___fo {
@@ -95,35 +88,77 @@ static __always_inline bool fo_secpath(struct __sk_buff *skb)
 	return k->active_extensions & (1 << bpf_core_enum_value(enum skb_ext_id___fo, SKB_EXT_SEC_PATH));
 }
 
-/* skb: the TC context, NULL for XDP (xdp is a constant: the TC-only checks
- * compile out of fo_xdp).
+/* CHECKSUM_PARTIAL (include/linux/skbuff.h): the L4 checksum is left to
+ * the egress device, which finds the headers from skb->protocol.
  */
-static __always_inline int fo_worker(void *data, void *data_end, const struct fo_meta *m,
-				     const bool xdp, struct __sk_buff *skb, struct fo_l4_fix *fix,
-				     __u32 *out_ifindex)
+#define FO_CHECKSUM_PARTIAL 3
+
+static __always_inline bool fo_csum_partial(struct __sk_buff *skb)
 {
-	struct fo_parsed p = {};
+	struct sk_buff___fo *k = bpf_cast_to_kern_ctx(skb);
+
+	return BPF_CORE_READ_BITFIELD(k, ip_summed) == FO_CHECKSUM_PARTIAL;
+}
+
+static __always_inline bool fo_mac_zero(const __u8 *a)
+{
+	return !(a[0] | a[1] | a[2] | a[3] | a[4] | a[5]);
+}
+
+static __always_inline bool fo_mac_eq(const __u8 *a, const __u8 *b)
+{
+	return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5]));
+}
+
+/* Decide: returns FO_FWD with the flow (*fp), the egress encapsulation and
+ * the clock, or FO_PASS after counting the slow reason. Changes no byte of
+ * the packet. xdp and l3dev are constants: what does not apply to an entry
+ * point compiles out of it. skb is NULL for XDP.
+ */
+static __always_inline int fo_worker(void *data, void *data_end, const struct fo_meta *m, const bool xdp,
+				     const bool l3dev, struct __sk_buff *skb, struct fo_parsed *p,
+				     struct fo_flow **fp, struct fo_out_encap *o, __u64 *now)
+{
 	struct fo_flow *f;
-	__u64 pkts, bytes, now;
 	int reason;
 
-	reason = fo_parse(data, data_end, m->pkt_len, &p);
+	reason = fo_parse(data, data_end, m, l3dev, p);
 	if (reason)
 		goto slow;
 	/* A SYN means a new connection attempt: the kernel decides. */
-	if (p.key.proto == IPPROTO_TCP && (p.tcp_flags & FO_TCP_SYN)) {
+	if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & FO_TCP_SYN)) {
 		reason = FO_SLOW_TCP_SYN;
 		goto slow;
 	}
 
-	p.key.ifindex = m->ifindex;
-	f = bpf_map_lookup_elem(&fo_flows, &p.key);
+	p->key.ifindex = m->ifindex;
+	f = bpf_map_lookup_elem(&fo_flows, &p->key);
 	if (!f) {
 		/* A dormant connection is not woken here: the kernel has not
 		 * decided yet (TC egress sees what it forwards).
 		 */
 		reason = FO_SLOW_NO_FLOW;
 		goto slow;
+	}
+	/* A frame not addressed to the router is being bridged (a bridge
+	 * port is promiscuous) or is another host's: never ours. On a bridge
+	 * port the kernel marks frames for the bridge's MAC PACKET_OTHERHOST
+	 * (eth_type_trans compares with the port's own), so the flow names
+	 * the MAC. Without one (a control plane that does not fill it), TC
+	 * still has the kernel's pkt_type.
+	 */
+	if (!l3dev) {
+		struct ethhdr *eth = data;
+
+		if ((void *)(eth + 1) > data_end) {
+			reason = FO_SLOW_MALFORMED;
+			goto slow;
+		}
+		if (fo_mac_zero(f->in_dmac) ? (!xdp && m->pkt_type != PACKET_HOST)
+					    : !fo_mac_eq(eth->h_dest, f->in_dmac)) {
+			reason = FO_SLOW_L2_NOT_HOST;
+			goto slow;
+		}
 	}
 	/* Only packets of an offloaded flow pay for this, and before any
 	 * state of the flow changes.
@@ -151,8 +186,8 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	 * flow (older nf_flow_table behaviour, flow_offload_teardown on
 	 * FIN/RST; the control plane removes both directions).
 	 */
-	if (p.key.proto == IPPROTO_TCP && (p.tcp_flags & (FO_TCP_FIN | FO_TCP_RST))) {
-		if (p.tcp_flags & FO_TCP_RST) {
+	if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & (FO_TCP_FIN | FO_TCP_RST))) {
+		if (p->tcp_flags & FO_TCP_RST) {
 			f->teardown = FO_TD_RST;
 			reason = FO_SLOW_TCP_RST;
 		} else {
@@ -161,9 +196,22 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		}
 		goto slow;
 	}
-	/* nf_flow_exceeds_mtu: a GSO packet is fine if each segment fits. */
-	if (p.l3_len > f->mtu) {
-		__u32 seg = p.l4_off - p.l3_off + p.l4_hdr_len + m->gso_size;
+	if (!xdp && p->pppoe_len) {
+		reason = FO_SLOW_PPPOE_TC_POP;
+		goto slow;
+	}
+	reason = fo_out_encap(f, o);
+	if (reason)
+		goto slow;
+	if (!xdp && o->pppoe && (m->gso_size || fo_csum_partial(skb))) {
+		reason = FO_SLOW_PPPOE_TC_OFFLOAD;
+		goto slow;
+	}
+	/* nf_flow_exceeds_mtu: a GSO packet is fine if each segment fits.
+	 * f->mtu is an L3 MTU, encapsulation already taken off.
+	 */
+	if (p->l3_len > f->mtu) {
+		__u32 seg = p->l4_off - p->l3_off + p->l4_hdr_len + m->gso_size;
 
 		if (!m->gso_size || seg > f->mtu) {
 			reason = FO_SLOW_MTU;
@@ -173,38 +221,41 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	/* The flag says the control plane meant it; the lookup says the port
 	 * is still a redirect target now (it may be leaving): checked before
 	 * the rewrite, so a failed redirect never passes a rewritten frame.
+	 * An L3 device is never one (XDP needs a link-layer header).
 	 */
-	if (xdp && (!(f->flags & FO_F_XDP_OK) || !bpf_map_lookup_elem(&fo_tx_ports, &f->out_ifindex))) {
+	if (xdp && ((f->flags & FO_F_L3_OUT) || !(f->flags & FO_F_XDP_OK) ||
+		    !bpf_map_lookup_elem(&fo_tx_ports, &f->out_ifindex))) {
 		reason = FO_SLOW_XDP_TARGET;
 		goto slow;
 	}
 	/* Last check before the rewrite, so only packets that would be
 	 * forwarded pay for it (one load; the clock read is reused).
 	 */
-	now = bpf_ktime_get_coarse_ns();
-	if (now > fo_engine_beat_ns + FO_STALE_ENGINE_NS) {
+	*now = bpf_ktime_get_coarse_ns();
+	if (*now > fo_engine_beat_ns + FO_STALE_ENGINE_NS) {
 		reason = FO_SLOW_STALE_ENGINE;
 		goto slow;
 	}
-
-	if (fo_rewrite(data, data_end, &p, f, xdp, fix)) {
-		reason = FO_SLOW_MALFORMED;
-		goto slow;
-	}
-
-	pkts = m->gso_segs > 1 ? m->gso_segs : 1;
-	bytes = p.l3_len;
-	__sync_fetch_and_add(&f->packets, pkts);
-	__sync_fetch_and_add(&f->bytes, bytes);
-	f->last_seen_ns = now;
-	fo_count(FO_STAT_FWD_PACKETS, pkts);
-	fo_count(FO_STAT_FWD_BYTES, bytes);
-	*out_ifindex = f->out_ifindex;
+	*fp = f;
 	return FO_FWD;
 
 slow:
 	fo_count(reason, 1);
 	return FO_PASS;
+}
+
+/* A forwarded packet: per-flow and global counters. */
+static __always_inline void fo_account(struct fo_flow *f, const struct fo_meta *m, const struct fo_parsed *p,
+				       __u64 now)
+{
+	__u64 pkts = m->gso_segs > 1 ? m->gso_segs : 1;
+	__u64 bytes = p->l3_len;
+
+	__sync_fetch_and_add(&f->packets, pkts);
+	__sync_fetch_and_add(&f->bytes, bytes);
+	f->last_seen_ns = now;
+	fo_count(FO_STAT_FWD_PACKETS, pkts);
+	fo_count(FO_STAT_FWD_BYTES, bytes);
 }
 
 SEC("xdp")
@@ -216,15 +267,36 @@ int fo_xdp(struct xdp_md *ctx)
 		.ifindex = ctx->ingress_ifindex,
 		.pkt_len = data_end - data,
 	};
+	struct fo_parsed p = {};
+	struct fo_out_encap o;
 	struct fo_l4_fix fix = {};
-	__u32 oif = 0;
+	struct fo_flow *f = NULL;
+	__u64 now = 0;
+	int delta;
 
-	if (fo_worker(data, data_end, &m, true, NULL, &fix, &oif) != FO_FWD)
+	if (fo_worker(data, data_end, &m, true, false, NULL, &p, &f, &o, &now) != FO_FWD || !f)
 		return XDP_PASS;
-	/* The worker found oif in fo_tx_ports; the control plane removes
+	/* Take the ingress headers off and make room for the egress ones in
+	 * one move (nf_flow_encap_pop, then what the VLAN / PPPoE devices
+	 * would push); the whole new link-layer header is written below.
+	 */
+	delta = (int)p.l3_off - (int)o.l2_len;
+	if (delta && bpf_xdp_adjust_head(ctx, delta)) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return XDP_PASS;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (fo_write_l2(data, data_end, f, &o, p.key.family, p.l3_len) ||
+	    fo_rewrite(data, data_end, o.l2_len, &p, f, true, &fix)) {
+		fo_count(FO_STAT_TX_FAILED, 1);
+		return XDP_DROP;
+	}
+	fo_account(f, &m, &p, now);
+	/* The worker found the port in fo_tx_ports; the control plane removes
 	 * links and flows before it removes ports.
 	 */
-	return bpf_redirect_map(&fo_tx_ports, oif, XDP_PASS);
+	return bpf_redirect_map(&fo_tx_ports, f->out_ifindex, XDP_PASS);
 }
 
 /* Headers are normally linear in an skb; pull the ones the parser reads
@@ -232,7 +304,7 @@ int fo_xdp(struct xdp_md *ctx)
  */
 static __always_inline void fo_pull_headers(struct __sk_buff *skb)
 {
-	__u32 need = 14 + 40 + 60;
+	__u32 need = 14 + 2 * FO_VLAN_HLEN + FO_PPPOE_HLEN + 40 + 60;
 
 	if (need > skb->len)
 		need = skb->len;
@@ -240,40 +312,54 @@ static __always_inline void fo_pull_headers(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, need);
 }
 
-/* TCX ingress. Slow path returns TCX_NEXT (== TC_ACT_UNSPEC) so programs
- * attached after ours still run; with none, the packet goes up the stack.
+static __always_inline void fo_tc_meta(struct __sk_buff *skb, struct fo_meta *m)
+{
+	m->ifindex = skb->ifindex;
+	m->pkt_len = skb->len;
+	m->gso_segs = skb->gso_segs;
+	m->gso_size = skb->gso_size;
+	m->pkt_type = skb->pkt_type;
+	m->vlan_present = skb->vlan_present;
+	m->vlan_proto = skb->vlan_proto;
+	m->vlan_tci = skb->vlan_tci;
+	m->protocol = skb->protocol;
+}
+
+/* TCX ingress, on an Ethernet device (fo_tc) or one without a link-layer
+ * header (fo_tc_l3). Slow path returns TCX_NEXT (== TC_ACT_UNSPEC) so
+ * programs attached after ours still run; with none, the packet goes up
+ * the stack.
  */
-SEC("tcx/ingress")
-int fo_tc(struct __sk_buff *skb)
+static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 {
 	void *data, *data_end;
 	struct fo_meta m;
+	struct fo_parsed p = {};
+	struct fo_out_encap o;
 	struct fo_l4_fix fix = {};
-	__u32 oif = 0;
-	__u64 mm0, flags;
+	struct fo_flow *f = NULL;
+	__u32 l3_off = 0;
+	__u64 mm0, flags, now = 0;
+	int r;
 
-	if (skb->pkt_type != PACKET_HOST) {
-		fo_count(FO_SLOW_L2_NOT_HOST, 1);
-		return TC_ACT_UNSPEC;
-	}
-	/* A VLAN tag the driver stripped into metadata: the data looks
-	 * untagged, but the frame belongs to a VLAN device, not this one.
-	 */
-	if (skb->vlan_present) {
-		fo_count(FO_SLOW_ENCAP, 1);
-		return TC_ACT_UNSPEC;
-	}
 	fo_pull_headers(skb);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	m.ifindex = skb->ifindex;
-	m.pkt_len = skb->len;
-	m.gso_segs = skb->gso_segs;
-	m.gso_size = skb->gso_size;
+	fo_tc_meta(skb, &m);
 
-	if (fo_worker(data, data_end, &m, false, skb, &fix, &oif) != FO_FWD)
+	if (fo_worker(data, data_end, &m, false, l3dev, skb, &p, &f, &o, &now) != FO_FWD || !f)
 		return TC_ACT_UNSPEC;
-
+	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, &l3_off);
+	if (r > 0) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return TC_ACT_UNSPEC;
+	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (r < 0 || fo_rewrite(data, data_end, l3_off, &p, f, false, &fix)) {
+		fo_count(FO_STAT_TX_FAILED, 1);
+		return TC_ACT_SHOT;
+	}
 	/* After the direct writes: fix the L4 checksum through the kernel so
 	 * ip_summed is honoured (inet_proto_csum_replace_by_diff).
 	 */
@@ -293,7 +379,23 @@ int fo_tc(struct __sk_buff *skb)
 	}
 	if (fix.ports)
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.ports, mm0);
-	return bpf_redirect(oif, 0);
+	fo_account(f, &m, &p, now);
+	return bpf_redirect(f->out_ifindex, 0);
+}
+
+SEC("tcx/ingress")
+int fo_tc(struct __sk_buff *skb)
+{
+	return fo_tc_run(skb, false);
+}
+
+/* On ppp, WireGuard, tun, ipip/gre (no Ethernet header): the packet starts
+ * at its IP header, skb->protocol says which; no encapsulation, no MAC.
+ */
+SEC("tcx/ingress")
+int fo_tc_l3(struct __sk_buff *skb)
+{
+	return fo_tc_run(skb, true);
 }
 
 /* The input mark of BPF_FIB_LOOKUP_MARK (6.10) shares its four bytes with
@@ -314,6 +416,39 @@ int fo_probe_csum_ipv6(struct __sk_buff *skb)
 	return bpf_l4_csum_replace(skb, 16, 0, 0, BPF_F_PSEUDO_HDR | BPF_F_IPV6);
 }
 
+static __always_inline int fo_egress_watch(struct __sk_buff *skb, const bool l3dev)
+{
+	struct fo_parsed p = {};
+	struct fo_meta m;
+	__u32 zero = 0, *watching;
+	__u64 *seen;
+
+	watching = bpf_map_lookup_elem(&fo_watching, &zero);
+	if (!watching || !*watching)
+		return TC_ACT_UNSPEC;
+	fo_pull_headers(skb);
+	fo_tc_meta(skb, &m);
+	/* Same parser as the worker: what it would not fast-path (a TTL
+	 * that is now 1, options, fragments) wakes nothing.
+	 */
+	if (fo_parse((void *)(long)skb->data, (void *)(long)skb->data_end, &m, l3dev, &p))
+		return TC_ACT_UNSPEC;
+	/* Keys name no interface and no encapsulation (flow::egress_key):
+	 * the same connection is one key on whichever device it leaves.
+	 */
+	p.key.ifindex = 0;
+	p.key.encap_num = 0;
+	__builtin_memset(p.key.encap, 0, sizeof(p.key.encap));
+	seen = bpf_map_lookup_elem(&fo_dormant, &p.key);
+	if (seen) {
+		/* Two CPUs may both see 0 and both notify: harmless. */
+		if (!*seen && bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0))
+			__sync_fetch_and_add(&fo_wake_lost, 1);
+		*seen = bpf_ktime_get_coarse_ns();
+	}
+	return TC_ACT_UNSPEC;
+}
+
 /* TCX egress on every managed interface, in both modes (in XDP mode the
  * packets the kernel forwards still leave through TC egress). A packet of a
  * dormant connection seen here was forwarded by the kernel, past the
@@ -324,28 +459,14 @@ int fo_probe_csum_ipv6(struct __sk_buff *skb)
 SEC("tcx/egress")
 int fo_tc_egress(struct __sk_buff *skb)
 {
-	struct fo_parsed p = {};
-	__u32 zero = 0, *watching;
-	__u64 *seen;
+	return fo_egress_watch(skb, false);
+}
 
-	watching = bpf_map_lookup_elem(&fo_watching, &zero);
-	if (!watching || !*watching)
-		return TC_ACT_UNSPEC;
-	fo_pull_headers(skb);
-	/* Same parser as the worker: what it would not fast-path (a TTL
-	 * that is now 1, options, fragments) wakes nothing.
-	 */
-	if (fo_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, &p))
-		return TC_ACT_UNSPEC;
-	/* Keys name no interface (flow::egress_key): p.key.ifindex stays 0. */
-	seen = bpf_map_lookup_elem(&fo_dormant, &p.key);
-	if (seen) {
-		/* Two CPUs may both see 0 and both notify: harmless. */
-		if (!*seen && bpf_ringbuf_output(&fo_wake, &p.key, sizeof(p.key), 0))
-			__sync_fetch_and_add(&fo_wake_lost, 1);
-		*seen = bpf_ktime_get_coarse_ns();
-	}
-	return TC_ACT_UNSPEC;
+/* The same on a device without a link-layer header. */
+SEC("tcx/egress")
+int fo_tc_egress_l3(struct __sk_buff *skb)
+{
+	return fo_egress_watch(skb, true);
 }
 
 /* Control-plane helper, run with BPF_PROG_TEST_RUN: the packet data is a

@@ -121,7 +121,7 @@ enum fo_stat {
 	FO_STAT_FWD_PACKETS = 0,
 	FO_STAT_FWD_BYTES,
 	FO_SLOW_NOT_IP,		/* ARP, LLDP, ... */
-	FO_SLOW_ENCAP,		/* VLAN / QinQ / PPPoE: not handled yet */
+	FO_SLOW_ENCAP,		/* encapsulation the fast path does not handle */
 	FO_SLOW_L2_NOT_HOST,	/* broadcast, multicast, other host */
 	FO_SLOW_MALFORMED,	/* truncated or inconsistent headers */
 	FO_SLOW_FRAGMENT,
@@ -141,6 +141,21 @@ enum fo_stat {
 	FO_SLOW_HELD_INGRESS_HOOK,
 	FO_SLOW_HELD_EGRESS_HOOK,
 	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
+	/* TC cannot take a PPPoE header off: bpf_skb_adjust_room refuses an
+	 * skb whose protocol is not IP (net/core/filter.c); attach to the
+	 * ppp device instead, which sees plain IP.
+	 */
+	FO_SLOW_PPPOE_TC_POP,
+	/* TC would push PPPoE onto a GSO or CHECKSUM_PARTIAL skb: its
+	 * protocol stays IP, so segmentation would copy one PPPoE length into
+	 * every segment and the NIC would offload a checksum it cannot find.
+	 */
+	FO_SLOW_PPPOE_TC_OFFLOAD,
+	/* A helper failed (out of memory) after the frame had changed:
+	 * dropped, as the kernel drops what it cannot allocate for; never
+	 * handed on half rewritten.
+	 */
+	FO_STAT_TX_FAILED,
 	FO_STAT_MAX,
 };
 

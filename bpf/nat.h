@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Packet rewrite for a matched flow: NAT of addresses and ports, TTL / hop
- * limit decrement, MAC rewrite. Mirrors nf_flow_snat_ip / nf_flow_dnat_ip /
+ * limit decrement (the link-layer header is encap.h's). Mirrors nf_flow_snat_ip / nf_flow_dnat_ip /
  * nf_flow_nat_port (net/netfilter/nf_flow_table_ip.c), with the checksum
  * differences precomputed by the control plane.
  */
@@ -22,21 +22,21 @@ struct fo_l4_fix {
 	__u8 ipv6;
 };
 
-/* Returns 0, or -1 if the headers are not where parsing found them (cannot
- * happen after fo_parse; the checks keep the verifier and us honest).
- * If apply_l4 is false, the L4 checksum is left for the caller (fix).
+/* The IP header is now at l3_off (the link-layer header may have changed
+ * size since parsing). Returns 0, or -1 if the headers are not where
+ * parsing found them (cannot happen after fo_parse; the checks keep the
+ * verifier and us honest). If apply_l4 is false, the L4 checksum is left
+ * for the caller (fix).
  */
-static __always_inline int fo_rewrite(void *data, void *data_end, const struct fo_parsed *p,
+static __always_inline int fo_rewrite(void *data, void *data_end, __u32 l3_off, const struct fo_parsed *p,
 				      const struct fo_flow *f, bool apply_l4, struct fo_l4_fix *fix)
 {
-	struct ethhdr *eth = data;
 	__u32 l4_off;
 
-	if ((void *)(eth + 1) > data_end)
+	if (l3_off > 64)
 		return -1;
-
 	if (p->key.family == AF_INET) {
-		struct iphdr *iph = (void *)(eth + 1);
+		struct iphdr *iph = data + l3_off;
 
 		if ((void *)(iph + 1) > data_end)
 			return -1;
@@ -44,17 +44,17 @@ static __always_inline int fo_rewrite(void *data, void *data_end, const struct f
 		iph->daddr = f->new_daddr[0];
 		iph->ttl--;
 		iph->check = csum_apply(iph->check, f->csum_l3 + csum_ttl_dec_diff());
-		l4_off = sizeof(*eth) + sizeof(*iph);
+		l4_off = l3_off + sizeof(*iph);
 		fix->ipv6 = 0;
 	} else {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		struct ipv6hdr *ip6 = data + l3_off;
 
 		if ((void *)(ip6 + 1) > data_end)
 			return -1;
 		__builtin_memcpy(&ip6->saddr, f->new_saddr, 16);
 		__builtin_memcpy(&ip6->daddr, f->new_daddr, 16);
 		ip6->hop_limit--;
-		l4_off = sizeof(*eth) + sizeof(*ip6);
+		l4_off = l3_off + sizeof(*ip6);
 		fix->ipv6 = 1;
 	}
 
@@ -89,9 +89,6 @@ static __always_inline int fo_rewrite(void *data, void *data_end, const struct f
 			uh->check = c ? c : 0xffff;
 		}
 	}
-
-	__builtin_memcpy(eth->h_dest, f->dmac, 6);
-	__builtin_memcpy(eth->h_source, f->smac, 6);
 	return 0;
 }
 

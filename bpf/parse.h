@@ -22,10 +22,9 @@
 #ifndef AF_INET6
 #define AF_INET6 10
 #endif
+#include "encap.h"
 #define FO_IP_MF 0x2000
 #define FO_IP_OFFSET 0x1fff
-#define FO_ETH_P_8021AD 0x88A8
-#define FO_ETH_P_PPP_SES 0x8864
 
 /* Result of parsing: offsets are from the start of the frame. */
 struct fo_parsed {
@@ -35,32 +34,40 @@ struct fo_parsed {
 	__u32 l3_len;		/* IPv4 tot_len / IPv6 40 + payload_len */
 	__u32 l4_hdr_len;	/* TCP doff*4 or 8 */
 	__u8 tcp_flags;		/* byte 13 of the TCP header */
+	__u16 pppoe_len;	/* PPPoE length field; 0 without PPPoE */
+};
+
+/* skb fields the parser and worker need; zero for XDP. */
+struct fo_meta {
+	__u32 ifindex;
+	__u32 pkt_len;	/* bytes from the first header to the end */
+	__u32 gso_segs;
+	__u32 gso_size;
+	__u32 pkt_type;
+	__u32 vlan_present;
+	__be16 vlan_proto;
+	__u16 vlan_tci;
+	__be16 protocol;	/* skb->protocol: the family on an L3 device */
 };
 
 #define FO_TCP_FIN 0x01
 #define FO_TCP_SYN 0x02
 #define FO_TCP_RST 0x04
 
-/* Returns 0 when the packet is a fast-path candidate, else an fo_stat slow
- * reason. Never touches memory outside [data, data_end).
+/* The IP and L4 headers at p->l3_off, of ethertype l3_proto. Returns 0
+ * when the packet is a fast-path candidate, else an fo_stat slow reason.
+ * Never touches memory outside [data, data_end).
  */
-static __always_inline int fo_parse(void *data, void *data_end, __u32 pkt_len, struct fo_parsed *p)
+static __always_inline int fo_parse_l3(void *data, void *data_end, __u32 pkt_len, __be16 l3_proto,
+				       struct fo_parsed *p)
 {
-	struct ethhdr *eth = data;
 	__u8 proto;
 
-	if ((void *)(eth + 1) > data_end)
-		return FO_SLOW_MALFORMED;
-	if (eth->h_proto == bpf_htons(ETH_P_8021Q) || eth->h_proto == bpf_htons(FO_ETH_P_8021AD) ||
-	    eth->h_proto == bpf_htons(FO_ETH_P_PPP_SES))
+	/* keeps every offset below provably small for the verifier */
+	if (p->l3_off > 64)
 		return FO_SLOW_ENCAP;
-	/* Broadcast and multicast frames are never forwarded flows. */
-	if (eth->h_dest[0] & 1)
-		return FO_SLOW_L2_NOT_HOST;
-
-	p->l3_off = sizeof(*eth);
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *iph = (void *)(eth + 1);
+	if (l3_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = data + p->l3_off;
 
 		if ((void *)(iph + 1) > data_end)
 			return FO_SLOW_MALFORMED;
@@ -82,8 +89,8 @@ static __always_inline int fo_parse(void *data, void *data_end, __u32 pkt_len, s
 		p->key.saddr[0] = iph->saddr;
 		p->key.daddr[0] = iph->daddr;
 		p->l4_off = p->l3_off + sizeof(*iph);
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
+	} else if (l3_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + p->l3_off;
 
 		if ((void *)(ip6 + 1) > data_end)
 			return FO_SLOW_MALFORMED;
@@ -142,6 +149,39 @@ static __always_inline int fo_parse(void *data, void *data_end, __u32 pkt_len, s
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
 	}
+	return 0;
+}
+
+/* The whole frame. On an L3 device (l3dev: no link-layer header; ppp,
+ * WireGuard, tun) the IP header comes first and skb->protocol names it;
+ * elsewhere after Ethernet and its encapsulation, a tag in skb metadata
+ * counting as the outermost (nf_flow_tuple_encap).
+ */
+static __always_inline int fo_parse(void *data, void *data_end, const struct fo_meta *m, const bool l3dev,
+				    struct fo_parsed *p)
+{
+	struct fo_l2 l2 = {};
+	int reason;
+
+	if (l3dev) {
+		p->l3_off = 0;
+		return fo_parse_l3(data, data_end, m->pkt_len, m->protocol, p);
+	}
+	if (m->vlan_present)
+		fo_encap_add(&p->key, m->vlan_proto, m->vlan_tci & FO_VLAN_VID_MASK);
+	reason = fo_parse_encap(data, data_end, m->pkt_len, &p->key, &l2);
+	if (reason)
+		return reason;
+	p->l3_off = l2.l3_off;
+	reason = fo_parse_l3(data, data_end, m->pkt_len, l2.l3_proto, p);
+	if (reason)
+		return reason;
+	/* pppoe_rcv trims the frame to this length; a different one is not a
+	 * frame we would rebuild the same way.
+	 */
+	if (l2.pppoe_len && l2.pppoe_len != p->l3_len + 2)
+		return FO_SLOW_MALFORMED;
+	p->pppoe_len = l2.pppoe_len;
 	return 0;
 }
 

@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
+use nft_offload::dataplane::fo_encap;
 
 /// The LAN client's MAC.
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
@@ -97,6 +98,77 @@ pub fn udp6(smac: [u8; 6], dmac: [u8; 6], s: &str, d: &str, hl: u8, sp: u16, dp:
         .udp(sp, dp)
         .write(&mut v, payload)
         .expect("writing a frame to a Vec");
+    v
+}
+
+/// One header between Ethernet and IP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// 802.1Q tag with this VLAN id.
+    Vlan(u16),
+    /// 802.1ad (QinQ service) tag with this VLAN id.
+    Svlan(u16),
+    /// PPPoE session header with this session id, then the PPP protocol.
+    Pppoe(u16),
+}
+
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_PPP_SES: u16 = 0x8864;
+
+/// `e` as a flow entry holds it (fo_flow_key.encap / fo_flow.out_encap):
+/// the slots and how many are used.
+pub fn fo_encaps(e: &[Encap]) -> ([fo_encap; 2], u8) {
+    assert!(e.len() <= 2, "at most two headers (FO_ENCAP_MAX): {e:?}");
+    let mut a = [fo_encap::default(); 2];
+    for (slot, e) in a.iter_mut().zip(e) {
+        let (proto, id) = match *e {
+            Encap::Vlan(id) => (ETH_P_8021Q, id),
+            Encap::Svlan(id) => (ETH_P_8021AD, id),
+            Encap::Pppoe(sid) => (ETH_P_PPP_SES, sid),
+        };
+        *slot = fo_encap { proto: proto.to_be(), id };
+    }
+    (a, e.len() as u8)
+}
+
+/// `frame` (an Ethernet II frame from the builders above, no padding) with
+/// `encap` between its MACs and its IP header, outermost first: each header
+/// takes the previous one's type field, a PPPoE header carries the PPP
+/// protocol (0x0021 IPv4, 0x0057 IPv6) and the length of what follows it.
+pub fn encap(frame: &[u8], encap: &[Encap]) -> Vec<u8> {
+    let (ethertype, l3) = (u16::from_be_bytes([frame[12], frame[13]]), &frame[14..]);
+    let mut v = frame[..12].to_vec();
+    for e in encap {
+        match *e {
+            Encap::Vlan(id) => {
+                v.extend(ETH_P_8021Q.to_be_bytes());
+                v.extend(id.to_be_bytes());
+            }
+            Encap::Svlan(id) => {
+                v.extend(ETH_P_8021AD.to_be_bytes());
+                v.extend(id.to_be_bytes());
+            }
+            Encap::Pppoe(sid) => {
+                v.extend(ETH_P_PPP_SES.to_be_bytes());
+                v.extend([0x11, 0]);
+                v.extend(sid.to_be_bytes());
+                v.extend((l3.len() as u16 + 2).to_be_bytes());
+            }
+        }
+    }
+    match encap.last() {
+        Some(Encap::Pppoe(_)) => v.extend(
+            match ethertype {
+                0x0800 => 0x0021u16,
+                0x86dd => 0x0057,
+                t => panic!("no PPP protocol for ethertype {t:#06x}"),
+            }
+            .to_be_bytes(),
+        ),
+        _ => v.extend(ethertype.to_be_bytes()),
+    }
+    v.extend(l3);
     v
 }
 

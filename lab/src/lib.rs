@@ -14,6 +14,7 @@ pub mod interrupt;
 pub mod iperf;
 pub mod lab;
 pub mod private_router;
+pub mod table;
 
 pub use daemon::{router_bin, Daemon, DaemonOpts};
 pub use lab::{Background, Lab, LabOpts};

@@ -42,6 +42,7 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
             driver: driver.into(),
             mtu: 1500,
             qdisc: qdisc.into(),
+            link_type: libc::ARPHRD_ETHER,
         }),
         peer: None,
         xdp_prog: None,

@@ -19,7 +19,9 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
 }
 
-pub use skel::types::{fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
+mod test_run;
+
+pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
 /// uapi bpf.h (6.16+); the build headers may predate it.
@@ -67,33 +69,6 @@ fn bytes_of<T: Copy>(t: &T) -> &[u8] {
     // SAFETY: T is a #[repr(C)] plain-data type generated from BTF without
     // padding holes that matter to the kernel (keys are zero-initialised).
     unsafe { std::slice::from_raw_parts((t as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-}
-
-fn put_u32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-/// One BPF_PROG_TEST_RUN of `prog` on `frame` with context bytes `ctx`:
-/// (return value, output frame, ns per repetition).
-fn test_run(
-    prog: &libbpf_rs::ProgramMut<'_>,
-    frame: &[u8],
-    ctx: &mut [u8],
-    repeat: u32,
-) -> Result<(u32, Vec<u8>, u64)> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = libbpf_rs::ProgramInput {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        context_in: Some(ctx),
-        repeat,
-        ..Default::default()
-    };
-    let r = prog.test_run(opts)?;
-    let n = r.data.as_ref().map(|d| d.len()).unwrap_or(0);
-    let (ret, ns) = (r.return_value, r.duration.as_nanos() as u64);
-    out.truncate(n);
-    Ok((ret, out, ns))
 }
 
 fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
@@ -156,6 +131,44 @@ fn attach_tcx(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, ifname: &str, what
     Ok(unsafe { Link::from_ptr(ptr) })
 }
 
+/// What a device's frames start with, from its ARPHRD link type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkLayer {
+    /// An Ethernet header (ARPHRD_ETHER; loopback uses Ethernet's too).
+    Ethernet,
+    /// The IP header: the types dev_is_mac_header_xmit
+    /// (include/linux/if_arp.h) lists as sending without a MAC header
+    /// (ppp, WireGuard and tun are ARPHRD_NONE / ARPHRD_PPP).
+    Ip,
+}
+
+impl LinkLayer {
+    const ARPHRD_RAWIP: u16 = 519;
+    const ARPHRD_IP6GRE: u16 = 823;
+
+    /// Any other type is refused, naming the device: the fast path would
+    /// misparse its frames.
+    pub fn of(ifname: &str, link_type: u16) -> Result<Self> {
+        match link_type {
+            libc::ARPHRD_ETHER | libc::ARPHRD_LOOPBACK => Ok(LinkLayer::Ethernet),
+            libc::ARPHRD_NONE
+            | libc::ARPHRD_VOID
+            | libc::ARPHRD_PPP
+            | libc::ARPHRD_TUNNEL
+            | libc::ARPHRD_TUNNEL6
+            | libc::ARPHRD_SIT
+            | libc::ARPHRD_IPGRE
+            | libc::ARPHRD_PIMREG
+            | Self::ARPHRD_RAWIP
+            | Self::ARPHRD_IP6GRE => Ok(LinkLayer::Ip),
+            t => bail!(
+                "cannot attach to {ifname}: its link type {t} (ARPHRD) is neither Ethernet nor a device without \
+                 a link-layer header"
+            ),
+        }
+    }
+}
+
 /// The loaded fast path. Dropping it detaches everything.
 pub struct Dataplane {
     skel: FastpathSkel<'static>,
@@ -195,7 +208,7 @@ impl Dataplane {
         type Sk = skel::types::__sk_buff;
         let mut ctx = vec![0u8; std::mem::size_of::<Sk>()];
         let frame = [0u8; 64];
-        match test_run(&self.skel.progs.fo_probe_csum_ipv6, &frame, &mut ctx, 1) {
+        match test_run::test_run(&self.skel.progs.fo_probe_csum_ipv6, &frame, &mut ctx, 1) {
             Ok((ret, _, _)) => ret == 0,
             Err(e) => {
                 tracing::warn!("probing BPF_F_IPV6 failed ({e:#}): using the fallback");
@@ -239,8 +252,19 @@ impl Dataplane {
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
     /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6). In
     /// both modes the egress watcher (`fo_tc_egress`) goes on TCX egress.
-    pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode) -> Result<()> {
+    /// `link_type` (ARPHRD_*, rtnetlink's ifi_type) picks the programs for
+    /// devices without an Ethernet header, where XDP is refused.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode, link_type: u16) -> Result<()> {
+        let layer = LinkLayer::of(ifname, link_type)?;
+        let (ingress, egress_prog) = match layer {
+            LinkLayer::Ethernet => (&self.skel.progs.fo_tc, &self.skel.progs.fo_tc_egress),
+            LinkLayer::Ip => (&self.skel.progs.fo_tc_l3, &self.skel.progs.fo_tc_egress_l3),
+        };
         let link = match mode {
+            Mode::Xdp if layer == LinkLayer::Ip => bail!(
+                "cannot attach XDP to {ifname}: it has no Ethernet header (link type {link_type}), and the XDP \
+                 fast path parses and redirects Ethernet frames; use --mode tc"
+            ),
             Mode::Xdp => {
                 // One XDP program per interface (without a dispatcher): refuse
                 // clearly instead of failing inside the attach.
@@ -252,10 +276,10 @@ impl Dataplane {
                 }
                 Held::Fd(self.attach_native_xdp(ifindex, ifname)?)
             }
-            Mode::Tc => Held::Link(attach_tcx(&self.skel.progs.fo_tc, ifindex, ifname, "ingress")?),
+            Mode::Tc => Held::Link(attach_tcx(ingress, ifindex, ifname, "ingress")?),
         };
         // On an error here the ingress link above is dropped (detached).
-        let egress = attach_tcx(&self.skel.progs.fo_tc_egress, ifindex, ifname, "egress")?;
+        let egress = attach_tcx(egress_prog, ifindex, ifname, "egress")?;
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -379,49 +403,6 @@ impl Dataplane {
         }
         Ok(from_bytes(&out))
     }
-
-    /// Run the XDP entry on one frame (BPF_PROG_TEST_RUN); for tests and the
-    /// benchmark. Returns (verdict, output frame).
-    pub fn test_xdp(&self, frame: &[u8], ingress_ifindex: u32, repeat: u32) -> Result<(u32, Vec<u8>, u64)> {
-        // Built in zeroed bytes: the kernel rejects a context whose unused
-        // fields (and padding) are not zero.
-        type Md = skel::types::xdp_md;
-        let mut ctx_bytes = vec![0u8; std::mem::size_of::<Md>()];
-        put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, data_end), frame.len() as u32);
-        put_u32(&mut ctx_bytes, std::mem::offset_of!(Md, ingress_ifindex), ingress_ifindex);
-        test_run(&self.skel.progs.fo_xdp, frame, &mut ctx_bytes, repeat).context("XDP test run")
-    }
-
-    /// Run the TC entry on one frame; `ifindex` is the device the skb
-    /// arrives on (its MAC decides pkt_type, as eth_type_trans does).
-    pub fn test_tc(
-        &self,
-        frame: &[u8],
-        ifindex: u32,
-        gso: Option<(u32, u32)>,
-        repeat: u32,
-    ) -> Result<(i32, Vec<u8>, u64)> {
-        type Sk = skel::types::__sk_buff;
-        let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
-        put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
-        if let Some((segs, size)) = gso {
-            put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_segs), segs);
-            put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_size), size);
-        }
-        let (ret, out, ns) = test_run(&self.skel.progs.fo_tc, frame, &mut ctx_bytes, repeat).context("TC test run")?;
-        Ok((ret as i32, out, ns))
-    }
-
-    /// Run the TC egress watcher on one frame leaving through `ifindex`.
-    /// Returns (verdict, output frame, ns per repetition).
-    pub fn test_tc_egress(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
-        type Sk = skel::types::__sk_buff;
-        let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
-        put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
-        let (ret, out, ns) =
-            test_run(&self.skel.progs.fo_tc_egress, frame, &mut ctx_bytes, repeat).context("TC egress test run")?;
-        Ok((ret as i32, out, ns))
-    }
 }
 
 impl Drop for Dataplane {
@@ -544,6 +525,25 @@ impl Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_layer_follows_the_arphrd_type() {
+        assert_eq!(LinkLayer::of("eth0", libc::ARPHRD_ETHER).unwrap(), LinkLayer::Ethernet);
+        assert_eq!(LinkLayer::of("wg0", libc::ARPHRD_NONE).unwrap(), LinkLayer::Ip);
+        assert_eq!(LinkLayer::of("pppoe-wan", libc::ARPHRD_PPP).unwrap(), LinkLayer::Ip);
+        let e = LinkLayer::of("ib0", 32).unwrap_err().to_string();
+        assert!(e.contains("ib0") && e.contains("link type 32"), "{e}");
+    }
+
+    /// `--mode xdp` on a device without an Ethernet header is refused
+    /// before anything is attached, naming the device and the way out.
+    #[test]
+    fn xdp_is_refused_on_a_device_without_ethernet() {
+        let mut dp = Dataplane::load(16).expect("loading the fast path");
+        let e = dp.attach(1, "pppoe-wan", Mode::Xdp, libc::ARPHRD_PPP).unwrap_err().to_string();
+        assert!(e.contains("pppoe-wan") && e.contains("no Ethernet header") && e.contains("--mode tc"), "{e}");
+        assert!(dp.attached.is_empty());
+    }
 
     /// Rust's view of `enum fo_stat` is the C one: one name per counter, in
     /// index order, and the names `status` shows (and the tests assert)

@@ -80,7 +80,7 @@ impl Interfaces {
     ) -> Result<Vec<u32>, (anyhow::Error, Mode)> {
         let mut added = Vec::new();
         for (info, d) in infos.iter().zip(decisions) {
-            if let Err(e) = dp.attach(info.ifindex, &info.name, d.mode) {
+            if let Err(e) = dp.attach(info.ifindex, &info.name, d.mode, info.link_type) {
                 self.detach(dp, &added);
                 return Err((e, d.mode));
             }

@@ -62,7 +62,9 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
     let own: Vec<Option<String>> = links
         .iter()
         .map(|l| {
-            if is_virtual(&l.driver) {
+            if l.link_type != libc::ARPHRD_ETHER && l.link_type != libc::ARPHRD_LOOPBACK {
+                Some(format!("{} has no Ethernet header (link type {}): only TC can run there", l.name, l.link_type))
+            } else if is_virtual(&l.driver) {
                 Some(format!(
                     "{} is a software device ({}): TC is correct there and cheaper than XDP",
                     l.name,
@@ -123,7 +125,26 @@ mod tests {
     }
 
     fn link(name: &str, driver: &str, qdisc: &str) -> LinkInfo {
-        LinkInfo { name: name.into(), ifindex: 1, up: true, driver: driver.into(), mtu: 1500, qdisc: qdisc.into() }
+        LinkInfo {
+            name: name.into(),
+            ifindex: 1,
+            up: true,
+            driver: driver.into(),
+            mtu: 1500,
+            qdisc: qdisc.into(),
+            link_type: libc::ARPHRD_ETHER,
+        }
+    }
+
+    /// pppoe-wan, wg0: no Ethernet header, so TC there and (XDP redirecting
+    /// only to XDP interfaces) everywhere.
+    #[test]
+    fn a_device_without_ethernet_gets_tc_everywhere() {
+        let ppp = LinkInfo { link_type: libc::ARPHRD_PPP, ..link("pppoe-wan", "", "fq_codel") };
+        let d = choose_modes(&[link("eth0", "mlx5_core", "mq"), ppp], ModeChoice::Auto);
+        assert!(d.iter().all(|d| d.mode == Mode::Tc), "{d:?}");
+        assert!(d[1].reason.contains("pppoe-wan has no Ethernet header (link type 512)"), "{}", d[1].reason);
+        assert!(d[0].reason.contains("XDP can only redirect to XDP interfaces"), "{}", d[0].reason);
     }
 
     #[test]

@@ -50,6 +50,16 @@ pub(super) fn ratios(r: &mut Report) {
     put("tcp_1500_vs_kernel_ct_nat", ratio(best_tcp, tcp("kernel_ct_nat")), ">= 1.5");
     let p99 = |p: &str| r.paths.get(p).and_then(|x| x.ping_loaded_p99_ms);
     put("ping_p99_loaded_vs_kernel_ct_nat", ratio(p99(&format!("offload_{best}")), p99("kernel_ct_nat")), "<= 0.5");
+    // Issue 9: an encapsulated hit against the plain one, same entry
+    // point, same run (bench/fast_path.rs).
+    let fpn = |k: &str| r.fast_path.ns_per_pkt.get(k).map(|s| s.median);
+    for (k, a, b) in [
+        ("fast_path_xdp_vlan_vs_ipv4_nat_hit", "xdp ipv4 vlan nat tcp hit", "xdp ipv4 nat tcp hit"),
+        ("fast_path_xdp_pppoe_vs_ipv4_nat_hit", "xdp ipv4 pppoe nat tcp hit", "xdp ipv4 nat tcp hit"),
+        ("fast_path_tc_vlan_vs_ipv4_nat_hit", "tc ipv4 vlan nat tcp hit", "tc ipv4 nat tcp hit"),
+    ] {
+        put(k, ratio(fpn(a), fpn(b)), "<= 1.2");
+    }
     let lat = &r.offload_latency;
     let lat_p99 = (lat.connections > lat.not_offloaded).then_some(lat.p99_us);
     // Absolute figures with targets, shown beside the ratios.

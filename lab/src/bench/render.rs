@@ -90,7 +90,11 @@ impl Report {
         }
         o += "\nFast path alone (BPF_PROG_TEST_RUN, ns/pkt):\n";
         for (k, s) in &self.fast_path.ns_per_pkt {
-            o += &format!("  {k:<24} {:.1} ({:.1}-{:.1})\n", s.median, s.min, s.max);
+            o += &format!("  {k:<32} {:.1} ({:.1}-{:.1})\n", s.median, s.min, s.max);
+        }
+        for (k, t) in self.targets.iter().filter(|(k, _)| k.starts_with("fast_path_") && k.contains("_vs_")) {
+            let v = self.ratios.get(k).map(|v| format!("{v:.2}")).unwrap_or("-".into());
+            o += &format!("  {k:<40} {v:>6}x  target {t}\n");
         }
         o += "\nScaling (ns/pkt, one packet per run, random installed flow; entries installed directly):\n";
         for (k, s) in &self.scaling_ns_per_pkt {

@@ -25,6 +25,8 @@ pub struct LinkInfo {
     /// Root egress qdisc kind ("noqueue", "fq_codel", "htb", ...; "noop"
     /// while an interface has never been up).
     pub qdisc: String,
+    /// ARPHRD_* (1: Ethernet; ppp, WireGuard, tun have no link-layer header).
+    pub link_type: u16,
 }
 
 impl LinkInfo {
@@ -37,6 +39,7 @@ impl LinkInfo {
             driver,
             mtu: l.mtu,
             qdisc: l.qdisc.clone().unwrap_or_default(),
+            link_type: l.link_type,
         }
     }
 }

@@ -1,0 +1,493 @@
+//! Encapsulation in the fast path through BPF_PROG_TEST_RUN (issue 9):
+//! VLAN, QinQ, PPPoE and VLAN+PPPoE in and out, devices without a
+//! link-layer header, the router-MAC check, the MTU with PPPoE's overhead
+//! and malformed encapsulations; both entry points, output byte for byte,
+//! the slow reason counted. Entries come from flow::build_direction, then
+//! get the encapsulation, router MAC and flags path resolution gives them.
+//!
+//! What a test run cannot show: the skb's VLAN metadata. The kernel builds
+//! the skb with eth_type_trans and accepts only a few __sk_buff fields
+//! (bpf_prog_test_run_skb), so a tag arriving in metadata cannot be fed in
+//! (TC's tags are tested in-band, the same parser after the metadata tag),
+//! and the tag TC pushes last, the outermost, goes to metadata
+//! (bpf_skb_vlan_push, as a VLAN device leaves it) and so is not in TC's
+//! output bytes: TC's expected frames lack it (`tc_view`). An L3 device's
+//! packet starts at its IP header, but the test run still takes
+//! skb->protocol from bytes 12-13 (eth_type_trans): the L3 cases use
+//! addresses that put the right ethertype there (IPv4 source 8.0.x.x, IPv6
+//! source 2001:db8:86dd::/48), so the program sees what the device gives it.
+
+use nft_offload::conntrack::CtTuple;
+use nft_offload::dataplane::{fo_flow_flag, Dataplane, STAT_NAMES};
+use nft_offload::flow::{build_direction, egress_key, Direction, NextHop};
+use nft_offload_lab::frames::{
+    encap, fo_encaps, tcp4, tcp6, udp4, Encap, CLIENT_MAC as CLIENT, ETH_P_8021AD, ETH_P_8021Q, ETH_P_PPP_SES,
+    RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN, SERVER_MAC as SERVER,
+};
+use nft_offload_lab::private_router::PrivateRouter;
+use nft_offload_lab::table::{check, stat_delta, Outcome};
+
+use Encap::{Pppoe, Svlan, Vlan};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_NEXT: i32 = -1;
+const TC_REDIRECT: i32 = 7;
+/// Another host on the LAN segment (a frame to it is being bridged).
+const OTHER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+/// The bridge's MAC, not the port's: what a bridge port's flow names.
+const BRIDGE: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xbb];
+const SID: u16 = 0x1a2b;
+
+fn t(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
+    CtTuple { src: s.parse().unwrap(), dst: d.parse().unwrap(), proto, sport: sp, dport: dp }
+}
+
+/// One side of a connection: the port, its encapsulation, whether it is a
+/// device without a link-layer header, the MAC its frames are addressed to.
+#[derive(Clone, Copy)]
+struct Side {
+    ifindex: u32,
+    encap: &'static [Encap],
+    l3: bool,
+    router_mac: [u8; 6],
+    peer_mac: [u8; 6],
+    mtu: u16,
+}
+
+/// The direction arriving on `from` and leaving through `to`.
+fn direction(seen: &CtTuple, other: &CtTuple, from: Side, to: Side) -> Direction {
+    let nh = NextHop { ifindex: to.ifindex, smac: to.router_mac, dmac: to.peer_mac, mtu: to.mtu, xdp_ok: !to.l3 };
+    let mut d = build_direction(seen, other, from.ifindex, &nh);
+    (d.key.encap, d.key.encap_num) = fo_encaps(from.encap);
+    (d.val.out_encap, d.val.out_encap_num) = fo_encaps(to.encap);
+    d.val.in_dmac = if from.l3 { [0; 6] } else { from.router_mac };
+    if to.l3 {
+        d.val.flags |= fo_flow_flag::FO_F_L3_OUT.0 as u8;
+        (d.val.smac, d.val.dmac) = ([0; 6], [0; 6]);
+    }
+    d
+}
+
+struct Lab {
+    lab: PrivateRouter,
+    conns: Vec<[Direction; 2]>,
+}
+
+fn lan(lab: &PrivateRouter, encap: &'static [Encap]) -> Side {
+    Side { ifindex: lab.lan, encap, l3: false, router_mac: R_LAN, peer_mac: CLIENT, mtu: 1500 }
+}
+
+fn wan(lab: &PrivateRouter, encap: &'static [Encap], mtu: u16) -> Side {
+    Side { ifindex: lab.wan, encap, l3: false, router_mac: R_WAN, peer_mac: SERVER, mtu }
+}
+
+fn l3(s: Side) -> Side {
+    Side { l3: true, encap: &[], ..s }
+}
+
+fn setup() -> Lab {
+    let lab = PrivateRouter::enter(1024).unwrap_or_else(|e| panic!("private router: {e:#}"));
+    let masq = |p: u16, proto: u8| {
+        (t("192.168.1.2", p, "203.0.113.2", 5201, proto), t("203.0.113.2", 5201, "203.0.113.1", p + 20000, proto))
+    };
+    let routed6 = |p: u16, server: &str| (t("fd00:1::2", p, server, 5201, 6), t(server, 5201, "fd00:1::2", p, 6));
+    let specs: Vec<((CtTuple, CtTuple), Side, Side)> = vec![
+        // 41000: untagged LAN, VLAN 7 WAN
+        (masq(41000, 6), lan(&lab, &[]), wan(&lab, &[Vlan(7)], 1500)),
+        // 41001: QinQ on both sides
+        (masq(41001, 17), lan(&lab, &[Svlan(100), Vlan(200)]), wan(&lab, &[Svlan(300), Vlan(400)], 1500)),
+        // 41002 / 41003: PPPoE WAN, 1492 on a 1500 link
+        (masq(41002, 6), lan(&lab, &[]), wan(&lab, &[Pppoe(SID)], 1492)),
+        (routed6(41003, "2001:db8::2"), lan(&lab, &[]), wan(&lab, &[Pppoe(SID)], 1492)),
+        // 41004: PPPoE over VLAN 7 (the usual DSL / fibre WAN)
+        (masq(41004, 6), lan(&lab, &[]), wan(&lab, &[Vlan(7), Pppoe(SID)], 1492)),
+        // 41005 / 41006: WAN without a link-layer header (pppoe-wan, wg0)
+        (
+            (t("192.168.1.2", 41005, "8.0.0.7", 5201, 6), t("8.0.0.7", 5201, "8.0.0.1", 61005, 6)),
+            lan(&lab, &[]),
+            l3(wan(&lab, &[], 1420)),
+        ),
+        (routed6(41006, "2001:db8:86dd::7"), lan(&lab, &[]), l3(wan(&lab, &[], 1420))),
+        // 41007: VLAN 10 LAN, L3 WAN
+        (
+            (t("192.168.1.2", 41007, "8.0.0.7", 5201, 6), t("8.0.0.7", 5201, "8.0.0.1", 61007, 6)),
+            lan(&lab, &[Vlan(10)]),
+            l3(wan(&lab, &[], 1420)),
+        ),
+        // 41008: L3 LAN (a WireGuard peer) to a PPPoE WAN
+        (
+            (t("8.0.0.9", 41008, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "203.0.113.1", 61008, 6)),
+            l3(lan(&lab, &[])),
+            wan(&lab, &[Pppoe(SID)], 1492),
+        ),
+        // 41009: the LAN port is a bridge port: frames for the router carry
+        // the bridge's MAC
+        (masq(41009, 6), Side { router_mac: BRIDGE, ..lan(&lab, &[]) }, wan(&lab, &[], 1500)),
+    ];
+    let mut conns = Vec::new();
+    for ((o, r), a, b) in specs {
+        let dirs = [direction(&o, &r, a, b), direction(&r, &o, b, a)];
+        for d in &dirs {
+            lab.dp.put_flow(&d.key, &d.val).unwrap();
+        }
+        conns.push(dirs);
+    }
+    Lab { lab, conns }
+}
+
+#[derive(Clone, Debug)]
+enum Want {
+    /// Forwarded with exactly this frame.
+    Fwd(Vec<u8>),
+    /// Handed to the kernel untouched, counted under this reason.
+    Slow(&'static str),
+    /// This entry point never sees such a packet (XDP on an L3 device).
+    NotHere,
+}
+
+struct Case {
+    name: String,
+    /// "lan" or "wan"
+    on: &'static str,
+    /// The input starts at the IP header (a device without link layer).
+    l3: bool,
+    input: Vec<u8>,
+    gso: Option<(u32, u32)>,
+    xdp: Want,
+    tc: Want,
+}
+
+/// What TC's output bytes show of `out`: the outermost tag goes to the
+/// skb's metadata.
+fn tc_view(out: &[Encap]) -> &[Encap] {
+    match out.first() {
+        Some(Vlan(_) | Svlan(_)) => &out[1..],
+        _ => out,
+    }
+}
+
+fn fwd(base: &[u8], out: &[Encap]) -> (Want, Want) {
+    (Want::Fwd(encap(base, out)), Want::Fwd(encap(base, tc_view(out))))
+}
+
+fn case(name: &str, on: &'static str, input: Vec<u8>, (xdp, tc): (Want, Want)) -> Case {
+    Case { name: name.into(), on, l3: false, input, gso: None, xdp, tc }
+}
+
+fn slow(reason: &'static str) -> (Want, Want) {
+    (Want::Slow(reason), Want::Slow(reason))
+}
+
+/// A PPPoE frame with one byte of its session header changed.
+fn pppoe_edit(f: &[u8], at: usize, v: u8) -> Vec<u8> {
+    let mut f = f.to_vec();
+    f[at] = v;
+    f
+}
+
+fn cases() -> Vec<Case> {
+    let pl = b"nft-offload encapsulation test payload";
+    let up4 = |p: u16, dmac| tcp4(CLIENT, dmac, "192.168.1.2", "203.0.113.2", 64, p, 5201, "P", pl);
+    let down4 = |p: u16| tcp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, p + 20000, "", pl);
+    let up4_out = |p: u16| tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, p + 20000, 5201, "P", pl);
+    let down4_out = |p: u16| tcp4(R_LAN, CLIENT, "203.0.113.2", "192.168.1.2", 63, 5201, p, "", pl);
+    let q_up = udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 41001, 5201, pl);
+    let q_up_out = udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61001, 5201, pl);
+    let q_down = udp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 61001, pl);
+    let q_down_out = udp4(R_LAN, CLIENT, "203.0.113.2", "192.168.1.2", 63, 5201, 41001, pl);
+    let v6_up = tcp6(CLIENT, R_LAN, "fd00:1::2", "2001:db8::2", 64, 41003, 5201, pl);
+    let v6_up_out = tcp6(R_WAN, SERVER, "fd00:1::2", "2001:db8::2", 63, 41003, 5201, pl);
+    let v6_down = tcp6(SERVER, R_WAN, "2001:db8::2", "fd00:1::2", 64, 5201, 41003, pl);
+    let v6_down_out = tcp6(R_LAN, CLIENT, "2001:db8::2", "fd00:1::2", 63, 5201, 41003, pl);
+    let ppp = [Pppoe(SID)];
+    let vppp = [Vlan(7), Pppoe(SID)];
+    let mut v = vec![
+        case("untagged in, VLAN out", "lan", up4(41000, R_LAN), fwd(&up4_out(41000), &[Vlan(7)])),
+        case("VLAN in, untagged out", "wan", encap(&down4(41000), &[Vlan(7)]), fwd(&down4_out(41000), &[])),
+        case(
+            "VLAN in with priority bits: keyed on the VLAN id",
+            "wan",
+            encap(&down4(41000), &[Vlan(0xe007)]),
+            fwd(&down4_out(41000), &[]),
+        ),
+        case(
+            "QinQ in, QinQ out",
+            "lan",
+            encap(&q_up, &[Svlan(100), Vlan(200)]),
+            fwd(&q_up_out, &[Svlan(300), Vlan(400)]),
+        ),
+        case(
+            "QinQ in, QinQ out, reply",
+            "wan",
+            encap(&q_down, &[Svlan(300), Vlan(400)]),
+            fwd(&q_down_out, &[Svlan(100), Vlan(200)]),
+        ),
+        case("ipv4 untagged in, PPPoE out", "lan", up4(41002, R_LAN), fwd(&up4_out(41002), &ppp)),
+        case("ipv6 untagged in, PPPoE out", "lan", v6_up.clone(), fwd(&v6_up_out, &ppp)),
+        case("ipv4 VLAN+PPPoE out", "lan", up4(41004, R_LAN), fwd(&up4_out(41004), &vppp)),
+    ];
+    // TC cannot take PPPoE off (bpf_skb_adjust_room refuses a PPPoE skb)
+    for (name, input, out) in [
+        ("ipv4 PPPoE in, untagged out", encap(&down4(41002), &ppp), down4_out(41002)),
+        ("ipv6 PPPoE in, untagged out", encap(&v6_down, &ppp), v6_down_out.clone()),
+        ("ipv4 VLAN+PPPoE in, untagged out", encap(&down4(41004), &vppp), down4_out(41004)),
+    ] {
+        v.push(case(name, "wan", input, (Want::Fwd(out), Want::Slow("pppoe_tc_pop"))));
+    }
+
+    // MTU: the flow's is the L3 MTU, PPPoE's 8 bytes already taken off
+    let big = |n: usize| tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 41002, 5201, "", &vec![5u8; n - 40]);
+    let big_out = tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61002, 5201, "", &[5u8; 1452]);
+    v.push(case("PPPoE out: 1492-byte IP packet fits", "lan", big(1492), fwd(&big_out, &ppp)));
+    v.push(case("PPPoE out: 1493-byte IP packet is too big", "lan", big(1493), slow("mtu")));
+    v.push(Case {
+        gso: Some((2, 700)),
+        ..case(
+            "PPPoE out of a GSO skb: its segments would share one length",
+            "lan",
+            big(1492),
+            (Want::NotHere, Want::Slow("pppoe_tc_offload")),
+        )
+    });
+
+    // the key's encapsulation must match exactly
+    v.push(case("tagged frame of an untagged flow", "lan", encap(&up4(41000, R_LAN), &[Vlan(7)]), slow("no_flow")));
+    v.push(case("untagged frame of a tagged flow", "wan", down4(41000), slow("no_flow")));
+    v.push(case("wrong VLAN id", "wan", encap(&down4(41000), &[Vlan(8)]), slow("no_flow")));
+    v.push(case("802.1ad tag where the flow has 802.1Q", "wan", encap(&down4(41000), &[Svlan(7)]), slow("no_flow")));
+    v.push(case("PPPoE frame of an untagged flow", "lan", encap(&up4(41000, R_LAN), &ppp), slow("no_flow")));
+    v.push(case("inner tag only of a QinQ flow", "lan", encap(&q_up, &[Vlan(200)]), slow("no_flow")));
+    let wrong_sid = encap(&down4(41002), &[Pppoe(SID + 1)]);
+    v.push(case("wrong PPPoE session id", "wan", wrong_sid, (Want::Slow("no_flow"), Want::Slow("no_flow"))));
+
+    // malformed and unhandled encapsulation
+    let p = encap(&down4(41002), &ppp);
+    let mut long = p.clone();
+    long[18..20].copy_from_slice(&((p.len() - 20 + 10) as u16).to_be_bytes());
+    let mut short = p.clone();
+    short[18..20].copy_from_slice(&((p.len() - 20 - 4) as u16).to_be_bytes());
+    v.extend([
+        case("VLAN tag cut short", "lan", encap(&q_up, &[Svlan(100), Vlan(200)])[..16].to_vec(), slow("malformed")),
+        case("PPPoE length beyond the frame", "wan", long, slow("malformed")),
+        case("PPPoE length shorter than the IP packet", "wan", short, slow("malformed")),
+        case("PPPoE discovery ethertype", "wan", pppoe_edit(&p, 13, 0x63), slow("not_ip")),
+        case("PPPoE session frame with a discovery code (PADT)", "wan", pppoe_edit(&p, 15, 0xa7), slow("malformed")),
+        case("PPPoE version 2", "wan", pppoe_edit(&p, 14, 0x21), slow("malformed")),
+        {
+            let mut lcp = p.clone();
+            lcp[20..22].copy_from_slice(&0xc021u16.to_be_bytes());
+            case("PPP LCP", "wan", lcp, slow("not_ip"))
+        },
+        case("three tags", "lan", encap(&q_up, &[Svlan(100), Vlan(200), Vlan(300)]), slow("encap")),
+        case("two tags and PPPoE", "wan", encap(&down4(41004), &[Svlan(1), Vlan(7), Pppoe(SID)]), slow("encap")),
+    ]);
+
+    // the router's MAC
+    v.push(case("frame for another host (being bridged)", "lan", up4(41000, OTHER), slow("l2_not_host")));
+    v.push(case(
+        "bridge port: frame for the bridge's MAC",
+        "lan",
+        up4(41009, BRIDGE),
+        fwd(&tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61009, 5201, "P", pl), &[]),
+    ));
+    v.push(case("bridge port: frame for the port's own MAC", "lan", up4(41009, R_LAN), slow("l2_not_host")));
+
+    // devices without a link-layer header
+    let l3_in4 = tcp4(SERVER, R_WAN, "8.0.0.7", "8.0.0.1", 64, 5201, 61005, "", pl)[14..].to_vec();
+    let l3_in6 = tcp6(SERVER, R_WAN, "2001:db8:86dd::7", "fd00:1::2", 64, 5201, 41006, pl)[14..].to_vec();
+    let l3_case = |name: &str, on: &'static str, input: Vec<u8>, tc: Want| Case {
+        l3: true,
+        ..case(name, on, input, (Want::NotHere, tc))
+    };
+    v.extend([
+        l3_case(
+            "ipv4 L3 in, Ethernet out",
+            "wan",
+            l3_in4,
+            Want::Fwd(tcp4(R_LAN, CLIENT, "8.0.0.7", "192.168.1.2", 63, 5201, 41005, "", pl)),
+        ),
+        l3_case(
+            "ipv6 L3 in, Ethernet out",
+            "wan",
+            l3_in6,
+            Want::Fwd(tcp6(R_LAN, CLIENT, "2001:db8:86dd::7", "fd00:1::2", 63, 5201, 41006, pl)),
+        ),
+        l3_case(
+            "L3 in, VLAN out",
+            "wan",
+            tcp4(SERVER, R_WAN, "8.0.0.7", "8.0.0.1", 64, 5201, 61007, "", pl)[14..].to_vec(),
+            Want::Fwd(encap(
+                &tcp4(R_LAN, CLIENT, "8.0.0.7", "192.168.1.2", 63, 5201, 41007, "", pl),
+                tc_view(&[Vlan(10)]),
+            )),
+        ),
+        l3_case(
+            "L3 in, PPPoE out",
+            "lan",
+            tcp4(CLIENT, R_LAN, "8.0.0.9", "203.0.113.2", 64, 41008, 5201, "", pl)[14..].to_vec(),
+            Want::Fwd(encap(&tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61008, 5201, "", pl), &ppp)),
+        ),
+    ]);
+    // towards an L3 device TC writes no MAC: the redirect pulls everything
+    // before the IP header (__bpf_redirect_no_mac); XDP cannot go there
+    let to_l3 = |p: u16, s: &str, d: &str| tcp4(CLIENT, R_LAN, s, d, 64, p, 5201, "P", pl);
+    v.push(case(
+        "ipv4 Ethernet in, L3 out",
+        "lan",
+        to_l3(41005, "192.168.1.2", "8.0.0.7"),
+        (Want::Slow("xdp_target"), Want::Fwd(tcp4(CLIENT, R_LAN, "8.0.0.1", "8.0.0.7", 63, 61005, 5201, "P", pl))),
+    ));
+    v.push(case(
+        "ipv6 Ethernet in, L3 out",
+        "lan",
+        tcp6(CLIENT, R_LAN, "fd00:1::2", "2001:db8:86dd::7", 64, 41006, 5201, pl),
+        (
+            Want::Slow("xdp_target"),
+            Want::Fwd(tcp6(CLIENT, R_LAN, "fd00:1::2", "2001:db8:86dd::7", 63, 41006, 5201, pl)),
+        ),
+    ));
+    v.push(case(
+        "VLAN in, L3 out: the tag comes off",
+        "lan",
+        encap(&to_l3(41007, "192.168.1.2", "8.0.0.7"), &[Vlan(10)]),
+        (Want::Slow("xdp_target"), Want::Fwd(tcp4(CLIENT, R_LAN, "8.0.0.1", "8.0.0.7", 63, 61007, 5201, "P", pl))),
+    ));
+    v.push(case(
+        "PPPoE in, L3 out",
+        "wan",
+        encap(&tcp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 61008, "", pl), &ppp),
+        (Want::Slow("xdp_target"), Want::Slow("pppoe_tc_pop")),
+    ));
+    v
+}
+
+fn stat(dp: &Dataplane, name: &str) -> u64 {
+    let i = STAT_NAMES.iter().position(|n| *n == name).unwrap_or_else(|| panic!("no counter {name}"));
+    dp.stats()[i]
+}
+
+/// IP bytes of a forwarded frame, as fwd_bytes counts them.
+fn l3_len(frame: &[u8]) -> u64 {
+    let mut off = 12;
+    loop {
+        match u16::from_be_bytes([frame[off], frame[off + 1]]) {
+            ETH_P_8021Q | ETH_P_8021AD => off += 4,
+            ETH_P_PPP_SES => return u64::from(u16::from_be_bytes([frame[off + 6], frame[off + 7]])) - 2,
+            _ => return (frame.len() - off - 2) as u64,
+        }
+    }
+}
+
+fn run_table(xdp: bool) {
+    let lab = setup();
+    let (dp, lan, wan) = (&lab.lab.dp, lab.lab.lan, lab.lab.wan);
+    let mut failures = Vec::new();
+    let all = cases();
+    let mut ran = 0;
+    for c in &all {
+        let ifindex = if c.on == "lan" { lan } else { wan };
+        let want = if xdp { &c.xdp } else { &c.tc };
+        if matches!(want, Want::NotHere) {
+            continue;
+        }
+        ran += 1;
+        let before = dp.stats();
+        let (fwd, out) = if xdp {
+            let (ret, out, _) = dp.test_xdp(&c.input, ifindex, 1).unwrap();
+            assert!(ret == XDP_PASS || ret == XDP_REDIRECT, "{}: unexpected XDP verdict {ret}", c.name);
+            (ret == XDP_REDIRECT, out)
+        } else {
+            let r =
+                if c.l3 { dp.test_tc_l3(&c.input, ifindex, c.gso, 1) } else { dp.test_tc(&c.input, ifindex, c.gso, 1) };
+            let (ret, out, _) = r.unwrap_or_else(|e| panic!("{}: {e:#}", c.name));
+            assert!(ret == TC_NEXT || ret == TC_REDIRECT, "{}: unexpected TC verdict {ret}", c.name);
+            (ret == TC_REDIRECT, out)
+        };
+        let delta = stat_delta(&before, &dp.stats());
+        let outcome = match want {
+            Want::Fwd(frame) => Outcome::Fwd { frame, l3_bytes: l3_len(frame) },
+            Want::Slow(reason) => Outcome::Slow(reason),
+            Want::NotHere => unreachable!(),
+        };
+        failures.extend(check(&c.name, outcome, fwd, &c.input, &out, &delta));
+    }
+    let which = if xdp { "XDP" } else { "TC" };
+    assert!(failures.is_empty(), "{which}: {} of {ran} cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn xdp_encap_table() {
+    run_table(true);
+}
+
+#[test]
+fn tc_encap_table() {
+    run_table(false);
+}
+
+/// The egress watcher parses through the encapsulation, and on devices
+/// without a link-layer header, and looks up the key with neither (egress
+/// keys name no interface and no encapsulation: flow::egress_key).
+#[test]
+fn egress_watcher_sees_through_encapsulation_and_on_l3_devices() {
+    let lab = setup();
+    let dp = &lab.lab.dp;
+    let pl = b"kernel-forwarded";
+    // 41004 leaves through VLAN+PPPoE, 41005 through the L3 WAN
+    let keys = [egress_key(&lab.conns[4][0]), egress_key(&lab.conns[5][0])];
+    keys.iter().for_each(|k| dp.watch_dormant(k));
+    dp.set_watching(keys.len());
+    let leaving =
+        encap(&tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61004, 5201, "", pl), &[Vlan(7), Pppoe(SID)]);
+    let (ret, out, _) = dp.test_tc_egress(&leaving, lab.lab.wan, 1).unwrap();
+    assert_eq!((ret, &out), (TC_NEXT, &leaving), "the watcher lets the frame go unchanged");
+    assert!(dp.dormant_seen(&keys[0]).unwrap() > 0, "a VLAN+PPPoE frame leaving did not stamp its connection");
+    // skb->protocol from bytes 12-13: source 8.0.0.1 (the masquerade address) reads as ETH_P_IP
+    let l3 = tcp4(R_WAN, SERVER, "8.0.0.1", "8.0.0.7", 63, 61005, 5201, "", pl)[14..].to_vec();
+    assert_eq!(dp.test_tc_egress_l3(&l3, lab.lab.wan, 1).unwrap().0, TC_NEXT);
+    assert!(dp.dormant_seen(&keys[1]).unwrap() > 0, "a packet leaving an L3 device did not stamp its connection");
+    assert_eq!(stat(dp, "fwd_packets"), 0);
+}
+
+/// The one way a test run shows TC's VLAN metadata: BPF_PROG_TEST_RUN
+/// repeats on the same skb. A ping-pong pair on the LAN port, the first
+/// arriving with `arrive` and leaving untagged, the second arriving
+/// untagged and leaving with `push`: the second repetition pushes the tag
+/// into metadata (the frame's bytes stay untagged) and the third is a hit
+/// only if the metadata tag is exactly the first flow's key (protocol and
+/// id), which it then pops again.
+fn metadata_round_trip(arrive: &'static [Encap], push: &'static [Encap]) -> (i32, Vec<u8>, [u64; 2], u64) {
+    let lab = setup();
+    let (dp, r) = (&lab.lab.dp, &lab.lab);
+    let a = (t("192.168.1.2", 42000, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "203.0.113.1", 42000, 6));
+    let b = (t("203.0.113.1", 42000, "203.0.113.2", 5201, 6), t("203.0.113.2", 5201, "192.168.1.2", 42000, 6));
+    // each output is addressed to the router again, so the next
+    // repetition passes the router-MAC check
+    let back = |e| Side { peer_mac: R_LAN, ..lan(r, e) };
+    let dirs = [direction(&a.0, &a.1, lan(r, arrive), back(&[])), direction(&b.0, &b.1, lan(r, &[]), back(push))];
+    for d in &dirs {
+        dp.put_flow(&d.key, &d.val).unwrap();
+    }
+    let pl = b"metadata";
+    let input = encap(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 42000, 5201, "", pl), arrive);
+    let no_flow = stat(dp, "no_flow");
+    let (ret, out, _) = dp.test_tc(&input, r.lan, None, 3).unwrap();
+    let packets = dirs.map(|d| dp.get_flow(&d.key).unwrap().packets);
+    (ret, out, packets, stat(dp, "no_flow") - no_flow)
+}
+
+#[test]
+fn tc_vlan_push_lands_in_metadata_and_is_keyed_and_popped_from_there() {
+    let (ret, out, packets, misses) = metadata_round_trip(&[Vlan(7)], &[Vlan(7)]);
+    assert_eq!((ret, packets, misses), (TC_REDIRECT, [2, 1], 0), "arrive VLAN 7, pushed VLAN 7");
+    // three hops of TTL, NATed twice: the first flow's output, untagged
+    let pl = b"metadata";
+    assert_eq!(out, tcp4(R_LAN, R_LAN, "203.0.113.1", "203.0.113.2", 61, 42000, 5201, "", pl));
+    // a pushed tag with another id is another key: the third repetition
+    // misses, and the skb it leaves still carries the tag
+    let (ret, _, packets, misses) = metadata_round_trip(&[Vlan(7)], &[Vlan(8)]);
+    assert_eq!((ret, packets, misses), (TC_NEXT, [1, 1], 1), "arrive VLAN 7, pushed VLAN 8");
+    let (ret, _, packets, misses) = metadata_round_trip(&[Vlan(7)], &[Svlan(7)]);
+    assert_eq!((ret, packets, misses), (TC_NEXT, [1, 1], 1), "arrive 802.1Q 7, pushed 802.1ad 7");
+}
