@@ -104,6 +104,7 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
             .collect(),
         _ => names.to_vec(),
     };
+    let topo = crate::topology::read().ok();
     let ports: Vec<crate::hooks::Port> = match &table {
         Ok(t) => names
             .iter()
@@ -113,12 +114,12 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
                 name: l.name.clone(),
                 xdp: false,
                 bridge: bridge_of(t, l.master),
+                uppers: topo.as_ref().map_or_else(Vec::new, |t| t.uppers_named(l.ifindex, &names)),
             })
             .collect(),
         Err(_) => Vec::new(),
     };
     let mut hooks = crate::hooks::read(&ports);
-    let topo = crate::topology::read().ok();
     let ifaces = names
         .iter()
         .map(|n| match &table {

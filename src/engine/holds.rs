@@ -53,6 +53,7 @@ impl super::Core {
     /// a link event, or a retry after they could not be read); a change
     /// re-judges.
     pub(super) fn read_hooks(&mut self) {
+        let managed: Vec<String> = self.ifaces.0.iter().map(|i| i.name.clone()).collect();
         let ports: Vec<Port> = self
             .ifaces
             .0
@@ -62,6 +63,7 @@ impl super::Core {
                 name: i.name.clone(),
                 xdp: i.mode == Mode::Xdp,
                 bridge: self.facts.topo.bridge_of(i.ifindex),
+                uppers: self.facts.topo.uppers_named(i.ifindex, &managed),
             })
             .collect();
         let new = hooks::read(&ports);

@@ -47,6 +47,10 @@ pub struct Port {
     /// The bridge it is a port of: routed frames through it pass the
     /// bridge family's chains, which the fast path on the port skips.
     pub bridge: Option<String>,
+    /// Unmanaged devices stacked above it (its bridge, VLAN and PPPoE
+    /// devices: `Topology::uppers`). The fast path on the port pops and
+    /// pushes their headers itself, so their hooks never see its packets.
+    pub uppers: Vec<(u32, String)>,
 }
 
 /// A classic tc filter, with where it redirects to.
@@ -73,6 +77,8 @@ pub struct DeviceHooks {
     pub shaper: Option<String>,
     /// The hooks could not be read (why): both sides count as hooked.
     pub unreadable: Option<String>,
+    /// The hooks of the unmanaged devices above it (`Port::uppers`).
+    pub uppers: Vec<DeviceHooks>,
 }
 
 /// A direction that must stay on the slow path: which hook, and one line
@@ -109,11 +115,17 @@ pub struct Cause {
     /// `out`: the port the direction leaves by, when known (the remedy for
     /// an ifb download shaper names it).
     remedy: fn(&DeviceHooks, Option<&str>) -> String,
+    /// The device above the port it is on (`DeviceHooks::uppers`): the
+    /// remedy names it, not the port.
+    upper: Option<String>,
 }
 
 impl Cause {
     pub fn remedy(&self, d: &DeviceHooks, out: Option<&str>) -> String {
-        (self.remedy)(d, out)
+        match &self.upper {
+            Some(u) => list_upper(u),
+            None => (self.remedy)(d, out),
+        }
     }
 }
 
@@ -133,6 +145,10 @@ fn use_tc(_: &DeviceHooks, _: Option<&str>) -> String {
     "use --mode tc (a TC redirect keeps the qdisc and tc egress filters)".into()
 }
 
+fn list_upper(upper: &str) -> String {
+    format!("list {upper} itself (the fast path then runs on it and keeps its hooks) or remove it")
+}
+
 fn move_to_tc_egress(_: &DeviceHooks, _: Option<&str>) -> String {
     "move its rules to tc egress (which a TC redirect keeps) or remove it".into()
 }
@@ -143,13 +159,29 @@ impl DeviceHooks {
         let mut v: Vec<Cause> = self
             .ingress_chains
             .iter()
-            .map(|c| Cause { what: format!("nft chain {c} on {} ingress", self.name), remedy: remove_it })
+            .map(|c| Cause { what: format!("nft chain {c} on {} ingress", self.name), remedy: remove_it, upper: None })
             .collect();
         v.extend(self.ingress_filters.iter().map(|f| Cause {
             what: f.describe("ingress", &self.name),
             remedy: if f.target.is_some() { shape_on_egress } else { remove_it },
+            upper: None,
         }));
+        v.extend(self.upper_ingress_causes());
         v
+    }
+
+    /// Frames the port's fast path decapsulates never reach the devices
+    /// above it: whatever runs on their ingress is skipped.
+    fn upper_ingress_causes(&self) -> Vec<Cause> {
+        let up = self.uppers.iter().flat_map(|u| u.ingress_causes().into_iter().map(|c| (u.name.clone(), c)));
+        up.map(|(u, c)| Cause { upper: Some(u), ..c }).collect()
+    }
+
+    /// A frame pushed straight onto the port skips all of an upper's
+    /// egress: its chains, tc filters and qdisc (SQM on pppoe-wan).
+    fn upper_egress_causes(&self) -> Vec<Cause> {
+        let up = self.uppers.iter().flat_map(|u| u.egress_causes(true).into_iter().map(|c| (u.name.clone(), c)));
+        up.map(|(u, c)| Cause { upper: Some(u), ..c }).collect()
     }
 
     /// What a packet redirected into this device would skip; `xdp`: by an
@@ -159,16 +191,23 @@ impl DeviceHooks {
         let mut v: Vec<Cause> = self
             .egress_chains
             .iter()
-            .map(|c| Cause { what: format!("nft chain {c} on {} egress", self.name), remedy: chain_remedy })
+            .map(|c| Cause {
+                what: format!("nft chain {c} on {} egress", self.name),
+                remedy: chain_remedy,
+                upper: None,
+            })
             .collect();
         if xdp {
-            v.extend(
-                self.egress_filters.iter().map(|f| Cause { what: f.describe("egress", &self.name), remedy: use_tc }),
-            );
+            v.extend(self.egress_filters.iter().map(|f| Cause {
+                what: f.describe("egress", &self.name),
+                remedy: use_tc,
+                upper: None,
+            }));
             if let Some(q) = &self.shaper {
-                v.push(Cause { what: format!("shaping qdisc {q} on {}", self.name), remedy: use_tc });
+                v.push(Cause { what: format!("shaping qdisc {q} on {}", self.name), remedy: use_tc, upper: None });
             }
         }
+        v.extend(self.upper_egress_causes());
         v
     }
 }
@@ -206,24 +245,33 @@ impl HookFacts {
             }
         }
         if let Some(d) = inp {
-            let causes = d.ingress_causes();
-            if !causes.is_empty() {
+            let (own, up) = (d.ingress_causes(), d.upper_ingress_causes());
+            if own.len() > up.len() {
                 let how = "the fast path runs before it";
-                return Some(Bypass { side: Side::Ingress, why: why(d, &causes, how, out.map(|o| o.name.as_str())) });
+                let own = &own[..own.len() - up.len()];
+                return Some(Bypass { side: Side::Ingress, why: why(d, own, how, out.map(|o| o.name.as_str())) });
+            }
+            if !up.is_empty() {
+                let how = format!("the fast path on {} takes their headers off before them", d.name);
+                return Some(Bypass { side: Side::Ingress, why: why(d, &up, &how, None) });
             }
         }
         // The redirect into `out` is XDP only if the input port is XDP
         // (an XDP port redirects only to XDP ports, FO_F_XDP_OK).
         let xdp = inp.is_some_and(|d| d.xdp);
         if let Some(d) = out {
-            let causes = d.egress_causes(xdp);
-            if !causes.is_empty() {
+            let (own, up) = (d.egress_causes(xdp), d.upper_egress_causes());
+            if own.len() > up.len() {
                 let how = if xdp {
                     "an XDP redirect (ndo_xdp_xmit) skips netdev egress chains, tc egress and the qdisc"
                 } else {
                     "a TC redirect skips netdev egress chains (nf_skip_egress)"
                 };
-                return Some(Bypass { side: Side::Egress, why: why(d, &causes, how, None) });
+                return Some(Bypass { side: Side::Egress, why: why(d, &own[..own.len() - up.len()], how, None) });
+            }
+            if !up.is_empty() {
+                let how = format!("the fast path pushes their headers and transmits on {} itself", d.name);
+                return Some(Bypass { side: Side::Egress, why: why(d, &up, &how, None) });
             }
         }
         None
@@ -254,50 +302,71 @@ pub fn read(ports: &[Port]) -> HookFacts {
     let qdiscs = tc::qdiscs();
     let mut facts = HookFacts::default();
     for p in ports {
-        let mut d = DeviceHooks { name: p.name.clone(), xdp: p.xdp, ..Default::default() };
-        match (&chains, &qdiscs) {
-            (Ok(chains), Ok(qdiscs)) => {
-                for c in chains.iter().filter(|c| c.devices.contains(&p.name)) {
-                    match c.side {
-                        Side::Ingress => d.ingress_chains.push(c.label()),
-                        Side::Egress => d.egress_chains.push(c.label()),
-                    }
-                }
-                // TC on the bridge device itself runs after its input
-                // hooks and redirects into br_dev_xmit, which runs its
-                // output ones: only its ports skip them.
-                if let Some(b) = &p.bridge {
-                    for c in chains.iter().filter(|c| c.family == "bridge") {
-                        let label = format!("{} (bridge {b})", c.label());
-                        match c.side {
-                            Side::Ingress => d.ingress_chains.push(label),
-                            Side::Egress => d.egress_chains.push(label),
-                        }
-                    }
-                }
-                d.shaper = shaper_of(qdiscs, p.ifindex);
-                if let Some(hook) = qdiscs.iter().find(|q| q.ifindex == p.ifindex && q.is_hook()) {
-                    // Only clsact has an egress side: the ingress qdisc's
-                    // `ingress_tcf_block` answers any parent with its one
-                    // (ingress) block.
-                    let egress = match hook.kind.as_str() {
-                        "clsact" => tc::filters(p.ifindex, tc::PARENT_EGRESS),
-                        _ => Ok(Vec::new()),
-                    };
-                    match (tc::filters(p.ifindex, tc::PARENT_INGRESS), egress) {
-                        (Ok(i), Ok(e)) => {
-                            d.ingress_filters = i.iter().map(|f| filter_fact(f, qdiscs)).collect();
-                            d.egress_filters = e.iter().map(|f| filter_fact(f, qdiscs)).collect();
-                        }
-                        (Err(e), _) | (_, Err(e)) => d.unreadable = Some(format!("{e:#}")),
-                    }
+        let mut d = device(p.ifindex, &p.name, p.xdp, &chains, &qdiscs);
+        if let (Some(b), Ok(chains)) = (&p.bridge, &chains) {
+            // TC on the bridge device itself runs after its input hooks
+            // and redirects into br_dev_xmit, which runs its output ones:
+            // only its ports skip them.
+            for c in chains.iter().filter(|c| c.family == "bridge") {
+                let label = format!("{} (bridge {b})", c.label());
+                match c.side {
+                    Side::Ingress => d.ingress_chains.push(label),
+                    Side::Egress => d.egress_chains.push(label),
                 }
             }
-            (Err(e), _) | (_, Err(e)) => d.unreadable = Some(format!("{e:#}")),
+        }
+        for (ifindex, name) in &p.uppers {
+            let u = device(*ifindex, name, false, &chains, &qdiscs);
+            if let Some(e) = &u.unreadable {
+                d.unreadable.get_or_insert_with(|| format!("{name}, above it: {e}"));
+            }
+            d.uppers.push(u);
         }
         facts.ports.insert(p.ifindex, d);
     }
     facts
+}
+
+/// The hooks on one device, from the chain and qdisc dumps.
+fn device(
+    ifindex: u32,
+    name: &str,
+    xdp: bool,
+    chains: &anyhow::Result<Vec<nft::DeviceChain>>,
+    qdiscs: &anyhow::Result<Vec<tc::Qdisc>>,
+) -> DeviceHooks {
+    let mut d = DeviceHooks { name: name.to_string(), xdp, ..Default::default() };
+    let (chains, qdiscs) = match (chains, qdiscs) {
+        (Ok(c), Ok(q)) => (c, q),
+        (Err(e), _) | (_, Err(e)) => {
+            d.unreadable = Some(format!("{e:#}"));
+            return d;
+        }
+    };
+    for c in chains.iter().filter(|c| c.devices.iter().any(|n| n == name)) {
+        match c.side {
+            Side::Ingress => d.ingress_chains.push(c.label()),
+            Side::Egress => d.egress_chains.push(c.label()),
+        }
+    }
+    d.shaper = shaper_of(qdiscs, ifindex);
+    if let Some(hook) = qdiscs.iter().find(|q| q.ifindex == ifindex && q.is_hook()) {
+        // Only clsact has an egress side: the ingress qdisc's
+        // `ingress_tcf_block` answers any parent with its one (ingress)
+        // block.
+        let egress = match hook.kind.as_str() {
+            "clsact" => tc::filters(ifindex, tc::PARENT_EGRESS),
+            _ => Ok(Vec::new()),
+        };
+        match (tc::filters(ifindex, tc::PARENT_INGRESS), egress) {
+            (Ok(i), Ok(e)) => {
+                d.ingress_filters = i.iter().map(|f| filter_fact(f, qdiscs)).collect();
+                d.egress_filters = e.iter().map(|f| filter_fact(f, qdiscs)).collect();
+            }
+            (Err(e), _) | (_, Err(e)) => d.unreadable = Some(format!("{e:#}")),
+        }
+    }
+    d
 }
 
 /// The first shaping qdisc on `ifindex`'s egress (root or a child, so an

@@ -226,6 +226,7 @@ fn read_from_the_kernel() {
                     name: n.into(),
                     xdp,
                     bridge: (n == "ha").then(|| "hbr".into()),
+                    uppers: Vec::new(),
                 })
                 .to_vec()
         };
@@ -260,4 +261,45 @@ fn read_from_the_kernel() {
     if let Err(p) = r {
         std::panic::resume_unwind(p);
     }
+}
+
+/// The fast path on a port below pppoe-wan (or br-lan, wan.7) pops and
+/// pushes their headers itself: their hooks see nothing of it.
+#[test]
+fn hooks_on_the_devices_above_a_port_hold_it() {
+    let mut ppp = port("pppoe-wan", false);
+    ppp.shaper = Some("cake".into());
+    let mut wan = port("eth1", false);
+    wan.uppers.push(ppp);
+    let f = facts(port("br-lan", false), wan.clone());
+    let up = f.bypass(LAN, WAN).expect("an upload skips cake on pppoe-wan even by TC");
+    assert_eq!(up.side, Side::Egress);
+    assert_eq!(
+        up.why,
+        "shaping qdisc cake on pppoe-wan: the fast path pushes their headers and transmits on eth1 itself, so this \
+         direction stays on the slow path; list pppoe-wan itself (the fast path then runs on it and keeps its \
+         hooks) or remove it"
+    );
+    assert_eq!(f.bypass(WAN, LAN), None, "a shaper holds nothing arriving");
+
+    let mut ppp = port("pppoe-wan", false);
+    ppp.ingress_filters.push(sqm_ingress());
+    let mut wan = port("eth1", true);
+    wan.uppers.push(ppp);
+    let f = facts(port("br-lan", true), wan);
+    let down = f.bypass(WAN, LAN).expect("a download skips the ifb redirect on pppoe-wan's ingress");
+    assert_eq!(down.side, Side::Ingress);
+    assert!(down.why.contains("on pppoe-wan redirects to ifb4rwan"), "{}", down.why);
+    assert!(down.why.contains("the fast path on eth1 takes their headers off before them"), "{}", down.why);
+    assert_eq!(f.bypass(LAN, WAN), None, "an ingress filter holds nothing leaving");
+
+    // The port's own hook is named before its uppers'.
+    let mut vlan = port("wan.7", false);
+    vlan.egress_chains.push("netdev t out7".into());
+    let mut wan = port("eth1", false);
+    wan.egress_chains.push("netdev t out".into());
+    wan.uppers.push(vlan);
+    let why = facts(port("br-lan", false), wan).bypass(LAN, WAN).unwrap().why;
+    assert!(why.starts_with("nft chain netdev t out on eth1 egress: a TC redirect skips"), "{why}");
+    assert!(!why.contains("wan.7"), "{why}");
 }

@@ -189,6 +189,50 @@ impl Topology {
         }
     }
 
+    /// Every device stacked above `port`: its bridge, VLAN devices on it
+    /// or on those, ppp devices whose PPPoE session runs over any of them
+    /// (the devices a walk down to `port` may cross). Sorted, `port` not
+    /// included.
+    pub fn uppers(&self, port: u32) -> Vec<u32> {
+        let mut set = std::collections::BTreeSet::from([port]);
+        loop {
+            let before = set.len();
+            for l in self.links.values() {
+                let above = match &l.kind {
+                    Kind::Vlan { .. } => l.lower.is_some_and(|i| set.contains(&i)),
+                    Kind::Bridge { .. } => {
+                        self.links.values().any(|p| p.master == Some(l.ifindex) && set.contains(&p.ifindex))
+                    }
+                    Kind::Ppp => self
+                        .pppoe_of(l.ifindex)
+                        .ok()
+                        .and_then(|s| self.by_name(&s.device))
+                        .is_some_and(|d| set.contains(&d.ifindex)),
+                    _ => false,
+                };
+                if above {
+                    set.insert(l.ifindex);
+                }
+            }
+            if set.len() == before || set.len() > walk::MAX_DEPTH * 4 {
+                break;
+            }
+        }
+        set.remove(&port);
+        set.into_iter().collect()
+    }
+
+    /// `uppers` not among the interfaces `named` (those run the fast path
+    /// themselves), with their names: the fast path on `port` would skip
+    /// their hooks (`hooks::Port::uppers`).
+    pub fn uppers_named(&self, port: u32, named: &[String]) -> Vec<(u32, String)> {
+        self.uppers(port)
+            .into_iter()
+            .filter_map(|u| self.link(u).map(|l| (u, l.name.clone())))
+            .filter(|(_, n)| !named.contains(n))
+            .collect()
+    }
+
     /// What `ifindex` is and what it stands on, for `check` and `status`:
     /// "br-lan: bridge, ports lan1 lan2"; "pppoe-wan: PPPoE session 0x1a2b
     /// over wan.7 (VLAN 7) on eth1".

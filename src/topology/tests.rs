@@ -359,3 +359,25 @@ fn rtnetlink_messages_decode_into_links_vlans_and_fdb() {
     n.attributes.pop();
     assert_eq!(fdb_of(&n), None, "a port's own address list (no NDA_MASTER)");
 }
+
+/// What a port's fast path may skip lives on the devices above it.
+#[test]
+fn uppers_are_every_device_a_walk_may_cross() {
+    let one = wan_router(vec![session(0x1a2b, "wan.7")], false);
+    let dsa = dsa_router(3);
+    let cases: [(&str, &Topology, u32, &[u32]); 6] = [
+        ("NIC under VLAN, QinQ and PPPoE", &one, 2, &[3, 4, 6, 7]),
+        ("VLAN under PPPoE", &one, 3, &[4]),
+        ("ppp device: nothing above", &one, 4, &[]),
+        ("WireGuard", &one, 5, &[]),
+        ("DSA port of br-lan", &dsa, 3, &[10]),
+        ("DSA conduit: VLAN on it, not the user ports' bridge", &dsa, 2, &[6]),
+    ];
+    for (what, t, port, want) in cases {
+        assert_eq!(t.uppers(port), want, "{what}");
+    }
+    let fb = filtering_bridge();
+    assert_eq!(fb.uppers(3), vec![10, 11], "a bridge port: the bridge and the VLAN device on it");
+    let two = wan_router(vec![session(1, "wan.7"), session(2, "eth1")], true);
+    assert_eq!(two.uppers(2), vec![3, 6, 7], "an ambiguous ppp device counts above nothing");
+}
