@@ -130,6 +130,15 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_TCP_SYN;
 		goto slow;
 	}
+	/* TC cannot take the header off (see FO_SLOW_PPPOE_TC_POP): no flow
+	 * is keyed so on a TC port; the kernel decapsulates it and the fast
+	 * path on the ppp device above takes it (engine::ports,
+	 * pppoe_uppers). Before the lookup: it could only miss.
+	 */
+	if (!xdp && p->pppoe_len) {
+		reason = FO_SLOW_PPPOE_TC_POP;
+		goto slow;
+	}
 
 	p->key.ifindex = m->ifindex;
 	f = bpf_map_lookup_elem(&fo_flows, &p->key);
@@ -194,10 +203,6 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 			f->teardown = FO_TD_FIN;
 			reason = FO_SLOW_TCP_FIN;
 		}
-		goto slow;
-	}
-	if (!xdp && p->pppoe_len) {
-		reason = FO_SLOW_PPPOE_TC_POP;
 		goto slow;
 	}
 	reason = fo_out_encap(f, o);

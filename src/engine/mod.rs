@@ -109,6 +109,9 @@ struct Core {
     path_resolutions: u64,
     /// What holds directions on the slow path.
     holds: HoldFacts,
+    /// ppp devices attached because the port below runs TC
+    /// (`ports::pppoe_uppers`).
+    pppoe_uppers: Vec<u32>,
 }
 
 impl Engine {
@@ -180,7 +183,9 @@ impl Engine {
             path_resolutions: 0,
             // After subscribing (`xfrm`), likewise.
             holds: HoldFacts { xfrm: crate::xfrm::read_spd(), hooks: Default::default() },
+            pppoe_uppers: Vec::new(),
         };
+        core.sync_pppoe_uppers();
         // After attaching (the modes are known) and after the ruleset (its
         // device chains count), before the first verdict.
         core.read_hooks();
@@ -366,6 +371,9 @@ impl Core {
         for mac in self.facts.refresh(ch) {
             self.neigh_ids.extend(self.flows.offloaded_via_mac(mac));
             self.neigh_dirty.get_or_insert_with(Instant::now);
+        }
+        if ch.lost || !ch.links.is_empty() {
+            self.sync_pppoe_uppers();
         }
         // A link event too: a mirred target renamed, a port's qdisc
         // replaced as it comes up.

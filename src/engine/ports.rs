@@ -8,6 +8,7 @@ use crate::dataplane::{Dataplane, Mode};
 use crate::policy::{choose_modes, xdp_refused, ModeChoice, ModeDecision};
 use crate::routes::link::{self, LinkInfo};
 use crate::routes::path::Ports;
+use crate::topology::{pppoe_uppers, PppoeUpper};
 
 #[derive(Debug, Default, Clone)]
 pub struct Interfaces(pub Vec<IfaceStatus>);
@@ -109,6 +110,47 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         up: info.up,
         // Filled in by `status` from the current topology.
         topology: String::new(),
+    }
+}
+
+impl super::Core {
+    /// Attach TC to the ppp devices `pppoe_uppers` names now, detach the
+    /// ones it no longer names (a PPPoE reconnect makes a new ppp device).
+    /// Called after the topology is read or changed.
+    pub(super) fn sync_pppoe_uppers(&mut self) {
+        let implied = &self.pppoe_uppers;
+        let managed = |i: u32| self.ifaces.get(i).is_some() && !implied.contains(&i);
+        let tc_port = |i: u32| self.ifaces.get(i).is_some_and(|p| p.mode == Mode::Tc);
+        let want = pppoe_uppers(&self.facts.topo, managed, tc_port);
+        let gone: Vec<u32> = implied.iter().copied().filter(|i| !want.iter().any(|w| w.ifindex == *i)).collect();
+        if !gone.is_empty() {
+            self.ifaces.detach(self.flows.dp_mut(), &gone);
+            self.pppoe_uppers.retain(|i| !gone.contains(i));
+            tracing::info!(?gone, "PPPoE devices no longer above a TC port: detached");
+        }
+        let new: Vec<PppoeUpper> = want.into_iter().filter(|w| !self.pppoe_uppers.contains(&w.ifindex)).collect();
+        for w in new {
+            let info = match link::info(&w.name) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(iface = %w.name, "PPPoE device above {}: {e:#}", w.port);
+                    continue;
+                }
+            };
+            match self.ifaces.attach(self.flows.dp_mut(), std::slice::from_ref(&info), ModeChoice::Tc) {
+                Ok(_) => {
+                    if let Some(s) = self.ifaces.0.iter_mut().find(|s| s.ifindex == w.ifindex) {
+                        s.reason = format!(
+                            "TC on the PPPoE device above {}, which runs TC: TC cannot take a PPPoE header off or \
+                             push one on a GSO packet, the ppp device does",
+                            w.port
+                        );
+                    }
+                    self.pppoe_uppers.push(w.ifindex);
+                }
+                Err(e) => tracing::warn!(iface = %w.name, "PPPoE device above {}: {e:#}", w.port),
+            }
+        }
     }
 }
 

@@ -81,6 +81,8 @@ impl Core {
         }
         let removed: Vec<u32> = self.ifaces.0.iter().filter(|i| !wanted.contains(&i.name)).map(|i| i.ifindex).collect();
         self.ifaces.detach(self.flows.dp_mut(), &removed);
+        self.pppoe_uppers.retain(|i| !removed.contains(i));
+        self.sync_pppoe_uppers();
         self.flows.set_label_bits(label_bits(Some(&rs)));
         self.ruleset = Some(rs);
         // The ports changed, and the new ruleset may carry device chains

@@ -117,6 +117,10 @@ impl Topology {
         self.links.get(&ifindex)
     }
 
+    pub fn links(&self) -> impl Iterator<Item = &Link> {
+        self.links.values()
+    }
+
     pub fn by_name(&self, name: &str) -> Option<&Link> {
         self.links.values().find(|l| l.name == name)
     }
@@ -291,6 +295,37 @@ impl Topology {
             Kind::Other(_) => (String::new(), None),
         }
     }
+}
+
+/// A ppp device the fast path runs on because the port below it runs TC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PppoeUpper {
+    pub ifindex: u32,
+    pub name: String,
+    /// The managed port its PPPoE session runs over.
+    pub port: String,
+}
+
+/// The ppp devices whose PPPoE session runs over a port managed in TC mode
+/// (`tc_port`), directly or through VLAN devices, and that are not managed
+/// themselves. TC cannot take a PPPoE header off (bpf_skb_adjust_room
+/// refuses an skb whose protocol is not IP, net/core/filter.c), nor push
+/// one on a GSO skb, so TC on eth1 hands PPPoE frames to the kernel, which
+/// decapsulates them (pppoe_rcv) and delivers them on pppoe-wan: the fast
+/// path on pppoe-wan takes them from there, and its own transmissions go
+/// into pppoe-wan, whose driver encapsulates (pppoe_xmit). The same
+/// connections the kernel flowtable offloads on eth1 (it pops PPPoE there,
+/// nf_flow_skb_encap_protocol); XDP on eth1 pops and pushes itself.
+pub fn pppoe_uppers(topo: &Topology, managed: impl Fn(u32) -> bool, tc_port: impl Fn(u32) -> bool) -> Vec<PppoeUpper> {
+    let mut v = Vec::new();
+    for l in topo.links().filter(|l| l.kind == Kind::Ppp && !managed(l.ifindex)) {
+        let Ok(e) = topo.egress(l.ifindex, [0; 6], &managed) else { continue };
+        if tc_port(e.port) && e.encap.as_slice().iter().any(|x| x.proto == ETH_P_PPP_SES) {
+            let port = topo.link(e.port).map_or_else(|| e.port.to_string(), |p| p.name.clone());
+            v.push(PppoeUpper { ifindex: l.ifindex, name: l.name.clone(), port });
+        }
+    }
+    v
 }
 
 /// An fdb entry as an RTM_NEWNEIGH / RTM_DELNEIGH (AF_BRIDGE) states it.

@@ -381,3 +381,21 @@ fn uppers_are_every_device_a_walk_may_cross() {
     let two = wan_router(vec![session(1, "wan.7"), session(2, "eth1")], true);
     assert_eq!(two.uppers(2), vec![3, 6, 7], "an ambiguous ppp device counts above nothing");
 }
+
+/// Which ppp devices get the fast path because TC runs below them.
+#[test]
+fn pppoe_devices_above_a_tc_port_are_attached_too() {
+    let one = wan_router(vec![session(0x1a2b, "wan.7")], false);
+    let names = |v: Vec<PppoeUpper>| v.into_iter().map(|u| (u.name, u.port)).collect::<Vec<_>>();
+    let pick = |t: &Topology, managed: &[u32], tc: bool| {
+        names(pppoe_uppers(t, |i| managed.contains(&i), |i| tc && managed.contains(&i)))
+    };
+    let want = vec![("pppoe-wan".to_string(), "eth1".to_string())];
+    assert_eq!(pick(&one, &[2], true), want, "eth1 listed, TC: through the VLAN to the session");
+    assert_eq!(pick(&one, &[3], true), vec![("pppoe-wan".into(), "wan.7".into())], "wan.7 listed");
+    assert_eq!(pick(&one, &[2], false), vec![], "XDP on eth1 pops and pushes PPPoE itself");
+    assert_eq!(pick(&one, &[2, 4], true), vec![], "pppoe-wan listed already");
+    assert_eq!(pick(&one, &[5], true), vec![], "no port below it is managed");
+    let two = wan_router(vec![session(1, "wan.7"), session(2, "eth1")], true);
+    assert_eq!(pick(&two, &[2], true), vec![], "ambiguous sessions: neither");
+}
