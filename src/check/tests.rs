@@ -43,6 +43,7 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
             mtu: 1500,
             qdisc: qdisc.into(),
             link_type: libc::ARPHRD_ETHER,
+            vlans_stripped: Vec::new(),
         }),
         peer: None,
         xdp_prog: None,

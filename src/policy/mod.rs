@@ -70,6 +70,8 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
                     l.name,
                     if l.driver.is_empty() { "unknown driver" } else { &l.driver }
                 ))
+            } else if let Some(why) = vlan_stripped(l) {
+                Some(format!("{why}: TC reads the tag"))
             } else if is_shaper(&l.qdisc) {
                 Some(format!("{} has a shaping qdisc ({}): TC keeps it in the path (SQM)", l.name, l.qdisc))
             } else {
@@ -100,11 +102,25 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
 /// so `--mode xdp` on it is refused rather than left to a kernel error;
 /// auto picks TC there (`is_virtual`).
 pub fn xdp_refused(l: &LinkInfo) -> Option<String> {
-    (l.driver == "bridge").then(|| {
-        format!(
+    if l.driver == "bridge" {
+        return Some(format!(
             "{} is a bridge, which has no native XDP: use --mode tc (TC on the bridge), or list its ports \
              instead of the bridge to use XDP on them",
             l.name
+        ));
+    }
+    vlan_stripped(l).map(|why| format!("{why}: turn that off (ethtool -K {} rxvlan off) or use --mode tc", l.name))
+}
+
+/// XDP cannot see a tag the NIC stripped (that needs a device-bound
+/// program and bpf_xdp_metadata_rx_vlan_tag): a frame of one of the VLANs
+/// would look like the port's own. TC reads the tag from the skb.
+fn vlan_stripped(l: &LinkInfo) -> Option<String> {
+    (!l.vlans_stripped.is_empty()).then(|| {
+        format!(
+            "{} strips VLAN tags before XDP sees them (rx-vlan-offload on) and carries VLAN device(s) {}",
+            l.name,
+            l.vlans_stripped.join(", ")
         )
     })
 }
@@ -124,6 +140,22 @@ mod tests {
         assert!(d.iter().all(|d| d.mode == Mode::Tc), "auto picks TC: {d:?}");
     }
 
+    /// eth0 carrying eth0.2 with rx-vlan-offload on: XDP would take a
+    /// VLAN 2 frame for one of eth0's own.
+    #[test]
+    fn a_nic_that_strips_vlan_tags_gets_tc() {
+        let eth0 = LinkInfo { vlans_stripped: vec!["eth0.2".into()], ..link("eth0", "mlx5_core", "mq") };
+        let why = xdp_refused(&eth0).expect("refused");
+        assert_eq!(
+            why,
+            "eth0 strips VLAN tags before XDP sees them (rx-vlan-offload on) and carries VLAN device(s) eth0.2: turn \
+             that off (ethtool -K eth0 rxvlan off) or use --mode tc"
+        );
+        let d = choose_modes(&[eth0, link("eth1", "mlx5_core", "mq")], ModeChoice::Auto);
+        assert!(d.iter().all(|d| d.mode == Mode::Tc), "auto picks TC: {d:?}");
+        assert!(d[0].reason.ends_with("carries VLAN device(s) eth0.2: TC reads the tag"), "{}", d[0].reason);
+    }
+
     fn link(name: &str, driver: &str, qdisc: &str) -> LinkInfo {
         LinkInfo {
             name: name.into(),
@@ -133,6 +165,7 @@ mod tests {
             mtu: 1500,
             qdisc: qdisc.into(),
             link_type: libc::ARPHRD_ETHER,
+            vlans_stripped: Vec::new(),
         }
     }
 

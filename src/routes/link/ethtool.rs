@@ -79,6 +79,19 @@ pub fn gro(name: &str) -> Option<bool> {
     unsafe { ethtool(name, &mut v) }.then_some(v.data != 0)
 }
 
+const ETHTOOL_GFLAGS: u32 = 0x25;
+/// include/uapi/linux/ethtool.h: NETIF_F_HW_VLAN_CTAG_RX as a flag.
+const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+
+/// Whether the NIC strips 802.1Q tags into packet metadata on receive
+/// (`ethtool -k` rx-vlan-offload): XDP then sees tagged frames untagged.
+/// None when not readable.
+pub fn rx_vlan_offload(name: &str) -> Option<bool> {
+    let mut v = Value { cmd: ETHTOOL_GFLAGS, data: 0 };
+    // SAFETY: ETHTOOL_GFLAGS reads and writes a struct ethtool_value.
+    unsafe { ethtool(name, &mut v) }.then_some(v.data & ETH_FLAG_RXVLAN != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +102,6 @@ mod tests {
         assert!(gro("lo").is_some());
         assert_eq!(driver("nosuch-if0"), "");
         assert_eq!(gro("nosuch-if0"), None);
+        assert_eq!(rx_vlan_offload("nosuch-if0"), None);
     }
 }

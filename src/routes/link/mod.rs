@@ -10,7 +10,7 @@ use std::ffi::CString;
 
 use anyhow::{bail, Result};
 
-pub use ethtool::{driver, gro};
+pub use ethtool::{driver, gro, rx_vlan_offload};
 pub use table::{LinkFacts, LinkRef, LinkTable, OperState, Undecoded, XdpMode, XdpProgs};
 
 /// An interface as mode selection and the engine see it.
@@ -27,6 +27,10 @@ pub struct LinkInfo {
     pub qdisc: String,
     /// ARPHRD_* (1: Ethernet; ppp, WireGuard, tun have no link-layer header).
     pub link_type: u16,
+    /// VLAN devices stand on it while its NIC strips tags on receive
+    /// (rx-vlan-offload): XDP would see their frames untagged, as if they
+    /// were its own. Their names.
+    pub vlans_stripped: Vec<String>,
 }
 
 impl LinkInfo {
@@ -40,6 +44,7 @@ impl LinkInfo {
             mtu: l.mtu,
             qdisc: l.qdisc.clone().unwrap_or_default(),
             link_type: l.link_type,
+            vlans_stripped: Vec::new(),
         }
     }
 }
@@ -48,7 +53,21 @@ impl LinkTable {
     /// `LinkInfo` of the link called `name`, with its driver.
     pub fn info(&self, name: &str) -> Result<LinkInfo> {
         match self.by_name(name) {
-            Some(l) => Ok(LinkInfo::new(l, driver(name))),
+            Some(l) => {
+                let vlans: Vec<String> = self
+                    .iter()
+                    .filter(|v| {
+                        v.kind.as_deref() == Some("vlan")
+                            && v.link.as_ref().is_some_and(|r| r.ifindex == l.ifindex && r.netnsid.is_none())
+                    })
+                    .map(|v| v.name.clone())
+                    .collect();
+                let stripped = !vlans.is_empty() && rx_vlan_offload(name).unwrap_or(true);
+                Ok(LinkInfo {
+                    vlans_stripped: if stripped { vlans } else { Vec::new() },
+                    ..LinkInfo::new(l, driver(name))
+                })
+            }
             None => bail!("interface {}", self.why_missing(name)),
         }
     }
