@@ -11,6 +11,7 @@
 pub mod addrs;
 pub(crate) mod dump;
 pub mod link;
+mod metric;
 pub mod path;
 pub mod rules;
 
@@ -122,7 +123,13 @@ pub fn resolve(dp: &Dataplane, p: &Packet) -> Result<std::result::Result<NextHop
     if r.ret != 0 {
         return Ok(Err(Unroutable(r.ret)));
     }
-    Ok(Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: r.mtu.min(0xffff) as u16, xdp_ok: false }))
+    // The helper's MTU leaves out an unlocked route metric that forwarding
+    // honours (see `metric`).
+    let mut mtu = r.mtu.min(0xffff);
+    if let Some(m) = metric::forward_mtu_metric(p)? {
+        mtu = mtu.min(m);
+    }
+    Ok(Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: mtu as u16, xdp_ok: false }))
 }
 
 /// Which interface the kernel would forward packets for `dst` out of
