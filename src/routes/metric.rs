@@ -46,6 +46,22 @@ fn request(p: &Packet) -> Option<RouteMessage> {
     Some(m)
 }
 
+/// Whether any IPv4 route, in any table, carries an MTU metric: only then
+/// can the helper's MTU be wrong, so only then is each resolution asked
+/// about (one netlink round trip, some 45 µs). Read at start and after each
+/// route change; a dump that fails answers true (ask every time).
+pub fn any_route_mtu() -> bool {
+    let mut req = RouteMessage::default();
+    req.header.address_family = AddressFamily::Inet;
+    match super::dump::dump(RouteNetlinkMessage::GetRoute(req), "IPv4 route") {
+        Ok(msgs) => msgs.iter().any(|m| matches!(m, RouteNetlinkMessage::NewRoute(r) if mtu_of(r).is_some())),
+        Err(e) => {
+            tracing::warn!("{e:#}: checking each path's route MTU");
+            true
+        }
+    }
+}
+
 /// RTAX_MTU of a route the kernel answered with, if it has one.
 fn mtu_of(m: &RouteMessage) -> Option<u32> {
     m.attributes.iter().find_map(|a| match a {
