@@ -211,6 +211,27 @@ impl Daemon {
         serde_json::from_str(&self.cli(&["flows", "-o", "json"])?).context("decoding `flows -o json`")
     }
 
+    /// The idle round trip of one connection, for an engine started with
+    /// `--idle-timeout 2`: `burst(n)` sends `n` packets of it at 100 a
+    /// second. It is offloaded, leaves the fast path (dormant) once idle,
+    /// and its next packets put it back (a second offload) and go fast.
+    pub fn assert_idle_round_trip(&self, burst: impl Fn(u32)) {
+        burst(40);
+        let st = self.status().unwrap();
+        assert_eq!(st["flows_offloaded"], 1, "{st}");
+        let fp0 = st["fast_path_packets"].as_u64().unwrap();
+        assert!(fp0 > 20, "{st}");
+        std::thread::sleep(Duration::from_secs(4));
+        let st = self.status().unwrap();
+        assert_eq!((st["flows_offloaded"].as_u64(), st["flows_dormant"].as_u64()), (Some(0), Some(1)), "{st}");
+        assert_eq!(st["teardowns"]["idle"], 1, "{st}");
+        burst(60);
+        let st = self.status().unwrap();
+        assert_eq!(st["flows_offloaded"], 1, "not re-offloaded: {st}");
+        assert_eq!(st["offloads_total"], 2, "{st}");
+        assert!(st["fast_path_packets"].as_u64().unwrap() > fp0 + 30, "{st}");
+    }
+
     /// SIGTERM; an error unless the engine exits 0 within 5 s (then it is
     /// SIGKILLed). The log is kept on error.
     pub fn stop(mut self) -> Result<()> {

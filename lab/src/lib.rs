@@ -15,6 +15,7 @@ pub mod iperf;
 pub mod lab;
 pub mod private_router;
 pub mod table;
+pub mod tun_relay;
 
 pub use daemon::{router_bin, Daemon, DaemonOpts};
 pub use lab::{Background, Lab, LabOpts};

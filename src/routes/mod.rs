@@ -11,6 +11,7 @@
 pub mod addrs;
 pub(crate) mod dump;
 pub mod link;
+mod metric;
 pub mod path;
 pub mod rules;
 
@@ -125,6 +126,23 @@ pub fn resolve(dp: &Dataplane, p: &Packet) -> Result<std::result::Result<NextHop
     Ok(Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: r.mtu.min(0xffff) as u16, xdp_ok: false }))
 }
 
+/// `resolve`, with the MTU metric of `p`'s route when some route has one
+/// (`facts.route_mtus`): the helper's MTU leaves out an unlocked metric
+/// that forwarding honours (see `metric`).
+pub fn resolve_with(
+    dp: &Dataplane,
+    facts: &RouteFacts,
+    p: &Packet,
+) -> Result<std::result::Result<NextHop, Unroutable>> {
+    let mut r = resolve(dp, p)?;
+    if let (Ok(nh), true) = (&mut r, facts.route_mtus) {
+        if let Some(m) = metric::forward_mtu_metric(p)? {
+            nh.mtu = nh.mtu.min(m.min(0xffff) as u16);
+        }
+    }
+    Ok(r)
+}
+
 /// Which interface the kernel would forward packets for `dst` out of
 /// (neighbour not needed). Used to find where a connection's
 /// original direction arrives: the reverse path, as rp_filter assumes.
@@ -236,6 +254,8 @@ pub struct RouteFacts {
     pub addrs: addrs::AddressTable,
     /// The devices below the FIB's (bridges, VLANs, PPPoE).
     pub topo: crate::topology::Topology,
+    /// Some IPv4 route carries an MTU metric (`metric::any_route_mtu`).
+    pub route_mtus: bool,
 }
 
 impl RouteFacts {
@@ -244,6 +264,7 @@ impl RouteFacts {
             rules: rules::PolicyRules::read(),
             addrs: addrs::AddressTable::dump()?,
             topo: crate::topology::read().context("reading the link topology")?,
+            route_mtus: metric::any_route_mtu(),
         })
     }
 
@@ -269,6 +290,9 @@ impl RouteFacts {
         };
         if ch.rules || ch.lost {
             self.rules = rules::PolicyRules::read();
+        }
+        if ch.routes || ch.lost {
+            self.route_mtus = metric::any_route_mtu();
         }
         if ch.addresses || ch.lost {
             match addrs::AddressTable::dump() {

@@ -25,7 +25,7 @@ use crate::topology::{Egress, LowerError, Topology};
 
 use super::addrs::AddressTable;
 use super::rules::Selector;
-use super::{egress_for, resolve, Packet, RouteFacts, Unroutable, FIB_NO_MARK};
+use super::{egress_for, resolve_with, Packet, RouteFacts, Unroutable, FIB_NO_MARK};
 
 /// Why a connection has no fast path now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -121,7 +121,7 @@ pub fn resolve_path(
     };
     let hop = |in_ifindex: u32, t: &CtTuple, dst: IpAddr| {
         let p = Packet { in_ifindex, src: t.src, dst, proto: t.proto, sport: t.sport, dport: t.dport, mark };
-        match resolve(dp, &p) {
+        match resolve_with(dp, facts, &p) {
             Ok(Ok(nh)) => Ok(nh),
             Ok(Err(Unroutable(FIB_NO_MARK))) if mark != 0 => Err(NoPath::Rule(Selector::MarkUnsupported)),
             Ok(Err(u)) => Err(NoPath::Unroutable(u.0)),

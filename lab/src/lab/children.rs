@@ -13,7 +13,7 @@ pub(super) const CHILD_TERM_GRACE: Duration = Duration::from_secs(3);
 
 /// SIGTERM, then SIGKILL, every process inside `ns` (a process left in a
 /// namespace keeps it, and its veths, alive after `ip netns del`).
-pub(super) fn kill_netns_pids(ns: &str) {
+pub(crate) fn kill_netns_pids(ns: &str) {
     let pids = |ns: &str| -> Vec<libc::pid_t> {
         cmd::run(Command::new("ip").args(["netns", "pids", ns]))
             .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())

@@ -16,7 +16,7 @@
 //! Everything is driven with the real tools (`ip`, `nft`, `ethtool`, ...),
 //! so the lab behaves like a small router would.
 
-mod children;
+pub(crate) mod children;
 pub(crate) mod cmd;
 pub(crate) mod cpu;
 pub(crate) mod netns;
