@@ -102,6 +102,14 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
 /// so `--mode xdp` on it is refused rather than left to a kernel error;
 /// auto picks TC there (`is_virtual`).
 pub fn xdp_refused(l: &LinkInfo) -> Option<String> {
+    if l.link_type != libc::ARPHRD_ETHER && l.link_type != libc::ARPHRD_LOOPBACK {
+        // Checked before anything is attached (Dataplane::attach refuses
+        // it too, but only when its turn comes).
+        return Some(format!(
+            "cannot attach XDP to {}: it has no Ethernet header (link type {}): use --mode tc",
+            l.name, l.link_type
+        ));
+    }
     if l.driver == "bridge" {
         return Some(format!(
             "{} is a bridge, which has no native XDP: use --mode tc (TC on the bridge), or list its ports \
@@ -142,6 +150,15 @@ mod tests {
 
     /// eth0 carrying eth0.2 with rx-vlan-offload on: XDP would take a
     /// VLAN 2 frame for one of eth0's own.
+    #[test]
+    fn xdp_is_refused_before_attaching_on_a_device_without_ethernet() {
+        let wg = LinkInfo { link_type: libc::ARPHRD_NONE, ..link("wg0", "wireguard", "noqueue") };
+        assert_eq!(
+            xdp_refused(&wg).as_deref(),
+            Some("cannot attach XDP to wg0: it has no Ethernet header (link type 65534): use --mode tc")
+        );
+    }
+
     #[test]
     fn a_nic_that_strips_vlan_tags_gets_tc() {
         let eth0 = LinkInfo { vlans_stripped: vec!["eth0.2".into()], ..link("eth0", "mlx5_core", "mq") };
