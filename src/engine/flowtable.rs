@@ -22,6 +22,17 @@ use super::now_ns;
 
 /// A new offload's first keepalive look (then `flow::next_check`).
 const FIRST_LOOK_NS: u64 = 250_000_000;
+/// Offloads decided in a batch of events are installed at its end, or
+/// once this many wait (so the first of a long batch does not wait for
+/// the whole batch to be judged).
+const MAX_PENDING: usize = 256;
+
+/// An offload decided but not yet installed (`FlowTable::flush`).
+struct Pending {
+    id: ConnId,
+    entry: CtEntry,
+    dirs: [Direction; 2],
+}
 
 pub(super) struct Offloaded {
     pub entry: CtEntry,
@@ -79,6 +90,42 @@ pub struct FlowTable {
     pub counters: Counters,
     /// When the batch of conntrack events being handled was read.
     pub events_at: Option<Instant>,
+    /// Offloads waiting for `flush`, and their ids: anything else done to
+    /// one of them (`merge`, `apply`, `teardown`) flushes first, so the
+    /// state machine sees each connection's events in order.
+    pending: Vec<Pending>,
+    pending_ids: HashSet<ConnId>,
+    /// Inside `begin_batch` .. `end_batch`: installs wait for `flush`.
+    batching: bool,
+    /// The keys this table wrote to `fo_flows`, by hash (a count each: two
+    /// keys may share one). The engine is the map's only writer, so a key
+    /// whose hash is absent is not in the map and may go into a batch
+    /// write, which cannot say BPF_NOEXIST; a hash present (a collision,
+    /// or its key really taken) goes through the kernel's BPF_NOEXIST.
+    keys: HashMap<u64, u32>,
+}
+
+fn key_hash(k: &fo_flow_key) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    key_bytes(k).hash(&mut h);
+    h.finish()
+}
+
+/// `k` was written to the map.
+fn note_key(keys: &mut HashMap<u64, u32>, k: &fo_flow_key) {
+    *keys.entry(key_hash(k)).or_default() += 1;
+}
+
+/// `k` was deleted from the map.
+fn forget_key(keys: &mut HashMap<u64, u32>, k: &fo_flow_key) {
+    let h = key_hash(k);
+    if let Some(n) = keys.get_mut(&h) {
+        *n -= 1;
+        if *n == 0 {
+            keys.remove(&h);
+        }
+    }
 }
 
 impl FlowTable {
@@ -97,6 +144,10 @@ impl FlowTable {
             label_bits,
             counters: Counters::default(),
             events_at: None,
+            pending: Vec::new(),
+            pending_ids: HashSet::new(),
+            batching: false,
+            keys: HashMap::new(),
         }
     }
 
@@ -119,6 +170,7 @@ impl FlowTable {
     /// Complete an entry from the connection's memo (see conntrack::merge).
     pub fn merge(&mut self, e: CtEntry, seen: Seen) -> CtEntry {
         let id = ConnId::of(&e);
+        self.settle(&id);
         let (e, memo) = merge(e, seen, self.memos.get(&id));
         self.memos.insert(id, memo);
         e
@@ -256,9 +308,30 @@ impl FlowTable {
         }
     }
 
+    /// Offloads decided from here to `end_batch` are installed together
+    /// (`flush`): one ctnetlink send for their conntrack changes, then
+    /// their map entries.
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    pub fn end_batch(&mut self) {
+        self.batching = false;
+        self.flush();
+    }
+
+    /// Install `id` now if its offload is pending: something else is about
+    /// to happen to it.
+    fn settle(&mut self, id: &ConnId) {
+        if self.pending_ids.contains(id) {
+            self.flush();
+        }
+    }
+
     /// Apply a verdict about connection `e`.
     pub fn apply(&mut self, e: CtEntry, v: Verdict) {
         let id = ConnId::of(&e);
+        self.settle(&id);
         match v {
             Verdict::Ignore => {}
             // The engine resolves the path before applying; reaching here
@@ -339,25 +412,100 @@ impl FlowTable {
     fn install(&mut self, id: ConnId, e: CtEntry, dirs: [Direction; 2]) {
         self.waiting.remove(&id);
         self.wake(&id);
-        // Conntrack will miss the packets we forward: stop it from judging
-        // windows it cannot see, as nft_flow_offload_eval does
-        // (IP_CT_TCP_FLAG_BE_LIBERAL both ways).
-        if e.orig.proto == IPPROTO_TCP {
-            let upd = CtUpdate { tcp_liberal: true, ..Default::default() };
-            match self.ct.update(&e.orig, e.zone, &upd) {
+        self.pending_ids.insert(id);
+        self.pending.push(Pending { id, entry: e, dirs });
+        if !self.batching || self.pending.len() >= MAX_PENDING {
+            self.flush();
+        }
+    }
+
+    /// Install the pending offloads. Conntrack first, for all of them in one
+    /// send: it will miss the packets we forward, so it must stop judging
+    /// windows it cannot see, as nft_flow_offload_eval does
+    /// (IP_CT_TCP_FLAG_BE_LIBERAL both ways). Only a connection conntrack
+    /// accepted that for gets map entries; one it refused (or that is gone)
+    /// costs only itself.
+    pub fn flush(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_ids.clear();
+        let tcp: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].entry.orig.proto == IPPROTO_TCP).collect();
+        let reqs: Vec<_> = tcp
+            .iter()
+            .map(|&i| {
+                let e = &batch[i].entry;
+                (e.orig, e.zone, CtUpdate { tcp_liberal: true, ..Default::default() })
+            })
+            .collect();
+        let mut accepted = vec![true; batch.len()];
+        let results = if reqs.is_empty() { Vec::new() } else { self.ct.update_many(&reqs) };
+        for (&i, r) in tcp.iter().zip(results) {
+            match r {
                 Ok(()) => {}
-                Err(CtError::NotFound) => return,
+                Err(CtError::NotFound) => accepted[i] = false,
                 Err(err) => {
-                    tracing::warn!("cannot set TCP liberal mode: {err}; not offloading");
+                    tracing::warn!(id = ?batch[i].id, "cannot set TCP liberal mode: {err}; not offloading");
                     self.not_offloaded(NotOffloaded::ConntrackUpdateFailed);
-                    return;
+                    accepted[i] = false;
                 }
             }
         }
-        for (i, d) in dirs.iter().enumerate() {
+        // Keys known free go into one batch write; the others (a hash this
+        // table already wrote, or one twice in this batch) one by one with
+        // BPF_NOEXIST after it, which tells a taken key from a hash
+        // collision and finds the keys the batch just wrote.
+        let (mut fresh, mut slow) = (Vec::new(), Vec::new());
+        let mut in_batch = HashSet::new();
+        for (p, ok) in batch.into_iter().zip(accepted) {
+            if !ok {
+                continue;
+            }
+            let h = p.dirs.map(|d| key_hash(&d.key));
+            if h[0] != h[1] && h.iter().all(|x| !self.keys.contains_key(x) && !in_batch.contains(x)) {
+                in_batch.extend(h);
+                fresh.push(p);
+            } else {
+                slow.push(p);
+            }
+        }
+        self.put_batch(fresh);
+        for p in slow {
+            self.put_one_by_one(p);
+        }
+    }
+
+    /// Map entries for offloads whose keys are not in the map, in batch
+    /// writes; an entry the kernel cannot write (the table is full) costs
+    /// its own connection, and the writes go on after it.
+    fn put_batch(&mut self, batch: Vec<Pending>) {
+        let entries: Vec<(fo_flow_key, fo_flow)> = batch.iter().flat_map(|p| p.dirs.map(|d| (d.key, d.val))).collect();
+        let mut ok = vec![true; batch.len()];
+        let mut at = 0;
+        while at < entries.len() {
+            let (n, err) = self.dp.put_new_flows(&entries[at..]);
+            let Some(err) = err.filter(|_| at + n < entries.len()) else { break };
+            let bad = (at + n) / 2;
+            if (at + n) % 2 == 1 {
+                // Its first direction went in: both or neither.
+                self.dp.delete_flow(&entries[at + n - 1].0);
+            }
+            tracing::warn!(id = ?batch[bad].id, "{err}");
+            self.not_offloaded(NotOffloaded::TableFull);
+            ok[bad] = false;
+            at = (bad + 1) * 2;
+        }
+        for (p, ok) in batch.into_iter().zip(ok) {
+            if ok {
+                self.installed(p);
+            }
+        }
+    }
+
+    /// Both map entries of an offload with BPF_NOEXIST each, or neither.
+    fn put_one_by_one(&mut self, p: Pending) {
+        for (i, d) in p.dirs.iter().enumerate() {
             if let Err(err) = self.dp.put_flow(&d.key, &d.val) {
-                tracing::warn!(?id, "{err}");
-                for prev in &dirs[..i] {
+                tracing::warn!(id = ?p.id, "{err}");
+                for prev in &p.dirs[..i] {
                     self.dp.delete_flow(&prev.key);
                 }
                 self.not_offloaded(match err {
@@ -367,6 +515,13 @@ impl FlowTable {
                 return;
             }
         }
+        self.installed(p);
+    }
+
+    /// Both map entries are in: the connection is offloaded.
+    fn installed(&mut self, p: Pending) {
+        let Pending { id, entry: e, dirs } = p;
+        dirs.iter().for_each(|d| note_key(&mut self.keys, &d.key));
         let now = now_ns();
         let c = &mut self.counters;
         c.offloads += 1;
@@ -409,6 +564,7 @@ impl FlowTable {
                 // Arrives elsewhere now (another port, other headers):
                 // replace the entry.
                 self.dp.delete_flow(&old.key);
+                forget_key(&mut self.keys, &old.key);
             } else if old.val.out_ifindex == nd.val.out_ifindex
                 && old.val.dmac == nd.val.dmac
                 && old.val.smac == nd.val.smac
@@ -436,6 +592,9 @@ impl FlowTable {
                 }
                 continue;
             }
+            if moved {
+                note_key(&mut self.keys, &nd.key);
+            }
             f.dirs[i] = Direction { key: nd.key, val: nd.val };
             f.last[i] = v;
         }
@@ -447,12 +606,14 @@ impl FlowTable {
     /// kernel forwards a packet of theirs again (`park`); after a policy
     /// change only the ruleset can bring them back.
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
+        self.settle(id);
         self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
             self.due.remove(&(f.check_at, *id));
             self.index_hops(*id, &f.dirs, false);
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
+                forget_key(&mut self.keys, &d.key);
             }
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
@@ -708,6 +869,71 @@ mod tests {
         ft.dp().test_mark_dormant(&k, 1);
         assert!(ft.woken(Some(&[k])).is_empty());
         assert_eq!(ft.dp().dormant_seen(&k), Some(0), "re-armed");
+    }
+
+    /// A TCP entry with sport `sport`, like `udp`.
+    fn tcp(sport: u16) -> CtEntry {
+        let mut e = udp(sport);
+        e.orig.proto = IPPROTO_TCP;
+        e.reply.proto = IPPROTO_TCP;
+        e.tcp_state = Some(crate::conntrack::tcp_state::ESTABLISHED);
+        e.status |= status::ASSURED;
+        e
+    }
+
+    /// A batch's offloads are installed at its end, conntrack first: a TCP
+    /// connection conntrack does not know (its liberal-mode update fails)
+    /// gets no map entries and costs only itself; anything done to a
+    /// pending connection installs it first.
+    #[test]
+    fn a_batch_installs_at_its_end_and_a_failure_stays_its_own() {
+        let mut ft = private_table(vec![]);
+        let known = tcp(40100);
+        // This thread's private namespace: conntrack-tools adds the entry
+        // there, so its liberal-mode update is accepted.
+        let t = &known.orig;
+        let (src, dst, sport, dport) = (t.src.to_string(), t.dst.to_string(), t.sport.to_string(), t.dport.to_string());
+        #[rustfmt::skip]
+        let out = std::process::Command::new("conntrack")
+            .args(["-I", "-p", "tcp", "-s", &src, "-d", &dst, "--sport", &sport, "--dport", &dport,
+                "--state", "ESTABLISHED", "-u", "ASSURED", "-t", "60"])
+            .output()
+            .expect("running `conntrack` (conntrack-tools)");
+        assert!(out.status.success(), "conntrack -I: {}", String::from_utf8_lossy(&out.stderr));
+        let (unknown, plain) = (tcp(40101), udp(40102));
+        let all = [&known, &unknown, &plain];
+
+        ft.begin_batch();
+        for e in all {
+            ft.apply(e.clone(), Verdict::Offload(dirs(e, 2)));
+        }
+        assert_eq!(ft.len(), (0, 0, 0), "nothing installed before the batch ends");
+        assert!(all.iter().all(|e| ft.dp().get_flow(&dirs(e, 2)[0].key).is_none()));
+        ft.end_batch();
+        let installed = |ft: &FlowTable, e: &CtEntry| dirs(e, 2).iter().all(|d| ft.dp().get_flow(&d.key).is_some());
+        assert!(installed(&ft, &known) && installed(&ft, &plain));
+        assert!(dirs(&unknown, 2).iter().all(|d| ft.dp().get_flow(&d.key).is_none()), "refused: no map entry");
+        assert_eq!(ft.len(), (2, 0, 0));
+        assert_eq!(ft.counters.offloads, 2);
+        assert!(ft.counters.not_offloaded.is_empty(), "gone from conntrack is no failure");
+
+        // Events about a pending connection: each sees it installed.
+        let (a, b) = (udp(40103), udp(40104));
+        ft.begin_batch();
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 2)));
+        ft.merge(a.clone(), Seen::Changes);
+        assert!(matches!(ft.known(&ConnId::of(&a)), Known::Offloaded { .. }), "merged after its install");
+        assert_eq!(ft.len().0, 4, "the pending ones before it went too");
+        ft.end_batch();
+        ft.begin_batch();
+        let c = udp(40105);
+        ft.apply(c.clone(), Verdict::Offload(dirs(&c, 2)));
+        ft.teardown(&ConnId::of(&c), TeardownReason::Policy);
+        ft.end_batch();
+        assert!(dirs(&c, 2).iter().all(|d| ft.dp().get_flow(&d.key).is_none()), "installed, then torn down");
+        assert_eq!(ft.counters.teardowns.get("policy"), Some(&1));
+        assert_eq!(ft.len(), (4, 0, 0));
     }
 
     #[test]
