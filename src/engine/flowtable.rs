@@ -936,6 +936,43 @@ mod tests {
         assert_eq!(ft.len(), (4, 0, 0));
     }
 
+    /// A batch write cannot say BPF_NOEXIST: a key another connection
+    /// holds, or one two connections of the same batch want, still goes to
+    /// the first one only (the key index sends the rest through the
+    /// kernel's BPF_NOEXIST).
+    #[test]
+    fn a_batch_never_overwrites_a_taken_key() {
+        let mut ft = private_table(vec![]);
+        let a = udp(40200);
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        // Same original tuple in another zone: another connection, the
+        // same key (keys carry no zone); its reply key differs.
+        let mut b = CtEntry { zone: 5, ..a.clone() };
+        b.reply.dport = 40201;
+        let (c, d) = (udp(40202), udp(40203));
+        let e = CtEntry { zone: 6, ..d.clone() };
+        ft.begin_batch();
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 9)));
+        ft.apply(c.clone(), Verdict::Offload(dirs(&c, 2)));
+        ft.apply(d.clone(), Verdict::Offload(dirs(&d, 2)));
+        ft.apply(e.clone(), Verdict::Offload(dirs(&e, 9)));
+        ft.end_batch();
+        assert_eq!(ft.len().0, 3, "a, c and d");
+        let taken = NotOffloaded::KeyCollision.to_string();
+        assert_eq!(ft.counters.not_offloaded.get(&taken), Some(&2), "b and e");
+        for x in [&a, &d] {
+            assert_eq!(ft.dp().get_flow(&dirs(x, 2)[0].key).unwrap().dmac[5], 2, "the first owner's entry");
+        }
+        assert!(ft.dp().get_flow(&dirs(&b, 9)[1].key).is_none(), "nothing of b was written");
+        assert!(dirs(&c, 2).iter().all(|x| ft.dp().get_flow(&x.key).is_some()));
+        // Torn down, a key is free again for the batch.
+        ft.teardown(&ConnId::of(&a), TeardownReason::Policy);
+        ft.begin_batch();
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 9)));
+        ft.end_batch();
+        assert_eq!(ft.dp().get_flow(&dirs(&b, 9)[0].key).unwrap().dmac[5], 9);
+    }
+
     #[test]
     fn waiting_policy_and_vanished_connections() {
         let mut ft = private_table(vec![127]);
