@@ -4,10 +4,12 @@
 //! * `msg`: conntrack entries/events, the decoder for kernel messages and
 //!   builders for dump, update and delete requests.
 //! * `socket`: `CtSocket`, an event listener or a request socket.
+//! * `batch`: many update requests in one send, replies by sequence.
 //!
 //! Message formats mirror net/netfilter/nf_conntrack_netlink.c; the
 //! netlink codec is hand-rolled on libc sockets.
 
+pub mod batch;
 pub mod merge;
 pub mod msg;
 pub mod nla;

@@ -5,6 +5,7 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use super::batch::{pack, split, Replies, MAX_BATCH_BYTES, MAX_BATCH_MSGS};
 use super::msg::{
     build_delete, build_dump_request, build_update, decode_msg, CtEntry, CtEvent, CtTuple, CtUpdate, ParsedMsg,
 };
@@ -64,9 +65,17 @@ const EVENT_RCVBUF: libc::c_int = 8 << 20;
 /// max_recvmsg_len) and events are single small messages.
 const RECV_BUF_LEN: usize = 128 << 10;
 const REQUEST_TIMEOUT_SECS: libc::time_t = 2;
+/// Replies read per recvmmsg, and the room for each: with NETLINK_CAP_ACK an
+/// ACK or error is a 36-byte nlmsgerr without the request echoed.
+const REPLY_SLOTS: usize = MAX_BATCH_MSGS;
+const REPLY_SLOT_LEN: usize = 512;
 /// Upper bound of datagrams per `recv_events` call so a flood cannot starve
-/// the caller; the fd stays readable and the next poll resumes.
-const MAX_DATAGRAMS_PER_DRAIN: usize = 4096;
+/// the caller, and a burst's first connections are judged and installed
+/// before the rest is read (each event is its own datagram); the fd stays
+/// readable and the next poll resumes.
+const MAX_DATAGRAMS_PER_DRAIN: usize = 256;
+/// What an overrun discards at most (a dump supersedes it).
+const MAX_DATAGRAMS_DISCARDED: usize = 4096;
 
 /// One NETLINK_NETFILTER socket, bound to a kernel-assigned port.
 pub struct CtSocket {
@@ -147,11 +156,15 @@ impl CtSocket {
         Ok(sock)
     }
 
-    /// Request socket: blocking, each receive times out after 2 s.
+    /// Request socket: blocking, each receive times out after 2 s. Errors
+    /// and ACKs come without the request echoed (NETLINK_CAP_ACK), so a
+    /// batch's replies are small.
     pub fn request() -> Result<CtSocket, CtError> {
         let sock = Self::open(false)?;
+        let fd = sock.fd.as_raw_fd();
         let tv = libc::timeval { tv_sec: REQUEST_TIMEOUT_SECS, tv_usec: 0 };
-        setsockopt(sock.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+        setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, &1i32)?;
         Ok(sock)
     }
 
@@ -271,7 +284,7 @@ impl CtSocket {
     }
 
     fn discard_queue(&mut self) {
-        for _ in 0..MAX_DATAGRAMS_PER_DRAIN {
+        for _ in 0..MAX_DATAGRAMS_DISCARDED {
             match self.recv_datagram(true) {
                 Ok(Some(_)) => {}
                 // A second ENOBUFS just means more was lost; keep going.
@@ -373,6 +386,111 @@ impl CtSocket {
     /// `NotFound` if it does not exist (it is never created).
     pub fn update(&mut self, orig: &CtTuple, zone: u16, upd: &CtUpdate) -> Result<(), CtError> {
         self.transact("update", |seq| build_update(seq, orig, zone, upd))
+    }
+
+    /// Changes many existing entries, `MAX_BATCH_MSGS` requests per send,
+    /// and returns each one's outcome in order (as `update` would, one by
+    /// one): each reply is matched to its request by sequence number.
+    pub fn update_many(&mut self, reqs: &[(CtTuple, u16, CtUpdate)]) -> Vec<Result<(), CtError>> {
+        let msgs: Vec<(u32, Vec<u8>)> = reqs
+            .iter()
+            .map(|(t, zone, upd)| {
+                let seq = self.next_seq();
+                (seq, build_update(seq, t, *zone, upd))
+            })
+            .collect();
+        let lens: Vec<usize> = msgs.iter().map(|m| m.1.len()).collect();
+        let mut out = Vec::with_capacity(msgs.len());
+        for r in split(&lens, MAX_BATCH_MSGS, MAX_BATCH_BYTES) {
+            out.extend(self.transact_batch("update", &msgs[r]));
+        }
+        out
+    }
+
+    /// One datagram of requests, then their replies until each has one.
+    fn transact_batch(&mut self, op: &'static str, msgs: &[(u32, Vec<u8>)]) -> Vec<Result<(), CtError>> {
+        let seqs: Vec<u32> = msgs.iter().map(|m| m.0).collect();
+        let mut replies = Replies::new(&seqs);
+        let failed = |e: &io::Error| {
+            let (kind, text) = (e.kind(), e.to_string());
+            move || CtError::Io(io::Error::new(kind, text.clone()))
+        };
+        if let Err(e) = self.send(&pack(msgs.iter().map(|m| m.1.as_slice()))) {
+            let e = match e {
+                CtError::Io(e) => e,
+                other => io::Error::other(other.to_string()),
+            };
+            return replies.finish(op, failed(&e));
+        }
+        while !replies.done() {
+            if let Err(e) = self.recv_replies(&mut replies) {
+                return replies.finish(op, failed(&e));
+            }
+        }
+        replies.finish(op, || unreachable!("every request was answered"))
+    }
+
+    /// Reads the replies queued on the socket (blocking for the first, up
+    /// to SO_RCVTIMEO) in one recvmmsg, into `replies`.
+    fn recv_replies(&mut self, replies: &mut Replies) -> io::Result<()> {
+        let mut bufs = vec![[0u8; REPLY_SLOT_LEN]; REPLY_SLOTS];
+        // SAFETY: all-zero sockaddr_nl / iovec / mmsghdr are valid values;
+        // the pointers set below stay valid for the call.
+        let mut from: Vec<libc::sockaddr_nl> = vec![unsafe { mem::zeroed() }; REPLY_SLOTS];
+        let mut iov: Vec<libc::iovec> =
+            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: REPLY_SLOT_LEN }).collect();
+        let mut hdrs: Vec<libc::mmsghdr> = (0..REPLY_SLOTS)
+            .map(|i| {
+                let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+                h.msg_hdr.msg_name = (&mut from[i] as *mut libc::sockaddr_nl).cast();
+                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+                h.msg_hdr.msg_iov = &mut iov[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        let n = loop {
+            // SAFETY: hdrs describes REPLY_SLOTS writable buffers and names.
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.fd.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    REPLY_SLOTS as libc::c_uint,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no ctnetlink reply within {REQUEST_TIMEOUT_SECS} s"),
+                    ))
+                }
+                _ => return Err(e),
+            }
+        };
+        for (i, h) in hdrs.iter().take(n).enumerate() {
+            // Not from the kernel, or cut short (no reply of ours is).
+            if from[i].nl_pid != 0 || h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                continue;
+            }
+            let len = (h.msg_len as usize).min(REPLY_SLOT_LEN);
+            for (hdr, payload) in NlMsgIter::new(&bufs[i][..len]).flatten() {
+                if !self.is_reply(&hdr, hdr.seq) {
+                    continue;
+                }
+                if let Ok(Some(msg)) = decode_msg(&hdr, payload) {
+                    replies.note(hdr.seq, &msg);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deletes an entry; the kernel then emits a Destroy event.
@@ -595,6 +713,43 @@ mod tests {
         let icmp = dump.iter().find(|e| e.orig.proto == 1).expect("ICMP entry in dump");
         assert_eq!(icmp.orig, tuple("10.99.0.1", "10.99.0.2", 1, 0, 0));
         assert_eq!(icmp.reply, tuple("10.99.0.2", "10.99.0.1", 1, 0, 0));
+    }
+
+    /// More requests than one datagram carries, one of them for an entry
+    /// that does not exist: each gets its own answer, in order.
+    #[test]
+    fn update_many_answers_each_request() {
+        enter_fresh_netns();
+        let mut req = CtSocket::request().expect("request socket");
+        let n = MAX_BATCH_MSGS as u16 + 6;
+        for p in 0..n {
+            #[rustfmt::skip]
+            conntrack(&["-I", "-p", "udp", "-s", "10.97.0.1", "-d", "10.97.0.2",
+                "--sport", &(30000 + p).to_string(), "--dport", "53", "-t", "30"]);
+        }
+        let missing = MAX_BATCH_MSGS as u16 - 1;
+        let upd = CtUpdate { timeout: Some(600), ..CtUpdate::default() };
+        let reqs: Vec<_> = (0..=n)
+            .map(|p| {
+                let sport = if p == missing { 29999 } else { 30000 + p };
+                (tuple("10.97.0.1", "10.97.0.2", 17, sport, 53), 0, upd.clone())
+            })
+            .collect();
+        let out = req.update_many(&reqs);
+        assert_eq!(out.len(), reqs.len());
+        for (p, r) in out.iter().enumerate() {
+            let p = p as u16;
+            if p == missing || p == n {
+                assert!(matches!(r, Err(CtError::NotFound)), "request {p}: {r:?}");
+            } else {
+                assert!(r.is_ok(), "request {p}: {r:?}");
+            }
+        }
+        let dump = req.dump().unwrap();
+        let refreshed = dump.iter().filter(|e| matches!(e.timeout, Some(590..=600))).count();
+        assert_eq!(refreshed, usize::from(n) - 1, "every existing entry but the one not asked for");
+        // The socket still answers one-by-one requests in step.
+        req.update(&reqs[0].0, 0, &upd).unwrap();
     }
 
     #[test]

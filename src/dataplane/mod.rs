@@ -360,6 +360,43 @@ impl Dataplane {
         })
     }
 
+    /// Write new map entries in one BPF_MAP_UPDATE_BATCH. A batch takes no
+    /// BPF_NOEXIST: generic_map_update_batch (kernel/bpf/syscall.c) refuses
+    /// every element flag but BPF_F_LOCK, so this writes like BPF_ANY and
+    /// the caller must know that none of the keys is in the map (FlowTable,
+    /// the map's only writer, keeps an index of its keys). The kernel stops
+    /// at the first entry it cannot write: returns how many were written
+    /// and, if it stopped, why.
+    pub fn put_new_flows(&self, entries: &[(fo_flow_key, fo_flow)]) -> (usize, Option<PutError>) {
+        use std::os::fd::AsRawFd;
+        if entries.is_empty() {
+            return (0, None);
+        }
+        let keys: Vec<u8> = entries.iter().flat_map(|(k, _)| bytes_of(k).iter().copied()).collect();
+        let vals: Vec<u8> = entries.iter().flat_map(|(_, v)| bytes_of(v).iter().copied()).collect();
+        let opts = libbpf_sys::bpf_map_batch_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+            ..Default::default()
+        };
+        let mut count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        // SAFETY: keys and values hold `count` entries of the map's key and
+        // value sizes; count and opts are valid for the call.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_update_batch(
+                self.skel.maps.fo_flows.as_fd().as_raw_fd(),
+                keys.as_ptr().cast(),
+                vals.as_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let done = (count as usize).min(entries.len());
+        match rc {
+            0 => (done, None),
+            e => (done, Some(PutError::Failed(std::io::Error::from_raw_os_error(-e).to_string()))),
+        }
+    }
+
     pub fn get_flow(&self, key: &fo_flow_key) -> Option<fo_flow> {
         match self.skel.maps.fo_flows.lookup(bytes_of(key), MapFlags::ANY) {
             Ok(Some(v)) => Some(from_bytes(&v)),

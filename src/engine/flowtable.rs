@@ -16,9 +16,12 @@ use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY
 use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
-use crate::proto::IPPROTO_TCP;
 
 use super::now_ns;
+
+mod install;
+
+use install::{forget_key, note_key, Pending};
 
 /// A new offload's first keepalive look (then `flow::next_check`).
 const FIRST_LOOK_NS: u64 = 250_000_000;
@@ -79,6 +82,19 @@ pub struct FlowTable {
     pub counters: Counters,
     /// When the batch of conntrack events being handled was read.
     pub events_at: Option<Instant>,
+    /// Offloads waiting for `flush`, and their ids: anything else done to
+    /// one of them (`merge`, `apply`, `teardown`) flushes first, so the
+    /// state machine sees each connection's events in order.
+    pending: Vec<Pending>,
+    pending_ids: HashSet<ConnId>,
+    /// Inside `begin_batch` .. `end_batch`: installs wait for `flush`.
+    batching: bool,
+    /// The keys this table wrote to `fo_flows`, by hash (a count each: two
+    /// keys may share one). The engine is the map's only writer, so a key
+    /// whose hash is absent is not in the map and may go into a batch
+    /// write, which cannot say BPF_NOEXIST; a hash present (a collision,
+    /// or its key really taken) goes through the kernel's BPF_NOEXIST.
+    keys: HashMap<u64, u32>,
 }
 
 impl FlowTable {
@@ -97,6 +113,10 @@ impl FlowTable {
             label_bits,
             counters: Counters::default(),
             events_at: None,
+            pending: Vec::new(),
+            pending_ids: HashSet::new(),
+            batching: false,
+            keys: HashMap::new(),
         }
     }
 
@@ -119,6 +139,7 @@ impl FlowTable {
     /// Complete an entry from the connection's memo (see conntrack::merge).
     pub fn merge(&mut self, e: CtEntry, seen: Seen) -> CtEntry {
         let id = ConnId::of(&e);
+        self.settle(&id);
         let (e, memo) = merge(e, seen, self.memos.get(&id));
         self.memos.insert(id, memo);
         e
@@ -259,6 +280,7 @@ impl FlowTable {
     /// Apply a verdict about connection `e`.
     pub fn apply(&mut self, e: CtEntry, v: Verdict) {
         let id = ConnId::of(&e);
+        self.settle(&id);
         match v {
             Verdict::Ignore => {}
             // The engine resolves the path before applying; reaching here
@@ -336,60 +358,6 @@ impl FlowTable {
         self.dormant.insert(id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
     }
 
-    fn install(&mut self, id: ConnId, e: CtEntry, dirs: [Direction; 2]) {
-        self.waiting.remove(&id);
-        self.wake(&id);
-        // Conntrack will miss the packets we forward: stop it from judging
-        // windows it cannot see, as nft_flow_offload_eval does
-        // (IP_CT_TCP_FLAG_BE_LIBERAL both ways).
-        if e.orig.proto == IPPROTO_TCP {
-            let upd = CtUpdate { tcp_liberal: true, ..Default::default() };
-            match self.ct.update(&e.orig, e.zone, &upd) {
-                Ok(()) => {}
-                Err(CtError::NotFound) => return,
-                Err(err) => {
-                    tracing::warn!("cannot set TCP liberal mode: {err}; not offloading");
-                    self.not_offloaded(NotOffloaded::ConntrackUpdateFailed);
-                    return;
-                }
-            }
-        }
-        for (i, d) in dirs.iter().enumerate() {
-            if let Err(err) = self.dp.put_flow(&d.key, &d.val) {
-                tracing::warn!(?id, "{err}");
-                for prev in &dirs[..i] {
-                    self.dp.delete_flow(&prev.key);
-                }
-                self.not_offloaded(match err {
-                    PutError::KeyTaken => NotOffloaded::KeyCollision,
-                    PutError::Failed(_) => NotOffloaded::TableFull,
-                });
-                return;
-            }
-        }
-        let now = now_ns();
-        let c = &mut self.counters;
-        c.offloads += 1;
-        if let Some(t) = self.events_at {
-            if c.offload_us.len() >= 10_000 {
-                c.offload_us.pop_front();
-            }
-            c.offload_us.push_back(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-        }
-        tracing::debug!(?id, "offloaded");
-        // The entry's remaining timeout as conntrack reported it; unknown
-        // counts as expiring now, so the first packet refreshes it.
-        let ct_expires_ns = now + u64::from(e.timeout.unwrap_or(0)) * 1_000_000_000;
-        let clock =
-            FlowClock { installed_ns: now, last_seen_ns: 0, last_refresh_ns: now, refreshed_seen_ns: 0, ct_expires_ns };
-        let last = [dirs[0].val, dirs[1].val];
-        // First look a tick from now; from then on `flow::next_check`.
-        let check_at = now + FIRST_LOOK_NS;
-        self.due.insert((check_at, id));
-        self.index_hops(id, &dirs, true);
-        self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last, check_at });
-    }
-
     /// An offloaded connection's path was resolved again: rewrite the map
     /// entries that changed, keeping counters, stamps and the close flag.
     fn repath(&mut self, id: &ConnId, new: [Direction; 2]) {
@@ -409,6 +377,7 @@ impl FlowTable {
                 // Arrives elsewhere now (another port, other headers):
                 // replace the entry.
                 self.dp.delete_flow(&old.key);
+                forget_key(&mut self.keys, &old.key);
             } else if old.val.out_ifindex == nd.val.out_ifindex
                 && old.val.dmac == nd.val.dmac
                 && old.val.smac == nd.val.smac
@@ -436,6 +405,9 @@ impl FlowTable {
                 }
                 continue;
             }
+            if moved {
+                note_key(&mut self.keys, &nd.key);
+            }
             f.dirs[i] = Direction { key: nd.key, val: nd.val };
             f.last[i] = v;
         }
@@ -447,12 +419,14 @@ impl FlowTable {
     /// kernel forwards a packet of theirs again (`park`); after a policy
     /// change only the ruleset can bring them back.
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
+        self.settle(id);
         self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
             self.due.remove(&(f.check_at, *id));
             self.index_hops(*id, &f.dirs, false);
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
+                forget_key(&mut self.keys, &d.key);
             }
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
@@ -564,6 +538,7 @@ mod tests {
     use super::*;
     use crate::conntrack::{status, CtTuple};
     use crate::flow::{build_direction, NextHop};
+    use crate::proto::IPPROTO_TCP;
 
     const LO: u32 = 1;
 
@@ -708,6 +683,108 @@ mod tests {
         ft.dp().test_mark_dormant(&k, 1);
         assert!(ft.woken(Some(&[k])).is_empty());
         assert_eq!(ft.dp().dormant_seen(&k), Some(0), "re-armed");
+    }
+
+    /// A TCP entry with sport `sport`, like `udp`.
+    fn tcp(sport: u16) -> CtEntry {
+        let mut e = udp(sport);
+        e.orig.proto = IPPROTO_TCP;
+        e.reply.proto = IPPROTO_TCP;
+        e.tcp_state = Some(crate::conntrack::tcp_state::ESTABLISHED);
+        e.status |= status::ASSURED;
+        e
+    }
+
+    /// A batch's offloads are installed at its end, conntrack first: a TCP
+    /// connection conntrack does not know (its liberal-mode update fails)
+    /// gets no map entries and costs only itself; anything done to a
+    /// pending connection installs it first.
+    #[test]
+    fn a_batch_installs_at_its_end_and_a_failure_stays_its_own() {
+        let mut ft = private_table(vec![]);
+        let known = tcp(40100);
+        // This thread's private namespace: conntrack-tools adds the entry
+        // there, so its liberal-mode update is accepted.
+        let t = &known.orig;
+        let (src, dst, sport, dport) = (t.src.to_string(), t.dst.to_string(), t.sport.to_string(), t.dport.to_string());
+        #[rustfmt::skip]
+        let out = std::process::Command::new("conntrack")
+            .args(["-I", "-p", "tcp", "-s", &src, "-d", &dst, "--sport", &sport, "--dport", &dport,
+                "--state", "ESTABLISHED", "-u", "ASSURED", "-t", "60"])
+            .output()
+            .expect("running `conntrack` (conntrack-tools)");
+        assert!(out.status.success(), "conntrack -I: {}", String::from_utf8_lossy(&out.stderr));
+        let (unknown, plain) = (tcp(40101), udp(40102));
+        let all = [&known, &unknown, &plain];
+
+        ft.begin_batch();
+        for e in all {
+            ft.apply(e.clone(), Verdict::Offload(dirs(e, 2)));
+        }
+        assert_eq!(ft.len(), (0, 0, 0), "nothing installed before the batch ends");
+        assert!(all.iter().all(|e| ft.dp().get_flow(&dirs(e, 2)[0].key).is_none()));
+        ft.end_batch();
+        let installed = |ft: &FlowTable, e: &CtEntry| dirs(e, 2).iter().all(|d| ft.dp().get_flow(&d.key).is_some());
+        assert!(installed(&ft, &known) && installed(&ft, &plain));
+        assert!(dirs(&unknown, 2).iter().all(|d| ft.dp().get_flow(&d.key).is_none()), "refused: no map entry");
+        assert_eq!(ft.len(), (2, 0, 0));
+        assert_eq!(ft.counters.offloads, 2);
+        assert!(ft.counters.not_offloaded.is_empty(), "gone from conntrack is no failure");
+
+        // Events about a pending connection: each sees it installed.
+        let (a, b) = (udp(40103), udp(40104));
+        ft.begin_batch();
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 2)));
+        ft.merge(a.clone(), Seen::Changes);
+        assert!(matches!(ft.known(&ConnId::of(&a)), Known::Offloaded { .. }), "merged after its install");
+        assert_eq!(ft.len().0, 4, "the pending ones before it went too");
+        ft.end_batch();
+        ft.begin_batch();
+        let c = udp(40105);
+        ft.apply(c.clone(), Verdict::Offload(dirs(&c, 2)));
+        ft.teardown(&ConnId::of(&c), TeardownReason::Policy);
+        ft.end_batch();
+        assert!(dirs(&c, 2).iter().all(|d| ft.dp().get_flow(&d.key).is_none()), "installed, then torn down");
+        assert_eq!(ft.counters.teardowns.get("policy"), Some(&1));
+        assert_eq!(ft.len(), (4, 0, 0));
+    }
+
+    /// A batch write cannot say BPF_NOEXIST: a key another connection
+    /// holds, or one two connections of the same batch want, still goes to
+    /// the first one only (the key index sends the rest through the
+    /// kernel's BPF_NOEXIST).
+    #[test]
+    fn a_batch_never_overwrites_a_taken_key() {
+        let mut ft = private_table(vec![]);
+        let a = udp(40200);
+        ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
+        // Same original tuple in another zone: another connection, the
+        // same key (keys carry no zone); its reply key differs.
+        let mut b = CtEntry { zone: 5, ..a.clone() };
+        b.reply.dport = 40201;
+        let (c, d) = (udp(40202), udp(40203));
+        let e = CtEntry { zone: 6, ..d.clone() };
+        ft.begin_batch();
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 9)));
+        ft.apply(c.clone(), Verdict::Offload(dirs(&c, 2)));
+        ft.apply(d.clone(), Verdict::Offload(dirs(&d, 2)));
+        ft.apply(e.clone(), Verdict::Offload(dirs(&e, 9)));
+        ft.end_batch();
+        assert_eq!(ft.len().0, 3, "a, c and d");
+        let taken = NotOffloaded::KeyCollision.to_string();
+        assert_eq!(ft.counters.not_offloaded.get(&taken), Some(&2), "b and e");
+        for x in [&a, &d] {
+            assert_eq!(ft.dp().get_flow(&dirs(x, 2)[0].key).unwrap().dmac[5], 2, "the first owner's entry");
+        }
+        assert!(ft.dp().get_flow(&dirs(&b, 9)[1].key).is_none(), "nothing of b was written");
+        assert!(dirs(&c, 2).iter().all(|x| ft.dp().get_flow(&x.key).is_some()));
+        // Torn down, a key is free again for the batch.
+        ft.teardown(&ConnId::of(&a), TeardownReason::Policy);
+        ft.begin_batch();
+        ft.apply(b.clone(), Verdict::Offload(dirs(&b, 9)));
+        ft.end_batch();
+        assert_eq!(ft.dp().get_flow(&dirs(&b, 9)[0].key).unwrap().dmac[5], 9);
     }
 
     #[test]

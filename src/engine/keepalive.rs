@@ -14,6 +14,10 @@ use crate::flow::{decide, next_check, Action, CtTimeouts, TeardownReason};
 use super::flowtable::FlowTable;
 
 pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts) {
+    // Refreshes are sent together after the look (one ctnetlink send per
+    // 64, `CtSocket::update_many`): (connection, new timeout, its timeout
+    // for next_check).
+    let mut refresh = Vec::new();
     for id in ft.due(now) {
         let (action, timeout) = {
             let f = ft.offloaded.get_mut(&id).expect("listed");
@@ -40,32 +44,42 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
             }
         };
         match action {
-            Action::Keep => {}
-            Action::Teardown(r) => {
-                ft.teardown(&id, r);
+            Action::Keep => schedule(ft, id, now, idle, timeout),
+            Action::Teardown(r) => ft.teardown(&id, r),
+            Action::Refresh(t) => refresh.push((id, t, timeout)),
+        }
+    }
+    let reqs: Vec<_> = refresh
+        .iter()
+        .map(|&(id, t, _)| {
+            let e = &ft.offloaded[&id].entry;
+            (e.orig, e.zone, CtUpdate { timeout: Some(t), ..Default::default() })
+        })
+        .collect();
+    let results = if reqs.is_empty() { Vec::new() } else { ft.ct.update_many(&reqs) };
+    for ((id, t, timeout), r) in refresh.into_iter().zip(results) {
+        let f = ft.offloaded.get_mut(&id).expect("listed");
+        match r {
+            Ok(()) => {
+                f.clock.last_refresh_ns = now;
+                f.clock.ct_expires_ns = now + u64::from(t) * 1_000_000_000;
+                f.clock.refreshed_seen_ns = f.clock.last_seen_ns;
+                ft.counters.refreshes += 1;
+            }
+            Err(CtError::NotFound) => {
+                ft.teardown(&id, TeardownReason::ConntrackDestroyed);
                 continue;
             }
-            Action::Refresh(t) => {
-                let f = ft.offloaded.get_mut(&id).expect("listed");
-                let upd = CtUpdate { timeout: Some(t), ..Default::default() };
-                match ft.ct.update(&f.entry.orig, f.entry.zone, &upd) {
-                    Ok(()) => {
-                        f.clock.last_refresh_ns = now;
-                        f.clock.ct_expires_ns = now + u64::from(t) * 1_000_000_000;
-                        f.clock.refreshed_seen_ns = f.clock.last_seen_ns;
-                        ft.counters.refreshes += 1;
-                    }
-                    Err(CtError::NotFound) => {
-                        ft.teardown(&id, TeardownReason::ConntrackDestroyed);
-                        continue;
-                    }
-                    Err(err) => tracing::warn!(proto = f.entry.orig.proto, "conntrack timeout refresh failed: {err}"),
-                }
-            }
+            Err(err) => tracing::warn!(proto = f.entry.orig.proto, "conntrack timeout refresh failed: {err}"),
         }
-        if let Some(f) = ft.offloaded.get(&id) {
-            let at = next_check(now, &f.clock, idle, timeout);
-            ft.schedule(id, at);
-        }
+        schedule(ft, id, now, idle, timeout);
+    }
+}
+
+/// Look at `id` again when `flow::next_check` says.
+fn schedule(ft: &mut FlowTable, id: crate::flow::ConnId, now: u64, idle: Duration, timeout: u32) {
+    if let Some(f) = ft.offloaded.get(&id) {
+        let at = next_check(now, &f.clock, idle, timeout);
+        ft.schedule(id, at);
     }
 }

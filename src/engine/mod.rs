@@ -299,6 +299,7 @@ impl Drop for Engine {
 impl Core {
     fn on_ct_events(&mut self, evs: Vec<CtEvent>) {
         self.flows.events_at = Some(Instant::now());
+        self.flows.begin_batch();
         for ev in evs {
             self.ct_events += 1;
             match ev {
@@ -307,6 +308,7 @@ impl Core {
                 CtEvent::Destroy(e) => self.flows.destroyed(&ConnId::of(&e)),
             }
         }
+        self.flows.end_batch();
         self.flows.events_at = None;
     }
 
@@ -325,9 +327,11 @@ impl Core {
         let all = self.flows.ct.dump()?;
         let present: HashSet<ConnId> = all.iter().map(ConnId::of).collect();
         self.flows.retain_present(&present);
+        self.flows.begin_batch();
         for e in all {
             self.consider(e, Seen::Full);
         }
+        self.flows.end_batch();
         Ok(())
     }
 
