@@ -256,7 +256,16 @@ pub struct RouteFacts {
     pub topo: crate::topology::Topology,
     /// Some IPv4 route carries an MTU metric (`metric::any_route_mtu`).
     pub route_mtus: bool,
+    /// `egress_for` answers by (interface asked from, address). They depend
+    /// on the FIB alone (no source, ports, mark or neighbour goes into the
+    /// query), so they hold until a route, rule, address or link changes
+    /// (`refresh` clears them) and each new connection from a known client
+    /// saves one of its three lookups.
+    reverse: std::cell::RefCell<HashMap<(u32, IpAddr), Option<u32>>>,
 }
+
+/// Cached reverse-path answers kept at most; then the cache starts over.
+const REVERSE_CACHE_MAX: usize = 65536;
 
 impl RouteFacts {
     pub fn read() -> Result<Self> {
@@ -265,7 +274,22 @@ impl RouteFacts {
             addrs: addrs::AddressTable::dump()?,
             topo: crate::topology::read().context("reading the link topology")?,
             route_mtus: metric::any_route_mtu(),
+            reverse: Default::default(),
         })
+    }
+
+    /// `egress_for(dp, any_ifindex, dst)`, from the cache when it can be.
+    pub fn egress_for(&self, dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Option<u32>> {
+        if let Some(a) = self.reverse.borrow().get(&(any_ifindex, dst)) {
+            return Ok(*a);
+        }
+        let a = egress_for(dp, any_ifindex, dst)?;
+        let mut c = self.reverse.borrow_mut();
+        if c.len() >= REVERSE_CACHE_MAX {
+            c.clear();
+        }
+        c.insert((any_ifindex, dst), a);
+        Ok(a)
     }
 
     /// After `ch`: re-read what it touched. Returns the MACs whose bridge
@@ -288,6 +312,9 @@ impl RouteFacts {
         } else {
             self.topo.apply_fdb(&ch.fdb)
         };
+        if ch.beyond_neighbours() {
+            self.reverse.borrow_mut().clear();
+        }
         if ch.rules || ch.lost {
             self.rules = rules::PolicyRules::read();
         }
@@ -558,6 +585,29 @@ mod tests {
 
     /// A bridge learning or moving a MAC: an fdb change, not a lost
     /// neighbour event.
+    #[test]
+    fn reverse_path_answers_last_until_something_beyond_neighbours_changes() {
+        let mut f = RouteFacts::read().expect("route facts");
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let cached = |f: &RouteFacts| f.reverse.borrow().get(&(3, a)).copied();
+        f.reverse.borrow_mut().insert((3, a), Some(4));
+        let neigh = Neighbour { ifindex: 4, addr: a, lladdr: Some([2, 0, 0, 0, 0, 1]) };
+        f.refresh(&Changes { neighbours: vec![neigh], ..Default::default() });
+        assert_eq!(cached(&f), Some(Some(4)), "a neighbour changes no reverse path (SKIP_NEIGH)");
+        let cases = [
+            ("route", Changes { routes: true, ..Default::default() }),
+            ("rule", Changes { rules: true, ..Default::default() }),
+            ("address", Changes { addresses: true, ..Default::default() }),
+            ("link", Changes { links: vec![(4, false)], ..Default::default() }),
+            ("overrun", Changes { lost: true, ..Default::default() }),
+        ];
+        for (what, ch) in cases {
+            f.reverse.borrow_mut().insert((3, a), Some(4));
+            f.refresh(&ch);
+            assert_eq!(cached(&f), None, "{what}");
+        }
+    }
+
     #[test]
     fn fdb_events_are_fdb_changes() {
         use netlink_packet_core::Emitable;

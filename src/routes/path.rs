@@ -25,7 +25,7 @@ use crate::topology::{Egress, LowerError, Topology};
 
 use super::addrs::AddressTable;
 use super::rules::Selector;
-use super::{egress_for, resolve_with, Packet, RouteFacts, Unroutable, FIB_NO_MARK};
+use super::{resolve_with, Packet, RouteFacts, Unroutable, FIB_NO_MARK};
 
 /// Why a connection has no fast path now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -114,7 +114,7 @@ pub fn resolve_path(
     // mwan3 and pbr route on the mark they copy from the connection's
     // (`meta mark set ct mark`); SECURITY.md says why this is safe.
     let mark = if rules.by_mark { e.mark } else { 0 };
-    let in_orig = match egress_for(dp, first, o.src) {
+    let in_orig = match facts.egress_for(dp, first, o.src) {
         Ok(Some(i)) => i,
         Ok(None) => return Err(NoPath::NoRouteBack),
         Err(err) => return Err(NoPath::LookupFailed(format!("{err:#}"))),
