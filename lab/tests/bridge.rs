@@ -320,3 +320,62 @@ fn bridge_family_chains_hold_directions_through_the_ports_only() {
         d.stop().unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
+
+/// Hooks on the bridge device itself, which the listed ports' fast path
+/// never passes: an htb shaper on brlan holds what leaves through it (the
+/// reply, WAN to LAN), a netdev ingress chain on brlan what arrives
+/// through it (the original direction). Each reason names brlan and says
+/// to list it.
+#[test]
+fn hooks_on_the_bridge_hold_directions_through_its_ports() {
+    let lab = lab(true);
+    let rtr = |args: &[&str]| lab.exec(&lab.rtr, args).unwrap_or_else(|e| panic!("router: {args:?}: {e:#}"));
+    rtr(&["tc", "qdisc", "add", "dev", "brlan", "root", "handle", "1:", "htb", "default", "1"]);
+    rtr(&["tc", "class", "add", "dev", "brlan", "parent", "1:", "classid", "1:1", "htb", "rate", "1gbit"]);
+    let args = ["--iface", "rlan", "--iface", "rlan2", "--iface", "rwan", "--mode", "xdp"];
+    let d = Daemon::start_raw(&lab, &args).unwrap_or_else(|e| panic!("{e:#}"));
+    let _sink = udp_sink(&lab);
+    let _v4 = udp_stream(&lab, false, "192.168.1.2", "203.0.113.2");
+    let slow_until = |done: &dyn Fn(&serde_json::Value) -> bool| {
+        let t0 = Instant::now();
+        loop {
+            if let Some(f) = d.flows().unwrap().first() {
+                if done(&f["slow"]) {
+                    return f["slow"].clone();
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "not as expected: {:?}", d.flows().unwrap());
+            sleep(Duration::from_millis(50));
+        }
+    };
+    let slow = slow_until(&|s| s[1].is_string());
+    let why = slow[1].as_str().unwrap();
+    assert!(
+        why.starts_with("shaping qdisc htb on brlan: the fast path pushes their headers and transmits on rlan"),
+        "{why}"
+    );
+    assert!(
+        why.ends_with("list brlan itself (the fast path then runs on it and keeps its hooks) or remove it"),
+        "{why}"
+    );
+    assert_eq!(slow[0], serde_json::Value::Null, "the shaper holds nothing arriving: {slow}");
+
+    // Now both directions are held: the connection leaves the fast path
+    // (`teardown: held`) and status says why it is not offloaded.
+    let chain = r#"add table netdev t; add chain netdev t i { type filter hook ingress device "brlan" priority 0; }"#;
+    rtr(&["nft", chain]);
+    let t0 = Instant::now();
+    let why = loop {
+        let st = d.status().unwrap();
+        let reasons = st["not_offloaded"].as_object().cloned().unwrap_or_default();
+        if let Some(k) = reasons.keys().find(|k| k.starts_with("original: nft chain netdev t i on brlan ingress")) {
+            break k.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the brlan ingress chain held nothing: {st}");
+        sleep(Duration::from_millis(50));
+    };
+    assert!(why.contains("the fast path on rlan takes their headers off before them"), "{why}");
+    assert!(why.contains("; reply: shaping qdisc htb on brlan"), "{why}");
+    assert!(d.flows().unwrap().is_empty(), "both directions held: not offloaded");
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
