@@ -113,6 +113,7 @@ mod tests {
             reason: "software device".into(),
             up,
             topology: if name == "lan0" { "lan0: bridge, ports lan1 lan2".into() } else { String::new() },
+            stands_for: None,
         };
         Status {
             pid: 42,

@@ -22,6 +22,10 @@ pub struct IfaceStatus {
     /// lan2"), as of the last link change.
     #[serde(default)]
     pub topology: String,
+    /// Attached by the engine for this listed port, not listed itself (the
+    /// ppp device above a TC port: `topology::pppoe_uppers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stands_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -25,6 +25,10 @@ impl Ports for Interfaces {
     fn name(&self, ifindex: u32) -> Option<&str> {
         self.get(ifindex).map(|i| i.name.as_str())
     }
+
+    fn listed_name(&self, ifindex: u32) -> Option<&str> {
+        self.get(ifindex).map(|i| i.stands_for.as_deref().unwrap_or(&i.name))
+    }
 }
 
 impl Interfaces {
@@ -110,6 +114,7 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         up: info.up,
         // Filled in by `status` from the current topology.
         topology: String::new(),
+        stands_for: None,
     }
 }
 
@@ -140,6 +145,7 @@ impl super::Core {
             match self.ifaces.attach(self.flows.dp_mut(), std::slice::from_ref(&info), ModeChoice::Tc) {
                 Ok(_) => {
                     if let Some(s) = self.ifaces.0.iter_mut().find(|s| s.ifindex == w.ifindex) {
+                        s.stands_for = Some(w.port.clone());
                         s.reason = format!(
                             "TC on the PPPoE device above {}, which runs TC: TC cannot take a PPPoE header off or \
                              push one on a GSO packet, the ppp device does",
@@ -181,6 +187,7 @@ mod tests {
             reason: String::new(),
             up,
             topology: String::new(),
+            stands_for: None,
         }
     }
 

@@ -90,6 +90,13 @@ pub trait Ports {
     fn is_up(&self, ifindex: u32) -> bool;
     fn first_up(&self) -> Option<u32>;
     fn name(&self, ifindex: u32) -> Option<&str>;
+    /// The name a flowtable lists it by: a device the engine attached on
+    /// its own for a listed port (pppoe-wan above a TC eth1) counts as
+    /// that port, as the kernel's flowtable on eth1 offloads what arrives
+    /// there in PPPoE.
+    fn listed_name(&self, ifindex: u32) -> Option<&str> {
+        self.name(ifindex)
+    }
 }
 
 /// Both directions of `e`, or why not.

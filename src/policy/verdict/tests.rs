@@ -11,6 +11,8 @@ use crate::topology::LowerError;
 const LAN: u32 = 3;
 const WAN: u32 = 4;
 const DMZ: u32 = 5;
+/// pppoe-wan, attached by the engine above WAN (a TC port under PPPoE).
+const PPP: u32 = 6;
 
 struct FakePorts;
 
@@ -26,7 +28,15 @@ impl Ports for FakePorts {
             LAN => Some("lan"),
             WAN => Some("wan"),
             DMZ => Some("dmz"),
+            PPP => Some("pppoe-wan"),
             _ => None,
+        }
+    }
+    fn listed_name(&self, ifindex: u32) -> Option<&str> {
+        if ifindex == PPP {
+            self.name(WAN)
+        } else {
+            self.name(ifindex)
         }
     }
 }
@@ -130,6 +140,7 @@ const WAITING: Known = Known::Waiting { mark: 0 };
 fn every_branch() {
     let ok = path(WAN);
     let to_dmz = path(DMZ);
+    let to_ppp = path(PPP);
     let neigh = Err(NoPath::Unroutable(7));
     let asym = Err(NoPath::Asymmetric);
     let elsewhere = Err(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()));
@@ -141,6 +152,7 @@ fn every_branch() {
         (Err(NoPath::Lower(no_fdb.clone())), Err(NoPath::Lower(blocked.clone())), Err(NoPath::Lower(too_deep.clone())));
     let dirs = ok.clone().unwrap();
     let dirs_dmz = to_dmz.clone().unwrap();
+    let dirs_ppp = to_ppp.clone().unwrap();
     use Known::Untracked as U;
     use Mode::*;
     use TeardownReason as T;
@@ -202,6 +214,7 @@ fn every_branch() {
         ("outside its flowtable's devices", Nft, labelled(127), U, Some(&to_dmz), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
         ("the other flowtable's devices", Nft, labelled(126), U, Some(&to_dmz), V::Offload(dirs_dmz)),
         ("the other flowtable, wrong devices", Nft, labelled(126), U, Some(&ok), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
+        ("through the ppp device above a listed port", Nft, labelled(127), U, Some(&to_ppp), V::Offload(dirs_ppp)),
     ];
     let fts = flowtables();
     let ex = exclusions();
