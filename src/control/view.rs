@@ -52,6 +52,12 @@ pub struct Status {
     /// route, neighbour and policy changes cost.
     #[serde(default)]
     pub path_resolutions: u64,
+    /// FIB lookups made (BPF_PROG_TEST_RUN) and answered from the cache
+    /// (`routes::cache`) since start.
+    #[serde(default)]
+    pub fib_queries: u64,
+    #[serde(default)]
+    pub fib_cache_hits: u64,
     /// From a conntrack event reaching the engine to both map entries
     /// installed, over the last 10k offloads.
     #[serde(default)]

@@ -95,6 +95,9 @@ pub struct FlowTable {
     /// write, which cannot say BPF_NOEXIST; a hash present (a collision,
     /// or its key really taken) goes through the kernel's BPF_NOEXIST.
     keys: HashMap<u64, u32>,
+    /// Connections taken off since the engine last looked: they leave the
+    /// FIB cache's index (`routes::cache`).
+    pub(super) released: Vec<ConnId>,
 }
 
 impl FlowTable {
@@ -117,6 +120,7 @@ impl FlowTable {
             pending_ids: HashSet::new(),
             batching: false,
             keys: HashMap::new(),
+            released: Vec::new(),
         }
     }
 
@@ -169,6 +173,10 @@ impl FlowTable {
             .map(|f| &f.entry)
             .or_else(|| self.dormant.get(id).map(|d| &d.entry))
             .or_else(|| self.waiting.get(id))
+    }
+
+    pub fn is_offloaded(&self, id: &ConnId) -> bool {
+        self.offloaded.contains_key(id)
     }
 
     pub fn offloaded_ids(&self) -> Vec<ConnId> {
@@ -422,6 +430,7 @@ impl FlowTable {
         self.settle(id);
         self.asleep.remove(id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
+            self.released.push(*id);
             self.due.remove(&(f.check_at, *id));
             self.index_hops(*id, &f.dirs, false);
             for d in &f.dirs {

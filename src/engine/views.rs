@@ -50,6 +50,8 @@ impl Core {
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
             path_resolutions: self.path_resolutions,
+            fib_queries: self.facts.cache.borrow().stats.queries,
+            fib_cache_hits: self.facts.cache.borrow().stats.hits,
             offload_latency_us: BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))]),
         }
     }
