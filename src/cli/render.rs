@@ -137,6 +137,7 @@ mod tests {
             path_resolutions: 6,
             fib_queries: 12,
             fib_cache_hits: 6,
+            reresolve_last: None,
             offload_latency_us: BTreeMap::new(),
         }
     }

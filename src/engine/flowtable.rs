@@ -429,8 +429,9 @@ impl FlowTable {
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
         self.settle(id);
         self.asleep.remove(id);
+        // Offloaded or not: an install that failed was indexed too.
+        self.released.push(*id);
         let entry = if let Some(f) = self.offloaded.remove(id) {
-            self.released.push(*id);
             self.due.remove(&(f.check_at, *id));
             self.index_hops(*id, &f.dirs, false);
             for d in &f.dirs {

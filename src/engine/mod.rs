@@ -386,11 +386,9 @@ impl Core {
 
     fn on_route_changes(&mut self, ch: &crate::routes::Changes) {
         let first = crate::routes::path::Ports::first_up(&self.ifaces);
-        let (topo, addrs) = if ch.beyond_neighbours() {
-            (Some(self.facts.topo.clone()), Some(self.facts.addrs.clone()))
-        } else {
-            (None, None)
-        };
+        // What `refresh` is about to read again, to see what it changed.
+        let topo = (!ch.links.is_empty() || ch.lost).then(|| self.facts.topo.clone());
+        let addrs = (ch.addresses || ch.lost).then(|| self.facts.addrs.clone());
         for &(ifindex, up) in &ch.links {
             if self.ifaces.set_up(ifindex, up) {
                 for id in self.flows.offloaded_via(ifindex) {
@@ -550,6 +548,9 @@ impl Core {
     /// Periodic work: keepalive, dormant connections the kernel forwarded,
     /// connections waiting for their path.
     fn tick(&mut self) {
+        // Teardowns between events (destroys, keepalive) leave the index
+        // at least this often.
+        self.release_pins();
         // An SPD that could not be read holds everything: try again.
         if self.holds.xfrm.unknown.is_some() {
             self.on_xfrm_change();

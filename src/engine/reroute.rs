@@ -21,7 +21,7 @@ use crate::flow::ConnId;
 /// connections).
 pub const CHUNK: Duration = Duration::from_millis(5);
 /// Connections re-judged between two looks at the clock.
-const CLOCK_EVERY: usize = 32;
+const CLOCK_EVERY: usize = 8;
 
 /// What the changes since the last re-resolution ask for.
 #[derive(Debug, Default)]
@@ -43,19 +43,7 @@ pub struct Queue {
     current: Report,
 }
 
-/// One re-resolution, from the settled change to its last connection.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Report {
-    /// Offloaded connections when it started.
-    pub offloaded: usize,
-    /// Connections judged again.
-    pub rejudged: usize,
-    /// FIB lookups it made (the revalidation's and the connections').
-    pub fib_queries: u64,
-    /// Loop passes it took.
-    pub passes: u32,
-    pub micros: u64,
-}
+pub use crate::control::view::ReresolveView as Report;
 
 impl Queue {
     /// Start a re-resolution of `ids` (among `offloaded`), with `queries`

@@ -52,6 +52,7 @@ impl Core {
             path_resolutions: self.path_resolutions,
             fib_queries: self.facts.cache.borrow().stats.queries,
             fib_cache_hits: self.facts.cache.borrow().stats.hits,
+            reresolve_last: self.rework.last,
             offload_latency_us: BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))]),
         }
     }
