@@ -67,7 +67,7 @@ fn a_route_change_re_judges_only_the_connections_it_moves() {
 
     // Changes that move no path: nothing is judged again.
     let unrelated = after(&lab, &d, &["ip", "route", "add", "10.99.0.0/24", "via", "203.0.113.2"], n);
-    let link = after(&lab, &d, &["ip", "link", "add", "rrs-dummy", "type", "dummy"], n);
+    let link = after(&lab, &d, &["ip", "link", "add", "rrs-v0", "type", "veth", "peer", "name", "rrs-v1"], n);
     let cached = after(&lab, &d, &["ip", "route", "add", "blackhole", "198.51.100.1/32"], n - 2500);
     // Answers per connection from now on: every change re-judges all.
     let rule = ["ip", "rule", "add", "ipproto", "132", "lookup", "main", "pref", "5000"];

@@ -264,8 +264,8 @@ impl FibCache {
     /// key may no longer be cached, or the query failed) and return the
     /// offloaded connections whose answer changed, or whose answer names a
     /// device in `devices` (a link below it changed), and those resolved
-    /// without the cache. O(distinct keys) queries, one pass over the
-    /// pinned connections.
+    /// without the cache; those whose path the kernel now refuses first.
+    /// O(distinct keys) queries, one pass over the pinned connections.
     pub fn revalidate(
         &mut self,
         mut ask: impl FnMut(&FibKey, &super::Packet) -> Option<Answer>,
@@ -274,17 +274,29 @@ impl FibCache {
         self.stale = false;
         self.drop_unused();
         let mut changed = vec![false; self.slots.len()];
+        // Now refused (blackhole, unreachable, prohibit, no route back):
+        // the kernel drops what the fast path still forwards, so these go
+        // first.
+        let mut refused = vec![false; self.slots.len()];
         for (i, s) in self.slots.iter_mut().enumerate() {
             let Some(s) = s else { continue };
             let now = ask(&s.key, &s.packet).filter(Answer::cacheable);
             let moved = |a: &Option<Answer>| a.and_then(|a| a.device()).is_some_and(|d| devices.contains(&d));
             changed[i] = now.is_none() || now != s.answer || moved(&s.answer) || moved(&now);
+            refused[i] = changed[i] && now.is_some_and(|a| a.device().is_none());
             s.answer = now;
         }
-        let mut out: Vec<ConnId> =
-            self.conns.iter().filter(|(_, ids)| ids.iter().any(|&i| changed[i as usize])).map(|(id, _)| *id).collect();
-        out.extend(self.unkeyed.iter().copied());
-        out
+        let (mut first, mut then) = (Vec::new(), Vec::new());
+        for (id, ids) in &self.conns {
+            if ids.iter().any(|&i| refused[i as usize]) {
+                first.push(*id);
+            } else if ids.iter().any(|&i| changed[i as usize]) {
+                then.push(*id);
+            }
+        }
+        first.extend(then);
+        first.extend(self.unkeyed.iter().copied());
+        first
     }
 
     /// Every offloaded connection the cache knows of.

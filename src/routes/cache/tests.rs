@@ -102,6 +102,14 @@ fn revalidation_reports_only_what_moved() {
     assert_eq!(c.revalidate(|k, _| c_answer_now(k), &HashSet::from([LAN])).len(), 102);
     // A device no path uses: nobody (but the unkeyed one).
     assert_eq!(c.revalidate(|k, _| c_answer_now(k), &HashSet::from([99])), vec![conn(2000)]);
+    // 198.51.100.9 is blackholed while .5 moves: its connection first.
+    let hole = |k: &FibKey, _: &Packet| {
+        Some(if k.dst == ip("198.51.100.9") && !k.reverse { Answer::Forward(Err(Unroutable(1))) } else { c_answer(k) })
+    };
+    let out = c.revalidate(hole, &HashSet::new());
+    assert_eq!(out.len(), 102);
+    assert_eq!(out[0], conn(1000), "refused first");
+    assert_eq!(*out.last().unwrap(), conn(2000), "unkeyed last");
     // A query that fails counts as changed.
     assert_eq!(c.revalidate(|_, _| None, &HashSet::new()).len(), 102);
     for n in 0..100 {
