@@ -378,12 +378,6 @@ impl Core {
         self.flows.apply(e, v);
     }
 
-    /// Connections no longer offloaded leave the cache's index.
-    fn release_pins(&mut self) {
-        let mut c = self.facts.cache.borrow_mut();
-        self.flows.released.drain(..).for_each(|id| c.unpin(&id));
-    }
-
     fn on_route_changes(&mut self, ch: &crate::routes::Changes) {
         let first = crate::routes::path::Ports::first_up(&self.ifaces);
         // What `refresh` is about to read again, to see what it changed.
@@ -487,49 +481,6 @@ impl Core {
         self.plan.all = true;
         self.route_dirty.get_or_insert_with(Instant::now);
         self.rescan = true;
-    }
-
-    /// Something in routes, rules, addresses, links or holds changed:
-    /// the FIB answers in use are asked again, and the offloaded
-    /// connections whose answer or devices changed (all of them, if the
-    /// plan says so) are queued to follow the kernel's current decision,
-    /// in chunks (`reresolve_some`); those waiting try again at the end.
-    fn reresolve_all(&mut self) {
-        self.release_pins();
-        let plan = std::mem::take(&mut self.plan);
-        let before = self.facts.cache.borrow().stats.queries;
-        let changed = self.facts.revalidate(self.flows.dp(), &plan.devices);
-        let queries = self.facts.cache.borrow().stats.queries - before;
-        let offloaded = self.flows.len().0;
-        let ids = if plan.all { self.flows.offloaded_ids() } else { changed };
-        tracing::debug!(all = plan.all, queued = ids.len(), offloaded, queries, "re-resolving");
-        self.rework.start(ids, offloaded, queries);
-        self.reresolve_some();
-    }
-
-    /// One chunk of the queued re-resolution (`reroute::CHUNK`).
-    fn reresolve_some(&mut self) {
-        if !self.rework.busy() {
-            return;
-        }
-        let mut q = std::mem::take(&mut self.rework);
-        let done = q.run(reroute::CHUNK, |id| {
-            if !self.flows.is_offloaded(id) {
-                // Installed by nobody (a failed install) or gone since.
-                self.facts.cache.borrow_mut().unpin(id);
-                return 0;
-            }
-            let before = self.facts.cache.borrow().stats.queries;
-            self.rejudge(id, None, true);
-            self.facts.cache.borrow().stats.queries - before
-        });
-        self.rework = q;
-        if done {
-            if let Some(r) = self.rework.last {
-                tracing::debug!(?r, "re-resolved");
-            }
-            self.retry_waiting();
-        }
     }
 
     fn retry_waiting(&mut self) {

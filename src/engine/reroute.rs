@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::flow::ConnId;
 
+use super::Core;
+
 /// Time spent re-judging per loop pass, at most (checked every few
 /// connections).
 pub const CHUNK: Duration = Duration::from_millis(5);
@@ -46,11 +48,12 @@ pub struct Queue {
 pub use crate::control::view::ReresolveView as Report;
 
 impl Queue {
-    /// Start a re-resolution of `ids` (among `offloaded`), with `queries`
-    /// FIB lookups made so far for it. Anything still queued stays queued.
-    pub fn start(&mut self, ids: impl IntoIterator<Item = ConnId>, offloaded: usize, queries: u64) {
+    /// Start a re-resolution of `ids` (among `offloaded`), begun `since`
+    /// with `queries` FIB lookups so far (the revalidation). Anything still
+    /// queued stays queued.
+    pub fn start(&mut self, ids: impl IntoIterator<Item = ConnId>, offloaded: usize, queries: u64, since: Instant) {
         if self.started.is_none() {
-            self.started = Some(Instant::now());
+            self.started = Some(since);
             self.current = Report { offloaded, ..Default::default() };
         }
         self.current.fib_queries += queries;
@@ -92,6 +95,58 @@ impl Queue {
     }
 }
 
+impl Core {
+    /// Something in routes, rules, addresses, links or holds changed:
+    /// the FIB answers in use are asked again, and the offloaded
+    /// connections whose answer or devices changed (all of them, if the
+    /// plan says so) are queued to follow the kernel's current decision,
+    /// in chunks (`reresolve_some`); those waiting try again at the end.
+    pub(super) fn reresolve_all(&mut self) {
+        self.release_pins();
+        let plan = std::mem::take(&mut self.plan);
+        let since = Instant::now();
+        let before = self.facts.cache.borrow().stats.queries;
+        let changed = self.facts.revalidate(self.flows.dp(), &plan.devices);
+        let queries = self.facts.cache.borrow().stats.queries - before;
+        let offloaded = self.flows.len().0;
+        let ids = if plan.all { self.flows.offloaded_ids() } else { changed };
+        tracing::debug!(all = plan.all, queued = ids.len(), offloaded, queries, "re-resolving");
+        self.rework.start(ids, offloaded, queries, since);
+        self.reresolve_some();
+    }
+
+    /// One chunk of the queued re-resolution (`CHUNK`).
+    pub(super) fn reresolve_some(&mut self) {
+        if !self.rework.busy() {
+            return;
+        }
+        let mut q = std::mem::take(&mut self.rework);
+        let done = q.run(CHUNK, |id| {
+            if !self.flows.is_offloaded(id) {
+                // Installed by nobody (a failed install) or gone since.
+                self.facts.cache.borrow_mut().unpin(id);
+                return 0;
+            }
+            let before = self.facts.cache.borrow().stats.queries;
+            self.rejudge(id, None, true);
+            self.facts.cache.borrow().stats.queries - before
+        });
+        self.rework = q;
+        if done {
+            if let Some(r) = self.rework.last {
+                tracing::debug!(?r, "re-resolved");
+            }
+            self.retry_waiting();
+        }
+    }
+
+    /// Connections no longer offloaded leave the cache's index.
+    pub(super) fn release_pins(&mut self) {
+        let mut c = self.facts.cache.borrow_mut();
+        self.flows.released.drain(..).for_each(|id| c.unpin(&id));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,7 +169,7 @@ mod tests {
     fn chunks_are_bounded_and_complete() {
         let mut q = Queue::default();
         assert!(!q.run(CHUNK, |_| 0), "nothing to do");
-        q.start((0..1000).map(id), 1000, 7);
+        q.start((0..1000).map(id), 1000, 7, Instant::now());
         assert!(q.busy());
         let mut seen = Vec::new();
         let slow = |seen: &mut Vec<ConnId>, i: &ConnId| {
@@ -126,7 +181,7 @@ mod tests {
         assert!(!q.run(Duration::from_millis(2), |i| slow(&mut seen, i)));
         assert!(seen.len() >= CLOCK_EVERY && seen.len() < 1000, "one chunk: {}", seen.len());
         assert!(t.elapsed() < Duration::from_millis(500), "the budget bounds the pass");
-        q.start([id(0), id(999), id(5000)], 1000, 2);
+        q.start([id(0), id(999), id(5000)], 1000, 2, Instant::now());
         while !q.run(Duration::from_millis(2), |i| slow(&mut seen, i)) {}
         let mut sorted = seen.clone();
         sorted.sort_unstable();

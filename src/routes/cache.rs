@@ -35,9 +35,12 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
+use anyhow::Result;
+
+use crate::dataplane::Dataplane;
 use crate::flow::{ConnId, NextHop};
 
-use super::Unroutable;
+use super::{egress_for, resolve_with, reverse_packet, Packet, RouteFacts, Unroutable};
 
 /// One lookup as the cache tells it apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,7 +86,7 @@ struct Slot {
     key: FibKey,
     /// What the packets of its first user ask, for `revalidate`: the
     /// answer does not depend on its ports (they are cacheable only then).
-    packet: super::Packet,
+    packet: Packet,
     /// `None`: unknown (dropped by a neighbour change, or pinned while
     /// stale); lookups ask the kernel and a revalidation counts it changed.
     answer: Option<Answer>,
@@ -137,7 +140,7 @@ impl FibCache {
     }
 
     /// The kernel answered `a` for `key` (asked as `packet`).
-    pub fn put(&mut self, key: FibKey, packet: super::Packet, a: Answer) {
+    pub fn put(&mut self, key: FibKey, packet: Packet, a: Answer) {
         if !a.cacheable() {
             return;
         }
@@ -158,7 +161,7 @@ impl FibCache {
         self.insert(key, packet, Some(a));
     }
 
-    fn insert(&mut self, key: FibKey, packet: super::Packet, answer: Option<Answer>) -> u32 {
+    fn insert(&mut self, key: FibKey, packet: Packet, answer: Option<Answer>) -> u32 {
         let slot = Slot { key, packet, answer, users: 0 };
         let i = match self.free.pop() {
             Some(i) => {
@@ -195,7 +198,7 @@ impl FibCache {
     /// Connection `id` is offloaded with the path resolved by `used` (and
     /// the packets `asked`): it is re-judged when one of these answers
     /// changes. Replaces what it used before.
-    pub fn pin(&mut self, id: ConnId, used: &Used, asked: &[Option<super::Packet>; 3]) {
+    pub fn pin(&mut self, id: ConnId, used: &Used, asked: &[Option<Packet>; 3]) {
         self.unpin(&id);
         let (Some(a), Some(b), Some(c)) = (used[0], used[1], used[2]) else {
             self.unkeyed.insert(id);
@@ -268,7 +271,7 @@ impl FibCache {
     /// O(distinct keys) queries, one pass over the pinned connections.
     pub fn revalidate(
         &mut self,
-        mut ask: impl FnMut(&FibKey, &super::Packet) -> Option<Answer>,
+        mut ask: impl FnMut(&FibKey, &Packet) -> Option<Answer>,
         devices: &HashSet<u32>,
     ) -> Vec<ConnId> {
         self.stale = false;
@@ -307,6 +310,102 @@ impl FibCache {
     /// Keys known (answered, or pinned without an answer).
     pub fn keys(&self) -> usize {
         self.ids.len()
+    }
+}
+
+/// The engine's lookups through the cache.
+impl RouteFacts {
+    /// Whether the family's answers may be cached (see `cache`).
+    pub fn cacheable(&self, v6: bool) -> bool {
+        let mp = if v6 { self.multipath.1 } else { self.multipath.0 };
+        !mp && !self.rules.family(v6).by_flow
+    }
+
+    /// The key of `p`'s lookup, if its answer may be cached.
+    pub(super) fn key(&self, p: &Packet, reverse: bool) -> Option<FibKey> {
+        self.cacheable(p.dst.is_ipv6()).then_some(FibKey {
+            in_ifindex: p.in_ifindex,
+            src: p.src,
+            dst: p.dst,
+            mark: p.mark,
+            reverse,
+        })
+    }
+
+    /// Ask the kernel (a test run, and the route's MTU when it may matter).
+    fn ask(&self, dp: &Dataplane, p: &Packet, reverse: bool) -> Result<Answer> {
+        self.cache.borrow_mut().stats.queries += 1;
+        Ok(if reverse {
+            Answer::Reverse(egress_for(dp, p.in_ifindex, p.dst)?)
+        } else {
+            Answer::Forward(resolve_with(dp, self, p)?)
+        })
+    }
+
+    fn cached(&self, dp: &Dataplane, p: &Packet, reverse: bool) -> Result<(Answer, Option<FibKey>)> {
+        let key = self.key(p, reverse);
+        if let Some(a) = key.and_then(|k| self.cache.borrow_mut().get(&k)) {
+            return Ok((a, key));
+        }
+        let a = self.ask(dp, p, reverse)?;
+        if let Some(k) = key {
+            self.cache.borrow_mut().put(k, *p, a);
+        }
+        Ok((a, key))
+    }
+
+    /// `egress_for(dp, any_ifindex, dst)`, from the cache when it can be,
+    /// with the key it was answered under.
+    pub fn egress_for(
+        &self,
+        dp: &Dataplane,
+        any_ifindex: u32,
+        dst: IpAddr,
+    ) -> Result<(Option<u32>, Packet, Option<FibKey>)> {
+        let p = reverse_packet(any_ifindex, dst);
+        match self.cached(dp, &p, true)? {
+            (Answer::Reverse(d), k) => Ok((d, p, k)),
+            (Answer::Forward(_), _) => unreachable!("a reverse key holds reverse answers"),
+        }
+    }
+
+    /// `resolve_with(dp, self, p)`, from the cache when it can be, with the
+    /// key it was answered under.
+    pub fn resolve(
+        &self,
+        dp: &Dataplane,
+        p: &Packet,
+    ) -> Result<(std::result::Result<NextHop, Unroutable>, Option<FibKey>)> {
+        match self.cached(dp, p, false)? {
+            (Answer::Forward(a), k) => Ok((a, k)),
+            (Answer::Reverse(_), _) => unreachable!("a forward key holds forward answers"),
+        }
+    }
+
+    /// Ask the kernel again for every answer offloaded connections use
+    /// (after a route, rule, address, link or netconf change) and return
+    /// those whose answer changed or names a device in `devices`.
+    pub fn revalidate(&self, dp: &Dataplane, devices: &HashSet<u32>) -> Vec<crate::flow::ConnId> {
+        let mut c = std::mem::take(&mut *self.cache.borrow_mut());
+        let out = c.revalidate(
+            |k, p| {
+                if !self.cacheable(k.dst.is_ipv6()) {
+                    return None;
+                }
+                match self.ask(dp, p, k.reverse) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::debug!("route lookup while revalidating: {e:#}");
+                        None
+                    }
+                }
+            },
+            devices,
+        );
+        // The queries were counted on the placeholder.
+        c.stats.queries += self.cache.borrow().stats.queries;
+        *self.cache.borrow_mut() = c;
+        out
     }
 }
 

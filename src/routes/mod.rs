@@ -17,7 +17,7 @@ mod metric;
 pub mod path;
 pub mod rules;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
@@ -292,8 +292,6 @@ pub struct RouteFacts {
     pub cache: std::cell::RefCell<cache::FibCache>,
 }
 
-use cache::{Answer, FibKey};
-
 impl RouteFacts {
     pub fn read() -> Result<Self> {
         Ok(RouteFacts {
@@ -304,99 +302,6 @@ impl RouteFacts {
             multipath: (any_multipath(false), any_multipath(true)),
             cache: Default::default(),
         })
-    }
-
-    /// Whether the family's answers may be cached (see `cache`).
-    pub fn cacheable(&self, v6: bool) -> bool {
-        let mp = if v6 { self.multipath.1 } else { self.multipath.0 };
-        !mp && !self.rules.family(v6).by_flow
-    }
-
-    /// The key of `p`'s lookup, if its answer may be cached.
-    fn key(&self, p: &Packet, reverse: bool) -> Option<FibKey> {
-        self.cacheable(p.dst.is_ipv6()).then_some(FibKey {
-            in_ifindex: p.in_ifindex,
-            src: p.src,
-            dst: p.dst,
-            mark: p.mark,
-            reverse,
-        })
-    }
-
-    /// Ask the kernel (a test run, and the route's MTU when it may matter).
-    fn ask(&self, dp: &Dataplane, p: &Packet, reverse: bool) -> Result<Answer> {
-        self.cache.borrow_mut().stats.queries += 1;
-        Ok(if reverse {
-            Answer::Reverse(egress_for(dp, p.in_ifindex, p.dst)?)
-        } else {
-            Answer::Forward(resolve_with(dp, self, p)?)
-        })
-    }
-
-    fn cached(&self, dp: &Dataplane, p: &Packet, reverse: bool) -> Result<(Answer, Option<FibKey>)> {
-        let key = self.key(p, reverse);
-        if let Some(a) = key.and_then(|k| self.cache.borrow_mut().get(&k)) {
-            return Ok((a, key));
-        }
-        let a = self.ask(dp, p, reverse)?;
-        if let Some(k) = key {
-            self.cache.borrow_mut().put(k, *p, a);
-        }
-        Ok((a, key))
-    }
-
-    /// `egress_for(dp, any_ifindex, dst)`, from the cache when it can be,
-    /// with the key it was answered under.
-    pub fn egress_for(
-        &self,
-        dp: &Dataplane,
-        any_ifindex: u32,
-        dst: IpAddr,
-    ) -> Result<(Option<u32>, Packet, Option<FibKey>)> {
-        let p = reverse_packet(any_ifindex, dst);
-        match self.cached(dp, &p, true)? {
-            (Answer::Reverse(d), k) => Ok((d, p, k)),
-            (Answer::Forward(_), _) => unreachable!("a reverse key holds reverse answers"),
-        }
-    }
-
-    /// `resolve_with(dp, self, p)`, from the cache when it can be, with the
-    /// key it was answered under.
-    pub fn resolve(
-        &self,
-        dp: &Dataplane,
-        p: &Packet,
-    ) -> Result<(std::result::Result<NextHop, Unroutable>, Option<FibKey>)> {
-        match self.cached(dp, p, false)? {
-            (Answer::Forward(a), k) => Ok((a, k)),
-            (Answer::Reverse(_), _) => unreachable!("a forward key holds forward answers"),
-        }
-    }
-
-    /// Ask the kernel again for every answer offloaded connections use
-    /// (after a route, rule, address, link or netconf change) and return
-    /// those whose answer changed or names a device in `devices`.
-    pub fn revalidate(&self, dp: &Dataplane, devices: &HashSet<u32>) -> Vec<crate::flow::ConnId> {
-        let mut c = std::mem::take(&mut *self.cache.borrow_mut());
-        let out = c.revalidate(
-            |k, p| {
-                if !self.cacheable(k.dst.is_ipv6()) {
-                    return None;
-                }
-                match self.ask(dp, p, k.reverse) {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        tracing::debug!("route lookup while revalidating: {e:#}");
-                        None
-                    }
-                }
-            },
-            devices,
-        );
-        // The queries were counted on the placeholder.
-        c.stats.queries += self.cache.borrow().stats.queries;
-        *self.cache.borrow_mut() = c;
-        out
     }
 
     /// After `ch`: re-read what it touched. Returns the MACs whose bridge
@@ -603,7 +508,9 @@ pub fn dump_neighbours() -> Result<Vec<Neighbour>> {
 
 #[cfg(test)]
 mod tests {
+    use super::cache::Answer;
     use super::*;
+    use std::collections::HashSet;
 
     fn msg(ty: u16, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
