@@ -52,7 +52,10 @@ pub(super) fn memory(o: &BenchOpts) -> Result<BTreeMap<String, f64>> {
         for (name, bytes) in &maps {
             m.insert(format!("map_bytes_per_conn_{label}_{name}"), *bytes as f64 / conns);
         }
-        m.insert(format!("map_bytes_per_dormant_conn_{label}"), (with_dormant - total) as f64 / f64::from(DORMANT));
+        m.insert(
+            format!("map_bytes_per_dormant_conn_{label}"),
+            with_dormant.saturating_sub(total) as f64 / f64::from(DORMANT),
+        );
     }
     Ok(m)
 }
