@@ -24,10 +24,10 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
             let mut td = 0;
             let mut missing = false;
             for (i, d) in f.dirs.iter().enumerate() {
-                match ft.dp.get_flow(&d.key) {
+                match ft.dp.get_written(&d.key) {
                     Some(v) => {
                         f.last[i] = v;
-                        td = td.max(v.teardown);
+                        td = td.max(u32::from(v.teardown));
                         f.clock.last_seen_ns = f.clock.last_seen_ns.max(v.last_seen_ns);
                     }
                     None => missing = true,

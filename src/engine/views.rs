@@ -69,7 +69,7 @@ impl Core {
                 let o = &f.dirs[0];
                 // Keepalive reads the map only when a connection is due:
                 // counters as of now.
-                let cur = [0, 1].map(|i| self.flows.dp().get_flow(&f.dirs[i].key).unwrap_or(f.last[i]));
+                let cur = [0, 1].map(|i| self.flows.dp().get_written(&f.dirs[i].key).unwrap_or(f.last[i]));
                 let tcp = f.entry.orig.proto == IPPROTO_TCP;
                 FlowView {
                     id: f.entry.id,

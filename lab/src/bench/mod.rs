@@ -126,7 +126,7 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     r.fast_path = fast_path::fast_path_alone(opts)?;
     eprintln!("bench: scaling with the number of flows");
     r.scaling_ns_per_pkt = scaling::scaling(opts)?;
-    eprintln!("bench: map memory per flow");
+    eprintln!("bench: map memory per connection");
     r.memory = memory::memory(opts)?;
     eprintln!("bench: router paths in the lab");
     paths::router_paths(opts, &mut r)?;

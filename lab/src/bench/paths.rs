@@ -262,6 +262,8 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
         x.tcp.into_result(&mut pr);
         r.paths.insert(path.to_string(), pr);
     }
+    eprintln!("bench: daemon memory with live connections");
+    super::memory::daemon_rss(&b, o, r)?;
     eprintln!("bench: live offloaded connections");
     super::live::live_scaling(&b, o, r)?;
     Ok(())

@@ -65,7 +65,9 @@ pub(super) fn ratios(r: &mut Report) {
     // Absolute figures with targets, shown beside the ratios.
     let fp = r.fast_path.ns_per_pkt.get("xdp ipv4 nat tcp hit").map(|s| s.median);
     let rate = r.offload.get("offloads_per_s").copied();
-    let mem = r.memory.get("map_bytes_per_flow_64k").copied();
+    let mem = |k: &str| r.memory.get(k).copied();
+    let (mem_64k, mem_1m, rss_64k) =
+        (mem("map_bytes_per_conn_64k"), mem("map_bytes_per_conn_1m"), mem("daemon_rss_mb_64k"));
     let mut abs = |k: &str, v: Option<f64>, t: &str| {
         if let Some(v) = v {
             r.ratios.insert(k.to_string(), v);
@@ -75,5 +77,7 @@ pub(super) fn ratios(r: &mut Report) {
     abs("fast_path_ipv4_nat_hit_ns", fp, "<= 60");
     abs("offload_p99_us_packet_timestamps", lat_p99, "<= 5000");
     abs("offloads_per_s", rate, ">= 50000");
-    abs("map_bytes_per_flow", mem, "<= 256");
+    abs("map_bytes_per_conn_64k", mem_64k, "<= 256");
+    abs("map_bytes_per_conn_1m", mem_1m, "<= 256");
+    abs("daemon_rss_mb_64k", rss_64k, "<= 32");
 }
