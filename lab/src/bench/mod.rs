@@ -53,6 +53,9 @@ pub struct BenchOpts {
     pub exe: PathBuf,
     /// Where SVG plots go.
     pub plots: PathBuf,
+    /// Development (`bench --paths`): measure only these router paths, in
+    /// interleaved rounds, and nothing else (empty: the whole benchmark).
+    pub only_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -122,12 +125,17 @@ impl Report {
 pub fn run(opts: &BenchOpts) -> Result<Report> {
     crate::lab::require_root()?;
     let mut r = Report { machine: machine(), quick: opts.quick, ..Default::default() };
-    eprintln!("bench: fast path alone (BPF_PROG_TEST_RUN)");
-    r.fast_path = fast_path::fast_path_alone(opts)?;
-    eprintln!("bench: scaling with the number of flows");
-    r.scaling_ns_per_pkt = scaling::scaling(opts)?;
-    eprintln!("bench: map memory per flow");
-    r.memory = memory::memory(opts)?;
+    if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
+        anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
+    }
+    if opts.only_paths.is_empty() {
+        eprintln!("bench: fast path alone (BPF_PROG_TEST_RUN)");
+        r.fast_path = fast_path::fast_path_alone(opts)?;
+        eprintln!("bench: scaling with the number of flows");
+        r.scaling_ns_per_pkt = scaling::scaling(opts)?;
+        eprintln!("bench: map memory per flow");
+        r.memory = memory::memory(opts)?;
+    }
     eprintln!("bench: router paths in the lab");
     paths::router_paths(opts, &mut r)?;
     ratios::ratios(&mut r);

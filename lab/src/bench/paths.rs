@@ -221,9 +221,11 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
     let _srv = lab.spawn_pinned(&lab.wan, &["iperf3", "-s"], lab.isolation.generator_cpu)?;
     lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(5))?;
     let (rounds, secs, tcp_rounds) = if o.quick { (2, 0.6, 1) } else { (5, 3.0, 2) };
+    let only = !o.only_paths.is_empty();
+    let paths: Vec<&str> = PATHS.into_iter().filter(|p| !only || o.only_paths.iter().any(|q| q == p)).collect();
     let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
     for round in 0..rounds {
-        for path in PATHS {
+        for &path in &paths {
             eprintln!("bench:   round {}/{rounds}: {path}", round + 1);
             let a = enter(&b, o, path)?;
             warm(&b, &a, &mut r.notes, path)?;
@@ -233,10 +235,16 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
             x.cost.push(c);
             x.fwd_pps.push(pps);
             x.max_pps.push(max_pps(lab, &b.g, secs.min(1.0))?);
-            if round < tcp_rounds && !path.starts_with("floor") {
+            if only {
+                // profiling one path at a time: each measurement shown, nothing else run
+                eprintln!("bench:     {c:?}, forwarded {pps:.0}/s");
+                if let Some(d) = &a.engine {
+                    eprintln!("bench:     engine status: {}", d.status()?);
+                }
+            } else if round < tcp_rounds && !path.starts_with("floor") {
                 tcp_and_ping(lab, o.quick, &mut x.tcp)?;
             }
-            if let (Some(d), "offload_tc", 0) = (&a.engine, path, round) {
+            if let (Some(d), "offload_tc", 0, false) = (&a.engine, path, round, only) {
                 offload_rate(lab, d, if o.quick { 2000 } else { 10_000 }, r)?;
                 r.offload_latency = super::latency::offload_latency(lab, o.quick)?;
             }
@@ -261,6 +269,9 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
         };
         x.tcp.into_result(&mut pr);
         r.paths.insert(path.to_string(), pr);
+    }
+    if only {
+        return Ok(());
     }
     eprintln!("bench: live offloaded connections");
     super::live::live_scaling(&b, o, r)?;
