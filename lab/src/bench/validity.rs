@@ -63,8 +63,8 @@ mod tests {
 
     fn path(median: f64, min: f64, max: f64) -> PathResult {
         PathResult {
-            router_ns_per_pkt: Some(Stat { median, min, max, n: 3 }),
-            sink_ns_per_pkt: Some(Stat { median: 100.0, min: 90.0, max: 110.0, n: 3 }),
+            router_ns_per_pkt: Some(Stat::of(vec![min, median, max])),
+            sink_ns_per_pkt: Some(Stat::of(vec![90.0, 100.0, 110.0])),
             ..Default::default()
         }
     }
