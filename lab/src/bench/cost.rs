@@ -79,6 +79,8 @@ pub struct Cost {
     /// Packets the veth ends dropped (rings full), per forwarded packet:
     /// the paths should all be near 0, or they forward different packets.
     pub ring_drops: f64,
+    /// Packets forwarded during the measurement (the WAN host's receive).
+    pub forwarded: u64,
 }
 
 /// The lab's veth ends, as (namespace, device), whose drop counters are read.
@@ -161,6 +163,7 @@ impl Cost {
             sink: per(a.sink, b.sink),
             cpu_wide: cpu::busy_ns(&a.cpu, &b.cpu).0 as f64 / forwarded.max(1) as f64,
             ring_drops: drops as f64 / forwarded.max(1) as f64,
+            forwarded,
         }
     }
 }

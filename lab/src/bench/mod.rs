@@ -74,6 +74,11 @@ pub struct PathResult {
     pub offered_pps: f64,
     /// Packets dropped at the veth ends (rings full) per forwarded packet.
     pub ring_drops_per_fwd: Option<Stat>,
+    /// Offload paths: the engine's fast-path packet count over the packets
+    /// forwarded in the same measurement (1 when every packet was
+    /// fast-pathed; below `validity::MIN_FAST_SHARE` the path measured the
+    /// kernel and the run is invalid).
+    pub fast_path_share: Option<Stat>,
     /// Forwarded packets/s during the router-cost measurement.
     pub forwarded_pps: Option<Stat>,
     /// Forwarded packets/s with the generator at full speed.

@@ -204,6 +204,7 @@ fn warm(b: &Bench, a: &Active, notes: &mut Vec<String>, path: &str) -> Result<()
 #[derive(Default)]
 struct Acc {
     cost: Vec<Cost>,
+    fast_share: Vec<f64>,
     fwd_pps: Vec<f64>,
     max_pps: Vec<f64>,
     tcp: TcpAcc,
@@ -231,7 +232,13 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
             warm(&b, &a, &mut r.notes, path)?;
             let pid = a.engine.as_ref().map(Daemon::pid);
             let x = acc.entry(path).or_default();
+            let fast = |d: &Daemon| -> Result<u64> { Ok(d.status()?["fast_path_packets"].as_u64().unwrap_or(0)) };
+            let f0 = a.engine.as_ref().map(fast).transpose()?;
             let (c, pps) = measure(lab, &b.g, pid, (FLOWS, 9, PPS), secs)?;
+            if let (Some(d), Some(f0)) = (&a.engine, f0) {
+                // includes a repeated attempt inside measure, if any: only ever more
+                x.fast_share.push(fast(d)?.saturating_sub(f0) as f64 / c.forwarded.max(1) as f64);
+            }
             x.cost.push(c);
             x.fwd_pps.push(pps);
             x.max_pps.push(max_pps(lab, &b.g, secs.min(1.0))?);
@@ -264,6 +271,7 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
             cpu_wide_ns_per_pkt: st(|c| c.cpu_wide),
             ring_drops_per_fwd: st(|c| c.ring_drops),
             forwarded_pps: Some(Stat::of(x.fwd_pps)),
+            fast_path_share: (!x.fast_share.is_empty()).then(|| Stat::of(x.fast_share)),
             max_pps: Some(Stat::of(x.max_pps)),
             ..Default::default()
         };

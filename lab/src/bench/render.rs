@@ -62,6 +62,14 @@ impl Report {
                 );
             }
         }
+        for p in PATHS {
+            if let Some(f) = self.paths.get(p).and_then(|x| x.fast_path_share) {
+                o += &format!(
+                    "{p}: fast-path packets / forwarded packets {:.3} (lowest round {:.3})\n",
+                    f.median, f.min
+                );
+            }
+        }
         o += "\nLive offloaded connections (offload_tc, traffic spread over all of them; router cost ns/pkt):\n";
         for (n, x) in &self.live_scaling {
             o += &format!(
