@@ -63,6 +63,10 @@ pub struct PathResult {
     /// Router cost: on-CPU ns of the router's NAPI kthreads and the engine's
     /// threads per forwarded packet, at a fixed offered load, 64 flows.
     pub router_ns_per_pkt: Option<Stat>,
+    /// The same per round, in round order (each round measures the paths
+    /// one after the other, seconds apart, so per-round ratios drift less
+    /// than ratios of medians).
+    pub router_ns_rounds: Vec<f64>,
     /// Its two parts.
     pub napi_ns_per_pkt: Option<Stat>,
     pub engine_ns_per_pkt: Option<Stat>,

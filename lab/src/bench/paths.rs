@@ -265,6 +265,7 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
         let mut pr = PathResult {
             offered_pps: PPS,
             router_ns_per_pkt: st(|c| c.router),
+            router_ns_rounds: x.cost.iter().map(|c| c.router).collect(),
             napi_ns_per_pkt: st(|c| c.napi),
             engine_ns_per_pkt: st(|c| c.engine),
             sink_ns_per_pkt: st(|c| c.sink),
