@@ -60,6 +60,10 @@ enum Cmd {
         /// it an invalid run is reported as INVALID and exits 0.
         #[arg(long)]
         strict: bool,
+        /// Development: measure only these router paths (comma-separated),
+        /// nothing else, to profile one path at a time.
+        #[arg(long, value_delimiter = ',', hide = true)]
+        paths: Vec<String>,
     },
 }
 
@@ -109,9 +113,9 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, json, plots, strict } => {
+        Cmd::Bench { quick, json, plots, strict, paths } => {
             let exe = router_bin()?;
-            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots })?;
+            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, only_paths: paths })?;
             print!("{}", r.render());
             if strict && !r.valid() {
                 anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));
