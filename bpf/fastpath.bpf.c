@@ -529,6 +529,13 @@ int fo_fib_query(struct xdp_md *ctx)
 	req->ifindex_out = fib.ifindex;
 	__builtin_memcpy(req->smac, fib.smac, 6);
 	__builtin_memcpy(req->dmac, fib.dmac, 6);
+	/* bpf_ipv4/6_fib_lookup write the gateway into the destination before
+	 * they look up the neighbour, so this is the next hop (filter.c).
+	 */
+	if (req->family == AF_INET)
+		req->nh[0] = fib.ipv4_dst;
+	else
+		__builtin_memcpy(req->nh, fib.ipv6_dst, 16);
 	return XDP_PASS;
 }
 

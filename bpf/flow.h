@@ -193,6 +193,11 @@ struct fo_fib_req {
 	__u32 mtu;
 	__u8 smac[6];
 	__u8 dmac[6];
+	/* The neighbour the answer needs (the gateway, else the destination),
+	 * set with NO_NEIGH too: the control plane asks the kernel to resolve
+	 * it (routes/solicit.rs).
+	 */
+	__be32 nh[4];
 };
 
 #endif

@@ -78,3 +78,57 @@ fn neighbour_churn_costs_nothing_and_a_moved_next_hop_is_followed() {
     assert_eq!(st["flows_offloaded"].as_u64(), Some(1), "{st}");
     d.stop().unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// A one-way stream whose reply direction's next hop the router has never
+/// resolved: nothing the router sends goes to the client, so the kernel
+/// never asks for its MAC. The engine asks (RTM_NEWNEIGH with NTF_USE, as
+/// the kernel's first forwarded packet would) and offloads the connection;
+/// before, it waited for that neighbour for as long as the stream lasted.
+#[test]
+fn a_one_way_stream_to_an_unresolved_client_is_offloaded() {
+    let lab = Lab::up_unique("ngs").unwrap_or_else(|e| panic!("{e:#}"));
+    // The client knows the router for good (it never ARPs for it, so the
+    // router never learns the client from a request), and the router
+    // forgets the client.
+    let rtr_mac = lab.exec(&lab.rtr, &["cat", &format!("/sys/class/net/{}/address", lab.rtr_lan_if)]).unwrap();
+    let rtr_mac = rtr_mac.trim();
+    lab.exec(
+        &lab.lan,
+        &["ip", "neigh", "replace", "192.168.1.1", "lladdr", rtr_mac, "dev", &lab.lan_if, "nud", "permanent"],
+    )
+    .unwrap();
+    lab.exec(&lab.rtr, &["ip", "neigh", "flush", "dev", &lab.rtr_lan_if]).unwrap();
+    let neigh =
+        |lab: &Lab| lab.exec(&lab.rtr, &["ip", "neigh", "show", "192.168.1.2", "dev", &lab.rtr_lan_if]).unwrap();
+    let shown = neigh(&lab);
+    assert!(
+        shown.trim().is_empty() || shown.contains("FAILED") || !shown.contains("lladdr"),
+        "the router still knows the client: {shown}"
+    );
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    // A listening sink: a closed port would answer with ICMP, which the
+    // router forwards to the client, resolving it the kernel's way.
+    let py = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9998))\n\
+              while True:\n    s.recvfrom(2048)\n";
+    let _sink = Bg(lab.spawn(&lab.wan, &["python3", "-c", py]).unwrap());
+    sleep(Duration::from_millis(300));
+    let stream = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                  s.bind(('192.168.1.2',41701))\nend=time.time()+30\nwhile time.time()<end:\n\
+                  \x20   s.sendto(b'x'*200,('203.0.113.2',9998))\n    time.sleep(0.01)\n";
+    let _stream = Bg(lab.spawn(&lab.lan, &["python3", "-c", stream]).unwrap());
+    let t0 = Instant::now();
+    while d.status().unwrap()["flows_offloaded"].as_u64() != Some(1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "not offloaded within 10 s; router's neighbour entry: {:?}; {}",
+            neigh(&lab),
+            d.status().unwrap()
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let shown = neigh(&lab);
+    assert!(shown.contains("lladdr"), "offloaded, yet the router has not resolved the client: {shown}");
+    let st = d.status().unwrap();
+    assert_eq!(st["flows_waiting_for_neighbour"].as_u64(), Some(0), "{st}");
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}

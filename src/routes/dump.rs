@@ -58,6 +58,26 @@ pub fn exchange(request: &[u8], take: impl FnMut(&[u8]) -> Result<bool>) -> Resu
     exchange_on(NETLINK_ROUTE, request, take)
 }
 
+/// The payloads of the messages in `datagram` answering sequence number
+/// `seq` (a request's own answers, not a dump's).
+pub fn answers(mut datagram: &[u8], seq: u32) -> Result<Vec<NetlinkPayload<RouteNetlinkMessage>>> {
+    let mut out = Vec::new();
+    while !datagram.is_empty() {
+        let nl = NetlinkBuffer::new_checked(datagram).map_err(|e| anyhow!("undecodable reply: {e}"))?;
+        let len = nl.length() as usize;
+        let (one, this) = (&datagram[..len], nl.sequence_number());
+        datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
+        if this == seq {
+            out.push(
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(one)
+                    .map_err(|e| anyhow!("undecodable answer: {e}"))?
+                    .payload,
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// [`exchange`] on a netlink family of choice (nfnetlink for nf_tables;
 /// `xfrm` dumps NETLINK_XFRM).
 pub fn exchange_on(protocol: isize, request: &[u8], mut take: impl FnMut(&[u8]) -> Result<bool>) -> Result<()> {

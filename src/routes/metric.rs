@@ -14,12 +14,12 @@
 
 use std::net::IpAddr;
 
-use anyhow::{anyhow, bail, Result};
-use netlink_packet_core::{NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use anyhow::{bail, Result};
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::dump::exchange;
+use super::dump::{answers, exchange};
 use super::Packet;
 
 const GET_SEQ: u32 = 7;
@@ -84,19 +84,9 @@ pub fn forward_mtu_metric(p: &Packet) -> Result<Option<u32>> {
     let mut buf = vec![0; msg.buffer_len()];
     msg.serialize(&mut buf);
     let mut found: Option<Option<u32>> = None;
-    exchange(&buf, |mut datagram| {
-        while !datagram.is_empty() {
-            let nl = NetlinkBuffer::new_checked(datagram).map_err(|e| anyhow!("undecodable reply: {e}"))?;
-            let len = nl.length() as usize;
-            let (one, seq) = (&datagram[..len], nl.sequence_number());
-            datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
-            if seq != GET_SEQ {
-                continue;
-            }
-            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(one)
-                .map_err(|e| anyhow!("undecodable route: {e}"))?
-                .payload
-            {
+    exchange(&buf, |datagram| {
+        for payload in answers(datagram, GET_SEQ)? {
+            match payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => found = Some(mtu_of(&r)),
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io().into()),
                 _ => {}

@@ -16,6 +16,7 @@ pub mod link;
 mod metric;
 pub mod path;
 pub mod rules;
+pub mod solicit;
 
 use std::collections::HashMap;
 use std::io;
@@ -121,11 +122,19 @@ pub struct Packet {
 /// The kernel's forwarding decision for packet `p`. A mark on a kernel
 /// whose lookup cannot take one is `Ok(Err(Unroutable(-EINVAL)))`.
 pub fn resolve(dp: &Dataplane, p: &Packet) -> Result<std::result::Result<NextHop, Unroutable>> {
-    let r = dp.fib_query(&req(family_of(p.src), p.in_ifindex, p.src, p.dst, p.proto, p.sport, p.dport, 0, p.mark))?;
+    Ok(answer(&ask(dp, p)?))
+}
+
+/// The FIB oracle's raw answer for `p`.
+fn ask(dp: &Dataplane, p: &Packet) -> Result<fo_fib_req> {
+    dp.fib_query(&req(family_of(p.src), p.in_ifindex, p.src, p.dst, p.proto, p.sport, p.dport, 0, p.mark))
+}
+
+fn answer(r: &fo_fib_req) -> std::result::Result<NextHop, Unroutable> {
     if r.ret != 0 {
-        return Ok(Err(Unroutable(r.ret)));
+        return Err(Unroutable(r.ret));
     }
-    Ok(Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: r.mtu.min(0xffff) as u16, xdp_ok: false }))
+    Ok(NextHop { ifindex: r.ifindex_out, smac: r.smac, dmac: r.dmac, mtu: r.mtu.min(0xffff) as u16, xdp_ok: false })
 }
 
 /// `resolve`, with the MTU metric of `p`'s route when some route has one
@@ -136,7 +145,11 @@ pub fn resolve_with(
     facts: &RouteFacts,
     p: &Packet,
 ) -> Result<std::result::Result<NextHop, Unroutable>> {
-    let mut r = resolve(dp, p)?;
+    let raw = ask(dp, p)?;
+    if raw.ret == FIB_NO_NEIGH {
+        facts.solicit(raw.ifindex_out, crate::flow::entry::words_addr(family_of(p.dst), &raw.nh));
+    }
+    let mut r = answer(&raw);
     if let (Ok(nh), true) = (&mut r, facts.route_mtus) {
         if let Some(m) = metric::forward_mtu_metric(p)? {
             nh.mtu = nh.mtu.min(m.min(0xffff) as u16);
@@ -290,6 +303,8 @@ pub struct RouteFacts {
     /// to a known destination costs no lookup, and a change costs one per
     /// distinct key in use.
     pub cache: std::cell::RefCell<cache::FibCache>,
+    /// Next hops the engine asked the kernel to resolve (`solicit`).
+    pub solicits: std::cell::RefCell<solicit::Solicits>,
 }
 
 impl RouteFacts {
@@ -301,7 +316,24 @@ impl RouteFacts {
             route_mtus: metric::any_route_mtu(),
             multipath: (any_multipath(false), any_multipath(true)),
             cache: Default::default(),
+            solicits: Default::default(),
         })
+    }
+
+    /// A resolution found no usable neighbour `addr` on `ifindex`: have
+    /// the kernel resolve it, as its first forwarded packet would
+    /// (`solicit`); its answer comes back as a neighbour event.
+    pub fn solicit(&self, ifindex: u32, addr: IpAddr) {
+        if ifindex == 0
+            || addr.is_unspecified()
+            || !self.solicits.borrow_mut().due(ifindex, addr, std::time::Instant::now())
+        {
+            return;
+        }
+        match solicit::solicit(ifindex, addr) {
+            Ok(()) => tracing::debug!(%addr, ifindex, "asked the kernel to resolve a next hop"),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
     }
 
     /// After `ch`: re-read what it touched. Returns the MACs whose bridge
