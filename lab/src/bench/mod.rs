@@ -53,6 +53,9 @@ pub struct BenchOpts {
     pub exe: PathBuf,
     /// Where SVG plots go.
     pub plots: PathBuf,
+    /// Only the offload rate and offload latency phases (offload_tc), for
+    /// work on the control plane.
+    pub offload_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -122,6 +125,12 @@ impl Report {
 pub fn run(opts: &BenchOpts) -> Result<Report> {
     crate::lab::require_root()?;
     let mut r = Report { machine: machine(), quick: opts.quick, ..Default::default() };
+    if opts.offload_only {
+        eprintln!("bench: offload rate and latency only (offload_tc)");
+        paths::offload_only(opts, &mut r)?;
+        ratios::ratios(&mut r);
+        return Ok(r);
+    }
     eprintln!("bench: fast path alone (BPF_PROG_TEST_RUN)");
     r.fast_path = fast_path::fast_path_alone(opts)?;
     eprintln!("bench: scaling with the number of flows");
