@@ -64,6 +64,10 @@ enum Cmd {
         /// nothing else, to profile one path at a time.
         #[arg(long, value_delimiter = ',', hide = true)]
         paths: Vec<String>,
+        /// Only the offload rate and offload latency phases (offload_tc),
+        /// for work on the control plane; no router-cost figures.
+        #[arg(long)]
+        offload_only: bool,
     },
 }
 
@@ -113,9 +117,9 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, json, plots, strict, paths } => {
+        Cmd::Bench { quick, json, plots, strict, paths, offload_only } => {
             let exe = router_bin()?;
-            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, only_paths: paths })?;
+            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, only_paths: paths, offload_only })?;
             print!("{}", r.render());
             if strict && !r.valid() {
                 anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));

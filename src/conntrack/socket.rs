@@ -74,8 +74,17 @@ const REPLY_SLOT_LEN: usize = 512;
 /// before the rest is read (each event is its own datagram); the fd stays
 /// readable and the next poll resumes.
 const MAX_DATAGRAMS_PER_DRAIN: usize = 256;
+/// Event datagrams read per recvmmsg, each into its own slot of the
+/// receive buffer: a conntrack event is one message of a few hundred bytes
+/// (ctnetlink_conntrack_event), so one syscall reads up to 32 of them.
+const EVENT_SLOTS: usize = 32;
+const EVENT_SLOT_LEN: usize = RECV_BUF_LEN / EVENT_SLOTS;
 /// What an overrun discards at most (a dump supersedes it).
 const MAX_DATAGRAMS_DISCARDED: usize = 4096;
+
+/// A received event datagram: its offset in the receive buffer and its
+/// length (None: cut to its slot).
+type Slot = (usize, Option<usize>);
 
 /// One NETLINK_NETFILTER socket, bound to a kernel-assigned port.
 pub struct CtSocket {
@@ -115,6 +124,59 @@ fn kernel_addr() -> libc::sockaddr_nl {
     let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
     addr
+}
+
+/// What one slot of a [`recv_many`] received.
+struct Received {
+    /// The sender's port id (0: the kernel).
+    pid: u32,
+    len: usize,
+    /// The datagram was longer than its slot.
+    cut: bool,
+}
+
+/// One recvmmsg of up to `buf.len() / slot_len` datagrams, datagram i into
+/// `buf[i * slot_len..]`. EINTR is retried; EAGAIN is returned as an error.
+fn recv_many(fd: RawFd, buf: &mut [u8], slot_len: usize, flags: libc::c_int) -> io::Result<Vec<Received>> {
+    let slots = buf.len() / slot_len;
+    // SAFETY: all-zero sockaddr_nl / mmsghdr are valid values; the pointers
+    // set below stay valid for the call.
+    let mut from: Vec<libc::sockaddr_nl> = vec![unsafe { mem::zeroed() }; slots];
+    let mut iov: Vec<libc::iovec> = buf
+        .chunks_exact_mut(slot_len)
+        .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = (0..slots)
+        .map(|i| {
+            let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+            h.msg_hdr.msg_name = (&mut from[i] as *mut libc::sockaddr_nl).cast();
+            h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut iov[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    let n = loop {
+        // SAFETY: hdrs describes `slots` writable slots of buf and names.
+        let n = unsafe { libc::recvmmsg(fd, hdrs.as_mut_ptr(), slots as libc::c_uint, flags, std::ptr::null_mut()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    };
+    Ok(hdrs
+        .iter()
+        .zip(&from)
+        .take(n)
+        .map(|(h, f)| Received {
+            pid: f.nl_pid,
+            len: (h.msg_len as usize).min(slot_len),
+            cut: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        })
+        .collect())
 }
 
 impl CtSocket {
@@ -265,22 +327,64 @@ impl CtSocket {
     /// caller that something was lost, so it must resync from a dump.
     pub fn recv_events(&mut self) -> Result<CtBatch, CtError> {
         let mut batch = CtBatch::default();
-        for _ in 0..MAX_DATAGRAMS_PER_DRAIN {
-            let n = match self.recv_datagram(true) {
-                Ok(Some(n)) => n,
-                Ok(None) => break,
+        let mut left = MAX_DATAGRAMS_PER_DRAIN;
+        while left > 0 {
+            let want = left.min(EVENT_SLOTS);
+            let (received, got) = match self.recv_event_datagrams(want) {
+                Ok(r) => r,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     self.discard_queue();
                     return Err(CtError::Overrun);
                 }
                 Err(e) => return Err(e.into()),
             };
-            if let Some(e) = decode_events(&self.buf[..n], &mut batch.events) {
-                tracing::warn!("undecodable conntrack event: {e}");
-                batch.malformed.get_or_insert(e);
+            for &(at, len) in &got {
+                let Some(len) = len else {
+                    // Cut to its slot: an event lost, as after an overrun.
+                    let e = CtError::Malformed(format!("event datagram over {EVENT_SLOT_LEN} bytes"));
+                    tracing::warn!("undecodable conntrack event: {e}");
+                    batch.malformed.get_or_insert(e);
+                    continue;
+                };
+                if let Some(e) = decode_events(&self.buf[at..at + len], &mut batch.events) {
+                    tracing::warn!("undecodable conntrack event: {e}");
+                    batch.malformed.get_or_insert(e);
+                }
             }
+            if received < want {
+                break;
+            }
+            left -= received;
         }
         Ok(batch)
+    }
+
+    /// Up to `want` queued event datagrams with one recvmmsg, into slots of
+    /// `self.buf` (events are one small message each): each one's (offset,
+    /// length), length None if it was cut to its slot, after how many were
+    /// received. Datagrams not sent by the kernel are left out. None
+    /// received when nothing is queued.
+    fn recv_event_datagrams(&mut self, want: usize) -> io::Result<(usize, Vec<Slot>)> {
+        let want = want.min(EVENT_SLOTS);
+        let got = match recv_many(
+            self.fd.as_raw_fd(),
+            &mut self.buf[..want * EVENT_SLOT_LEN],
+            EVENT_SLOT_LEN,
+            libc::MSG_DONTWAIT,
+        ) {
+            Ok(got) => got,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok((0, Vec::new())),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::with_capacity(got.len());
+        for (i, r) in got.iter().enumerate() {
+            if r.pid != 0 {
+                tracing::warn!(pid = r.pid, "ignoring netlink datagram not sent by the kernel");
+                continue;
+            }
+            out.push((i * EVENT_SLOT_LEN, (!r.cut).then_some(r.len)));
+        }
+        Ok((got.len(), out))
     }
 
     fn discard_queue(&mut self) {
@@ -433,55 +537,24 @@ impl CtSocket {
     /// Reads the replies queued on the socket (blocking for the first, up
     /// to SO_RCVTIMEO) in one recvmmsg, into `replies`.
     fn recv_replies(&mut self, replies: &mut Replies) -> io::Result<()> {
-        let mut bufs = vec![[0u8; REPLY_SLOT_LEN]; REPLY_SLOTS];
-        // SAFETY: all-zero sockaddr_nl / iovec / mmsghdr are valid values;
-        // the pointers set below stay valid for the call.
-        let mut from: Vec<libc::sockaddr_nl> = vec![unsafe { mem::zeroed() }; REPLY_SLOTS];
-        let mut iov: Vec<libc::iovec> =
-            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: REPLY_SLOT_LEN }).collect();
-        let mut hdrs: Vec<libc::mmsghdr> = (0..REPLY_SLOTS)
-            .map(|i| {
-                let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
-                h.msg_hdr.msg_name = (&mut from[i] as *mut libc::sockaddr_nl).cast();
-                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-                h.msg_hdr.msg_iov = &mut iov[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h
-            })
-            .collect();
-        let n = loop {
-            // SAFETY: hdrs describes REPLY_SLOTS writable buffers and names.
-            let n = unsafe {
-                libc::recvmmsg(
-                    self.fd.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    REPLY_SLOTS as libc::c_uint,
-                    libc::MSG_WAITFORONE,
-                    std::ptr::null_mut(),
-                )
-            };
-            if n >= 0 {
-                break n as usize;
+        let mut buf = vec![0u8; REPLY_SLOTS * REPLY_SLOT_LEN];
+        let got = match recv_many(self.fd.as_raw_fd(), &mut buf, REPLY_SLOT_LEN, libc::MSG_WAITFORONE) {
+            Ok(got) => got,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no ctnetlink reply within {REQUEST_TIMEOUT_SECS} s"),
+                ))
             }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no ctnetlink reply within {REQUEST_TIMEOUT_SECS} s"),
-                    ))
-                }
-                _ => return Err(e),
-            }
+            Err(e) => return Err(e),
         };
-        for (i, h) in hdrs.iter().take(n).enumerate() {
+        for (i, r) in got.iter().enumerate() {
             // Not from the kernel, or cut short (no reply of ours is).
-            if from[i].nl_pid != 0 || h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            if r.pid != 0 || r.cut {
                 continue;
             }
-            let len = (h.msg_len as usize).min(REPLY_SLOT_LEN);
-            for (hdr, payload) in NlMsgIter::new(&bufs[i][..len]).flatten() {
+            let at = i * REPLY_SLOT_LEN;
+            for (hdr, payload) in NlMsgIter::new(&buf[at..at + r.len]).flatten() {
                 if !self.is_reply(&hdr, hdr.seq) {
                     continue;
                 }
@@ -793,5 +866,44 @@ mod tests {
         let mut want = [0u8; 16];
         want[0] = 1;
         assert_eq!(find(&req.dump().unwrap(), &t).labels, Some(want));
+    }
+
+    /// Events queued past one recvmmsg (EVENT_SLOTS) are all returned by
+    /// one drain, each once, in the order they happened.
+    #[test]
+    fn one_drain_reads_events_past_one_recvmmsg() {
+        enter_fresh_netns();
+        let mut events = CtSocket::events().expect("events socket");
+        let n = EVENT_SLOTS as u16 + 9;
+        for i in 0..n {
+            let sport = (41000 + i).to_string();
+            conntrack(&[
+                "-I",
+                "-p",
+                "udp",
+                "-s",
+                "10.98.0.1",
+                "-d",
+                "10.98.0.2",
+                "--sport",
+                &sport,
+                "--dport",
+                "53",
+                "-t",
+                "30",
+            ]);
+        }
+        let batch = events.recv_events().expect("recv_events");
+        assert!(batch.malformed.is_none(), "{:?}", batch.malformed);
+        let ports: Vec<u16> = batch
+            .events
+            .iter()
+            .map(|e| match e {
+                CtEvent::New(x) => x.orig.sport,
+                other => panic!("only NEW events expected, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(ports, (41000..41000 + n).collect::<Vec<_>>());
+        assert!(events.recv_events().unwrap().events.is_empty(), "nothing read twice");
     }
 }

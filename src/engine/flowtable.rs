@@ -212,11 +212,21 @@ impl FlowTable {
         self.offloaded.keys().copied().collect()
     }
 
-    /// Offloaded connections keepalive must look at by `now`, taken off the
-    /// schedule (`schedule` puts each back).
-    pub fn due(&mut self, now: u64) -> Vec<ConnId> {
-        let later = self.due.split_off(&(now + 1, ConnId::MIN));
-        std::mem::replace(&mut self.due, later).into_iter().map(|(_, id)| id).collect()
+    /// At most `max` of the offloaded connections keepalive must look at by
+    /// `now`, the earliest first, taken off the schedule (`schedule` puts
+    /// each back): keepalive looks in chunks, so events are read between
+    /// them (`keepalive::tick`).
+    pub fn due_at_most(&mut self, now: u64, max: usize) -> Vec<ConnId> {
+        let mut out = Vec::new();
+        while out.len() < max && self.any_due(now) {
+            out.extend(self.due.pop_first().map(|(_, id)| id));
+        }
+        out
+    }
+
+    /// Whether a connection is due by `now`.
+    pub fn any_due(&self, now: u64) -> bool {
+        self.due.first().is_some_and(|&(t, _)| t <= now)
     }
 
     /// Keepalive looks at offloaded connection `id` next at `at`.
@@ -697,19 +707,23 @@ mod tests {
         let t0 = now_ns();
         ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
         ft.apply(b.clone(), Verdict::Offload(dirs(&b, 2)));
-        assert!(ft.due(t0).is_empty(), "nothing due before the first look");
+        assert!(ft.due_at_most(t0, usize::MAX).is_empty(), "nothing due before the first look");
         let first = now_ns() + FIRST_LOOK_NS;
-        assert_eq!(ft.due(first), vec![ia, ib]);
-        assert!(ft.due(first).is_empty(), "taken off when listed");
+        assert_eq!(ft.due_at_most(first, usize::MAX), vec![ia, ib]);
+        assert!(ft.due_at_most(first, usize::MAX).is_empty(), "taken off when listed");
         ft.schedule(ia, first + 10);
         ft.schedule(ib, first + 20);
         ft.schedule(ia, first + 30);
-        assert_eq!(ft.due(first + 25), vec![ib], "a new time replaces the old");
+        assert_eq!(ft.due_at_most(first + 25, usize::MAX), vec![ib], "a new time replaces the old");
         ft.teardown(&ia, TeardownReason::Policy);
-        assert!(ft.due(u64::MAX - 1).is_empty(), "a torn-down connection leaves the schedule");
+        assert!(ft.due_at_most(u64::MAX - 1, usize::MAX).is_empty(), "a torn-down connection leaves the schedule");
         ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
         ft.all_due(first);
-        assert_eq!(ft.due(first), vec![ia, ib], "every offloaded connection");
+        assert!(ft.any_due(first), "every offloaded connection");
+        assert_eq!(ft.due_at_most(first, 1), vec![ia], "a chunk: the earliest first");
+        assert!(ft.any_due(first) && !ft.any_due(first - 1));
+        assert_eq!(ft.due_at_most(first, 5), vec![ib], "the rest");
+        assert!(!ft.any_due(u64::MAX - 1));
     }
 
     /// A wake-up announced for a packet stamped in the tick the connection

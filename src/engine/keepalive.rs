@@ -13,12 +13,16 @@ use crate::flow::{decide, next_check, Action, CtTimeouts, TeardownReason};
 
 use super::flowtable::FlowTable;
 
-pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts) {
+/// Looks at up to `max` of the connections due; returns whether more are
+/// due, for the caller to look at them after reading its events (a burst of
+/// 10,000 new connections is due at once a tick after it was installed, and
+/// looking at all of them in one pass would hold up every new offload).
+pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts, max: usize) -> bool {
     // Refreshes are sent together after the look (one ctnetlink send per
     // 64, `CtSocket::update_many`): (connection, new timeout, its timeout
     // for next_check).
     let mut refresh = Vec::new();
-    for id in ft.due(now) {
+    for id in ft.due_at_most(now, max) {
         let (action, timeout) = {
             let f = ft.offloaded.get_mut(&id).expect("listed");
             let mut td = 0;
@@ -74,6 +78,7 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
         }
         schedule(ft, id, now, idle, timeout);
     }
+    ft.any_due(now)
 }
 
 /// Look at `id` again when `flow::next_check` says.

@@ -51,6 +51,11 @@ use ports::Interfaces;
 /// How long rtnetlink changes settle before paths are resolved again.
 const ROUTE_SETTLE: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(250);
+/// Connections keepalive looks at per pass of the loop; when more are due,
+/// the loop reads its sources without waiting and looks at the next chunk
+/// (about 0.5 ms each in a release build), so a new connection's events
+/// wait for one chunk, not for all that are due.
+const KEEPALIVE_CHUNK: usize = 64;
 /// How often conntrack's timeout sysctls are read again (three small files),
 /// so a change reaches offloaded connections at their next refresh.
 const TIMEOUTS_EVERY: Duration = Duration::from_secs(1);
@@ -206,6 +211,8 @@ impl Engine {
         let _signals = host::SignalGuard::install().context("installing the SIGINT/SIGTERM handlers")?;
         tracing::info!(flows = self.core.flows.len().0, "running");
         let mut last_tick = Instant::now();
+        // Keepalive has more connections due than one chunk.
+        let mut looking = false;
         while !host::stop_requested() {
             let (src, core) = (&mut self.src, &mut self.core);
             // Every pass: the fast path steps aside if these stop (a
@@ -221,8 +228,11 @@ impl Engine {
             ];
             // Wake when pending changes have settled, not up to 100 ms later.
             let pending = [core.route_dirty, core.neigh_dirty].into_iter().flatten().min();
-            let wait = pending.map_or(100, |t| ROUTE_SETTLE.saturating_sub(t.elapsed()).as_millis().min(99) + 1);
-            let wait = if core.rework.busy() { 0 } else { wait };
+            let wait = match pending {
+                _ if looking || core.rework.busy() => 0,
+                None => 100,
+                Some(t) => ROUTE_SETTLE.saturating_sub(t.elapsed()).as_millis().min(99) + 1,
+            };
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, wait as libc::c_int) };
             // Links before conntrack: a link going down makes the kernel
@@ -282,7 +292,9 @@ impl Engine {
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
-                core.tick();
+                looking = core.tick();
+            } else if looking {
+                looking = core.keepalive();
             }
         }
         tracing::info!("stopping: detaching; connections continue through the kernel");
@@ -498,7 +510,8 @@ impl Core {
 
     /// Periodic work: keepalive, dormant connections the kernel forwarded,
     /// connections waiting for their path.
-    fn tick(&mut self) {
+    /// Returns whether keepalive has more connections due (`keepalive`).
+    fn tick(&mut self) -> bool {
         // Teardowns between events (destroys, keepalive) leave the index
         // at least this often.
         self.release_pins();
@@ -520,7 +533,7 @@ impl Core {
                 self.read_hooks();
             }
         }
-        keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts);
+        let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only
         // when it dropped something: O(dormant) per loss, not per tick.
         let lost = self.flows.dp().wake_lost();
@@ -529,6 +542,13 @@ impl Core {
             self.wake(None);
         }
         self.retry_waiting();
+        more
+    }
+
+    /// One chunk of the connections keepalive must look at; whether more
+    /// are due.
+    fn keepalive(&mut self) -> bool {
+        keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts, KEEPALIVE_CHUNK)
     }
 
     /// Dormant connections the kernel forwarded a packet of (TC egress

@@ -56,6 +56,9 @@ pub struct BenchOpts {
     /// Development (`bench --paths`): measure only these router paths, in
     /// interleaved rounds, and nothing else (empty: the whole benchmark).
     pub only_paths: Vec<String>,
+    /// Only the offload rate and offload latency phases (offload_tc), for
+    /// work on the control plane.
+    pub offload_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -136,6 +139,12 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     let mut r = Report { machine: machine(), quick: opts.quick, ..Default::default() };
     if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
         anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
+    }
+    if opts.offload_only {
+        eprintln!("bench: offload rate and latency only (offload_tc)");
+        paths::offload_only(opts, &mut r)?;
+        ratios::ratios(&mut r);
+        return Ok(r);
     }
     if opts.only_paths.is_empty() {
         eprintln!("bench: fast path alone (BPF_PROG_TEST_RUN)");

@@ -58,6 +58,9 @@ pub(super) const BURST_PPS: f64 = 100_000.0;
 /// Frames sent back to back, one NAPI budget: the router polls up to 64 per
 /// round, as a loaded router would.
 pub(super) const GROUP: u32 = 64;
+/// New connections of the offload-rate burst (the target is
+/// stated over a 10k burst), quick runs included: the sender takes 0.1 s.
+const BURST_FLOWS: u32 = 10_000;
 
 /// Offer `pps` over `nflows` flows (flow i: destination port `dport` +
 /// i / 50,000) for `secs` and measure the router's cost; returns (cost,
@@ -257,7 +260,7 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
                 tcp_and_ping(lab, o.quick, &mut x.tcp)?;
             }
             if let (Some(d), "offload_tc", 0, false) = (&a.engine, path, round, only) {
-                offload_rate(lab, d, if o.quick { 2000 } else { 10_000 }, r)?;
+                offload_rate(lab, d, BURST_FLOWS, r)?;
                 r.offload_latency = super::latency::offload_latency(lab, o.quick)?;
             }
             if let Some(d) = a.engine {
@@ -292,6 +295,18 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
     eprintln!("bench: live offloaded connections");
     super::live::live_scaling(&b, o, r)?;
     Ok(())
+}
+
+/// The offload rate and latency phases alone, on a fresh engine, as the
+/// full run has them after offload_tc's first round.
+pub(super) fn offload_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
+    let b = Bench::up()?;
+    let lab = &b.lab;
+    let _pin = cpu::ThreadPin::to(lab.isolation.generator_cpu);
+    let d = start_engine(lab, o, "tc", &[])?;
+    offload_rate(lab, &d, BURST_FLOWS, r)?;
+    r.offload_latency = super::latency::offload_latency(lab, o.quick)?;
+    d.stop()
 }
 
 /// The engine on the router's ports, pinned to the router CPU.
