@@ -76,6 +76,40 @@ struct {
 	__uint(max_entries, 8);
 } bench_ports SEC(".maps");
 
+/* The generator's Ethernet, IPv4 and UDP headers as written by userspace
+ * (len 0: not set). Live-frames mode copies the frame into a page only when
+ * the page pool first hands the page out (net/bpf/test_run.c
+ * xdp_test_run_init_page; reset_ctx restores the context, not the bytes),
+ * and the router writes into that page as it forwards the frame (MAC
+ * rewrite, NAT, TTL) before it comes back to the pool: without a fresh copy
+ * each time, a recycled frame leaves addressed to the WAN host's MAC and the
+ * router drops it (rx_otherhost_dropped), and the destination port added
+ * below adds up.
+ */
+#define GEN_HDR_LEN 42
+
+struct gen_hdr {
+	__u32 len;
+	__u8 bytes[GEN_HDR_LEN];
+	__u8 pad[2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gen_hdr);
+	__uint(max_entries, 1);
+} bench_hdr SEC(".maps");
+
+static __always_inline void gen_restore_header(void *data, void *data_end)
+{
+	__u32 k = 0;
+	struct gen_hdr *h = bpf_map_lookup_elem(&bench_hdr, &k);
+
+	if (h && h->len == GEN_HDR_LEN && data + GEN_HDR_LEN <= data_end)
+		__builtin_memcpy(data, h->bytes, GEN_HDR_LEN);
+}
+
 SEC("xdp")
 int bench_gen(struct xdp_md *ctx)
 {
@@ -109,6 +143,7 @@ int bench_gen(struct xdp_md *ctx)
 		}
 		st->left--;
 	}
+	gen_restore_header(data, data_end);
 	if (c->nflows > 1) {
 		/* A zero UDP checksum is legal over IPv4, so the port can change
 		 * without checksum work.

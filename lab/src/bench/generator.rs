@@ -53,6 +53,7 @@ impl Gen {
                     // No UDP checksum (legal over IPv4), or the new port would
                     // make it wrong and conntrack would call the packet invalid.
                     f[40..42].copy_from_slice(&[0, 0]);
+                    set_header(&s.maps.bench_hdr, &f)?;
                     // xdp_md: data_end at 4, ingress_ifindex at 12
                     let mut ctx = vec![0u8; 24];
                     ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
@@ -95,4 +96,20 @@ impl Gen {
         self.tx.send((count, nflows, dport, gap_ns, burst)).map_err(|_| anyhow!("generator thread gone"))?;
         self.rx.recv().map_err(|_| anyhow!("generator thread gone"))?
     }
+}
+
+/// Give the generator its frame's headers to write into every frame it sends
+/// (map `bench_hdr`, bench.bpf.c `gen_restore_header`: a recycled page holds
+/// what the router wrote into it).
+fn set_header(map: &impl libbpf_rs::MapCore, frame: &[u8]) -> Result<()> {
+    const LEN: usize = 42;
+    anyhow::ensure!(frame.len() >= LEN, "generator frame of {} bytes: shorter than its headers", frame.len());
+    let mut h = skel::types::gen_hdr { len: LEN as u32, ..Default::default() };
+    h.bytes.copy_from_slice(&frame[..LEN]);
+    // SAFETY: plain data struct, viewed as its bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((&h as *const skel::types::gen_hdr).cast::<u8>(), std::mem::size_of_val(&h))
+    };
+    map.update(&0u32.to_ne_bytes(), bytes, libbpf_rs::MapFlags::ANY)?;
+    Ok(())
 }
