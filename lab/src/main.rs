@@ -60,6 +60,10 @@ enum Cmd {
         /// it an invalid run is reported as INVALID and exits 0.
         #[arg(long)]
         strict: bool,
+        /// Only the live-connections part (with its idle-engine figure):
+        /// its own lab, no other figures.
+        #[arg(long)]
+        live_only: bool,
     },
 }
 
@@ -109,9 +113,9 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, json, plots, strict } => {
+        Cmd::Bench { quick, json, plots, strict, live_only } => {
             let exe = router_bin()?;
-            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots })?;
+            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, live_only })?;
             print!("{}", r.render());
             if strict && !r.valid() {
                 anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));

@@ -10,6 +10,8 @@ use serde::Serialize;
 use super::cost::Cost;
 use super::paths::{measure, start_engine, Bench, PPS, RUN_FRAMES};
 use super::{BenchOpts, Report, Stat};
+use crate::daemon::Daemon;
+use crate::lab::cpu::task_cpu_ns;
 use crate::lab::Lab;
 
 /// First destination port of the scaling flows (the sink drops 100-109).
@@ -40,6 +42,35 @@ pub struct LiveRow {
     /// Seconds from the first packet to the engine reporting the connections
     /// offloaded.
     pub setup_s: f64,
+    /// Full conntrack dumps the engine took after lost events, and the
+    /// conntrack events it read, during this size's set-up and measurement.
+    pub resyncs: u64,
+    pub events: u64,
+    /// With no traffic afterwards: the engine's on-CPU time (every thread,
+    /// /proc/<pid>/task/*/schedstat) as a percentage of one core over
+    /// [`IDLE_SECS`], and the connections offloaded when that began and
+    /// when it ended.
+    pub idle_engine_cpu_pct: f64,
+    pub idle_offloaded: (u64, u64),
+}
+
+/// How long the engine is watched with its connections idle.
+const IDLE_SECS: f64 = 10.0;
+
+/// The engine's share of one core while nothing is sent: its connections
+/// stay offloaded (they go idle only after the engine's idle timeout, 30 s
+/// by default) and the engine only follows their keepalive schedule.
+/// Returns (percent of one core, offloaded before, offloaded after).
+fn idle_engine_cpu(d: &Daemon, secs: f64) -> Result<(f64, u64, u64)> {
+    let offloaded = || -> Result<u64> { Ok(d.status()?["flows_offloaded"].as_u64().unwrap_or(0)) };
+    // The status call itself is engine work: asked outside the window.
+    let before = offloaded()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = d.pid() as libc::pid_t;
+    let (c0, t0) = (task_cpu_ns(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (c1, wall) = (task_cpu_ns(pid), t0.elapsed());
+    Ok((c1.saturating_sub(c0) as f64 / wall.as_nanos() as f64 * 100.0, before, offloaded()?))
 }
 
 fn conntrack_count(lab: &Lab) -> Result<u64> {
@@ -67,10 +98,20 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
         // The generator cycles through all n flows; until the engine
         // reports them offloaded, or a minute.
         let mut checked = Instant::now();
+        let st0 = d.status()?;
+        let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
         while t0.elapsed() < Duration::from_secs(60) {
             b.g.paced(RUN_FRAMES, n, DPORT, WARM_GAP_NS, 16)?;
             if checked.elapsed() > Duration::from_millis(500) {
-                offloaded = d.status()?["flows_offloaded"].as_u64().unwrap_or(0);
+                let s = d.status()?;
+                offloaded = count(&s, "flows_offloaded");
+                eprintln!(
+                    "bench:     {:.1} s: {offloaded} offloaded, {} in conntrack, {} resyncs, {} events",
+                    t0.elapsed().as_secs_f64(),
+                    conntrack_count(lab)?,
+                    count(&s, "conntrack_resyncs") - count(&st0, "conntrack_resyncs"),
+                    count(&s, "conntrack_events") - count(&st0, "conntrack_events"),
+                );
                 if offloaded >= want {
                     break;
                 }
@@ -92,9 +133,18 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
         let forwarded: f64 = pps.iter().map(|p| p * secs).sum();
         let slow = lab.counter_packets("fwd_all")?.saturating_sub(fwd0) as f64;
         let st = |f: fn(&Cost) -> f64| Stat::of(costs.iter().map(f).collect());
+        let conntrack = conntrack_count(lab)?;
+        let idle_secs = if o.quick { 2.0 } else { IDLE_SECS };
+        let (idle_pct, idle0, idle1) = idle_engine_cpu(&d, idle_secs)?;
+        let st1 = d.status()?;
         let row = LiveRow {
-            offloaded: d.status()?["flows_offloaded"].as_u64().unwrap_or(0),
-            conntrack: conntrack_count(lab)?,
+            // Right after the measurement.
+            offloaded: idle0,
+            conntrack,
+            idle_engine_cpu_pct: idle_pct,
+            idle_offloaded: (idle0, idle1),
+            resyncs: count(&st1, "conntrack_resyncs") - count(&st0, "conntrack_resyncs"),
+            events: count(&st1, "conntrack_events") - count(&st0, "conntrack_events"),
             router_ns_per_pkt: st(|c| c.router),
             napi_ns_per_pkt: st(|c| c.napi),
             engine_ns_per_pkt: st(|c| c.engine),
