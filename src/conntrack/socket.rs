@@ -59,8 +59,13 @@ const NFNLGRP_CONNTRACK_UPDATE: libc::c_int = 2;
 const NFNLGRP_CONNTRACK_DESTROY: libc::c_int = 3;
 
 /// Receive buffer for the event socket, so bursts of connection churn do not
-/// overflow it while the control plane is busy.
-const EVENT_RCVBUF: libc::c_int = 8 << 20;
+/// overflow it while the control plane is busy. An event is its own skb of
+/// about 1.3 KB truesize (`ctnetlink_conntrack_event` allocates
+/// `nlmsg_new(ctnetlink_nlmsg_size())`, ~400 bytes of data): 32 MB hold
+/// ~25,000 events, half a second at 50,000 new connections per second,
+/// longer than a dump of 250,000 entries takes. Memory is charged only
+/// while events wait.
+const EVENT_RCVBUF: libc::c_int = 32 << 20;
 /// Kernel dump skbs are at most 32 KiB (netlink_recvmsg caps
 /// max_recvmsg_len) and events are single small messages.
 const RECV_BUF_LEN: usize = 128 << 10;

@@ -338,6 +338,12 @@ impl Core {
     /// A conntrack entry appeared or changed.
     fn consider(&mut self, e: CtEntry, seen: Seen) {
         let e = self.flows.merge(e, seen);
+        // Nothing new about an offloaded connection: no map reads, no
+        // verdict. Every refresh keepalive sends comes back as such an
+        // event, and a resync lists every offloaded connection.
+        if self.flows.timers_only(&e) {
+            return;
+        }
         let known = self.flows.known(&ConnId::of(&e));
         self.judge(e, known, false);
     }
