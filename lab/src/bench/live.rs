@@ -2,6 +2,7 @@
 //! router, offloaded by the engine (offload_tc), and traffic spread over all
 //! of them while the router's cost is measured as in the path rounds.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -11,7 +12,7 @@ use super::cost::Cost;
 use super::paths::{measure, start_engine, Bench, PPS, RUN_FRAMES};
 use super::{BenchOpts, Report, Stat};
 use crate::daemon::Daemon;
-use crate::lab::cpu::task_cpu_ns;
+use crate::lab::cpu::{task_cpu_ns, ThreadPin};
 use crate::lab::Lab;
 
 /// First destination port of the scaling flows (the sink drops 100-109).
@@ -52,6 +53,10 @@ pub struct LiveRow {
     /// when it ended.
     pub idle_engine_cpu_pct: f64,
     pub idle_offloaded: (u64, u64),
+    /// The engine's own account at the end: teardowns and connections not
+    /// offloaded, by reason.
+    pub teardowns: serde_json::Value,
+    pub not_offloaded: serde_json::Value,
 }
 
 /// How long the engine is watched with its connections idle.
@@ -94,30 +99,45 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
         eprintln!("bench:   {n} live connections");
         let t0 = Instant::now();
         let want = u64::from(n) * 99 / 100;
-        let mut offloaded = 0;
-        // The generator cycles through all n flows; until the engine
-        // reports them offloaded, or a minute.
-        let mut checked = Instant::now();
+        // The generator cycles through all n flows until the engine reports
+        // them offloaded, or a minute. The engine is asked from another
+        // thread: a busy engine answers late, and the generator must not
+        // wait for it (its connections would go idle meanwhile).
         let st0 = d.status()?;
         let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
-        while t0.elapsed() < Duration::from_secs(60) {
-            b.g.paced(RUN_FRAMES, n, DPORT, WARM_GAP_NS, 16)?;
-            if checked.elapsed() > Duration::from_millis(500) {
-                let s = d.status()?;
-                offloaded = count(&s, "flows_offloaded");
-                eprintln!(
-                    "bench:     {:.1} s: {offloaded} offloaded, {} in conntrack, {} resyncs, {} events",
-                    t0.elapsed().as_secs_f64(),
-                    conntrack_count(lab)?,
-                    count(&s, "conntrack_resyncs") - count(&st0, "conntrack_resyncs"),
-                    count(&s, "conntrack_events") - count(&st0, "conntrack_events"),
-                );
-                if offloaded >= want {
-                    break;
+        let done = AtomicBool::new(false);
+        let offloaded = std::thread::scope(|sc| -> Result<u64> {
+            let watcher = sc.spawn(|| -> Result<u64> {
+                let _pin = ThreadPin::to(lab.isolation.generator_cpu);
+                let mut offloaded = 0;
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let s = d.status()?;
+                    offloaded = count(&s, "flows_offloaded");
+                    eprintln!(
+                        "bench:     {:.1} s: {offloaded} offloaded, {} in conntrack, {} resyncs, {} events",
+                        t0.elapsed().as_secs_f64(),
+                        conntrack_count(lab)?,
+                        count(&s, "conntrack_resyncs") - count(&st0, "conntrack_resyncs"),
+                        count(&s, "conntrack_events") - count(&st0, "conntrack_events"),
+                    );
+                    if offloaded >= want {
+                        done.store(true, Ordering::Relaxed);
+                    }
                 }
-                checked = Instant::now();
-            }
-        }
+                Ok(offloaded)
+            });
+            let sent = (|| -> Result<()> {
+                while !done.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+                    b.g.paced(RUN_FRAMES, n, DPORT, WARM_GAP_NS, 16)?;
+                }
+                Ok(())
+            })();
+            done.store(true, Ordering::Relaxed);
+            let offloaded = watcher.join().map_err(|_| anyhow::anyhow!("the engine watcher panicked"))?;
+            sent?;
+            offloaded
+        })?;
         let setup_s = t0.elapsed().as_secs_f64();
         if offloaded < want {
             r.notes.push(format!("live scaling: only {offloaded} of {n} connections offloaded after {setup_s:.0} s"));
@@ -143,6 +163,8 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
             conntrack,
             idle_engine_cpu_pct: idle_pct,
             idle_offloaded: (idle0, idle1),
+            teardowns: st1["teardowns"].clone(),
+            not_offloaded: st1["not_offloaded"].clone(),
             resyncs: count(&st1, "conntrack_resyncs") - count(&st0, "conntrack_resyncs"),
             events: count(&st1, "conntrack_events") - count(&st0, "conntrack_events"),
             router_ns_per_pkt: st(|c| c.router),
