@@ -202,11 +202,21 @@ impl FlowTable {
         self.offloaded.keys().copied().collect()
     }
 
-    /// Offloaded connections keepalive must look at by `now`, taken off the
-    /// schedule (`schedule` puts each back).
-    pub fn due(&mut self, now: u64) -> Vec<ConnId> {
-        let later = self.due.split_off(&(now + 1, ConnId::MIN));
-        std::mem::replace(&mut self.due, later).into_iter().map(|(_, id)| id).collect()
+    /// Offloaded connections keepalive must look at by `now`, at most
+    /// `max` of them, the longest due first, taken off the schedule
+    /// (`schedule` puts each back); the rest stay due for the next tick.
+    pub fn due(&mut self, now: u64, max: usize) -> Vec<ConnId> {
+        let mut ids = Vec::new();
+        while ids.len() < max {
+            match self.due.first() {
+                Some(&(at, id)) if at <= now => {
+                    self.due.pop_first();
+                    ids.push(id);
+                }
+                _ => break,
+            }
+        }
+        ids
     }
 
     /// Keepalive looks at offloaded connection `id` next at `at`.
@@ -679,19 +689,22 @@ mod tests {
         let t0 = now_ns();
         ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
         ft.apply(b.clone(), Verdict::Offload(dirs(&b, 2)));
-        assert!(ft.due(t0).is_empty(), "nothing due before the first look");
+        assert!(ft.due(t0, usize::MAX).is_empty(), "nothing due before the first look");
         let first = now_ns() + FIRST_LOOK_NS;
-        assert_eq!(ft.due(first), vec![ia, ib]);
-        assert!(ft.due(first).is_empty(), "taken off when listed");
+        assert_eq!(ft.due(first, usize::MAX), vec![ia, ib]);
+        assert!(ft.due(first, usize::MAX).is_empty(), "taken off when listed");
         ft.schedule(ia, first + 10);
         ft.schedule(ib, first + 20);
         ft.schedule(ia, first + 30);
-        assert_eq!(ft.due(first + 25), vec![ib], "a new time replaces the old");
+        assert_eq!(ft.due(first + 25, usize::MAX), vec![ib], "a new time replaces the old");
         ft.teardown(&ia, TeardownReason::Policy);
-        assert!(ft.due(u64::MAX - 1).is_empty(), "a torn-down connection leaves the schedule");
+        assert!(ft.due(u64::MAX - 1, usize::MAX).is_empty(), "a torn-down connection leaves the schedule");
         ft.apply(a.clone(), Verdict::Offload(dirs(&a, 2)));
         ft.all_due(first);
-        assert_eq!(ft.due(first), vec![ia, ib], "every offloaded connection");
+        ft.schedule(ia, first - 1);
+        assert_eq!(ft.due(first, 1), vec![ia], "at most the bound, the longest due first");
+        assert_eq!(ft.due(first, 1), vec![ib], "the rest stays due");
+        assert!(ft.due(first, 1).is_empty());
     }
 
     /// An offloaded connection's entry that moved only its timers (the

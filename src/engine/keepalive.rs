@@ -15,15 +15,22 @@ use crate::flow::{decide, next_check, Action, ConnId, CtTimeouts, TeardownReason
 
 use super::flowtable::FlowTable;
 
+/// Connections looked at per tick at most, so a tick stays short (two
+/// lookups each, 1.6-3.9 us apiece here: 25-65 ms) when many fall due at
+/// once, e.g. the first looks after a resync installed 150,000: the rest
+/// waits for the next tick, 32,768 per second in all, more than 250,000
+/// unreplied UDP connections need (one look per 10 s each).
+const MAX_LOOKS_PER_TICK: usize = 8192;
+
 /// Entries per BPF_MAP_LOOKUP_BATCH when keepalive walks the whole map.
 const WALK_CHUNK: usize = 4096;
 
 /// Whether reading `keys` map entries costs less by walking all `entries`
 /// of the map in batches than by one lookup each. Measured on the lab
 /// machine (500,000 entries): a walk costs 0.9-1.4 us per entry, a lookup
-/// 1.6-3.9 us (a syscall each), so a walk pays from about half the map.
-/// That is the case after every deadline moved at once (`all_due`), not in
-/// a normal tick (a tenth of a refresh interval's connections).
+/// 1.6-3.9 us (a syscall each), so a walk pays from about half the map:
+/// with at most MAX_LOOKS_PER_TICK a tick, when many of a table of up to
+/// ~16,000 connections fall due at once.
 fn walk_pays(keys: usize, entries: usize) -> bool {
     keys > 0 && keys * 2 >= entries
 }
@@ -65,7 +72,7 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
     // 64, `CtSocket::update_many`): (connection, new timeout, its timeout
     // for next_check).
     let mut refresh = Vec::new();
-    let due = ft.due(now);
+    let due = ft.due(now, MAX_LOOKS_PER_TICK);
     let read = read_due(ft, &due);
     for (id, read) in due.into_iter().zip(read) {
         let (action, timeout) = {

@@ -57,6 +57,9 @@ pub struct LiveRow {
     /// offloaded, by reason.
     pub teardowns: serde_json::Value,
     pub not_offloaded: serde_json::Value,
+    /// The fast path's slow-path packets by reason (non-zero ones), over the
+    /// engine's life so far.
+    pub slow_reasons: serde_json::Value,
 }
 
 /// How long the engine is watched with its connections idle.
@@ -165,6 +168,10 @@ pub(super) fn live_scaling(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
             idle_offloaded: (idle0, idle1),
             teardowns: st1["teardowns"].clone(),
             not_offloaded: st1["not_offloaded"].clone(),
+            slow_reasons: st1["slow_path"]
+                .as_object()
+                .map(|m| m.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
             resyncs: count(&st1, "conntrack_resyncs") - count(&st0, "conntrack_resyncs"),
             events: count(&st1, "conntrack_events") - count(&st0, "conntrack_events"),
             router_ns_per_pkt: st(|c| c.router),
