@@ -126,6 +126,7 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     let mut r = Report { machine: machine(), quick: opts.quick, ..Default::default() };
     if opts.live_only {
         paths::live_only(opts, &mut r)?;
+        ratios::ratios(&mut r);
         write_json(opts, &r)?;
         return Ok(r);
     }
