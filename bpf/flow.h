@@ -77,7 +77,13 @@ enum fo_teardown {
 	FO_TD_RST,
 };
 
-/* What to do with a packet that matched: the rewrite and the next hop. */
+/* What to do with a packet that matched: the rewrite and the next hop.
+ * Laid out without holes: 104 bytes, a multiple of 8, as the kernel rounds
+ * a hash map's value (htab_map_alloc in kernel/bpf/hashtab.c). Each
+ * direction costs sizeof(struct htab_elem) (48) + the key (56) + this +
+ * one 16-byte bucket; ARCHITECTURE.md ("Memory per connection") has the
+ * arithmetic.
+ */
 struct fo_flow {
 	__be32 new_saddr[4];	/* addresses after NAT (unchanged if no NAT) */
 	__be32 new_daddr[4];
@@ -87,13 +93,15 @@ struct fo_flow {
 	 * plane so the fast path does one add per checksum. Values are sums of
 	 * 16-bit words as loaded from memory, folded to 16 bits.
 	 */
-	__u32 csum_l3;		/* IPv4 header: address change */
-	__u32 csum_l4_pseudo;	/* L4 pseudo-header: address change */
-	__u32 csum_l4_ports;	/* L4 header: port change */
-	__u32 out_ifindex;
+	__u16 csum_l3;		/* IPv4 header: address change */
+	__u16 csum_l4_pseudo;	/* L4 pseudo-header: address change */
+	__u16 csum_l4_ports;	/* L4 header: port change */
 	__u16 mtu;		/* route MTU toward the next hop (L3 bytes) */
+	__u32 out_ifindex;
 	__u8 flags;
 	__u8 hold;		/* enum fo_hold */
+	__u8 teardown;		/* enum fo_teardown; written by the fast path */
+	__u8 out_encap_num;	/* headers to push on egress, outermost first */
 	__u8 dmac[6];		/* next hop */
 	__u8 smac[6];		/* egress interface */
 	/* The router's MAC on the input port: a frame addressed elsewhere is
@@ -101,10 +109,8 @@ struct fo_flow {
 	 * when the input has no link-layer header.
 	 */
 	__u8 in_dmac[6];
-	__u8 out_encap_num;	/* headers to push on egress, outermost first */
-	__u8 pad;		/* always zero */
 	struct fo_encap out_encap[FO_ENCAP_MAX];
-	__u32 teardown;		/* enum fo_teardown; written by the fast path */
+	__u16 pad;		/* always zero */
 	/* written by the fast path, read by the control plane */
 	__u64 packets;
 	__u64 bytes;		/* L3 bytes, as conntrack accounting counts */

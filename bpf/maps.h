@@ -29,9 +29,16 @@ struct {
  * ruleset let one through (the role of the kernel's `flow add` rule; there
  * is no conntrack event for a packet of an established connection). A
  * packet the kernel drops never gets here.
+ * Not preallocated: it costs its buckets (16 bytes each) plus an element
+ * per key watched (htab_map_mem_usage), instead of a second full table
+ * that usually stands empty. Only the control plane adds or removes keys
+ * (the program writes the stamp in place), so no LRU (which the kernel
+ * only has preallocated): a full table refuses the key and the engine
+ * forgets that connection instead of parking it.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct fo_flow_key);
 	__type(value, __u64);
 	__uint(max_entries, 65536);

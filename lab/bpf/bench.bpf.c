@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* Benchmark helpers, not part of the product's fast path:
  * - bench_gen: traffic generator run with BPF_PROG_RUN and
- *   BPF_F_TEST_XDP_LIVE_FRAMES on a LAN host's interface; spreads packets
- *   over nflows source ports and transmits them (XDP_TX).
+ *   BPF_F_TEST_XDP_LIVE_FRAMES on a LAN host's interface; writes the
+ *   frame's headers afresh, spreads packets over nflows source ports and
+ *   transmits them (XDP_TX).
  *   Past FLOWS_PER_DPORT flows it also spreads them over destination ports.
  * - floor_xdp / floor_tc: the lab's limit, a bare redirect with a MAC
  *   rewrite and no lookup, no NAT, no counters.
@@ -76,39 +77,22 @@ struct {
 	__uint(max_entries, 8);
 } bench_ports SEC(".maps");
 
-/* The generator's Ethernet, IPv4 and UDP headers as written by userspace
- * (len 0: not set). Live-frames mode copies the frame into a page only when
- * the page pool first hands the page out (net/bpf/test_run.c
- * xdp_test_run_init_page; reset_ctx restores the context, not the bytes),
- * and the router writes into that page as it forwards the frame (MAC
- * rewrite, NAT, TTL) before it comes back to the pool: without a fresh copy
- * each time, a recycled frame leaves addressed to the WAN host's MAC and the
- * router drops it (rx_otherhost_dropped), and the destination port added
- * below adds up.
- */
-#define GEN_HDR_LEN 42
+/* Ethernet + IPv4 (no options) + UDP headers of the generator's frame. */
+#define BENCH_HDR_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr))
 
-struct gen_hdr {
-	__u32 len;
-	__u8 bytes[GEN_HDR_LEN];
-	__u8 pad[2];
+struct bench_hdr {
+	__u8 b[BENCH_HDR_LEN];
 };
 
+/* The headers bench_gen writes into every frame, set by the benchmark for
+ * each run (its destination port included).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
-	__type(value, struct gen_hdr);
+	__type(value, struct bench_hdr);
 	__uint(max_entries, 1);
-} bench_hdr SEC(".maps");
-
-static __always_inline void gen_restore_header(void *data, void *data_end)
-{
-	__u32 k = 0;
-	struct gen_hdr *h = bpf_map_lookup_elem(&bench_hdr, &k);
-
-	if (h && h->len == GEN_HDR_LEN && data + GEN_HDR_LEN <= data_end)
-		__builtin_memcpy(data, h->bytes, GEN_HDR_LEN);
-}
+} bench_frame SEC(".maps");
 
 SEC("xdp")
 int bench_gen(struct xdp_md *ctx)
@@ -121,8 +105,9 @@ int bench_gen(struct xdp_md *ctx)
 	__u32 k = 0;
 	struct bench_cfg *c = bpf_map_lookup_elem(&bench_cfg, &k);
 	struct gen_state *st = bpf_map_lookup_elem(&bench_seq, &k);
+	struct bench_hdr *h = bpf_map_lookup_elem(&bench_frame, &k);
 
-	if (!c || !st || (void *)(uh + 1) > data_end)
+	if (!c || !st || !h || (void *)(uh + 1) > data_end)
 		return XDP_ABORTED;
 	if (c->gap_ns && c->burst) {
 		/* Pace by dropping what is over the rate, not by waiting: the test
@@ -143,7 +128,15 @@ int bench_gen(struct xdp_md *ctx)
 		}
 		st->left--;
 	}
-	gen_restore_header(data, data_end);
+	/* Live-frames pages are recycled with their content as it was left
+	 * (Documentation/bpf/bpf_prog_run.rst), and a frame's page comes back
+	 * from the router and the sink rewritten: MACs, NAT'd source, TTL,
+	 * checksum. Resent as is, the router would get frames for another MAC
+	 * and other flows, which it drops after paying for them, on every
+	 * path that rewrites more than the floors do. So every frame starts
+	 * from the run's headers.
+	 */
+	__builtin_memcpy(data, h->b, BENCH_HDR_LEN);
 	if (c->nflows > 1) {
 		/* A zero UDP checksum is legal over IPv4, so the port can change
 		 * without checksum work.

@@ -64,6 +64,10 @@ enum Cmd {
         /// its own lab, no other figures.
         #[arg(long)]
         live_only: bool,
+        /// Development: measure only these router paths (comma-separated),
+        /// nothing else, to profile one path at a time.
+        #[arg(long, value_delimiter = ',', hide = true)]
+        paths: Vec<String>,
     },
 }
 
@@ -113,9 +117,9 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, json, plots, strict, live_only } => {
+        Cmd::Bench { quick, json, plots, strict, live_only, paths } => {
             let exe = router_bin()?;
-            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, live_only })?;
+            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, live_only, only_paths: paths })?;
             print!("{}", r.render());
             if strict && !r.valid() {
                 anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));

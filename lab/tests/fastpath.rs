@@ -482,7 +482,7 @@ fn fin_and_rst_flag_teardown() {
             assert_eq!(stat(&lab.dp, reason), r0 + 1);
             let key =
                 lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.lan && k.sport == 40000u16.to_be()).unwrap();
-            assert_eq!(lab.dp.get_flow(&key).unwrap().teardown, td.0);
+            assert_eq!(u32::from(lab.dp.get_flow(&key).unwrap().teardown), td.0);
             let t0 = stat(&lab.dp, "teardown");
             assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)));
             assert_eq!(stat(&lab.dp, "teardown"), t0 + 1);

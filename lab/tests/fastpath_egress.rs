@@ -37,7 +37,7 @@ fn announced(wake: &mut WakeEvents) -> Vec<[u8; KEY_LEN]> {
 }
 
 fn watch(dp: &Dataplane, keys: &[fo_flow_key]) {
-    keys.iter().for_each(|k| dp.watch_dormant(k));
+    keys.iter().for_each(|k| dp.watch_dormant(k).expect("watching a dormant key"));
     dp.set_watching(keys.len());
 }
 
@@ -90,7 +90,7 @@ fn forwarded_packets_wake_arriving_ones_do_not() {
 
     // Nothing watched: the watcher does not even look.
     dp.unwatch_dormant(&out_keys[0]);
-    dp.watch_dormant(&out_keys[0]);
+    dp.watch_dormant(&out_keys[0]).expect("re-arming a dormant key");
     dp.set_watching(0);
     leave(dp, &leaving, lab.wan);
     assert_eq!(dp.dormant_seen(&out_keys[0]), Some(0));

@@ -438,7 +438,7 @@ fn egress_watcher_sees_through_encapsulation_and_on_l3_devices() {
     let pl = b"kernel-forwarded";
     // 41004 leaves through VLAN+PPPoE, 41005 through the L3 WAN
     let keys = [egress_key(&lab.conns[4][0]), egress_key(&lab.conns[5][0])];
-    keys.iter().for_each(|k| dp.watch_dormant(k));
+    keys.iter().for_each(|k| dp.watch_dormant(k).expect("watching a dormant key"));
     dp.set_watching(keys.len());
     let leaving =
         encap(&tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61004, 5201, "", pl), &[Vlan(7), Pppoe(SID)]);

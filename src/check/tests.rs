@@ -566,11 +566,11 @@ fn policy_routing_says_what_the_rules_mean() {
     let r = judged(&good_host());
     assert_eq!(host_finding(&r, "policy_routing").status, Status::Ok);
     let mut h = good_host();
-    h.rules.v4 = FamilyRules { by_mark: true, unreproducible: None };
+    h.rules.v4 = FamilyRules { by_mark: true, ..Default::default() };
     let f = host_finding(&judged(&h), "policy_routing").clone();
     assert_eq!(f.status, Status::Ok);
     assert!(f.detail.contains("conntrack mark"), "{f:?}");
-    h.rules.v6 = FamilyRules { by_mark: false, unreproducible: Some(Selector::Tos) };
+    h.rules.v6 = FamilyRules { unreproducible: Some(Selector::Tos), ..Default::default() };
     let f = host_finding(&judged(&h), "policy_routing").clone();
     assert_eq!(f.status, Status::Warn);
     assert!(f.detail.contains("IPv6: an ip rule selects on tos") && f.remedy.is_some(), "{f:?}");

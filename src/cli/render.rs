@@ -135,6 +135,9 @@ mod tests {
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
             path_resolutions: 6,
+            fib_queries: 12,
+            fib_cache_hits: 6,
+            reresolve_last: None,
             offload_latency_us: BTreeMap::new(),
         }
     }

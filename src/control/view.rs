@@ -52,10 +52,34 @@ pub struct Status {
     /// route, neighbour and policy changes cost.
     #[serde(default)]
     pub path_resolutions: u64,
+    /// FIB lookups made (BPF_PROG_TEST_RUN) and answered from the cache
+    /// (`routes::cache`) since start.
+    #[serde(default)]
+    pub fib_queries: u64,
+    #[serde(default)]
+    pub fib_cache_hits: u64,
+    /// The last re-resolution after a route, rule, address or link change.
+    #[serde(default)]
+    pub reresolve_last: Option<ReresolveView>,
     /// From a conntrack event reaching the engine to both map entries
     /// installed, over the last 10k offloads.
     #[serde(default)]
     pub offload_latency_us: BTreeMap<String, u32>,
+}
+
+/// One re-resolution (`engine::reroute`), from the settled change to its
+/// last connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReresolveView {
+    /// Offloaded connections when it started.
+    pub offloaded: usize,
+    /// Connections judged again.
+    pub rejudged: usize,
+    /// FIB lookups it made (the revalidation's and the connections').
+    pub fib_queries: u64,
+    /// Loop passes it took.
+    pub passes: u32,
+    pub micros: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

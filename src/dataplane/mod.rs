@@ -452,9 +452,14 @@ impl Drop for Dataplane {
 impl Dataplane {
     /// Watch an egress key of a connection taken off the fast path: the
     /// next packet of it the kernel forwards stamps the entry (see
-    /// fo_dormant in bpf/maps.h).
-    pub fn watch_dormant(&self, key: &fo_flow_key) {
-        let _ = self.skel.maps.fo_dormant.update(bytes_of(key), &0u64.to_ne_bytes(), MapFlags::ANY);
+    /// fo_dormant in bpf/maps.h). Fails when the map is full (a key
+    /// already watched is re-armed even then).
+    pub fn watch_dormant(&self, key: &fo_flow_key) -> Result<()> {
+        self.skel
+            .maps
+            .fo_dormant
+            .update(bytes_of(key), &0u64.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| anyhow!("fo_dormant ({} keys at most): {e}", self.skel.maps.fo_dormant.max_entries()))
     }
 
     /// Time of the last forwarded packet seen for a watched egress key (0 =
@@ -541,22 +546,27 @@ impl Dataplane {
 }
 
 impl Dataplane {
-    /// Kernel memory charged to the fast path's maps (memlock in fdinfo).
-    pub fn map_memory(&self) -> u64 {
+    /// Kernel memory charged to each of the fast path's maps (memlock in
+    /// fdinfo: the map's `map_mem_usage`, e.g. htab_map_mem_usage in
+    /// kernel/bpf/hashtab.c), by map name.
+    pub fn map_memory(&self) -> Vec<(&'static str, u64)> {
         use std::os::fd::AsRawFd;
+        let m = &self.skel.maps;
         let fds = [
-            self.skel.maps.fo_flows.as_fd().as_raw_fd(),
-            self.skel.maps.fo_dormant.as_fd().as_raw_fd(),
-            self.skel.maps.fo_watching.as_fd().as_raw_fd(),
-            self.skel.maps.fo_stats.as_fd().as_raw_fd(),
-            self.skel.maps.fo_tx_ports.as_fd().as_raw_fd(),
+            ("fo_flows", m.fo_flows.as_fd().as_raw_fd()),
+            ("fo_dormant", m.fo_dormant.as_fd().as_raw_fd()),
+            ("fo_watching", m.fo_watching.as_fd().as_raw_fd()),
+            ("fo_wake", m.fo_wake.as_fd().as_raw_fd()),
+            ("fo_stats", m.fo_stats.as_fd().as_raw_fd()),
+            ("fo_tx_ports", m.fo_tx_ports.as_fd().as_raw_fd()),
         ];
         fds.iter()
-            .filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok())
-            .filter_map(|s| {
-                s.lines().find(|l| l.starts_with("memlock:")).and_then(|l| l[8..].trim().parse::<u64>().ok())
+            .map(|&(name, fd)| {
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+                let memlock = info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok());
+                (name, memlock.unwrap_or(0))
             })
-            .sum()
+            .collect()
     }
 }
 

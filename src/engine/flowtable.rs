@@ -11,6 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
+use indexmap::IndexMap;
+
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
 use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
@@ -32,10 +34,33 @@ pub(super) struct Offloaded {
     pub clock: FlowClock,
     /// Counters of map entries this connection had before a rewrite.
     pub base: [(u64, u64); 2],
-    /// Map values as keepalive last read them.
-    pub last: [fo_flow; 2],
+    /// What the fast path wrote to each map entry, as keepalive last read
+    /// it (only these fields: the rest is `dirs`).
+    pub last: [Written; 2],
     /// When keepalive reads its map entries next (`due`).
     pub check_at: u64,
+}
+
+/// The fields of a map entry the fast path writes (bpf/flow.h `fo_flow`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Written {
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_seen_ns: u64,
+    pub teardown: u8,
+}
+
+impl From<&fo_flow> for Written {
+    fn from(v: &fo_flow) -> Self {
+        Written { packets: v.packets, bytes: v.bytes, last_seen_ns: v.last_seen_ns, teardown: v.teardown }
+    }
+}
+
+impl Dataplane {
+    /// What the fast path wrote to the entry of `key`, if it is there.
+    pub(super) fn get_written(&self, key: &fo_flow_key) -> Option<Written> {
+        self.get_flow(key).as_ref().map(Written::from)
+    }
 }
 
 /// A dormant connection in `--iface` mode, watched by its two egress keys.
@@ -59,7 +84,9 @@ pub struct FlowTable {
     pub(super) dp: Dataplane,
     /// Request socket: liberal TCP, label clearing, timeout refresh, dumps.
     pub(super) ct: CtSocket,
-    pub(super) offloaded: HashMap<ConnId, Offloaded>,
+    /// Dense (see `Offloaded`'s size): a HashMap's table would hold every
+    /// entry in a slot of its own, up to half of them empty.
+    pub(super) offloaded: IndexMap<ConnId, Offloaded>,
     /// Offloaded connections by the next hop a direction leaves to
     /// (egress interface, neighbour MAC), so a neighbour change re-resolves
     /// only the connections through it.
@@ -68,14 +95,16 @@ pub struct FlowTable {
     /// (`flow::next_check`), so a tick reads only the entries due.
     due: BTreeSet<(u64, ConnId)>,
     waiting: HashMap<ConnId, CtEntry>,
-    dormant: HashMap<ConnId, Dormant>,
+    /// Dense, like `offloaded` (a `Dormant` is 288 bytes).
+    dormant: IndexMap<ConnId, Dormant>,
     /// Dormant connections by either direction's egress key.
     dormant_keys: HashMap<[u8; KEY_LEN], ConnId>,
     /// `--nft` mode's dormant connections: their label is cleared, so the
     /// engine does not track them (the ruleset's `flow add` brings them
     /// back as new requests); kept only so `status` can count them.
     asleep: HashSet<ConnId>,
-    memos: HashMap<ConnId, Memo>,
+    /// Dense, like `offloaded`: one per connection conntrack told us of.
+    memos: IndexMap<ConnId, Memo>,
     /// The ruleset's flowtable label bits: cleared on a policy teardown so
     /// that only the ruleset can bring the connection back.
     label_bits: Vec<u32>,
@@ -95,6 +124,9 @@ pub struct FlowTable {
     /// write, which cannot say BPF_NOEXIST; a hash present (a collision,
     /// or its key really taken) goes through the kernel's BPF_NOEXIST.
     keys: HashMap<u64, u32>,
+    /// Connections taken off since the engine last looked: they leave the
+    /// FIB cache's index (`routes::cache`).
+    pub(super) released: Vec<ConnId>,
 }
 
 impl FlowTable {
@@ -102,14 +134,14 @@ impl FlowTable {
         FlowTable {
             dp,
             ct,
-            offloaded: HashMap::new(),
+            offloaded: IndexMap::new(),
             due: BTreeSet::new(),
             by_hop: HashMap::new(),
             waiting: HashMap::new(),
-            dormant: HashMap::new(),
+            dormant: IndexMap::new(),
             dormant_keys: HashMap::new(),
             asleep: HashSet::new(),
-            memos: HashMap::new(),
+            memos: IndexMap::new(),
             label_bits,
             counters: Counters::default(),
             events_at: None,
@@ -117,6 +149,7 @@ impl FlowTable {
             pending_ids: HashSet::new(),
             batching: false,
             keys: HashMap::new(),
+            released: Vec::new(),
         }
     }
 
@@ -179,7 +212,7 @@ impl FlowTable {
             // Read now, not at keepalive's last look: a conntrack event
             // about the close may come first, and RST outranks FIN.
             let close = f.dirs.iter().filter_map(|d| self.dp.get_flow(&d.key)).map(|v| v.teardown).max().unwrap_or(0);
-            Known::Offloaded { mark: f.entry.mark, close }
+            Known::Offloaded { mark: f.entry.mark, close: close.into() }
         } else if let Some(d) = self.dormant.get(id) {
             Known::Dormant { mark: d.entry.mark, woke: false }
         } else if let Some(e) = self.waiting.get(id) {
@@ -196,6 +229,10 @@ impl FlowTable {
             .map(|f| &f.entry)
             .or_else(|| self.dormant.get(id).map(|d| &d.entry))
             .or_else(|| self.waiting.get(id))
+    }
+
+    pub fn is_offloaded(&self, id: &ConnId) -> bool {
+        self.offloaded.contains_key(id)
     }
 
     pub fn offloaded_ids(&self) -> Vec<ConnId> {
@@ -285,12 +322,12 @@ impl FlowTable {
                 .iter()
                 .filter_map(|k| self.dormant_keys.get(&key_bytes(k)).map(|id| (k, id)))
                 .filter(|(k, id)| {
-                    let woke = self.dormant.get(id).is_some_and(seen);
+                    let woke = self.dormant.get(*id).is_some_and(seen);
                     // Announced but stamped no later than it slept (the
                     // same coarse-clock tick): re-arm, or the next packet
                     // would not be announced.
                     if !woke {
-                        self.dp.watch_dormant(k);
+                        let _ = self.dp.watch_dormant(k);
                     }
                     woke
                 })
@@ -310,7 +347,9 @@ impl FlowTable {
         for d in self.dormant.values_mut() {
             d.since_ns = now;
             // Re-arm the first-packet notification.
-            d.keys.iter().for_each(|k| self.dp.watch_dormant(k));
+            d.keys.iter().for_each(|k| {
+                let _ = self.dp.watch_dormant(k);
+            });
         }
     }
 
@@ -366,7 +405,7 @@ impl FlowTable {
     /// Stop watching a dormant connection.
     fn wake(&mut self, id: &ConnId) {
         self.asleep.remove(id);
-        if let Some(d) = self.dormant.remove(id) {
+        if let Some(d) = self.dormant.swap_remove(id) {
             for k in &d.keys {
                 self.dp.unwatch_dormant(k);
                 self.dormant_keys.remove(&key_bytes(k));
@@ -388,7 +427,11 @@ impl FlowTable {
         }
         let keys = f.dirs.map(|d| egress_key(&d));
         for k in &keys {
-            self.dp.watch_dormant(k);
+            if let Err(e) = self.dp.watch_dormant(k) {
+                // fo_dormant is full: the connection stays dormant but
+                // unwatched, so it stays with the kernel (never woken).
+                tracing::warn!(?id, "cannot watch a dormant connection: {e}");
+            }
             self.dormant_keys.insert(key_bytes(k), id);
         }
         self.dp.set_watching(self.dormant_keys.len());
@@ -426,7 +469,7 @@ impl FlowTable {
             {
                 continue;
             }
-            let cur = self.dp.get_flow(&old.key).unwrap_or(f.last[i]);
+            let cur = self.dp.get_written(&old.key).unwrap_or(f.last[i]);
             f.base[i].0 += cur.packets;
             f.base[i].1 += cur.bytes;
             let mut v = nd.val;
@@ -446,7 +489,7 @@ impl FlowTable {
                 note_key(&mut self.keys, &nd.key);
             }
             f.dirs[i] = Direction { key: nd.key, val: nd.val };
-            f.last[i] = v;
+            f.last[i] = Written::from(&v);
         }
     }
 
@@ -458,7 +501,9 @@ impl FlowTable {
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
         self.settle(id);
         self.asleep.remove(id);
-        let entry = if let Some(f) = self.offloaded.remove(id) {
+        // Offloaded or not: an install that failed was indexed too.
+        self.released.push(*id);
+        let entry = if let Some(f) = self.offloaded.swap_remove(id) {
             self.due.remove(&(f.check_at, *id));
             self.index_hops(*id, &f.dirs, false);
             for d in &f.dirs {
@@ -495,7 +540,7 @@ impl FlowTable {
     /// The conntrack entry is gone.
     pub fn destroyed(&mut self, id: &ConnId) {
         self.teardown(id, TeardownReason::ConntrackDestroyed);
-        self.memos.remove(id);
+        self.memos.swap_remove(id);
     }
 
     /// After a full dump: forget every connection it did not list.

@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::conntrack::{status, CtError, CtUpdate};
-use crate::dataplane::{fo_flow, key_bytes, KEY_LEN};
+use crate::dataplane::{key_bytes, KEY_LEN};
 use crate::flow::{decide, next_check, Action, ConnId, CtTimeouts, TeardownReason};
 
-use super::flowtable::FlowTable;
+use super::flowtable::{FlowTable, Written};
 
 /// Connections looked at per tick at most, so a tick stays short (two
 /// lookups each, 1.6-3.9 us apiece here: 25-65 ms) when many fall due at
@@ -38,7 +38,7 @@ fn walk_pays(keys: usize, entries: usize) -> bool {
 /// Both map entries of each connection due, by walking the map in batches
 /// when that pays, else one lookup each; a key the walk did not return
 /// (the walk may miss entries changed meanwhile) is looked up on its own.
-fn read_due(ft: &FlowTable, due: &[ConnId]) -> Vec<[Option<fo_flow>; 2]> {
+fn read_due(ft: &FlowTable, due: &[ConnId]) -> Vec<[Option<Written>; 2]> {
     let mut got = vec![[None; 2]; due.len()];
     let keys = |i: usize| ft.offloaded.get(&due[i]).map(|f| [f.dirs[0].key, f.dirs[1].key]);
     if walk_pays(due.len() * 2, ft.offloaded.len() * 2) {
@@ -50,7 +50,7 @@ fn read_due(ft: &FlowTable, due: &[ConnId]) -> Vec<[Option<fo_flow>; 2]> {
         }
         let walked = ft.dp.for_each_flow(WALK_CHUNK, |k, v| {
             if let Some(&(i, d)) = at.get(&key_bytes(&k)) {
-                got[i][d] = Some(v);
+                got[i][d] = Some(Written::from(&v));
             }
         });
         if let Err(e) = walked {
@@ -60,7 +60,7 @@ fn read_due(ft: &FlowTable, due: &[ConnId]) -> Vec<[Option<fo_flow>; 2]> {
     for (i, g) in got.iter_mut().enumerate() {
         for (d, k) in keys(i).into_iter().flatten().enumerate() {
             if g[d].is_none() {
-                g[d] = ft.dp.get_flow(&k);
+                g[d] = ft.dp.get_written(&k);
             }
         }
     }
@@ -83,7 +83,7 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts)
                 match r {
                     Some(v) => {
                         f.last[i] = v;
-                        td = td.max(v.teardown);
+                        td = td.max(u32::from(v.teardown));
                         f.clock.last_seen_ns = f.clock.last_seen_ns.max(v.last_seen_ns);
                     }
                     None => missing = true,

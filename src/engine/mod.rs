@@ -2,9 +2,10 @@
 //! descriptor. The loop only reads sources and applies verdicts:
 //!
 //! * conntrack events and dumps -> `policy::verdict` -> `FlowTable::apply`
-//! * rtnetlink changes -> link state, then every offloaded connection's
-//!   path is resolved again and judged again (a neighbour change: only the
-//!   connections through it); tc changes -> the device hooks
+//! * rtnetlink changes -> link state, then the FIB answers in use are
+//!   asked again and the offloaded connections whose answer or devices
+//!   changed are judged again, in chunks (`reroute`; a neighbour change:
+//!   only the connections through it); tc changes -> the device hooks
 //! * xfrm policy and nf_tables changes -> the holds (`holds`); any ruleset
 //!   change sends the offloaded connections back through the kernel
 //! * `fo_wake` (TC egress saw a dormant connection's packet leave) ->
@@ -21,6 +22,7 @@ mod flowtable;
 mod holds;
 mod keepalive;
 mod ports;
+mod reroute;
 mod ruleset;
 mod views;
 
@@ -37,7 +39,7 @@ use crate::hooks::NftWatch;
 use crate::host;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
-use crate::routes::path::resolve_path;
+use crate::routes::path::{resolve_path, Lookups};
 use crate::routes::{NeighbourTable, RouteFacts, RouteWatch};
 use crate::settings::Settings;
 use crate::xfrm::XfrmWatch;
@@ -107,6 +109,10 @@ struct Core {
     neigh_dirty: Option<Instant>,
     neigh_ids: HashSet<ConnId>,
     path_resolutions: u64,
+    /// What the route changes since the last re-resolution ask for, and
+    /// the connections left to re-judge (`reroute`).
+    plan: reroute::Plan,
+    rework: reroute::Queue,
     /// What holds directions on the slow path.
     holds: HoldFacts,
     /// ppp devices attached because the port below runs TC
@@ -181,6 +187,8 @@ impl Engine {
             neigh_dirty: None,
             neigh_ids: HashSet::new(),
             path_resolutions: 0,
+            plan: Default::default(),
+            rework: Default::default(),
             // After subscribing (`xfrm`), likewise.
             holds: HoldFacts { xfrm: crate::xfrm::read_spd(), hooks: Default::default() },
             pppoe_uppers: Vec::new(),
@@ -214,6 +222,7 @@ impl Engine {
             // Wake when pending changes have settled, not up to 100 ms later.
             let pending = [core.route_dirty, core.neigh_dirty].into_iter().flatten().min();
             let wait = pending.map_or(100, |t| ROUTE_SETTLE.saturating_sub(t.elapsed()).as_millis().min(99) + 1);
+            let wait = if core.rework.busy() { 0 } else { wait };
             // SAFETY: valid array of pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, wait as libc::c_int) };
             // Links before conntrack: a link going down makes the kernel
@@ -261,6 +270,7 @@ impl Engine {
                 core.neigh_dirty = None;
                 core.reresolve_neighbours();
             }
+            core.reresolve_some();
             if core.route_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.route_dirty = None;
                 core.reresolve_all();
@@ -357,24 +367,34 @@ impl Core {
     /// Ask the verdict, resolving the path when it needs it (or always,
     /// with `reroute`), and apply it.
     fn judge(&mut self, e: CtEntry, known: Known, reroute: bool) {
+        self.release_pins();
         let rules = Rules {
             exclude: &self.cfg.exclude,
             flowtables: self.ruleset.as_ref().map(|r| &r.translated.flowtables[..]),
         };
         self.path_resolutions += u64::from(reroute);
-        let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e));
+        let mut lk = Lookups::default();
+        let path = reroute.then(|| resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e, &mut lk));
         let mut v =
             verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: path.as_ref() });
         if matches!(v, Verdict::NeedsPath) {
             self.path_resolutions += 1;
-            let path = resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e);
+            let path = resolve_path(self.flows.dp(), &self.ifaces, &self.facts, &e, &mut lk);
             v = verdict(&e, &known, &rules, &World { ports: &self.ifaces, holds: &self.holds, path: Some(&path) });
         }
         tracing::trace!(id = e.id, ?known, verdict = ?v, "verdict");
+        // Offloaded with these answers: re-judged when one changes.
+        if matches!(v, Verdict::Offload(_)) {
+            self.facts.cache.borrow_mut().pin(ConnId::of(&e), &lk.keys, &lk.asked);
+        }
         self.flows.apply(e, v);
     }
 
     fn on_route_changes(&mut self, ch: &crate::routes::Changes) {
+        let first = crate::routes::path::Ports::first_up(&self.ifaces);
+        // What `refresh` is about to read again, to see what it changed.
+        let topo = (!ch.links.is_empty() || ch.lost).then(|| self.facts.topo.clone());
+        let addrs = (ch.addresses || ch.lost).then(|| self.facts.addrs.clone());
         for &(ifindex, up) in &ch.links {
             if self.ifaces.set_up(ifindex, up) {
                 for id in self.flows.offloaded_via(ifindex) {
@@ -387,6 +407,22 @@ impl Core {
         for mac in self.facts.refresh(ch) {
             self.neigh_ids.extend(self.flows.offloaded_via_mac(mac));
             self.neigh_dirty.get_or_insert_with(Instant::now);
+        }
+        // What the re-resolution must cover beyond the FIB answers that
+        // changed: a rule may change every lookup's key (the mark), the
+        // first port is every reverse-path key's input, the addresses
+        // decide the source-NAT check, and a new fdb or PPPoE snapshot may
+        // move any walk; otherwise the walks through the links that changed.
+        let p = &mut self.plan;
+        p.all |= ch.rules || ch.lost || first != crate::routes::path::Ports::first_up(&self.ifaces);
+        if addrs.is_some_and(|a| a != self.facts.addrs) {
+            p.all = true;
+        }
+        if let Some(t) = topo.filter(|t| *t != self.facts.topo) {
+            match t.changed_links(&self.facts.topo) {
+                Some(devs) => p.devices.extend(devs),
+                None => p.all = true,
+            }
         }
         if ch.lost || !ch.links.is_empty() {
             self.sync_pppoe_uppers();
@@ -413,6 +449,7 @@ impl Core {
         for n in self.neigh.changes(&ch.neighbours) {
             if let Some(mac) = n.was {
                 self.neigh_ids.extend(self.flows.offloaded_via_hop(n.ifindex, mac));
+                self.facts.cache.borrow_mut().neighbour_changed(n.ifindex, mac);
             }
             self.neigh_dirty.get_or_insert_with(Instant::now);
         }
@@ -453,19 +490,9 @@ impl Core {
     /// path resolved again, so its holds follow, then every conntrack entry
     /// (per change, not per tick: these changes are rare).
     fn facts_changed(&mut self) {
+        self.plan.all = true;
         self.route_dirty.get_or_insert_with(Instant::now);
         self.rescan = true;
-    }
-
-    /// Something in routes, rules, neighbours, addresses or links changed: every
-    /// offloaded connection follows the kernel's current decision, and
-    /// those waiting try again.
-    fn reresolve_all(&mut self) {
-        self.neigh_ids.clear();
-        for id in self.flows.offloaded_ids() {
-            self.rejudge(&id, None, true);
-        }
-        self.retry_waiting();
     }
 
     fn retry_waiting(&mut self) {
@@ -484,6 +511,9 @@ impl Core {
     /// Periodic work: keepalive, dormant connections the kernel forwarded,
     /// connections waiting for their path.
     fn tick(&mut self) {
+        // Teardowns between events (destroys, keepalive) leave the index
+        // at least this often.
+        self.release_pins();
         // An SPD that could not be read holds everything: try again.
         if self.holds.xfrm.unknown.is_some() {
             self.on_xfrm_change();

@@ -50,6 +50,9 @@ impl Core {
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
             path_resolutions: self.path_resolutions,
+            fib_queries: self.facts.cache.borrow().stats.queries,
+            fib_cache_hits: self.facts.cache.borrow().stats.hits,
+            reresolve_last: self.rework.last,
             offload_latency_us: BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))]),
         }
     }
@@ -66,7 +69,7 @@ impl Core {
                 let o = &f.dirs[0];
                 // Keepalive reads the map only when a connection is due:
                 // counters as of now.
-                let cur = [0, 1].map(|i| self.flows.dp().get_flow(&f.dirs[i].key).unwrap_or(f.last[i]));
+                let cur = [0, 1].map(|i| self.flows.dp().get_written(&f.dirs[i].key).unwrap_or(f.last[i]));
                 let tcp = f.entry.orig.proto == IPPROTO_TCP;
                 FlowView {
                     id: f.entry.id,

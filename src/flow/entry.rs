@@ -162,7 +162,7 @@ fn addr_bytes(a: IpAddr) -> Vec<u8> {
 /// One's-complement difference of replacing `old` by `new` (RFC 1624):
 /// the sum of ~old and new as 16-bit words loaded from memory, folded.
 /// Zero when nothing changes, so the fast path can skip the update.
-pub fn csum_diff(old: &[u8], new: &[u8]) -> u32 {
+pub fn csum_diff(old: &[u8], new: &[u8]) -> u16 {
     assert_eq!(old.len(), new.len());
     assert!(old.len().is_multiple_of(2));
     let mut sum: u64 = 0;
@@ -176,7 +176,7 @@ pub fn csum_diff(old: &[u8], new: &[u8]) -> u32 {
     if sum == 0xffff {
         0
     } else {
-        sum as u32
+        sum as u16
     }
 }
 
@@ -299,8 +299,8 @@ mod tests {
         !(s as u16)
     }
 
-    fn apply(check: u16, diff: u32) -> u16 {
-        let mut s = u32::from(!check) + diff;
+    fn apply(check: u16, diff: u16) -> u16 {
+        let mut s = u32::from(!check) + u32::from(diff);
         while s >> 16 != 0 {
             s = (s & 0xffff) + (s >> 16);
         }

@@ -283,7 +283,7 @@ mod tests {
 
     #[test]
     fn teardown_codes_are_flow_h_s() {
-        assert_eq!(crate::dataplane::fo_flow::default().teardown, fo_teardown::FO_TD_NONE.0);
+        assert_eq!(u32::from(crate::dataplane::fo_flow::default().teardown), fo_teardown::FO_TD_NONE.0);
         assert_eq!(TeardownReason::from_fast_path(fo_teardown::FO_TD_NONE.0), None);
         assert_eq!(TeardownReason::from_fast_path(FIN), Some(TeardownReason::TcpFin));
         assert_eq!(TeardownReason::from_fast_path(RST), Some(TeardownReason::TcpRst));

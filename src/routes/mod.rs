@@ -5,10 +5,12 @@
 //! run through BPF_PROG_TEST_RUN (see `Dataplane::fib_query`), so policy
 //! routing, ECMP and neighbour state are exactly the kernel's. Changes are
 //! learnt from rtnetlink multicast groups; the engine then re-resolves the
-//! offloaded flows (the kernel flowtable only checks its cached dst,
-//! `nf_flow_dst_check`; we re-resolve everything that could have moved).
+//! offloaded flows whose answers may have moved (the kernel flowtable only
+//! checks its cached dst, `nf_flow_dst_check`): answers are cached and
+//! asked again once per distinct key on a change (`cache`).
 
 pub mod addrs;
+pub mod cache;
 pub(crate) mod dump;
 pub mod link;
 mod metric;
@@ -147,11 +149,11 @@ pub fn resolve_with(
 /// (neighbour not needed). Used to find where a connection's
 /// original direction arrives: the reverse path, as rp_filter assumes.
 pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Option<u32>> {
-    let unspecified: IpAddr = if dst.is_ipv4() { [0u8; 4].into() } else { [0u8; 16].into() };
+    let p = reverse_packet(any_ifindex, dst);
     // BPF_FIB_LOOKUP_OUTPUT would take the interface as oif and needs a
     // device, so ask as a forwarded packet from any managed interface and
     // skip the neighbour.
-    let r = dp.fib_query(&req(family_of(dst), any_ifindex, unspecified, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH, 0))?;
+    let r = dp.fib_query(&req(family_of(dst), any_ifindex, p.src, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH, 0))?;
     if r.ret == 0 || r.ret == FIB_NO_NEIGH {
         Ok(Some(r.ifindex_out))
     } else {
@@ -159,7 +161,32 @@ pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Optio
     }
 }
 
-/// What changed since the last drain.
+/// The packet `egress_for` asks about.
+fn reverse_packet(any_ifindex: u32, dst: IpAddr) -> Packet {
+    let unspecified: IpAddr = if dst.is_ipv4() { [0u8; 4].into() } else { [0u8; 16].into() };
+    Packet { in_ifindex: any_ifindex, src: unspecified, dst, proto: 0, sport: 0, dport: 0, mark: 0 }
+}
+
+/// Whether some route of the family is multipath (RTA_MULTIPATH) or names
+/// a nexthop object (RTA_NH_ID, which may be a group): `fib_select_path`
+/// then hashes the flow. A dump that fails answers true (no caching).
+fn any_multipath(v6: bool) -> bool {
+    use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+    let mut req = RouteMessage::default();
+    req.header.address_family =
+        if v6 { netlink_packet_route::AddressFamily::Inet6 } else { netlink_packet_route::AddressFamily::Inet };
+    match dump::dump(RouteNetlinkMessage::GetRoute(req), "route") {
+        Ok(msgs) => msgs.iter().any(|m| {
+            matches!(m, RouteNetlinkMessage::NewRoute(r)
+                if r.attributes.iter().any(|a| matches!(a, RouteAttribute::MultiPath(_) | RouteAttribute::NhId(_))))
+        }),
+        Err(e) => {
+            tracing::warn!("{e:#}: FIB answers are not cached");
+            true
+        }
+    }
+}
+
 /// A neighbour as an rtnetlink message states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbour {
@@ -256,16 +283,14 @@ pub struct RouteFacts {
     pub topo: crate::topology::Topology,
     /// Some IPv4 route carries an MTU metric (`metric::any_route_mtu`).
     pub route_mtus: bool,
-    /// `egress_for` answers by (interface asked from, address). They depend
-    /// on the FIB alone (no source, ports, mark or neighbour goes into the
-    /// query), so they hold until a route, rule, address or link changes
-    /// (`refresh` clears them) and each new connection from a known client
-    /// saves one of its three lookups.
-    reverse: std::cell::RefCell<HashMap<(u32, IpAddr), Option<u32>>>,
+    /// Some route of the family (v4, v6) is multipath or uses a nexthop
+    /// object: its answers hash the flow (`cache`).
+    pub multipath: (bool, bool),
+    /// The FIB's answers (`cache`): each new connection from a known client
+    /// to a known destination costs no lookup, and a change costs one per
+    /// distinct key in use.
+    pub cache: std::cell::RefCell<cache::FibCache>,
 }
-
-/// Cached reverse-path answers kept at most; then the cache starts over.
-const REVERSE_CACHE_MAX: usize = 65536;
 
 impl RouteFacts {
     pub fn read() -> Result<Self> {
@@ -274,22 +299,9 @@ impl RouteFacts {
             addrs: addrs::AddressTable::dump()?,
             topo: crate::topology::read().context("reading the link topology")?,
             route_mtus: metric::any_route_mtu(),
-            reverse: Default::default(),
+            multipath: (any_multipath(false), any_multipath(true)),
+            cache: Default::default(),
         })
-    }
-
-    /// `egress_for(dp, any_ifindex, dst)`, from the cache when it can be.
-    pub fn egress_for(&self, dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Option<u32>> {
-        if let Some(a) = self.reverse.borrow().get(&(any_ifindex, dst)) {
-            return Ok(*a);
-        }
-        let a = egress_for(dp, any_ifindex, dst)?;
-        let mut c = self.reverse.borrow_mut();
-        if c.len() >= REVERSE_CACHE_MAX {
-            c.clear();
-        }
-        c.insert((any_ifindex, dst), a);
-        Ok(a)
     }
 
     /// After `ch`: re-read what it touched. Returns the MACs whose bridge
@@ -313,13 +325,14 @@ impl RouteFacts {
             self.topo.apply_fdb(&ch.fdb)
         };
         if ch.beyond_neighbours() {
-            self.reverse.borrow_mut().clear();
+            self.cache.borrow_mut().go_stale();
         }
         if ch.rules || ch.lost {
             self.rules = rules::PolicyRules::read();
         }
         if ch.routes || ch.lost {
             self.route_mtus = metric::any_route_mtu();
+            self.multipath = (any_multipath(false), any_multipath(true));
         }
         if ch.addresses || ch.lost {
             match addrs::AddressTable::dump() {
@@ -337,14 +350,14 @@ impl RouteFacts {
 }
 
 /// rtnetlink multicast listener for links, neighbours, routes, addresses,
-/// rules and tc.
+/// rules, netconf (forwarding settings) and tc.
 pub struct RouteWatch {
     sub: Subscription,
 }
 
 /// The groups followed, by number (include/uapi/linux/rtnetlink.h, enum
-/// rtnetlink_groups): links, neighbours, tc, IPv4/IPv6 addresses, routes
-/// and rules.
+/// rtnetlink_groups): links, neighbours, tc, IPv4/IPv6 addresses, routes,
+/// rules and netconf.
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_TC: u32 = 4;
@@ -354,6 +367,8 @@ const RTNLGRP_IPV4_RULE: u32 = 8;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
 const RTNLGRP_IPV6_RULE: u32 = 19;
+const RTNLGRP_IPV4_NETCONF: u32 = 24;
+const RTNLGRP_IPV6_NETCONF: u32 = 25;
 
 impl RouteWatch {
     pub fn new() -> io::Result<Self> {
@@ -367,6 +382,8 @@ impl RouteWatch {
             RTNLGRP_IPV6_IFADDR,
             RTNLGRP_IPV6_ROUTE,
             RTNLGRP_IPV6_RULE,
+            RTNLGRP_IPV4_NETCONF,
+            RTNLGRP_IPV6_NETCONF,
         ];
         Ok(RouteWatch { sub: Subscription::new(netlink_sys::protocols::NETLINK_ROUTE, &groups, 4 << 20)? })
     }
@@ -400,6 +417,8 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
     const RTM_DELQDISC: u16 = 37;
     const RTM_NEWTFILTER: u16 = 44;
     const RTM_DELTFILTER: u16 = 45;
+    const RTM_NEWNETCONF: u16 = 80;
+    const RTM_DELNETCONF: u16 = 81;
     const AF_BRIDGE: u8 = 7;
     const IFF_UP: u32 = 0x1;
     const IFF_LOWER_UP: u32 = 0x10000;
@@ -419,7 +438,10 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
                 ch.links.push((idx, up));
             }
             RTM_NEWADDR | RTM_DELADDR => ch.addresses = true,
-            RTM_NEWROUTE | RTM_DELROUTE => ch.routes = true,
+            // A device's forwarding setting (`inet_netconf_notify_devconf`)
+            // decides the lookup's answer (BPF_FIB_LKUP_RET_FWD_DISABLED)
+            // like a route: cached answers may no longer hold.
+            RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWNETCONF | RTM_DELNETCONF => ch.routes = true,
             // The bridge's fdb arrives on the same group (ndm_family
             // AF_BRIDGE, no NDA_DST).
             RTM_NEWNEIGH | RTM_DELNEIGH if body.first() == Some(&AF_BRIDGE) => {
@@ -486,7 +508,9 @@ pub fn dump_neighbours() -> Result<Vec<Neighbour>> {
 
 #[cfg(test)]
 mod tests {
+    use super::cache::Answer;
     use super::*;
+    use std::collections::HashSet;
 
     fn msg(ty: u16, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -507,6 +531,9 @@ mod tests {
         ifi[8..12].copy_from_slice(&0x1u32.to_ne_bytes()); // UP but no LOWER_UP
         let mut d = msg(16, &ifi);
         d.extend(msg(24, &[0u8; 12]));
+        let mut nc = Changes::default();
+        parse_rtnl(&msg(80, &[0u8; 4]), &mut nc);
+        assert!(nc.routes && nc.beyond_neighbours(), "a forwarding setting changed (RTM_NEWNETCONF)");
         d.extend(msg(28, &ndmsg(7, 0x02, [192, 0, 2, 1], Some([2, 0, 0, 0, 0, 9]))));
         let mut ch = Changes::default();
         parse_rtnl(&d, &mut ch);
@@ -583,17 +610,18 @@ mod tests {
         assert!(ch.lost, "a short ndmsg is a lost event");
     }
 
-    /// A bridge learning or moving a MAC: an fdb change, not a lost
-    /// neighbour event.
     #[test]
-    fn reverse_path_answers_last_until_something_beyond_neighbours_changes() {
+    fn answers_last_until_something_beyond_neighbours_changes() {
         let mut f = RouteFacts::read().expect("route facts");
         let a: IpAddr = "192.0.2.7".parse().unwrap();
-        let cached = |f: &RouteFacts| f.reverse.borrow().get(&(3, a)).copied();
-        f.reverse.borrow_mut().insert((3, a), Some(4));
+        let p = reverse_packet(3, a);
+        let k = f.key(&p, true).expect("no multipath or port rules here");
+        let cached = |f: &RouteFacts| f.cache.borrow_mut().get(&k);
+        let put = |f: &RouteFacts| f.cache.borrow_mut().put(k, p, Answer::Reverse(Some(4)));
+        put(&f);
         let neigh = Neighbour { ifindex: 4, addr: a, lladdr: Some([2, 0, 0, 0, 0, 1]) };
         f.refresh(&Changes { neighbours: vec![neigh], ..Default::default() });
-        assert_eq!(cached(&f), Some(Some(4)), "a neighbour changes no reverse path (SKIP_NEIGH)");
+        assert_eq!(cached(&f), Some(Answer::Reverse(Some(4))), "a neighbour changes no reverse path (SKIP_NEIGH)");
         let cases = [
             ("route", Changes { routes: true, ..Default::default() }),
             ("rule", Changes { rules: true, ..Default::default() }),
@@ -602,12 +630,16 @@ mod tests {
             ("overrun", Changes { lost: true, ..Default::default() }),
         ];
         for (what, ch) in cases {
-            f.reverse.borrow_mut().insert((3, a), Some(4));
+            f.cache.borrow_mut().revalidate(|_, _| None, &HashSet::new());
+            put(&f);
+            assert!(cached(&f).is_some());
             f.refresh(&ch);
             assert_eq!(cached(&f), None, "{what}");
         }
     }
 
+    /// A bridge learning or moving a MAC: an fdb change, not a lost
+    /// neighbour event.
     #[test]
     fn fdb_events_are_fdb_changes() {
         use netlink_packet_core::Emitable;

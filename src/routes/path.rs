@@ -24,8 +24,18 @@ use crate::flow::{build_direction, Direction, LinkLayer, NextHop};
 use crate::topology::{Egress, LowerError, Topology};
 
 use super::addrs::AddressTable;
+use super::cache::Used;
 use super::rules::Selector;
-use super::{resolve_with, Packet, RouteFacts, Unroutable, FIB_NO_MARK};
+use super::{Packet, RouteFacts, Unroutable, FIB_NO_MARK};
+
+/// The FIB lookups one resolution made (reverse path, original, reply),
+/// for `FibCache::pin`: the connection is re-judged when one's answer
+/// changes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lookups {
+    pub keys: Used,
+    pub asked: [Option<Packet>; 3],
+}
 
 /// Why a connection has no fast path now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -111,7 +121,9 @@ pub fn resolve_path(
     ports: &impl Ports,
     facts: &RouteFacts,
     e: &CtEntry,
+    lk: &mut Lookups,
 ) -> Result<[Direction; 2], NoPath> {
+    *lk = Lookups::default();
     let first = ports.first_up().ok_or(NoPath::NoInterfaceUp)?;
     let (o, r) = (&e.orig, &e.reply);
     let rules = facts.rules.family(o.src.is_ipv6());
@@ -122,22 +134,29 @@ pub fn resolve_path(
     // (`meta mark set ct mark`); SECURITY.md says why this is safe.
     let mark = if rules.by_mark { e.mark } else { 0 };
     let in_orig = match facts.egress_for(dp, first, o.src) {
-        Ok(Some(i)) => i,
-        Ok(None) => return Err(NoPath::NoRouteBack),
+        Ok((d, p, k)) => {
+            (lk.keys[0], lk.asked[0]) = (k, Some(p));
+            d.ok_or(NoPath::NoRouteBack)?
+        }
         Err(err) => return Err(NoPath::LookupFailed(format!("{err:#}"))),
     };
-    let hop = |in_ifindex: u32, t: &CtTuple, dst: IpAddr| {
+    let mut hop = |n: usize, in_ifindex: u32, t: &CtTuple, dst: IpAddr| {
         let p = Packet { in_ifindex, src: t.src, dst, proto: t.proto, sport: t.sport, dport: t.dport, mark };
-        match resolve_with(dp, facts, &p) {
-            Ok(Ok(nh)) => Ok(nh),
-            Ok(Err(Unroutable(FIB_NO_MARK))) if mark != 0 => Err(NoPath::Rule(Selector::MarkUnsupported)),
-            Ok(Err(u)) => Err(NoPath::Unroutable(u.0)),
+        match facts.resolve(dp, &p) {
+            Ok((a, k)) => {
+                (lk.keys[n], lk.asked[n]) = (k, Some(p));
+                match a {
+                    Ok(nh) => Ok(nh),
+                    Err(Unroutable(FIB_NO_MARK)) if mark != 0 => Err(NoPath::Rule(Selector::MarkUnsupported)),
+                    Err(u) => Err(NoPath::Unroutable(u.0)),
+                }
+            }
             Err(err) => Err(NoPath::LookupFailed(format!("{err:#}"))),
         }
     };
-    let nh_o = hop(in_orig, o, r.src)?;
+    let nh_o = hop(1, in_orig, o, r.src)?;
     let in_reply = nh_o.ifindex;
-    let nh_r = hop(in_reply, r, o.src)?;
+    let nh_r = hop(2, in_reply, r, o.src)?;
     if nh_r.ifindex != in_orig {
         return Err(NoPath::Asymmetric);
     }

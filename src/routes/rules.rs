@@ -63,6 +63,9 @@ pub struct FamilyRules {
     pub by_mark: bool,
     /// Some rule the lookup cannot reproduce: no path for this family.
     pub unreproducible: Option<Selector>,
+    /// Some rule selects on ipproto, sport or dport: answers depend on the
+    /// connection's ports, so they are not cached (`cache`).
+    pub by_flow: bool,
 }
 
 impl FamilyRules {
@@ -70,6 +73,7 @@ impl FamilyRules {
         let (mark, blocker) = judge(r);
         self.by_mark |= mark;
         self.unreproducible = self.unreproducible.or(blocker);
+        self.by_flow |= selects_on_flow(r);
     }
 }
 
@@ -88,7 +92,7 @@ impl PolicyRules {
             Ok(rules) => Self::from_rules(&rules),
             Err(e) => {
                 tracing::warn!("reading ip rules: {e:#}; nothing is offloaded until they can be read");
-                let unread = FamilyRules { by_mark: false, unreproducible: Some(Selector::Unread) };
+                let unread = FamilyRules { by_mark: false, unreproducible: Some(Selector::Unread), by_flow: true };
                 PolicyRules { v4: unread, v6: unread }
             }
         }
@@ -145,6 +149,17 @@ fn judge(r: &RuleMessage) -> (bool, Option<Selector>) {
         blocker = blocker.or(b);
     }
     (mark, blocker)
+}
+
+/// Whether `r` matches on the protocol or ports (`fib4_rule_match` /
+/// `fib6_rule_match`: ip_proto, sport_range, dport_range).
+fn selects_on_flow(r: &RuleMessage) -> bool {
+    r.attributes.iter().any(|a| {
+        matches!(
+            a,
+            RuleAttribute::IpProtocol(_) | RuleAttribute::SourcePortRange(_) | RuleAttribute::DestinationPortRange(_)
+        )
+    })
 }
 
 fn dump_rules() -> Result<Vec<RuleMessage>> {
@@ -207,8 +222,28 @@ mod tests {
             rule(AddressFamily::Inet6, 0x20, vec![]),
             v4(vec![RuleAttribute::Table(254)]),
         ]);
-        assert_eq!(p.family(false), FamilyRules { by_mark: true, unreproducible: None });
-        assert_eq!(p.family(true), FamilyRules { by_mark: false, unreproducible: Some(Selector::Tos) });
+        assert_eq!(p.family(false), FamilyRules { by_mark: true, ..Default::default() });
+        assert_eq!(p.family(true), FamilyRules { unreproducible: Some(Selector::Tos), ..Default::default() });
+    }
+
+    /// Protocol and port selectors make answers per connection: no cache.
+    #[test]
+    fn port_and_protocol_rules_select_on_the_flow() {
+        use netlink_packet_route::rule::RulePortRange;
+        use netlink_packet_route::IpProtocol;
+        use RuleAttribute as A;
+        let range = RulePortRange { start: 53, end: 53 };
+        let cases = [
+            ("ipproto", vec![A::IpProtocol(IpProtocol::Tcp)], true),
+            ("sport", vec![A::SourcePortRange(range)], true),
+            ("dport", vec![A::DestinationPortRange(range)], true),
+            ("fwmark", vec![A::FwMark(1)], false),
+            ("from", vec![A::Source("192.168.1.0".parse().unwrap())], false),
+        ];
+        for (what, attrs, want) in cases {
+            let p = PolicyRules::from_rules(&[v4(attrs)]);
+            assert_eq!((p.v4.by_flow, p.v6.by_flow), (want, false), "{what}");
+        }
     }
 
     #[test]

@@ -193,6 +193,24 @@ impl Topology {
         }
     }
 
+    /// The links whose facts differ between `self` and `now`, each with the
+    /// devices stacked above it in either snapshot (the walks that may
+    /// cross it start there); `None` when the fdbs or PPPoE sessions differ
+    /// too (any walk may have changed).
+    pub fn changed_links(&self, now: &Topology) -> Option<std::collections::HashSet<u32>> {
+        if self.fdb != now.fdb || self.pppoe != now.pppoe {
+            return None;
+        }
+        let ids: std::collections::BTreeSet<u32> = self.links.keys().chain(now.links.keys()).copied().collect();
+        let mut out = std::collections::HashSet::new();
+        for i in ids.into_iter().filter(|i| self.links.get(i) != now.links.get(i)) {
+            out.insert(i);
+            out.extend(self.uppers(i));
+            out.extend(now.uppers(i));
+        }
+        Some(out)
+    }
+
     /// Every device stacked above `port`: its bridge, VLAN devices on it
     /// or on those, ppp devices whose PPPoE session runs over any of them
     /// (the devices a walk down to `port` may cross). Sorted, `port` not

@@ -79,6 +79,8 @@ pub struct Cost {
     /// Packets the veth ends dropped (rings full), per forwarded packet:
     /// the paths should all be near 0, or they forward different packets.
     pub ring_drops: f64,
+    /// Packets forwarded during the measurement (the WAN host's receive).
+    pub forwarded: u64,
 }
 
 /// The lab's veth ends, as (namespace, device), whose drop counters are read.
@@ -161,6 +163,7 @@ impl Cost {
             sink: per(a.sink, b.sink),
             cpu_wide: cpu::busy_ns(&a.cpu, &b.cpu).0 as f64 / forwarded.max(1) as f64,
             ring_drops: drops as f64 / forwarded.max(1) as f64,
+            forwarded,
         }
     }
 }
@@ -173,13 +176,21 @@ mod tests {
     fn reads_own_schedstat() {
         // SAFETY: plain getter.
         let tid = unsafe { libc::gettid() };
+        let cpu_ns = || {
+            let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: valid clock id and out pointer.
+            assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) }, 0);
+            t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+        };
         let a = schedstat_ns(tid).unwrap();
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < std::time::Duration::from_millis(20) {
+        // 20 ms on this thread's CPU clock, however long that takes on a
+        // busy machine: schedstat must show about as much.
+        let c0 = cpu_ns();
+        while cpu_ns() < c0 + 20_000_000 {
             std::hint::black_box(0u64);
         }
         let b = schedstat_ns(tid).unwrap();
-        assert!(b >= a + 10_000_000, "20 ms of spinning showed as {} ns", b - a);
+        assert!(b >= a + 10_000_000, "20 ms of this thread's CPU time showed as {} ns", b - a);
         assert!(schedstat_ns(i32::MAX).is_err());
     }
 }

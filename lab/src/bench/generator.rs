@@ -6,9 +6,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags};
 
 use super::skel;
 use crate::lab::netns;
+
+/// Ethernet + IPv4 without options + UDP: the headers the generator
+/// writes into every frame (bench.bpf.c `bench_hdr`).
+const HDR_LEN: usize = 14 + 20 + 8;
+
+/// The generator's frame must be the one it can rewrite: IPv4 with no
+/// options, UDP.
+fn check_frame(f: &[u8]) -> Result<()> {
+    if f.len() < HDR_LEN || f[12..14] != [0x08, 0x00] || f[14] != 0x45 || f[23] != 17 {
+        anyhow::bail!("the generator's frame must be Ethernet + IPv4 without options + UDP ({} bytes given)", f.len());
+    }
+    Ok(())
+}
 
 /// The traffic generator: a thread inside the LAN namespace that owns the
 /// loaded generator program and runs it on request.
@@ -21,6 +35,7 @@ impl Gen {
     /// `cpu`: where the generator thread runs (the generator CPU, away from
     /// the router's threads).
     pub(super) fn start(lan_ns: &str, lan0: u32, frame: Vec<u8>, cpu: Option<usize>) -> Result<Gen> {
+        check_frame(&frame)?;
         let (tx, req) = std::sync::mpsc::channel::<(u32, u32, u16, u32, u32)>();
         let (resp, rx) = std::sync::mpsc::channel::<Result<Duration>>();
         let ns = netns::NetnsHandle::open(lan_ns)?;
@@ -53,7 +68,8 @@ impl Gen {
                     // No UDP checksum (legal over IPv4), or the new port would
                     // make it wrong and conntrack would call the packet invalid.
                     f[40..42].copy_from_slice(&[0, 0]);
-                    set_header(&s.maps.bench_hdr, &f)?;
+                    // written into every frame: pages come back rewritten (bench.bpf.c)
+                    s.maps.bench_frame.update(&0u32.to_ne_bytes(), &f[..HDR_LEN], MapFlags::ANY)?;
                     // xdp_md: data_end at 4, ingress_ifindex at 12
                     let mut ctx = vec![0u8; 24];
                     ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
@@ -96,20 +112,4 @@ impl Gen {
         self.tx.send((count, nflows, dport, gap_ns, burst)).map_err(|_| anyhow!("generator thread gone"))?;
         self.rx.recv().map_err(|_| anyhow!("generator thread gone"))?
     }
-}
-
-/// Give the generator its frame's headers to write into every frame it sends
-/// (map `bench_hdr`, bench.bpf.c `gen_restore_header`: a recycled page holds
-/// what the router wrote into it).
-fn set_header(map: &impl libbpf_rs::MapCore, frame: &[u8]) -> Result<()> {
-    const LEN: usize = 42;
-    anyhow::ensure!(frame.len() >= LEN, "generator frame of {} bytes: shorter than its headers", frame.len());
-    let mut h = skel::types::gen_hdr { len: LEN as u32, ..Default::default() };
-    h.bytes.copy_from_slice(&frame[..LEN]);
-    // SAFETY: plain data struct, viewed as its bytes.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((&h as *const skel::types::gen_hdr).cast::<u8>(), std::mem::size_of_val(&h))
-    };
-    map.update(&0u32.to_ne_bytes(), bytes, libbpf_rs::MapFlags::ANY)?;
-    Ok(())
 }

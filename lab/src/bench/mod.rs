@@ -55,6 +55,9 @@ pub struct BenchOpts {
     pub plots: PathBuf,
     /// Only the live-connections part.
     pub live_only: bool,
+    /// Development (`bench --paths`): measure only these router paths, in
+    /// interleaved rounds, and nothing else (empty: the whole benchmark).
+    pub only_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -62,6 +65,10 @@ pub struct PathResult {
     /// Router cost: on-CPU ns of the router's NAPI kthreads and the engine's
     /// threads per forwarded packet, at a fixed offered load, 64 flows.
     pub router_ns_per_pkt: Option<Stat>,
+    /// The same per round, in round order (each round measures the paths
+    /// one after the other, seconds apart, so per-round ratios drift less
+    /// than ratios of medians).
+    pub router_ns_rounds: Vec<f64>,
     /// Its two parts.
     pub napi_ns_per_pkt: Option<Stat>,
     pub engine_ns_per_pkt: Option<Stat>,
@@ -73,6 +80,11 @@ pub struct PathResult {
     pub offered_pps: f64,
     /// Packets dropped at the veth ends (rings full) per forwarded packet.
     pub ring_drops_per_fwd: Option<Stat>,
+    /// Offload paths: the engine's fast-path packet count over the packets
+    /// forwarded in the same measurement (1 when every packet was
+    /// fast-pathed; below `validity::MIN_FAST_SHARE` the path measured the
+    /// kernel and the run is invalid).
+    pub fast_path_share: Option<Stat>,
     /// Forwarded packets/s during the router-cost measurement.
     pub forwarded_pps: Option<Stat>,
     /// Forwarded packets/s with the generator at full speed.
@@ -130,12 +142,17 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
         write_json(opts, &r)?;
         return Ok(r);
     }
-    eprintln!("bench: fast path alone (BPF_PROG_TEST_RUN)");
-    r.fast_path = fast_path::fast_path_alone(opts)?;
-    eprintln!("bench: scaling with the number of flows");
-    r.scaling_ns_per_pkt = scaling::scaling(opts)?;
-    eprintln!("bench: map memory per flow");
-    r.memory = memory::memory(opts)?;
+    if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
+        anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
+    }
+    if opts.only_paths.is_empty() {
+        eprintln!("bench: fast path alone (BPF_PROG_TEST_RUN)");
+        r.fast_path = fast_path::fast_path_alone(opts)?;
+        eprintln!("bench: scaling with the number of flows");
+        r.scaling_ns_per_pkt = scaling::scaling(opts)?;
+        eprintln!("bench: map memory per connection");
+        r.memory = memory::memory(opts)?;
+    }
     eprintln!("bench: router paths in the lab");
     paths::router_paths(opts, &mut r)?;
     ratios::ratios(&mut r);

@@ -54,7 +54,6 @@ pub(super) fn offload_rate(lab: &Lab, engine: &Daemon, n: u32, r: &mut Report) -
         if flows1 > flows0 {
             let per = (b - a).max(0.0) * 1024.0 / (flows1 - flows0);
             r.memory.insert("daemon_rss_bytes_per_flow".into(), per);
-            r.memory.insert("daemon_rss_mb_at_64k_estimated".into(), (a * 1024.0 + per * 65536.0) / 1048576.0);
         }
     }
     if done >= u64::from(n) && secs < sent + 0.05 {

@@ -157,6 +157,11 @@ struct Active {
 
 fn enter(b: &Bench, o: &BenchOpts, path: &str) -> Result<Active> {
     let lab = &b.lab;
+    // Every path starts from the generator's flows alone: connections left
+    // by the tests of the path before (TCP, offload rate) would otherwise
+    // be offloaded and kept alive by the engine, whose time is counted
+    // against the 64 measured flows (118-230 ns a packet in a quick run).
+    lab.exec(&lab.rtr, &["conntrack", "-F"])?;
     if path == "kernel_plain" {
         lab.exec(&lab.rtr, &["nft", "flush", "ruleset"])?;
     } else {
@@ -204,6 +209,7 @@ fn warm(b: &Bench, a: &Active, notes: &mut Vec<String>, path: &str) -> Result<()
 #[derive(Default)]
 struct Acc {
     cost: Vec<Cost>,
+    fast_share: Vec<f64>,
     fwd_pps: Vec<f64>,
     max_pps: Vec<f64>,
     tcp: TcpAcc,
@@ -234,22 +240,36 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
     let _srv = lab.spawn_pinned(&lab.wan, &["iperf3", "-s"], lab.isolation.generator_cpu)?;
     lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(5))?;
     let (rounds, secs, tcp_rounds) = if o.quick { (2, 0.6, 1) } else { (5, 3.0, 2) };
+    let only = !o.only_paths.is_empty();
+    let paths: Vec<&str> = PATHS.into_iter().filter(|p| !only || o.only_paths.iter().any(|q| q == p)).collect();
     let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
     for round in 0..rounds {
-        for path in PATHS {
+        for &path in &paths {
             eprintln!("bench:   round {}/{rounds}: {path}", round + 1);
             let a = enter(&b, o, path)?;
             warm(&b, &a, &mut r.notes, path)?;
             let pid = a.engine.as_ref().map(Daemon::pid);
             let x = acc.entry(path).or_default();
+            let fast = |d: &Daemon| -> Result<u64> { Ok(d.status()?["fast_path_packets"].as_u64().unwrap_or(0)) };
+            let f0 = a.engine.as_ref().map(fast).transpose()?;
             let (c, pps) = measure(lab, &b.g, pid, (FLOWS, 9, PPS), secs)?;
+            if let (Some(d), Some(f0)) = (&a.engine, f0) {
+                // includes a repeated attempt inside measure, if any: only ever more
+                x.fast_share.push(fast(d)?.saturating_sub(f0) as f64 / c.forwarded.max(1) as f64);
+            }
             x.cost.push(c);
             x.fwd_pps.push(pps);
             x.max_pps.push(max_pps(lab, &b.g, secs.min(1.0))?);
-            if round < tcp_rounds && !path.starts_with("floor") {
+            if only {
+                // profiling one path at a time: each measurement shown, nothing else run
+                eprintln!("bench:     {c:?}, forwarded {pps:.0}/s");
+                if let Some(d) = &a.engine {
+                    eprintln!("bench:     engine status: {}", d.status()?);
+                }
+            } else if round < tcp_rounds && !path.starts_with("floor") {
                 tcp_and_ping(lab, o.quick, &mut x.tcp)?;
             }
-            if let (Some(d), "offload_tc", 0) = (&a.engine, path, round) {
+            if let (Some(d), "offload_tc", 0, false) = (&a.engine, path, round, only) {
                 offload_rate(lab, d, if o.quick { 2000 } else { 10_000 }, r)?;
                 r.offload_latency = super::latency::offload_latency(lab, o.quick)?;
             }
@@ -263,18 +283,25 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
         let mut pr = PathResult {
             offered_pps: PPS,
             router_ns_per_pkt: st(|c| c.router),
+            router_ns_rounds: x.cost.iter().map(|c| c.router).collect(),
             napi_ns_per_pkt: st(|c| c.napi),
             engine_ns_per_pkt: st(|c| c.engine),
             sink_ns_per_pkt: st(|c| c.sink),
             cpu_wide_ns_per_pkt: st(|c| c.cpu_wide),
             ring_drops_per_fwd: st(|c| c.ring_drops),
             forwarded_pps: Some(Stat::of(x.fwd_pps)),
+            fast_path_share: (!x.fast_share.is_empty()).then(|| Stat::of(x.fast_share)),
             max_pps: Some(Stat::of(x.max_pps)),
             ..Default::default()
         };
         x.tcp.into_result(&mut pr);
         r.paths.insert(path.to_string(), pr);
     }
+    if only {
+        return Ok(());
+    }
+    eprintln!("bench: daemon memory with live connections");
+    super::memory::daemon_rss(&b, o, r)?;
     eprintln!("bench: live offloaded connections");
     super::live::live_scaling(&b, o, r)?;
     Ok(())

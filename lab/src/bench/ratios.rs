@@ -9,6 +9,12 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// Median of the per-round ratios a / b (rounds paired by index).
+fn paired(a: &[f64], b: &[f64]) -> Option<f64> {
+    let v: Vec<f64> = a.iter().zip(b).filter(|(_, &y)| y > 0.0).map(|(x, y)| x / y).collect();
+    (!v.is_empty()).then(|| super::Stat::of(v).median)
+}
+
 pub(super) fn ratios(r: &mut Report) {
     let ns = |p: &str| r.paths.get(p).and_then(|x| x.router_ns_per_pkt.map(|s| s.median));
     let wide = |p: &str| r.paths.get(p).and_then(|x| x.cpu_wide_ns_per_pkt.map(|s| s.median));
@@ -25,6 +31,15 @@ pub(super) fn ratios(r: &mut Report) {
     put("offload_tc_vs_kernel_ct_nat", ratio(tc, ns("kernel_ct_nat")), "<= 0.35");
     put("offload_tc_vs_kernel_plain", ratio(tc, ns("kernel_plain")), "<= 1.05");
     put("offload_xdp_vs_floor_xdp", ratio(xdp, ns("floor_xdp")), "<= 1.05");
+    // The same as medians of per-round ratios, labelled, no target of their own.
+    let rounds = |p: &str| r.paths.get(p).map(|x| x.router_ns_rounds.clone()).unwrap_or_default();
+    for (k, a, b) in [
+        ("paired_offload_tc_vs_floor_tc", "offload_tc", "floor_tc"),
+        ("paired_offload_xdp_vs_floor_xdp", "offload_xdp", "floor_xdp"),
+        ("paired_offload_tc_vs_kernel_ct_nat", "offload_tc", "kernel_ct_nat"),
+    ] {
+        put(k, paired(&rounds(a), &rounds(b)), "(median of per-round ratios, shown only)");
+    }
     // The same from the CPU-wide column, labelled, no target of its own.
     put("cpu_wide_offload_tc_vs_floor_tc", ratio(wide("offload_tc"), wide("floor_tc")), "(CPU-wide, shown only)");
     put(
@@ -68,7 +83,9 @@ pub(super) fn ratios(r: &mut Report) {
     // Absolute figures with targets, shown beside the ratios.
     let fp = r.fast_path.ns_per_pkt.get("xdp ipv4 nat tcp hit").map(|s| s.median);
     let rate = r.offload.get("offloads_per_s").copied();
-    let mem = r.memory.get("map_bytes_per_flow_64k").copied();
+    let mem = |k: &str| r.memory.get(k).copied();
+    let (mem_64k, mem_1m, rss_64k) =
+        (mem("map_bytes_per_conn_64k"), mem("map_bytes_per_conn_1m"), mem("daemon_rss_mb_64k"));
     let mut abs = |k: &str, v: Option<f64>, t: &str| {
         if let Some(v) = v {
             r.ratios.insert(k.to_string(), v);
@@ -78,5 +95,23 @@ pub(super) fn ratios(r: &mut Report) {
     abs("fast_path_ipv4_nat_hit_ns", fp, "<= 60");
     abs("offload_p99_us_packet_timestamps", lat_p99, "<= 5000");
     abs("offloads_per_s", rate, ">= 50000");
-    abs("map_bytes_per_flow", mem, "<= 256");
+    abs("map_bytes_per_conn_64k", mem_64k, "<= 256");
+    abs("map_bytes_per_conn_1m", mem_1m, "<= 256");
+    abs("daemon_rss_mb_64k", rss_64k, "<= 32");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_ratio_is_the_median_of_per_round_ratios() {
+        // round 3 disturbed both paths alike: its ratio is like the others
+        let a = [110.0, 120.0, 330.0, 105.0];
+        let b = [100.0, 100.0, 300.0, 100.0];
+        let p = paired(&a, &b).unwrap();
+        assert!((p - 1.1).abs() < 1e-12, "{p}");
+        assert_eq!(paired(&[1.0], &[0.0]), None);
+        assert_eq!(paired(&[], &[]), None);
+    }
 }

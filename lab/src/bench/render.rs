@@ -7,8 +7,10 @@ fn med_range(s: &Option<Stat>) -> String {
     s.map(|s| format!("{:.0} ({:.0}-{:.0})", s.median, s.min, s.max)).unwrap_or("-".into())
 }
 
+/// The spread, and in brackets the inner spread (without the highest and
+/// lowest round).
 fn spread(s: &Option<Stat>) -> String {
-    s.map(|s| format!("{:.0}%", s.spread() * 100.0)).unwrap_or("-".into())
+    s.map(|s| format!("{:.0}% ({:.0}%)", s.spread() * 100.0, s.inner_spread() * 100.0)).unwrap_or("-".into())
 }
 
 impl Report {
@@ -16,13 +18,15 @@ impl Report {
         let mut o = format!("nft-offload bench ({}){}\n\n", self.machine, if self.quick { ", --quick" } else { "" });
         o += &format!(
             "Router cost: on-CPU ns of the router's NAPI kthreads + engine threads per forwarded packet \
-             (64-byte UDP, {FLOWS} flows, {:.0} kpps offered); medians (min-max) over interleaved rounds. \
+             (64-byte UDP, {FLOWS} flows, {:.0} kpps offered); medians (min-max) over interleaved rounds; \
+             spread = (max-min)/median, in brackets without the highest and lowest round (shown only, \
+             validity uses the full spread). \
              CPU-wide = the router CPU's non-idle time, everything on it counted. \
              drops = packets the veth ends dropped per forwarded packet.\n",
             PPS / 1e3
         );
         o += &format!(
-            "{:<14} {:>20} {:>7} {:>8} {:>8} {:>22} {:>9} {:>6} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
+            "{:<14} {:>20} {:>11} {:>8} {:>8} {:>22} {:>9} {:>6} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
             "path",
             "router ns/pkt",
             "spread",
@@ -41,7 +45,7 @@ impl Report {
         for p in PATHS {
             if let Some(x) = self.paths.get(p) {
                 o += &format!(
-                    "{:<14} {:>20} {:>7} {:>8} {:>8} {:>22} {:>9} {:>6} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
+                    "{:<14} {:>20} {:>11} {:>8} {:>8} {:>22} {:>9} {:>6} {:>18} {:>8} {:>8} {:>8} {:>8}\n",
                     p,
                     med_range(&x.router_ns_per_pkt),
                     spread(&x.router_ns_per_pkt),
@@ -55,6 +59,14 @@ impl Report {
                     m(&x.tcp_1stream_gso_mbps),
                     m(&x.tcp_4stream_gso_mbps),
                     x.ping_loaded_p99_ms.map(|v| format!("{v:.2}")).unwrap_or("-".into())
+                );
+            }
+        }
+        for p in PATHS {
+            if let Some(f) = self.paths.get(p).and_then(|x| x.fast_path_share) {
+                o += &format!(
+                    "{p}: fast-path packets / forwarded packets {:.3} (lowest round {:.3})\n",
+                    f.median, f.min
                 );
             }
         }

@@ -7,6 +7,10 @@ use super::Report;
 /// A figure whose repetitions spread more than this is not a measurement.
 pub(super) const MAX_SPREAD: f64 = 0.25;
 
+/// An offload path on which fewer of the forwarded packets took the fast
+/// path measured the kernel (flows not offloaded, or not matching).
+pub(super) const MIN_FAST_SHARE: f64 = 0.99;
+
 /// Over the limit, or not a number (no median to compare with).
 fn too_wide(spread: f64) -> bool {
     spread.is_nan() || spread > MAX_SPREAD
@@ -27,6 +31,17 @@ pub(super) fn check(r: &mut Report) {
                 s.median,
                 MAX_SPREAD * 100.0
             ));
+        }
+        if let Some(f) = r.paths.get(p).and_then(|x| x.fast_path_share) {
+            if f.min.is_nan() || f.min < MIN_FAST_SHARE {
+                bad.push(format!(
+                    "{p}: only {:.0}% of the forwarded packets took the fast path in its worst round \
+                     (median {:.0}%, need {:.0}%): it measured the kernel",
+                    f.min * 100.0,
+                    f.median * 100.0,
+                    MIN_FAST_SHARE * 100.0
+                ));
+            }
         }
         if let Some(sink) = r.paths.get(p).and_then(|x| x.sink_ns_per_pkt) {
             if sink.median <= 0.0 {
@@ -63,8 +78,8 @@ mod tests {
 
     fn path(median: f64, min: f64, max: f64) -> PathResult {
         PathResult {
-            router_ns_per_pkt: Some(Stat { median, min, max, n: 3 }),
-            sink_ns_per_pkt: Some(Stat { median: 100.0, min: 90.0, max: 110.0, n: 3 }),
+            router_ns_per_pkt: Some(Stat::of(vec![min, median, max])),
+            sink_ns_per_pkt: Some(Stat::of(vec![90.0, 100.0, 110.0])),
             ..Default::default()
         }
     }
@@ -83,6 +98,21 @@ mod tests {
         assert_eq!(r.invalid.len(), 2, "{:?}", r.invalid);
         assert!(r.invalid.iter().any(|m| m.starts_with("kernel_plain: router cost spread 50%")));
         assert!(r.invalid.iter().any(|m| m.starts_with("floor_tc (700 ns) costs more than offload_tc")));
+    }
+
+    #[test]
+    fn flags_offload_path_that_was_not_fast_pathed() {
+        let mut r = Report::default();
+        let mut p = path(600.0, 590.0, 610.0);
+        p.fast_path_share = Some(Stat::of(vec![1.0, 1.002, 0.999]));
+        r.paths.insert("offload_tc".into(), p.clone());
+        check(&mut r);
+        assert!(r.valid(), "{:?}", r.invalid);
+        p.fast_path_share = Some(Stat::of(vec![1.0, 0.0, 1.0]));
+        r.paths.insert("offload_xdp".into(), p);
+        check(&mut r);
+        assert_eq!(r.invalid.len(), 1, "{:?}", r.invalid);
+        assert!(r.invalid[0].starts_with("offload_xdp: only 0% of the forwarded packets took the fast path"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::flow::{ConnId, Direction, FlowClock};
 use crate::policy::verdict::NotOffloaded;
 use crate::proto::IPPROTO_TCP;
 
-use super::{now_ns, Offloaded, FIRST_LOOK_NS};
+use super::{now_ns, Offloaded, Written, FIRST_LOOK_NS};
 
 /// Offloads decided in a batch of events are installed at its end, or
 /// once this many wait (so the first of a long batch does not wait for
@@ -198,7 +198,7 @@ impl FlowTable {
         let ct_expires_ns = now + u64::from(e.timeout.unwrap_or(0)) * 1_000_000_000;
         let clock =
             FlowClock { installed_ns: now, last_seen_ns: 0, last_refresh_ns: now, refreshed_seen_ns: 0, ct_expires_ns };
-        let last = [dirs[0].val, dirs[1].val];
+        let last = [Written::default(); 2];
         // First look a tick from now; from then on `flow::next_check`.
         let check_at = now + FIRST_LOOK_NS;
         self.due.insert((check_at, id));
