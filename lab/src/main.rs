@@ -60,6 +60,10 @@ enum Cmd {
         /// it an invalid run is reported as INVALID and exits 0.
         #[arg(long)]
         strict: bool,
+        /// Only the live-connections part (with its idle-engine figure):
+        /// its own lab, no other figures.
+        #[arg(long)]
+        live_only: bool,
         /// Development: measure only these router paths (comma-separated),
         /// nothing else, to profile one path at a time.
         #[arg(long, value_delimiter = ',', hide = true)]
@@ -117,9 +121,10 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, json, plots, strict, paths, offload_only } => {
+        Cmd::Bench { quick, json, plots, strict, live_only, paths, offload_only } => {
             let exe = router_bin()?;
-            let r = bench::run(&bench::BenchOpts { quick, json, exe, plots, only_paths: paths, offload_only })?;
+            let r =
+                bench::run(&bench::BenchOpts { quick, json, exe, plots, live_only, only_paths: paths, offload_only })?;
             print!("{}", r.render());
             if strict && !r.valid() {
                 anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));

@@ -61,6 +61,16 @@ pub fn merge(mut e: CtEntry, seen: Seen, last: Option<&Memo>) -> (CtEntry, Memo)
     (e, memo)
 }
 
+/// Whether `fresh` says nothing new about a connection last seen as
+/// `stored` (both merged): only what moves without a change of state
+/// differs, the time left and the counters. Such an entry needs no verdict
+/// (the event of the engine's own timeout refresh, a resync's dump line of a
+/// connection it already follows).
+pub fn only_timers_moved(stored: &CtEntry, fresh: &CtEntry) -> bool {
+    let strip = |e: &CtEntry| CtEntry { timeout: None, counters_orig: None, counters_reply: None, ..e.clone() };
+    strip(stored) == strip(fresh)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +149,34 @@ mod tests {
             assert_eq!(memo2, Memo::of(&m), "{case}: memo is the merged view");
             // everything else passes through untouched
             assert_eq!((m.orig, m.reply, m.status, m.zone), (e.orig, e.reply, e.status, e.zone), "{case}");
+        }
+    }
+
+    #[test]
+    fn only_timers_moved_ignores_time_left_and_counters_only() {
+        let base = tcp_masq();
+        let mut timers = base.clone();
+        timers.timeout = Some(7);
+        timers.counters_orig = Some((5, 500));
+        timers.counters_reply = Some((3, 300));
+        assert!(only_timers_moved(&base, &base), "same entry");
+        assert!(only_timers_moved(&base, &timers), "time left and counters");
+        type Change = fn(&mut CtEntry);
+        let changed: Vec<(&str, Change)> = vec![
+            ("mark", |e| e.mark ^= 1),
+            ("status", |e| e.status ^= crate::conntrack::status::SEEN_REPLY),
+            ("tcp state", |e| e.tcp_state = Some(tcp_state::FIN_WAIT)),
+            ("tcp flags", |e| e.tcp_flags = Some([0x08, 0])),
+            ("labels", |e| e.labels = Some(label(5))),
+            ("helper", |e| e.has_helper = true),
+            ("id (a new entry on the same tuple)", |e| e.id += 1),
+            ("zone", |e| e.zone += 1),
+            ("reply tuple", |e| e.reply.dport ^= 1),
+        ];
+        for (what, f) in changed {
+            let mut e = timers.clone();
+            f(&mut e);
+            assert!(!only_timers_moved(&base, &e), "{what} changed");
         }
     }
 }

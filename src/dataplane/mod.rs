@@ -20,6 +20,7 @@ pub mod skel {
 }
 
 mod test_run;
+mod walk;
 
 pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};

@@ -178,6 +178,33 @@ impl FlowTable {
         e
     }
 
+    /// An offloaded connection's merged entry `e` that differs from the
+    /// stored one only in its timers (`conntrack::merge::only_timers_moved`:
+    /// the event of our own refresh, a resync's dump line): conntrack's
+    /// deadline taken over, looked at soon only if it moved earlier, and no
+    /// verdict (it would be `Update`: eligibility follows the entry, and
+    /// changes of the world judge again on their own). Returns whether `e`
+    /// was taken so.
+    pub fn timers_only(&mut self, e: &CtEntry) -> bool {
+        let id = ConnId::of(e);
+        let Some(f) = self.offloaded.get_mut(&id) else { return false };
+        if !crate::conntrack::merge::only_timers_moved(&f.entry, e) {
+            return false;
+        }
+        (f.entry.timeout, f.entry.counters_orig, f.entry.counters_reply) =
+            (e.timeout, e.counters_orig, e.counters_reply);
+        let Some(t) = e.timeout else { return true };
+        let now = now_ns();
+        let expires = now + u64::from(t) * 1_000_000_000;
+        let earlier = expires + 1_000_000_000 < f.clock.ct_expires_ns;
+        f.clock.ct_expires_ns = expires;
+        if earlier {
+            let at = f.check_at.min(now + FIRST_LOOK_NS);
+            self.schedule(id, at);
+        }
+        true
+    }
+
     /// What the engine does with `id` now, for the verdict. `woke` is
     /// decided by the caller (see `woken`).
     pub fn known(&self, id: &ConnId) -> Known {
@@ -724,6 +751,44 @@ mod tests {
         assert!(ft.any_due(first) && !ft.any_due(first - 1));
         assert_eq!(ft.due_at_most(first, 5), vec![ib], "the rest");
         assert!(!ft.any_due(u64::MAX - 1));
+    }
+
+    /// An offloaded connection's entry that moved only its timers (the
+    /// event of our own refresh, a resync's line) takes no verdict: the
+    /// deadline is taken over and the look stays where it was unless the
+    /// deadline came earlier. Anything else, or a connection not offloaded,
+    /// goes to the verdict.
+    #[test]
+    fn timers_only_takes_the_deadline_without_a_verdict() {
+        let mut ft = private_table(vec![]);
+        let mut e = udp(40020);
+        e.timeout = Some(30);
+        let id = ConnId::of(&e);
+        assert!(!ft.timers_only(&e), "not offloaded: judged");
+        ft.apply(e.clone(), Verdict::Offload(dirs(&e, 2)));
+        let look = ft.offloaded[&id].check_at;
+        ft.schedule(id, look + 5_000_000_000);
+        let planned = ft.offloaded[&id].check_at;
+
+        let mut later = e.clone();
+        later.timeout = Some(120);
+        later.counters_orig = Some((9, 900));
+        let t = now_ns();
+        assert!(ft.timers_only(&later), "only the timers moved");
+        let f = &ft.offloaded[&id];
+        assert!(f.clock.ct_expires_ns >= t + 120_000_000_000, "conntrack's deadline taken over");
+        assert_eq!((f.entry.timeout, f.entry.counters_orig), (Some(120), Some((9, 900))));
+        assert_eq!(f.check_at, planned, "a later deadline moves no look");
+
+        let mut sooner = later.clone();
+        sooner.timeout = Some(10);
+        assert!(ft.timers_only(&sooner));
+        assert!(ft.offloaded[&id].check_at <= now_ns() + FIRST_LOOK_NS, "an earlier deadline is looked at soon");
+
+        let mut marked = sooner.clone();
+        marked.mark = 7;
+        assert!(!ft.timers_only(&marked), "a new mark goes to the verdict");
+        assert_eq!(ft.offloaded[&id].entry.mark, sooner.mark, "and is not taken here");
     }
 
     /// A wake-up announced for a packet stamped in the tick the connection

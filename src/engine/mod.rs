@@ -350,7 +350,13 @@ impl Core {
         let present: HashSet<ConnId> = all.iter().map(ConnId::of).collect();
         self.flows.retain_present(&present);
         self.flows.begin_batch();
-        for e in all {
+        for (i, e) in all.into_iter().enumerate() {
+            // Judging 150,000 new entries takes seconds (a path each): the
+            // engine is busy, not stalled, so the fast path keeps going
+            // (FO_STALE_ENGINE_NS would send every packet to the kernel).
+            if i % 1024 == 0 {
+                self.flows.dp_mut().set_heartbeat(now_ns());
+            }
             self.consider(e, Seen::Full);
         }
         self.flows.end_batch();
@@ -360,6 +366,12 @@ impl Core {
     /// A conntrack entry appeared or changed.
     fn consider(&mut self, e: CtEntry, seen: Seen) {
         let e = self.flows.merge(e, seen);
+        // Nothing new about an offloaded connection: no map reads, no
+        // verdict. Every refresh keepalive sends comes back as such an
+        // event, and a resync lists every offloaded connection.
+        if self.flows.timers_only(&e) {
+            return;
+        }
         let known = self.flows.known(&ConnId::of(&e));
         self.judge(e, known, false);
     }

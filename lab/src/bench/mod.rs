@@ -53,6 +53,8 @@ pub struct BenchOpts {
     pub exe: PathBuf,
     /// Where SVG plots go.
     pub plots: PathBuf,
+    /// Only the live-connections part.
+    pub live_only: bool,
     /// Development (`bench --paths`): measure only these router paths, in
     /// interleaved rounds, and nothing else (empty: the whole benchmark).
     pub only_paths: Vec<String>,
@@ -137,6 +139,12 @@ impl Report {
 pub fn run(opts: &BenchOpts) -> Result<Report> {
     crate::lab::require_root()?;
     let mut r = Report { machine: machine(), quick: opts.quick, ..Default::default() };
+    if opts.live_only {
+        paths::live_only(opts, &mut r)?;
+        ratios::ratios(&mut r);
+        write_json(opts, &r)?;
+        return Ok(r);
+    }
     if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
         anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
     }
@@ -158,12 +166,17 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     paths::router_paths(opts, &mut r)?;
     ratios::ratios(&mut r);
     validity::check(&mut r);
-    if let Some(p) = &opts.json {
-        std::fs::write(p, serde_json::to_string_pretty(&r)?).with_context(|| format!("writing {}", p.display()))?;
-    }
+    write_json(opts, &r)?;
     std::fs::create_dir_all(&opts.plots)?;
     plot::write_all(&r, &opts.plots)?;
     Ok(r)
+}
+
+fn write_json(opts: &BenchOpts, r: &Report) -> Result<()> {
+    if let Some(p) = &opts.json {
+        std::fs::write(p, serde_json::to_string_pretty(r)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn machine() -> String {

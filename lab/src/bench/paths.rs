@@ -218,15 +218,28 @@ struct Acc {
     tcp: TcpAcc,
 }
 
-pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
+/// The lab with the router CPU isolated, or the run is invalid.
+fn isolated(r: &mut Report) -> Result<Bench> {
     let b = Bench::up()?;
+    if !b.lab.isolation.enabled {
+        r.invalid.push(format!("router CPU not isolated: {}", b.lab.isolation.note));
+        bail!("the benchmark needs 2 CPUs for its method: {}", b.lab.isolation.note);
+    }
+    Ok(b)
+}
+
+/// `bench --live-only`: the live-connections part alone.
+pub(super) fn live_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
+    let b = isolated(r)?;
+    let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
+    super::live::live_scaling(&b, o, r)
+}
+
+pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
+    let b = isolated(r)?;
     let lab = &b.lab;
     // Helper commands started from here run on the generator's CPU.
     let _pin = cpu::ThreadPin::to(lab.isolation.generator_cpu);
-    if !lab.isolation.enabled {
-        r.invalid.push(format!("router CPU not isolated: {}", lab.isolation.note));
-        bail!("the benchmark needs 2 CPUs for its method: {}", lab.isolation.note);
-    }
     let _srv = lab.spawn_pinned(&lab.wan, &["iperf3", "-s"], lab.isolation.generator_cpu)?;
     lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(5))?;
     let (rounds, secs, tcp_rounds) = if o.quick { (2, 0.6, 1) } else { (5, 3.0, 2) };

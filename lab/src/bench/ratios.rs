@@ -54,6 +54,9 @@ pub(super) fn ratios(r: &mut Report) {
         let napi = |n: u64| r.live_scaling.get(&n).map(|x| x.napi_ns_per_pkt.median);
         put(&format!("live_{big}_vs_1_napi_only"), ratio(napi(big), napi(1)), "(NAPI part, shown only)");
     }
+    if let Some(row) = r.live_scaling.get(&100_000) {
+        put("idle_engine_cpu_pct_100k", Some(row.idle_engine_cpu_pct), "<= 1");
+    }
     let sc = |n: u64| r.scaling_ns_per_pkt.get(&n).map(|s| s.median);
     let big = if r.scaling_ns_per_pkt.contains_key(&1_000_000) { 1_000_000 } else { 100_000 };
     put(if big == 1_000_000 { "scaling_1m_vs_1" } else { "scaling_100k_vs_1" }, ratio(sc(big), sc(1)), "<= 1.3");

@@ -74,7 +74,8 @@ impl Report {
         for (n, x) in &self.live_scaling {
             o += &format!(
                 "  {n:>7} conns: offloaded {:>7}, conntrack {:>7}, router {} (napi {:.0}, engine {:.0}), \
-                 CPU-wide {:.0}, {:.0} pkt/s forwarded, slow-path share {:.3}, set up in {:.1} s\n",
+                 CPU-wide {:.0}, {:.0} pkt/s forwarded, slow-path share {:.3}, set up in {:.1} s \
+                 ({} resyncs, {} events); then idle: engine {:.2}% of a core ({} -> {} offloaded)\n",
                 x.offloaded,
                 x.conntrack,
                 med_range(&Some(x.router_ns_per_pkt)),
@@ -83,7 +84,12 @@ impl Report {
                 x.cpu_wide_ns_per_pkt.median,
                 x.forwarded_pps.median,
                 x.slow_share,
-                x.setup_s
+                x.setup_s,
+                x.resyncs,
+                x.events,
+                x.idle_engine_cpu_pct,
+                x.idle_offloaded.0,
+                x.idle_offloaded.1
             );
         }
         let l = &self.offload_latency;
