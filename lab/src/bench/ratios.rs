@@ -93,8 +93,14 @@ pub(super) fn ratios(r: &mut Report) {
         r.targets.insert(k.to_string(), t.to_string());
     };
     abs("fast_path_ipv4_nat_hit_ns", fp, "<= 60");
-    abs("offload_p99_us_packet_timestamps", lat_p99, "<= 5000");
-    abs("offloads_per_s", rate, ">= 50000");
+    // Issue 10: <= 200 us idle (this is the paced connections' figure, one
+    // at a time), <= 1 ms inside a 10k burst (for the burst only the
+    // engine's own event-to-installed clock exists: one packet per flow),
+    // >= 100,000 new connections a second.
+    abs("offload_p99_us_packet_timestamps", lat_p99, "<= 200");
+    let burst_p99 = r.offload.get("event_to_installed_us_p99").copied();
+    abs("offload_burst_p99_us_engine_clock", burst_p99, "<= 1000 (engine-internal, labelled)");
+    abs("offloads_per_s", rate, ">= 100000");
     abs("map_bytes_per_conn_64k", mem_64k, "<= 256");
     abs("map_bytes_per_conn_1m", mem_1m, "<= 256");
     abs("daemon_rss_mb_64k", rss_64k, "<= 32");
