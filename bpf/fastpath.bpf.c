@@ -530,9 +530,13 @@ int fo_fib_query(struct xdp_md *ctx)
 	__builtin_memcpy(req->smac, fib.smac, 6);
 	__builtin_memcpy(req->dmac, fib.dmac, 6);
 	/* bpf_ipv4/6_fib_lookup write the gateway into the destination before
-	 * they look up the neighbour, so this is the next hop (filter.c).
+	 * they look up the neighbour, so this is the next hop (filter.c). An
+	 * IPv4 route via an IPv6 gateway (RFC 5549) switches fib.family: the
+	 * next hop is then left zero (unknown) rather than misread.
 	 */
-	if (req->family == AF_INET)
+	if (fib.family != req->family)
+		__builtin_memset(req->nh, 0, sizeof(req->nh));
+	else if (req->family == AF_INET)
 		req->nh[0] = fib.ipv4_dst;
 	else
 		__builtin_memcpy(req->nh, fib.ipv6_dst, 16);

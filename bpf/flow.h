@@ -195,7 +195,8 @@ struct fo_fib_req {
 	__u8 dmac[6];
 	/* The neighbour the answer needs (the gateway, else the destination),
 	 * set with NO_NEIGH too: the control plane asks the kernel to resolve
-	 * it (routes/solicit.rs).
+	 * it (routes/solicit.rs). Zero when the answer is of the other family
+	 * (an IPv4 route via an IPv6 gateway).
 	 */
 	__be32 nh[4];
 };
