@@ -16,6 +16,7 @@ pub mod lab;
 pub mod private_router;
 pub mod table;
 pub mod tun_relay;
+pub mod vm;
 
 pub use daemon::{router_bin, Daemon, DaemonOpts};
 pub use lab::{Background, Lab, LabOpts};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use nft_offload_lab::vm::{self, Kernel, Outcome};
 use nft_offload_lab::{bench, demo, lab, router_bin, Lab, LabOpts};
 
 #[derive(Parser, Debug)]
@@ -73,6 +74,37 @@ enum Cmd {
         #[arg(long)]
         offload_only: bool,
     },
+    /// Boot Debian's 6.1 or 6.12 kernel under qemu and run the VM scenarios
+    /// inside (what `cargo test --test vm` does, for one kernel, by hand).
+    Vm {
+        /// 6.1 or 6.12.
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Scenario to run (repeat; default: all); `--list` names them.
+        #[arg(long)]
+        scenario: Vec<String>,
+        /// Print the scenario names and exit.
+        #[arg(long)]
+        list: bool,
+        /// Frames per differential run.
+        #[arg(long)]
+        diff_frames: Option<u32>,
+        /// Console, results and logs go here.
+        #[arg(long, default_value = "target/vm-manual")]
+        work_dir: PathBuf,
+    },
+    /// Inside the VM: run the scenarios and append their results.
+    #[command(hide = true)]
+    VmGuest {
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long)]
+        kernel: String,
+        #[arg(long)]
+        scenario: Vec<String>,
+        #[arg(long, default_value_t = nft_offload_lab::vm::scenarios::differential::DEFAULT_FRAMES)]
+        diff_frames: u32,
+    },
 }
 
 fn main() {
@@ -121,6 +153,11 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Vm { kernel, scenario, list, diff_frames, work_dir } => vm(&kernel, scenario, list, diff_frames, work_dir),
+        Cmd::VmGuest { results, kernel, scenario, diff_frames } => {
+            let kernel = Kernel::from_series(&kernel).ok_or_else(|| anyhow::anyhow!("unknown kernel {kernel:?}"))?;
+            vm::guest::run(&vm::guest::GuestOpts { results: &results, kernel, only: &scenario, diff_frames })
+        }
         Cmd::Bench { quick, json, plots, strict, live_only, paths, offload_only } => {
             let exe = router_bin()?;
             let r =
@@ -132,4 +169,48 @@ fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `nft-offload-lab vm`: one boot, its results printed.
+fn vm(kernel: &str, scenario: Vec<String>, list: bool, diff_frames: Option<u32>, work_dir: PathBuf) -> Result<()> {
+    let k = Kernel::from_series(kernel).ok_or_else(|| anyhow::anyhow!("unknown kernel {kernel:?}: 6.1 or 6.12"))?;
+    if list {
+        for s in vm::scenarios::all().iter().filter(|s| s.kernels.contains(&k)) {
+            println!("{}", s.name);
+        }
+        return Ok(());
+    }
+    vm::host::ensure_packages()?;
+    let lab_bin = std::env::current_exe().context("locating the lab binary")?;
+    let guest_args = diff_frames.map(|n| vec!["--diff-frames".to_string(), n.to_string()]).unwrap_or_default();
+    let work_dir = std::path::absolute(&work_dir)?.join(k.series());
+    let b = vm::host::boot(&vm::host::BootOpts {
+        kernel: k,
+        scenarios: &scenario,
+        lab_bin,
+        work_dir,
+        timeout: std::time::Duration::from_secs(60 * 60),
+        guest_args,
+    })?;
+    let mut failed = 0;
+    for r in &b.results {
+        if r.outcome == Outcome::Fail {
+            failed += 1;
+        }
+        println!("{:<36} {:<4} {:>5.0} s  {}", r.name, format!("{:?}", r.outcome).to_lowercase(), r.seconds, r.detail);
+    }
+    println!(
+        "linux {}: {} scenarios, {failed} failed, {:.0} s (console: {})",
+        b.kernel.release,
+        b.results.len(),
+        b.seconds,
+        b.console.display()
+    );
+    if let Some(e) = &b.error {
+        anyhow::bail!("{e}\n{}", b.console_tail(30));
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} scenarios failed");
+    }
+    Ok(())
 }

@@ -58,3 +58,15 @@ pub(crate) fn netns_command(ns: &str, args: &[&str]) -> Command {
     c.args(["netns", "exec", ns]).args(args);
     c
 }
+
+/// `ip [-n NS] -batch -` with `lines` on stdin: many ip commands, one
+/// process (each `ip netns exec` costs a process and a mount namespace).
+/// `ip` stops at the first failing line and names it.
+pub(crate) fn ip_batch(ns: Option<&str>, lines: &[String]) -> Result<String> {
+    let mut c = Command::new("ip");
+    if let Some(ns) = ns {
+        c.args(["-n", ns]);
+    }
+    c.args(["-batch", "-"]);
+    run_stdin(&mut c, &(lines.join("\n") + "\n"))
+}

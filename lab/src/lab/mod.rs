@@ -276,54 +276,59 @@ impl Lab {
             self.created.push(ns.clone());
             // DAD off before any interface exists so link-local addresses are
             // usable at once too (nodad only covers the addresses we add).
-            self.exec(
-                ns,
-                &["sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"],
-            )?;
-            self.exec(ns, &["ip", "link", "set", "lo", "up"])?;
+            netns::sysctl(ns, &[("net.ipv6.conf.all.accept_dad", "0"), ("net.ipv6.conf.default.accept_dad", "0")])?;
         }
 
         // One veth end directly in each namespace: no temporary names in the
         // host namespace, so labs with different prefixes never collide.
-        for (r_if, peer_if, peer_ns) in [(RTR_LAN_IF, LAN_IF, &lan), (RTR_WAN_IF, WAN_IF, &wan)] {
-            cmd::run(Command::new("ip").args([
-                "link", "add", r_if, "netns", &rtr, "mtu", "1500", "type", "veth", "peer", "name", peer_if, "netns",
-                peer_ns, "mtu", "1500",
-            ]))?;
-        }
+        let veths: Vec<String> = [(RTR_LAN_IF, LAN_IF, &lan), (RTR_WAN_IF, WAN_IF, &wan)]
+            .iter()
+            .map(|(r_if, peer_if, peer_ns)| {
+                format!("link add {r_if} netns {rtr} mtu 1500 type veth peer name {peer_if} netns {peer_ns} mtu 1500")
+            })
+            .collect();
+        cmd::ip_batch(None, &veths)?;
 
-        let addrs: [(&str, &str, &str); 8] = [
-            (&lan, LAN_IF, "192.168.1.2/24"),
-            (&lan, LAN_IF, "fd00:1::2/64"),
-            (&rtr, RTR_LAN_IF, "192.168.1.1/24"),
-            (&rtr, RTR_LAN_IF, "fd00:1::1/64"),
-            (&rtr, RTR_WAN_IF, "203.0.113.1/24"),
-            (&rtr, RTR_WAN_IF, "fd00:2::1/64"),
-            (&wan, WAN_IF, "203.0.113.2/24"),
-            (&wan, WAN_IF, "fd00:2::2/64"),
-        ];
-        for (ns, dev, a) in addrs {
-            let mut args = vec!["ip", "addr", "add", a, "dev", dev];
-            if a.contains(':') {
-                args.push("nodad");
-            }
-            self.exec(ns, &args)?;
-        }
-
-        self.exec(&rtr, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        // Per namespace, one `ip -batch`: addresses, links up, then routes
+        // (the kernel rejects gateways on a down link).
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        cmd::ip_batch(
+            Some(&lan),
+            &lines(&[
+                "link set lo up",
+                "addr add 192.168.1.2/24 dev lan0",
+                "addr add fd00:1::2/64 dev lan0 nodad",
+                "link set lan0 up",
+                "route add default via 192.168.1.1",
+                "route add default via fd00:1::1",
+            ]),
+        )?;
+        netns::sysctl(&rtr, &[("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")])?;
+        cmd::ip_batch(
+            Some(&rtr),
+            &lines(&[
+                "link set lo up",
+                "addr add 192.168.1.1/24 dev rlan",
+                "addr add fd00:1::1/64 dev rlan nodad",
+                "addr add 203.0.113.1/24 dev rwan",
+                "addr add fd00:2::1/64 dev rwan nodad",
+            ]),
+        )?;
         cmd::run_stdin(&mut cmd::netns_command(&rtr, &["nft", "-f", "-"]), &router_ruleset())?;
-
-        for (ns, dev) in [(&lan, LAN_IF), (&rtr, RTR_LAN_IF), (&rtr, RTR_WAN_IF), (&wan, WAN_IF)] {
-            self.exec(ns, &["ip", "link", "set", dev, "up"])?;
-        }
-
-        // Routes after link up: the kernel rejects gateways on a down link.
-        self.exec(&lan, &["ip", "route", "add", "default", "via", "192.168.1.1"])?;
-        self.exec(&lan, &["ip", "-6", "route", "add", "default", "via", "fd00:1::1"])?;
+        cmd::ip_batch(Some(&rtr), &lines(&["link set rlan up", "link set rwan up"]))?;
         // No IPv4 default on the server on purpose: replies must be
         // masqueraded to reach the client.
-        self.exec(&wan, &["ip", "-6", "route", "add", "default", "via", "fd00:2::1"])?;
-        self.exec(&wan, &["ip", "-6", "route", "replace", "fd00:1::/64", "via", "fd00:2::1"])?;
+        cmd::ip_batch(
+            Some(&wan),
+            &lines(&[
+                "link set lo up",
+                "addr add 203.0.113.2/24 dev wan0",
+                "addr add fd00:2::2/64 dev wan0 nodad",
+                "link set wan0 up",
+                "route add default via fd00:2::1",
+                "route replace fd00:1::/64 via fd00:2::1",
+            ]),
+        )?;
 
         if opts.xdp_safe {
             self.exec(&lan, &["ethtool", "-K", LAN_IF, "tx", "off", "gro", "on"])?;

@@ -1,0 +1,83 @@
+//! `nft-offload-lab vm-guest`: runs inside the VM (PID 1's child), runs the
+//! scenarios one at a time, and appends one JSON line per scenario to the
+//! results file on the host's share as soon as it ends, so a crash later
+//! still leaves the earlier results.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::scenarios::{self, Ctx};
+use super::{Kernel, Outcome, ScenarioResult};
+
+/// A scenario that has not finished by then is reported failed and the
+/// next one starts (its thread is left behind; the VM ends soon anyway).
+const SCENARIO_LIMIT: Duration = Duration::from_secs(240);
+
+pub struct GuestOpts<'a> {
+    pub results: &'a Path,
+    pub kernel: Kernel,
+    /// Names to run; all of this kernel's when empty.
+    pub only: &'a [String],
+    pub diff_frames: u32,
+}
+
+pub fn run(opts: &GuestOpts<'_>) -> Result<()> {
+    let all = scenarios::all();
+    for n in opts.only {
+        if !all.iter().any(|s| s.name == n.as_str()) {
+            bail!("no scenario named {n:?}");
+        }
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.results)
+        .with_context(|| format!("opening {}", opts.results.display()))?;
+    let ctx = Ctx { kernel: opts.kernel, diff_frames: opts.diff_frames };
+    for s in all.into_iter().filter(|s| s.kernels.contains(&opts.kernel)) {
+        if !opts.only.is_empty() && !opts.only.iter().any(|n| n == s.name) {
+            continue;
+        }
+        eprintln!("=== {} (linux {})", s.name, opts.kernel.series());
+        let start = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        let run = s.run;
+        let c = ctx.clone();
+        std::thread::Builder::new().name(s.name.to_string()).spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&c)));
+            let _ = tx.send(r);
+        })?;
+        let r = match rx.recv_timeout(SCENARIO_LIMIT) {
+            Ok(Ok(Ok(evidence))) => {
+                let detail = evidence.summary();
+                ScenarioResult {
+                    name: s.name.into(),
+                    outcome: Outcome::Pass,
+                    detail,
+                    evidence: evidence.figures,
+                    seconds: 0.0,
+                }
+            }
+            Ok(Ok(Err(e))) => fail(s.name, format!("{e:#}")),
+            Ok(Err(panic)) => fail(s.name, format!("panicked: {}", panic_text(&panic))),
+            Err(_) => fail(s.name, format!("did not finish within {} s", SCENARIO_LIMIT.as_secs())),
+        };
+        let r = ScenarioResult { seconds: start.elapsed().as_secs_f64(), ..r };
+        eprintln!("=== {}: {:?} in {:.1} s: {}", s.name, r.outcome, r.seconds, r.detail);
+        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        out.sync_data().ok();
+    }
+    Ok(())
+}
+
+fn fail(name: &str, detail: String) -> ScenarioResult {
+    ScenarioResult { name: name.into(), outcome: Outcome::Fail, detail, evidence: Default::default(), seconds: 0.0 }
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
