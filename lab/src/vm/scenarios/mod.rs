@@ -116,5 +116,9 @@ macro_rules! three_ways {
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     v.extend(three_ways!("plain", plain::run));
+    v.extend(three_ways!("vlan", vlan::vlan));
+    v.extend(three_ways!("vlan_lower", vlan::vlan_lower));
+    v.extend(three_ways!("qinq", vlan::qinq));
+    v.extend(three_ways!("qinq_lower", vlan::qinq_lower));
     v
 }

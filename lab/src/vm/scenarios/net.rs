@@ -196,6 +196,15 @@ table inet fw4 {{
         let (rep, (offloaded_after, fwd1), fwd2) = t.run(
             || {
                 let waited = self.wait_offloaded(port, d);
+                if let Some(d) = d {
+                    // How the engine says it carries the connection (its
+                    // headers per direction, held directions), for the record.
+                    let flows = d.flows().unwrap_or_default();
+                    if let Some(f) = flows.iter().find(|x| x["orig"]["dport"] == port) {
+                        ev.put(&format!("{tag}_engine_encap"), f["encap"].clone());
+                        ev.put(&format!("{tag}_engine_slow"), f["slow"].clone());
+                    }
+                }
                 Ok((waited, self.fwd_packets()?))
             },
             || self.fwd_packets(),
