@@ -4,13 +4,15 @@
 //! thread's network namespace.
 
 mod ethtool;
+pub mod netdev;
+pub mod peer;
 mod table;
 
 use std::ffi::CString;
 
 use anyhow::{bail, Result};
 
-pub use ethtool::{driver, gro, rx_vlan_offload};
+pub use ethtool::{driver, features, gro, rx_vlan_offload};
 pub use table::{LinkFacts, LinkRef, LinkTable, OperState, Undecoded, XdpMode, XdpProgs};
 
 /// An interface as mode selection and the engine see it.
