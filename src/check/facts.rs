@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::host::{self, sysctl, sysctl_u32};
-use crate::routes::link::{self, LinkFacts, LinkInfo, LinkRef, LinkTable};
+use crate::routes::link::{self, LinkInfo, LinkTable};
 
 /// Host facts; `None` means "could not be read".
 #[derive(Debug, Clone)]
@@ -57,27 +57,18 @@ pub(super) enum TcProg {
     Legacy { kind: String, prog: Option<ProgRef> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Peer {
-    /// veth peer in another network namespace: its NAPI state is not visible here.
-    OtherNetns,
-    /// Could not be determined (why).
-    Unknown(String),
-    Local {
-        name: String,
-        gro: Option<bool>,
-        xdp_prog: Option<u32>,
-    },
-}
-
 #[derive(Debug, Clone)]
 pub(super) struct IfaceFacts {
     pub name: String,
     /// Err: why it cannot be looked at ("IF does not exist in this network
     /// namespace", or why the links were not readable).
     pub link: Result<LinkInfo, String>,
-    /// veth only.
-    pub peer: Option<Peer>,
+    /// What XDP on it would meet: whether it takes XDP redirects (a
+    /// veth's peer, read where it is; the driver's xdp-features), how VLAN
+    /// tags reach it (`policy::xdp`).
+    pub xdp: link::XdpPortFacts,
+    /// VLAN devices stacked on it, by name.
+    pub vlans: Vec<String>,
     pub xdp_prog: Option<ProgRef>,
     pub tc_ingress: Vec<TcProg>,
     /// What a fast-path redirect would skip on it (read as for TC mode;
@@ -249,7 +240,8 @@ impl IfaceFacts {
         IfaceFacts {
             name: name.into(),
             link: Err(why),
-            peer: None,
+            xdp: Default::default(),
+            vlans: Vec::new(),
             xdp_prog: None,
             tc_ingress: Vec::new(),
             hooks: Default::default(),
@@ -267,30 +259,20 @@ fn gather_iface(table: &LinkTable, name: &str) -> IfaceFacts {
     IfaceFacts {
         name: name.into(),
         link: Ok(info),
-        peer: veth_peer(table, l),
+        xdp: link::XdpPortFacts::read(table, l, &link::driver(name), true),
+        vlans: table
+            .iter()
+            .filter(|v| {
+                v.kind.as_deref() == Some("vlan")
+                    && v.link.is_some_and(|r| r.ifindex == l.ifindex && r.netnsid.is_none())
+            })
+            .map(|v| v.name.clone())
+            .collect(),
         xdp_prog,
         tc_ingress,
         hooks: Default::default(),
         topology: None,
     }
-}
-
-/// A veth's peer (IFLA_LINK): whether XDP frames redirected into the veth
-/// arrive depends on the peer's NAPI state.
-fn veth_peer(table: &LinkTable, l: &LinkFacts) -> Option<Peer> {
-    if l.kind.as_deref() != Some("veth") {
-        return None;
-    }
-    Some(match l.link {
-        None => Peer::Unknown("rtnetlink names no peer (IFLA_LINK)".into()),
-        Some(LinkRef { netnsid: Some(_), .. }) => Peer::OtherNetns,
-        Some(LinkRef { ifindex, netnsid: None }) => match table.get(ifindex) {
-            Some(p) => {
-                Peer::Local { name: p.name.clone(), gro: link::gro(&p.name), xdp_prog: p.xdp.and_then(|x| x.id()) }
-            }
-            None => Peer::Unknown("peer not found in this namespace".into()),
-        },
-    })
 }
 
 fn prog_name(id: u32) -> String {

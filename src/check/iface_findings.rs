@@ -2,9 +2,10 @@
 //! `IFACE_FINDINGS` in the order they are reported, and the report of one
 //! interface built from them.
 
-use super::facts::{IfaceFacts, Peer, ProgRef, TcProg};
+use super::facts::{IfaceFacts, ProgRef, TcProg};
 use super::{IfaceReport, Verdict};
 use crate::dataplane::Mode;
+use crate::policy::xdp::{self, Target};
 use crate::policy::ModeDecision;
 use crate::routes::link::{self, LinkInfo};
 
@@ -33,6 +34,7 @@ pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
     ("mode", mode),
     ("native_xdp", native_xdp_finding),
     ("xdp_redirect_target", xdp_redirect_target),
+    ("vlan_tags", vlan_tags),
     ("egress_qdisc", egress_qdisc),
     ("xdp_program", xdp_program),
     ("tc_ingress", tc_ingress),
@@ -41,7 +43,7 @@ pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
 
 /// nft-offload's own program names (bpf/fastpath.bpf.c): a previous or
 /// running `nft-offload run` is reported as such, not as a stranger.
-const OWN_PROGS: [&str; 2] = ["fo_xdp", "fo_tc"];
+const OWN_PROGS: [&str; 3] = ["fo_xdp", "fo_xdp_md", "fo_tc"];
 
 /// The report of one interface; `decision` is None when it does not exist.
 pub(super) fn report(f: &IfaceFacts, decision: Option<ModeDecision>) -> IfaceReport {
@@ -75,7 +77,7 @@ pub(super) fn report(f: &IfaceFacts, decision: Option<ModeDecision>) -> IfaceRep
         driver: l.driver.clone(),
         mode: Some(d.mode),
         native_xdp: native_xdp(&l.driver).0,
-        xdp_redirect_target: redirect_target(&f.peer),
+        xdp_redirect_target: redirect_target(f),
         egress_qdisc: l.qdisc.clone(),
         shaper: link::is_shaper(&l.qdisc),
         xdp_prog_id: f.xdp_prog.as_ref().map(|p| p.id),
@@ -187,41 +189,46 @@ fn native_xdp_finding(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
     })
 }
 
-/// veth only: whether frames redirected into it arrive (its peer has NAPI).
-fn redirect_target(peer: &Option<Peer>) -> Option<bool> {
-    match peer {
-        Some(Peer::Local { xdp_prog: Some(_), .. } | Peer::Local { gro: Some(true), .. }) => Some(true),
-        Some(Peer::Local { gro: Some(false), xdp_prog: None, .. }) => Some(false),
-        _ => None,
-    }
+/// Whether XDP frames redirected into it arrive (`policy::xdp::target`):
+/// known for a veth (its peer's NAPI) and wherever the kernel reports
+/// xdp-features; None otherwise.
+fn redirect_target(f: &IfaceFacts) -> Option<bool> {
+    (f.xdp.peer.is_some() || f.xdp.features.is_some()).then(|| xdp::target(&f.xdp).takes())
 }
 
+/// What a redirect into it meets, and in XDP mode what `run` does about a
+/// target that cannot take it: the directions leaving by it stay on the
+/// kernel's path (held), so nothing is lost, but they are not fast.
 fn xdp_redirect_target(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
-    let peer = f.peer.as_ref()?;
-    let target = redirect_target(&f.peer);
+    redirect_target(f)?;
     let only = if c.xdp() { "" } else { " (matters only with --mode xdp)" };
-    let (detail, peer_name) = match peer {
-        Peer::Local { name, xdp_prog, .. } => (
-            match (target, xdp_prog) {
-                (Some(true), Some(id)) => format!("yes: peer {name} has an XDP program (id {id})"),
-                (Some(true), None) => format!("yes: peer {name} has GRO on"),
-                (Some(false), _) => format!("no: peer {name} has neither GRO nor an XDP program{only}"),
-                _ => format!("unknown: GRO state of peer {name} not readable (ETHTOOL_GGRO failed){only}"),
-            },
-            name.as_str(),
+    Some(match xdp::target(&f.xdp) {
+        Target::Takes(how) => Verdict::ok(format!("yes: {how}")),
+        Target::Refuses { why, .. } if !c.xdp() => Verdict::ok(format!("no: {why}{only}")),
+        Target::Refuses { why, remedy } => Verdict::warn(
+            format!(
+                "no: {why}: a frame XDP redirected into {} would be dropped, so `run` keeps the directions leaving \
+                 by it on the kernel's path (held_xdp_target)",
+                c.link.name
+            ),
+            remedy,
         ),
-        Peer::OtherNetns => (format!("unknown (peer in another namespace){only}"), "PEER"),
-        Peer::Unknown(why) => (format!("unknown: {why}{only}"), "PEER"),
-    };
-    let remedy = format!(
-        "ethtool -K {peer_name} gro on (in the peer's namespace), or attach an XDP program to it, or --mode tc"
-    );
-    Some(match (target, c.xdp()) {
-        (Some(true), _) | (_, false) => Verdict::ok(detail),
-        (Some(false), true) => {
-            Verdict::fail(format!("{detail}: frames redirected into {} are silently dropped", c.link.name), remedy)
+    })
+}
+
+/// How XDP there would tell its VLAN devices' frames apart
+/// (`policy::xdp::tags`); only for a port carrying VLAN devices.
+fn vlan_tags(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    if f.vlans.is_empty() {
+        return None;
+    }
+    Some(match (xdp::tags(&f.xdp, &f.vlans), c.xdp()) {
+        (Ok(t), _) => Verdict::ok(t.to_string()),
+        (Err(e), false) => Verdict::ok(format!("{e} (matters only with --mode xdp; TC reads the tag from the skb)")),
+        (Err(e), true) => {
+            let (why, remedy) = e.split_once("; ").map_or((e.as_str(), "--mode tc"), |(a, b)| (a, b));
+            Verdict::fail(format!("XDP cannot tell the VLANs apart: {why}"), remedy)
         }
-        (None, true) => Verdict::warn(detail, remedy),
     })
 }
 

@@ -1,12 +1,14 @@
 use std::fs;
 use std::process::Command;
 
-use super::facts::{config_enabled, Peer, ProgRef, TcProg, KFUNCS};
+use super::facts::{config_enabled, ProgRef, TcProg, KFUNCS};
 use super::host_findings::kernel_version;
 use super::iface_findings::native_xdp;
 use super::*;
 use crate::host::CAP_NET_ADMIN;
 use crate::routes::link;
+use crate::routes::link::peer::{Netns, PeerFacts};
+use crate::routes::link::XdpPortFacts;
 
 // ------------------------------------------------ pure verdicts (no root)
 
@@ -45,7 +47,8 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
             link_type: libc::ARPHRD_ETHER,
             vlans_stripped: Vec::new(),
         }),
-        peer: None,
+        xdp: XdpPortFacts { name: name.into(), driver: driver.into(), ..Default::default() },
+        vlans: Vec::new(),
         xdp_prog: None,
         tc_ingress: Vec::new(),
         hooks: Default::default(),
@@ -57,8 +60,24 @@ fn missing(name: &str) -> IfaceFacts {
     IfaceFacts { link: Err(format!("{name} does not exist in this network namespace")), ..iface(name, "", "") }
 }
 
-fn veth(name: &str, peer: Peer) -> IfaceFacts {
-    IfaceFacts { peer: Some(peer), ..iface(name, "veth", "noqueue") }
+/// A veth whose peer `p` (in namespace "ns-p") is read or not, on a kernel
+/// without xdp-features (the peer decides).
+fn veth(name: &str, peer: Result<PeerFacts, String>) -> IfaceFacts {
+    let mut f = iface(name, "veth", "noqueue");
+    f.xdp.peer = Some(peer);
+    f
+}
+
+fn peer(name: &str, gro: bool, xdp_prog: Option<u32>) -> Result<PeerFacts, String> {
+    Ok(PeerFacts {
+        name: name.into(),
+        ifindex: 2,
+        netns: Some(Netns::Named("ns-p".into())),
+        up: true,
+        gro: Some(gro),
+        xdp_prog,
+        tx_vlan: [Some(true), Some(true)],
+    })
 }
 
 fn hw_pair() -> Vec<IfaceFacts> {
@@ -238,7 +257,7 @@ fn interface_counts() {
 #[test]
 fn veth_redirect_target_depends_on_the_peer_and_matters_only_for_xdp() {
     let h = good_host();
-    let no_napi = Peer::Local { name: "p".into(), gro: Some(false), xdp_prog: None };
+    let no_napi = peer("p", false, None);
     let r = judge(&h, &[veth("a", no_napi.clone()), veth("b", no_napi.clone())], ModeChoice::Auto);
     let a = &r.interfaces[0];
     assert_eq!(a.mode, Some(Mode::Tc));
@@ -248,23 +267,32 @@ fn veth_redirect_target_depends_on_the_peer_and_matters_only_for_xdp() {
     assert!(finding(a, "xdp_redirect_target").detail.contains("matters only with --mode xdp"));
     assert!(finding(a, "native_xdp").detail.contains("CHECKSUM_PARTIAL"));
 
+    // XDP: `run` holds those directions (nothing is lost), so a warning
+    // saying so, with the command to run where the peer is.
     let r = judge(&h, &[veth("a", no_napi.clone()), veth("b", no_napi)], ModeChoice::Xdp);
     let f = finding(&r.interfaces[0], "xdp_redirect_target");
-    assert_eq!(f.status, Status::Fail);
-    assert!(f.detail.contains("silently dropped"));
-    assert!(f.remedy.as_deref().unwrap().starts_with("ethtool -K p gro on"));
+    assert_eq!(f.status, Status::Warn);
+    assert!(f.detail.starts_with("no: its peer p (namespace ns-p) has neither GRO nor an XDP program"), "{f:?}");
+    assert!(f.detail.contains("held_xdp_target"), "{f:?}");
+    assert!(f
+        .remedy
+        .as_deref()
+        .unwrap()
+        .starts_with("enable GRO on the peer (ip netns exec ns-p ethtool -K p gro on)"));
 
-    let gro = Peer::Local { name: "p".into(), gro: Some(true), xdp_prog: None };
-    let prog = Peer::Local { name: "q".into(), gro: Some(false), xdp_prog: Some(3) };
-    let r = judge(&h, &[veth("a", gro), veth("b", prog), veth("c", Peer::OtherNetns)], ModeChoice::Xdp);
+    let r = judge(
+        &h,
+        &[veth("a", peer("p", true, None)), veth("b", peer("q", false, Some(3))), veth("c", Err("gone".into()))],
+        ModeChoice::Xdp,
+    );
     assert_eq!(r.interfaces[0].xdp_redirect_target, Some(true));
     assert_eq!(finding(&r.interfaces[0], "xdp_redirect_target").status, Status::Ok);
     assert_eq!(r.interfaces[1].xdp_redirect_target, Some(true));
     assert!(finding(&r.interfaces[1], "xdp_redirect_target").detail.contains("XDP program (id 3)"));
     let c = finding(&r.interfaces[2], "xdp_redirect_target");
     assert_eq!(c.status, Status::Warn);
-    assert!(c.detail.contains("unknown (peer in another namespace)"));
-    // Not veth: no such finding.
+    assert!(c.detail.contains("cannot be told (gone)"), "{c:?}");
+    // Not veth, no xdp-features: no such finding.
     let r = judged(&h);
     assert!(r.interfaces[0].findings.iter().all(|f| f.item != "xdp_redirect_target"));
 }

@@ -21,6 +21,13 @@ pub fn render_status(s: &Status) -> String {
         if !i.topology.is_empty() {
             o += &format!("  {:<12} {}\n", "", i.topology);
         }
+        for line in [i.xdp_target.as_deref(), i.vlan_tags.as_deref()].into_iter().flatten() {
+            o += &format!("  {:<12} {line}\n", "");
+        }
+        if !i.serves.is_empty() {
+            let me = if i.listed { format!("{} itself and ", i.name) } else { String::new() };
+            o += &format!("  {:<12} serves {me}{} (listed)\n", "", i.serves.join(", "));
+        }
     }
     o += &format!(
         "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
@@ -114,6 +121,10 @@ mod tests {
             up,
             topology: if name == "lan0" { "lan0: bridge, ports lan1 lan2".into() } else { String::new() },
             stands_for: None,
+            xdp_target: None,
+            vlan_tags: None,
+            serves: Vec::new(),
+            listed: true,
         };
         Status {
             pid: 42,

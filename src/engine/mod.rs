@@ -195,13 +195,16 @@ impl Engine {
             plan: Default::default(),
             rework: Default::default(),
             // After subscribing (`xfrm`), likewise.
-            holds: HoldFacts { xfrm: crate::xfrm::read_spd(), hooks: Default::default() },
+            holds: HoldFacts { xfrm: crate::xfrm::read_spd(), ..Default::default() },
             pppoe_uppers: Vec::new(),
         };
         core.sync_pppoe_uppers();
         // After attaching (the modes are known) and after the ruleset (its
         // device chains count), before the first verdict.
         core.read_hooks();
+        // Before the first verdict too: no direction is offloaded into a
+        // port that would drop its XDP frames.
+        core.probe_xdp_targets();
         core.resync().context("initial conntrack dump")?;
         Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm, nft }, core })
     }
@@ -444,6 +447,11 @@ impl Core {
         if ch.tc || ch.lost || !ch.links.is_empty() {
             self.read_hooks();
         }
+        // A link change here (a veth coming up, an XDP program on a port)
+        // may change what takes XDP redirects.
+        if ch.lost || !ch.links.is_empty() {
+            self.probe_xdp_targets();
+        }
         if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
             self.flows.discount_wakes();
         }
@@ -544,6 +552,9 @@ impl Core {
             if self.holds.hooks.ports.values().any(|d| d.unreadable.is_some()) {
                 self.read_hooks();
             }
+            // A veth's peer in another namespace changes without a word to
+            // this one (its GRO, its XDP program): ask every second.
+            self.probe_xdp_targets();
         }
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only

@@ -115,6 +115,10 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         // Filled in by `status` from the current topology.
         topology: String::new(),
         stands_for: None,
+        xdp_target: None,
+        vlan_tags: None,
+        serves: Vec::new(),
+        listed: true,
     }
 }
 
@@ -188,6 +192,10 @@ mod tests {
             up,
             topology: String::new(),
             stands_for: None,
+            xdp_target: None,
+            vlan_tags: None,
+            serves: Vec::new(),
+            listed: true,
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod exclude;
 pub mod nft;
 pub mod verdict;
+pub mod xdp;
 
 use crate::dataplane::Mode;
 use crate::routes::link::{is_shaper, is_virtual, LinkInfo};
