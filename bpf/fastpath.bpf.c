@@ -119,10 +119,10 @@ static __always_inline bool fo_mac_eq(const __u8 *a, const __u8 *b)
  * xdp_frame, which has no ip_summed: the receiver would see a wrong
  * checksum and drop the packet. Passed to the kernel, the skb keeps its
  * ip_summed and is forwarded right. A complete checksum equals this value
- * only by chance (1 in 65536): that packet takes the slow path, nothing
- * worse. Frames from a wire always carry a complete checksum.
+ * only by chance (1 in 65536): on a port that may see partial checksums
+ * that packet takes the slow path, nothing worse.
  */
-static __always_inline bool fo_l4_csum_partial(void *data, void *data_end, const struct fo_parsed *p)
+static __always_inline bool fo_l4_csum_partial(void *data, void *data_end, const struct fo_parsed *p, __u32 ifindex)
 {
 	__u32 l4_off = p->l4_off, sum, i;
 	__u16 check;
@@ -151,7 +151,11 @@ static __always_inline bool fo_l4_csum_partial(void *data, void *data_end, const
 		sum += (p->key.saddr[i] & 0xffff) + (p->key.saddr[i] >> 16);
 		sum += (p->key.daddr[i] & 0xffff) + (p->key.daddr[i] >> 16);
 	}
-	return check == csum_fold32(sum);
+	/* Only ports where it can happen (a veth whose peer has TX checksum
+	 * offload on): a frame from a wire has a complete checksum, and the
+	 * map is looked at only on a match.
+	 */
+	return check == csum_fold32(sum) && bpf_map_lookup_elem(&fo_csum_ports, &ifindex);
 }
 
 /* Decide: returns FO_FWD with the flow (*fp), the egress encapsulation and
@@ -278,7 +282,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_XDP_TARGET;
 		goto slow;
 	}
-	if (xdp && fo_l4_csum_partial(data, data_end, p)) {
+	if (xdp && fo_l4_csum_partial(data, data_end, p, m->ifindex)) {
 		reason = FO_SLOW_CSUM_PARTIAL;
 		goto slow;
 	}

@@ -550,11 +550,12 @@ fn partial(mut f: Vec<u8>) -> Vec<u8> {
     f
 }
 
-/// XDP cannot see ip_summed: a segment whose checksum field holds only the
-/// pseudo-header sum (a local sender's CHECKSUM_PARTIAL on a veth) goes to
-/// the kernel untouched, counted as csum_partial, where the skb still says
-/// the checksum is to be filled in; the same flow's complete segments stay
-/// fast. TC keeps ip_summed and forwards it (bpf_l4_csum_replace).
+/// XDP cannot see ip_summed: on a port that may see them, a segment whose
+/// checksum field holds only the pseudo-header sum (a local sender's
+/// CHECKSUM_PARTIAL on a veth) goes to the kernel untouched, counted as
+/// csum_partial, where the skb still says the checksum is to be filled in;
+/// the same flow's complete segments stay fast. TC keeps ip_summed and
+/// forwards it (bpf_l4_csum_replace).
 #[test]
 fn xdp_passes_a_partial_checksum_to_the_kernel() {
     let lab = setup();
@@ -565,6 +566,12 @@ fn xdp_passes_a_partial_checksum_to_the_kernel() {
         (lab.lan, tcp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40002, 5201, pl)),
         (lab.lan, udp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40006, 5201, pl)),
     ];
+    // Only where the control plane says partial checksums may arrive (a
+    // veth whose peer has TX checksum offload on): elsewhere the same
+    // bytes are a complete checksum that happens to match, and forwarded.
+    let f = partial(frames[0].1.clone());
+    assert_eq!(lab.dp.test_xdp(&f, lab.lan, 1).unwrap().0, XDP_REDIRECT, "no partial checksums on this port");
+    lab.dp.set_csum_port(lab.lan, true).unwrap();
     for (i, (on, full)) in frames.iter().enumerate() {
         let f = partial(full.clone());
         assert_ne!(&f, full, "case {i}: a complete checksum is not the pseudo-header sum");

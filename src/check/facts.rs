@@ -57,6 +57,17 @@ pub(super) enum TcProg {
     Legacy { kind: String, prog: Option<ProgRef> },
 }
 
+/// The Ethernet device beneath a VLAN or ppp device, as XDP would run there.
+#[derive(Debug, Clone)]
+pub(super) struct Beneath {
+    pub port: String,
+    /// The device's headers there ("VLAN 7 + PPPoE 0x1a2b").
+    pub headers: String,
+    pub driver: String,
+    pub xdp: link::XdpPortFacts,
+    pub vlans: Vec<String>,
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct IfaceFacts {
     pub name: String,
@@ -69,6 +80,9 @@ pub(super) struct IfaceFacts {
     pub xdp: link::XdpPortFacts,
     /// VLAN devices stacked on it, by name.
     pub vlans: Vec<String>,
+    /// A VLAN or ppp device: the Ethernet device XDP would serve it from
+    /// (`Topology::beneath`), or why there is none.
+    pub beneath: Option<Result<Beneath, String>>,
     pub xdp_prog: Option<ProgRef>,
     pub tc_ingress: Vec<TcProg>,
     /// What a fast-path redirect would skip on it (read as for TC mode;
@@ -119,6 +133,7 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
                 if let Some(l) = t.by_name(n) {
                     f.hooks = hooks.ports.remove(&l.ifindex).unwrap_or_default();
                     f.topology = topo.as_ref().map(|t| t.describe(l.ifindex));
+                    f.beneath = topo.as_ref().and_then(|topo| beneath(t, topo, l.ifindex));
                 }
                 f
             }
@@ -126,6 +141,21 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
         })
         .collect();
     (host, ifaces)
+}
+
+/// What XDP would serve VLAN or ppp device `ifindex` from.
+fn beneath(t: &LinkTable, topo: &crate::topology::Topology, ifindex: u32) -> Option<Result<Beneath, String>> {
+    Some(topo.beneath(ifindex)?.map_err(|e| e.to_string()).and_then(|e| {
+        let l = t.get(e.port).ok_or_else(|| format!("ifindex {} is not in the link table", e.port))?;
+        let driver = link::driver(&l.name);
+        Ok(Beneath {
+            port: l.name.clone(),
+            headers: e.encap.to_string(),
+            xdp: link::XdpPortFacts::read(t, l, &driver, true),
+            driver,
+            vlans: topo.vlans_on(e.port),
+        })
+    }))
 }
 
 /// The name of the bridge `master` is, if it is one.
@@ -242,6 +272,7 @@ impl IfaceFacts {
             link: Err(why),
             xdp: Default::default(),
             vlans: Vec::new(),
+            beneath: None,
             xdp_prog: None,
             tc_ingress: Vec::new(),
             hooks: Default::default(),
@@ -260,6 +291,7 @@ fn gather_iface(table: &LinkTable, name: &str) -> IfaceFacts {
         name: name.into(),
         link: Ok(info),
         xdp: link::XdpPortFacts::read(table, l, &link::driver(name), true),
+        beneath: None,
         vlans: table
             .iter()
             .filter(|v| {

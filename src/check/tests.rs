@@ -49,6 +49,7 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
         }),
         xdp: XdpPortFacts { name: name.into(), driver: driver.into(), ..Default::default() },
         vlans: Vec::new(),
+        beneath: None,
         xdp_prog: None,
         tc_ingress: Vec::new(),
         hooks: Default::default(),
@@ -77,6 +78,7 @@ fn peer(name: &str, gro: bool, xdp_prog: Option<u32>) -> Result<PeerFacts, Strin
         gro: Some(gro),
         xdp_prog,
         tx_vlan: [Some(true), Some(true)],
+        tx_csum: Some(false),
     })
 }
 
@@ -295,6 +297,60 @@ fn veth_redirect_target_depends_on_the_peer_and_matters_only_for_xdp() {
     // Not veth, no xdp-features: no such finding.
     let r = judged(&h);
     assert!(r.interfaces[0].findings.iter().all(|f| f.item != "xdp_redirect_target"));
+}
+
+/// `check --mode xdp` on firewall4's VLAN device: which device serves it
+/// and how its tags are read, judged on that device; without a device
+/// beneath (an ambiguous PPPoE session) it fails with the way out.
+#[test]
+fn a_vlan_device_in_xdp_mode_is_judged_on_the_device_beneath() {
+    use super::facts::Beneath;
+    use crate::routes::link::netdev::XdpFeatures;
+    let h = good_host();
+    let mut w = iface("w0.7", "802.1Q VLAN Support", "noqueue");
+    let port = |strip: bool, md: bool| XdpPortFacts {
+        name: "w0".into(),
+        driver: "virtio_net".into(),
+        features: Some(XdpFeatures { act: 0x7f, rx_metadata: if md { 4 } else { 0 } }),
+        rx_vlan_strip: [Some(strip), Some(strip)],
+        vlan_kfunc: true,
+        ..Default::default()
+    };
+    let b = |strip, md| Beneath {
+        port: "w0".into(),
+        headers: "VLAN 7".into(),
+        driver: "virtio_net".into(),
+        xdp: port(strip, md),
+        vlans: vec!["w0.7".into()],
+    };
+    w.beneath = Some(Ok(b(true, true)));
+    let r = judge(&h, &[w.clone(), iface("lan0", "virtio_net", "mq")], ModeChoice::Xdp);
+    let i = &r.interfaces[0];
+    let f = finding(i, "served_by");
+    assert_eq!(f.status, Status::Ok);
+    assert!(f.detail.starts_with("XDP runs on w0, the Ethernet device beneath, for w0.7: its frames carry VLAN 7"));
+    assert!(
+        finding(i, "native_xdp").detail.starts_with("w0: native, with caveats")
+            || finding(i, "native_xdp").detail.starts_with("w0: native (virtio_net)"),
+        "{:?}",
+        finding(i, "native_xdp")
+    );
+    assert_eq!(finding(i, "native_xdp").status, Status::Ok);
+    assert!(finding(i, "vlan_tags").detail.contains("receive metadata"), "{:?}", finding(i, "vlan_tags"));
+    assert_eq!(finding(i, "xdp_redirect_target").status, Status::Ok);
+    // The NIC strips tags and its driver does not expose them: refused,
+    // naming the ethtool command on w0.
+    w.beneath = Some(Ok(b(true, false)));
+    let r = judge(&h, &[w.clone()], ModeChoice::Xdp);
+    let f = finding(&r.interfaces[0], "vlan_tags");
+    assert_eq!(f.status, Status::Fail, "{f:?}");
+    assert!(f.remedy.as_deref().unwrap().contains("ethtool -K w0 rxvlan off"), "{f:?}");
+    // TC runs on the VLAN device itself: nothing served.
+    let r = judge(&h, &[w.clone()], ModeChoice::Tc);
+    assert!(r.interfaces[0].findings.iter().all(|f| f.item != "served_by"));
+    w.beneath = Some(Err("pppoe-wan: 2 PPPoE sessions and 1 ppp devices".into()));
+    let f = finding(&judge(&h, &[w], ModeChoice::Xdp).interfaces[0], "served_by").clone();
+    assert_eq!((f.status, f.remedy.as_deref()), (Status::Fail, Some("--mode tc")));
 }
 
 #[test]

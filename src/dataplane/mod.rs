@@ -363,6 +363,7 @@ impl Dataplane {
             (&mut o.fo_watching, m.fo_watching.as_fd()),
             (&mut o.fo_wake, m.fo_wake.as_fd()),
             (&mut o.fo_stats, m.fo_stats.as_fd()),
+            (&mut o.fo_csum_ports, m.fo_csum_ports.as_fd()),
             (&mut o.bss, m.bss.as_fd()),
         ] {
             to.reuse_fd(from).context("sharing the fast path's maps with a device-bound program")?;
@@ -408,12 +409,14 @@ impl Dataplane {
         drop(gone);
         for i in ports {
             let _ = self.skel.maps.fo_tx_ports.delete(&i.to_ne_bytes());
+            let _ = self.skel.maps.fo_csum_ports.delete(&i.to_ne_bytes());
         }
     }
 
     pub fn detach(&mut self, ifindex: u32) {
         self.attached.retain(|a| a.ifindex != ifindex);
         let _ = self.skel.maps.fo_tx_ports.delete(&ifindex.to_ne_bytes());
+        let _ = self.skel.maps.fo_csum_ports.delete(&ifindex.to_ne_bytes());
     }
 
     /// Install a new map entry. Never overwrites: a key that is already
@@ -610,6 +613,20 @@ impl WakeEvents {
 }
 
 impl Dataplane {
+    /// Whether frames arriving by XDP on `ifindex` may carry a partial
+    /// checksum (a veth whose peer sends with TX checksum offload on); XDP
+    /// hands those to the kernel (fo_csum_ports in bpf/maps.h).
+    pub fn set_csum_port(&self, ifindex: u32, partial: bool) -> Result<()> {
+        let m = &self.skel.maps.fo_csum_ports;
+        let k = ifindex.to_ne_bytes();
+        if partial {
+            m.update(&k, &[1], MapFlags::ANY).map_err(|e| anyhow!("fo_csum_ports: {e}"))
+        } else {
+            let _ = m.delete(&k);
+            Ok(())
+        }
+    }
+
     /// Let XDP redirect to `ifindex` without attaching there (tests, bench).
     pub fn add_xdp_target(&self, ifindex: u32) -> Result<()> {
         self.skel
@@ -634,6 +651,7 @@ impl Dataplane {
             ("fo_wake", m.fo_wake.as_fd().as_raw_fd()),
             ("fo_stats", m.fo_stats.as_fd().as_raw_fd()),
             ("fo_tx_ports", m.fo_tx_ports.as_fd().as_raw_fd()),
+            ("fo_csum_ports", m.fo_csum_ports.as_fd().as_raw_fd()),
         ];
         fds.iter()
             .map(|&(name, fd)| {

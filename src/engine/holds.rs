@@ -13,7 +13,7 @@ use crate::flow::{Direction, Held, Hold};
 use crate::hooks::{self, HookFacts, Port, Side};
 use crate::policy::verdict::Holds;
 use crate::policy::xdp::{self, PortFacts, Target};
-use crate::routes::link::{peer, LinkTable};
+use crate::routes::link::LinkTable;
 use crate::xfrm::{self, Spd};
 
 #[derive(Default)]
@@ -108,12 +108,14 @@ impl super::Core {
 
 impl super::Core {
     /// Ask each port running XDP whether it takes XDP redirects (a veth
-    /// whose peer gained or lost NAPI, a driver that does not): at start,
-    /// after link changes and every second, so a direction is never
-    /// fast-pathed into a target that drops it for longer than that. A
-    /// change re-judges every connection (holds flip in place). The netdev
-    /// family's answer is cheap; the veth's peer (which may mean a scan of
-    /// the namespaces) is read again only when that answer changes.
+    /// whose peer gained or lost NAPI, a driver that does not) and whether
+    /// its frames may carry partial checksums (a veth whose peer sends with
+    /// TX checksum offload): at start, after link changes and every second,
+    /// so a direction is never fast-pathed into a target that drops it, or
+    /// a partial checksum forwarded, for longer than that. A target change
+    /// re-judges every connection (holds flip in place); the checksum flag
+    /// is the fast path's to apply per packet (fo_csum_ports). A veth's
+    /// peer is read where it is: the namespace, once found, is kept.
     pub(super) fn probe_xdp_targets(&mut self) {
         let ports: Vec<(u32, String, String)> = (self.ifaces.0.iter())
             .filter(|i| i.mode == Mode::Xdp)
@@ -129,15 +131,9 @@ impl super::Core {
         let mut now = XdpTargets::default();
         for (ifindex, name, driver) in ports {
             let Some(l) = table.get(ifindex) else { continue };
-            let mut f: PortFacts = PortFacts::read(&table, l, &driver, false);
+            let f = PortFacts::read(&table, l, &driver, true);
+            let t = xdp::target(&f);
             let prev = self.holds.xdp.0.get(&ifindex).map(|(_, t)| t);
-            let t = match (f.features, prev) {
-                (Some(x), Some(p)) if x.ndo_xmit() == p.takes() => p.clone(),
-                _ => {
-                    f.peer = (driver == "veth").then(|| peer::veth_peer(&table, l));
-                    xdp::target(&f)
-                }
-            };
             if prev != Some(&t) {
                 match &t {
                     Target::Takes(how) => tracing::info!(iface = %name, "takes XDP redirects: {how}"),
@@ -146,6 +142,22 @@ impl super::Core {
                         "cannot take XDP redirects: {why}; directions leaving by it stay on the slow path; {remedy}"
                     ),
                 }
+            }
+            let partial = xdp::partial_csum(&f);
+            if partial != self.csum_ports.contains(&ifindex) {
+                if partial {
+                    tracing::info!(
+                        iface = %name,
+                        "its peer sends with TX checksum offload: segments with a partial checksum go to the kernel \
+                         (csum_partial)"
+                    );
+                    self.csum_ports.insert(ifindex);
+                } else {
+                    self.csum_ports.remove(&ifindex);
+                }
+            }
+            if let Err(e) = self.flows.dp().set_csum_port(ifindex, partial) {
+                tracing::warn!(iface = %name, "{e:#}");
             }
             now.0.insert(ifindex, (name, t));
         }

@@ -123,6 +123,9 @@ struct Core {
     /// ppp devices attached because the port below runs TC
     /// (`ports::pppoe_uppers`).
     pppoe_uppers: Vec<u32>,
+    /// XDP ports whose frames may carry partial checksums (as last set in
+    /// fo_csum_ports; `probe_xdp_targets`).
+    csum_ports: std::collections::BTreeSet<u32>,
 }
 
 impl Engine {
@@ -148,9 +151,16 @@ impl Engine {
         }
         let infos = ports::gather(&cfg.ifaces)?;
         let control = ControlServer::bind()?;
+        // What stands beneath a listed VLAN or ppp device (XDP serves it
+        // from there). A list XDP cannot serve is refused before anything
+        // is loaded.
+        let topo = crate::topology::read().context("reading the link topology")?;
+        if cfg.mode == crate::policy::ModeChoice::Xdp {
+            Interfaces::default().plan_xdp(&infos, &topo)?;
+        }
         let mut dp = Dataplane::load(cfg.max_flows)?;
         let mut ifaces = Interfaces::default();
-        ifaces.attach(&mut dp, &infos, cfg.mode)?;
+        ifaces.attach(&mut dp, &infos, &topo, cfg.mode)?;
         // Subscribe before dumping so no change falls between the two.
         let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
@@ -197,6 +207,7 @@ impl Engine {
             // After subscribing (`xfrm`), likewise.
             holds: HoldFacts { xfrm: crate::xfrm::read_spd(), ..Default::default() },
             pppoe_uppers: Vec::new(),
+            csum_ports: Default::default(),
         };
         core.sync_pppoe_uppers();
         // After attaching (the modes are known) and after the ruleset (its
@@ -441,6 +452,12 @@ impl Core {
         }
         if ch.lost || !ch.links.is_empty() {
             self.sync_pppoe_uppers();
+            // Before the re-resolution below: it admits a served device's
+            // connections by its headers now.
+            if self.ifaces.sync_served(&self.facts.topo) {
+                self.plan.all = true;
+                self.route_dirty.get_or_insert_with(Instant::now);
+            }
         }
         // A link event too: a mirred target renamed, a port's qdisc
         // replaced as it comes up.

@@ -123,6 +123,14 @@ pub fn target(f: &PortFacts) -> Target {
     }
 }
 
+/// Whether frames arriving on `f`'s port may carry a partial L4 checksum,
+/// which XDP must hand to the kernel (fo_csum_ports, fo_l4_csum_partial):
+/// on a veth whose peer sends with TX checksum offload on (or whose peer
+/// cannot be read); never from a NIC, whose frames come off a wire.
+pub fn partial_csum(f: &PortFacts) -> bool {
+    f.driver == "veth" && f.peer.as_ref().and_then(|p| p.as_ref().ok()).is_none_or(|p| p.tx_csum != Some(false))
+}
+
 fn napi_source(p: &PeerFacts) -> String {
     match p.xdp_prog {
         Some(id) => format!("an XDP program (id {id})"),
@@ -227,6 +235,7 @@ mod tests {
             gro: Some(gro),
             xdp_prog: xdp,
             tx_vlan: [Some(true), Some(true)],
+            tx_csum: Some(false),
         }
     }
 
@@ -276,6 +285,18 @@ mod tests {
         let t = target(&PortFacts { features: Some(XdpFeatures { act: 3, rx_metadata: 0 }), ..nic.clone() });
         assert!(matches!(&t, Target::Refuses { why, remedy } if why.contains("ixgbe") && remedy == "--mode tc"));
         assert!(target(&PortFacts { features: Some(XdpFeatures { act: 7, rx_metadata: 0 }), ..nic }).takes());
+    }
+
+    #[test]
+    fn partial_checksums_come_only_from_a_veth_peer_with_tx_offload() {
+        let mut p = peer(true, None, true);
+        assert!(!partial_csum(&veth(None, Some(Ok(p.clone())))), "tx off at the peer");
+        p.tx_csum = Some(true);
+        assert!(partial_csum(&veth(None, Some(Ok(p.clone())))));
+        p.tx_csum = None;
+        assert!(partial_csum(&veth(None, Some(Ok(p)))), "unknown: assume it");
+        assert!(partial_csum(&veth(None, Some(Err("gone".into())))));
+        assert!(!partial_csum(&PortFacts { driver: "ixgbe".into(), ..Default::default() }), "off a wire");
     }
 
     #[test]

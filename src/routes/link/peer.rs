@@ -47,6 +47,10 @@ pub struct PeerFacts {
     /// tx-vlan-hw-insert, tx-vlan-stag-hw-insert: VLAN devices on it hand
     /// their 802.1Q / 802.1ad tag over in the skb's metadata.
     pub tx_vlan: [Option<bool>; 2],
+    /// Any TX checksum offload on (tx-checksum-ip-generic, -ipv4, -ipv6):
+    /// what it sends from a local socket carries a partial checksum
+    /// (CHECKSUM_PARTIAL). None: not readable.
+    pub tx_csum: Option<bool>,
 }
 
 /// A network namespace, as a user would name it in a command.
@@ -117,8 +121,20 @@ pub fn veth_peer(table: &LinkTable, l: &LinkFacts) -> Result<PeerFacts, String> 
 
 /// The facts of link `p` of the calling thread's namespace.
 fn read_local(p: &LinkFacts, netns: Option<Netns>) -> PeerFacts {
-    let tx = features(&p.name, &["tx-vlan-hw-insert", "tx-vlan-stag-hw-insert"]).unwrap_or_default();
+    let tx = features(
+        &p.name,
+        &[
+            "tx-vlan-hw-insert",
+            "tx-vlan-stag-hw-insert",
+            "tx-checksum-ip-generic",
+            "tx-checksum-ipv4",
+            "tx-checksum-ipv6",
+        ],
+    )
+    .unwrap_or_default();
+    let csum: Vec<Option<bool>> = tx.iter().skip(2).copied().collect();
     PeerFacts {
+        tx_csum: (!csum.is_empty() && csum.iter().all(Option::is_some)).then(|| csum.iter().any(|c| *c == Some(true))),
         name: p.name.clone(),
         ifindex: p.ifindex,
         netns,
@@ -147,8 +163,29 @@ fn read_in(fd: &OwnedFd, ifindex: u32) -> Result<PeerFacts, String> {
     })
 }
 
-/// Open the namespace this one calls `nsid`, with a name for it.
+/// Open the namespace this one calls `nsid`, with a name for it. What was
+/// found is kept while it is asked for (the engine reads its veth peers
+/// every second) and the kernel still gives it that id; otherwise the
+/// candidates are scanned. An entry not asked for in 10 s is dropped: its
+/// fd would keep a deleted namespace alive.
 fn open_netns(nsid: i32) -> Option<(OwnedFd, Netns)> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    type Kept = (i32, OwnedFd, Netns, Instant);
+    static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+    let mut kept = KEPT.lock().ok()?;
+    kept.retain(|(id, fd, _, used)| used.elapsed() < Duration::from_secs(10) && nsid_of(fd).ok() == Some(*id));
+    if let Some((_, fd, ns, used)) = kept.iter_mut().find(|(id, ..)| *id == nsid) {
+        *used = Instant::now();
+        return Some((fd.try_clone().ok()?, ns.clone()));
+    }
+    let (fd, ns) = scan_netns(nsid)?;
+    kept.push((nsid, fd.try_clone().ok()?, ns.clone(), Instant::now()));
+    Some((fd, ns))
+}
+
+/// `open_netns` the slow way: every candidate asked for its id.
+fn scan_netns(nsid: i32) -> Option<(OwnedFd, Netns)> {
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut candidates: Vec<(std::path::PathBuf, Netns)> = Vec::new();
     for dir in ["/run/netns", "/var/run/netns"] {
