@@ -119,8 +119,83 @@ fn run_tagged(ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed, in_
     r.prove_download(&mut ev, "download", 5311, d.as_ref())?;
     step("upload");
     r.prove_transfer(&mut ev, "upload", 5312, crate::vm::stream::Direction::Upload, d.as_ref())?;
+    if listed == Listed::Vlan && tags.len() == 1 && in_band {
+        step("unlisted");
+        prove_unlisted(&r, &mut ev, d.as_ref())?;
+    }
     finish(&r, &mut ev, d)?;
     Ok(ev)
+}
+
+/// With `{ rlan, rwan.7 }` listed, connections through rwan.8 (VLAN 8 on
+/// the same port) and through rwan untagged are not the flowtable's: the
+/// kernel's hooks only run on listed devices, and XDP on rwan (serving
+/// rwan.7) must not take them either. Each is a checked download whose bulk
+/// the forward chain counts (the kernel forwarded it) and, with the
+/// engine, which `flows` does not list and `status` counts as not listed.
+/// Unmasqueraded: the WAN host routes the LAN back over each.
+fn prove_unlisted(r: &Router, ev: &mut Evidence, d: Option<&crate::Daemon>) -> Result<()> {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use crate::vm::stream::{Direction, Transfer};
+    r.sh(
+        &r.lab.rtr,
+        "ip link add link rwan name rwan.8 type vlan id 8\nip link set rwan.8 up\n\
+         ip addr add 198.51.100.1/24 dev rwan.8\nip addr add 192.0.2.1/24 dev rwan\n\
+         nft add rule inet fw4 forward iifname rlan oifname '{ rwan.8, rwan }' accept\n",
+    )?;
+    r.sh(
+        &r.lab.wan,
+        "ip link add link wan0 name wan0.8 type vlan id 8\nip link set wan0.8 up\n\
+         ip addr add 198.51.100.2/24 dev wan0.8\nip addr add 192.0.2.2/24 dev wan0\n\
+         ip rule add from 198.51.100.2 table 108\nip route add 192.168.1.0/24 via 198.51.100.1 table 108\n\
+         ip rule add from 192.0.2.2 table 100\nip route add 192.168.1.0/24 via 192.0.2.1 table 100\n",
+    )?;
+    r.lab.warm_neighbours()?;
+    for (tag, server, port) in [("vlan8", "198.51.100.2", 5321u16), ("untagged", "192.0.2.2", 5322)] {
+        let at: SocketAddr = format!("{server}:{port}").parse()?;
+        let t = Transfer {
+            server_ns: &r.lab.wan,
+            server: at,
+            client_ns: &r.lab.lan,
+            connect_to: at,
+            warmup: 256 << 10,
+            bulk: 2 << 20,
+            seed: u64::from(port),
+            rate: 0,
+            direction: Direction::Download,
+            timeout: Duration::from_secs(60),
+        };
+        // Time enough for an offload, had it been one.
+        let settle = || {
+            std::thread::sleep(Duration::from_millis(1500));
+            r.fwd_packets()
+        };
+        let (rep, fwd1, fwd2) = t.run(settle, || r.fwd_packets())?;
+        if !rep.intact(t.total()) {
+            anyhow::bail!("{tag}: {} of {} bytes arrived intact", rep.received.bytes, t.total());
+        }
+        let during = fwd2 - fwd1;
+        ev.put(&format!("{tag}_unlisted_fwd_bulk"), during);
+        // ~1450 data segments and their ACKs (fewer packets where GSO
+        // lets a veth carry super-packets): an offloaded bulk shows none.
+        if during < 20 {
+            anyhow::bail!("{tag}: the forward chain counted only {during} packets of the bulk: offloaded?");
+        }
+        if let Some(d) = d {
+            let flows = d.flows()?;
+            if flows.iter().any(|f| f["orig"]["dport"] == port) {
+                anyhow::bail!("{tag}: the engine lists the connection to port {port}: {flows:?}");
+            }
+        }
+    }
+    if let Some(d) = d {
+        let st = d.status()?;
+        let why: Vec<&String> = st["not_offloaded"].as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        ev.put("unlisted_reasons", why.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" | "));
+    }
+    Ok(())
 }
 
 /// firewall4's list for a VLAN WAN: `{ rlan, rwan.7 }`.
