@@ -134,7 +134,7 @@ fn read_local(p: &LinkFacts, netns: Option<Netns>) -> PeerFacts {
     .unwrap_or_default();
     let csum: Vec<Option<bool>> = tx.iter().skip(2).copied().collect();
     PeerFacts {
-        tx_csum: (!csum.is_empty() && csum.iter().all(Option::is_some)).then(|| csum.iter().any(|c| *c == Some(true))),
+        tx_csum: (!csum.is_empty() && csum.iter().all(Option::is_some)).then(|| csum.contains(&Some(true))),
         name: p.name.clone(),
         ifindex: p.ifindex,
         netns,
