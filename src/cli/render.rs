@@ -25,8 +25,8 @@ pub fn render_status(s: &Status) -> String {
             o += &format!("  {:<12} {line}\n", "");
         }
         if !i.serves.is_empty() {
-            let me = if i.listed { format!("{} itself and ", i.name) } else { String::new() };
-            o += &format!("  {:<12} serves {me}{} (listed)\n", "", i.serves.join(", "));
+            let me = if i.listed { "also serves" } else { "not listed itself; serves" };
+            o += &format!("  {:<12} {me} the listed {}\n", "", i.serves.join(", "));
         }
     }
     o += &format!(
@@ -165,6 +165,22 @@ mod tests {
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
         assert!(t.contains("Teardowns: idle=2\n"), "{t}");
         assert!(t.contains("       4  excluded by port 22\n"), "{t}");
+        // XDP on wan0 for a listed wan0.7 (engine::ports::Served)
+        let mut s = status();
+        s.interfaces[1].mode = Mode::Xdp;
+        s.interfaces[1].listed = false;
+        s.interfaces[1].serves = vec!["wan0.7 (VLAN 7)".into()];
+        s.interfaces[1].vlan_tags = Some("VLAN tags read in the frame (rx-vlan-offload off)".into());
+        s.interfaces[1].xdp_target = Some("takes XDP redirects (xdp-features: ndo-xmit)".into());
+        let t = render_status(&s);
+        assert!(
+            t.contains(
+                "software device\n               takes XDP redirects (xdp-features: ndo-xmit)\n               VLAN tags \
+                 read in the frame (rx-vlan-offload off)\n               not listed itself; serves the listed wan0.7 \
+                 (VLAN 7)\n"
+            ),
+            "{t}"
+        );
     }
 
     #[test]

@@ -43,9 +43,9 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
                     mode: Mode::Xdp,
                     reason: if is_virtual(&l.driver) {
                         format!(
-                            "requested; note: {} is a software device ({}): XDP redirect into it needs NAPI \
-                             (GRO or an XDP program) on its peer, and locally generated frames need TX \
-                             checksum offload off",
+                            "requested; note: {} is a software device ({}): directions into it are fast only \
+                             while its peer has NAPI (GRO or an XDP program), and segments a local sender left \
+                             with a partial checksum (TX checksum offload) go through the kernel",
                             l.name,
                             if l.driver.is_empty() { "unknown driver" } else { &l.driver }
                         )
