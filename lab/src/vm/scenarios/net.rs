@@ -37,6 +37,8 @@ pub struct Router {
     pub dir: PathBuf,
     /// Masquerade on the WAN device (false where the scenario routes).
     pub masquerade: bool,
+    /// Bytes of each transfer's bulk phase.
+    pub bulk: u64,
 }
 
 /// A namespace prefix unique in this guest: `{tag}{n}`.
@@ -63,6 +65,7 @@ impl Router {
             forward_extra: String::new(),
             dir,
             masquerade: true,
+            bulk: BULK_BYTES,
         })
     }
 
@@ -186,7 +189,7 @@ table inet fw4 {{
             client_ns: &client_ns,
             connect_to: SocketAddr::new(self.server, port),
             warmup: WARMUP_BYTES,
-            bulk: BULK_BYTES,
+            bulk: self.bulk,
             seed: u64::from(port) * 7919 + 1,
             rate: 0,
             direction: dir,
@@ -215,10 +218,10 @@ table inet fw4 {{
         ev.put(&format!("{tag}_digest"), rep.received.digest.clone());
         ev.put(&format!("{tag}_fwd_warmup"), fwd1 - fwd0);
         ev.put(&format!("{tag}_fwd_bulk"), during);
-        ev.put(&format!("{tag}_bulk_segments"), BULK_BYTES / 1448);
+        ev.put(&format!("{tag}_bulk_segments"), self.bulk / 1448);
         ev.put(
             &format!("{tag}_bulk_mbit_s"),
-            ((BULK_BYTES as f64 * 8.0 / rep.bulk_seconds / 1e6) * 10.0).round() / 10.0,
+            ((self.bulk as f64 * 8.0 / rep.bulk_seconds / 1e6) * 10.0).round() / 10.0,
         );
         if !rep.intact(t.total()) {
             bail!(
@@ -234,12 +237,132 @@ table inet fw4 {{
         ev.put(&format!("{tag}_offloaded_after_ms"), offloaded_after.as_millis() as u64);
         if during > 0 {
             bail!(
-                "{tag}: the forward chain counted {during} packets during the {BULK_BYTES}-byte bulk (~{} data \
-                 segments): not offloaded",
-                BULK_BYTES / 1448
+                "{tag}: the forward chain counted {during} packets during the {}-byte bulk (~{} data segments): \
+                 not offloaded",
+                self.bulk,
+                self.bulk / 1448
             );
         }
         Ok(())
+    }
+
+    /// The egress MTU handled as the kernel does, on an offloaded UDP flow:
+    /// once the flow is offloaded (small datagrams both ways), the client
+    /// sends a datagram that fills its own 1500-byte link with DF set. The
+    /// router must not forward it but answer "fragmentation needed" with
+    /// the egress MTU (ip_forward: ip_exceeds_mtu, icmp_send), so the
+    /// client's route cache learns `mtu` and its next send of that size
+    /// fails locally (EMSGSIZE); a datagram of exactly `mtu` bytes then
+    /// passes. The server must never see the oversized one.
+    pub fn prove_mtu(&self, ev: &mut Evidence, port: u16, mtu: u16, d: Option<&Daemon>) -> Result<()> {
+        use std::net::UdpSocket;
+        let server = SocketAddr::new(self.server_bind, port);
+        let to = SocketAddr::new(self.server, port);
+        // The echo server reports the sizes it received.
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        let sock = crate::lab::netns::in_netns(&self.lab.wan, move || {
+            UdpSocket::bind(server).with_context(|| format!("binding {server}"))
+        })?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let echo = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(40) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if n == 1 && buf[0] == b'q' {
+                        break;
+                    }
+                    let _ = sock.send_to(&buf[..n.min(64)], from);
+                    if tx.send(n).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        // Not connected: a connected socket would also report the ICMP
+        // error itself on a later call (sk_err), which would mix with the
+        // local path MTU check this looks at.
+        let client = crate::lab::netns::in_netns(&self.lab.lan, move || {
+            let c = UdpSocket::bind("0.0.0.0:0")?;
+            c.set_read_timeout(Some(Duration::from_millis(300)))?;
+            Ok(c)
+        })?;
+        let res = (|| -> Result<()> {
+            // IP_PMTUDISC_DO: DF on every datagram, and the kernel's
+            // learned path MTU enforced on send.
+            let one: libc::c_int = 2;
+            use std::os::fd::AsRawFd;
+            // SAFETY: valid socket and option buffer.
+            let rc = unsafe {
+                libc::setsockopt(
+                    client.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc != 0 {
+                bail!("IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+            }
+            let mut buf = [0u8; 64];
+            // Small datagrams both ways until the flow is offloaded.
+            let start = Instant::now();
+            loop {
+                client.send_to(b"hello", to)?;
+                let _ = client.recv_from(&mut buf);
+                if self.udp_offloaded(port, d) {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!("the UDP flow to port {port} was not offloaded within 10 s");
+                }
+            }
+            while rx.try_recv().is_ok() {}
+            let big = vec![0x5au8; 1500 - 28];
+            client.send_to(&big, to).context("sending the first oversized datagram (no path MTU known yet)")?;
+            std::thread::sleep(Duration::from_millis(500));
+            let second = client.send_to(&big, to);
+            let cache = self.lan(&["ip", "-4", "route", "get", &self.server.to_string()])?;
+            let learned = cache.split_whitespace().skip_while(|w| *w != "mtu").nth(1).unwrap_or("none").to_string();
+            ev.put("mtu_learned_by_client", learned.clone());
+            ev.put("mtu_second_send", format!("{:?}", second.as_ref().map_err(|e| e.raw_os_error())));
+            let fits = vec![0xa5u8; mtu as usize - 28];
+            client.send_to(&fits, to).context("sending a datagram of exactly the MTU")?;
+            std::thread::sleep(Duration::from_millis(500));
+            let seen: Vec<usize> = rx.try_iter().collect();
+            ev.put("mtu_server_saw", format!("{seen:?}"));
+            if seen.contains(&big.len()) {
+                bail!(
+                    "the server received the {}-byte datagram: the router forwarded it past its {mtu} MTU",
+                    big.len() + 28
+                );
+            }
+            if learned != mtu.to_string() {
+                bail!("the client's route cache did not learn MTU {mtu} from the router: {cache:?}");
+            }
+            if second.as_ref().map_err(|e| e.raw_os_error()) != Err(Some(libc::EMSGSIZE)) {
+                bail!("the second oversized send should fail with EMSGSIZE, got {second:?}");
+            }
+            if !seen.contains(&fits.len()) {
+                bail!("a datagram of exactly {mtu} bytes did not arrive (server saw {seen:?})");
+            }
+            Ok(())
+        })();
+        let _ = client.send_to(b"q", to);
+        let _ = echo.join();
+        res
+    }
+
+    /// Whether the offloader says the UDP flow to `port` is offloaded.
+    fn udp_offloaded(&self, port: u16, d: Option<&Daemon>) -> bool {
+        match d {
+            None => self
+                .rtr(&["conntrack", "-L", "-p", "udp", "--dport", &port.to_string()])
+                .map(|o| o.contains("[OFFLOAD]"))
+                .unwrap_or(false),
+            Some(d) => d.flows().map(|f| f.iter().any(|x| x["orig"]["dport"] == port)).unwrap_or(false),
+        }
     }
 
     /// Wait until the offloader says the connection to `port` is offloaded:

@@ -66,7 +66,7 @@ pub fn vlan_wan(r: &mut Router, tags: &[(&str, u16)]) -> Result<String> {
     Ok(top)
 }
 
-pub fn run(_ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed) -> Result<Evidence> {
+pub fn run(_ctx: &Ctx, ev: &mut Evidence, how: Offload, tags: &[(&str, u16)], listed: Listed) -> Result<()> {
     step("lab up");
     let mut r = Router::up("vl", how)?;
     r.rtr(&["modprobe", "8021q"])?;
@@ -75,34 +75,32 @@ pub fn run(_ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed) -> Re
         Listed::Vlan => top.clone(),
         Listed::Lower => "rwan".to_string(),
     };
-    let mut ev = Evidence::default();
     ev.put("wan", format!("{top} listed as {wan_listed}"));
     step("offload");
     let d = r.offload(how, &["rlan", &wan_listed])?;
     step("download");
-    r.prove_download(&mut ev, "download", 5311, d.as_ref())?;
+    r.prove_download(ev, "download", 5311, d.as_ref())?;
     step("upload");
-    r.prove_transfer(&mut ev, "upload", 5312, crate::vm::stream::Direction::Upload, d.as_ref())?;
-    finish(&r, &mut ev, d)?;
-    Ok(ev)
+    r.prove_transfer(ev, "upload", 5312, crate::vm::stream::Direction::Upload, d.as_ref())?;
+    finish(&r, ev, d)
 }
 
 /// firewall4's list for a VLAN WAN: `{ rlan, rwan.7 }`.
-pub fn vlan(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1Q", 7)], Listed::Vlan)
+pub fn vlan(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1Q", 7)], Listed::Vlan)
 }
 
 /// The Ethernet device beneath listed instead: `{ rlan, rwan }`.
-pub fn vlan_lower(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1Q", 7)], Listed::Lower)
+pub fn vlan_lower(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1Q", 7)], Listed::Lower)
 }
 
 /// QinQ: an 802.1ad service tag 100 carrying 802.1Q 7, top device listed.
-pub fn qinq(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Vlan)
+pub fn qinq(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Vlan)
 }
 
 /// QinQ with the Ethernet device listed.
-pub fn qinq_lower(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Lower)
+pub fn qinq_lower(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Lower)
 }
