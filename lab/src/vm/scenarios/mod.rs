@@ -122,5 +122,8 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("qinq_lower", vlan::qinq_lower));
     v.extend(three_ways!("pppoe", pppoe::ppp));
     v.extend(three_ways!("pppoe_lower", pppoe::lower));
+    v.extend(three_ways!("wireguard", wireguard::run));
+    v.extend(three_ways!("bridge_ports", bridge::ports));
+    v.extend(three_ways!("bridge", bridge::bridge));
     v
 }

@@ -39,6 +39,8 @@ pub struct Router {
     pub masquerade: bool,
     /// Bytes of each transfer's bulk phase.
     pub bulk: u64,
+    /// The hosts' ports were made ready for XDP redirects (`Router::up`).
+    pub xdp_ready: bool,
 }
 
 /// A namespace prefix unique in this guest: `{tag}{n}`.
@@ -66,6 +68,7 @@ impl Router {
             dir,
             masquerade: true,
             bulk: BULK_BYTES,
+            xdp_ready: how == Offload::Xdp,
         })
     }
 
@@ -157,6 +160,28 @@ table inet fw4 {{
         }
     }
 
+    /// `nft-offload run --nft` with `devices` in `--mode xdp` must be
+    /// refused before anything runs, its error naming each of `names`, and
+    /// leave no XDP program behind (TC would be TCX links, gone with the
+    /// process that held them).
+    pub fn expect_xdp_refused(&self, ev: &mut Evidence, devices: &[&str], names: &[&str]) -> Result<()> {
+        let file = self.ruleset_file(devices)?;
+        let exe = crate::router_bin()?;
+        let args = [exe.to_str().context("path")?, "run", "--nft", file.to_str().context("path")?, "--mode", "xdp"];
+        let out = self.lab.command(&self.lab.rtr, &args).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or_default().to_string();
+        ev.put("refusal", last.clone());
+        if out.status.success() || !names.iter().all(|n| last.contains(n)) {
+            bail!("--mode xdp with {devices:?} listed should be refused naming {names:?}: {:?}: {err}", out.status);
+        }
+        let links = self.rtr(&["ip", "-d", "link", "show"])?;
+        if links.contains("prog/xdp") {
+            bail!("the refused start left an XDP program attached: {links}");
+        }
+        Ok(())
+    }
+
     pub fn fwd_packets(&self) -> Result<u64> {
         self.lab.counter_packets("fwd_all")
     }
@@ -181,8 +206,21 @@ table inet fw4 {{
         dir: Direction,
         d: Option<&Daemon>,
     ) -> Result<()> {
+        self.prove_transfer_from(ev, tag, port, dir, d, &self.lab.lan)
+    }
+
+    /// [`Router::prove_transfer`] with the client in namespace `client_ns`.
+    pub fn prove_transfer_from(
+        &self,
+        ev: &mut Evidence,
+        tag: &str,
+        port: u16,
+        dir: Direction,
+        d: Option<&Daemon>,
+        client_ns: &str,
+    ) -> Result<()> {
         let lab = &self.lab;
-        let (server_ns, client_ns) = (lab.wan.clone(), lab.lan.clone());
+        let (server_ns, client_ns) = (lab.wan.clone(), client_ns.to_string());
         let t = Transfer {
             server_ns: &server_ns,
             server: SocketAddr::new(self.server_bind, port),
@@ -428,4 +466,29 @@ pub fn finish(r: &Router, ev: &mut Evidence, d: Option<Daemon>) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&r.dir);
     Ok(())
+}
+
+/// A namespace a scenario adds to the lab (a second LAN client): removed
+/// when dropped, with whatever still runs inside, even on failure.
+pub struct ExtraNs {
+    pub name: String,
+}
+
+impl ExtraNs {
+    pub fn add(name: &str) -> Result<ExtraNs> {
+        crate::lab::cmd::run(std::process::Command::new("ip").args(["netns", "add", name]))?;
+        let ns = ExtraNs { name: name.to_string() };
+        crate::lab::netns::sysctl(
+            name,
+            &[("net.ipv6.conf.all.accept_dad", "0"), ("net.ipv6.conf.default.accept_dad", "0")],
+        )?;
+        Ok(ns)
+    }
+}
+
+impl Drop for ExtraNs {
+    fn drop(&mut self) {
+        crate::lab::children::kill_netns_pids(&self.name);
+        let _ = crate::lab::cmd::run(std::process::Command::new("ip").args(["netns", "del", &self.name]));
+    }
 }
