@@ -125,5 +125,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("wireguard", wireguard::run));
     v.extend(three_ways!("bridge_ports", bridge::ports));
     v.extend(three_ways!("bridge", bridge::bridge));
+    v.extend(three_ways!("ipsec", ipsec::run));
     v
 }

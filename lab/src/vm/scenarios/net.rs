@@ -37,6 +37,8 @@ pub struct Router {
     pub dir: PathBuf,
     /// Masquerade on the WAN device (false where the scenario routes).
     pub masquerade: bool,
+    /// More matches on the masquerade rule (`ip daddr != ...`).
+    pub masq_match: String,
     /// Bytes of each transfer's bulk phase.
     pub bulk: u64,
     /// The hosts' ports were made ready for XDP redirects (`Router::up`).
@@ -67,6 +69,7 @@ impl Router {
             forward_extra: String::new(),
             dir,
             masquerade: true,
+            masq_match: String::new(),
             bulk: BULK_BYTES,
             xdp_ready: how == Offload::Xdp,
         })
@@ -96,8 +99,11 @@ impl Router {
     pub fn ruleset(&self, devices: &[&str]) -> String {
         let devs = devices.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", ");
         let (lan, wan) = (&self.lan_dev, &self.wan_dev);
-        let masq =
-            if self.masquerade { format!("oifname \"{wan}\" meta nfproto ipv4 masquerade") } else { String::new() };
+        let masq = if self.masquerade {
+            format!("oifname \"{wan}\" meta nfproto ipv4 {} masquerade", self.masq_match)
+        } else {
+            String::new()
+        };
         format!(
             r#"add table inet fw4
 delete table inet fw4
@@ -160,6 +166,50 @@ table inet fw4 {{
         }
     }
 
+    /// Put a switch between the router's WAN port and the WAN host: a
+    /// namespace holding the router's veth peer (`wan0`) in a bridge with a
+    /// new veth to the WAN host (`wan1` there, with the host's addresses).
+    /// Capturing what `wan0` receives there is the wire: nothing in the
+    /// switch decrypts or re-injects (on the WAN host itself, xfrm
+    /// re-injects decrypted packets on the receiving device, so a capture
+    /// there sees them as if from the wire). Returns the switch namespace.
+    pub fn wire_tap(&mut self) -> Result<ExtraNs> {
+        let sw = ExtraNs::add(&format!("{}-sw", self.lab.prefix))?;
+        let (wan, sw_name) = (self.lab.wan.clone(), sw.name.clone());
+        self.sh(
+            &wan,
+            &format!(
+                "ip addr flush dev wan0\n\
+                 ip link set wan0 netns {sw_name}\n\
+                 ip link add wan1 type veth peer name swp1 netns {sw_name}\n\
+                 ip addr add 203.0.113.2/24 dev wan1\n\
+                 ip addr add fd00:2::2/64 dev wan1 nodad\n\
+                 ip link set wan1 up\n\
+                 ip -6 route replace default via fd00:2::1\n\
+                 ip -6 route replace fd00:1::/64 via fd00:2::1\n"
+            ),
+        )?;
+        self.sh(
+            &sw_name,
+            "ip link set lo up\n\
+             ip link add br0 type bridge\n\
+             ip link set wan0 master br0\n\
+             ip link set swp1 master br0\n\
+             ip link set wan0 up\n\
+             ip link set swp1 up\n\
+             ip link set br0 up\n",
+        )?;
+        if self.xdp_ready {
+            // The router's XDP redirects land on wan0: it needs NAPI.
+            self.sh(&sw_name, "ethtool -K wan0 gro on\n")?;
+            self.sh(&wan, "ethtool -K wan1 tx off\n")?;
+        }
+        // The WAN host's MAC changed: forget the old one.
+        self.sh(&self.lab.rtr, "ip neigh flush dev rwan\n")?;
+        self.lab.ping(&self.lab.rtr, "203.0.113.2".parse()?)?;
+        Ok(sw)
+    }
+
     /// `nft-offload run --nft` with `devices` in `--mode xdp` must be
     /// refused before anything runs, its error naming each of `names`, and
     /// leave no XDP program behind (TC would be TCX links, gone with the
@@ -219,6 +269,36 @@ table inet fw4 {{
         d: Option<&Daemon>,
         client_ns: &str,
     ) -> Result<()> {
+        let m = self.measure_transfer(ev, tag, port, dir, d, client_ns, true)?;
+        let offloaded_after = m.offloaded_after.with_context(|| format!("{tag}: after the warm-up"))?;
+        ev.put(&format!("{tag}_offloaded_after_ms"), offloaded_after.as_millis() as u64);
+        if m.fwd_bulk > 0 {
+            bail!(
+                "{tag}: the forward chain counted {} packets during the {}-byte bulk (~{} data segments): not \
+                 offloaded",
+                m.fwd_bulk,
+                self.bulk,
+                self.bulk / 1448
+            );
+        }
+        Ok(())
+    }
+
+    /// A checked transfer (see [`Router::prove_transfer`]) that asserts only
+    /// that every byte arrived: what the forward chain counted is returned
+    /// for the caller to judge. `wait`: give the offloader up to 10 s after
+    /// the warm-up (false where nothing is expected to offload).
+    #[allow(clippy::too_many_arguments)]
+    pub fn measure_transfer(
+        &self,
+        ev: &mut Evidence,
+        tag: &str,
+        port: u16,
+        dir: Direction,
+        d: Option<&Daemon>,
+        client_ns: &str,
+        wait: bool,
+    ) -> Result<Measured> {
         let lab = &self.lab;
         let (server_ns, client_ns) = (lab.wan.clone(), client_ns.to_string());
         let t = Transfer {
@@ -236,7 +316,7 @@ table inet fw4 {{
         let fwd0 = self.fwd_packets()?;
         let (rep, (offloaded_after, fwd1), fwd2) = t.run(
             || {
-                let waited = self.wait_offloaded(port, d);
+                let waited = if wait { self.wait_offloaded(port, d) } else { Err(anyhow::anyhow!("not waited for")) };
                 if let Some(d) = d {
                     // How the engine says it carries the connection (its
                     // headers per direction, held directions), for the record.
@@ -271,17 +351,7 @@ table inet fw4 {{
                 rep.sent_digest
             );
         }
-        let offloaded_after = offloaded_after.with_context(|| format!("{tag}: after the warm-up"))?;
-        ev.put(&format!("{tag}_offloaded_after_ms"), offloaded_after.as_millis() as u64);
-        if during > 0 {
-            bail!(
-                "{tag}: the forward chain counted {during} packets during the {}-byte bulk (~{} data segments): \
-                 not offloaded",
-                self.bulk,
-                self.bulk / 1448
-            );
-        }
-        Ok(())
+        Ok(Measured { fwd_bulk: during, offloaded_after })
     }
 
     /// The egress MTU handled as the kernel does, on an offloaded UDP flow:
@@ -466,6 +536,15 @@ pub fn finish(r: &Router, ev: &mut Evidence, d: Option<Daemon>) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&r.dir);
     Ok(())
+}
+
+/// What [`Router::measure_transfer`] saw besides the bytes (which it
+/// checks itself).
+pub struct Measured {
+    /// Packets the forward chain counted during the bulk.
+    pub fwd_bulk: u64,
+    /// How long until the offloader listed the connection, or why not.
+    pub offloaded_after: Result<Duration>,
 }
 
 /// A namespace a scenario adds to the lab (a second LAN client): removed
