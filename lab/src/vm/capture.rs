@@ -114,7 +114,7 @@ impl Capture {
                         &mut len,
                     )
                 };
-                if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
                     frames.push(buf[..n as usize].to_vec());
                 }
                 // Stopped: drain until the queue is empty (a timeout), or
