@@ -126,5 +126,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("bridge_ports", bridge::ports));
     v.extend(three_ways!("bridge", bridge::bridge));
     v.extend(three_ways!("ipsec", ipsec::run));
+    v.extend(three_ways!("sqm_cake", shaping::cake));
+    v.extend(three_ways!("sqm_fq_codel", shaping::fq_codel));
     v
 }
