@@ -1,6 +1,7 @@
 //! The BPF fast path: loading the skeleton, attaching it to interfaces
 //! (XDP or TCX links owned by this process, so the kernel detaches them if
-//! the process dies), and the maps the control plane programs.
+//! the process dies), and the maps the control plane programs. What the
+//! kernel offers is probed first (`features`), and decides how it is built.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -19,8 +20,11 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
 }
 
+pub mod features;
 mod test_run;
 mod walk;
+
+pub use features::{FeatureLine, Features, Probe, Secpath, TcAttach};
 
 pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
@@ -174,33 +178,56 @@ impl LinkLayer {
 pub struct Dataplane {
     skel: FastpathSkel<'static>,
     attached: Vec<Attachment>,
+    features: Features,
 }
 
 impl Dataplane {
     /// Load the fast path with room for `max_flows` connections (two map
-    /// entries each).
+    /// entries each), built for what this kernel offers.
     pub fn load(max_flows: u32) -> Result<Self> {
+        Self::load_for(max_flows, &Probe::kernel())
+    }
+
+    /// Load it built for `probe` (tests give one to run a fallback on a
+    /// kernel that has the real thing).
+    pub fn load_for(max_flows: u32, probe: &Probe) -> Result<Self> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
         if let Ok(mut l) = LIBBPF_LOG.lock() {
             l.clear();
         }
+        let mut features = Features::from_probe(probe);
         // The skeleton borrows its object storage for its whole life; the
         // dataplane lives as long as the process, so leak the few bytes.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open =
             FastpathSkelBuilder::default().open(storage).map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
         open.maps.fo_flows.set_max_entries(max_flows.saturating_mul(2).max(2)).context("sizing the flow table")?;
+        // Constants the verifier prunes by (fastpath.bpf.c): a kfunc or
+        // helper this kernel lacks sits in a branch it never walks.
+        let ro = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
+        ro.fo_have_kern_ctx = u8::from(features.kern_ctx);
+        ro.fo_secpath_how = features.secpath.code();
+        // The tcx/* programs' expected attach type (BPF_TCX_*) stays: a
+        // sched_cls program is loaded whatever it says
+        // (bpf_prog_load_check_attach in 6.1's kernel/bpf/syscall.c has no
+        // case for it), and cls_bpf does not read it.
         let skel = open.load().map_err(|e| {
             anyhow!(
                 "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
                 log_tail(25)
             )
         })?;
-        let mut dp = Dataplane { skel, attached: Vec::new() };
-        let v6 = dp.probe_csum_ipv6();
-        tracing::debug!(supported = v6, "bpf_l4_csum_replace BPF_F_IPV6");
-        dp.set_csum_ipv6(v6);
+        let mut dp = Dataplane { skel, attached: Vec::new(), features };
+        features.csum_ipv6 = dp.probe_csum_ipv6();
+        dp.features = features;
+        dp.set_csum_ipv6(features.csum_ipv6);
+        tracing::debug!(?features, "what this kernel gives the fast path");
         Ok(dp)
+    }
+
+    /// What this kernel gave the fast path.
+    pub fn features(&self) -> &Features {
+        &self.features
     }
 
     /// Does this kernel's bpf_l4_csum_replace accept BPF_F_IPV6 (6.16+)?
@@ -261,6 +288,12 @@ impl Dataplane {
             LinkLayer::Ethernet => (&self.skel.progs.fo_tc, &self.skel.progs.fo_tc_egress),
             LinkLayer::Ip => (&self.skel.progs.fo_tc_l3, &self.skel.progs.fo_tc_egress_l3),
         };
+        if self.features.tc_attach == TcAttach::Clsact {
+            bail!(
+                "cannot attach to {ifname}: this kernel has no TCX (6.6+), which both modes use for TC \
+                 (check: tcx)"
+            );
+        }
         let link = match mode {
             Mode::Xdp if layer == LinkLayer::Ip => bail!(
                 "cannot attach XDP to {ifname}: it has no Ethernet header (link type {link_type}), and the XDP \
