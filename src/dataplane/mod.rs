@@ -21,6 +21,7 @@ pub mod skel {
 }
 
 pub mod features;
+pub mod load_error;
 mod test_run;
 mod walk;
 
@@ -212,10 +213,18 @@ impl Dataplane {
         // (bpf_prog_load_check_attach in 6.1's kernel/bpf/syscall.c has no
         // case for it), and cls_bpf does not read it.
         let skel = open.load().map_err(|e| {
-            anyhow!(
-                "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
-                log_tail(25)
-            )
+            let log: Vec<String> = LIBBPF_LOG.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default();
+            match load_error::explain(&log) {
+                Some(why) => anyhow!(
+                    "loading the BPF fast path failed: {why}\n(libbpf: {e}; NFT_OFFLOAD_LOG=debug shows libbpf's warnings)\n\
+                     --- libbpf / verifier log (last lines) ---\n{}",
+                    log_tail(8)
+                ),
+                None => anyhow!(
+                    "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
+                    log_tail(25)
+                ),
+            }
         })?;
         let mut dp = Dataplane { skel, attached: Vec::new(), features };
         features.csum_ipv6 = dp.probe_csum_ipv6();
