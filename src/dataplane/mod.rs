@@ -33,6 +33,14 @@ use skel::{FastpathSkel, FastpathSkelBuilder};
 /// uapi bpf.h (6.16+); the build headers may predate it.
 const BPF_F_IPV6: u64 = 1 << 7;
 
+/// bpf_fib_lookup flags the control plane may use (include/uapi/linux/bpf.h).
+pub mod routes_flags {
+    /// 6.3 (and some stable trees): skip the neighbour lookup.
+    pub const SKIP_NEIGH: u32 = 1 << 2;
+    /// 6.10: `mark` is the packet's mark for the rules.
+    pub const MARK: u32 = 1 << 5;
+}
+
 // STAT_NAMES, derived from `enum fo_stat` in bpf/flow.h (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
 
@@ -228,6 +236,8 @@ impl Dataplane {
         })?;
         let mut dp = Dataplane { skel, attached: Vec::new(), features };
         features.csum_ipv6 = dp.probe_csum_ipv6();
+        features.fib_skip_neigh = dp.probe_fib_flag(routes_flags::SKIP_NEIGH);
+        features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
         dp.features = features;
         dp.set_csum_ipv6(features.csum_ipv6);
         tracing::debug!(?features, "what this kernel gives the fast path");
@@ -237,6 +247,22 @@ impl Dataplane {
     /// What this kernel gave the fast path.
     pub fn features(&self) -> &Features {
         &self.features
+    }
+
+    /// Does this kernel's bpf_fib_lookup take `flag`? It refuses a flag it
+    /// does not know with -EINVAL before anything else
+    /// (`BPF_CALL_4(bpf_xdp_fib_lookup` in net/core/filter.c); ifindex 1
+    /// (lo) exists in every namespace, so any other answer means yes.
+    fn probe_fib_flag(&self, flag: u32) -> bool {
+        let req =
+            fo_fib_req { family: 2, ifindex_in: 1, flags: flag, dst: [0x0100_007f, 0, 0, 0], ..Default::default() };
+        match self.fib_query(&req) {
+            Ok(r) => r.ret != -libc::EINVAL,
+            Err(e) => {
+                tracing::warn!("probing bpf_fib_lookup flag {flag:#x} failed ({e:#}): not used");
+                false
+            }
+        }
     }
 
     /// Does this kernel's bpf_l4_csum_replace accept BPF_F_IPV6 (6.16+)?

@@ -51,10 +51,9 @@ pub fn fib_ret_str(ret: i32) -> &'static str {
 }
 
 pub const FIB_NO_NEIGH: i32 = 7;
-const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
-/// `mark` is the packet's mark for the rules (6.10, include/uapi/linux/bpf.h).
-const BPF_FIB_LOOKUP_MARK: u32 = 1 << 5;
-/// What a kernel without BPF_FIB_LOOKUP_MARK answers it with.
+use crate::dataplane::routes_flags::{MARK as BPF_FIB_LOOKUP_MARK, SKIP_NEIGH as BPF_FIB_LOOKUP_SKIP_NEIGH};
+/// What a kernel without BPF_FIB_LOOKUP_MARK (6.10) answers it with: it
+/// refuses unknown flags (`bpf_xdp_fib_lookup`, net/core/filter.c).
 pub const FIB_NO_MARK: i32 = -libc::EINVAL;
 
 /// Why a direction could not be resolved.
@@ -165,8 +164,13 @@ pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Optio
     let p = reverse_packet(any_ifindex, dst);
     // BPF_FIB_LOOKUP_OUTPUT would take the interface as oif and needs a
     // device, so ask as a forwarded packet from any managed interface and
-    // skip the neighbour.
-    let r = dp.fib_query(&req(family_of(dst), any_ifindex, p.src, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH, 0))?;
+    // skip the neighbour. A kernel without SKIP_NEIGH (before 6.3 unless
+    // backported) refuses the flag with -EINVAL: ask it with the neighbour
+    // lookup instead, whose NO_NEIGH answer still names the interface
+    // (bpf_ipv4_fib_lookup / bpf_ipv6_fib_lookup set params->ifindex
+    // before looking the neighbour up), so the answer is the same.
+    let flags = if dp.features().fib_skip_neigh { BPF_FIB_LOOKUP_SKIP_NEIGH } else { 0 };
+    let r = dp.fib_query(&req(family_of(dst), any_ifindex, p.src, dst, 0, 0, 0, flags, 0))?;
     if r.ret == 0 || r.ret == FIB_NO_NEIGH {
         Ok(Some(r.ifindex_out))
     } else {
