@@ -119,7 +119,10 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
             .collect(),
         Err(_) => Vec::new(),
     };
-    let mut hooks = crate::hooks::read(&ports);
+    // nft-offload's own filters (a running engine's, or a killed one's)
+    // are not hooks it would skip.
+    let own = |p: &crate::hooks::tc::BpfProg| crate::dataplane::tc_legacy::OWN_TC_PROGS.contains(&p.name.as_str());
+    let mut hooks = crate::hooks::read(&ports, &own);
     let ifaces = names
         .iter()
         .map(|n| match &table {

@@ -1,7 +1,9 @@
 //! The BPF fast path: loading the skeleton, attaching it to interfaces
 //! (XDP or TCX links owned by this process, so the kernel detaches them if
-//! the process dies), and the maps the control plane programs. What the
-//! kernel offers is probed first (`features`), and decides how it is built.
+//! the process dies; clsact + cls_bpf where the kernel has no TCX, see
+//! `tc_legacy`), and the maps the control plane programs. What the kernel
+//! offers is probed first (`features`), and decides how it is built and
+//! attached.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -22,6 +24,7 @@ pub mod skel {
 
 pub mod features;
 pub mod load_error;
+pub mod tc_legacy;
 mod test_run;
 mod walk;
 
@@ -116,20 +119,37 @@ fn log_tail(n: usize) -> String {
     log.iter().skip(start).cloned().collect::<Vec<_>>().join("\n")
 }
 
-/// What keeps a program attached: dropping it detaches (held only for
-/// its Drop, hence never read).
+/// What keeps the TC programs of one interface attached: dropping it
+/// detaches them (held only for its Drop, hence never read).
 #[allow(dead_code)]
-enum Held {
-    Link(Link),
-    Fd(std::os::fd::OwnedFd),
+enum TcHeld {
+    /// TCX links: ingress (TC mode only) and the egress watcher.
+    Tcx { ingress: Option<Link>, egress: Link },
+    /// cls_bpf filters under clsact (no TCX on this kernel).
+    Clsact(tc_legacy::Clsact),
 }
 
 struct Attachment {
     ifindex: u32,
     mode: Mode,
-    _link: Held,
-    /// `fo_tc_egress`: which dormant connections the kernel forwarded.
-    _egress: Link,
+    /// XDP mode: the XDP link's fd. Dropped first (fields drop in order),
+    /// so no XDP program redirects into a port whose TC side is leaving.
+    _xdp: Option<std::os::fd::OwnedFd>,
+    /// The TC ingress program (TC mode) and `fo_tc_egress`, which tells
+    /// which dormant connections the kernel forwarded.
+    tc: TcHeld,
+}
+
+impl Attachment {
+    /// How it is attached, for `status`.
+    fn describe(&self) -> String {
+        let xdp = if self._xdp.is_some() { "xdp link (native), egress watcher: " } else { "" };
+        match &self.tc {
+            TcHeld::Tcx { ingress: Some(_), .. } => format!("{xdp}tcx ingress and egress links"),
+            TcHeld::Tcx { ingress: None, .. } => format!("{xdp}tcx egress link"),
+            TcHeld::Clsact(c) => format!("{xdp}{}", c.describe()),
+        }
+    }
 }
 
 /// A TCX link of `prog` on `ifindex` (the program's section says ingress
@@ -240,6 +260,9 @@ impl Dataplane {
         features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
         dp.features = features;
         dp.set_csum_ipv6(features.csum_ipv6);
+        // A running engine, as far as another one looking at our filters
+        // can tell (tc_legacy::sweep), from the start.
+        dp.set_heartbeat(crate::engine::now_ns());
         tracing::debug!(?features, "what this kernel gives the fast path");
         Ok(dp)
     }
@@ -263,6 +286,23 @@ impl Dataplane {
                 false
             }
         }
+    }
+
+    /// The ids of the programs this fast path attaches with TC: a cls_bpf
+    /// filter running one of them is ours (`hooks`).
+    pub fn own_prog_ids(&self) -> Vec<u32> {
+        use std::os::fd::AsRawFd;
+        let p = &self.skel.progs;
+        [&p.fo_tc, &p.fo_tc_l3, &p.fo_tc_egress, &p.fo_tc_egress_l3]
+            .iter()
+            .filter_map(|p| tc_legacy::prog_id(p.as_fd().as_raw_fd()))
+            .collect()
+    }
+
+    /// How `ifindex` is attached ("tcx ingress and egress links", "clsact
+    /// (created): cls_bpf ingress pref 1 handle 0x1, ..."), if it is.
+    pub fn attach_description(&self, ifindex: u32) -> Option<String> {
+        self.attached.iter().find(|a| a.ifindex == ifindex).map(Attachment::describe)
     }
 
     /// Does this kernel's bpf_l4_csum_replace accept BPF_F_IPV6 (6.16+)?
@@ -313,42 +353,66 @@ impl Dataplane {
     }
 
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
-    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6). In
-    /// both modes the egress watcher (`fo_tc_egress`) goes on TCX egress.
-    /// `link_type` (ARPHRD_*, rtnetlink's ifi_type) picks the programs for
-    /// devices without an Ethernet header, where XDP is refused.
+    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6), else
+    /// as a cls_bpf filter under clsact. In both modes the egress watcher
+    /// (`fo_tc_egress`) goes on TC egress the same way. `link_type`
+    /// (ARPHRD_*, rtnetlink's ifi_type) picks the programs for devices
+    /// without an Ethernet header, where XDP is refused.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode, link_type: u16) -> Result<()> {
         let layer = LinkLayer::of(ifname, link_type)?;
         let (ingress, egress_prog) = match layer {
             LinkLayer::Ethernet => (&self.skel.progs.fo_tc, &self.skel.progs.fo_tc_egress),
             LinkLayer::Ip => (&self.skel.progs.fo_tc_l3, &self.skel.progs.fo_tc_egress_l3),
         };
-        if self.features.tc_attach == TcAttach::Clsact {
+        if mode == Mode::Xdp && layer == LinkLayer::Ip {
             bail!(
-                "cannot attach to {ifname}: this kernel has no TCX (6.6+), which both modes use for TC \
-                 (check: tcx)"
-            );
-        }
-        let link = match mode {
-            Mode::Xdp if layer == LinkLayer::Ip => bail!(
                 "cannot attach XDP to {ifname}: it has no Ethernet header (link type {link_type}), and the XDP \
                  fast path parses and redirects Ethernet frames; use --mode tc"
-            ),
-            Mode::Xdp => {
-                // One XDP program per interface (without a dispatcher): refuse
-                // clearly instead of failing inside the attach.
-                if let Some(id) = xdp_prog_id(ifindex) {
-                    bail!(
-                        "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
-                         detach it (ip link set dev {ifname} xdp off) or use --mode tc"
-                    );
-                }
-                Held::Fd(self.attach_native_xdp(ifindex, ifname)?)
+            );
+        }
+        // One XDP program per interface (without a dispatcher): refuse
+        // clearly instead of failing inside the attach.
+        if mode == Mode::Xdp {
+            if let Some(id) = xdp_prog_id(ifindex) {
+                bail!(
+                    "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; detach it \
+                     (ip link set dev {ifname} xdp off) or use --mode tc"
+                );
             }
-            Mode::Tc => Held::Link(attach_tcx(ingress, ifindex, ifname, "ingress")?),
+        }
+        // Filters a killed engine left on the device go first (and a
+        // running engine's refuse the start): see tc_legacy.
+        tc_legacy::sweep(ifindex, ifname)?;
+        let tc = match self.features.tc_attach {
+            TcAttach::Tcx => {
+                let ingress = match mode {
+                    Mode::Tc => Some(attach_tcx(ingress, ifindex, ifname, "ingress")?),
+                    Mode::Xdp => None,
+                };
+                // On an error here the ingress link above is dropped (detached).
+                TcHeld::Tcx { ingress, egress: attach_tcx(egress_prog, ifindex, ifname, "egress")? }
+            }
+            TcAttach::Clsact => {
+                use std::os::fd::AsRawFd;
+                let mut c = tc_legacy::Clsact::open(ifindex, ifname)?;
+                // On an error the filters added so far are removed (Drop).
+                let mut add = |p: &libbpf_rs::ProgramMut<'_>, at_ingress: bool, what: &str| {
+                    let fd = p.as_fd().as_raw_fd();
+                    c.attach(fd, tc_legacy::prog_id(fd).unwrap_or(0), at_ingress, what)
+                };
+                if mode == Mode::Tc {
+                    add(ingress, true, "ingress")?;
+                }
+                add(egress_prog, false, "egress")?;
+                TcHeld::Clsact(c)
+            }
         };
-        // On an error here the ingress link above is dropped (detached).
-        let egress = attach_tcx(egress_prog, ifindex, ifname, "egress")?;
+        // Attached after TC, so an XDP program never redirects to a port
+        // whose egress watcher is missing; dropped (detached) before it.
+        let xdp = match mode {
+            Mode::Xdp => Some(self.attach_native_xdp(ifindex, ifname)?),
+            Mode::Tc => None,
+        };
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -356,7 +420,7 @@ impl Dataplane {
                 .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
                 .with_context(|| format!("adding {ifname} to the XDP redirect map"))?;
         }
-        self.attached.push(Attachment { ifindex, mode, _link: link, _egress: egress });
+        self.attached.push(Attachment { ifindex, mode, _xdp: xdp, tc });
         Ok(())
     }
 
