@@ -223,11 +223,11 @@ const NOT_LOADED: &str = "unknown: the fast path did not load (see fast_path)";
 fn tcx(h: &HostFacts, _: &HostCtx) -> Verdict {
     let Some(l) = feature(h, "tc_attach") else { return Verdict::ok(NOT_LOADED) };
     match l.value.as_str() {
-        "tcx" => Verdict::ok(format!("TC programs attach through TCX links: {}", l.detail)),
+        "tcx" => Verdict::ok(format!("tcx: {}", l.detail)),
         _ => Verdict::ok(format!(
-            "TC mode works without TCX, and the egress watcher of both modes too: {}. Unlike TCX links, filters \
-             run in priority order: ours take the lowest number, a filter added later with a lower one runs \
-             first (see README, \"Using it on a router\")",
+            "clsact: TC mode, and the egress watcher of both modes, work without TCX: {}. Unlike TCX links, \
+             filters run in priority order: ours take the lowest number, a filter added later with a lower one \
+             runs first (see README, \"Using it on a router\")",
             l.detail
         )),
     }

@@ -44,14 +44,14 @@ fn new_kernel() -> Probe {
     Probe { tcx: Ok(()), kern_ctx: true, xfrm_helper: Some(true) }
 }
 
-/// Debian 12's 6.1 as probed in a VM: no TCX, no bpf_cast_to_kern_ctx,
-/// xfrm built in; its bpf_fib_lookup takes SKIP_NEIGH (backported), not MARK.
+/// Debian 12's 6.1.176 as probed in a VM: no TCX, no bpf_cast_to_kern_ctx,
+/// xfrm built in; BPF_F_IPV6 and SKIP_NEIGH backported, no MARK.
 fn debian_6_1() -> HostFacts {
     let probe = Probe { tcx: Err(libc::EINVAL), kern_ctx: false, xfrm_helper: Some(true) };
     HostFacts {
         kernel_release: "6.1.0-50-amd64".into(),
         probe,
-        fastpath: Ok(Features { fib_skip_neigh: true, ..Features::from_probe(&probe) }),
+        fastpath: Ok(Features { csum_ipv6: true, fib_skip_neigh: true, ..Features::from_probe(&probe) }),
         ..good_host()
     }
 }
@@ -159,10 +159,10 @@ fn kernel_features_say_what_each_kernel_got() {
     #[rustfmt::skip]
     let want = [
         ("fast_path", Status::Ok, "loads on kernel 6.1.0-50-amd64"),
-        ("tcx", Status::Ok, "TC mode works without TCX"),
+        ("tcx", Status::Ok, "clsact: TC mode, and the egress watcher of both modes, work without TCX"),
         ("secpath", Status::Ok, "helper: no bpf_cast_to_kern_ctx (6.2+)"),
         ("csum_partial", Status::Ok, "assumed: no bpf_cast_to_kern_ctx (6.2+)"),
-        ("csum_ipv6", Status::Ok, "no: bpf_l4_csum_replace lacks BPF_F_IPV6"),
+        ("csum_ipv6", Status::Ok, "yes: "),
         ("fib_skip_neigh", Status::Ok, "yes: "),
         ("fib_mark", Status::Ok, "no: bpf_fib_lookup refuses BPF_FIB_LOOKUP_MARK (6.10+)"),
     ];
@@ -175,7 +175,7 @@ fn kernel_features_say_what_each_kernel_got() {
     assert!(t.detail.contains("clsact qdisc and cls_bpf") && t.detail.contains("after a kill -9 they stay"), "{t:?}");
     assert!(t.detail.contains("Invalid argument (errno 22)"), "{t:?}");
     let r = judged(&good_host());
-    assert!(host_finding(&r, "tcx").detail.starts_with("TC programs attach through TCX links"));
+    assert!(host_finding(&r, "tcx").detail.starts_with("tcx: TCX links: the kernel detaches them"));
     assert!(host_finding(&r, "secpath").detail.starts_with("kfunc: "));
 
     // fwmark rules on a kernel without BPF_FIB_LOOKUP_MARK: those
@@ -203,7 +203,7 @@ fn kernel_features_say_what_each_kernel_got() {
     assert_eq!(f.status, Status::Fail);
     assert!(f.detail.contains("kernel lacks kfunc bpf_cast_to_kern_ctx"), "{f:?}");
     assert!(!r.offload_possible);
-    assert!(host_finding(&r, "tcx").detail.starts_with("TC mode works without TCX"));
+    assert!(host_finding(&r, "tcx").detail.starts_with("clsact: TC mode"));
     assert!(host_finding(&r, "csum_ipv6").detail.starts_with("unknown: the fast path did not load"));
 }
 
