@@ -272,6 +272,13 @@ impl Dataplane {
         &self.features
     }
 
+    /// Pretend the kernel lacks what a test says (the control plane's
+    /// fallbacks, on a kernel that has the real thing).
+    #[cfg(test)]
+    pub fn features_mut(&mut self) -> &mut Features {
+        &mut self.features
+    }
+
     /// Does this kernel's bpf_fib_lookup take `flag`? It refuses a flag it
     /// does not know with -EINVAL before anything else
     /// (`BPF_CALL_4(bpf_xdp_fib_lookup` in net/core/filter.c); ifindex 1

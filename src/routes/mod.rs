@@ -591,6 +591,44 @@ mod tests {
         assert_eq!(ch.links, vec![(7, true)]);
     }
 
+    /// Without BPF_FIB_LOOKUP_SKIP_NEIGH (refused by kernels before 6.3
+    /// that lack the backport) the reverse-path question gets the same
+    /// answers, neighbour resolved or not. Needs root.
+    #[test]
+    fn egress_for_answers_the_same_without_skip_neigh() {
+        // SAFETY: trivial syscall.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "needs root (netns, BPF)");
+        let r = std::thread::spawn(|| {
+            let sh = |cmd: &str| {
+                let out = std::process::Command::new("sh").args(["-ec", cmd]).output().expect("running sh");
+                assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            // SAFETY: affects only this thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            sh("ip link set lo up; ip link add ra type veth peer name rb; ip link set ra up; ip link set rb up; \
+                ip addr add 10.0.0.1/24 dev ra; ip addr add 10.0.1.1/24 dev rb; \
+                ip route add 198.51.100.0/24 via 10.0.1.2 dev rb; \
+                ip neigh replace 10.0.0.2 lladdr 02:00:00:00:00:02 dev ra nud permanent; \
+                sysctl -qw net.ipv4.ip_forward=1");
+            let (ra, rb) = (link::ifindex("ra").unwrap(), link::ifindex("rb").unwrap());
+            let mut dp = Dataplane::load(16).expect("loading the fast path");
+            let ask = |dp: &Dataplane, dst: &str| egress_for(dp, ra, dst.parse().unwrap()).unwrap();
+            // resolved neighbour, unresolved gateway, unresolved on-link host, no route
+            let cases =
+                [("10.0.0.2", Some(ra)), ("198.51.100.7", Some(rb)), ("10.0.1.9", Some(rb)), ("192.0.2.1", None)];
+            for skip in [true, false] {
+                dp.features_mut().fib_skip_neigh = skip;
+                for (dst, want) in cases {
+                    assert_eq!(ask(&dp, dst), want, "{dst}, SKIP_NEIGH {skip}");
+                }
+            }
+        })
+        .join();
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
+        }
+    }
+
     /// An ndmsg with NDA_DST (IPv4) and, if given, NDA_LLADDR.
     fn ndmsg(ifindex: i32, state: u16, dst: [u8; 4], ll: Option<[u8; 6]>) -> Vec<u8> {
         let mut b = vec![2u8, 0, 0, 0];
