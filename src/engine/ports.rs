@@ -115,6 +115,7 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         // Filled in by `status` from the current topology.
         topology: String::new(),
         stands_for: None,
+        attach: String::new(),
     }
 }
 
@@ -188,6 +189,7 @@ mod tests {
             up,
             topology: String::new(),
             stands_for: None,
+            attach: String::new(),
         }
     }
 
