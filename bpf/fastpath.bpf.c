@@ -50,6 +50,19 @@ volatile __u64 fo_csum_ipv6_flag;
  */
 volatile __u64 fo_wake_lost;
 
+/* Set by the control plane before load (.rodata, frozen: the verifier
+ * takes them as constants and never walks the branches they close, so a
+ * helper or kfunc this kernel lacks is never checked; check_cond_jmp_op
+ * and opt_remove_dead_code in kernel/bpf/verifier.c). Their defaults are
+ * the conservative answers, right on any kernel.
+ */
+
+/* bpf_cast_to_kern_ctx is in this kernel's BTF (6.2+). */
+const volatile __u8 fo_have_kern_ctx = 0;
+
+/* How fo_secpath tells a decrypted packet (enum fo_secpath_how). */
+const volatile __u8 fo_secpath_how = FO_SECPATH_ASSUME;
+
 /* Secpath: a packet xfrm decrypted carries the SKB_EXT_SEC_PATH extension.
  * In tunnel mode xfrm_input (net/xfrm/xfrm_input.c) hands the inner packet
  * to gro_cells_receive, a NAPI of its own that delivers it through
@@ -59,14 +72,14 @@ volatile __u64 fo_wake_lost;
  * checks such a packet against the fwd policy's templates
  * (__xfrm_policy_check), which the fast path cannot: it goes to the kernel.
  *
- * Read straight from the kernel's sk_buff (bpf_cast_to_kern_ctx is a
+ * Best read straight from the kernel's sk_buff (bpf_cast_to_kern_ctx is a
  * verifier rewrite to a register move, then one byte load, CO-RE relocated)
  * rather than with bpf_skb_get_xfrm_state, which costs a helper call
- * (measured: see SECURITY.md) and would keep the program from loading on a
- * kernel without CONFIG_XFRM. Without SKB extensions or XFRM there is no
- * secpath: both existence checks are constants at load time.
+ * (measured: see SECURITY.md). Declared weak: on a kernel without it (6.1)
+ * libbpf turns the call into an invalid one that fails only if reached
+ * (poison_kfunc_call in libbpf.c), and fo_have_kern_ctx keeps it unreached.
  */
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
 
 struct sk_buff___fo {
 	__u8 active_extensions;
@@ -79,24 +92,52 @@ enum skb_ext_id___fo {
 
 static __always_inline bool fo_secpath(struct __sk_buff *skb)
 {
-	struct sk_buff___fo *k;
+	if (fo_secpath_how == FO_SECPATH_KFUNC && fo_have_kern_ctx) {
+		struct sk_buff___fo *k;
 
-	if (!bpf_core_field_exists(struct sk_buff___fo, active_extensions) ||
-	    !bpf_core_enum_value_exists(enum skb_ext_id___fo, SKB_EXT_SEC_PATH))
-		return false;
-	k = bpf_cast_to_kern_ctx(skb);
-	return k->active_extensions & (1 << bpf_core_enum_value(enum skb_ext_id___fo, SKB_EXT_SEC_PATH));
+		/* Without SKB extensions or XFRM there is no secpath: both
+		 * existence checks are constants at load time.
+		 */
+		if (!bpf_core_field_exists(struct sk_buff___fo, active_extensions) ||
+		    !bpf_core_enum_value_exists(enum skb_ext_id___fo, SKB_EXT_SEC_PATH))
+			return false;
+		k = bpf_cast_to_kern_ctx(skb);
+		return k->active_extensions & (1 << bpf_core_enum_value(enum skb_ext_id___fo, SKB_EXT_SEC_PATH));
+	}
+	if (fo_secpath_how == FO_SECPATH_HELPER) {
+		/* bpf_skb_get_xfrm_state (net/core/filter.c, only built with
+		 * CONFIG_XFRM) answers 0 when the skb's sec_path holds a state
+		 * at index 0, -EINVAL when there is none. A sec_path without
+		 * states means no transform was applied: __xfrm_policy_check
+		 * judges it as a clear packet too.
+		 */
+		struct bpf_xfrm_state x;
+
+		return bpf_skb_get_xfrm_state(skb, 0, &x, sizeof(x), 0) == 0;
+	}
+	/* FO_SECPATH_NONE: a kernel without CONFIG_XFRM decrypts nothing.
+	 * FO_SECPATH_ASSUME: no way to tell, so every packet may have been
+	 * decrypted: none is forwarded here (counted as secpath).
+	 */
+	return fo_secpath_how != FO_SECPATH_NONE;
 }
 
 /* CHECKSUM_PARTIAL (include/linux/skbuff.h): the L4 checksum is left to
- * the egress device, which finds the headers from skb->protocol.
+ * the egress device, which finds the headers from skb->protocol. No
+ * __sk_buff field or helper tells it (bpf_csum_level only knows
+ * CHECKSUM_UNNECESSARY), so without the kfunc every skb counts as partial:
+ * the PPPoE pushes that need a full checksum take the slow path
+ * (FO_SLOW_PPPOE_TC_OFFLOAD), nothing else asks.
  */
 #define FO_CHECKSUM_PARTIAL 3
 
 static __always_inline bool fo_csum_partial(struct __sk_buff *skb)
 {
-	struct sk_buff___fo *k = bpf_cast_to_kern_ctx(skb);
+	struct sk_buff___fo *k;
 
+	if (!fo_have_kern_ctx)
+		return true;
+	k = bpf_cast_to_kern_ctx(skb);
 	return BPF_CORE_READ_BITFIELD(k, ip_summed) == FO_CHECKSUM_PARTIAL;
 }
 
@@ -257,10 +298,6 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 	reason = fo_out_encap(f, o);
 	if (reason)
 		goto slow;
-	if (!xdp && o->pppoe && (m->gso_size || fo_csum_partial(skb))) {
-		reason = FO_SLOW_PPPOE_TC_OFFLOAD;
-		goto slow;
-	}
 	/* nf_flow_exceeds_mtu: a GSO packet is fine if each segment fits.
 	 * f->mtu is an L3 MTU, encapsulation already taken off.
 	 */
@@ -271,6 +308,14 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 			reason = FO_SLOW_MTU;
 			goto slow;
 		}
+	}
+	/* After the MTU check, so a packet too big is counted as such on
+	 * every kernel (without bpf_cast_to_kern_ctx every skb counts as
+	 * CHECKSUM_PARTIAL here).
+	 */
+	if (!xdp && o->pppoe && (m->gso_size || fo_csum_partial(skb))) {
+		reason = FO_SLOW_PPPOE_TC_OFFLOAD;
+		goto slow;
 	}
 	/* The flag says the control plane meant it; the lookup says the port
 	 * is still a redirect target now (it may be leaving): checked before
@@ -640,11 +685,12 @@ int fo_fib_query(struct xdp_md *ctx)
 
 /* Never read: they put these types into the object's BTF so the generated
  * Rust skeleton defines them (the control plane builds fo_fib_req, names
- * the fo_stat counters, sets fo_flow_flag bits and fo_hold codes, and reads
- * fo_teardown codes).
+ * the fo_stat counters, sets fo_flow_flag bits, fo_hold codes and
+ * fo_secpath_how, and reads fo_teardown codes).
  */
 const volatile struct fo_fib_req fo_btf_fib_req;
 const volatile enum fo_stat fo_btf_stat;
 const volatile enum fo_flow_flag fo_btf_flow_flag;
 const volatile enum fo_teardown fo_btf_teardown;
 const volatile enum fo_hold fo_btf_hold;
+const volatile enum fo_secpath_how fo_btf_secpath_how;

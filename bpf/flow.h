@@ -176,6 +176,17 @@ enum fo_stat {
 	FO_STAT_MAX,
 };
 
+/* How the TC entry tells a packet xfrm decrypted (fo_secpath_how in
+ * fastpath.bpf.c), chosen by the control plane from what the kernel has.
+ * Zero is the answer that is right without knowing anything.
+ */
+enum fo_secpath_how {
+	FO_SECPATH_ASSUME = 0,	/* no way to tell: every packet may be (slow path) */
+	FO_SECPATH_KFUNC,	/* bpf_cast_to_kern_ctx (6.2+): the skb's extensions */
+	FO_SECPATH_HELPER,	/* bpf_skb_get_xfrm_state (CONFIG_XFRM) */
+	FO_SECPATH_NONE,	/* no CONFIG_XFRM: nothing is ever decrypted */
+};
+
 /* How old the control plane's heartbeat (fo_engine_beat_ns) may be before
  * the fast path steps aside: a stalled engine no longer follows conntrack,
  * routes or the ruleset, so its entries may be stale. The engine writes the

@@ -40,6 +40,18 @@ pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
 
 /// A sysctl by its dotted name ("net.ipv4.ip_forward"), trimmed; None when
 /// it does not exist here (module not loaded, not the initial namespace).
+/// The running kernel's release (`uname -r`); empty if uname fails.
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills a zeroed struct; release is NUL-terminated.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(u.release.as_ptr()).to_string_lossy().into_owned()
+    }
+}
+
 pub fn sysctl(name: &str) -> Option<String> {
     fs::read_to_string(Path::new("/proc/sys").join(name.replace('.', "/"))).ok().map(|s| s.trim().to_string())
 }

@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nft_offload::dataplane::Dataplane;
+use nft_offload::dataplane::{Dataplane, Probe};
 
 use crate::frames::{RTR_LAN_MAC, RTR_WAN_MAC};
 
@@ -37,6 +37,12 @@ impl PrivateRouter {
     /// processes it starts inherit it) and build the router there, with a
     /// fast path sized for `max_flows`. Needs root.
     pub fn enter(max_flows: u32) -> Result<PrivateRouter> {
+        Self::enter_for(max_flows, &Probe::kernel())
+    }
+
+    /// The same with the fast path built for `probe`: an older kernel's
+    /// fallbacks, run on this one.
+    pub fn enter_for(max_flows: u32, probe: &Probe) -> Result<PrivateRouter> {
         crate::lab::require_root()?;
         // SAFETY: affects only the calling thread.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -54,7 +60,7 @@ impl PrivateRouter {
         }
         let ifindex = |n: &str| nft_offload::routes::link::ifindex(n).ok_or_else(|| anyhow!("{n} missing"));
         let (lan, wan) = (ifindex("rlan")?, ifindex("rwan")?);
-        let mut dp = Dataplane::load(max_flows)?;
+        let mut dp = Dataplane::load_for(max_flows, probe)?;
         // A live control plane, as far as the fast path can tell.
         dp.set_heartbeat(nft_offload::engine::now_ns());
         dp.add_xdp_target(lan)?;

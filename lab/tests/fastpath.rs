@@ -5,7 +5,7 @@
 //! tuples, so NAT derivation and checksum differences are tested together.
 
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{fo_teardown, Dataplane, STAT_NAMES};
+use nft_offload::dataplane::{fo_teardown, Dataplane, Probe, STAT_NAMES};
 use nft_offload::flow::{build_direction, Hold, NextHop};
 use nft_offload_lab::frames::{
     fix_ip4_csum, tcp4, tcp6, udp4, udp6, CLIENT_MAC as CLIENT, RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN,
@@ -26,7 +26,12 @@ fn t(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
 /// A private netns with two veths standing for the router's LAN and WAN
 /// ports, and the fast path loaded with the lab's connections.
 fn setup() -> PrivateRouter {
-    let lab = PrivateRouter::enter(1024).unwrap_or_else(|e| panic!("private router: {e:#}"));
+    setup_for(&Probe::kernel())
+}
+
+/// The same, the fast path built for `probe` (an older kernel's fallbacks).
+fn setup_for(probe: &Probe) -> PrivateRouter {
+    let lab = PrivateRouter::enter_for(1024, probe).unwrap_or_else(|e| panic!("private router: {e:#}"));
     let (dp, lan, wan) = (&lab.dp, lab.lan, lab.wan);
     let to_wan = NextHop { ifindex: wan, smac: R_WAN, dmac: SERVER, mtu: 1500, xdp_ok: true };
     let to_lan = NextHop { ifindex: lan, smac: R_LAN, dmac: CLIENT, mtu: 1500, xdp_ok: true };
@@ -447,6 +452,39 @@ fn tc_secpath_check_lets_clear_packets_through() {
     }
     assert_eq!(stat(&lab.dp, "secpath"), 0);
     assert_eq!(stat(&lab.dp, "fwd_packets"), frames.len() as u64);
+}
+
+/// Kernels without bpf_cast_to_kern_ctx (6.1) find a decrypted packet with
+/// bpf_skb_get_xfrm_state: clear packets still forward. With no way to tell
+/// (no kfunc, helper unknown), TC forwards nothing, counted as `secpath`,
+/// while XDP, which never sees a decrypted packet, forwards the same frames.
+#[test]
+fn tc_secpath_fallbacks_of_older_kernels() {
+    let pl = b"clear";
+    let frames = |lab: &PrivateRouter| {
+        [
+            (lab.lan, udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, pl)),
+            (lab.wan, udp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 40001, pl)),
+            (lab.lan, tcp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40002, 5201, pl)),
+        ]
+    };
+    let helper = Probe { kern_ctx: false, xfrm_helper: Some(true), ..Probe::kernel() };
+    let lab = setup_for(&helper);
+    assert_eq!(lab.dp.features().secpath, nft_offload::dataplane::Secpath::Helper);
+    for (ifindex, f) in &frames(&lab) {
+        assert_eq!(lab.dp.test_tc(f, *ifindex, None, 1).unwrap().0, TC_REDIRECT);
+    }
+    assert_eq!((stat(&lab.dp, "secpath"), stat(&lab.dp, "fwd_packets")), (0, 3));
+    drop(lab);
+
+    let blind = Probe { kern_ctx: false, xfrm_helper: None, ..Probe::kernel() };
+    let lab = setup_for(&blind);
+    assert_eq!(lab.dp.features().secpath, nft_offload::dataplane::Secpath::Assumed);
+    for (ifindex, f) in &frames(&lab) {
+        assert_eq!(lab.dp.test_tc(f, *ifindex, None, 1).unwrap().0, TC_NEXT);
+        assert_eq!(lab.dp.test_xdp(f, *ifindex, 1).unwrap().0, XDP_REDIRECT);
+    }
+    assert_eq!((stat(&lab.dp, "secpath"), stat(&lab.dp, "fwd_packets")), (3, 3));
 }
 
 /// The probe asks the kernel: from 6.16 on it must find BPF_F_IPV6.

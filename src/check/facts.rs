@@ -1,5 +1,7 @@
-//! Gathering: everything `check` looks at, read and never changed. The only
-//! load is libbpf's probe program, closed at once; nothing is attached.
+//! Gathering: everything `check` looks at, read and never changed. It loads
+//! libbpf's probe programs and the fast path itself (as `run` would, to
+//! learn what this kernel gives it), each closed at once; nothing is
+//! attached.
 //!
 //! Everything is read in the calling thread's network namespace: per-netns
 //! proc files through /proc/thread-self/net and /proc/sys/net (both follow the
@@ -41,6 +43,12 @@ pub(super) struct HostFacts {
     pub rules: crate::routes::rules::PolicyRules,
     /// The xfrm policies, as the engine reads them.
     pub xfrm: crate::xfrm::Spd,
+    /// What the kernel was asked before the fast path is built (TCX,
+    /// bpf_cast_to_kern_ctx, bpf_skb_get_xfrm_state).
+    pub probe: crate::dataplane::Probe,
+    /// The fast path loaded (not attached) as `run` loads it: what it got,
+    /// or why it did not load (the error names the missing feature).
+    pub fastpath: Result<crate::dataplane::Features, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +93,9 @@ pub(super) struct IfaceFacts {
     pub beneath: Option<Result<Beneath, String>>,
     pub xdp_prog: Option<ProgRef>,
     pub tc_ingress: Vec<TcProg>,
+    /// cls_bpf filters of nft-offload's own programs (a running engine's
+    /// where there is no TCX, or ones a killed engine left).
+    pub own_filters: Vec<crate::dataplane::tc_legacy::OwnFilter>,
     /// What a fast-path redirect would skip on it (read as for TC mode;
     /// the findings apply the mode).
     pub hooks: crate::hooks::DeviceHooks,
@@ -124,7 +135,10 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
             .collect(),
         Err(_) => Vec::new(),
     };
-    let mut hooks = crate::hooks::read(&ports);
+    // nft-offload's own filters (a running engine's, or a killed one's:
+    // the `own_filters` item reports them) are not hooks it would skip.
+    let own = |p: &crate::hooks::tc::BpfProg| crate::dataplane::tc_legacy::OWN_TC_PROGS.contains(&p.name.as_str());
+    let mut hooks = crate::hooks::read(&ports, &own);
     let ifaces = names
         .iter()
         .map(|n| match &table {
@@ -164,7 +178,7 @@ fn bridge_of(t: &LinkTable, master: Option<u32>) -> Option<String> {
 }
 
 fn gather_host() -> HostFacts {
-    let release = kernel_release();
+    let release = host::kernel_release();
     let config = kernel_config(&release);
     HostFacts {
         cap_eff: host::effective_caps(),
@@ -190,7 +204,18 @@ fn gather_host() -> HostFacts {
         links_unreadable: None,
         rules: crate::routes::rules::PolicyRules::read(),
         xfrm: crate::xfrm::read_spd(),
+        probe: crate::dataplane::Probe::kernel(),
+        fastpath: load_fastpath(),
     }
+}
+
+/// Load the fast path as `run` would (a small flow table; nothing is
+/// attached, and it is closed at once), for what the kernel gives it.
+fn load_fastpath() -> Result<crate::dataplane::Features, String> {
+    crate::dataplane::Dataplane::load(16).map(|dp| *dp.features()).map_err(|e| {
+        // The first line names the cause; the log's tail follows it.
+        format!("{e:#}").lines().next().unwrap_or_default().to_string()
+    })
 }
 
 /// libbpf's own feature probe: BPF_PROG_LOAD of `r0 = 0; exit` as XDP.
@@ -203,17 +228,6 @@ fn probe_bpf_load() -> Result<(), i32> {
         1 => Ok(()),
         0 => Err(errno),
         e => Err(-e),
-    }
-}
-
-fn kernel_release() -> String {
-    // SAFETY: uname fills a zeroed struct; release is NUL-terminated.
-    unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
-            return String::new();
-        }
-        std::ffi::CStr::from_ptr(u.release.as_ptr()).to_string_lossy().into_owned()
     }
 }
 
@@ -275,6 +289,7 @@ impl IfaceFacts {
             beneath: None,
             xdp_prog: None,
             tc_ingress: Vec::new(),
+            own_filters: Vec::new(),
             hooks: Default::default(),
             topology: None,
         }
@@ -302,6 +317,7 @@ fn gather_iface(table: &LinkTable, name: &str) -> IfaceFacts {
             .collect(),
         xdp_prog,
         tc_ingress,
+        own_filters: crate::dataplane::tc_legacy::own_filters(l.ifindex).unwrap_or_default(),
         hooks: Default::default(),
         topology: None,
     }

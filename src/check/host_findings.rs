@@ -3,6 +3,7 @@
 
 use super::facts::HostFacts;
 use super::Verdict;
+use crate::dataplane::{FeatureLine, Features};
 use crate::host::{has_cap, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN};
 
 /// What host findings may look at besides the host's facts.
@@ -23,7 +24,13 @@ pub(super) const HOST_FINDINGS: &[(&str, HostFinding)] = &[
     ("bpf_syscall", bpf_syscall),
     ("bpf_jit", bpf_jit),
     ("btf", btf),
+    ("fast_path", fast_path),
     ("tcx", tcx),
+    ("secpath", secpath),
+    ("csum_partial", csum_partial),
+    ("csum_ipv6", csum_ipv6),
+    ("fib_skip_neigh", fib_skip_neigh),
+    ("fib_mark", fib_mark),
     ("conntrack_kfuncs", conntrack_kfuncs),
     ("nf_flow_table", nf_flow_table),
     ("conntrack", conntrack),
@@ -184,25 +191,94 @@ fn btf(h: &HostFacts, _: &HostCtx) -> Verdict {
     }
 }
 
-pub(super) fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+/// Loading the whole fast path, as `run` does (nothing attached).
+fn fast_path(h: &HostFacts, _: &HostCtx) -> Verdict {
+    match &h.fastpath {
+        Ok(_) => Verdict::ok(format!(
+            "loads on kernel {} (the verifier accepts every program; checked without attaching)",
+            h.kernel_release
+        )),
+        Err(e) => Verdict::fail(
+            e.clone(),
+            "the error names what this kernel lacks: nft-offload needs Linux 6.1 or newer with BTF              (CONFIG_DEBUG_INFO_BTF=y); `NFT_OFFLOAD_LOG=debug nft-offload run ...` shows libbpf's warnings",
+        ),
+    }
 }
 
-fn tcx(h: &HostFacts, ctx: &HostCtx) -> Verdict {
-    let what = match kernel_version(&h.kernel_release) {
-        Some(ver) if ver >= (6, 6) => {
-            return Verdict::ok(format!("kernel {}: TC mode attaches through TCX links", h.kernel_release))
-        }
-        Some(_) => format!("kernel {} is older than 6.6: no TCX, so no TC mode", h.kernel_release),
-        None => format!("kernel release {:?} not understood: TCX (6.6+) unknown", h.kernel_release),
+/// The feature line `name` as `status` shows it: from the probe for what
+/// decides the build, from the loaded fast path for what it asked since.
+fn feature(h: &HostFacts, name: &str) -> Option<FeatureLine> {
+    let f = match (&h.fastpath, name) {
+        (Ok(f), _) => *f,
+        (Err(_), "tc_attach" | "secpath" | "csum_partial") => Features::from_probe(&h.probe),
+        (Err(_), _) => return None,
     };
-    let remedy = "kernel 6.6 or newer, or --mode xdp on hardware NICs without a shaper";
-    if ctx.tc_needed {
-        Verdict::fail(what, remedy)
-    } else {
-        Verdict::warn(format!("{what} (not needed: every interface uses XDP)"), remedy)
+    f.lines().into_iter().find(|l| l.name == name)
+}
+
+const NOT_LOADED: &str = "unknown: the fast path did not load (see fast_path)";
+
+/// TCX or clsact: probed (BPF_PROG_QUERY for BPF_TCX_INGRESS), not read
+/// off the version. Both modes need it: the egress watcher is on TC.
+fn tcx(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let Some(l) = feature(h, "tc_attach") else { return Verdict::ok(NOT_LOADED) };
+    match l.value.as_str() {
+        "tcx" => Verdict::ok(format!("tcx: {}", l.detail)),
+        _ => Verdict::ok(format!(
+            "clsact: TC mode, and the egress watcher of both modes, work without TCX: {}. Unlike TCX links, \
+             filters run in priority order: ours take the lowest number, a filter added later with a lower one \
+             runs first (see README, \"Using it on a router\")",
+            l.detail
+        )),
     }
+}
+
+/// How decrypted packets are told apart in TC (fastpath.bpf.c fo_secpath).
+fn secpath(h: &HostFacts, ctx: &HostCtx) -> Verdict {
+    let Some(l) = feature(h, "secpath") else { return Verdict::ok(NOT_LOADED) };
+    if l.value == "assumed" && ctx.tc_needed {
+        return Verdict::warn(
+            l.detail,
+            "a kernel with CONFIG_XFRM (bpf_skb_get_xfrm_state) or 6.2+ (bpf_cast_to_kern_ctx); or --mode xdp on \
+             NICs with native XDP",
+        );
+    }
+    Verdict::ok(format!("{}: {}", l.value, l.detail))
+}
+
+/// One informational feature line: what this kernel got, and the cost of
+/// the fallback if it is one.
+fn informational(h: &HostFacts, name: &str) -> Verdict {
+    match feature(h, name) {
+        Some(l) => Verdict::ok(format!("{}: {}", l.value, l.detail)),
+        None => Verdict::ok(NOT_LOADED),
+    }
+}
+
+fn csum_partial(h: &HostFacts, _: &HostCtx) -> Verdict {
+    informational(h, "csum_partial")
+}
+
+fn csum_ipv6(h: &HostFacts, _: &HostCtx) -> Verdict {
+    informational(h, "csum_ipv6")
+}
+
+fn fib_skip_neigh(h: &HostFacts, _: &HostCtx) -> Verdict {
+    informational(h, "fib_skip_neigh")
+}
+
+/// BPF_FIB_LOOKUP_MARK matters only where ip rules select on fwmark.
+fn fib_mark(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let Some(l) = feature(h, "fib_mark") else { return Verdict::ok(NOT_LOADED) };
+    let by_mark = h.rules.v4.by_mark || h.rules.v6.by_mark;
+    if l.value == "no" && by_mark {
+        return Verdict::warn(
+            format!("ip rules select on fwmark and {}", l.detail),
+            "a kernel whose bpf_fib_lookup takes BPF_FIB_LOOKUP_MARK (6.10+), or routing that does not select \
+             on the mark",
+        );
+    }
+    Verdict::ok(format!("{}: {}", l.value, l.detail))
 }
 
 /// Informational: the engine uses ctnetlink today, not these kfuncs.

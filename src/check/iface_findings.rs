@@ -39,12 +39,13 @@ pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
     ("egress_qdisc", egress_qdisc),
     ("xdp_program", xdp_program),
     ("tc_ingress", tc_ingress),
+    ("own_filters", own_filters),
     ("device_hooks", device_hooks),
 ];
 
 /// nft-offload's own program names (bpf/fastpath.bpf.c): a previous or
 /// running `nft-offload run` is reported as such, not as a stranger.
-const OWN_PROGS: [&str; 3] = ["fo_xdp", "fo_xdp_md", "fo_tc"];
+const OWN_PROGS: [&str; 6] = ["fo_xdp", "fo_xdp_md", "fo_tc", "fo_tc_l3", "fo_tc_egress", "fo_tc_egress_l3"];
 
 /// The report of one interface; `decision` is None when it does not exist.
 pub(super) fn report(f: &IfaceFacts, decision: Option<ModeDecision>) -> IfaceReport {
@@ -346,6 +347,30 @@ fn tc_ingress(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
             desc.join(", ")
         ),
         "check what they return for forwarded traffic, or detach them",
+    ))
+}
+
+/// cls_bpf filters of nft-offload's programs (kernels without TCX): a
+/// running engine's, or ones a killed engine left, which forward nothing
+/// (stale heartbeat) until the next start removes them.
+fn own_filters(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    if f.own_filters.is_empty() {
+        return None;
+    }
+    let (stale, live): (Vec<_>, Vec<_>) = f.own_filters.iter().partition(|o| o.stale());
+    if stale.is_empty() {
+        let what: Vec<String> = live.iter().map(|o| o.describe()).collect();
+        return Some(Verdict::ok(format!("a running nft-offload engine's tc filters: {}", what.join("; "))));
+    }
+    let what: Vec<String> = stale.iter().map(|o| o.describe()).collect();
+    let cmds: Vec<String> = stale.iter().map(|o| o.remove_command(&c.link.name)).collect();
+    Some(Verdict::warn(
+        format!(
+            "tc filters a stopped nft-offload engine left (killed before it could remove them): {}; they forward \
+             nothing (stale heartbeat: every packet goes on to the kernel)",
+            what.join("; ")
+        ),
+        format!("the next `nft-offload run` on {} removes them; or now: {}", c.link.name, cmds.join("; ")),
     ))
 }
 

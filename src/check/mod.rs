@@ -109,8 +109,9 @@ pub struct CheckReport {
     pub offload_possible: bool,
 }
 
-/// Gather facts from this host and judge them. Changes nothing: the only
-/// load is libbpf's probe program, closed at once; nothing is attached.
+/// Gather facts from this host and judge them. Changes nothing: the
+/// programs it loads (libbpf's probes, the fast path) are closed at once;
+/// nothing is attached.
 pub fn run(opts: &CheckOpts) -> CheckReport {
     let (host, ifaces) = facts::gather(&opts.ifaces);
     judge(&host, &ifaces, opts.mode)

@@ -2,9 +2,9 @@ use std::fs;
 use std::process::Command;
 
 use super::facts::{config_enabled, ProgRef, TcProg, KFUNCS};
-use super::host_findings::kernel_version;
 use super::iface_findings::native_xdp;
 use super::*;
+use crate::dataplane::{Features, Probe};
 use crate::host::CAP_NET_ADMIN;
 use crate::routes::link;
 use crate::routes::link::peer::{Netns, PeerFacts};
@@ -31,6 +31,30 @@ fn good_host() -> HostFacts {
         links_unreadable: None,
         rules: Default::default(),
         xfrm: Default::default(),
+        probe: new_kernel(),
+        fastpath: Ok(Features {
+            csum_ipv6: true,
+            fib_skip_neigh: true,
+            fib_mark: true,
+            ..Features::from_probe(&new_kernel())
+        }),
+    }
+}
+
+/// A kernel with everything (6.16+).
+fn new_kernel() -> Probe {
+    Probe { tcx: Ok(()), kern_ctx: true, xfrm_helper: Some(true) }
+}
+
+/// Debian 12's 6.1.176 as probed in a VM: no TCX, no bpf_cast_to_kern_ctx,
+/// xfrm built in; BPF_F_IPV6 and SKIP_NEIGH backported, no MARK.
+fn debian_6_1() -> HostFacts {
+    let probe = Probe { tcx: Err(libc::EINVAL), kern_ctx: false, xfrm_helper: Some(true) };
+    HostFacts {
+        kernel_release: "6.1.0-50-amd64".into(),
+        probe,
+        fastpath: Ok(Features { csum_ipv6: true, fib_skip_neigh: true, ..Features::from_probe(&probe) }),
+        ..good_host()
     }
 }
 
@@ -52,6 +76,7 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
         beneath: None,
         xdp_prog: None,
         tc_ingress: Vec::new(),
+        own_filters: Vec::new(),
         hooks: Default::default(),
         topology: None,
     }
@@ -145,22 +170,62 @@ fn every_host_failure_has_a_remedy_and_makes_exit_nonzero() {
     assert_eq!(host_finding(&judged(&h), "conntrack_events").status, Status::Ok);
 }
 
+/// Each kernel's features, one row per host item they decide: what 6.1
+/// gets is said, and only what costs offload where it matters warns.
 #[test]
-fn tcx_fails_only_when_tc_mode_is_needed() {
-    let mut h = good_host();
-    h.kernel_release = "6.1.0-18-amd64".into();
-    let r = judge(&h, &hw_pair(), ModeChoice::Auto);
-    assert_eq!(host_finding(&r, "tcx").status, Status::Warn, "hardware pair uses XDP");
-    assert!(r.offload_possible);
-    let r = judge(&h, &hw_pair(), ModeChoice::Tc);
-    assert_eq!(host_finding(&r, "tcx").status, Status::Fail);
-    assert!(host_finding(&r, "tcx").detail.contains("older than 6.6"));
-    let r = judge(&h, &[iface("a", "veth", "noqueue"), iface("b", "veth", "noqueue")], ModeChoice::Auto);
-    assert_eq!(host_finding(&r, "tcx").status, Status::Fail);
-    h.kernel_release = "6.6.0".into();
-    assert_eq!(host_finding(&judged(&h), "tcx").status, Status::Ok);
-    assert_eq!(kernel_version("6.18.44-fc-v782"), Some((6, 18)));
-    assert_eq!(kernel_version("garbage"), None);
+fn kernel_features_say_what_each_kernel_got() {
+    let veths = || [iface("a", "veth", "noqueue"), iface("b", "veth", "noqueue")];
+    let r = judge(&debian_6_1(), &veths(), ModeChoice::Tc);
+    assert!(r.offload_possible, "6.1 runs TC through clsact");
+    #[rustfmt::skip]
+    let want = [
+        ("fast_path", Status::Ok, "loads on kernel 6.1.0-50-amd64"),
+        ("tcx", Status::Ok, "clsact: TC mode, and the egress watcher of both modes, work without TCX"),
+        ("secpath", Status::Ok, "helper: no bpf_cast_to_kern_ctx (6.2+)"),
+        ("csum_partial", Status::Ok, "assumed: no bpf_cast_to_kern_ctx (6.2+)"),
+        ("csum_ipv6", Status::Ok, "yes: "),
+        ("fib_skip_neigh", Status::Ok, "yes: "),
+        ("fib_mark", Status::Ok, "no: bpf_fib_lookup refuses BPF_FIB_LOOKUP_MARK (6.10+)"),
+    ];
+    for (item, status, start) in want {
+        let f = host_finding(&r, item);
+        assert_eq!(f.status, status, "{f:?}");
+        assert!(f.detail.starts_with(start), "{item}: {}", f.detail);
+    }
+    let t = host_finding(&r, "tcx");
+    assert!(t.detail.contains("clsact qdisc and cls_bpf") && t.detail.contains("after a kill -9 they stay"), "{t:?}");
+    assert!(t.detail.contains("Invalid argument (errno 22)"), "{t:?}");
+    let r = judged(&good_host());
+    assert!(host_finding(&r, "tcx").detail.starts_with("tcx: TCX links: the kernel detaches them"));
+    assert!(host_finding(&r, "secpath").detail.starts_with("kfunc: "));
+
+    // fwmark rules on a kernel without BPF_FIB_LOOKUP_MARK: those
+    // connections stay with the kernel.
+    let mut h = debian_6_1();
+    h.rules.v4.by_mark = true;
+    let f = host_finding(&judge(&h, &veths(), ModeChoice::Tc), "fib_mark").clone();
+    assert_eq!(f.status, Status::Warn, "{f:?}");
+    assert!(f.detail.starts_with("ip rules select on fwmark and bpf_fib_lookup refuses"), "{f:?}");
+
+    // No way to tell a decrypted packet: TC forwards nothing.
+    h.probe.xfrm_helper = None;
+    h.fastpath = Ok(Features::from_probe(&h.probe));
+    let r = judge(&h, &veths(), ModeChoice::Tc);
+    assert_eq!(host_finding(&r, "secpath").status, Status::Warn);
+    let r = judge(&h, &hw_pair(), ModeChoice::Xdp);
+    assert_eq!(host_finding(&r, "secpath").status, Status::Ok, "XDP never sees a decrypted packet");
+
+    // The fast path does not load: the error names the missing feature,
+    // the probed items still say what they know, the others say why not.
+    h.fastpath =
+        Err("loading the BPF fast path failed: kernel lacks kfunc bpf_cast_to_kern_ctx (needs Linux >= 6.2)".into());
+    let r = judge(&h, &veths(), ModeChoice::Tc);
+    let f = host_finding(&r, "fast_path");
+    assert_eq!(f.status, Status::Fail);
+    assert!(f.detail.contains("kernel lacks kfunc bpf_cast_to_kern_ctx"), "{f:?}");
+    assert!(!r.offload_possible);
+    assert!(host_finding(&r, "tcx").detail.starts_with("clsact: TC mode"));
+    assert!(host_finding(&r, "csum_ipv6").detail.starts_with("unknown: the fast path did not load"));
 }
 
 #[test]
@@ -385,6 +450,42 @@ fn other_programs_and_shapers() {
     assert_eq!(finding(i, "egress_qdisc").status, Status::Warn, "XDP bypasses the shaper");
 }
 
+/// Without TCX the fast path sits in cls_bpf filters, which a killed
+/// engine leaves behind: check names them and the command that removes them.
+#[test]
+fn own_filters_left_by_a_killed_engine_say_how_to_go() {
+    use crate::dataplane::tc_legacy::OwnFilter;
+    let f = |ingress, name: &str, beat_age_ns| OwnFilter {
+        ingress,
+        pref: 1,
+        handle: 1,
+        prog_id: 40,
+        name: name.into(),
+        beat_age_ns,
+    };
+    let mut a = iface("eth0", "ixgbe", "mq");
+    let item = |a: &IfaceFacts| {
+        let r = judge(&debian_6_1(), &[a.clone(), iface("eth1", "ixgbe", "mq")], ModeChoice::Tc);
+        r.interfaces[0].findings.iter().find(|f| f.item == "own_filters").cloned()
+    };
+    assert_eq!(item(&a), None, "nothing to say without them");
+    a.own_filters = vec![f(true, "fo_tc", Some(100_000_000)), f(false, "fo_tc_egress", Some(50_000_000))];
+    let o = item(&a).unwrap();
+    assert_eq!(o.status, Status::Ok);
+    assert!(o.detail.starts_with("a running nft-offload engine's tc filters: ingress pref 1"), "{o:?}");
+    a.own_filters = vec![f(true, "fo_tc", Some(60_000_000_000)), f(false, "fo_tc_egress", None)];
+    let o = item(&a).unwrap();
+    assert_eq!(o.status, Status::Warn);
+    assert!(o.detail.contains("fo_tc (id 40), heartbeat 60.0 s old") && o.detail.contains("forward nothing"), "{o:?}");
+    assert_eq!(
+        o.remedy.as_deref(),
+        Some(
+            "the next `nft-offload run` on eth0 removes them; or now: tc filter del dev eth0 ingress pref 1 handle \
+             0x1 bpf; tc filter del dev eth0 egress pref 1 handle 0x1 bpf"
+        )
+    );
+}
+
 #[test]
 fn device_hooks_name_what_the_fast_path_would_skip() {
     use crate::hooks::{DeviceHooks, TcFilter};
@@ -570,7 +671,7 @@ fn netns_scenario() {
     let ev = host_finding(&r, "conntrack_events");
     assert_eq!(ev.status, Status::Fail, "{text}");
     assert_eq!(ev.remedy.as_deref(), Some("sysctl -w net.netfilter.nf_conntrack_events=1"));
-    for ok in ["btf", "privileges", "bpf_syscall", "tcx", "conntrack", "interfaces"] {
+    for ok in ["btf", "privileges", "bpf_syscall", "fast_path", "tcx", "conntrack", "interfaces"] {
         assert_eq!(host_finding(&r, ok).status, Status::Ok, "{ok}\n{text}");
     }
     // A fresh namespace does not forward.

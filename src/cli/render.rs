@@ -7,6 +7,12 @@ use crate::proto::{self, IPPROTO_TCP, IPPROTO_UDP};
 pub fn render_status(s: &Status) -> String {
     let mut o = String::new();
     o += &format!("nft-offload running (pid {}, up {}s, mode {:?})\n", s.pid, s.uptime_s, s.mode_requested);
+    if let Some(k) = &s.kernel {
+        o += &format!("Kernel {} (what it gave the fast path):\n", k.release);
+        for f in &k.features {
+            o += &format!("  {:<14} {:<8} {}\n", f.name, f.value, f.detail);
+        }
+    }
     o += "Interfaces:\n";
     for i in &s.interfaces {
         o += &format!(
@@ -20,6 +26,9 @@ pub fn render_status(s: &Status) -> String {
         );
         if !i.topology.is_empty() {
             o += &format!("  {:<12} {}\n", "", i.topology);
+        }
+        if !i.attach.is_empty() {
+            o += &format!("  {:<12} attached: {}\n", "", i.attach);
         }
         for line in [i.xdp_target.as_deref(), i.vlan_tags.as_deref()].into_iter().flatten() {
             o += &format!("  {:<12} {line}\n", "");
@@ -125,11 +134,22 @@ mod tests {
             vlan_tags: None,
             serves: Vec::new(),
             listed: true,
+            attach: if name == "wan0" {
+                "clsact (created): cls_bpf ingress pref 1 handle 0x1".into()
+            } else {
+                String::new()
+            },
         };
+        let probe = crate::dataplane::Probe { tcx: Err(libc::EINVAL), kern_ctx: false, xfrm_helper: Some(true) };
         Status {
             pid: 42,
             uptime_s: 7,
             mode_requested: ModeChoice::Auto,
+            kernel: Some(crate::control::KernelView {
+                release: "6.1.0-50-amd64".into(),
+                tc_attach: "clsact".into(),
+                features: crate::dataplane::Features::from_probe(&probe).lines(),
+            }),
             interfaces: vec![iface("lan0", 2, true), iface("wan0", 3, false)],
             flows_offloaded: 1,
             flows_waiting_for_neighbour: 0,
@@ -160,6 +180,16 @@ mod tests {
         // an unknown driver shows as ?, a down link as DOWN
         assert!(t.contains("  wan0         ifindex 3    tc   DOWN  driver ?          software device\n"), "{t}");
         assert!(t.contains("software device\n               lan0: bridge, ports lan1 lan2\n  wan0"), "{t}");
+        assert!(
+            t.contains("software device\n               attached: clsact (created): cls_bpf ingress pref 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\nKernel 6.1.0-50-amd64 (what it gave the fast path):\n  tc_attach      clsact   no TCX"),
+            "{t}"
+        );
+        assert!(t.contains("\n  secpath        helper   no bpf_cast_to_kern_ctx (6.2+)"), "{t}");
+        assert!(t.contains("\n  fib_mark       no       bpf_fib_lookup refuses"), "{t}");
         assert!(t.contains("Flows: 1 offloaded / 65536 capacity, 0 waiting for a neighbour, 2 dormant (idle > 30s)"));
         // zero counters are left out
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
@@ -175,9 +205,9 @@ mod tests {
         let t = render_status(&s);
         assert!(
             t.contains(
-                "software device\n               takes XDP redirects (xdp-features: ndo-xmit)\n               VLAN tags \
-                 read in the frame (rx-vlan-offload off)\n               not listed itself; serves the listed wan0.7 \
-                 (VLAN 7)\n"
+                "pref 1 handle 0x1\n               takes XDP redirects (xdp-features: ndo-xmit)\n               VLAN \
+                 tags read in the frame (rx-vlan-offload off)\n               not listed itself; serves the listed \
+                 wan0.7 (VLAN 7)\n"
             ),
             "{t}"
         );

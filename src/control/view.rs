@@ -43,10 +43,25 @@ pub struct IfaceStatus {
     /// Listed itself (false: attached only to serve `serves`).
     #[serde(default = "yes")]
     pub listed: bool,
+    /// How the programs are attached: "tcx ingress and egress links", or
+    /// "clsact (created): cls_bpf ingress pref 1 handle 0x1, ..." where the
+    /// kernel has no TCX (filled in by `status`).
+    #[serde(default)]
+    pub attach: String,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// The kernel the engine runs on, and what it gave the fast path
+/// (`dataplane::Features`, probed at start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelView {
+    pub release: String,
+    /// "tcx" or "clsact" (also the first feature line).
+    pub tc_attach: String,
+    pub features: Vec<crate::dataplane::FeatureLine>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +69,9 @@ pub struct Status {
     pub pid: u32,
     pub uptime_s: u64,
     pub mode_requested: ModeChoice,
+    /// What this kernel gave the fast path (None from an older engine).
+    #[serde(default)]
+    pub kernel: Option<KernelView>,
     pub interfaces: Vec<IfaceStatus>,
     pub flows_offloaded: usize,
     pub flows_waiting_for_neighbour: usize,

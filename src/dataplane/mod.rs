@@ -1,6 +1,9 @@
 //! The BPF fast path: loading the skeleton, attaching it to interfaces
 //! (XDP or TCX links owned by this process, so the kernel detaches them if
-//! the process dies), and the maps the control plane programs.
+//! the process dies; clsact + cls_bpf where the kernel has no TCX, see
+//! `tc_legacy`), and the maps the control plane programs. What the kernel
+//! offers is probed first (`features`), and decides how it is built and
+//! attached.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -19,14 +22,27 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
 }
 
+pub mod features;
+pub mod load_error;
+pub mod tc_legacy;
 mod test_run;
 mod walk;
+
+pub use features::{FeatureLine, Features, Probe, Secpath, TcAttach};
 
 pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
 /// uapi bpf.h (6.16+); the build headers may predate it.
 const BPF_F_IPV6: u64 = 1 << 7;
+
+/// bpf_fib_lookup flags the control plane may use (include/uapi/linux/bpf.h).
+pub mod routes_flags {
+    /// 6.3 (and some stable trees): skip the neighbour lookup.
+    pub const SKIP_NEIGH: u32 = 1 << 2;
+    /// 6.10: `mark` is the packet's mark for the rules.
+    pub const MARK: u32 = 1 << 5;
+}
 
 // STAT_NAMES, derived from `enum fo_stat` in bpf/flow.h (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
@@ -103,22 +119,40 @@ fn log_tail(n: usize) -> String {
     log.iter().skip(start).cloned().collect::<Vec<_>>().join("\n")
 }
 
-/// What keeps a program attached: dropping it detaches (held only for
-/// its Drop, hence never read).
+/// What keeps the TC programs of one interface attached: dropping it
+/// detaches them (held only for its Drop, hence never read).
 #[allow(dead_code)]
-enum Held {
-    Link(Link),
-    Fd(std::os::fd::OwnedFd),
+enum TcHeld {
+    /// TCX links: ingress (TC mode only) and the egress watcher.
+    Tcx { ingress: Option<Link>, egress: Link },
+    /// cls_bpf filters under clsact (no TCX on this kernel).
+    Clsact(tc_legacy::Clsact),
 }
 
 struct Attachment {
     ifindex: u32,
     mode: Mode,
-    _link: Held,
-    /// `fo_tc_egress`: which dormant connections the kernel forwarded.
-    _egress: Link,
-    /// The device-bound instance `_link` runs, if any (dropped after it).
+    /// XDP mode: the XDP link's fd. Dropped first (fields drop in order),
+    /// so no XDP program redirects into a port whose TC side is leaving.
+    _xdp: Option<std::os::fd::OwnedFd>,
+    /// The TC ingress program (TC mode) and `fo_tc_egress`, which tells
+    /// which dormant connections the kernel forwarded.
+    tc: TcHeld,
+    /// The device-bound instance `_xdp` runs, if any (`load_bound`),
+    /// dropped after it.
     _bound: Option<Box<FastpathSkel<'static>>>,
+}
+
+impl Attachment {
+    /// How it is attached, for `status`.
+    fn describe(&self) -> String {
+        let xdp = if self._xdp.is_some() { "xdp link (native), egress watcher: " } else { "" };
+        match &self.tc {
+            TcHeld::Tcx { ingress: Some(_), .. } => format!("{xdp}tcx ingress and egress links"),
+            TcHeld::Tcx { ingress: None, .. } => format!("{xdp}tcx egress link"),
+            TcHeld::Clsact(c) => format!("{xdp}{}", c.describe()),
+        }
+    }
 }
 
 /// A TCX link of `prog` on `ifindex` (the program's section says ingress
@@ -203,16 +237,24 @@ impl LinkLayer {
 pub struct Dataplane {
     skel: FastpathSkel<'static>,
     attached: Vec<Attachment>,
+    features: Features,
 }
 
 impl Dataplane {
     /// Load the fast path with room for `max_flows` connections (two map
-    /// entries each).
+    /// entries each), built for what this kernel offers.
     pub fn load(max_flows: u32) -> Result<Self> {
+        Self::load_for(max_flows, &Probe::kernel())
+    }
+
+    /// Load it built for `probe` (tests give one to run a fallback on a
+    /// kernel that has the real thing).
+    pub fn load_for(max_flows: u32, probe: &Probe) -> Result<Self> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
         if let Ok(mut l) = LIBBPF_LOG.lock() {
             l.clear();
         }
+        let mut features = Features::from_probe(probe);
         // The skeleton borrows its object storage for its whole life; the
         // dataplane lives as long as the process, so leak the few bytes.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -222,17 +264,85 @@ impl Dataplane {
         // Loaded per port, bound to it, by `load_bound` (the kernel refuses
         // its metadata kfunc in a program that is not device-bound).
         open.progs.fo_xdp_md.set_autoload(false);
+        // Constants the verifier prunes by (fastpath.bpf.c): a kfunc or
+        // helper this kernel lacks sits in a branch it never walks.
+        let ro = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
+        ro.fo_have_kern_ctx = u8::from(features.kern_ctx);
+        ro.fo_secpath_how = features.secpath.code();
+        // The tcx/* programs' expected attach type (BPF_TCX_*) stays: a
+        // sched_cls program is loaded whatever it says
+        // (bpf_prog_load_check_attach in 6.1's kernel/bpf/syscall.c has no
+        // case for it), and cls_bpf does not read it.
         let skel = open.load().map_err(|e| {
-            anyhow!(
-                "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
-                log_tail(25)
-            )
+            let log: Vec<String> = LIBBPF_LOG.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default();
+            match load_error::explain(&log) {
+                Some(why) => anyhow!(
+                    "loading the BPF fast path failed: {why}\n(libbpf: {e}; NFT_OFFLOAD_LOG=debug shows libbpf's warnings)\n\
+                     --- libbpf / verifier log (last lines) ---\n{}",
+                    log_tail(8)
+                ),
+                None => anyhow!(
+                    "loading the BPF fast path failed: {e}\n--- libbpf / verifier log (last lines) ---\n{}",
+                    log_tail(25)
+                ),
+            }
         })?;
-        let mut dp = Dataplane { skel, attached: Vec::new() };
-        let v6 = dp.probe_csum_ipv6();
-        tracing::debug!(supported = v6, "bpf_l4_csum_replace BPF_F_IPV6");
-        dp.set_csum_ipv6(v6);
+        let mut dp = Dataplane { skel, attached: Vec::new(), features };
+        features.csum_ipv6 = dp.probe_csum_ipv6();
+        features.fib_skip_neigh = dp.probe_fib_flag(routes_flags::SKIP_NEIGH);
+        features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
+        dp.features = features;
+        dp.set_csum_ipv6(features.csum_ipv6);
+        // A running engine, as far as another one looking at our filters
+        // can tell (tc_legacy::sweep), from the start.
+        dp.set_heartbeat(crate::engine::now_ns());
+        tracing::debug!(?features, "what this kernel gives the fast path");
         Ok(dp)
+    }
+
+    /// What this kernel gave the fast path.
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    /// Pretend the kernel lacks what a test says (the control plane's
+    /// fallbacks, on a kernel that has the real thing).
+    #[cfg(test)]
+    pub fn features_mut(&mut self) -> &mut Features {
+        &mut self.features
+    }
+
+    /// Does this kernel's bpf_fib_lookup take `flag`? It refuses a flag it
+    /// does not know with -EINVAL before anything else
+    /// (`BPF_CALL_4(bpf_xdp_fib_lookup` in net/core/filter.c); ifindex 1
+    /// (lo) exists in every namespace, so any other answer means yes.
+    fn probe_fib_flag(&self, flag: u32) -> bool {
+        let req =
+            fo_fib_req { family: 2, ifindex_in: 1, flags: flag, dst: [0x0100_007f, 0, 0, 0], ..Default::default() };
+        match self.fib_query(&req) {
+            Ok(r) => r.ret != -libc::EINVAL,
+            Err(e) => {
+                tracing::warn!("probing bpf_fib_lookup flag {flag:#x} failed ({e:#}): not used");
+                false
+            }
+        }
+    }
+
+    /// The ids of the programs this fast path attaches with TC: a cls_bpf
+    /// filter running one of them is ours (`hooks`).
+    pub fn own_prog_ids(&self) -> Vec<u32> {
+        use std::os::fd::AsRawFd;
+        let p = &self.skel.progs;
+        [&p.fo_tc, &p.fo_tc_l3, &p.fo_tc_egress, &p.fo_tc_egress_l3]
+            .iter()
+            .filter_map(|p| tc_legacy::prog_id(p.as_fd().as_raw_fd()))
+            .collect()
+    }
+
+    /// How `ifindex` is attached ("tcx ingress and egress links", "clsact
+    /// (created): cls_bpf ingress pref 1 handle 0x1, ..."), if it is.
+    pub fn attach_description(&self, ifindex: u32) -> Option<String> {
+        self.attached.iter().find(|a| a.ifindex == ifindex).map(Attachment::describe)
     }
 
     /// Does this kernel's bpf_l4_csum_replace accept BPF_F_IPV6 (6.16+)?
@@ -283,10 +393,11 @@ impl Dataplane {
     }
 
     /// Attach to `ifindex` in `mode`. XDP is attached in the driver's native
-    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6). In
-    /// both modes the egress watcher (`fo_tc_egress`) goes on TCX egress.
-    /// `link_type` (ARPHRD_*, rtnetlink's ifi_type) picks the programs for
-    /// devices without an Ethernet header, where XDP is refused.
+    /// mode when it has one; TC as a TCX ingress link (kernel >= 6.6), else
+    /// as a cls_bpf filter under clsact. In both modes the egress watcher
+    /// (`fo_tc_egress`) goes on TC egress the same way. `link_type`
+    /// (ARPHRD_*, rtnetlink's ifi_type) picks the programs for devices
+    /// without an Ethernet header, where XDP is refused.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode, link_type: u16) -> Result<()> {
         self.attach_with(ifindex, ifname, mode, link_type, false)
     }
@@ -307,33 +418,59 @@ impl Dataplane {
             LinkLayer::Ethernet => (&self.skel.progs.fo_tc, &self.skel.progs.fo_tc_egress),
             LinkLayer::Ip => (&self.skel.progs.fo_tc_l3, &self.skel.progs.fo_tc_egress_l3),
         };
-        let link = match mode {
-            Mode::Xdp if layer == LinkLayer::Ip => bail!(
+        if mode == Mode::Xdp && layer == LinkLayer::Ip {
+            bail!(
                 "cannot attach XDP to {ifname}: it has no Ethernet header (link type {link_type}), and the XDP \
                  fast path parses and redirects Ethernet frames; use --mode tc"
-            ),
-            Mode::Xdp => {
-                // One XDP program per interface (without a dispatcher): refuse
-                // clearly instead of failing inside the attach.
-                if let Some(id) = xdp_prog_id(ifindex) {
-                    bail!(
-                        "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; \
-                         detach it (ip link set dev {ifname} xdp off) or use --mode tc"
-                    );
-                }
-                if rx_vlan_md {
-                    let b = self.load_bound(ifindex, ifname)?;
-                    let fd = attach_native_xdp(b.progs.fo_xdp_md.as_fd(), ifindex, ifname)?;
-                    (Held::Fd(fd), Some(b))
-                } else {
-                    (Held::Fd(attach_native_xdp(self.skel.progs.fo_xdp.as_fd(), ifindex, ifname)?), None)
-                }
+            );
+        }
+        // One XDP program per interface (without a dispatcher): refuse
+        // clearly instead of failing inside the attach.
+        if mode == Mode::Xdp {
+            if let Some(id) = xdp_prog_id(ifindex) {
+                bail!(
+                    "cannot attach XDP to {ifname}: another XDP program (id {id}) is already attached; detach it \
+                     (ip link set dev {ifname} xdp off) or use --mode tc"
+                );
             }
-            Mode::Tc => (Held::Link(attach_tcx(ingress, ifindex, ifname, "ingress")?), None),
+        }
+        // Filters a killed engine left on the device go first (and a
+        // running engine's refuse the start): see tc_legacy.
+        tc_legacy::sweep(ifindex, ifname)?;
+        let tc = match self.features.tc_attach {
+            TcAttach::Tcx => {
+                let ingress = match mode {
+                    Mode::Tc => Some(attach_tcx(ingress, ifindex, ifname, "ingress")?),
+                    Mode::Xdp => None,
+                };
+                // On an error here the ingress link above is dropped (detached).
+                TcHeld::Tcx { ingress, egress: attach_tcx(egress_prog, ifindex, ifname, "egress")? }
+            }
+            TcAttach::Clsact => {
+                use std::os::fd::AsRawFd;
+                let mut c = tc_legacy::Clsact::open(ifindex, ifname)?;
+                // On an error the filters added so far are removed (Drop).
+                let mut add = |p: &libbpf_rs::ProgramMut<'_>, at_ingress: bool, what: &str| {
+                    let fd = p.as_fd().as_raw_fd();
+                    c.attach(fd, tc_legacy::prog_id(fd).unwrap_or(0), at_ingress, what)
+                };
+                if mode == Mode::Tc {
+                    add(ingress, true, "ingress")?;
+                }
+                add(egress_prog, false, "egress")?;
+                TcHeld::Clsact(c)
+            }
         };
-        let (link, bound) = link;
-        // On an error here the ingress link above is dropped (detached).
-        let egress = attach_tcx(egress_prog, ifindex, ifname, "egress")?;
+        // Attached after TC, so an XDP program never redirects to a port
+        // whose egress watcher is missing; dropped (detached) before it.
+        let (xdp, bound) = match mode {
+            Mode::Xdp if rx_vlan_md => {
+                let b = self.load_bound(ifindex, ifname)?;
+                (Some(attach_native_xdp(b.progs.fo_xdp_md.as_fd(), ifindex, ifname)?), Some(b))
+            }
+            Mode::Xdp => (Some(attach_native_xdp(self.skel.progs.fo_xdp.as_fd(), ifindex, ifname)?), None),
+            Mode::Tc => (None, None),
+        };
         if mode == Mode::Xdp {
             self.skel
                 .maps
@@ -341,7 +478,7 @@ impl Dataplane {
                 .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
                 .with_context(|| format!("adding {ifname} to the XDP redirect map"))?;
         }
-        self.attached.push(Attachment { ifindex, mode, _link: link, _egress: egress, _bound: bound });
+        self.attached.push(Attachment { ifindex, mode, _xdp: xdp, tc, _bound: bound });
         Ok(())
     }
 
@@ -368,7 +505,11 @@ impl Dataplane {
         ] {
             to.reuse_fd(from).context("sharing the fast path's maps with a device-bound program")?;
         }
+        // Its own .rodata: the same constants as the first instance's
+        // (`load`), and the one that lets it read the metadata.
         let rodata = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
+        rodata.fo_have_kern_ctx = u8::from(self.features.kern_ctx);
+        rodata.fo_secpath_how = self.features.secpath.code();
         rodata.fo_rx_vlan_md = true;
         let p = &mut open.progs;
         for prog in [

@@ -95,7 +95,10 @@ impl super::Core {
                 uppers: self.facts.topo.uppers_named(i.ifindex, &managed),
             })
             .collect();
-        let new = hooks::read(&ports);
+        // Our own cls_bpf filters (clsact where there is no TCX) are not
+        // hooks the fast path skips.
+        let own = self.flows.dp().own_prog_ids();
+        let new = hooks::read(&ports, &|p| own.contains(&p.id));
         if new != self.holds.hooks {
             for (dev, what) in new.summary() {
                 tracing::info!(iface = %dev, hooks = %what.join("; "), "the fast path steps aside for these");

@@ -294,6 +294,7 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         vlan_tags: None,
         serves: Vec::new(),
         listed: true,
+        attach: String::new(),
     }
 }
 
@@ -372,6 +373,7 @@ mod tests {
             vlan_tags: None,
             serves: Vec::new(),
             listed: true,
+            attach: String::new(),
         }
     }
 

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use crate::conntrack::CtTuple;
-use crate::control::{FlowView, IfaceStatus, Status, TupleView};
-use crate::dataplane::{fo_stat, Mode, STAT_NAMES};
+use crate::control::{FlowView, IfaceStatus, KernelView, Status, TupleView};
+use crate::dataplane::{fo_stat, Mode, TcAttach, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::proto::{self, AF_INET, IPPROTO_TCP};
 
@@ -29,11 +29,23 @@ impl Core {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
             mode_requested: self.cfg.mode,
+            kernel: Some(KernelView {
+                release: crate::host::kernel_release(),
+                tc_attach: match self.flows.dp().features().tc_attach {
+                    TcAttach::Tcx => "tcx".into(),
+                    TcAttach::Clsact => "clsact".into(),
+                },
+                features: self.flows.dp().features().lines(),
+            }),
             interfaces: self
                 .ifaces
                 .0
                 .iter()
-                .map(|i| IfaceStatus { topology: self.facts.topo.describe(i.ifindex), ..i.clone() })
+                .map(|i| IfaceStatus {
+                    topology: self.facts.topo.describe(i.ifindex),
+                    attach: self.flows.dp().attach_description(i.ifindex).unwrap_or_default(),
+                    ..i.clone()
+                })
                 .collect(),
             flows_offloaded: offloaded,
             flows_waiting_for_neighbour: waiting,

@@ -294,15 +294,25 @@ impl HookFacts {
     }
 }
 
+/// Which cls_bpf programs are the fast path's own (attached through
+/// clsact where the kernel has no TCX): not a hook it would skip.
+pub type Own<'a> = &'a dyn Fn(&tc::BpfProg) -> bool;
+
+/// A cls_bpf filter whose every program is `own`.
+fn is_own(f: &tc::Filter, own: Own) -> bool {
+    f.kind == "bpf" && !f.bpf.is_empty() && f.bpf.iter().all(own)
+}
+
 /// Read the hooks of `ports` from the kernel (one nf_tables chain dump,
 /// one qdisc dump, filter dumps per port with an ingress or clsact qdisc).
 /// What cannot be read marks the ports unreadable: held, never guessed.
-pub fn read(ports: &[Port]) -> HookFacts {
+/// Filters whose programs are `own` are left out.
+pub fn read(ports: &[Port], own: Own) -> HookFacts {
     let chains = nft::device_chains();
     let qdiscs = tc::qdiscs();
     let mut facts = HookFacts::default();
     for p in ports {
-        let mut d = device(p.ifindex, &p.name, p.xdp, &chains, &qdiscs);
+        let mut d = device(p.ifindex, &p.name, p.xdp, &chains, &qdiscs, own);
         if let (Some(b), Ok(chains)) = (&p.bridge, &chains) {
             // TC on the bridge device itself runs after its input hooks
             // and redirects into br_dev_xmit, which runs its output ones:
@@ -316,7 +326,7 @@ pub fn read(ports: &[Port]) -> HookFacts {
             }
         }
         for (ifindex, name) in &p.uppers {
-            let u = device(*ifindex, name, false, &chains, &qdiscs);
+            let u = device(*ifindex, name, false, &chains, &qdiscs, own);
             if let Some(e) = &u.unreadable {
                 d.unreadable.get_or_insert_with(|| format!("{name}, above it: {e}"));
             }
@@ -334,6 +344,7 @@ fn device(
     xdp: bool,
     chains: &anyhow::Result<Vec<nft::DeviceChain>>,
     qdiscs: &anyhow::Result<Vec<tc::Qdisc>>,
+    own: Own,
 ) -> DeviceHooks {
     let mut d = DeviceHooks { name: name.to_string(), xdp, ..Default::default() };
     let (chains, qdiscs) = match (chains, qdiscs) {
@@ -360,8 +371,11 @@ fn device(
         };
         match (tc::filters(ifindex, tc::PARENT_INGRESS), egress) {
             (Ok(i), Ok(e)) => {
-                d.ingress_filters = i.iter().map(|f| filter_fact(f, qdiscs)).collect();
-                d.egress_filters = e.iter().map(|f| filter_fact(f, qdiscs)).collect();
+                let theirs = |v: Vec<tc::Filter>| -> Vec<TcFilter> {
+                    v.iter().filter(|f| !is_own(f, own)).map(|f| filter_fact(f, qdiscs)).collect()
+                };
+                d.ingress_filters = theirs(i);
+                d.egress_filters = theirs(e);
             }
             (Err(e), _) | (_, Err(e)) => d.unreadable = Some(format!("{e:#}")),
         }

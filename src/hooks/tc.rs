@@ -6,8 +6,8 @@
 
 use anyhow::Result;
 use netlink_packet_route::tc::{
-    TcAction, TcActionAttribute, TcActionMirrorOption, TcActionOption, TcAttribute, TcFilterFlowerOption,
-    TcFilterMatchAllOption, TcFilterU32Option, TcMessage, TcMirrorActionType, TcOption,
+    TcAction, TcActionAttribute, TcActionMirrorOption, TcActionOption, TcAttribute, TcFilterBpfOption,
+    TcFilterFlowerOption, TcFilterMatchAllOption, TcFilterU32Option, TcMessage, TcMirrorActionType, TcOption,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -50,6 +50,17 @@ pub struct Action {
     pub target: Option<u32>,
 }
 
+/// The program of a cls_bpf filter: TCA_BPF_ID, and the name before
+/// libbpf's ":[id]" in TCA_BPF_NAME (`tc_add_fd_and_name`, libbpf netlink.c;
+/// tc(8) puts the object file and section there).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BpfProg {
+    pub id: u32,
+    pub name: String,
+    /// The filter's handle (`tc filter del ... handle H bpf`).
+    pub handle: u32,
+}
+
 /// One classic filter (all the nodes of one `pref`, as u32's hash tables
 /// dump several messages for one filter).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,6 +68,8 @@ pub struct Filter {
     pub pref: u16,
     pub kind: String,
     pub actions: Vec<Action>,
+    /// cls_bpf: the programs under this pref (one per handle).
+    pub bpf: Vec<BpfProg>,
 }
 
 impl Filter {
@@ -90,6 +103,10 @@ pub struct TcInfo {
     pub info: u32,
     pub kind: String,
     pub actions: Vec<Action>,
+    /// tcm_handle.
+    pub handle: u32,
+    /// cls_bpf: TCA_BPF_ID and TCA_BPF_NAME.
+    pub bpf: Option<(u32, String)>,
 }
 
 /// Filters by priority, their nodes' actions together.
@@ -97,14 +114,20 @@ fn merge(msgs: impl Iterator<Item = TcInfo>) -> Vec<Filter> {
     let mut out: Vec<Filter> = Vec::new();
     for m in msgs {
         let pref = (m.info >> 16) as u16;
+        let bpf = m.bpf.map(|(id, name)| BpfProg { id, name: prog_name_of(&name).to_string(), handle: m.handle });
         match out.iter_mut().find(|f| f.pref == pref && f.kind == m.kind) {
-            Some(f) => f.actions.extend(m.actions),
-            None => out.push(Filter { pref, kind: m.kind, actions: m.actions }),
+            Some(f) => {
+                f.actions.extend(m.actions);
+                f.bpf.extend(bpf);
+            }
+            None => out.push(Filter { pref, kind: m.kind, actions: m.actions, bpf: bpf.into_iter().collect() }),
         }
     }
     for f in &mut out {
         f.actions.sort();
         f.actions.dedup();
+        f.bpf.sort();
+        f.bpf.dedup();
     }
     out.sort();
     out
@@ -124,22 +147,42 @@ fn dump_tc(request: RouteNetlinkMessage, what: &str) -> Result<Vec<TcInfo>> {
     })
 }
 
+/// The program name in a cls_bpf filter's TCA_BPF_NAME: libbpf writes
+/// "NAME:[ID]".
+fn prog_name_of(name: &str) -> &str {
+    name.rsplit_once(":[").map_or(name, |(n, _)| n)
+}
+
 /// A decoded qdisc or filter message.
 pub fn info_of(m: &TcMessage) -> TcInfo {
     let mut kind = String::new();
     let mut actions = Vec::new();
+    let (mut bpf_id, mut bpf_name) = (None, String::new());
     for a in &m.attributes {
         match a {
             TcAttribute::Kind(k) => kind = k.clone(),
             TcAttribute::Options(opts) => {
                 for o in opts {
                     actions.extend(option_actions(o));
+                    match o {
+                        TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => bpf_id = Some(*id),
+                        TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => bpf_name = n.clone(),
+                        _ => {}
+                    }
                 }
             }
             _ => {}
         }
     }
-    TcInfo { ifindex: m.header.index as u32, parent: m.header.parent.into(), info: m.header.info, kind, actions }
+    TcInfo {
+        ifindex: m.header.index as u32,
+        parent: m.header.parent.into(),
+        info: m.header.info,
+        kind,
+        actions,
+        handle: m.header.handle.into(),
+        bpf: bpf_id.map(|id| (id, bpf_name)),
+    }
 }
 
 fn option_actions(o: &TcOption) -> Vec<Action> {
@@ -187,6 +230,8 @@ fn raw_info(b: &[u8]) -> Option<TcInfo> {
         info: word(16),
         kind: format!("{kind} (undecoded)"),
         actions: Vec::new(),
+        handle: word(8),
+        bpf: None,
     })
 }
 
@@ -241,6 +286,36 @@ mod tests {
         let raw = raw_info(&b).unwrap();
         assert_eq!((raw.ifindex, raw.parent, raw.kind.as_str()), (4, PARENT_INGRESS, "u32 (undecoded)"));
         assert_eq!(raw_info(&b[..10]), None);
+    }
+
+    /// A cls_bpf filter libbpf attached (`bpf_tc_attach`) names its
+    /// program by id and "NAME:[ID]": both read, with the handle, so the
+    /// engine can tell its own filters from others'.
+    #[test]
+    fn a_cls_bpf_filter_names_its_program() {
+        let bpf = |handle: u32, id, name: &str| {
+            let mut m = TcMessage::with_index(4);
+            m.header.parent = PARENT_INGRESS.into();
+            m.header.info = (1 << 16) | 0x0003;
+            m.header.handle = handle.into();
+            m.attributes = vec![
+                TcAttribute::Kind("bpf".into()),
+                TcAttribute::Options(vec![
+                    TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
+                    TcOption::Bpf(TcFilterBpfOption::ProgId(id)),
+                ]),
+            ];
+            info_of(&m)
+        };
+        let i = bpf(1, 42, "fo_tc:[42]");
+        assert_eq!((i.handle, i.bpf.clone()), (1, Some((42, "fo_tc:[42]".into()))));
+        // two programs under one pref, as two handles
+        let f = merge([bpf(2, 7, "other.o:[classifier]"), i].into_iter());
+        assert_eq!(f.len(), 1, "{f:?}");
+        let names: Vec<(u32, &str, u32)> = f[0].bpf.iter().map(|p| (p.id, p.name.as_str(), p.handle)).collect();
+        assert_eq!(names, [(7, "other.o", 2), (42, "fo_tc", 1)]);
+        assert_eq!(prog_name_of("fo_tc_egress_l3:[9]"), "fo_tc_egress_l3");
+        assert_eq!(prog_name_of("plain"), "plain");
     }
 
     #[test]

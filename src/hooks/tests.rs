@@ -230,7 +230,7 @@ fn read_from_the_kernel() {
                 })
                 .to_vec()
         };
-        let f = read(&ports(false));
+        let f = read(&ports(false), &|_| false);
         let [a, b] = [&f.ports[&ports(false)[0].ifindex], &f.ports[&ports(false)[1].ifindex]];
         assert_eq!((a.unreadable.as_deref(), b.unreadable.as_deref()), (None, None));
         assert_eq!(a.ingress_chains, ["netdev t i", "bridge bt pre (bridge hbr)"]);
@@ -252,7 +252,7 @@ fn read_from_the_kernel() {
         sh(&["tc", "qdisc", "del", "dev", "ha", "ingress"]);
         sh(&["tc", "qdisc", "del", "dev", "hb", "clsact"]);
         sh(&["tc", "qdisc", "add", "dev", "hb", "root", "handle", "1:", "htb"]);
-        let f = read(&ports(true));
+        let f = read(&ports(true), &|_| false);
         assert_eq!(f.summary(), vec![("hb".to_string(), vec!["shaping qdisc htb on hb".to_string()])]);
         assert!(f.bypass(ports(true)[0].ifindex, ports(true)[1].ifindex).is_some(), "XDP into hb's htb");
         assert!(f.bypass(ports(true)[1].ifindex, ports(true)[0].ifindex).is_none());
@@ -302,4 +302,17 @@ fn hooks_on_the_devices_above_a_port_hold_it() {
     let why = facts(port("br-lan", false), wan).bypass(LAN, WAN).unwrap().why;
     assert!(why.starts_with("nft chain netdev t out on eth1 egress: a TC redirect skips"), "{why}");
     assert!(!why.contains("wan.7"), "{why}");
+}
+
+/// Where the kernel has no TCX the fast path is itself a cls_bpf filter:
+/// not a hook to step aside for, unless it shares a pref with another.
+#[test]
+fn our_own_cls_bpf_filters_are_no_hook() {
+    let f = |bpf: Vec<tc::BpfProg>| tc::Filter { pref: 1, kind: "bpf".into(), actions: vec![], bpf };
+    let p = |id| tc::BpfProg { id, name: "fo_tc".into(), handle: 1 };
+    let own: Own = &|b| b.id == 42;
+    assert!(is_own(&f(vec![p(42)]), own));
+    assert!(!is_own(&f(vec![p(42), p(7)]), own), "another program under the same pref");
+    assert!(!is_own(&f(vec![]), own), "no program read: counts as someone else's");
+    assert!(!is_own(&tc::Filter { kind: "u32".into(), ..f(vec![p(42)]) }, own));
 }

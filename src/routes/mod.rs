@@ -51,10 +51,9 @@ pub fn fib_ret_str(ret: i32) -> &'static str {
 }
 
 pub const FIB_NO_NEIGH: i32 = 7;
-const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
-/// `mark` is the packet's mark for the rules (6.10, include/uapi/linux/bpf.h).
-const BPF_FIB_LOOKUP_MARK: u32 = 1 << 5;
-/// What a kernel without BPF_FIB_LOOKUP_MARK answers it with.
+use crate::dataplane::routes_flags::{MARK as BPF_FIB_LOOKUP_MARK, SKIP_NEIGH as BPF_FIB_LOOKUP_SKIP_NEIGH};
+/// What a kernel without BPF_FIB_LOOKUP_MARK (6.10) answers it with: it
+/// refuses unknown flags (`bpf_xdp_fib_lookup`, net/core/filter.c).
 pub const FIB_NO_MARK: i32 = -libc::EINVAL;
 
 /// Why a direction could not be resolved.
@@ -165,8 +164,13 @@ pub fn egress_for(dp: &Dataplane, any_ifindex: u32, dst: IpAddr) -> Result<Optio
     let p = reverse_packet(any_ifindex, dst);
     // BPF_FIB_LOOKUP_OUTPUT would take the interface as oif and needs a
     // device, so ask as a forwarded packet from any managed interface and
-    // skip the neighbour.
-    let r = dp.fib_query(&req(family_of(dst), any_ifindex, p.src, dst, 0, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH, 0))?;
+    // skip the neighbour. A kernel without SKIP_NEIGH (before 6.3 unless
+    // backported) refuses the flag with -EINVAL: ask it with the neighbour
+    // lookup instead, whose NO_NEIGH answer still names the interface
+    // (bpf_ipv4_fib_lookup / bpf_ipv6_fib_lookup set params->ifindex
+    // before looking the neighbour up), so the answer is the same.
+    let flags = if dp.features().fib_skip_neigh { BPF_FIB_LOOKUP_SKIP_NEIGH } else { 0 };
+    let r = dp.fib_query(&req(family_of(dst), any_ifindex, p.src, dst, 0, 0, 0, flags, 0))?;
     if r.ret == 0 || r.ret == FIB_NO_NEIGH {
         Ok(Some(r.ifindex_out))
     } else {
@@ -585,6 +589,44 @@ mod tests {
         let mut ch = Changes::default();
         parse_rtnl(&msg(16, &ifi), &mut ch);
         assert_eq!(ch.links, vec![(7, true)]);
+    }
+
+    /// Without BPF_FIB_LOOKUP_SKIP_NEIGH (refused by kernels before 6.3
+    /// that lack the backport) the reverse-path question gets the same
+    /// answers, neighbour resolved or not. Needs root.
+    #[test]
+    fn egress_for_answers_the_same_without_skip_neigh() {
+        // SAFETY: trivial syscall.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "needs root (netns, BPF)");
+        let r = std::thread::spawn(|| {
+            let sh = |cmd: &str| {
+                let out = std::process::Command::new("sh").args(["-ec", cmd]).output().expect("running sh");
+                assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            // SAFETY: affects only this thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            sh("ip link set lo up; ip link add ra type veth peer name rb; ip link set ra up; ip link set rb up; \
+                ip addr add 10.0.0.1/24 dev ra; ip addr add 10.0.1.1/24 dev rb; \
+                ip route add 198.51.100.0/24 via 10.0.1.2 dev rb; \
+                ip neigh replace 10.0.0.2 lladdr 02:00:00:00:00:02 dev ra nud permanent; \
+                sysctl -qw net.ipv4.ip_forward=1");
+            let (ra, rb) = (link::ifindex("ra").unwrap(), link::ifindex("rb").unwrap());
+            let mut dp = Dataplane::load(16).expect("loading the fast path");
+            let ask = |dp: &Dataplane, dst: &str| egress_for(dp, ra, dst.parse().unwrap()).unwrap();
+            // resolved neighbour, unresolved gateway, unresolved on-link host, no route
+            let cases =
+                [("10.0.0.2", Some(ra)), ("198.51.100.7", Some(rb)), ("10.0.1.9", Some(rb)), ("192.0.2.1", None)];
+            for skip in [true, false] {
+                dp.features_mut().fib_skip_neigh = skip;
+                for (dst, want) in cases {
+                    assert_eq!(ask(&dp, dst), want, "{dst}, SKIP_NEIGH {skip}");
+                }
+            }
+        })
+        .join();
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
+        }
     }
 
     /// An ndmsg with NDA_DST (IPv4) and, if given, NDA_LLADDR.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::scenarios::{self, Ctx};
+use super::scenarios::{self, Ctx, Evidence};
 use super::{Kernel, Outcome, ScenarioResult};
 
 /// A scenario that has not finished by then is reported failed and the
@@ -48,23 +48,25 @@ pub fn run(opts: &GuestOpts<'_>) -> Result<()> {
         let run = s.run;
         let c = ctx.clone();
         std::thread::Builder::new().name(s.name.to_string()).spawn(move || {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&c)));
-            let _ = tx.send(r);
+            // The evidence gathered so far is kept when the scenario fails:
+            // it says how far it got.
+            let mut ev = Evidence::default();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&c, &mut ev)));
+            let _ = tx.send((r, ev));
         })?;
         let r = match rx.recv_timeout(SCENARIO_LIMIT) {
-            Ok(Ok(Ok(evidence))) => {
-                let detail = evidence.summary();
-                ScenarioResult {
-                    name: s.name.into(),
-                    outcome: Outcome::Pass,
-                    detail,
-                    evidence: evidence.figures,
-                    seconds: 0.0,
-                }
+            Ok((Ok(Ok(())), ev)) => ScenarioResult {
+                name: s.name.into(),
+                outcome: Outcome::Pass,
+                detail: ev.summary(),
+                evidence: ev.figures,
+                seconds: 0.0,
+            },
+            Ok((Ok(Err(e)), ev)) => fail(s.name, format!("{e:#}"), ev),
+            Ok((Err(panic), ev)) => fail(s.name, format!("panicked: {}", panic_text(&panic)), ev),
+            Err(_) => {
+                fail(s.name, format!("did not finish within {} s", SCENARIO_LIMIT.as_secs()), Evidence::default())
             }
-            Ok(Ok(Err(e))) => fail(s.name, format!("{e:#}")),
-            Ok(Err(panic)) => fail(s.name, format!("panicked: {}", panic_text(&panic))),
-            Err(_) => fail(s.name, format!("did not finish within {} s", SCENARIO_LIMIT.as_secs())),
         };
         let r = ScenarioResult { seconds: start.elapsed().as_secs_f64(), ..r };
         eprintln!("=== {}: {:?} in {:.1} s: {}", s.name, r.outcome, r.seconds, r.detail);
@@ -74,8 +76,9 @@ pub fn run(opts: &GuestOpts<'_>) -> Result<()> {
     Ok(())
 }
 
-fn fail(name: &str, detail: String) -> ScenarioResult {
-    ScenarioResult { name: name.into(), outcome: Outcome::Fail, detail, evidence: Default::default(), seconds: 0.0 }
+fn fail(name: &str, detail: String, ev: Evidence) -> ScenarioResult {
+    let detail = if ev.figures.is_empty() { detail } else { format!("{detail}\n  evidence so far: {}", ev.summary()) };
+    ScenarioResult { name: name.into(), outcome: Outcome::Fail, detail, evidence: ev.figures, seconds: 0.0 }
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {

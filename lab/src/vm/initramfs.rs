@@ -244,6 +244,7 @@ fn guest_shell(job: &GuestJob) -> String {
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8; \
          mount -t tmpfs -o mode=0755 tmpfs /run; mkdir -p /run/netns /run/lock; \
          mount -t tmpfs -o mode=1777 tmpfs /tmp; \
+         mkdir -p /dev/pts; mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts; \
          mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 none /sys/fs/cgroup; \
          mount -t debugfs none /sys/kernel/debug 2>/dev/null; \
          ip link set lo up; \

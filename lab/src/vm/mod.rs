@@ -14,6 +14,7 @@
 //! `lab/tests/vm.rs` boots each kernel once, runs every scenario inside, and
 //! reports each as a test of its own.
 
+pub mod capture;
 pub mod guest;
 pub mod host;
 pub mod initramfs;

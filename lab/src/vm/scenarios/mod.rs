@@ -95,7 +95,7 @@ impl Offload {
 pub struct Scenario {
     pub name: &'static str,
     pub kernels: &'static [Kernel],
-    pub run: fn(&Ctx) -> Result<Evidence>,
+    pub run: fn(&Ctx, &mut Evidence) -> Result<()>,
 }
 
 const BOTH: &[Kernel] = &[Kernel::Linux6_1, Kernel::Linux6_12];
@@ -105,9 +105,9 @@ const BOTH: &[Kernel] = &[Kernel::Linux6_1, Kernel::Linux6_12];
 macro_rules! three_ways {
     ($topo:literal, $f:path) => {
         [
-            Scenario { name: concat!($topo, "::kernel"), kernels: BOTH, run: |c| $f(c, Offload::Kernel) },
-            Scenario { name: concat!($topo, "::tc"), kernels: BOTH, run: |c| $f(c, Offload::Tc) },
-            Scenario { name: concat!($topo, "::xdp"), kernels: BOTH, run: |c| $f(c, Offload::Xdp) },
+            Scenario { name: concat!($topo, "::kernel"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Kernel) },
+            Scenario { name: concat!($topo, "::tc"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Tc) },
+            Scenario { name: concat!($topo, "::xdp"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Xdp) },
         ]
     };
 }
@@ -121,5 +121,13 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("vlan_stripped", vlan::vlan_stripped));
     v.extend(three_ways!("qinq", vlan::qinq));
     v.extend(three_ways!("qinq_lower", vlan::qinq_lower));
+    v.extend(three_ways!("pppoe", pppoe::ppp));
+    v.extend(three_ways!("pppoe_lower", pppoe::lower));
+    v.extend(three_ways!("wireguard", wireguard::run));
+    v.extend(three_ways!("bridge_ports", bridge::ports));
+    v.extend(three_ways!("bridge", bridge::bridge));
+    v.extend(three_ways!("ipsec", ipsec::run));
+    v.extend(three_ways!("sqm_cake", shaping::cake));
+    v.extend(three_ways!("sqm_fq_codel", shaping::fq_codel));
     v
 }

@@ -6,16 +6,15 @@ use anyhow::Result;
 use super::net::{finish, Router};
 use super::{step, Ctx, Evidence, Offload};
 
-pub fn run(_ctx: &Ctx, how: Offload) -> Result<Evidence> {
+pub fn run(_ctx: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
     step("lab up");
     let r = Router::up("pl", how)?;
-    let mut ev = Evidence::default();
     step("offload");
     let d = r.offload(how, &["rlan", "rwan"])?;
     step("transfer");
-    r.prove_download(&mut ev, "download", 5301, d.as_ref())?;
+    r.prove_download(ev, "download", 5301, d.as_ref())?;
     step("finish");
-    finish(&r, &mut ev, d)?;
+    finish(&r, ev, d)?;
     step("down");
-    Ok(ev)
+    Ok(())
 }

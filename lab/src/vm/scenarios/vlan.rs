@@ -86,11 +86,18 @@ pub fn vlan_wan_tagged(r: &mut Router, tags: &[(&str, u16)], in_band: bool) -> R
     Ok(top)
 }
 
-pub fn run(ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed) -> Result<Evidence> {
-    run_tagged(ctx, how, tags, listed, true)
+pub fn run(ctx: &Ctx, ev: &mut Evidence, how: Offload, tags: &[(&str, u16)], listed: Listed) -> Result<()> {
+    run_tagged(ctx, ev, how, tags, listed, true)
 }
 
-fn run_tagged(ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed, in_band: bool) -> Result<Evidence> {
+fn run_tagged(
+    ctx: &Ctx,
+    ev: &mut Evidence,
+    how: Offload,
+    tags: &[(&str, u16)],
+    listed: Listed,
+    in_band: bool,
+) -> Result<()> {
     step("lab up");
     let mut r = Router::up("vl", how)?;
     r.rtr(&["modprobe", "8021q"])?;
@@ -99,7 +106,6 @@ fn run_tagged(ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed, in_
         Listed::Vlan => top.clone(),
         Listed::Lower => "rwan".to_string(),
     };
-    let mut ev = Evidence::default();
     ev.put("wan", format!("{top} listed as {wan_listed}"));
     step("offload");
     if !in_band && how == Offload::Xdp && ctx.kernel == crate::vm::Kernel::Linux6_1 {
@@ -112,19 +118,18 @@ fn run_tagged(ctx: &Ctx, how: Offload, tags: &[(&str, u16)], listed: Listed, in_
             anyhow::bail!("refused without the remedy: {e}");
         }
         ev.put("refused", e);
-        return Ok(ev);
+        return Ok(());
     }
     let d = r.offload(how, &["rlan", &wan_listed])?;
     step("download");
-    r.prove_download(&mut ev, "download", 5311, d.as_ref())?;
+    r.prove_download(ev, "download", 5311, d.as_ref())?;
     step("upload");
-    r.prove_transfer(&mut ev, "upload", 5312, crate::vm::stream::Direction::Upload, d.as_ref())?;
+    r.prove_transfer(ev, "upload", 5312, crate::vm::stream::Direction::Upload, d.as_ref())?;
     if listed == Listed::Vlan && tags.len() == 1 && in_band {
         step("unlisted");
-        prove_unlisted(&r, &mut ev, d.as_ref())?;
+        prove_unlisted(&r, ev, d.as_ref())?;
     }
-    finish(&r, &mut ev, d)?;
-    Ok(ev)
+    finish(&r, ev, d)
 }
 
 /// With `{ rlan, rwan.7 }` listed, connections through rwan.8 (VLAN 8 on
@@ -199,27 +204,27 @@ fn prove_unlisted(r: &Router, ev: &mut Evidence, d: Option<&crate::Daemon>) -> R
 }
 
 /// firewall4's list for a VLAN WAN: `{ rlan, rwan.7 }`.
-pub fn vlan(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1Q", 7)], Listed::Vlan)
+pub fn vlan(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1Q", 7)], Listed::Vlan)
 }
 
 /// firewall4's list, the ISP side handing its tags over in the skb's
 /// metadata (txvlan on, veth's default): read from the receive metadata.
-pub fn vlan_stripped(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run_tagged(c, how, &[("802.1Q", 7)], Listed::Vlan, false)
+pub fn vlan_stripped(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run_tagged(c, ev, how, &[("802.1Q", 7)], Listed::Vlan, false)
 }
 
 /// The Ethernet device beneath listed instead: `{ rlan, rwan }`.
-pub fn vlan_lower(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1Q", 7)], Listed::Lower)
+pub fn vlan_lower(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1Q", 7)], Listed::Lower)
 }
 
 /// QinQ: an 802.1ad service tag 100 carrying 802.1Q 7, top device listed.
-pub fn qinq(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Vlan)
+pub fn qinq(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Vlan)
 }
 
 /// QinQ with the Ethernet device listed.
-pub fn qinq_lower(c: &Ctx, how: Offload) -> Result<Evidence> {
-    run(c, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Lower)
+pub fn qinq_lower(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    run(c, ev, how, &[("802.1ad", 100), ("802.1Q", 7)], Listed::Lower)
 }
