@@ -36,6 +36,8 @@ pub struct Ctx {
     pub kernel: Kernel,
     /// Frames per differential run.
     pub diff_frames: u32,
+    /// Where a scenario may leave reports for the host (the results share).
+    pub out_dir: std::path::PathBuf,
 }
 
 /// Figures a scenario proved, by name.
@@ -128,5 +130,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("ipsec", ipsec::run));
     v.extend(three_ways!("sqm_cake", shaping::cake));
     v.extend(three_ways!("sqm_fq_codel", shaping::fq_codel));
+    v.push(Scenario { name: "differential::vs_kernel", kernels: BOTH, run: differential::run });
     v
 }
