@@ -102,17 +102,26 @@ pub struct Scenario {
 
 const BOTH: &[Kernel] = &[Kernel::Linux6_1, Kernel::Linux6_12];
 
-/// The three runs of a topology: the kernel's flowtable, then the engine
-/// in TC and in XDP mode.
+/// The three runs of a topology: the kernel's flowtable (on `$refk`, both
+/// kernels unless said), then the engine in TC and in XDP mode.
 macro_rules! three_ways {
     ($topo:literal, $f:path) => {
+        three_ways!($topo, $f, BOTH)
+    };
+    ($topo:literal, $f:path, $refk:expr) => {
         [
-            Scenario { name: concat!($topo, "::kernel"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Kernel) },
+            Scenario { name: concat!($topo, "::kernel"), kernels: $refk, run: |c, e| $f(c, e, Offload::Kernel) },
             Scenario { name: concat!($topo, "::tc"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Tc) },
             Scenario { name: concat!($topo, "::xdp"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Xdp) },
         ]
     };
 }
+
+/// Debian's 6.1 flowtable stalls QinQ connections now and then (in 2 of 4
+/// boots one of the two QinQ references never delivered its bulk after the
+/// offload; 6.12 never did): a reference that is not one. QinQ's reference
+/// is taken on 6.12; the engine is proven on both.
+const QINQ_REFERENCE: &[Kernel] = &[Kernel::Linux6_12];
 
 /// Every scenario, in the order they run.
 pub fn all() -> Vec<Scenario> {
@@ -120,8 +129,8 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("plain", plain::run));
     v.extend(three_ways!("vlan", vlan::vlan));
     v.extend(three_ways!("vlan_lower", vlan::vlan_lower));
-    v.extend(three_ways!("qinq", vlan::qinq));
-    v.extend(three_ways!("qinq_lower", vlan::qinq_lower));
+    v.extend(three_ways!("qinq", vlan::qinq, QINQ_REFERENCE));
+    v.extend(three_ways!("qinq_lower", vlan::qinq_lower, QINQ_REFERENCE));
     v.extend(three_ways!("pppoe", pppoe::ppp));
     v.extend(three_ways!("pppoe_lower", pppoe::lower));
     v.extend(three_ways!("wireguard", wireguard::run));
