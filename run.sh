@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # nft-offload: one entry point for set-up, the demo and the tests.
 #   ./run.sh demo   install what is missing, build, run the lab demo
-#   ./run.sh test   install what is missing, build, run every test
+#   ./run.sh test   install what is missing, build, run every test (with
+#                   the VM tier on Debian's 6.1 and 6.12 kernels)
 #   ./run.sh bench  install what is missing, build, run the benchmark
 #                   (plots in bench-plots/; add --json FILE for every figure, --quick for ~2 min)
 #   ./run.sh setup  only install the system packages
@@ -11,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PKGS=(clang llvm libelf-dev zlib1g-dev pkg-config nftables iproute2 conntrack iperf3 ethtool curl iputils-ping util-linux procps python3)
+# The VM tier (lab/tests/vm.rs): qemu, Debian 12's 6.1 and the 6.12 kernel,
+# busybox for the guest's initramfs, and the tools its scenarios run.
+VM_PKGS=(qemu-system-x86 busybox-static xz-utils zstd linux-image-amd64 linux-image-6.12-amd64 ppp pppoe wireguard-tools tcpdump)
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -21,13 +25,15 @@ need_root() {
 
 setup() {
     local missing=()
-    for p in "${PKGS[@]}"; do
+    for p in "${PKGS[@]}" ${WITH_VM:+"${VM_PKGS[@]}"}; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "run.sh: installing ${missing[*]}" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # INITRD=No: the kernel packages are booted by the VM tier with its
+        # own initramfs; skip building Debian's (/etc/kernel/postinst.d).
+        DEBIAN_FRONTEND=noninteractive INITRD=No apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
     command -v cargo >/dev/null || { echo "run.sh: cargo not found (install Rust stable)" >&2; exit 1; }
 }
@@ -47,14 +53,16 @@ case "$cmd" in
         exec ./target/release/nft-offload-lab bench "$@"
         ;;
     test)
-        need_root "$cmd"; setup
+        need_root "$cmd"; WITH_VM=1 setup
         # The lab's tests run the router binary built here (target/debug).
         cargo build --workspace --locked -q
         # The router crate's unit and packaging tests first (fast), then
         # every test of the lab crate (its unit tests, the fast-path tables
         # and each end-to-end file in lab/tests/) one at a time: they move
         # real traffic and measure nothing, but two iperf3 runs at once on 2
-        # CPUs only make each other slower.
+        # CPUs only make each other slower. lab/tests/vm.rs is the VM tier:
+        # Debian's 6.1 and 6.12 kernels under qemu, one boot each, every
+        # scenario reported as a test of its own (~25 minutes).
         cargo test --locked -p nft-offload --lib --bins --test packaging
         cargo test --locked -p nft-offload-lab --tests -- --test-threads=1
         # The benchmark, quick, once: proves it still runs (no timing asserted).

@@ -83,30 +83,6 @@ pub struct Cost {
     pub forwarded: u64,
 }
 
-/// The lab's veth ends, as (namespace, device), whose drop counters are read.
-fn ends(lab: &Lab) -> [(&str, &'static str); 4] {
-    [(&lab.lan, LAN_IF), (&lab.rtr, RTR_LAN_IF), (&lab.rtr, RTR_WAN_IF), (&lab.wan, WAN_IF)]
-}
-
-/// rx_dropped + tx_dropped summed over the lab's veth ends.
-pub(super) fn ring_drops(lab: &Lab) -> Result<u64> {
-    let mut n = 0;
-    for (ns, dev) in ends(lab) {
-        let out = lab.exec(
-            ns,
-            &[
-                "cat",
-                &format!("/sys/class/net/{dev}/statistics/rx_dropped"),
-                &format!("/sys/class/net/{dev}/statistics/tx_dropped"),
-            ],
-        )?;
-        for v in out.split_whitespace() {
-            n += v.parse::<u64>().with_context(|| format!("drop counters of {dev} in {ns}: {out:?}"))?;
-        }
-    }
-    Ok(n)
-}
-
 impl Threads {
     /// Re-pins the lab's NAPI kthreads (router ones to the router CPU, the
     /// hosts' to the other), gives them softirq-like priority and lists

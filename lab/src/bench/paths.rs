@@ -77,7 +77,7 @@ pub(super) fn measure(
     for _ in 0..3 {
         let th = Threads::of(lab, engine)?;
         let rx0 = wan_rx(lab)?;
-        let d0 = super::cost::ring_drops(lab)?;
+        let d0 = lab.veth_drops()?;
         let Ok(s0) = th.sample() else { continue };
         let t0 = Instant::now();
         while t0.elapsed().as_secs_f64() < secs {
@@ -88,7 +88,7 @@ pub(super) fn measure(
         std::thread::sleep(Duration::from_millis(50));
         let Ok(s1) = th.sample() else { continue };
         let fwd = wan_rx(lab)?.saturating_sub(rx0);
-        let drops = super::cost::ring_drops(lab)?.saturating_sub(d0);
+        let drops = lab.veth_drops()?.saturating_sub(d0);
         if Threads::of(lab, engine)? != th {
             continue;
         }

@@ -511,6 +511,22 @@ impl Lab {
         Ok((v[0], v[1], v[2], v[3]))
     }
 
+    /// rx_dropped + tx_dropped summed over the lab's four veth ends: frames
+    /// a full NAPI ring or backlog lost (veth_xmit counts them on the
+    /// sender, the receiver as rx_dropped).
+    pub fn veth_drops(&self) -> Result<u64> {
+        let mut n = 0;
+        for (ns, dev) in [(&self.lan, LAN_IF), (&self.rtr, RTR_LAN_IF), (&self.rtr, RTR_WAN_IF), (&self.wan, WAN_IF)] {
+            let rx = format!("/sys/class/net/{dev}/statistics/rx_dropped");
+            let tx = format!("/sys/class/net/{dev}/statistics/tx_dropped");
+            let out = self.exec(ns, &["cat", &rx, &tx])?;
+            for v in out.split_whitespace() {
+                n += v.parse::<u64>().with_context(|| format!("drop counters of {dev} in {ns}: {out:?}"))?;
+            }
+        }
+        Ok(n)
+    }
+
     /// ICMP echo from `ns` to `dst` (implemented in-process, iputils is not
     /// needed); returns the RTT. Retries for up to 3 s.
     pub fn ping(&self, ns: &str, dst: IpAddr) -> Result<Duration> {

@@ -62,8 +62,22 @@ fn open(dev: &str) -> Result<OwnedFd> {
             std::mem::size_of::<libc::timeval>() as u32,
         );
     }
-    // Room for bursts: the reader is a debug build under TCG.
-    let size: libc::c_int = 16 << 20;
+    // The tags the kernel takes off, reported beside each frame.
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+    // Room for a whole run: the reader is a debug build under TCG, which a
+    // busy machine may leave behind for seconds. Frames are only queued
+    // while it is behind; drops are counted (see `stop`).
+    let size: libc::c_int = 192 << 20;
     // SAFETY: valid fd and option (SO_RCVBUFFORCE: root).
     unsafe {
         libc::setsockopt(
@@ -75,6 +89,75 @@ fn open(dev: &str) -> Result<OwnedFd> {
         );
     }
     Ok(fd)
+}
+
+/// One received frame (not one this namespace sent), with the VLAN tag
+/// the kernel took into the skb's metadata put back where it was on the
+/// wire: __netif_receive_skb_core untags (skb_vlan_untag) before packet
+/// taps see the frame, and AF_PACKET reports the tag only as
+/// PACKET_AUXDATA (as libpcap reinserts it). Ok(None): a timeout, or a
+/// frame to skip.
+fn recv_frame(fd: &OwnedFd) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 65536];
+    // cmsghdr is read in place: 8-byte aligned storage.
+    let mut cbuf = [0u64; 32];
+    // SAFETY: zeroed plain C structs filled in below.
+    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: valid fd and message buffers.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
+    if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+        return Ok(None);
+    }
+    let n = (n as usize).min(buf.len());
+    let mut frame = buf[..n].to_vec();
+    // SAFETY: walking the control messages the kernel wrote into cbuf.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                let aux: libc::tpacket_auxdata = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && frame.len() >= 12 {
+                    let tpid =
+                        if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 { aux.tp_vlan_tpid } else { 0x8100 };
+                    let mut tag = tpid.to_be_bytes().to_vec();
+                    tag.extend_from_slice(&aux.tp_vlan_tci.to_be_bytes());
+                    frame.splice(12..12, tag);
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Some(frame))
+}
+
+/// Frames the socket dropped since the last call (PACKET_STATISTICS resets
+/// its counters when read).
+fn packet_drops(fd: &OwnedFd) -> Result<u32> {
+    let mut st = libc::tpacket_stats { tp_packets: 0, tp_drops: 0 };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as u32;
+    // SAFETY: valid fd and buffer of the stated size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut st as *mut libc::tpacket_stats).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        bail!("PACKET_STATISTICS: {}", std::io::Error::last_os_error());
+    }
+    Ok(st.tp_drops)
 }
 
 impl Capture {
@@ -96,35 +179,31 @@ impl Capture {
                 }
             };
             let mut frames = Vec::new();
-            let mut buf = vec![0u8; 65536];
             let mut stopped_at = None;
+            // Read (and reset) the drop counter once now: frames the socket
+            // saw before its queue was drained do not count.
+            let _ = packet_drops(&fd);
             loop {
-                // SAFETY: valid fd and buffer. PACKET_OUTGOING frames
-                // (sent by this namespace) are kept out below.
-                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-                // SAFETY: as above.
-                let n = unsafe {
-                    libc::recvfrom(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                        (&mut from as *mut libc::sockaddr_ll).cast(),
-                        &mut len,
-                    )
-                };
-                if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
-                    frames.push(buf[..n as usize].to_vec());
+                let got = recv_frame(&fd);
+                let n_ok = matches!(got, Ok(Some(_)));
+                if let Ok(Some(f)) = got {
+                    frames.push(f);
                 }
                 // Stopped: drain until the queue is empty (a timeout), or
                 // for at most 2 s under continuous traffic.
                 if stop2.load(Ordering::Relaxed) {
                     let since = *stopped_at.get_or_insert_with(std::time::Instant::now);
-                    if n <= 0 || since.elapsed() > Duration::from_secs(2) {
+                    if !n_ok || since.elapsed() > Duration::from_secs(2) {
                         break;
                     }
                 }
+            }
+            let drops = packet_drops(&fd)?;
+            if drops > 0 {
+                bail!(
+                    "the capture on {dev} dropped {drops} frames (its reader fell behind: the machine is too busy \
+                     for this rate)"
+                );
             }
             Ok(frames)
         })?;
@@ -149,4 +228,103 @@ pub fn ipv4_of(frame: &[u8]) -> Option<(u8, [u8; 4], [u8; 4])> {
     }
     let ip = &frame[14..];
     Some((ip[9], ip[12..16].try_into().ok()?, ip[16..20].try_into().ok()?))
+}
+
+/// Send `frames` out of `dev` in namespace `ns` as they are (AF_PACKET), at
+/// most `pps` a second; returns once all are sent.
+pub fn inject(ns: &str, dev: &str, frames: Vec<Vec<u8>>, pps: u32) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let dev = dev.to_string();
+    spawn_in_netns(ns, move || {
+        let fd = open(&dev)?;
+        let name = std::ffi::CString::new(dev.as_str())?;
+        // SAFETY: NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        // SAFETY: zeroed sockaddr_ll, then the fields sendto needs.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        let start = std::time::Instant::now();
+        for (i, f) in frames.iter().enumerate() {
+            // SAFETY: valid fd, buffer and address.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n < 0 {
+                bail!("sending frame {i} ({} bytes) on {dev}: {}", f.len(), std::io::Error::last_os_error());
+            }
+            if pps > 0 {
+                let due = Duration::from_secs_f64((i + 1) as f64 / f64::from(pps));
+                if let Some(w) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(w);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Attach a program that passes every frame (XDP_PASS) to `dev` in `ns`,
+/// by netlink (it stays until the device goes). A veth takes XDP-redirected
+/// frames only when its peer runs NAPI, which an XDP program gives it
+/// without the GRO that would merge the frames a capture must see as sent
+/// (netif_elide_gro: no GRO while a device has an XDP program).
+pub fn xdp_pass(ns: &str, dev: &str) -> Result<()> {
+    let dev = dev.to_string();
+    spawn_in_netns(ns, move || {
+        // r0 = XDP_PASS (2); exit
+        let insns = [
+            libbpf_sys::bpf_insn {
+                code: 0xb7,
+                _bitfield_1: libbpf_sys::bpf_insn::new_bitfield_1(0, 0),
+                off: 0,
+                imm: 2,
+                ..Default::default()
+            },
+            libbpf_sys::bpf_insn { code: 0x95, ..Default::default() },
+        ];
+        let name = std::ffi::CString::new("nfo_pass")?;
+        let lic = std::ffi::CString::new("GPL")?;
+        // SAFETY: valid instructions and strings; NULL opts.
+        let fd = unsafe {
+            libbpf_sys::bpf_prog_load(
+                libbpf_sys::BPF_PROG_TYPE_XDP,
+                name.as_ptr(),
+                lic.as_ptr(),
+                insns.as_ptr(),
+                insns.len() as _,
+                std::ptr::null_mut(),
+            )
+        };
+        if fd < 0 {
+            bail!("loading an XDP_PASS program: {}", std::io::Error::from_raw_os_error(-fd));
+        }
+        // SAFETY: a new fd we own.
+        let prog = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cname = std::ffi::CString::new(dev.as_str())?;
+        // SAFETY: NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        // SAFETY: valid program fd; NULL opts.
+        let rc = unsafe {
+            libbpf_sys::bpf_xdp_attach(
+                ifindex as i32,
+                prog.as_raw_fd(),
+                libbpf_sys::XDP_FLAGS_DRV_MODE,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            bail!("attaching XDP_PASS to {dev}: {}", std::io::Error::from_raw_os_error(-rc));
+        }
+        Ok(())
+    })?
+    .join()
+    .map_err(|_| anyhow!("xdp_pass thread panicked"))?
 }

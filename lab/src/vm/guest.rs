@@ -37,7 +37,8 @@ pub fn run(opts: &GuestOpts<'_>) -> Result<()> {
         .append(true)
         .open(opts.results)
         .with_context(|| format!("opening {}", opts.results.display()))?;
-    let ctx = Ctx { kernel: opts.kernel, diff_frames: opts.diff_frames };
+    let out_dir = opts.results.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let ctx = Ctx { kernel: opts.kernel, diff_frames: opts.diff_frames, out_dir };
     for s in all.into_iter().filter(|s| s.kernels.contains(&opts.kernel)) {
         if !opts.only.is_empty() && !opts.only.iter().any(|n| n == s.name) {
             continue;

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub kernel: Kernel,
     /// Frames per differential run.
     pub diff_frames: u32,
+    /// Where a scenario may leave reports for the host (the results share).
+    pub out_dir: std::path::PathBuf,
 }
 
 /// Figures a scenario proved, by name.
@@ -100,17 +102,26 @@ pub struct Scenario {
 
 const BOTH: &[Kernel] = &[Kernel::Linux6_1, Kernel::Linux6_12];
 
-/// The three runs of a topology: the kernel's flowtable, then the engine
-/// in TC and in XDP mode.
+/// The three runs of a topology: the kernel's flowtable (on `$refk`, both
+/// kernels unless said), then the engine in TC and in XDP mode.
 macro_rules! three_ways {
     ($topo:literal, $f:path) => {
+        three_ways!($topo, $f, BOTH)
+    };
+    ($topo:literal, $f:path, $refk:expr) => {
         [
-            Scenario { name: concat!($topo, "::kernel"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Kernel) },
+            Scenario { name: concat!($topo, "::kernel"), kernels: $refk, run: |c, e| $f(c, e, Offload::Kernel) },
             Scenario { name: concat!($topo, "::tc"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Tc) },
             Scenario { name: concat!($topo, "::xdp"), kernels: BOTH, run: |c, e| $f(c, e, Offload::Xdp) },
         ]
     };
 }
+
+/// Debian's 6.1 flowtable stalls QinQ connections now and then (in 2 of 4
+/// boots one of the two QinQ references never delivered its bulk after the
+/// offload; 6.12 never did): a reference that is not one. QinQ's reference
+/// is taken on 6.12; the engine is proven on both.
+const QINQ_REFERENCE: &[Kernel] = &[Kernel::Linux6_12];
 
 /// Every scenario, in the order they run.
 pub fn all() -> Vec<Scenario> {
@@ -119,8 +130,8 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("vlan", vlan::vlan));
     v.extend(three_ways!("vlan_lower", vlan::vlan_lower));
     v.extend(three_ways!("vlan_stripped", vlan::vlan_stripped));
-    v.extend(three_ways!("qinq", vlan::qinq));
-    v.extend(three_ways!("qinq_lower", vlan::qinq_lower));
+    v.extend(three_ways!("qinq", vlan::qinq, QINQ_REFERENCE));
+    v.extend(three_ways!("qinq_lower", vlan::qinq_lower, QINQ_REFERENCE));
     v.extend(three_ways!("pppoe", pppoe::ppp));
     v.extend(three_ways!("pppoe_lower", pppoe::lower));
     v.extend(three_ways!("wireguard", wireguard::run));
@@ -129,5 +140,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("ipsec", ipsec::run));
     v.extend(three_ways!("sqm_cake", shaping::cake));
     v.extend(three_ways!("sqm_fq_codel", shaping::fq_codel));
+    v.push(Scenario { name: "differential::vs_kernel", kernels: BOTH, run: differential::run });
     v
 }

@@ -302,7 +302,10 @@ table inet fw4 {{
         let m = self.measure_transfer(ev, tag, port, dir, d, client_ns, true)?;
         let offloaded_after = m.offloaded_after.with_context(|| format!("{tag}: after the warm-up"))?;
         ev.put(&format!("{tag}_offloaded_after_ms"), offloaded_after.as_millis() as u64);
-        if m.fwd_bulk > 0 {
+        // Offloaded: the forward chain stops counting. A stray packet or two
+        // (seen once from the kernel flowtable itself on 6.1) is tolerated up
+        // to 0.5% of the bulk's segments; not offloaded, it counts them all.
+        if m.fwd_bulk * 200 > self.bulk / 1448 {
             bail!(
                 "{tag}: the forward chain counted {} packets during the {}-byte bulk (~{} data segments): not \
                  offloaded",
