@@ -467,6 +467,9 @@ impl FlowTable {
                 && old.val.flags == nd.val.flags
                 && old.val.hold == nd.val.hold
             {
+                // The map entry stands; the route's device may not (xfrm
+                // selectors and the wake-up watch read it).
+                f.dirs[i].route_ifindex = nd.route_ifindex;
                 continue;
             }
             let cur = self.dp.get_written(&old.key).unwrap_or(f.last[i]);
@@ -488,7 +491,7 @@ impl FlowTable {
             if moved {
                 note_key(&mut self.keys, &nd.key);
             }
-            f.dirs[i] = Direction { key: nd.key, val: nd.val };
+            f.dirs[i] = Direction { key: nd.key, val: nd.val, route_ifindex: nd.route_ifindex };
             f.last[i] = Written::from(&v);
         }
     }

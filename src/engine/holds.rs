@@ -93,6 +93,7 @@ mod tests {
         let dir = |ifindex, out_ifindex| Direction {
             key: fo_flow_key { ifindex, ..Default::default() },
             val: fo_flow { out_ifindex, ..Default::default() },
+            route_ifindex: out_ifindex,
         };
         let mut wan = DeviceHooks { name: "rwan".into(), ..Default::default() };
         wan.ingress_chains.push("netdev t i".into());

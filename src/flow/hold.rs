@@ -75,7 +75,7 @@ mod tests {
     /// Rust and flow.h agree on every code, and "none" is the zeroed entry.
     #[test]
     fn codes_are_flow_h_s() {
-        let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default() };
+        let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default(), route_ifindex: 0 };
         assert_eq!(d.hold(), None);
         for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
             d.set_hold(Some(h));
