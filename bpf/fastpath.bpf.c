@@ -229,6 +229,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		f->last_seen_ns = bpf_ktime_get_coarse_ns();
 		reason = f->hold == FO_HOLD_XFRM ? FO_SLOW_HELD_XFRM
 			 : f->hold == FO_HOLD_INGRESS_HOOK ? FO_SLOW_HELD_INGRESS_HOOK
+			 : f->hold == FO_HOLD_DORMANT ? FO_SLOW_HELD_DORMANT
 			 : FO_SLOW_HELD_EGRESS_HOOK;
 		goto slow;
 	}

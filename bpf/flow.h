@@ -65,6 +65,11 @@ enum fo_hold {
 	FO_HOLD_XFRM,		/* its route goes through an xfrm policy */
 	FO_HOLD_INGRESS_HOOK,	/* tc filter / netdev chain on the input device */
 	FO_HOLD_EGRESS_HOOK,	/* netdev chain (or XDP-bypassed tc/qdisc) on the output */
+	/* Still dormant: the connection came back to the fast path on evidence
+	 * that the kernel forwarded a packet of the other direction, none yet
+	 * of this one (a blocked client's uploads while the server retransmits).
+	 */
+	FO_HOLD_DORMANT,
 };
 
 /* fo_flow.teardown, set by the fast path when a packet ends the flow.
@@ -146,6 +151,7 @@ enum fo_stat {
 	FO_SLOW_HELD_XFRM,		/* direction held: enum fo_hold */
 	FO_SLOW_HELD_INGRESS_HOOK,
 	FO_SLOW_HELD_EGRESS_HOOK,
+	FO_SLOW_HELD_DORMANT,
 	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
 	/* TC cannot take a PPPoE header off: bpf_skb_adjust_room refuses an
 	 * skb whose protocol is not IP (net/core/filter.c); attach to the

@@ -563,12 +563,16 @@ impl Core {
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts, KEEPALIVE_CHUNK)
     }
 
-    /// Dormant connections the kernel forwarded a packet of (TC egress
-    /// announced or stamped their egress key): judged again.
+    /// Connections with a dormant direction the kernel forwarded a packet
+    /// of (TC egress announced or stamped its egress key): the evidence is
+    /// recorded for that direction alone, and the connection judged again
+    /// (an offloaded one with its path, so its holds are set anew).
     fn wake(&mut self, keys: Option<&[fo_flow_key]>) {
-        for id in self.flows.woken(keys) {
-            let Known::Dormant { mark, .. } = self.flows.known(&id) else { continue };
-            self.rejudge(&id, Some(Known::Dormant { mark, woke: true }), false);
+        for (id, ev) in self.flows.woken(keys) {
+            if self.flows.prove(&id, ev) {
+                let offloaded = self.flows.is_offloaded(&id);
+                self.rejudge(&id, None, offloaded);
+            }
         }
     }
 

@@ -1,7 +1,9 @@
 //! Holds: a direction of an offloaded connection that the kernel must
 //! forward itself, because something the fast path would skip applies to
 //! it (an xfrm policy, a tc filter or netdev chain on its input device, a
-//! netdev chain on its output). The other direction may stay fast. The
+//! netdev chain on its output), or because it is still dormant: the
+//! connection came back on evidence for the other direction only. The
+//! other direction may stay fast. The
 //! codes are `enum fo_hold` of bpf/flow.h; what holds a direction is
 //! decided by the sources in `engine::holds`, pure per direction.
 
@@ -17,6 +19,9 @@ pub enum Hold {
     Xfrm,
     IngressHook,
     EgressHook,
+    /// Not seen forwarded by the kernel since the connection was taken off
+    /// the fast path (`policy::verdict::Known`): evidence is per direction.
+    Dormant,
 }
 
 impl Hold {
@@ -25,12 +30,13 @@ impl Hold {
             Hold::Xfrm => fo_hold::FO_HOLD_XFRM,
             Hold::IngressHook => fo_hold::FO_HOLD_INGRESS_HOOK,
             Hold::EgressHook => fo_hold::FO_HOLD_EGRESS_HOOK,
+            Hold::Dormant => fo_hold::FO_HOLD_DORMANT,
         };
         c.0 as u8
     }
 
     pub fn from_code(c: u8) -> Option<Hold> {
-        [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook].into_iter().find(|h| h.code() == c)
+        [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook, Hold::Dormant].into_iter().find(|h| h.code() == c)
     }
 
     /// The fast path's counter for packets of a held direction (`status`).
@@ -39,6 +45,7 @@ impl Hold {
             Hold::Xfrm => "held_xfrm",
             Hold::IngressHook => "held_ingress_hook",
             Hold::EgressHook => "held_egress_hook",
+            Hold::Dormant => "held_dormant",
         }
     }
 }
@@ -49,6 +56,19 @@ impl Hold {
 pub struct Held {
     pub hold: Hold,
     pub why: String,
+}
+
+impl Held {
+    /// A direction still dormant (`Hold::Dormant`).
+    pub fn dormant() -> Held {
+        Held {
+            hold: Hold::Dormant,
+            why: "not seen forwarded by the kernel since the connection left the fast path (idle, route, link or \
+                  ruleset change); the other direction was: the kernel keeps this one until one of its own packets \
+                  is seen leaving"
+                .into(),
+        }
+    }
 }
 
 impl fmt::Display for Held {
@@ -77,7 +97,7 @@ mod tests {
     fn codes_are_flow_h_s() {
         let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default(), route_ifindex: 0 };
         assert_eq!(d.hold(), None);
-        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook, Hold::Dormant] {
             d.set_hold(Some(h));
             assert_eq!(d.hold(), Some(h));
             assert_ne!(d.val.hold, 0);
@@ -85,7 +105,7 @@ mod tests {
         d.set_hold(None);
         assert_eq!(d.val.hold, 0);
         let names: Vec<&str> = crate::dataplane::STAT_NAMES.to_vec();
-        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook, Hold::Dormant] {
             assert!(names.contains(&h.as_str()), "{} is a fast-path counter", h.as_str());
         }
     }
