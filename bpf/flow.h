@@ -72,6 +72,19 @@ enum fo_hold {
 	FO_HOLD_DORMANT,
 };
 
+/* fo_watch_below: what the egress watcher on a managed device leaves to a
+ * managed device stacked above it. That device's own watcher saw the packet
+ * where the kernel's forward path handed it over, before its qdisc; seen
+ * again down here it may have waited in that qdisc across a ruleset change
+ * (cake on pppoe-wan above eth1), so it is no evidence of what the kernel
+ * does now.
+ */
+enum fo_below {
+	FO_BELOW_NONE = 0,
+	FO_BELOW_ENCAP,	/* tagged or PPPoE frames came down from a managed VLAN or ppp device */
+	FO_BELOW_ALL,	/* a port of a managed bridge: routed frames came down from it */
+};
+
 /* fo_flow.teardown, set by the fast path when a packet ends the flow.
  * Zero is a live flow (entries start zeroed). The control plane keeps the
  * larger code of the two directions, so RST ranks above FIN.

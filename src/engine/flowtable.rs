@@ -83,16 +83,38 @@ struct Watch {
     keys: [fo_flow_key; 2],
     since_ns: u64,
     proven: [bool; 2],
+    /// The direction's route device is above the port it is watched on
+    /// (br-lan, wan.7, pppoe-wan not managed themselves): see QUEUE_GRACE_NS.
+    grace: [bool; 2],
 }
 
+/// How much later than `since_ns` a packet seen leaving a port must be to
+/// count, when an unmanaged device above the port lies between the forward
+/// and the watcher. A shaper there holds the direction anyway (`hooks`), so
+/// what can wait there is a non-shaping qdisc's backlog (pfifo_fast,
+/// fq_codel on a ppp, VLAN or bridge device, whose drivers hand every
+/// packet straight down and never stop their queue): gone within a qdisc
+/// run or a TX softirq, well under this. A managed device's own watcher
+/// runs before its qdisc (`fo_below` leaves it the packets it saw).
+const QUEUE_GRACE_NS: u64 = 200_000_000;
+
 impl Watch {
-    fn new(keys: [fo_flow_key; 2]) -> Watch {
-        Watch { keys, since_ns: now_ns(), proven: [false, false] }
+    /// Watching the directions `dirs` leave as.
+    fn new(dirs: &[Direction; 2]) -> Watch {
+        Watch {
+            keys: dirs.map(|d| egress_key(&d)),
+            since_ns: now_ns(),
+            proven: [false, false],
+            grace: dirs.map(|d| d.route_ifindex != d.val.out_ifindex),
+        }
     }
 
-    /// The directions TC egress stamped after `since_ns`.
+    /// The directions TC egress stamped after `since_ns` (and the grace).
     fn seen(&self, dp: &Dataplane) -> [bool; 2] {
-        [0, 1].map(|i| dp.dormant_seen(&self.keys[i]).is_some_and(|t| t > self.since_ns))
+        [0, 1].map(|i| {
+            let after = self.since_ns + if self.grace[i] { QUEUE_GRACE_NS } else { 0 };
+            dp.dormant_seen(&self.keys[i]).is_some_and(|t| t > after)
+        })
     }
 
     /// The directions still without evidence.
@@ -548,8 +570,8 @@ impl FlowTable {
         if let Some(w) = &f.watch {
             self.unwatch_all(w);
         }
-        let keys = f.dirs.map(|d| egress_key(&d));
-        for k in &keys {
+        let watch = Watch::new(&f.dirs);
+        for k in &watch.keys {
             if let Err(e) = self.dp.watch_dormant(k) {
                 // fo_dormant is full: the connection stays dormant but
                 // unwatched, so it stays with the kernel (never woken).
@@ -558,7 +580,7 @@ impl FlowTable {
             self.dormant_keys.insert(key_bytes(k), id);
         }
         self.dp.set_watching(self.dormant_keys.len());
-        self.dormant.insert(id, Dormant { entry: f.entry, watch: Watch::new(keys) });
+        self.dormant.insert(id, Dormant { entry: f.entry, watch });
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map

@@ -483,6 +483,10 @@ impl Core {
     /// not notified, so this follows admin changes (a reload, a blocklist
     /// entry), not traffic.
     fn on_ruleset_change(&mut self) {
+        // What the kernel forwarded before the change is no evidence for
+        // the connections already dormant either (an idle one whose packet
+        // left just before the rule that now drops it).
+        self.flows.discount_wakes();
         let n = self.flows.send_back_through_new_rules();
         if n > 0 {
             tracing::info!(connections = n, "nftables ruleset changed: offloaded connections go back through it");
