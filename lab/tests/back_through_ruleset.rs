@@ -418,3 +418,61 @@ fn iface_mode_one_direction_forwarded_is_no_evidence_for_the_other() {
     assert_eq!(talked(&count), 50 + 80);
     assert!(up(&d) >= up0 + 40, "uploads fast again: {:?}", flow(&d));
 }
+
+/// iptables-legacy in the router's namespace (Debian's `iptables`
+/// package; run.sh installs it).
+fn iptables_legacy(lab: &Lab, args: &[&str]) {
+    lab.exec(&lab.rtr, &[&["iptables-legacy", "-w"], args].concat())
+        .unwrap_or_else(|e| panic!("iptables-legacy {args:?} (install Debian's iptables): {e:#}"));
+}
+
+/// Issue 17, defect 4c: a legacy x_tables change sends no nf_tables
+/// notification; the engine polls those tables. A DROP for the server
+/// inserted with iptables-legacy while the stream is offloaded: within a
+/// second it is off the fast path, 40 more packets meet the rule (none
+/// arrives) and it stays off; the rule deleted, it comes back on evidence.
+fn legacy_rule_reaches_offloaded_connections(lab: &Lab, d: &Daemon, sink: &Sink, mode: &str) {
+    let sport = 41530;
+    offloaded_stream(lab, d, sink, sport, mode);
+    let rule = ["FORWARD", "-d", SERVER, "-j", "DROP"];
+    let took = std::thread::scope(|sc| {
+        let h = sc.spawn(|| send(lab, sport, 100, 10));
+        sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        iptables_legacy(lab, &[&["-I"], &rule[..]].concat());
+        while stat(d, "flows_offloaded") != 0 && t0.elapsed() < Duration::from_secs(2) {
+            sleep(Duration::from_millis(5));
+        }
+        let took = t0.elapsed();
+        h.join().unwrap();
+        took
+    });
+    let (got0, fp0) = (sink.received(), stat(d, "fast_path_packets"));
+    send(lab, sport, 40, 10);
+    let st = d.status().unwrap();
+    let got = sink.received() - got0;
+    assert_eq!(got, 0, "{mode}: {got} of 40 packets reached the server past an iptables-legacy DROP: {st}");
+    assert_eq!(st["fast_path_packets"], fp0, "{mode}: {st}");
+    assert!(took < Duration::from_secs(1), "{mode}: off the fast path after {took:?}: {st}");
+    assert_eq!(st["teardowns"]["ruleset_change"], 1, "{mode}: {st}");
+    eprintln!("{mode}: off the fast path {took:?} after `iptables-legacy -I` started");
+    iptables_legacy(lab, &[&["-D"], &rule[..]].concat());
+    sleep(Duration::from_millis(600));
+    send(lab, sport, 40, 10);
+    assert_eq!(sink.received(), got0 + 40, "{mode}: {}", d.status().unwrap());
+    assert_eq!(stat(d, "flows_offloaded"), 1, "{mode}: not back after the rule went: {}", d.status().unwrap());
+}
+
+#[test]
+fn iface_mode_legacy_iptables_change_reaches_offloaded_connections() {
+    let s = Setup::new();
+    let d = s.iface_daemon(&[]);
+    legacy_rule_reaches_offloaded_connections(&s.lab, &d, &s.sink, "--iface");
+}
+
+#[test]
+fn nft_mode_legacy_iptables_change_reaches_offloaded_connections() {
+    let s = Setup::new();
+    let d = s.nft_daemon(&[]);
+    legacy_rule_reaches_offloaded_connections(&s.lab, &d, &s.sink, "--nft");
+}

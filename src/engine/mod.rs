@@ -105,6 +105,9 @@ struct Core {
     rescan: bool,
     /// `Dataplane::wake_lost` when last scanned.
     wake_lost: u64,
+    /// The legacy x_tables rulesets as last polled (`hooks::legacy`): they
+    /// send no notification.
+    legacy: crate::hooks::legacy::Snapshot,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
     /// Each neighbour's last answer, so only real changes count.
@@ -186,6 +189,7 @@ impl Engine {
             route_dirty: None,
             rescan: false,
             wake_lost: 0,
+            legacy: crate::hooks::legacy::read(),
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             // After subscribing (`routes`): no change falls in between.
             neigh: NeighbourTable::read().context("reading the neighbour table")?,
@@ -493,6 +497,21 @@ impl Core {
         }
     }
 
+    /// iptables-legacy, ip6tables-legacy, arptables-legacy and
+    /// ebtables-legacy tell nobody of a change: each tick reads their tables
+    /// (`hooks::legacy`, only those that exist), and a change is one of the
+    /// ruleset, as for nftables.
+    fn poll_legacy_tables(&mut self) {
+        let now = crate::hooks::legacy::read();
+        let changed = now.changed(&self.legacy);
+        if changed.is_empty() {
+            return;
+        }
+        tracing::info!(tables = %changed.join(", "), "legacy x_tables ruleset changed");
+        self.legacy = now;
+        self.on_ruleset_change();
+    }
+
     /// Re-resolve the connections through changed neighbours.
     fn reresolve_neighbours(&mut self) {
         for id in std::mem::take(&mut self.neigh_ids) {
@@ -549,6 +568,7 @@ impl Core {
                 self.read_hooks();
             }
         }
+        self.poll_legacy_tables();
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only
         // when it dropped something: O(dormant) per loss, not per tick.
