@@ -15,7 +15,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::net::{finish, Router};
 use super::{step, Ctx, Evidence, Offload};
@@ -79,7 +79,6 @@ fn on_the_wire<T>(sw: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, usize, 
     let cap = Capture::start(sw, "wan0")?;
     let out = f();
     let frames = cap.stop()?;
-    let out = out?;
     // The VLAN variant's frames carry their tag (put back by Capture).
     let untagged = |f: &[u8]| -> Vec<u8> {
         if f.len() > 18 && f[12..14] == [0x81, 0x00] {
@@ -100,6 +99,10 @@ fn on_the_wire<T>(sw: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, usize, 
             }
         }
     }
+    // A transfer that failed says what the router sent meanwhile (clear
+    // packets the far end drops stall it).
+    let out = out
+        .with_context(|| format!("meanwhile the router sent {clear} clear packets between the sites and {esp} ESP"))?;
     Ok((out, esp, clear))
 }
 
