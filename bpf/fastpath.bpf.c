@@ -277,6 +277,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		f->last_seen_ns = bpf_ktime_get_coarse_ns();
 		reason = f->hold == FO_HOLD_XFRM ? FO_SLOW_HELD_XFRM
 			 : f->hold == FO_HOLD_INGRESS_HOOK ? FO_SLOW_HELD_INGRESS_HOOK
+			 : f->hold == FO_HOLD_DORMANT ? FO_SLOW_HELD_DORMANT
 			 : f->hold == FO_HOLD_XDP_TARGET ? FO_SLOW_HELD_XDP_TARGET
 			 : FO_SLOW_HELD_EGRESS_HOOK;
 		goto slow;
@@ -565,11 +566,19 @@ static __always_inline int fo_egress_watch(struct __sk_buff *skb, const bool l3d
 {
 	struct fo_parsed p = {};
 	struct fo_meta m;
-	__u32 zero = 0, *watching;
+	__u32 zero = 0, *watching, *below, dev = skb->ifindex;
 	__u64 *seen;
 
 	watching = bpf_map_lookup_elem(&fo_watching, &zero);
 	if (!watching || !*watching)
+		return TC_ACT_UNSPEC;
+	/* Seen already above, before a qdisc it may have waited in (enum
+	 * fo_below): __dev_queue_xmit runs sch_handle_egress before the
+	 * device's qdisc, so only the upper device's watcher tells when the
+	 * kernel forwarded it.
+	 */
+	below = bpf_map_lookup_elem(&fo_watch_below, &dev);
+	if (below && *below == FO_BELOW_ALL)
 		return TC_ACT_UNSPEC;
 	fo_pull_headers(skb);
 	fo_tc_meta(skb, &m);
@@ -577,6 +586,8 @@ static __always_inline int fo_egress_watch(struct __sk_buff *skb, const bool l3d
 	 * that is now 1, options, fragments) wakes nothing.
 	 */
 	if (fo_parse((void *)(long)skb->data, (void *)(long)skb->data_end, &m, l3dev, &p))
+		return TC_ACT_UNSPEC;
+	if (below && *below == FO_BELOW_ENCAP && p.key.encap_num)
 		return TC_ACT_UNSPEC;
 	/* Keys name no interface and no encapsulation (flow::egress_key):
 	 * the same connection is one key on whichever device it leaves.
@@ -685,7 +696,7 @@ int fo_fib_query(struct xdp_md *ctx)
 
 /* Never read: they put these types into the object's BTF so the generated
  * Rust skeleton defines them (the control plane builds fo_fib_req, names
- * the fo_stat counters, sets fo_flow_flag bits, fo_hold codes and
+ * the fo_stat counters, sets fo_flow_flag bits, fo_hold and fo_below codes and
  * fo_secpath_how, and reads fo_teardown codes).
  */
 const volatile struct fo_fib_req fo_btf_fib_req;
@@ -693,4 +704,5 @@ const volatile enum fo_stat fo_btf_stat;
 const volatile enum fo_flow_flag fo_btf_flow_flag;
 const volatile enum fo_teardown fo_btf_teardown;
 const volatile enum fo_hold fo_btf_hold;
+const volatile enum fo_below fo_btf_below;
 const volatile enum fo_secpath_how fo_btf_secpath_how;

@@ -65,11 +65,29 @@ enum fo_hold {
 	FO_HOLD_XFRM,		/* its route goes through an xfrm policy */
 	FO_HOLD_INGRESS_HOOK,	/* tc filter / netdev chain on the input device */
 	FO_HOLD_EGRESS_HOOK,	/* netdev chain (or XDP-bypassed tc/qdisc) on the output */
+	/* Still dormant: the connection came back to the fast path on evidence
+	 * that the kernel forwarded a packet of the other direction, none yet
+	 * of this one (a blocked client's uploads while the server retransmits).
+	 */
+	FO_HOLD_DORMANT,
 	/* XDP in, and the output cannot take XDP frames (a veth whose peer
 	 * has no NAPI, a driver without ndo_xdp_xmit): a redirect there is
 	 * lost (veth_xdp_xmit, __xdp_enqueue), the kernel's path is not.
 	 */
 	FO_HOLD_XDP_TARGET,
+};
+
+/* fo_watch_below: what the egress watcher on a managed device leaves to a
+ * managed device stacked above it. That device's own watcher saw the packet
+ * where the kernel's forward path handed it over, before its qdisc; seen
+ * again down here it may have waited in that qdisc across a ruleset change
+ * (cake on pppoe-wan above eth1), so it is no evidence of what the kernel
+ * does now.
+ */
+enum fo_below {
+	FO_BELOW_NONE = 0,
+	FO_BELOW_ENCAP,	/* tagged or PPPoE frames came down from a managed VLAN or ppp device */
+	FO_BELOW_ALL,	/* a port of a managed bridge: routed frames came down from it */
 };
 
 /* fo_flow.teardown, set by the fast path when a packet ends the flow.
@@ -151,6 +169,7 @@ enum fo_stat {
 	FO_SLOW_HELD_XFRM,		/* direction held: enum fo_hold */
 	FO_SLOW_HELD_INGRESS_HOOK,
 	FO_SLOW_HELD_EGRESS_HOOK,
+	FO_SLOW_HELD_DORMANT,
 	FO_SLOW_HELD_XDP_TARGET,
 	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
 	/* TC cannot take a PPPoE header off: bpf_skb_adjust_room refuses an

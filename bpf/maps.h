@@ -55,6 +55,16 @@ struct {
 	__uint(max_entries, 1);
 } fo_watching SEC(".maps");
 
+/* enum fo_below by the ifindex of a managed device with a managed device
+ * above it, set by the control plane (absent: FO_BELOW_NONE).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 256);
+} fo_watch_below SEC(".maps");
+
 /* The first forwarded packet of a dormant connection (its fo_dormant stamp
  * was 0) sends its egress key here, so the control plane wakes it at once
  * instead of finding it on its next scan.

@@ -316,3 +316,163 @@ fn nft_mode_route_back_is_no_evidence() {
     let d = s.nft_daemon(&[]);
     rerouted_then_blocked(&s.lab, &d, &s.sink, "--nft");
 }
+
+/// A server on port 9997 that answers: from the first datagram on it sends
+/// one to its sender every 10 ms (as a server retransmitting would), and
+/// keeps the number it received in `count`.
+fn talker(lab: &Lab, dir: &Path) -> (Running, PathBuf) {
+    let count = dir.join("talker");
+    let py = format!(
+        "import os,socket,time\np={:?}\ndef put(n):\n    open(p+'.t','w').write(str(n)); os.replace(p+'.t',p)\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET,33,1<<23)\n\
+         s.bind(('0.0.0.0',9997))\ns.settimeout(0.01)\nn=0\nput(0)\npeer=None\nend=time.time()+60\n\
+         while time.time()<end:\n    try:\n        d,a=s.recvfrom(2048)\n        n+=1\n        put(n)\n        peer=a\n\
+         \x20   except socket.timeout:\n        pass\n    if peer:\n        s.sendto(b'z'*100,peer)\n",
+        count.to_str().unwrap()
+    );
+    let mut c = lab.command(&lab.wan, &["python3", "-c", &py]);
+    c.stdin(std::process::Stdio::null());
+    let child = lab.spawn_cmd(c).unwrap_or_else(|e| panic!("{e:#}"));
+    let t0 = Instant::now();
+    while !count.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the talker did not start");
+        sleep(Duration::from_millis(20));
+    }
+    (Running(child), count)
+}
+
+/// What the talker received, once it has been quiet for 300 ms.
+fn talked(count: &Path) -> u64 {
+    let read = || -> u64 { std::fs::read_to_string(count).unwrap().trim().parse().unwrap() };
+    let (mut last, mut since) = (read(), Instant::now());
+    while since.elapsed() < Duration::from_millis(300) {
+        sleep(Duration::from_millis(50));
+        if read() != last {
+            (last, since) = (read(), Instant::now());
+        }
+    }
+    last
+}
+
+/// `count` datagrams from the client's port `sport` to the talker.
+fn send_to_talker(lab: &Lab, sport: u16, count: u32) {
+    let py = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',{sport}))\n\
+         for i in range({count}):\n    s.sendto(b'u'*120,('{SERVER}',9997))\n    time.sleep(0.01)\n"
+    );
+    lab.exec(&lab.lan, &["python3", "-c", &py]).unwrap();
+}
+
+/// Issue 17, defect 4a: evidence is per direction. The client's uploads
+/// are blocked while the connection is offloaded (the ruleset change sends
+/// it back through the kernel); the server keeps sending to the client,
+/// which the new rules still forward. Those packets seen leaving are
+/// evidence for the reply direction only: the client's next uploads must
+/// still meet the drop rule (none reaches the server), and its direction
+/// is shown held. Unblocked, its own packets bring it back.
+#[test]
+fn iface_mode_one_direction_forwarded_is_no_evidence_for_the_other() {
+    let s = Setup::new();
+    let d = s.iface_daemon(&[]);
+    let (_talker, count) = talker(&s.lab, &s.dir);
+    let sport = 41510;
+    send_to_talker(&s.lab, sport, 50);
+    let t0 = Instant::now();
+    let flow = |d: &Daemon| d.flows().unwrap().into_iter().find(|f| f["orig"]["sport"] == sport);
+    while flow(&d).is_none_or(|f| f["packets_reply"].as_u64() <= Some(20)) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "not offloaded both ways: {:?}", d.flows());
+        sleep(Duration::from_millis(20));
+    }
+    assert_eq!(talked(&count), 50);
+
+    block(&s.lab);
+    // The change sends it back through the kernel; the server's packets,
+    // which the kernel still forwards, then leave the router for a while.
+    sleep(Duration::from_millis(500));
+    let st = d.status().unwrap();
+    assert_eq!(st["teardowns"]["ruleset_change"], 1, "{st}");
+    let held0 = st["slow_path"]["held_dormant"].as_u64().unwrap_or(0);
+    send_to_talker(&s.lab, sport, 40);
+    let got = talked(&count) - 50;
+    let st = d.status().unwrap();
+    assert_eq!(got, 0, "{got} of 40 uploads reached the server past the drop rule; flows: {:?}; {st}", d.flows());
+    let f = flow(&d).unwrap_or_else(|| panic!("the reply direction is fast again, with the other held: {st}"));
+    let why = f["slow"][0].as_str().unwrap_or_else(|| panic!("the client's direction is not held: {f}"));
+    assert!(why.starts_with("not seen forwarded by the kernel since"), "{why}");
+    assert_eq!(f["slow"][1], serde_json::Value::Null, "the server's direction is forwarded: {f}");
+    let held = st["slow_path"]["held_dormant"].as_u64().unwrap() - held0;
+    assert!(held >= 40, "the fast path handed the uploads to the kernel: {held} counted");
+
+    // Unblocked: the uploads' own evidence releases the hold.
+    unblock(&s.lab);
+    send_to_talker(&s.lab, sport, 40);
+    assert_eq!(talked(&count), 50 + 40, "{}", d.status().unwrap());
+    let t0 = Instant::now();
+    while flow(&d).is_none_or(|f| !f["slow"][0].is_null()) {
+        assert!(t0.elapsed() < Duration::from_secs(1), "still held after its own packets: {:?}", flow(&d));
+        sleep(Duration::from_millis(20));
+    }
+    let up = |d: &Daemon| flow(d).and_then(|f| f["packets_orig"].as_u64()).unwrap_or(0);
+    let up0 = up(&d);
+    send_to_talker(&s.lab, sport, 40);
+    assert_eq!(talked(&count), 50 + 80);
+    assert!(up(&d) >= up0 + 40, "uploads fast again: {:?}", flow(&d));
+}
+
+/// iptables-legacy in the router's namespace (Debian's `iptables`
+/// package; run.sh installs it).
+fn iptables_legacy(lab: &Lab, args: &[&str]) {
+    lab.exec(&lab.rtr, &[&["iptables-legacy", "-w"], args].concat())
+        .unwrap_or_else(|e| panic!("iptables-legacy {args:?} (install Debian's iptables): {e:#}"));
+}
+
+/// Issue 17, defect 4c: a legacy x_tables change sends no nf_tables
+/// notification; the engine polls those tables. A DROP for the server
+/// inserted with iptables-legacy while the stream is offloaded: within a
+/// second it is off the fast path, 40 more packets meet the rule (none
+/// arrives) and it stays off; the rule deleted, it comes back on evidence.
+fn legacy_rule_reaches_offloaded_connections(lab: &Lab, d: &Daemon, sink: &Sink, mode: &str) {
+    let sport = 41530;
+    offloaded_stream(lab, d, sink, sport, mode);
+    let rule = ["FORWARD", "-d", SERVER, "-j", "DROP"];
+    let took = std::thread::scope(|sc| {
+        let h = sc.spawn(|| send(lab, sport, 100, 10));
+        sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        iptables_legacy(lab, &[&["-I"], &rule[..]].concat());
+        while stat(d, "flows_offloaded") != 0 && t0.elapsed() < Duration::from_secs(2) {
+            sleep(Duration::from_millis(5));
+        }
+        let took = t0.elapsed();
+        h.join().unwrap();
+        took
+    });
+    let (got0, fp0) = (sink.received(), stat(d, "fast_path_packets"));
+    send(lab, sport, 40, 10);
+    let st = d.status().unwrap();
+    let got = sink.received() - got0;
+    assert_eq!(got, 0, "{mode}: {got} of 40 packets reached the server past an iptables-legacy DROP: {st}");
+    assert_eq!(st["fast_path_packets"], fp0, "{mode}: {st}");
+    assert!(took < Duration::from_secs(1), "{mode}: off the fast path after {took:?}: {st}");
+    assert_eq!(st["teardowns"]["ruleset_change"], 1, "{mode}: {st}");
+    eprintln!("{mode}: off the fast path {took:?} after `iptables-legacy -I` started");
+    iptables_legacy(lab, &[&["-D"], &rule[..]].concat());
+    sleep(Duration::from_millis(600));
+    send(lab, sport, 40, 10);
+    assert_eq!(sink.received(), got0 + 40, "{mode}: {}", d.status().unwrap());
+    assert_eq!(stat(d, "flows_offloaded"), 1, "{mode}: not back after the rule went: {}", d.status().unwrap());
+}
+
+#[test]
+fn iface_mode_legacy_iptables_change_reaches_offloaded_connections() {
+    let s = Setup::new();
+    let d = s.iface_daemon(&[]);
+    legacy_rule_reaches_offloaded_connections(&s.lab, &d, &s.sink, "--iface");
+}
+
+#[test]
+fn nft_mode_legacy_iptables_change_reaches_offloaded_connections() {
+    let s = Setup::new();
+    let d = s.nft_daemon(&[]);
+    legacy_rule_reaches_offloaded_connections(&s.lab, &d, &s.sink, "--nft");
+}

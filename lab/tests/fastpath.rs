@@ -548,7 +548,7 @@ fn held_direction_goes_to_the_kernel_the_other_stays_fast() {
             let key =
                 lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.wan && k.dport == 40001u16.to_be()).unwrap();
             let mut v = lab.dp.get_flow(&key).unwrap();
-            let mut d = nft_offload::flow::Direction { key, val: v };
+            let mut d = nft_offload::flow::Direction { key, val: v, route_ifindex: key.ifindex };
             d.set_hold(Some(hold));
             v.hold = d.val.hold;
             lab.dp.replace_flow(&key, &v).unwrap();

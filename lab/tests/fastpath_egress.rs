@@ -24,6 +24,12 @@ fn conn(lab: &PrivateRouter, orig: CtTuple, reply: CtTuple) -> [Direction; 2] {
     [build_direction(&orig, &reply, lab.lan, &to_wan), build_direction(&reply, &orig, lab.wan, &to_lan)]
 }
 
+/// UDP from the client's port `sport` to the server's 5201, masqueraded
+/// to the router's WAN address with the same port.
+fn masq_udp(lab: &PrivateRouter, sport: u16) -> [Direction; 2] {
+    conn(lab, t("192.168.1.2", sport, "203.0.113.2", 5201, 17), t("203.0.113.2", 5201, "203.0.113.1", sport, 17))
+}
+
 /// Run the watcher on `frame` leaving through `ifindex`: it always lets the
 /// packet go, byte for byte as it came.
 fn leave(dp: &Dataplane, frame: &[u8], ifindex: u32) {
@@ -48,8 +54,7 @@ fn forwarded_packets_wake_arriving_ones_do_not() {
     let mut wake = dp.wake_events().unwrap();
     // masqueraded UDP: 192.168.1.2:40001 -> 203.0.113.2:5201, leaving as
     // 203.0.113.1:40001
-    let dirs =
-        conn(&lab, t("192.168.1.2", 40001, "203.0.113.2", 5201, 17), t("203.0.113.2", 5201, "203.0.113.1", 40001, 17));
+    let dirs = masq_udp(&lab, 40001);
     let out_keys = dirs.map(|d| egress_key(&d));
     // the arriving (pre-NAT) keys are watched too: an arriving packet must
     // not stamp even those
@@ -123,5 +128,37 @@ fn routed_ipv6_and_odd_frames_pass_untouched() {
             f.truncate(64.max(at));
         }
         leave(dp, &f, lab.wan);
+    }
+}
+
+/// A watcher below a managed device (`fo_watch_below`) leaves it what came
+/// down through it, which it saw before its qdisc: on a port of a managed
+/// bridge everything, below a managed VLAN or ppp device the tagged and
+/// PPPoE frames (plain frames routed on the device itself still count).
+#[test]
+fn a_watcher_below_a_managed_device_leaves_it_its_packets() {
+    use nft_offload::dataplane::fo_below;
+    use nft_offload_lab::frames::{encap, Encap};
+    let lab = PrivateRouter::enter(64).unwrap_or_else(|e| panic!("private router: {e:#}"));
+    let dp = &lab.dp;
+    let mut wake = dp.wake_events().unwrap();
+    let k = egress_key(&masq_udp(&lab, 40005)[0]);
+    watch(dp, &[k]);
+    let plain = udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 40005, 5201, &[3u8; 64]);
+    let cases: [(&str, fo_below, Vec<u8>, bool); 5] = [
+        ("a port of a managed bridge: plain", fo_below::FO_BELOW_ALL, plain.clone(), false),
+        ("below a managed ppp device: PPPoE", fo_below::FO_BELOW_ENCAP, encap(&plain, &[Encap::Pppoe(0x1a2b)]), false),
+        ("below a managed VLAN device: tagged", fo_below::FO_BELOW_ENCAP, encap(&plain, &[Encap::Vlan(7)]), false),
+        ("below a managed VLAN device: routed on the port itself", fo_below::FO_BELOW_ENCAP, plain.clone(), true),
+        ("nothing managed above", fo_below::FO_BELOW_NONE, encap(&plain, &[Encap::Pppoe(0x1a2b)]), true),
+    ];
+    for (what, below, frame, counts) in cases {
+        dp.watch_dormant(&k).unwrap();
+        let set: Vec<(u32, fo_below)> =
+            if below == fo_below::FO_BELOW_NONE { Vec::new() } else { vec![(lab.wan, below)] };
+        dp.set_watch_below(&set);
+        leave(dp, &frame, lab.wan);
+        assert_eq!(dp.dormant_seen(&k).is_some_and(|t| t > 0), counts, "{what}");
+        assert_eq!(announced(&mut wake).len(), usize::from(counts), "{what}");
     }
 }

@@ -30,7 +30,9 @@ mod walk;
 
 pub use features::{FeatureLine, Features, Probe, Secpath, TcAttach};
 
-pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
+pub use skel::types::{
+    fo_below, fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown,
+};
 use skel::{FastpathSkel, FastpathSkelBuilder};
 
 /// uapi bpf.h (6.16+); the build headers may predate it.
@@ -709,6 +711,24 @@ impl Dataplane {
         }
     }
 
+    /// Tell each managed device's egress watcher what it leaves to a
+    /// managed device above it (`fo_watch_below` in bpf/maps.h; pairs of
+    /// ifindex and `fo_below` code). New entries first, then the stale
+    /// ones go: a watcher never counts what it should leave in between.
+    pub fn set_watch_below(&self, below: &[(u32, fo_below)]) {
+        let m = &self.skel.maps.fo_watch_below;
+        for (i, b) in below {
+            if let Err(e) = m.update(&i.to_ne_bytes(), &b.0.to_ne_bytes(), MapFlags::ANY) {
+                tracing::warn!("cannot tell the egress watcher on ifindex {i} what is above it: {e}");
+            }
+        }
+        let stale: Vec<Vec<u8>> =
+            m.keys().filter(|k| !below.iter().any(|(i, _)| i.to_ne_bytes()[..] == k[..])).collect();
+        for k in stale {
+            let _ = m.delete(&k);
+        }
+    }
+
     /// The channel on which TC egress announces the first forwarded packet
     /// of a dormant connection (fo_wake in bpf/maps.h), by its egress key.
     pub fn wake_events(&self) -> Result<WakeEvents> {
@@ -789,6 +809,7 @@ impl Dataplane {
             ("fo_flows", m.fo_flows.as_fd().as_raw_fd()),
             ("fo_dormant", m.fo_dormant.as_fd().as_raw_fd()),
             ("fo_watching", m.fo_watching.as_fd().as_raw_fd()),
+            ("fo_watch_below", m.fo_watch_below.as_fd().as_raw_fd()),
             ("fo_wake", m.fo_wake.as_fd().as_raw_fd()),
             ("fo_stats", m.fo_stats.as_fd().as_raw_fd()),
             ("fo_tx_ports", m.fo_tx_ports.as_fd().as_raw_fd()),

@@ -39,6 +39,10 @@ pub(super) struct Offloaded {
     pub last: [Written; 2],
     /// When keepalive reads its map entries next (`due`).
     pub check_at: u64,
+    /// Back from dormant on evidence for one direction only: the other's
+    /// egress key is still watched (and the direction held) until the
+    /// kernel is seen forwarding one of its own packets.
+    watch: Option<Box<Watch>>,
 }
 
 /// The fields of a map entry the fast path writes (bpf/flow.h `fo_flow`).
@@ -66,8 +70,57 @@ impl Dataplane {
 /// A dormant connection in `--iface` mode, watched by its two egress keys.
 struct Dormant {
     entry: CtEntry,
+    watch: Watch,
+}
+
+/// What TC egress watches for a connection off the fast path: each
+/// direction's egress key, and which directions it has seen the kernel
+/// forward since `since_ns` (when it slept, or the world last changed).
+/// Evidence is per direction: a packet seen leaving one way says nothing
+/// about the other (a drop rule may cover one direction only).
+#[derive(Debug, Clone, Copy)]
+struct Watch {
     keys: [fo_flow_key; 2],
     since_ns: u64,
+    proven: [bool; 2],
+    /// The direction's route device is above the port it is watched on
+    /// (br-lan, wan.7, pppoe-wan not managed themselves): see QUEUE_GRACE_NS.
+    grace: [bool; 2],
+}
+
+/// How much later than `since_ns` a packet seen leaving a port must be to
+/// count, when an unmanaged device above the port lies between the forward
+/// and the watcher. A shaper there holds the direction anyway (`hooks`), so
+/// what can wait there is a non-shaping qdisc's backlog (pfifo_fast,
+/// fq_codel on a ppp, VLAN or bridge device, whose drivers hand every
+/// packet straight down and never stop their queue): gone within a qdisc
+/// run or a TX softirq, well under this. A managed device's own watcher
+/// runs before its qdisc (`fo_below` leaves it the packets it saw).
+const QUEUE_GRACE_NS: u64 = 200_000_000;
+
+impl Watch {
+    /// Watching the directions `dirs` leave as.
+    fn new(dirs: &[Direction; 2]) -> Watch {
+        Watch {
+            keys: dirs.map(|d| egress_key(&d)),
+            since_ns: now_ns(),
+            proven: [false, false],
+            grace: dirs.map(|d| d.route_ifindex != d.val.out_ifindex),
+        }
+    }
+
+    /// The directions TC egress stamped after `since_ns` (and the grace).
+    fn seen(&self, dp: &Dataplane) -> [bool; 2] {
+        [0, 1].map(|i| {
+            let after = self.since_ns + if self.grace[i] { QUEUE_GRACE_NS } else { 0 };
+            dp.dormant_seen(&self.keys[i]).is_some_and(|t| t > after)
+        })
+    }
+
+    /// The directions still without evidence.
+    fn dormant(&self) -> [bool; 2] {
+        self.proven.map(|p| !p)
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -205,16 +258,17 @@ impl FlowTable {
         true
     }
 
-    /// What the engine does with `id` now, for the verdict. `woke` is
-    /// decided by the caller (see `woken`).
+    /// What the engine does with `id` now, for the verdict, with the
+    /// evidence `prove` recorded.
     pub fn known(&self, id: &ConnId) -> Known {
         if let Some(f) = self.offloaded.get(id) {
             // Read now, not at keepalive's last look: a conntrack event
             // about the close may come first, and RST outranks FIN.
             let close = f.dirs.iter().filter_map(|d| self.dp.get_flow(&d.key)).map(|v| v.teardown).max().unwrap_or(0);
-            Known::Offloaded { mark: f.entry.mark, close: close.into() }
+            let dormant = f.watch.as_ref().map_or([false, false], |w| w.dormant());
+            Known::Offloaded { mark: f.entry.mark, close: close.into(), dormant }
         } else if let Some(d) = self.dormant.get(id) {
-            Known::Dormant { mark: d.entry.mark, woke: false }
+            Known::Dormant { mark: d.entry.mark, woke: d.watch.proven }
         } else if let Some(e) = self.waiting.get(id) {
             Known::Waiting { mark: e.mark }
         } else {
@@ -311,45 +365,105 @@ impl FlowTable {
             .collect()
     }
 
-    /// Dormant connections the kernel forwarded a packet of since they
-    /// slept (or since the last change of the world, see `discount_wakes`),
-    /// among those TC egress announced (`keys`) or, with `None`, all.
-    pub fn woken(&self, keys: Option<&[fo_flow_key]>) -> Vec<ConnId> {
-        let seen = |d: &Dormant| d.keys.iter().any(|k| self.dp.dormant_seen(k).is_some_and(|t| t > d.since_ns));
+    /// The watch of a connection off the fast path, or of an offloaded one
+    /// with a direction still dormant.
+    fn watch_of(&self, id: &ConnId) -> Option<&Watch> {
+        self.dormant.get(id).map(|d| &d.watch).or_else(|| self.offloaded.get(id)?.watch.as_deref())
+    }
+
+    /// Connections with new evidence: directions TC egress saw the kernel
+    /// forward since they slept (or since the last change of the world,
+    /// see `discount_wakes`) that were not proven yet, per connection
+    /// (original, reply); among those TC egress announced (`keys`) or,
+    /// with `None`, all watched. Record it with `prove`.
+    pub fn woken(&self, keys: Option<&[fo_flow_key]>) -> Vec<(ConnId, [bool; 2])> {
+        let fresh = |w: &Watch| {
+            let seen = w.seen(&self.dp);
+            [0, 1].map(|i| seen[i] && !w.proven[i])
+        };
         let mut ids: Vec<ConnId> = match keys {
-            None => self.dormant.iter().filter(|(_, d)| seen(d)).map(|(id, _)| *id).collect(),
+            None => self.dormant_keys.values().copied().collect(),
             Some(keys) => keys
                 .iter()
-                .filter_map(|k| self.dormant_keys.get(&key_bytes(k)).map(|id| (k, id)))
-                .filter(|(k, id)| {
-                    let woke = self.dormant.get(*id).is_some_and(seen);
+                .filter_map(|k| {
+                    let id = self.dormant_keys.get(&key_bytes(k))?;
+                    let w = self.watch_of(id)?;
                     // Announced but stamped no later than it slept (the
                     // same coarse-clock tick): re-arm, or the next packet
                     // would not be announced.
-                    if !woke {
+                    let i = usize::from(key_bytes(&w.keys[1]) == key_bytes(k));
+                    if !fresh(w)[i] && !w.proven[i] {
                         let _ = self.dp.watch_dormant(k);
                     }
-                    woke
+                    Some(*id)
                 })
-                .map(|(_, id)| *id)
                 .collect(),
         };
         ids.sort_unstable();
         ids.dedup();
-        ids
+        ids.into_iter()
+            .filter_map(|id| {
+                let ev = fresh(self.watch_of(&id)?);
+                (ev != [false, false]).then_some((id, ev))
+            })
+            .collect()
     }
 
-    /// The world changed (routes, neighbours, links): a packet the kernel
-    /// forwarded before the change says nothing about what it does with the
-    /// connection now, so it no longer counts as a reason to wake.
+    /// Record evidence `ev` (from `woken`) for `id`. An offloaded
+    /// connection's direction proven stops being watched. Returns whether
+    /// anything changed (the connection must then be judged again).
+    pub fn prove(&mut self, id: &ConnId, ev: [bool; 2]) -> bool {
+        let (w, offloaded) = match (self.dormant.get_mut(id), self.offloaded.get_mut(id)) {
+            (Some(d), _) => (&mut d.watch, false),
+            (None, Some(Offloaded { watch: Some(w), .. })) => (&mut **w, true),
+            _ => return false,
+        };
+        let new = [0, 1].map(|i| ev[i] && !w.proven[i]);
+        if new == [false, false] {
+            return false;
+        }
+        w.proven = [0, 1].map(|i| w.proven[i] || ev[i]);
+        if offloaded {
+            let (keys, all) = (w.keys, w.proven == [true, true]);
+            for (k, _) in keys.iter().zip(new).filter(|(_, n)| *n) {
+                self.unwatch(k);
+            }
+            if all {
+                if let Some(f) = self.offloaded.get_mut(id) {
+                    f.watch = None;
+                }
+            }
+        }
+        true
+    }
+
+    fn unwatch(&mut self, k: &fo_flow_key) {
+        self.dp.unwatch_dormant(k);
+        self.dormant_keys.remove(&key_bytes(k));
+        self.dp.set_watching(self.dormant_keys.len());
+    }
+
+    /// The world changed (routes, neighbours, links, the ruleset): a packet
+    /// the kernel forwarded before the change says nothing about what it
+    /// does with the connection now, so it no longer counts as evidence.
+    /// A dormant connection's evidence is forgotten; an offloaded one's
+    /// dormant directions must find theirs anew.
     pub fn discount_wakes(&mut self) {
         let now = now_ns();
-        for d in self.dormant.values_mut() {
-            d.since_ns = now;
+        let watches = self
+            .dormant
+            .values_mut()
+            .map(|d| {
+                d.watch.proven = [false, false];
+                &mut d.watch
+            })
+            .chain(self.offloaded.values_mut().filter_map(|f| f.watch.as_deref_mut()));
+        for w in watches {
+            w.since_ns = now;
             // Re-arm the first-packet notification.
-            d.keys.iter().for_each(|k| {
+            for (k, _) in w.keys.iter().zip(w.proven).filter(|(_, p)| !p) {
                 let _ = self.dp.watch_dormant(k);
-            });
+            }
         }
     }
 
@@ -384,7 +498,8 @@ impl FlowTable {
             }
             Verdict::Wait(why) => {
                 tracing::trace!(?id, %why, "waiting");
-                self.wake(&id);
+                // A dormant connection waits with its evidence (`known`
+                // still says dormant): what it proved decides its holds.
                 self.waiting.insert(id, e);
             }
             Verdict::Offload(dirs) if self.offloaded.contains_key(&id) => self.repath(&id, dirs),
@@ -406,12 +521,39 @@ impl FlowTable {
     fn wake(&mut self, id: &ConnId) {
         self.asleep.remove(id);
         if let Some(d) = self.dormant.swap_remove(id) {
-            for k in &d.keys {
-                self.dp.unwatch_dormant(k);
-                self.dormant_keys.remove(&key_bytes(k));
-            }
-            self.dp.set_watching(self.dormant_keys.len());
+            self.unwatch_all(&d.watch);
         }
+    }
+
+    /// Stop watching every key `w` still watches.
+    fn unwatch_all(&mut self, w: &Watch) {
+        for k in &w.keys {
+            if self.dormant_keys.remove(&key_bytes(k)).is_some() {
+                self.dp.unwatch_dormant(k);
+            }
+        }
+        self.dp.set_watching(self.dormant_keys.len());
+    }
+
+    /// A dormant connection is installed again (`installed`): the
+    /// directions proven stop being watched; one still dormant keeps its
+    /// watch (and its hold, from the verdict) into the offload.
+    fn carry_watch(&mut self, id: &ConnId) -> Option<Box<Watch>> {
+        let w = self.dormant.swap_remove(id)?.watch;
+        if w.proven == [true, true] {
+            self.unwatch_all(&w);
+            return None;
+        }
+        for (k, _) in w.keys.iter().zip(w.proven).filter(|(_, p)| *p) {
+            self.dp.unwatch_dormant(k);
+            self.dormant_keys.remove(&key_bytes(k));
+        }
+        self.dp.set_watching(self.dormant_keys.len());
+        // Stamps up to now were looked at: re-arm so the next is announced.
+        for (k, _) in w.keys.iter().zip(w.proven).filter(|(_, p)| !p) {
+            let _ = self.dp.watch_dormant(k);
+        }
+        Some(Box::new(w))
     }
 
     /// Park a connection that is still alive: it comes back only on
@@ -425,8 +567,11 @@ impl FlowTable {
             self.asleep.insert(id);
             return;
         }
-        let keys = f.dirs.map(|d| egress_key(&d));
-        for k in &keys {
+        if let Some(w) = &f.watch {
+            self.unwatch_all(w);
+        }
+        let watch = Watch::new(&f.dirs);
+        for k in &watch.keys {
             if let Err(e) = self.dp.watch_dormant(k) {
                 // fo_dormant is full: the connection stays dormant but
                 // unwatched, so it stays with the kernel (never woken).
@@ -435,7 +580,7 @@ impl FlowTable {
             self.dormant_keys.insert(key_bytes(k), id);
         }
         self.dp.set_watching(self.dormant_keys.len());
-        self.dormant.insert(id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
+        self.dormant.insert(id, Dormant { entry: f.entry, watch });
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map
@@ -467,6 +612,9 @@ impl FlowTable {
                 && old.val.flags == nd.val.flags
                 && old.val.hold == nd.val.hold
             {
+                // The map entry stands; the route's device may not (xfrm
+                // selectors and the wake-up watch read it).
+                f.dirs[i].route_ifindex = nd.route_ifindex;
                 continue;
             }
             let cur = self.dp.get_written(&old.key).unwrap_or(f.last[i]);
@@ -488,7 +636,7 @@ impl FlowTable {
             if moved {
                 note_key(&mut self.keys, &nd.key);
             }
-            f.dirs[i] = Direction { key: nd.key, val: nd.val };
+            f.dirs[i] = Direction { key: nd.key, val: nd.val, route_ifindex: nd.route_ifindex };
             f.last[i] = Written::from(&v);
         }
     }
@@ -512,6 +660,9 @@ impl FlowTable {
             }
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
             tracing::debug!(?id, reason = reason.as_str(), "teardown");
+            if let Some(w) = &f.watch {
+                self.unwatch_all(w);
+            }
             if matches!(
                 reason,
                 TeardownReason::Idle
@@ -709,8 +860,9 @@ mod tests {
         assert_eq!(verdict, -1, "the egress watcher lets every packet go");
         let keys = wake.drain();
         assert_eq!(keys.len(), 1, "announced once");
-        assert_eq!(ft.woken(Some(&keys)), vec![id]);
-        assert_eq!(ft.woken(None), vec![id]);
+        // Evidence for the original direction only.
+        assert_eq!(ft.woken(Some(&keys)), vec![(id, [true, false])]);
+        assert_eq!(ft.woken(None), vec![(id, [true, false])]);
 
         // A route change voids that evidence and re-arms the watch.
         ft.discount_wakes();
@@ -722,6 +874,81 @@ mod tests {
         assert_eq!(ft.dp().dormant_seen(&egress_key(&d[0])), None, "no longer watched");
         assert_eq!(ft.counters.not_offloaded.get("flow table full"), Some(&1));
         assert!(matches!(ft.known(&id), Known::Untracked));
+    }
+
+    /// A UDP connection from `sport` offloaded, then parked for `why`, a
+    /// coarse-clock tick ago (so a stamp now postdates it); its egress keys.
+    fn parked(
+        ft: &mut FlowTable,
+        sport: u16,
+        why: TeardownReason,
+    ) -> (CtEntry, ConnId, [Direction; 2], [fo_flow_key; 2]) {
+        let e = udp(sport);
+        let id = ConnId::of(&e);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Offload(d));
+        ft.teardown(&id, why);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        (e, id, d, d.map(|x| egress_key(&x)))
+    }
+
+    /// Evidence is per direction: a packet of the reply seen leaving brings
+    /// the connection back with the original direction still held and
+    /// watched; that direction's own packet seen leaving releases it. A
+    /// teardown stops every watch.
+    #[test]
+    fn each_direction_needs_its_own_evidence() {
+        let mut ft = private_table(vec![]);
+        let (e, id, d, k) = parked(&mut ft, 40013, TeardownReason::RulesetChange);
+        // The server's packet to the client leaves: the reply's evidence.
+        ft.dp().test_mark_dormant(&k[1], now_ns());
+        assert_eq!(ft.woken(Some(&[k[1]])), vec![(id, [false, true])]);
+        assert!(ft.prove(&id, [false, true]));
+        assert!(!ft.prove(&id, [false, true]), "nothing new");
+        assert!(matches!(ft.known(&id), Known::Dormant { woke: [false, true], .. }));
+        // The verdict holds the original direction (`Hold::Dormant`).
+        let mut held = d;
+        held[0].set_hold(Some(crate::flow::Hold::Dormant));
+        ft.apply(e.clone(), Verdict::Offload(held));
+        assert!(matches!(ft.known(&id), Known::Offloaded { dormant: [true, false], .. }));
+        assert_eq!(ft.dp().dormant_seen(&k[0]), Some(0), "the original direction is still watched, re-armed");
+        assert_eq!(ft.dp().dormant_seen(&k[1]), None, "the reply's watch ended");
+        assert!(ft.woken(None).is_empty());
+        // Its own packet seen leaving: proven.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ft.dp().test_mark_dormant(&k[0], now_ns());
+        assert_eq!(ft.woken(Some(&[k[0]])), vec![(id, [true, false])]);
+        assert!(ft.prove(&id, [true, false]));
+        assert!(matches!(ft.known(&id), Known::Offloaded { dormant: [false, false], .. }));
+        assert_eq!(ft.dp().dormant_seen(&k[0]), None, "no longer watched");
+
+        // Again, and a teardown while one direction is watched ends it.
+        ft.teardown(&id, TeardownReason::Idle);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ft.dp().test_mark_dormant(&k[1], now_ns());
+        let ev = ft.woken(None);
+        assert_eq!(ev, vec![(id, [false, true])]);
+        ft.prove(&id, ev[0].1);
+        ft.apply(e.clone(), Verdict::Offload(held));
+        ft.teardown(&id, TeardownReason::Policy);
+        assert!(k.iter().all(|k| ft.dp().dormant_seen(k).is_none()), "nothing watched");
+        assert_eq!(ft.len(), (0, 0, 0));
+    }
+
+    /// A change of the world voids the evidence a dormant connection
+    /// gathered before it.
+    #[test]
+    fn a_change_voids_evidence_gathered_before_it() {
+        let mut ft = private_table(vec![]);
+        let (_, id, _, k) = parked(&mut ft, 40014, TeardownReason::Idle);
+        ft.dp().test_mark_dormant(&k[0], now_ns());
+        let ev = ft.woken(None);
+        ft.prove(&id, ev[0].1);
+        assert!(matches!(ft.known(&id), Known::Dormant { woke: [true, false], .. }));
+        ft.discount_wakes();
+        assert!(matches!(ft.known(&id), Known::Dormant { woke: [false, false], .. }), "forgotten");
+        assert!(ft.woken(None).is_empty(), "the stamp predates the change");
+        assert_eq!(ft.dp().dormant_seen(&k[0]), Some(0), "re-armed");
     }
 
     /// Keepalive's schedule: a new offload is due one look later, taken

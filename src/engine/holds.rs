@@ -187,6 +187,7 @@ mod tests {
         let dir = |ifindex, out_ifindex| Direction {
             key: fo_flow_key { ifindex, ..Default::default() },
             val: fo_flow { out_ifindex, ..Default::default() },
+            route_ifindex: out_ifindex,
         };
         let mut wan = DeviceHooks { name: "rwan".into(), ..Default::default() };
         wan.ingress_chains.push("netdev t i".into());
@@ -211,6 +212,7 @@ mod tests {
         let dir = |ifindex, out_ifindex| Direction {
             key: fo_flow_key { ifindex, ..Default::default() },
             val: fo_flow { out_ifindex, ..Default::default() },
+            route_ifindex: out_ifindex,
         };
         let refuses =
             Target::Refuses { why: "its peer wan0 has no NAPI".into(), remedy: "ethtool -K wan0 gro on".into() };

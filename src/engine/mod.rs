@@ -105,6 +105,9 @@ struct Core {
     rescan: bool,
     /// `Dataplane::wake_lost` when last scanned.
     wake_lost: u64,
+    /// The legacy x_tables rulesets as last polled (`hooks::legacy`): they
+    /// send no notification.
+    legacy: crate::hooks::legacy::Snapshot,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
     /// Each neighbour's last answer, so only real changes count.
@@ -196,6 +199,7 @@ impl Engine {
             route_dirty: None,
             rescan: false,
             wake_lost: 0,
+            legacy: crate::hooks::legacy::read(),
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             // After subscribing (`routes`): no change falls in between.
             neigh: NeighbourTable::read().context("reading the neighbour table")?,
@@ -508,10 +512,29 @@ impl Core {
     /// not notified, so this follows admin changes (a reload, a blocklist
     /// entry), not traffic.
     fn on_ruleset_change(&mut self) {
+        // What the kernel forwarded before the change is no evidence for
+        // the connections already dormant either (an idle one whose packet
+        // left just before the rule that now drops it).
+        self.flows.discount_wakes();
         let n = self.flows.send_back_through_new_rules();
         if n > 0 {
             tracing::info!(connections = n, "nftables ruleset changed: offloaded connections go back through it");
         }
+    }
+
+    /// iptables-legacy, ip6tables-legacy, arptables-legacy and
+    /// ebtables-legacy tell nobody of a change: each tick reads their tables
+    /// (`hooks::legacy`, only those that exist), and a change is one of the
+    /// ruleset, as for nftables.
+    fn poll_legacy_tables(&mut self) {
+        let now = crate::hooks::legacy::read();
+        let changed = now.changed(&self.legacy);
+        if changed.is_empty() {
+            return;
+        }
+        tracing::info!(tables = %changed.join(", "), "legacy x_tables ruleset changed");
+        self.legacy = now;
+        self.on_ruleset_change();
     }
 
     /// Re-resolve the connections through changed neighbours.
@@ -573,6 +596,7 @@ impl Core {
             // this one (its GRO, its XDP program): ask every second.
             self.probe_xdp_targets();
         }
+        self.poll_legacy_tables();
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only
         // when it dropped something: O(dormant) per loss, not per tick.
@@ -591,12 +615,16 @@ impl Core {
         keepalive::tick(&mut self.flows, now_ns(), self.cfg.idle_timeout, &self.timeouts, KEEPALIVE_CHUNK)
     }
 
-    /// Dormant connections the kernel forwarded a packet of (TC egress
-    /// announced or stamped their egress key): judged again.
+    /// Connections with a dormant direction the kernel forwarded a packet
+    /// of (TC egress announced or stamped its egress key): the evidence is
+    /// recorded for that direction alone, and the connection judged again
+    /// (an offloaded one with its path, so its holds are set anew).
     fn wake(&mut self, keys: Option<&[fo_flow_key]>) {
-        for id in self.flows.woken(keys) {
-            let Known::Dormant { mark, .. } = self.flows.known(&id) else { continue };
-            self.rejudge(&id, Some(Known::Dormant { mark, woke: true }), false);
+        for (id, ev) in self.flows.woken(keys) {
+            if self.flows.prove(&id, ev) {
+                let offloaded = self.flows.is_offloaded(&id);
+                self.rejudge(&id, None, offloaded);
+            }
         }
     }
 

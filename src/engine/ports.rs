@@ -4,13 +4,13 @@
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::control::IfaceStatus;
-use crate::dataplane::{Dataplane, Mode};
+use crate::dataplane::{fo_below, Dataplane, Mode};
 use crate::flow::EncapStack;
 use crate::policy::xdp::{self, PortFacts, Tags};
 use crate::policy::{choose_modes, xdp_refused, ModeChoice, ModeDecision};
 use crate::routes::link::{self, LinkInfo, LinkTable};
 use crate::routes::path::Ports;
-use crate::topology::{pppoe_uppers, PppoeUpper, Topology};
+use crate::topology::{pppoe_uppers, watch_below, Below, PppoeUpper, Topology};
 
 /// The attached ports, and the listed devices some of them serve.
 #[derive(Debug, Default, Clone)]
@@ -338,6 +338,27 @@ impl super::Core {
                 Err(e) => tracing::warn!(iface = %w.name, "PPPoE device above {}: {e:#}", w.port),
             }
         }
+        self.sync_watch_below();
+    }
+
+    /// Tell each managed device's egress watcher what it leaves to a
+    /// managed device above it (`topology::watch_below`). After any change
+    /// of the managed devices or the topology.
+    pub(super) fn sync_watch_below(&mut self) {
+        let managed: Vec<u32> = self.ifaces.0.iter().map(|i| i.ifindex).collect();
+        let below: Vec<(u32, fo_below)> = watch_below(&self.facts.topo, &managed)
+            .into_iter()
+            .map(|(i, b)| {
+                (
+                    i,
+                    match b {
+                        Below::Encap => fo_below::FO_BELOW_ENCAP,
+                        Below::All => fo_below::FO_BELOW_ALL,
+                    },
+                )
+            })
+            .collect();
+        self.flows.dp().set_watch_below(&below);
     }
 }
 

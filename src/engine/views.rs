@@ -6,6 +6,7 @@ use crate::conntrack::CtTuple;
 use crate::control::{FlowView, IfaceStatus, KernelView, Status, TupleView};
 use crate::dataplane::{fo_stat, Mode, TcAttach, STAT_NAMES};
 use crate::flow::entry::words_addr;
+use crate::flow::{Held, Hold};
 use crate::proto::{self, AF_INET, IPPROTO_TCP};
 
 use crate::policy::verdict::Holds;
@@ -107,8 +108,12 @@ impl Core {
                     // Recomputed from the current facts, which the
                     // installed hold followed within ROUTE_SETTLE.
                     slow: [0, 1].map(|i| {
-                        f.dirs[i].hold().map(|h| {
-                            self.holds.held(&f.entry, i, &f.dirs[i]).map_or_else(|| h.as_str().to_string(), |x| x.why)
+                        f.dirs[i].hold().map(|h| match h {
+                            Hold::Dormant => Held::dormant().why,
+                            _ => self
+                                .holds
+                                .held(&f.entry, i, &f.dirs[i])
+                                .map_or_else(|| h.as_str().to_string(), |x| x.why),
                         })
                     }),
                     encap: [0, 1].map(|i| {

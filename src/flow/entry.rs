@@ -122,6 +122,11 @@ pub struct LinkLayer {
 pub struct Direction {
     pub key: fo_flow_key,
     pub val: fo_flow,
+    /// The device the FIB names for this direction's packets (br-lan,
+    /// wan.7, pppoe-wan), before the walk down to the port it leaves by
+    /// (`val.out_ifindex`): the kernel's `skb_dst(skb)->dev`, which xfrm
+    /// selectors are matched against. Not in the map.
+    pub route_ifindex: u32,
 }
 
 /// Address as the four 32-bit words of the map layout (network order in
@@ -233,7 +238,7 @@ pub fn build_direction(seen: &CtTuple, other: &CtTuple, in_ifindex: u32, nh: &Ne
         smac: nh.smac,
         ..Default::default()
     };
-    Direction { key, val }
+    Direction { key, val, route_ifindex: nh.ifindex }
 }
 
 impl Direction {

@@ -1,8 +1,10 @@
 //! Holds: a direction of an offloaded connection that the kernel must
 //! forward itself, because something the fast path would skip applies to
 //! it (an xfrm policy, a tc filter or netdev chain on its input device, a
-//! netdev chain on its output), or because it arrives by XDP and its output
-//! cannot take XDP frames. The other direction may stay fast. The
+//! netdev chain on its output), because it arrives by XDP and its output
+//! cannot take XDP frames, or because it is still dormant: the connection
+//! came back on evidence for the other direction only. The other direction
+//! may stay fast. The
 //! codes are `enum fo_hold` of bpf/flow.h; what holds a direction is
 //! decided by the sources in `engine::holds`, pure per direction.
 
@@ -18,19 +20,23 @@ pub enum Hold {
     Xfrm,
     IngressHook,
     EgressHook,
+    /// Not seen forwarded by the kernel since the connection was taken off
+    /// the fast path (`policy::verdict::Known`): evidence is per direction.
+    Dormant,
     /// Arrives by XDP; its output cannot take XDP redirects
     /// (`policy::xdp::target`).
     XdpTarget,
 }
 
 impl Hold {
-    pub const ALL: [Hold; 4] = [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook, Hold::XdpTarget];
+    pub const ALL: [Hold; 5] = [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook, Hold::Dormant, Hold::XdpTarget];
 
     pub fn code(self) -> u8 {
         let c = match self {
             Hold::Xfrm => fo_hold::FO_HOLD_XFRM,
             Hold::IngressHook => fo_hold::FO_HOLD_INGRESS_HOOK,
             Hold::EgressHook => fo_hold::FO_HOLD_EGRESS_HOOK,
+            Hold::Dormant => fo_hold::FO_HOLD_DORMANT,
             Hold::XdpTarget => fo_hold::FO_HOLD_XDP_TARGET,
         };
         c.0 as u8
@@ -46,6 +52,7 @@ impl Hold {
             Hold::Xfrm => "held_xfrm",
             Hold::IngressHook => "held_ingress_hook",
             Hold::EgressHook => "held_egress_hook",
+            Hold::Dormant => "held_dormant",
             Hold::XdpTarget => "held_xdp_target",
         }
     }
@@ -57,6 +64,19 @@ impl Hold {
 pub struct Held {
     pub hold: Hold,
     pub why: String,
+}
+
+impl Held {
+    /// A direction still dormant (`Hold::Dormant`).
+    pub fn dormant() -> Held {
+        Held {
+            hold: Hold::Dormant,
+            why: "not seen forwarded by the kernel since the connection left the fast path (idle, route, link or \
+                  ruleset change); the other direction was: the kernel keeps this one until one of its own packets \
+                  is seen leaving"
+                .into(),
+        }
+    }
 }
 
 impl fmt::Display for Held {
@@ -83,7 +103,7 @@ mod tests {
     /// Rust and flow.h agree on every code, and "none" is the zeroed entry.
     #[test]
     fn codes_are_flow_h_s() {
-        let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default() };
+        let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default(), route_ifindex: 0 };
         assert_eq!(d.hold(), None);
         for h in Hold::ALL {
             d.set_hold(Some(h));

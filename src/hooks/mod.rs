@@ -26,6 +26,7 @@
 //! A direction crossing such a hook is held (`crate::flow::Hold`): the
 //! fast path hands its packets to the kernel, which applies the hook.
 
+pub mod legacy;
 pub mod nft;
 pub mod tc;
 mod watch;

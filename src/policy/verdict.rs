@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::conntrack::{tcp_state, CtEntry};
-use crate::flow::{eligible, Direction, Held, Ineligible, TeardownReason};
+use crate::flow::{eligible, Direction, Held, Hold, Ineligible, TeardownReason};
 use crate::routes::path::{NoPath, Ports};
 
 use super::exclude::{Excluded, Exclusions};
@@ -61,21 +61,28 @@ pub enum Known {
         mark: u32,
     },
     /// On the fast path. `close` is the fast path's FO_TD_* flag (a FIN or
-    /// RST it saw), 0 if none.
+    /// RST it saw), 0 if none. `dormant`: the directions (original, reply)
+    /// still without evidence since it came back from `Dormant`, held
+    /// (`Hold::Dormant`) until the kernel is seen forwarding one of their
+    /// own packets.
     Offloaded {
         mark: u32,
         close: u32,
+        dormant: [bool; 2],
     },
-    /// Taken off while still alive (idle, route change, link down);
-    /// `woke`: the kernel, applying the current ruleset, forwarded a packet
-    /// of it since it slept and since the last route, link or neighbour
-    /// change (TC egress saw it leave). Never a packet that merely arrived:
-    /// the kernel may have dropped it. In `--nft` mode a dormant connection
-    /// has its label cleared and is `Untracked`: the label set anew by
-    /// `flow add` is the evidence, and it comes back as a new request.
+    /// Taken off while still alive (idle, route change, link down, ruleset
+    /// change); `woke`, per direction (original, reply): the kernel,
+    /// applying the current ruleset, forwarded a packet of that direction
+    /// since it slept and since the last change of the world (TC egress saw
+    /// it leave). Never a packet that merely arrived: the kernel may have
+    /// dropped it. Nor a packet of the other direction: a drop rule may
+    /// cover only one (a blocked client, a server retransmitting to it). In
+    /// `--nft` mode a dormant connection has its label cleared and is
+    /// `Untracked`: the label set anew by `flow add` is the evidence, and it
+    /// comes back as a new request.
     Dormant {
         mark: u32,
-        woke: bool,
+        woke: [bool; 2],
     },
 }
 
@@ -183,13 +190,13 @@ pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verd
     }
     let ineligible = eligible(e).err();
     match *known {
-        Known::Offloaded { close, .. } => match (ineligible, world.path) {
+        Known::Offloaded { close, dormant, .. } => match (ineligible, world.path) {
             (Some(_), _) => Verdict::Teardown(closing(close, e.tcp_state)),
             // Rules on fwmark route on the mark: follow it (in --nft mode a
             // changed mark already took it off above).
             (None, None) if known.mark() != Some(e.mark) => Verdict::NeedsPath,
             (None, None) => Verdict::Update,
-            (None, Some(Ok(dirs))) if admitted(e, dirs, rules, world) => match with_holds(e, dirs, world) {
+            (None, Some(Ok(dirs))) if admitted(e, dirs, rules, world) => match with_holds(e, dirs, world, dormant) {
                 Ok(dirs) => Verdict::Offload(dirs),
                 Err(_) => Verdict::Teardown(TeardownReason::Held),
             },
@@ -197,26 +204,28 @@ pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verd
         },
         Known::Dormant { woke, .. } => match ineligible {
             Some(_) => Verdict::Teardown(TeardownReason::NoLongerEligible),
-            None if !woke => Verdict::Update,
-            None => candidate(e, rules, world),
+            None if woke == [false, false] => Verdict::Update,
+            // Back, with the directions not seen forwarded held.
+            None => candidate(e, rules, world, woke.map(|w| !w)),
         },
         Known::Untracked | Known::Waiting { .. } => match ineligible {
             // Every connection passes through these on its way to
             // ESTABLISHED: not a final verdict.
             Some(i @ (Ineligible::TcpNotEstablished | Ineligible::NotAssured)) => Verdict::NotYet(i),
             Some(i) => Verdict::NotOffloaded(NotOffloaded::Ineligible(i)),
-            None => candidate(e, rules, world),
+            None => candidate(e, rules, world, [false, false]),
         },
     }
 }
 
-/// Eligible, requested, not excluded: the path decides.
-fn candidate(e: &CtEntry, rules: &Rules, world: &World) -> Verdict {
+/// Eligible, requested, not excluded: the path decides. `dormant`: the
+/// directions to hold until they have evidence of their own.
+fn candidate(e: &CtEntry, rules: &Rules, world: &World, dormant: [bool; 2]) -> Verdict {
     match world.path {
         None => Verdict::NeedsPath,
         Some(Err(p)) if p.transient() => Verdict::Wait(p.clone()),
         Some(Err(p)) => Verdict::NotOffloaded(NotOffloaded::NoPath(p.clone())),
-        Some(Ok(dirs)) if admitted(e, dirs, rules, world) => match with_holds(e, dirs, world) {
+        Some(Ok(dirs)) if admitted(e, dirs, rules, world) => match with_holds(e, dirs, world, dormant) {
             Ok(dirs) => Verdict::Offload(dirs),
             Err(held) => Verdict::NotOffloaded(held),
         },
@@ -224,15 +233,25 @@ fn candidate(e: &CtEntry, rules: &Rules, world: &World) -> Verdict {
     }
 }
 
-/// The resolved directions with their holds set; both held is no offload.
-fn with_holds(e: &CtEntry, dirs: &[Direction; 2], world: &World) -> Result<[Direction; 2], NotOffloaded> {
+/// The resolved directions with their holds set; both held is no offload,
+/// unless a direction is only waiting for evidence (`dormant`): then the
+/// connection stays installed, both directions with the kernel, so that
+/// evidence can still release the dormant one.
+fn with_holds(
+    e: &CtEntry,
+    dirs: &[Direction; 2],
+    world: &World,
+    dormant: [bool; 2],
+) -> Result<[Direction; 2], NotOffloaded> {
     let mut out = *dirs;
-    let held = [0, 1].map(|i| world.holds.held(e, i, &dirs[i]));
+    let held = [0, 1].map(|i| world.holds.held(e, i, &dirs[i]).or_else(|| dormant[i].then(Held::dormant)));
     for (d, h) in out.iter_mut().zip(&held) {
         d.set_hold(h.as_ref().map(|h| h.hold));
     }
     match held {
-        [Some(a), Some(b)] => Err(NotOffloaded::Held(Box::new([a, b]))),
+        [Some(a), Some(b)] if a.hold != Hold::Dormant && b.hold != Hold::Dormant => {
+            Err(NotOffloaded::Held(Box::new([a, b])))
+        }
         _ => Ok(out),
     }
 }

@@ -192,6 +192,9 @@ pub fn resolve_path(
         build_direction(seen, other, arrive.port, &nh).with_link(&mirror(arrive, out))
     };
     let mut d = [dir(o, r, &out_r, &out_o), dir(r, o, &out_o, &out_r)];
+    // The FIB's own devices, before the walks (xfrm selectors name them).
+    d[0].route_ifindex = nh_o.ifindex;
+    d[1].route_ifindex = nh_r.ifindex;
     // Each direction's MTU is its own route's (pppoe-wan's 1492, the LAN's
     // 1500) capped by what its port carries after encapsulation.
     d[0].val.mtu = d[0].val.mtu.min(nh_o.mtu);

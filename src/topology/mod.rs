@@ -375,6 +375,38 @@ pub fn pppoe_uppers(topo: &Topology, managed: impl Fn(u32) -> bool, tc_port: imp
     v
 }
 
+/// What the egress watcher on each managed device leaves to a managed
+/// device stacked above it (`fo_below`, bpf/flow.h): everything on a port
+/// of a managed bridge (routed frames reach it only through the bridge),
+/// the tagged and PPPoE frames on a device with a managed VLAN or ppp
+/// device above (pppoe-wan, which the engine attaches above a TC port).
+/// The upper device's watcher saw those packets before its qdisc, where a
+/// shaper may hold them across a ruleset change; seen again below, they
+/// are no evidence of what the kernel does after it. Devices with nothing
+/// managed above them are not listed.
+pub fn watch_below(topo: &Topology, managed: &[u32]) -> Vec<(u32, Below)> {
+    let is_managed = |i: u32| managed.contains(&i);
+    managed
+        .iter()
+        .filter_map(|&d| {
+            let master = topo.link(d).and_then(|l| l.master);
+            let bridge = master.and_then(|m| topo.link(m)).is_some_and(|b| matches!(b.kind, Kind::Bridge { .. }));
+            if bridge && master.is_some_and(is_managed) {
+                Some((d, Below::All))
+            } else {
+                topo.uppers(d).into_iter().any(is_managed).then_some((d, Below::Encap))
+            }
+        })
+        .collect()
+}
+
+/// `fo_below`'s values, for `watch_below`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Below {
+    Encap,
+    All,
+}
+
 /// An fdb entry as an RTM_NEWNEIGH / RTM_DELNEIGH (AF_BRIDGE) states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdbChange {

@@ -400,6 +400,28 @@ fn pppoe_devices_above_a_tc_port_are_attached_too() {
     assert_eq!(pick(&two, &[2], true), vec![], "ambiguous sessions: neither");
 }
 
+/// Which managed devices leave packets to a managed device above them
+/// (`watch_below`): its watcher saw them before its qdisc.
+#[test]
+fn watchers_below_a_managed_device_leave_it_its_packets() {
+    let one = wan_router(vec![session(0x1a2b, "wan.7")], false);
+    let dsa = dsa_router(3);
+    let fb = filtering_bridge();
+    type Case<'a> = (&'a str, &'a Topology, &'a [u32], &'a [(u32, Below)]);
+    let cases: [Case; 7] = [
+        ("eth1 alone", &one, &[2], &[]),
+        ("eth1 and the pppoe-wan attached above it (TC)", &one, &[2, 4], &[(2, Below::Encap)]),
+        ("wan.7 and pppoe-wan: both below it", &one, &[2, 3, 4], &[(2, Below::Encap), (3, Below::Encap)]),
+        ("ports of br-lan, br-lan not listed", &dsa, &[3, 4, 5], &[]),
+        ("br-lan and its ports", &dsa, &[3, 4, 10], &[(3, Below::All), (4, Below::All)]),
+        ("the conduit under eth0.2", &dsa, &[2, 6], &[(2, Below::Encap)]),
+        ("a port under br-lan.10 only", &fb, &[3, 11], &[(3, Below::Encap)]),
+    ];
+    for (what, t, managed, want) in cases {
+        assert_eq!(watch_below(t, managed), want, "{what}");
+    }
+}
+
 /// What XDP serves a VLAN or PPPoE device from: the Ethernet device
 /// beneath, with the headers on the way; nothing for other devices.
 #[test]

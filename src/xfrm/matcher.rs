@@ -27,9 +27,15 @@
 //! | none | `setdefault .. block`: drops; else sends as is | held / not held |
 //!
 //! `__xfrm4_selector_match`: addresses by prefix, ports under their masks,
-//! protocol (0: any), and `flowi_oif` (the route's device for both lookups,
-//! `decode_session4`) against the selector's ifindex; we accept either of the
-//! direction's interfaces. `xfrm_policy_match`: the packet's mark under the
+//! protocol (0: any), and `flowi_oif` against the selector's ifindex (`dev`).
+//! `__xfrm_decode_session` (net/xfrm/xfrm_policy.c; `decode_session4/6`
+//! before 6.7) sets `flowi_oif` to `skb_dst(skb)->dev` unless the lookup is
+//! a reverse one (`skb_iif`, only for ICMP errors). `__xfrm_policy_check`
+//! takes the reverse bit from `dir`, and `ip_forward` / `ip6_forward` ask
+//! plain `XFRM_POLICY_FWD` after `ip_route_input` set the dst: so the fwd
+//! check and both out lookups all see the device the FIB routes the packet
+//! to (br-lan, wan.7, pppoe-wan), never the input device, and not the port
+//! below it that the fast path transmits on. `xfrm_policy_match`: the packet's mark under the
 //! policy's mask, and the interface id. The packet mark is the one thing we
 //! cannot know (the ruleset may set it per packet), so a policy with a mark
 //! mask is taken as matching when it would hold, and ignored when it is a
@@ -65,13 +71,14 @@ pub struct Route {
     pub routed: Flow,
     /// As it leaves (after SNAT).
     pub leaving: Flow,
-    pub in_ifindex: u32,
-    pub out_ifindex: u32,
+    /// The route's device (`skb_dst(skb)->dev`): `flowi_oif` of every
+    /// lookup made on a forwarded packet.
+    pub oif: u32,
 }
 
 impl Route {
-    /// From a direction's map entries: the key is the arriving packet, the
-    /// value its rewrite.
+    /// From a direction's map entries (the key is the arriving packet, the
+    /// value its rewrite) and its route's device.
     pub fn of(d: &Direction) -> Route {
         let (k, v) = (&d.key, &d.val);
         let arriving = Flow {
@@ -87,15 +94,7 @@ impl Route {
             dport: u16::from_be(v.new_dport),
         };
         let routed = Flow { src: arriving.src, sport: arriving.sport, dst: leaving.dst, dport: leaving.dport };
-        Route {
-            family: k.family,
-            proto: k.proto,
-            arriving,
-            routed,
-            leaving,
-            in_ifindex: k.ifindex,
-            out_ifindex: v.out_ifindex,
-        }
+        Route { family: k.family, proto: k.proto, arriving, routed, leaving, oif: d.route_ifindex }
     }
 }
 
@@ -172,7 +171,7 @@ fn matches(p: &Policy, r: &Route, f: &Flow) -> Match {
         && (s.proto == 0 || s.proto == r.proto)
         && (f.sport ^ s.sport) & s.sport_mask == 0
         && (f.dport ^ s.dport) & s.dport_mask == 0
-        && (s.ifindex == 0 || s.ifindex as u32 == r.out_ifindex || s.ifindex as u32 == r.in_ifindex);
+        && (s.ifindex == 0 || s.ifindex as u32 == r.oif);
     match (hit, p.mark.1 != 0) {
         (false, _) => Match::No,
         (true, true) => Match::ByMark,

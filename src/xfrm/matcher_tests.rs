@@ -1,4 +1,5 @@
 use super::*;
+use crate::flow::Direction;
 use crate::xfrm::policy::{Selector, Template};
 use netlink_packet_xfrm::UserPolicyDefault;
 
@@ -19,8 +20,7 @@ fn masq_orig() -> Route {
         arriving,
         routed: arriving,
         leaving: flow("203.0.113.1", 5000, "203.0.113.2", 9999),
-        in_ifindex: LAN,
-        out_ifindex: WAN,
+        oif: WAN,
     }
 }
 fn masq_reply() -> Route {
@@ -30,8 +30,7 @@ fn masq_reply() -> Route {
         arriving: flow("203.0.113.2", 9999, "203.0.113.1", 5000),
         routed: flow("203.0.113.2", 9999, "192.168.1.2", 5000),
         leaving: flow("203.0.113.2", 9999, "192.168.1.2", 5000),
-        in_ifindex: WAN,
-        out_ifindex: LAN,
+        oif: LAN,
     }
 }
 /// A port forward: 203.0.113.2:40000 -> 203.0.113.1:8080, DNATed to 192.168.1.2:80.
@@ -42,13 +41,12 @@ fn dnat_orig() -> Route {
         arriving: flow("203.0.113.2", 40000, "203.0.113.1", 8080),
         routed: flow("203.0.113.2", 40000, "192.168.1.2", 80),
         leaving: flow("203.0.113.2", 40000, "192.168.1.2", 80),
-        in_ifindex: WAN,
-        out_ifindex: LAN,
+        oif: LAN,
     }
 }
 fn v6() -> Route {
     let f = flow("fd00:1::2", 5000, "fd00:2::2", 443);
-    Route { family: 10, proto: 6, arriving: f, routed: f, leaving: f, in_ifindex: LAN, out_ifindex: WAN }
+    Route { family: 10, proto: 6, arriving: f, routed: f, leaving: f, oif: WAN }
 }
 
 /// `dir` policy from `src` to `dst` (prefixes), ESP tunnel unless changed.
@@ -118,6 +116,12 @@ fn each_kind_of_policy_is_judged() {
     on_wan.sel.ifindex = WAN as i32;
     let mut on_other = esp_out();
     on_other.sel.ifindex = 9;
+    let mut on_lan = esp_out();
+    on_lan.sel.ifindex = LAN as i32;
+    let mut fwd_on_wan = pol(Fwd, "192.168.1.2/32", "0.0.0.0/0");
+    fwd_on_wan.sel.ifindex = WAN as i32;
+    let mut fwd_on_lan = fwd_on_wan.clone();
+    fwd_on_lan.sel.ifindex = LAN as i32;
     let mut sub = bypass(prio(esp_out(), 50));
     sub.sub = true;
     let esp = "dir out src 192.168.1.0/24 dst 203.0.113.2/32 tmpl esp tunnel";
@@ -195,6 +199,16 @@ fn each_kind_of_policy_is_judged() {
             Some("dir out src 192.168.1.0/24 dst 203.0.113.2/32 dev #3 tmpl esp tunnel"),
         ),
         ("selector on another device", vec![on_other], r, None),
+        // flowi_oif is skb_dst(skb)->dev for the fwd check too, never the
+        // device the packet arrived on.
+        ("selector on the input device", vec![on_lan], r, None),
+        (
+            "fwd selector on the output device",
+            vec![fwd_on_wan],
+            r,
+            Some("dir fwd src 192.168.1.2/32 dst 0.0.0.0/0 dev #3 tmpl esp tunnel"),
+        ),
+        ("fwd selector on the input device", vec![fwd_on_lan], r, None),
         ("a sub policy bypass comes before main", vec![sub, esp_out()], r, None),
     ];
     for (what, policies, route, want) in cases {
@@ -252,6 +266,50 @@ fn the_why_names_the_policy_and_the_remedy() {
     assert!(why.contains("sends it through IPsec") && why.contains("exclude these hosts"), "{why}");
     let d = Applies::DefaultBlock(Dir::Out).to_string();
     assert!(d.contains("setdefault out block") && d.contains("action allow"), "{d}");
+}
+
+/// A selector's `dev` names the device the FIB routes to, which is not
+/// the port the fast path transmits on when a bridge, a VLAN device or a
+/// ppp device stands above it: br-lan above the LAN port, wan.7 (then
+/// pppoe-wan) above the WAN port. `route_ifindex` carries it from the path
+/// resolution; the ports must not match.
+#[test]
+fn a_selectors_device_is_the_routes_not_the_port() {
+    use crate::flow::tests::tuple;
+    use crate::flow::{build_direction, NextHop};
+    const BR_LAN: u32 = 7;
+    const WAN_VLAN: u32 = 8;
+    const PPPOE_WAN: u32 = 9;
+    let orig = tuple("192.168.1.2", 5000, "203.0.113.2", 9999, 17);
+    let reply = tuple("203.0.113.2", 9999, "203.0.113.1", 5000, 17);
+    let nh = NextHop { ifindex: WAN, smac: [0; 6], dmac: [0; 6], mtu: 1500, xdp_ok: false };
+    let up = |route| Direction { route_ifindex: route, ..build_direction(&orig, &reply, LAN, &nh) };
+    let down = |route| Direction {
+        route_ifindex: route,
+        ..build_direction(&reply, &orig, WAN, &NextHop { ifindex: LAN, ..nh })
+    };
+    let on = |dir, src: &str, dst: &str, dev: u32| {
+        let mut p = pol(dir, src, dst);
+        p.sel.ifindex = dev as i32;
+        spd(vec![p])
+    };
+    let download = |dev| on(Dir::Out, "203.0.113.2/32", "192.168.1.0/24", dev);
+    let upload = |dev| on(Dir::Out, "192.168.1.0/24", "203.0.113.2/32", dev);
+    let fwd_down = |dev| on(Dir::Fwd, "203.0.113.2/32", "0.0.0.0/0", dev);
+    let cases: Vec<(&str, Spd, Direction, bool)> = vec![
+        ("out dev br-lan, leaving by br-lan through its port", download(BR_LAN), down(BR_LAN), true),
+        ("out dev <the LAN port>: not what the kernel matches", download(LAN), down(BR_LAN), false),
+        ("fwd dev br-lan", fwd_down(BR_LAN), down(BR_LAN), true),
+        ("fwd dev <the LAN port>", fwd_down(LAN), down(BR_LAN), false),
+        ("out dev wan.7 above the WAN port", upload(WAN_VLAN), up(WAN_VLAN), true),
+        ("out dev pppoe-wan over wan.7", upload(PPPOE_WAN), up(PPPOE_WAN), true),
+        ("out dev wan.7, routed to pppoe-wan over it", upload(WAN_VLAN), up(PPPOE_WAN), false),
+        ("out dev <the WAN port> under pppoe-wan", upload(WAN), up(PPPOE_WAN), false),
+        ("no bridge: the port is the route's device", download(LAN), down(LAN), true),
+    ];
+    for (what, s, d, held) in cases {
+        assert_eq!(applies(&s, &Route::of(&d)).is_some(), held, "{what}");
+    }
 }
 
 #[test]

@@ -72,7 +72,9 @@ impl FlowTable {
 
     pub(super) fn install(&mut self, id: ConnId, e: CtEntry, dirs: [Direction; 2]) {
         self.waiting.remove(&id);
-        self.wake(&id);
+        // A dormant connection stays watched until it is installed
+        // (`installed`): one that cannot be stays dormant.
+        self.asleep.remove(&id);
         self.pending_ids.insert(id);
         self.pending.push(Pending { id, entry: e, dirs });
         if !self.batching || self.pending.len() >= MAX_PENDING {
@@ -203,6 +205,7 @@ impl FlowTable {
         let check_at = now + FIRST_LOOK_NS;
         self.due.insert((check_at, id));
         self.index_hops(id, &dirs, true);
-        self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last, check_at });
+        let watch = self.carry_watch(&id);
+        self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last, check_at, watch });
     }
 }

@@ -147,9 +147,15 @@ fn udp_unconfirmed() -> CtEntry {
     e
 }
 
-const OFF: Known = Known::Offloaded { mark: 0, close: 0 };
-const DORMANT: Known = Known::Dormant { mark: 0, woke: false };
-const WOKE: Known = Known::Dormant { mark: 0, woke: true };
+const OFF: Known = Known::Offloaded { mark: 0, close: 0, dormant: [false, false] };
+const DORMANT: Known = Known::Dormant { mark: 0, woke: [false, false] };
+/// Both directions seen forwarded since it slept.
+const WOKE: Known = Known::Dormant { mark: 0, woke: [true, true] };
+/// Only the reply seen forwarded (the server retransmitting to a client
+/// whose uploads the ruleset now drops).
+const WOKE_REPLY: Known = Known::Dormant { mark: 0, woke: [false, true] };
+/// Offloaded again on the reply's evidence; the original still dormant.
+const OFF_REPLY_ONLY: Known = Known::Offloaded { mark: 0, close: 0, dormant: [true, false] };
 const WAITING: Known = Known::Waiting { mark: 0 };
 
 #[test]
@@ -192,8 +198,8 @@ fn every_branch() {
         ("excluded, offloaded", Iface, sip(), OFF, None, V::Teardown(T::Policy)),
         ("excluded, dormant", Iface, sip(), DORMANT, None, V::Teardown(T::Policy)),
         // offloaded connections
-        ("offloaded, RST seen", Iface, state(tcp_state::CLOSE), Known::Offloaded { mark: 0, close: fo_teardown::FO_TD_RST.0 }, None, V::Teardown(T::TcpRst)),
-        ("offloaded, FIN seen", Iface, state(tcp_state::FIN_WAIT), Known::Offloaded { mark: 0, close: fo_teardown::FO_TD_FIN.0 }, None, V::Teardown(T::TcpFin)),
+        ("offloaded, RST seen", Iface, state(tcp_state::CLOSE), Known::Offloaded { mark: 0, close: fo_teardown::FO_TD_RST.0, dormant: [false, false] }, None, V::Teardown(T::TcpRst)),
+        ("offloaded, FIN seen", Iface, state(tcp_state::FIN_WAIT), Known::Offloaded { mark: 0, close: fo_teardown::FO_TD_FIN.0, dormant: [false, false] }, None, V::Teardown(T::TcpFin)),
         ("offloaded, conntrack closing", Iface, state(tcp_state::TIME_WAIT), OFF, None, V::Teardown(T::TcpFin)),
         ("offloaded, helper attached", Iface, helper(), OFF, None, V::Teardown(T::NoLongerEligible)),
         ("offloaded, still eligible", Iface, plain(), OFF, None, V::Update),
@@ -296,6 +302,14 @@ fn holds_per_direction() {
         ("offloaded, both held now", OFF, [Some(Xfrm), Some(Xfrm)], Some(&ok), V::Teardown(TeardownReason::Held)),
         ("offloaded, not re-resolved", OFF, [Some(Xfrm), Some(Xfrm)], None, V::Update),
         ("dormant woke into a hold", WOKE, [Some(EgressHook), None], Some(&ok), V::Offload(held([Some(EgressHook), None]))),
+        // Evidence is per direction: one seen leaving wakes only itself.
+        ("dormant, only the reply seen forwarded", WOKE_REPLY, [None, None], Some(&ok), V::Offload(held([Some(Dormant), None]))),
+        ("dormant, reply seen, not yet a path", WOKE_REPLY, [None, None], None, V::NeedsPath),
+        ("a hold outranks dormant", WOKE_REPLY, [Some(Xfrm), None], Some(&ok), V::Offload(held([Some(Xfrm), None]))),
+        ("held, and the other direction dormant: installed, both with the kernel", WOKE_REPLY, [None, Some(Xfrm)], Some(&ok), V::Offload(held([Some(Dormant), Some(Xfrm)]))),
+        ("offloaded on one direction's evidence: the other stays held", OFF_REPLY_ONLY, [None, None], Some(&ok), V::Offload(held([Some(Dormant), None]))),
+        ("offloaded, the dormant direction's evidence came", OFF, [None, None], Some(&ok), V::Offload(dirs)),
+        ("offloaded, one direction dormant, the other now held", OFF_REPLY_ONLY, [None, Some(IngressHook)], Some(&ok), V::Offload(held([Some(Dormant), Some(IngressHook)]))),
         ("waiting, both held", WAITING, [Some(IngressHook), Some(IngressHook)], Some(&ok), V::NotOffloaded(NotOffloaded::Held(Box::new([why(IngressHook, LAN), why(IngressHook, WAN)])))),
     ];
     let ex = exclusions();

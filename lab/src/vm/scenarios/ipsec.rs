@@ -15,7 +15,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::net::{finish, Router};
 use super::{step, Ctx, Evidence, Offload};
@@ -27,8 +27,11 @@ const SITE: &str = "10.99.0.0/24";
 const SERVER: &str = "10.99.0.2";
 
 /// The SAs and policies of both ends. Keys are fixed test keys (20 bytes:
-/// a 16-byte AES key and the 4-byte salt of RFC 4106).
-fn tunnel(r: &mut Router) -> Result<()> {
+/// a 16-byte AES key and the 4-byte salt of RFC 4106). `wan`: the router's
+/// and the WAN host's devices the tunnel runs over; `scoped`: the router's
+/// out policy names its device (`dev rwan.7`), which the kernel matches
+/// against the route's device (`skb_dst(skb)->dev`), not the port below.
+fn tunnel(r: &mut Router, wan: (&str, &str), scoped: bool) -> Result<()> {
     for m in ["esp4", "xfrm_user"] {
         r.rtr(&["modprobe", m])?;
     }
@@ -46,20 +49,23 @@ fn tunnel(r: &mut Router) -> Result<()> {
              mode tunnel\n"
         )
     };
+    // The router's out policy, on its WAN device when `scoped`.
+    let out = pol(LAN, SITE, "out", "203.0.113.1", "203.0.113.2", 1);
+    let out = if scoped { out.replace(" dir out", &format!(" dev {} dir out", wan.0)) } else { out };
     let (rtr_ip, wan_ip) = ("203.0.113.1", "203.0.113.2");
     let states = sa(rtr_ip, wan_ip, "0x1001", 1, key_out) + &sa(wan_ip, rtr_ip, "0x1002", 2, key_in);
     // The router forwards: out for the LAN's packets, fwd (and in) for the
     // far site's decrypted ones (__xfrm_policy_check in ip_forward).
     let rtr_script = states.clone()
-        + &pol(LAN, SITE, "out", rtr_ip, wan_ip, 1)
+        + &out
         + &pol(SITE, LAN, "fwd", wan_ip, rtr_ip, 2)
         + &pol(SITE, LAN, "in", wan_ip, rtr_ip, 2)
-        + &format!("ip route add {SITE} via {wan_ip} dev rwan\n");
+        + &format!("ip route add {SITE} via {wan_ip} dev {}\n", wan.0);
     r.sh(&r.lab.rtr, &rtr_script)?;
     let wan_script = states
         + &pol(SITE, LAN, "out", wan_ip, rtr_ip, 2)
         + &pol(LAN, SITE, "in", rtr_ip, wan_ip, 1)
-        + &format!("ip addr add {SERVER}/32 dev lo\nip route add {LAN} via {rtr_ip} dev wan1 src {SERVER}\n");
+        + &format!("ip addr add {SERVER}/32 dev lo\nip route add {LAN} via {rtr_ip} dev {} src {SERVER}\n", wan.1);
     r.sh(&r.lab.wan, &wan_script)?;
     // Covered traffic is routed as is; the rest is masqueraded.
     r.masq_match = format!("ip daddr != {SITE}");
@@ -73,12 +79,19 @@ fn on_the_wire<T>(sw: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, usize, 
     let cap = Capture::start(sw, "wan0")?;
     let out = f();
     let frames = cap.stop()?;
-    let out = out?;
+    // The VLAN variant's frames carry their tag (put back by Capture).
+    let untagged = |f: &[u8]| -> Vec<u8> {
+        if f.len() > 18 && f[12..14] == [0x81, 0x00] {
+            [&f[..12], &f[16..]].concat()
+        } else {
+            f.to_vec()
+        }
+    };
     let in_site = |a: [u8; 4]| a[0] == 10 && a[1] == 99 && a[2] == 0;
     let in_lan = |a: [u8; 4]| a[0] == 192 && a[1] == 168 && a[2] == 1;
     let (mut esp, mut clear) = (0, 0);
     for fr in &frames {
-        if let Some((proto, s, d)) = ipv4_of(fr) {
+        if let Some((proto, s, d)) = ipv4_of(&untagged(fr)) {
             if proto == 50 {
                 esp += 1;
             } else if (in_site(s) && in_lan(d)) || (in_lan(s) && in_site(d)) {
@@ -86,15 +99,54 @@ fn on_the_wire<T>(sw: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, usize, 
             }
         }
     }
+    // A transfer that failed says what the router sent meanwhile (clear
+    // packets the far end drops stall it).
+    let out = out
+        .with_context(|| format!("meanwhile the router sent {clear} clear packets between the sites and {esp} ESP"))?;
     Ok((out, esp, clear))
 }
 
-pub fn run(_ctx: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+/// The WAN on `rwan`, policies without a device.
+pub fn run(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    with(c, ev, how, false)
+}
+
+/// The WAN on a VLAN device (`rwan.7`, the WAN host's `wan1.7`), the out
+/// policy scoped to it (`dev rwan.7`), and the Ethernet beneath listed
+/// (`{ rlan, rwan }`): the route's device is rwan.7, the fast path's port
+/// rwan (issue 17 defect 2: the selector's device was compared with the
+/// port, so the LAN's packets to the far site were offloaded in clear).
+pub fn vlan_dev(c: &Ctx, ev: &mut Evidence, how: Offload) -> Result<()> {
+    with(c, ev, how, true)
+}
+
+fn with(_ctx: &Ctx, ev: &mut Evidence, how: Offload, vlan: bool) -> Result<()> {
     step("lab up");
-    let mut r = Router::up("ip", how)?;
+    let mut r = Router::up(if vlan { "iv" } else { "ip" }, how)?;
     step("tunnel");
     let sw = r.wire_tap()?;
-    tunnel(&mut r)?;
+    let wan = if vlan {
+        let (rtr, wan) = (r.lab.rtr.clone(), r.lab.wan.clone());
+        r.rtr(&["modprobe", "8021q"])?;
+        r.sh(
+            &rtr,
+            "ip addr flush dev rwan\nip link add link rwan name rwan.7 type vlan id 7\nip link set rwan.7 up\n\
+             ip addr add 203.0.113.1/24 dev rwan.7\n",
+        )?;
+        // Tags on the wire, not in the skb's metadata (see vlan.rs).
+        r.sh(
+            &wan,
+            "ip addr flush dev wan1\nip link add link wan1 name wan1.7 type vlan id 7\nip link set wan1.7 up\n\
+             ip addr add 203.0.113.2/24 dev wan1.7\nethtool -K wan1 txvlan off 2>/dev/null || true\n",
+        )?;
+        r.wan_dev = "rwan.7".into();
+        r.lab.ping(&rtr, "203.0.113.2".parse()?)?;
+        ev.put("wan", "rwan.7 (VLAN 7) over rwan, rwan listed; out policy dev rwan.7");
+        ("rwan.7", "wan1.7")
+    } else {
+        ("rwan", "wan1")
+    };
+    tunnel(&mut r, wan, vlan)?;
     r.bulk = 2 << 20;
     step("offload");
     let d = r.offload(how, &["rlan", "rwan"])?;
