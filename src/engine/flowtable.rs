@@ -453,12 +453,8 @@ impl FlowTable {
         for (i, nd) in new.iter().enumerate() {
             let old = &f.dirs[i];
             let moved = key_bytes(&old.key) != key_bytes(&nd.key);
-            if moved {
-                // Arrives elsewhere now (another port, other headers):
-                // replace the entry.
-                self.dp.delete_flow(&old.key);
-                forget_key(&mut self.keys, &old.key);
-            } else if old.val.out_ifindex == nd.val.out_ifindex
+            if !moved
+                && old.val.out_ifindex == nd.val.out_ifindex
                 && old.val.dmac == nd.val.dmac
                 && old.val.smac == nd.val.smac
                 && old.val.in_dmac == nd.val.in_dmac
@@ -469,7 +465,16 @@ impl FlowTable {
             {
                 continue;
             }
+            // What the fast path wrote since keepalive last looked (a FIN or
+            // RST's flag, the stamp, the counters), read before the entry
+            // can go.
             let cur = self.dp.get_written(&old.key).unwrap_or(f.last[i]);
+            if moved {
+                // Arrives elsewhere now (another port, other headers):
+                // replace the entry.
+                self.dp.delete_flow(&old.key);
+                forget_key(&mut self.keys, &old.key);
+            }
             f.base[i].0 += cur.packets;
             f.base[i].1 += cur.bytes;
             let mut v = nd.val;
@@ -619,6 +624,7 @@ mod tests {
 
     use super::*;
     use crate::conntrack::{status, CtTuple};
+    use crate::dataplane::fo_teardown;
     use crate::flow::{build_direction, NextHop};
     use crate::proto::IPPROTO_TCP;
 
@@ -650,10 +656,13 @@ mod tests {
         }
     }
 
+    /// A next hop on lo with MAC 02:00:00:00:00:`dmac`.
+    fn hop(dmac: u8) -> NextHop {
+        NextHop { ifindex: LO, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, dmac], mtu: 1500, xdp_ok: false }
+    }
+
     fn dirs(e: &CtEntry, dmac: u8) -> [Direction; 2] {
-        let nh =
-            NextHop { ifindex: LO, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, dmac], mtu: 1500, xdp_ok: false };
-        [build_direction(&e.orig, &e.reply, LO, &nh), build_direction(&e.reply, &e.orig, LO, &nh)]
+        [build_direction(&e.orig, &e.reply, LO, &hop(dmac)), build_direction(&e.reply, &e.orig, LO, &hop(dmac))]
     }
 
     /// A UDP frame on lo (the Ethernet addresses are lo's, zero).
@@ -722,6 +731,35 @@ mod tests {
         assert_eq!(ft.dp().dormant_seen(&egress_key(&d[0])), None, "no longer watched");
         assert_eq!(ft.counters.not_offloaded.get("flow table full"), Some(&1));
         assert!(matches!(ft.known(&id), Known::Untracked));
+    }
+
+    /// A re-point that moves a direction's key (the client roamed to
+    /// another port, a VLAN or PPPoE session changed) keeps what the fast
+    /// path wrote to the old entry since keepalive last read it: its
+    /// FIN/RST flag, last-seen stamp and counters.
+    #[test]
+    fn a_moved_key_keeps_the_close_flag_stamp_and_counters() {
+        let mut ft = private_table(vec![]);
+        let e = udp(40030);
+        let id = ConnId::of(&e);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Offload(d));
+        // What the fast path writes per packet (bpf/fastpath.bpf.c):
+        // counters, the stamp, and a FIN or RST's teardown code.
+        let mut v = ft.dp().get_flow(&d[0].key).unwrap();
+        (v.packets, v.bytes, v.last_seen_ns, v.teardown) = (5, 500, 123_456_789, fo_teardown::FO_TD_RST.0 as u8);
+        ft.dp().replace_flow(&d[0].key, &v).unwrap();
+
+        // The original direction now arrives on another port: a new key.
+        let moved = [build_direction(&e.orig, &e.reply, 7, &hop(2)), d[1]];
+        assert_ne!(key_bytes(&moved[0].key), key_bytes(&d[0].key));
+        ft.apply(e.clone(), Verdict::Offload(moved));
+        assert!(ft.dp().get_flow(&d[0].key).is_none(), "the old key is gone");
+        let now = ft.dp().get_flow(&moved[0].key).expect("the new key is installed");
+        // (close flag, last-seen, counters before the move)
+        let kept = (now.teardown, now.last_seen_ns, ft.offloaded[&id].base[0]);
+        assert_eq!(kept, (fo_teardown::FO_TD_RST.0 as u8, 123_456_789, (5, 500)), "what the fast path wrote is kept");
+        assert!(matches!(ft.known(&id), Known::Offloaded { close, .. } if close == fo_teardown::FO_TD_RST.0));
     }
 
     /// Keepalive's schedule: a new offload is due one look later, taken
