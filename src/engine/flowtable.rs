@@ -87,10 +87,12 @@ pub struct FlowTable {
     /// Dense (see `Offloaded`'s size): a HashMap's table would hold every
     /// entry in a slot of its own, up to half of them empty.
     pub(super) offloaded: IndexMap<ConnId, Offloaded>,
-    /// Offloaded connections by the next hop a direction leaves to
-    /// (egress interface, neighbour MAC), so a neighbour change re-resolves
-    /// only the connections through it.
-    by_hop: HashMap<(u32, [u8; 6]), HashSet<ConnId>>,
+    /// Offloaded connections by the MAC a direction is sent to, so a
+    /// neighbour change or a bridge fdb move re-resolves only the
+    /// connections through it. By MAC alone: a neighbour message names the
+    /// FIB's device (br-lan, wan.7), a direction the port below it (lan1,
+    /// eth0) that the topology walk found, and the MAC is the same at both.
+    by_hop: HashMap<[u8; 6], HashSet<ConnId>>,
     /// Offloaded connections by when keepalive next looks at them
     /// (`flow::next_check`), so a tick reads only the entries due.
     due: BTreeSet<(u64, ConnId)>,
@@ -275,22 +277,20 @@ impl FlowTable {
         self.waiting.keys().copied().collect()
     }
 
-    /// Offloaded connections with a direction that leaves by `ifindex` to
-    /// the neighbour with MAC `mac`.
-    pub fn offloaded_via_hop(&self, ifindex: u32, mac: [u8; 6]) -> Vec<ConnId> {
-        self.by_hop.get(&(ifindex, mac)).map(|s| s.iter().copied().collect()).unwrap_or_default()
-    }
-
-    /// Offloaded connections with a direction sent to `mac` or arriving
-    /// from it (a bridge fdb entry moved: the port may have changed for
-    /// both). O(offloaded), once per moved MAC.
+    /// Offloaded connections with a direction sent to `mac`, whichever
+    /// device names it: a neighbour that changed its MAC (the kernel's
+    /// `neigh_update` makes every route through it use the new one), or a
+    /// bridge fdb entry that moved (a direction sent to a client and the
+    /// other arriving from it: the port may have changed for both). A MAC
+    /// that is a neighbour on two devices costs a re-resolution too many,
+    /// never one too few.
     pub fn offloaded_via_mac(&self, mac: [u8; 6]) -> Vec<ConnId> {
-        self.offloaded.iter().filter(|(_, f)| f.dirs.iter().any(|d| d.val.dmac == mac)).map(|(id, _)| *id).collect()
+        self.by_hop.get(&mac).map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
     fn index_hops(&mut self, id: ConnId, dirs: &[Direction; 2], add: bool) {
         for d in dirs {
-            let hop = (d.val.out_ifindex, d.val.dmac);
+            let hop = d.val.dmac;
             if add {
                 self.by_hop.entry(hop).or_default().insert(id);
             } else if let Some(set) = self.by_hop.get_mut(&hop) {
@@ -697,6 +697,9 @@ mod tests {
         ft.apply(e.clone(), Verdict::Offload(dirs(&e, 3)));
         assert_eq!(ft.dp().get_flow(&d[0].key).unwrap().dmac[5], 3);
         assert_eq!(ft.counters.offloads, 1, "a re-point is no new offload");
+        // Found by the MAC it is sent to now, whatever device a neighbour
+        // message names.
+        assert_eq!((ft.offloaded_via_mac(hop(2).dmac), ft.offloaded_via_mac(hop(3).dmac)), (vec![], vec![id]));
 
         // Idle: off the fast path, watched as dormant.
         ft.teardown(&id, TeardownReason::Idle);

@@ -460,7 +460,7 @@ impl Core {
         }
         for n in self.neigh.changes(&ch.neighbours) {
             if let Some(mac) = n.was {
-                self.neigh_ids.extend(self.flows.offloaded_via_hop(n.ifindex, mac));
+                self.neigh_ids.extend(self.flows.offloaded_via_mac(mac));
                 self.facts.cache.borrow_mut().neighbour_changed(n.ifindex, mac);
             }
             self.neigh_dirty.get_or_insert_with(Instant::now);
