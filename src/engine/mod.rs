@@ -407,6 +407,7 @@ impl Core {
         // What `refresh` is about to read again, to see what it changed.
         let topo = (!ch.links.is_empty() || ch.lost).then(|| self.facts.topo.clone());
         let addrs = (ch.addresses || ch.lost).then(|| self.facts.addrs.clone());
+        let routes = (ch.routes || ch.lost).then(|| self.facts.routes.clone());
         for &(ifindex, up) in &ch.links {
             if self.ifaces.set_up(ifindex, up) {
                 for id in self.flows.offloaded_via(ifindex) {
@@ -429,6 +430,14 @@ impl Core {
         p.all |= ch.rules || ch.lost || first != crate::routes::path::Ports::first_up(&self.ifaces);
         if addrs.is_some_and(|a| a != self.facts.addrs) {
             p.all = true;
+        }
+        // A route on tos or a hashed multipath route came or went: the FIB
+        // answers the lookups get may be the same, the connections under
+        // it are not (`routes::per_packet`); those it kept off come back
+        // through a dump, as after a rule change.
+        if routes.is_some_and(|r| r != self.facts.routes) {
+            p.all = true;
+            self.rescan = true;
         }
         if let Some(t) = topo.filter(|t| *t != self.facts.topo) {
             match t.changed_links(&self.facts.topo) {
@@ -543,6 +552,12 @@ impl Core {
             // Unreadable hooks hold their ports' directions: try again.
             if self.holds.hooks.ports.values().any(|d| d.unreadable.is_some()) {
                 self.read_hooks();
+            }
+            // A sysctl changed the multipath hash (nothing announces it),
+            // or unreadable routes can be read now.
+            if self.facts.routes.recheck() {
+                tracing::info!("multipath hash policy or routes read anew: paths are judged again");
+                self.facts_changed();
             }
         }
         let more = self.keepalive();

@@ -15,6 +15,7 @@ pub(crate) mod dump;
 pub mod link;
 mod metric;
 pub mod path;
+pub mod per_packet;
 pub mod rules;
 pub mod solicit;
 
@@ -184,26 +185,6 @@ fn reverse_packet(any_ifindex: u32, dst: IpAddr) -> Packet {
     Packet { in_ifindex: any_ifindex, src: unspecified, dst, proto: 0, sport: 0, dport: 0, mark: 0 }
 }
 
-/// Whether some route of the family is multipath (RTA_MULTIPATH) or names
-/// a nexthop object (RTA_NH_ID, which may be a group): `fib_select_path`
-/// then hashes the flow. A dump that fails answers true (no caching).
-fn any_multipath(v6: bool) -> bool {
-    use netlink_packet_route::route::{RouteAttribute, RouteMessage};
-    let mut req = RouteMessage::default();
-    req.header.address_family =
-        if v6 { netlink_packet_route::AddressFamily::Inet6 } else { netlink_packet_route::AddressFamily::Inet };
-    match dump::dump(RouteNetlinkMessage::GetRoute(req), "route") {
-        Ok(msgs) => msgs.iter().any(|m| {
-            matches!(m, RouteNetlinkMessage::NewRoute(r)
-                if r.attributes.iter().any(|a| matches!(a, RouteAttribute::MultiPath(_) | RouteAttribute::NhId(_))))
-        }),
-        Err(e) => {
-            tracing::warn!("{e:#}: FIB answers are not cached");
-            true
-        }
-    }
-}
-
 /// A neighbour as an rtnetlink message states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbour {
@@ -300,9 +281,10 @@ pub struct RouteFacts {
     pub topo: crate::topology::Topology,
     /// Some IPv4 route carries an MTU metric (`metric::any_route_mtu`).
     pub route_mtus: bool,
-    /// Some route of the family (v4, v6) is multipath or uses a nexthop
-    /// object: its answers hash the flow (`cache`).
-    pub multipath: (bool, bool),
+    /// The routes as far as the lookups care: multipath (answers hash the
+    /// flow, `cache`), and the destinations under a route whose choice is
+    /// per packet (`per_packet`).
+    pub routes: per_packet::Routes,
     /// The FIB's answers (`cache`): each new connection from a known client
     /// to a known destination costs no lookup, and a change costs one per
     /// distinct key in use.
@@ -318,7 +300,7 @@ impl RouteFacts {
             addrs: addrs::AddressTable::dump()?,
             topo: crate::topology::read().context("reading the link topology")?,
             route_mtus: metric::any_route_mtu(),
-            multipath: (any_multipath(false), any_multipath(true)),
+            routes: per_packet::Routes::read(),
             cache: Default::default(),
             solicits: Default::default(),
         })
@@ -368,7 +350,7 @@ impl RouteFacts {
         }
         if ch.routes || ch.lost {
             self.route_mtus = metric::any_route_mtu();
-            self.multipath = (any_multipath(false), any_multipath(true));
+            self.routes = per_packet::Routes::read();
         }
         if ch.addresses || ch.lost {
             match addrs::AddressTable::dump() {

@@ -5,6 +5,7 @@ use crate::conntrack::status;
 use crate::dataplane::fo_teardown;
 use crate::flow::tests::tcp_masq;
 use crate::flow::{build_direction, Hold, NextHop};
+use crate::routes::per_packet::PerPacket;
 use crate::routes::rules::Selector;
 use crate::topology::LowerError;
 
@@ -145,6 +146,8 @@ fn every_branch() {
     let asym = Err(NoPath::Asymmetric);
     let elsewhere = Err(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()));
     let by_tos = Err(NoPath::Rule(Selector::Tos));
+    let tos_route = PerPacket::Tos { prefix: "203.0.113.0/24".into() };
+    let by_tos_route = Err(NoPath::PerPacket(tos_route.clone()));
     let no_fdb = LowerError::NoFdb { bridge: "br-lan".into(), mac: "02:00:00:00:00:02".into(), vlan: None };
     let blocked = LowerError::PortNotForwarding { port: "lan2".into(), state: 4 };
     let too_deep = LowerError::TooDeep("pppoe-wan".into());
@@ -184,6 +187,7 @@ fn every_branch() {
         ("offloaded, neighbour gone", Iface, plain(), OFF, Some(&neigh), V::Teardown(T::RouteChange)),
         ("offloaded, an ip rule moved it away from its NAT address", Iface, plain(), OFF, Some(&elsewhere), V::Teardown(T::RouteChange)),
         ("offloaded, an ip rule on tos appeared", Iface, plain(), OFF, Some(&by_tos), V::Teardown(T::RouteChange)),
+        ("offloaded, a route on tos appeared", Iface, plain(), OFF, Some(&by_tos_route), V::Teardown(T::RouteChange)),
         ("offloaded, rerouted out of its flowtable", Nft, labelled(127), OFF, Some(&to_dmz), V::Teardown(T::RouteChange)),
         // dormant connections
         ("dormant, ineligible", Iface, state(tcp_state::FIN_WAIT), DORMANT, None, V::Teardown(T::NoLongerEligible)),
@@ -207,6 +211,7 @@ fn every_branch() {
         ("bridge port blocked", Iface, plain(), U, Some(&blocked_p), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Lower(blocked)))),
         ("three VLAN/PPPoE headers", Iface, plain(), U, Some(&too_deep_p), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Lower(too_deep)))),
         ("an ip rule the lookup cannot reproduce", Iface, plain(), U, Some(&by_tos), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Rule(Selector::Tos)))),
+        ("a route chosen per packet", Iface, plain(), U, Some(&by_tos_route), V::NotOffloaded(NotOffloaded::NoPath(NoPath::PerPacket(tos_route)))),
         ("routed", Iface, plain(), U, Some(&ok), V::Offload(dirs)),
         ("waiting, routed", Iface, plain(), WAITING, Some(&ok), V::Offload(dirs)),
         ("any interface without a ruleset", Iface, plain(), U, Some(&to_dmz), V::Offload(dirs_dmz)),
