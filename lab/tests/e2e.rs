@@ -124,6 +124,7 @@ fn offload_test(mode: &str, xdp_safe: bool) {
     assert_bypasses_forward_chain(&lab, &format!("{mode} udp"));
     let r = iperf_result(c);
     let lost = r["end"]["sum"]["lost_percent"].as_f64().unwrap();
+    eprintln!("{mode} udp lost {lost}%");
     assert!(lost < 5.0, "{mode} udp lost {lost}%");
 
     let st = d.status().unwrap();

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use indexmap::IndexMap;
 
-use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
+use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtTuple, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
 use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
@@ -111,7 +111,8 @@ pub struct FlowTable {
     /// that only the ruleset can bring the connection back.
     label_bits: Vec<u32>,
     pub counters: Counters,
-    /// When the batch of conntrack events being handled was read.
+    /// When the batch of conntrack events (or of wake-ups) being handled
+    /// was read.
     pub events_at: Option<Instant>,
     /// Offloads waiting for `flush`, and their ids: anything else done to
     /// one of them (`merge`, `apply`, `teardown`) flushes first, so the
@@ -129,6 +130,8 @@ pub struct FlowTable {
     /// Connections taken off since the engine last looked: they leave the
     /// FIB cache's index (`routes::cache`).
     pub(super) released: Vec<ConnId>,
+    /// Label clears decided in a batch, sent with its installs (`flush`).
+    clears: Vec<(CtTuple, u16, CtUpdate)>,
 }
 
 impl FlowTable {
@@ -152,6 +155,7 @@ impl FlowTable {
             batching: false,
             keys: HashMap::new(),
             released: Vec::new(),
+            clears: Vec::new(),
         }
     }
 
@@ -219,6 +223,8 @@ impl FlowTable {
             Known::Dormant { mark: d.entry.mark, woke: false }
         } else if let Some(e) = self.waiting.get(id) {
             Known::Waiting { mark: e.mark }
+        } else if self.asleep.contains(id) {
+            Known::Asleep
         } else {
             Known::Untracked
         }
@@ -389,6 +395,10 @@ impl FlowTable {
             }
             Verdict::Offload(dirs) if self.offloaded.contains_key(&id) => self.repath(&id, dirs),
             Verdict::Offload(dirs) => self.install(id, e, dirs),
+            Verdict::Watch(dirs) => {
+                self.waiting.remove(&id);
+                self.sleep(id, e, &dirs);
+            }
             Verdict::Teardown(r) => self.teardown(&id, r),
             Verdict::NotOffloaded(why) => {
                 self.waiting.remove(&id);
@@ -414,18 +424,19 @@ impl FlowTable {
         }
     }
 
-    /// Park a connection that is still alive: it comes back only on
-    /// evidence that the kernel forwarded a packet of it again. In `--nft`
-    /// mode that is its label set anew by `flow add`, so the label is
-    /// cleared and the connection untracked; otherwise TC egress watches
-    /// for its packets leaving.
-    fn park(&mut self, id: ConnId, f: Offloaded) {
+    /// Park a connection that is still alive (taken off the fast path, or
+    /// not offloaded yet: `Verdict::Watch`): it comes back only on evidence
+    /// that the kernel forwarded a packet of it again. In `--nft` mode that
+    /// is its label set anew by `flow add`, so the label is cleared and the
+    /// connection untracked but for `asleep`; otherwise TC egress watches
+    /// for its packets leaving by `dirs`.
+    fn sleep(&mut self, id: ConnId, entry: CtEntry, dirs: &[Direction; 2]) {
         if !self.label_bits.is_empty() {
-            self.forget_offload_request(&f.entry);
+            self.forget_offload_request(&entry);
             self.asleep.insert(id);
             return;
         }
-        let keys = f.dirs.map(|d| egress_key(&d));
+        let keys = dirs.map(|d| egress_key(&d));
         for k in &keys {
             if let Err(e) = self.dp.watch_dormant(k) {
                 // fo_dormant is full: the connection stays dormant but
@@ -435,7 +446,7 @@ impl FlowTable {
             self.dormant_keys.insert(key_bytes(k), id);
         }
         self.dp.set_watching(self.dormant_keys.len());
-        self.dormant.insert(id, Dormant { entry: f.entry, keys, since_ns: now_ns() });
+        self.dormant.insert(id, Dormant { entry, keys, since_ns: now_ns() });
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map
@@ -524,7 +535,7 @@ impl FlowTable {
                     | TeardownReason::InterfaceDown
                     | TeardownReason::RulesetChange
             ) {
-                self.park(*id, f);
+                self.sleep(*id, f.entry, &f.dirs);
                 return;
             }
             f.entry
@@ -608,10 +619,22 @@ impl FlowTable {
         }
         memo.labels = Some(now);
         let upd = CtUpdate { labels: Some(([0u8; 16], mask)), ..Default::default() };
-        match self.ct.update(&e.orig, e.zone, &upd) {
-            Ok(()) | Err(CtError::NotFound) => {}
-            Err(err) => tracing::warn!("cannot clear the offload label: {err}"),
+        // Within a batch of events (every new UDP connection is watched,
+        // so a burst of them is many): with the batch's other conntrack
+        // changes, in one send (`flush`).
+        if self.batching {
+            self.clears.push((e.orig, e.zone, upd));
+            return;
         }
+        label_cleared(self.ct.update(&e.orig, e.zone, &upd));
+    }
+}
+
+/// How clearing an offload label went.
+fn label_cleared(r: Result<(), CtError>) {
+    match r {
+        Ok(()) | Err(CtError::NotFound) => {}
+        Err(err) => tracing::warn!("cannot clear the offload label: {err}"),
     }
 }
 
@@ -763,6 +786,41 @@ mod tests {
         let kept = (now.teardown, now.last_seen_ns, ft.offloaded[&id].base[0]);
         assert_eq!(kept, (fo_teardown::FO_TD_RST.0 as u8, 123_456_789, (5, 500)), "what the fast path wrote is kept");
         assert!(matches!(ft.known(&id), Known::Offloaded { close, .. } if close == fo_teardown::FO_TD_RST.0));
+    }
+
+    /// A UDP connection the kernel has handled only the first packet of is
+    /// watched, not offloaded: in `--iface` mode by its egress keys, and a
+    /// packet of it leaving wakes it; in `--nft` mode its label is cleared
+    /// (with the batch's other conntrack changes) and it is asleep.
+    #[test]
+    fn a_watched_connection_is_offloaded_on_its_next_forwarded_packet() {
+        let mut ft = private_table(vec![]);
+        let e = udp(40040);
+        let id = ConnId::of(&e);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Watch(d));
+        assert_eq!(ft.len(), (0, 0, 1));
+        assert!(d.iter().all(|x| ft.dp().get_flow(&x.key).is_none()), "not on the fast path");
+        assert!(matches!(ft.known(&id), Known::Dormant { woke: false, .. }));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ft.dp().test_tc_egress(&frame(e.reply.dst, e.reply.src, 40040, 53), LO, 1).unwrap();
+        assert_eq!(ft.woken(None), vec![id], "the kernel forwarded its second packet");
+        ft.apply(e.clone(), Verdict::Offload(d));
+        assert_eq!(ft.len(), (1, 0, 0));
+        assert!(ft.counters.teardowns.is_empty(), "a watch is no teardown");
+
+        let mut ft = private_table(vec![127]);
+        let labelled = CtEntry { labels: Some(nft::label_mask(&[127])), ..udp(40041) };
+        let id = ConnId::of(&labelled);
+        let merged = ft.merge(labelled.clone(), Seen::Full);
+        ft.begin_batch();
+        ft.apply(merged, Verdict::Watch(dirs(&labelled, 2)));
+        assert_eq!(ft.clears.len(), 1, "the label clear waits for the batch's end");
+        ft.end_batch();
+        assert!(ft.clears.is_empty());
+        assert_eq!((ft.len(), ft.known(&id)), ((0, 0, 1), Known::Asleep));
+        let next = ft.merge(CtEntry { labels: None, ..labelled }, Seen::Changes);
+        assert!(!nft::has_label(next.labels.as_ref(), 127), "the engine's own clear is remembered");
     }
 
     /// Keepalive's schedule: a new offload is due one look later, taken

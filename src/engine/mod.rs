@@ -581,10 +581,17 @@ impl Core {
     /// Dormant connections the kernel forwarded a packet of (TC egress
     /// announced or stamped their egress key): judged again.
     fn wake(&mut self, keys: Option<&[fo_flow_key]>) {
+        // One batch, like a batch of conntrack events: a burst of new UDP
+        // connections wakes on their second packets (`Verdict::Watch`),
+        // installed together, the wake-up counting as their event.
+        self.flows.events_at = Some(Instant::now());
+        self.flows.begin_batch();
         for id in self.flows.woken(keys) {
             let Known::Dormant { mark, .. } = self.flows.known(&id) else { continue };
             self.rejudge(&id, Some(Known::Dormant { mark, woke: true }), false);
         }
+        self.flows.end_batch();
+        self.flows.events_at = None;
     }
 
     fn answer(&mut self, req: Request) -> Result<Response, String> {

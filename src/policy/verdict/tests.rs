@@ -132,6 +132,18 @@ fn udp_unconfirmed() -> CtEntry {
     e
 }
 
+/// A UDP connection as its first packet's confirmation shows it (the NEW
+/// event), and once its reply passed conntrack.
+fn udp_first() -> CtEntry {
+    CtEntry { status: status::CONFIRMED, ..udp_unconfirmed() }
+}
+fn udp_replied() -> CtEntry {
+    CtEntry { status: status::CONFIRMED | status::SEEN_REPLY, ..udp_unconfirmed() }
+}
+fn udp_first_unlabelled() -> CtEntry {
+    CtEntry { labels: None, ..udp_first() }
+}
+
 const OFF: Known = Known::Offloaded { mark: 0, close: 0 };
 const DORMANT: Known = Known::Dormant { mark: 0, woke: false };
 const WOKE: Known = Known::Dormant { mark: 0, woke: true };
@@ -220,6 +232,17 @@ fn every_branch() {
         ("the other flowtable's devices", Nft, labelled(126), U, Some(&to_dmz), V::Offload(dirs_dmz)),
         ("the other flowtable, wrong devices", Nft, labelled(126), U, Some(&ok), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
         ("through the ppp device above a listed port", Nft, labelled(127), U, Some(&to_ppp), V::Offload(dirs_ppp)),
+        // UDP: `flow add` takes a confirmed entry, so a later packet
+        ("udp, first packet only: watched for a later one", Iface, udp_first(), U, Some(&ok), V::Watch(dirs)),
+        ("udp, first packet only, waiting for its neighbour", Iface, udp_first(), WAITING, Some(&ok), V::Watch(dirs)),
+        ("udp, its reply passed conntrack", Iface, udp_replied(), U, Some(&ok), V::Offload(dirs)),
+        ("udp watched, the kernel forwarded another packet", Iface, udp_first(), WOKE, Some(&ok), V::Offload(dirs)),
+        ("udp watched, nothing forwarded yet", Iface, udp_first(), DORMANT, None, V::Update),
+        ("udp, first packet, --nft", Nft, udp_first(), U, Some(&ok), V::Watch(dirs)),
+        ("asleep, label set again by flow add", Nft, udp_first(), Known::Asleep, None, V::NeedsPath),
+        ("asleep, label set again: a later packet", Nft, udp_first(), Known::Asleep, Some(&ok), V::Offload(dirs)),
+        ("asleep, the engine's own label clear heard", Nft, udp_first_unlabelled(), Known::Asleep, None, V::Ignore),
+        ("asleep, excluded", Nft, CtEntry { labels: Some(label(127)), ..sip() }, Known::Asleep, None, V::NotOffloaded(NotOffloaded::Excluded(Excluded::Port("5060".parse().unwrap())))),
     ];
     let fts = flowtables();
     let ex = exclusions();
