@@ -151,6 +151,54 @@ static __always_inline bool fo_mac_eq(const __u8 *a, const __u8 *b)
 	return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5]));
 }
 
+/* CHECKSUM_PARTIAL as XDP sees it. A local sender with TX checksum
+ * offload leaves the L4 checksum to the device and puts only the folded
+ * pseudo-header sum in the field, uncomplemented: tcp_v4_send_check /
+ * __tcp_v6_send_check (th->check = ~tcp_v4_check(len, saddr, daddr, 0)),
+ * udp4_hwcsum and udp6_hwcsum_outgoing likewise. On a veth such an skb
+ * reaches native XDP (veth_xdp_rcv_skb), and once redirected it is an
+ * xdp_frame, which has no ip_summed: the receiver would see a wrong
+ * checksum and drop the packet. Passed to the kernel, the skb keeps its
+ * ip_summed and is forwarded right. A complete checksum equals this value
+ * only by chance (1 in 65536): on a port that may see partial checksums
+ * that packet takes the slow path, nothing worse.
+ */
+static __always_inline bool fo_l4_csum_partial(void *data, void *data_end, const struct fo_parsed *p, __u32 ifindex)
+{
+	__u32 l4_off = p->l4_off, sum, i;
+	__u16 check;
+
+	if (l4_off > 64 + 40)
+		return false;
+	if (p->key.proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + l4_off;
+
+		if ((void *)(th + 1) > data_end)
+			return false;
+		check = th->check;
+	} else {
+		struct udphdr *uh = data + l4_off;
+
+		if ((void *)(uh + 1) > data_end)
+			return false;
+		check = uh->check;
+	}
+	/* Words as loaded from memory, like the checksum field: the sum is
+	 * the same in either byte order once folded.
+	 */
+	sum = bpf_htons(p->key.proto) + bpf_htons(p->l3_len - (l4_off - p->l3_off));
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		sum += (p->key.saddr[i] & 0xffff) + (p->key.saddr[i] >> 16);
+		sum += (p->key.daddr[i] & 0xffff) + (p->key.daddr[i] >> 16);
+	}
+	/* Only ports where it can happen (a veth whose peer has TX checksum
+	 * offload on): a frame from a wire has a complete checksum, and the
+	 * map is looked at only on a match.
+	 */
+	return check == csum_fold32(sum) && bpf_map_lookup_elem(&fo_csum_ports, &ifindex);
+}
+
 /* Decide: returns FO_FWD with the flow (*fp), the egress encapsulation and
  * the clock, or FO_PASS after counting the slow reason. Changes no byte of
  * the packet. xdp and l3dev are constants: what does not apply to an entry
@@ -229,6 +277,7 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		f->last_seen_ns = bpf_ktime_get_coarse_ns();
 		reason = f->hold == FO_HOLD_XFRM ? FO_SLOW_HELD_XFRM
 			 : f->hold == FO_HOLD_INGRESS_HOOK ? FO_SLOW_HELD_INGRESS_HOOK
+			 : f->hold == FO_HOLD_XDP_TARGET ? FO_SLOW_HELD_XDP_TARGET
 			 : FO_SLOW_HELD_EGRESS_HOOK;
 		goto slow;
 	}
@@ -278,6 +327,10 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_XDP_TARGET;
 		goto slow;
 	}
+	if (xdp && fo_l4_csum_partial(data, data_end, p, m->ifindex)) {
+		reason = FO_SLOW_CSUM_PARTIAL;
+		goto slow;
+	}
 	/* Last check before the rewrite, so only packets that would be
 	 * forwarded pay for it (one load; the clock read is reused).
 	 */
@@ -308,8 +361,25 @@ static __always_inline void fo_account(struct fo_flow *f, const struct fo_meta *
 	fo_count(FO_STAT_FWD_BYTES, bytes);
 }
 
-SEC("xdp")
-int fo_xdp(struct xdp_md *ctx)
+/* The receive metadata's VLAN tag (6.8+, drivers/net/veth.c
+ * veth_xdp_rx_vlan_tag, mlx5, ice, ...): callable only from a program
+ * bound to its device (BPF_F_XDP_DEV_BOUND_ONLY), which fo_xdp_md is when
+ * the control plane loads it for one port. Weak: on a kernel without it
+ * the program that calls it is never loaded (fo_rx_vlan_md stays false).
+ */
+extern int bpf_xdp_metadata_rx_vlan_tag(const struct xdp_md *ctx, __be16 *vlan_proto, __u16 *vlan_tci) __ksym __weak;
+
+/* Set by the control plane before loading the device-bound instance of
+ * fo_xdp_md, only where the driver exposes the tag (the netdev family's
+ * xdp-rx-metadata-features has vlan-tag).
+ */
+const volatile bool fo_rx_vlan_md = false;
+
+/* md: read a tag the NIC (or the veth's peer) took off the frame from the
+ * receive metadata, as TC reads skb->vlan_tci: it keys as the outermost
+ * header (nf_flow_tuple_encap), then the frame's own.
+ */
+static __always_inline int fo_xdp_run(struct xdp_md *ctx, const bool md)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -324,6 +394,16 @@ int fo_xdp(struct xdp_md *ctx)
 	__u64 now = 0;
 	int delta;
 
+	if (md && fo_rx_vlan_md && bpf_ksym_exists(bpf_xdp_metadata_rx_vlan_tag)) {
+		__be16 proto = 0;
+		__u16 tci = 0;
+
+		if (!bpf_xdp_metadata_rx_vlan_tag(ctx, &proto, &tci)) {
+			m.vlan_present = 1;
+			m.vlan_proto = proto;
+			m.vlan_tci = tci;
+		}
+	}
 	if (fo_worker(data, data_end, &m, true, false, NULL, &p, &f, &o, &now) != FO_FWD || !f)
 		return XDP_PASS;
 	/* Take the ingress headers off and make room for the egress ones in
@@ -347,6 +427,21 @@ int fo_xdp(struct xdp_md *ctx)
 	 * links and flows before it removes ports.
 	 */
 	return bpf_redirect_map(&fo_tx_ports, f->out_ifindex, XDP_PASS);
+}
+
+SEC("xdp")
+int fo_xdp(struct xdp_md *ctx)
+{
+	return fo_xdp_run(ctx, false);
+}
+
+/* The same, for a port whose VLAN tags may arrive in the receive
+ * metadata: loaded once per such port, bound to it, sharing every map.
+ */
+SEC("xdp")
+int fo_xdp_md(struct xdp_md *ctx)
+{
+	return fo_xdp_run(ctx, true);
 }
 
 /* Headers are normally linear in an skb; pull the ones the parser reads

@@ -65,6 +65,11 @@ enum fo_hold {
 	FO_HOLD_XFRM,		/* its route goes through an xfrm policy */
 	FO_HOLD_INGRESS_HOOK,	/* tc filter / netdev chain on the input device */
 	FO_HOLD_EGRESS_HOOK,	/* netdev chain (or XDP-bypassed tc/qdisc) on the output */
+	/* XDP in, and the output cannot take XDP frames (a veth whose peer
+	 * has no NAPI, a driver without ndo_xdp_xmit): a redirect there is
+	 * lost (veth_xdp_xmit, __xdp_enqueue), the kernel's path is not.
+	 */
+	FO_HOLD_XDP_TARGET,
 };
 
 /* fo_flow.teardown, set by the fast path when a packet ends the flow.
@@ -146,6 +151,7 @@ enum fo_stat {
 	FO_SLOW_HELD_XFRM,		/* direction held: enum fo_hold */
 	FO_SLOW_HELD_INGRESS_HOOK,
 	FO_SLOW_HELD_EGRESS_HOOK,
+	FO_SLOW_HELD_XDP_TARGET,
 	FO_SLOW_SECPATH,	/* arrived decrypted by xfrm (TC only) */
 	/* TC cannot take a PPPoE header off: bpf_skb_adjust_room refuses an
 	 * skb whose protocol is not IP (net/core/filter.c); attach to the
@@ -157,6 +163,11 @@ enum fo_stat {
 	 * every segment and the NIC would offload a checksum it cannot find.
 	 */
 	FO_SLOW_PPPOE_TC_OFFLOAD,
+	/* XDP only: the L4 checksum field holds just the pseudo-header sum,
+	 * what a CHECKSUM_PARTIAL skb from a local sender carries (veth);
+	 * an xdp_frame cannot say the checksum is still to be filled in.
+	 */
+	FO_SLOW_CSUM_PARTIAL,
 	/* A helper failed (out of memory) after the frame had changed:
 	 * dropped, as the kernel drops what it cannot allocate for; never
 	 * handed on half rewritten.

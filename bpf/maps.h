@@ -80,6 +80,20 @@ struct {
 	__uint(max_entries, 256);
 } fo_tx_ports SEC(".maps");
 
+/* XDP ports whose frames may carry a partial L4 checksum (key: ifindex):
+ * a veth whose peer sends with TX checksum offload on (CHECKSUM_PARTIAL
+ * skbs from a local sender), set by the control plane from the peer's
+ * features. A frame from a wire never does, so elsewhere a complete
+ * checksum that happens to equal the pseudo-header sum is not mistaken for
+ * one (fo_l4_csum_partial).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(max_entries, 256);
+} fo_csum_ports SEC(".maps");
+
 static __always_inline void fo_count(__u32 idx, __u64 n)
 {
 	__u64 *c = bpf_map_lookup_elem(&fo_stats, &idx);

@@ -139,7 +139,7 @@ fn our_progs() -> std::collections::BTreeSet<u32> {
     libbpf_rs::query::ProgInfoIter::default()
         .filter(|p| {
             let n = p.name.to_string_lossy();
-            n == "fo_tc" || n == "fo_xdp" || n == "fo_tc_egress"
+            n == "fo_tc" || n == "fo_xdp" || n == "fo_xdp_md" || n == "fo_tc_egress"
         })
         .map(|p| p.id)
         .collect()
@@ -177,6 +177,132 @@ fn xdp_mode_offloads_tcp_and_udp_through_masquerade() {
     // Native XDP on veth needs NAPI at the peer and full checksums from the
     // sender: the lab's xdp_safe option provides both (see policy::choose_modes).
     offload_test("xdp", true);
+}
+
+/// A checked transfer through the lab router (every byte compared with
+/// the sender's stream): `warmup` then `bulk` bytes on one connection.
+fn checked_transfer(
+    lab: &Lab,
+    port: u16,
+    dir: nft_offload_lab::vm::stream::Direction,
+    bulk: u64,
+) -> nft_offload_lab::vm::stream::TransferReport {
+    use nft_offload_lab::vm::stream::Transfer;
+    let t = Transfer {
+        server_ns: &lab.wan,
+        server: format!("203.0.113.2:{port}").parse().unwrap(),
+        client_ns: &lab.lan,
+        connect_to: format!("203.0.113.2:{port}").parse().unwrap(),
+        warmup: 256 << 10,
+        bulk,
+        seed: u64::from(port) * 7919 + 1,
+        rate: 0,
+        direction: dir,
+        timeout: Duration::from_secs(20),
+    };
+    let pause = || {
+        sleep(Duration::from_millis(600));
+        Ok(())
+    };
+    let (rep, (), ()) = t.run(pause, || Ok(())).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        rep.intact(t.total()),
+        "{dir:?} on port {port}: {} of {} bytes arrived, first difference at {:?}",
+        rep.received.bytes,
+        t.total(),
+        rep.received.first_bad
+    );
+    rep
+}
+
+/// `--mode xdp` on the plain lab, as a new user runs it: the hosts' veth
+/// ends have neither GRO nor an XDP program, so a frame redirected into
+/// rlan or rwan would be dropped by veth_xdp_xmit (and the hosts send with
+/// TX checksum offload on). Nothing is lost: every direction goes through
+/// the kernel, counted under its reason, `status` and `check` say what to
+/// change, and once the WAN host turns GRO on, uploads take the fast path
+/// within a second while their replies (into rlan) stay on the kernel's.
+#[test]
+fn xdp_mode_never_black_holes_a_veth_without_napi() {
+    use nft_offload_lab::vm::stream::Direction;
+    let lab = lab(false);
+    let d = daemon(&lab, &["--mode", "xdp"]);
+    // Every byte arrives, both ways (before: none did, the connections
+    // were offloaded into the drop and back until they gave up).
+    let fwd0 = lab.counter_packets("fwd_all").unwrap();
+    let down = checked_transfer(&lab, 5301, Direction::Download, 16 << 20);
+    let up = checked_transfer(&lab, 5302, Direction::Upload, 16 << 20);
+    let st = d.status().unwrap();
+    for i in st["interfaces"].as_array().unwrap() {
+        assert_eq!(i["mode"], "xdp", "{i}");
+        let t = i["xdp_target"].as_str().unwrap_or_default();
+        let peer = if i["name"] == "rlan" { "lan0" } else { "wan0" };
+        assert!(t.starts_with(&format!("cannot take XDP redirects: its peer {peer} (namespace ")), "{t}");
+        assert!(t.contains(&format!("ethtool -K {peer} gro on")), "{t}");
+    }
+    println!(
+        "download {} bytes, upload {} bytes intact; forward chain counted {}; status {st}",
+        down.received.bytes,
+        up.received.bytes,
+        lab.counter_packets("fwd_all").unwrap() - fwd0
+    );
+    // Both directions of each connection held: not offloaded, and why.
+    let (why, n) = st["not_offloaded"].as_object().unwrap().iter().next().expect("a reason counted");
+    assert!(
+        why.starts_with("original: rwan cannot take XDP redirects: its peer wan0")
+            && why.contains("reply: rlan cannot take XDP redirects: its peer lan0"),
+        "{why}"
+    );
+    assert!(n.as_u64().unwrap() >= 2, "both transfers counted: {st}");
+    assert_eq!(st["fast_path_packets"], 0, "{st}");
+    assert_eq!(st["flows_offloaded"], 0, "{st}");
+
+    // `check` says the same, with the command to run in the peer's namespace.
+    let exe = exe();
+    let out = lab
+        .command(&lab.rtr, &[exe, "check", "--iface", "rlan", "--iface", "rwan", "--mode", "xdp", "-o", "json"])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rwan = r["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == "rwan").unwrap();
+    let f = finding(&rwan["findings"], "xdp_redirect_target");
+    assert_eq!(f["status"], "warn", "{f}");
+    assert_eq!(rwan["xdp_redirect_target"], false);
+    assert!(
+        f["remedy"].as_str().unwrap().contains(&format!("ip netns exec {} ethtool -K wan0 gro on", lab.wan)),
+        "{f}"
+    );
+
+    // The remedy on the WAN host: rwan takes redirects within a second.
+    lab.exec(&lab.wan, &["ethtool", "-K", "wan0", "gro", "on"]).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let st = d.status().unwrap();
+        let rwan = st["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == "rwan").cloned().unwrap();
+        if rwan["xdp_target"].as_str().unwrap_or_default().starts_with("takes XDP redirects") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_millis(1500), "GRO on wan0 not seen: {rwan}");
+        sleep(Duration::from_millis(100));
+    }
+    // lan0 sends with TX checksum offload: its segments carry a partial
+    // checksum, which XDP must not forward as it is (they go through the
+    // kernel, counted); with full checksums they take the fast path.
+    let up = checked_transfer(&lab, 5303, Direction::Upload, 16 << 20);
+    let st = d.status().unwrap();
+    assert!(st["slow_path"]["csum_partial"].as_u64().unwrap() > 1000, "{st}");
+    lab.exec(&lab.lan, &["ethtool", "-K", "lan0", "tx", "off"]).unwrap();
+    let fast0 = st["fast_path_packets"].as_u64().unwrap();
+    let up2 = checked_transfer(&lab, 5304, Direction::Upload, 32 << 20);
+    let st = d.status().unwrap();
+    let fast = st["fast_path_packets"].as_u64().unwrap() - fast0;
+    println!(
+        "after GRO on wan0: uploads {} and {} bytes intact, {fast} packets fast; status {st}",
+        up.received.bytes, up2.received.bytes
+    );
+    assert!(fast > 10_000, "{st}");
+    assert!(st["slow_path"]["held_xdp_target"].as_u64().unwrap() > 1000, "the replies into rlan: {st}");
+    assert_eq!(lab.counter_packets("fwd_invalid").unwrap(), 0);
 }
 
 #[test]

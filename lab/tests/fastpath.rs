@@ -534,7 +534,7 @@ fn fin_and_rst_flag_teardown() {
 #[test]
 fn held_direction_goes_to_the_kernel_the_other_stays_fast() {
     for xdp in [true, false] {
-        for hold in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+        for hold in Hold::ALL {
             let lab = setup();
             let run = |f: &[u8], on: u32| -> (bool, Vec<u8>) {
                 if xdp {
@@ -566,6 +566,59 @@ fn held_direction_goes_to_the_kernel_the_other_stays_fast() {
             let up = udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, &[7u8; 100]);
             assert!(run(&up, lab.lan).0, "{hold:?} xdp={xdp}: the other direction left the fast path");
         }
+    }
+}
+
+/// `frame` (Ethernet, then IPv4 or IPv6 without options, then TCP or UDP)
+/// with the L4 checksum a CHECKSUM_PARTIAL skb carries: the folded
+/// pseudo-header sum, uncomplemented (tcp_v4_send_check,
+/// __tcp_v6_send_check, udp4_hwcsum, udp6_hwcsum_outgoing).
+fn partial(mut f: Vec<u8>) -> Vec<u8> {
+    let word = |b: &[u8]| b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum::<u32>();
+    let (l4, proto, len, addrs) = if f[12..14] == [0x08, 0x00] {
+        (34, f[23], u16::from_be_bytes([f[16], f[17]]) - 20, 26..34)
+    } else {
+        (54, f[20], u16::from_be_bytes([f[18], f[19]]), 22..54)
+    };
+    let mut sum = word(&f[addrs]) + u32::from(proto) + u32::from(len);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let at = l4 + if proto == 6 { 16 } else { 6 };
+    f[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+    f
+}
+
+/// XDP cannot see ip_summed: on a port that may see them, a segment whose
+/// checksum field holds only the pseudo-header sum (a local sender's
+/// CHECKSUM_PARTIAL on a veth) goes to the kernel untouched, counted as
+/// csum_partial, where the skb still says the checksum is to be filled in;
+/// the same flow's complete segments stay fast. TC keeps ip_summed and
+/// forwards it (bpf_l4_csum_replace).
+#[test]
+fn xdp_passes_a_partial_checksum_to_the_kernel() {
+    let lab = setup();
+    let pl = b"partial checksum";
+    let frames = [
+        (lab.lan, tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)),
+        (lab.lan, udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, pl)),
+        (lab.lan, tcp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40002, 5201, pl)),
+        (lab.lan, udp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40006, 5201, pl)),
+    ];
+    // Only where the control plane says partial checksums may arrive (a
+    // veth whose peer has TX checksum offload on): elsewhere the same
+    // bytes are a complete checksum that happens to match, and forwarded.
+    let f = partial(frames[0].1.clone());
+    assert_eq!(lab.dp.test_xdp(&f, lab.lan, 1).unwrap().0, XDP_REDIRECT, "no partial checksums on this port");
+    lab.dp.set_csum_port(lab.lan, true).unwrap();
+    for (i, (on, full)) in frames.iter().enumerate() {
+        let f = partial(full.clone());
+        assert_ne!(&f, full, "case {i}: a complete checksum is not the pseudo-header sum");
+        let c0 = stat(&lab.dp, "csum_partial");
+        let (ret, out, _) = lab.dp.test_xdp(&f, *on, 1).unwrap();
+        assert_eq!((ret, &out), (XDP_PASS, &f), "case {i}: passed untouched");
+        assert_eq!(stat(&lab.dp, "csum_partial"), c0 + 1, "case {i}");
+        assert_eq!(lab.dp.test_xdp(full, *on, 1).unwrap().0, XDP_REDIRECT, "case {i}: complete stays fast");
+        assert_eq!(lab.dp.test_tc(&f, *on, None, 1).unwrap().0, TC_REDIRECT, "case {i}: TC forwards it");
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::host::{self, sysctl, sysctl_u32};
-use crate::routes::link::{self, LinkFacts, LinkInfo, LinkRef, LinkTable};
+use crate::routes::link::{self, LinkInfo, LinkTable};
 
 /// Host facts; `None` means "could not be read".
 #[derive(Debug, Clone)]
@@ -65,17 +65,15 @@ pub(super) enum TcProg {
     Legacy { kind: String, prog: Option<ProgRef> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Peer {
-    /// veth peer in another network namespace: its NAPI state is not visible here.
-    OtherNetns,
-    /// Could not be determined (why).
-    Unknown(String),
-    Local {
-        name: String,
-        gro: Option<bool>,
-        xdp_prog: Option<u32>,
-    },
+/// The Ethernet device beneath a VLAN or ppp device, as XDP would run there.
+#[derive(Debug, Clone)]
+pub(super) struct Beneath {
+    pub port: String,
+    /// The device's headers there ("VLAN 7 + PPPoE 0x1a2b").
+    pub headers: String,
+    pub driver: String,
+    pub xdp: link::XdpPortFacts,
+    pub vlans: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,8 +82,15 @@ pub(super) struct IfaceFacts {
     /// Err: why it cannot be looked at ("IF does not exist in this network
     /// namespace", or why the links were not readable).
     pub link: Result<LinkInfo, String>,
-    /// veth only.
-    pub peer: Option<Peer>,
+    /// What XDP on it would meet: whether it takes XDP redirects (a
+    /// veth's peer, read where it is; the driver's xdp-features), how VLAN
+    /// tags reach it (`policy::xdp`).
+    pub xdp: link::XdpPortFacts,
+    /// VLAN devices stacked on it, by name.
+    pub vlans: Vec<String>,
+    /// A VLAN or ppp device: the Ethernet device XDP would serve it from
+    /// (`Topology::beneath`), or why there is none.
+    pub beneath: Option<Result<Beneath, String>>,
     pub xdp_prog: Option<ProgRef>,
     pub tc_ingress: Vec<TcProg>,
     /// cls_bpf filters of nft-offload's own programs (a running engine's
@@ -142,6 +147,7 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
                 if let Some(l) = t.by_name(n) {
                     f.hooks = hooks.ports.remove(&l.ifindex).unwrap_or_default();
                     f.topology = topo.as_ref().map(|t| t.describe(l.ifindex));
+                    f.beneath = topo.as_ref().and_then(|topo| beneath(t, topo, l.ifindex));
                 }
                 f
             }
@@ -149,6 +155,21 @@ pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {
         })
         .collect();
     (host, ifaces)
+}
+
+/// What XDP would serve VLAN or ppp device `ifindex` from.
+fn beneath(t: &LinkTable, topo: &crate::topology::Topology, ifindex: u32) -> Option<Result<Beneath, String>> {
+    Some(topo.beneath(ifindex)?.map_err(|e| e.to_string()).and_then(|e| {
+        let l = t.get(e.port).ok_or_else(|| format!("ifindex {} is not in the link table", e.port))?;
+        let driver = link::driver(&l.name);
+        Ok(Beneath {
+            port: l.name.clone(),
+            headers: e.encap.to_string(),
+            xdp: link::XdpPortFacts::read(t, l, &driver, true),
+            driver,
+            vlans: topo.vlans_on(e.port),
+        })
+    }))
 }
 
 /// The name of the bridge `master` is, if it is one.
@@ -263,7 +284,9 @@ impl IfaceFacts {
         IfaceFacts {
             name: name.into(),
             link: Err(why),
-            peer: None,
+            xdp: Default::default(),
+            vlans: Vec::new(),
+            beneath: None,
             xdp_prog: None,
             tc_ingress: Vec::new(),
             own_filters: Vec::new(),
@@ -282,31 +305,22 @@ fn gather_iface(table: &LinkTable, name: &str) -> IfaceFacts {
     IfaceFacts {
         name: name.into(),
         link: Ok(info),
-        peer: veth_peer(table, l),
+        xdp: link::XdpPortFacts::read(table, l, &link::driver(name), true),
+        beneath: None,
+        vlans: table
+            .iter()
+            .filter(|v| {
+                v.kind.as_deref() == Some("vlan")
+                    && v.link.is_some_and(|r| r.ifindex == l.ifindex && r.netnsid.is_none())
+            })
+            .map(|v| v.name.clone())
+            .collect(),
         xdp_prog,
         tc_ingress,
         own_filters: crate::dataplane::tc_legacy::own_filters(l.ifindex).unwrap_or_default(),
         hooks: Default::default(),
         topology: None,
     }
-}
-
-/// A veth's peer (IFLA_LINK): whether XDP frames redirected into the veth
-/// arrive depends on the peer's NAPI state.
-fn veth_peer(table: &LinkTable, l: &LinkFacts) -> Option<Peer> {
-    if l.kind.as_deref() != Some("veth") {
-        return None;
-    }
-    Some(match l.link {
-        None => Peer::Unknown("rtnetlink names no peer (IFLA_LINK)".into()),
-        Some(LinkRef { netnsid: Some(_), .. }) => Peer::OtherNetns,
-        Some(LinkRef { ifindex, netnsid: None }) => match table.get(ifindex) {
-            Some(p) => {
-                Peer::Local { name: p.name.clone(), gro: link::gro(&p.name), xdp_prog: p.xdp.and_then(|x| x.id()) }
-            }
-            None => Peer::Unknown("peer not found in this namespace".into()),
-        },
-    })
 }
 
 fn prog_name(id: u32) -> String {

@@ -2,9 +2,10 @@
 //! `IFACE_FINDINGS` in the order they are reported, and the report of one
 //! interface built from them.
 
-use super::facts::{IfaceFacts, Peer, ProgRef, TcProg};
+use super::facts::{IfaceFacts, ProgRef, TcProg};
 use super::{IfaceReport, Verdict};
 use crate::dataplane::Mode;
+use crate::policy::xdp::{self, Target};
 use crate::policy::ModeDecision;
 use crate::routes::link::{self, LinkInfo};
 
@@ -31,8 +32,10 @@ pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
     ("topology", topology),
     ("link_state", link_state),
     ("mode", mode),
+    ("served_by", served_by),
     ("native_xdp", native_xdp_finding),
     ("xdp_redirect_target", xdp_redirect_target),
+    ("vlan_tags", vlan_tags),
     ("egress_qdisc", egress_qdisc),
     ("xdp_program", xdp_program),
     ("tc_ingress", tc_ingress),
@@ -42,7 +45,7 @@ pub(super) const IFACE_FINDINGS: &[(&str, IfaceFinding)] = &[
 
 /// nft-offload's own program names (bpf/fastpath.bpf.c): a previous or
 /// running `nft-offload run` is reported as such, not as a stranger.
-const OWN_PROGS: [&str; 5] = ["fo_xdp", "fo_tc", "fo_tc_l3", "fo_tc_egress", "fo_tc_egress_l3"];
+const OWN_PROGS: [&str; 6] = ["fo_xdp", "fo_xdp_md", "fo_tc", "fo_tc_l3", "fo_tc_egress", "fo_tc_egress_l3"];
 
 /// The report of one interface; `decision` is None when it does not exist.
 pub(super) fn report(f: &IfaceFacts, decision: Option<ModeDecision>) -> IfaceReport {
@@ -76,7 +79,7 @@ pub(super) fn report(f: &IfaceFacts, decision: Option<ModeDecision>) -> IfaceRep
         driver: l.driver.clone(),
         mode: Some(d.mode),
         native_xdp: native_xdp(&l.driver).0,
-        xdp_redirect_target: redirect_target(&f.peer),
+        xdp_redirect_target: redirect_target(xdp_port(f, &ctx).facts),
         egress_qdisc: l.qdisc.clone(),
         shaper: link::is_shaper(&l.qdisc),
         xdp_prog_id: f.xdp_prog.as_ref().map(|p| p.id),
@@ -116,6 +119,41 @@ fn link_state(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
 
 fn mode(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
     Some(Verdict::ok(format!("{}: {}", c.mode.as_str(), c.reason)))
+}
+
+/// What the XDP findings are about: the interface itself, or in XDP mode
+/// the Ethernet device beneath a VLAN or ppp device, which `run` attaches
+/// to and which serves it (`engine::ports`).
+struct XdpPort<'a> {
+    name: &'a str,
+    driver: &'a str,
+    facts: &'a link::XdpPortFacts,
+    vlans: &'a [String],
+}
+
+fn xdp_port<'a>(f: &'a IfaceFacts, c: &'a IfaceCtx) -> XdpPort<'a> {
+    match &f.beneath {
+        Some(Ok(b)) if c.xdp() => XdpPort { name: &b.port, driver: &b.driver, facts: &b.xdp, vlans: &b.vlans },
+        _ => XdpPort { name: &c.link.name, driver: &c.link.driver, facts: &f.xdp, vlans: &f.vlans },
+    }
+}
+
+/// XDP mode, a VLAN or ppp device: which device serves it and how.
+fn served_by(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    if !c.xdp() {
+        return None;
+    }
+    Some(match f.beneath.as_ref()? {
+        Ok(b) => Verdict::ok(format!(
+            "XDP runs on {}, the Ethernet device beneath, for {}: its frames carry {} there, which the fast path \
+             pops and pushes; only {}'s connections are offloaded through {}",
+            b.port, c.link.name, b.headers, c.link.name, b.port
+        )),
+        Err(e) => Verdict::fail(
+            format!("{} has no XDP of its own and no Ethernet device beneath it to serve it from: {e}", c.link.name),
+            "--mode tc",
+        ),
+    })
 }
 
 /// Known native-XDP support by driver name (ETHTOOL_GDRVINFO), with caveats.
@@ -178,8 +216,10 @@ pub(super) fn native_xdp(driver: &str) -> (Option<bool>, String) {
     }
 }
 
-fn native_xdp_finding(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
-    let (native, why) = native_xdp(&c.link.driver);
+fn native_xdp_finding(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let p = xdp_port(f, c);
+    let (native, why) = native_xdp(p.driver);
+    let why = if p.name == c.link.name { why } else { format!("{}: {why}", p.name) };
     Some(if c.xdp() && native != Some(true) {
         let fallback = if native == Some(false) { "runs as" } else { "may fall back to" };
         Verdict::warn(format!("{why}: XDP mode {fallback} generic XDP, slower than TC"), "--mode tc")
@@ -188,41 +228,48 @@ fn native_xdp_finding(_: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
     })
 }
 
-/// veth only: whether frames redirected into it arrive (its peer has NAPI).
-fn redirect_target(peer: &Option<Peer>) -> Option<bool> {
-    match peer {
-        Some(Peer::Local { xdp_prog: Some(_), .. } | Peer::Local { gro: Some(true), .. }) => Some(true),
-        Some(Peer::Local { gro: Some(false), xdp_prog: None, .. }) => Some(false),
-        _ => None,
-    }
+/// Whether XDP frames redirected into it arrive (`policy::xdp::target`):
+/// known for a veth (its peer's NAPI) and wherever the kernel reports
+/// xdp-features; None otherwise.
+fn redirect_target(f: &link::XdpPortFacts) -> Option<bool> {
+    (f.peer.is_some() || f.features.is_some()).then(|| xdp::target(f).takes())
 }
 
+/// What a redirect into it meets, and in XDP mode what `run` does about a
+/// target that cannot take it: the directions leaving by it stay on the
+/// kernel's path (held), so nothing is lost, but they are not fast.
 fn xdp_redirect_target(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
-    let peer = f.peer.as_ref()?;
-    let target = redirect_target(&f.peer);
+    let p = xdp_port(f, c);
+    redirect_target(p.facts)?;
     let only = if c.xdp() { "" } else { " (matters only with --mode xdp)" };
-    let (detail, peer_name) = match peer {
-        Peer::Local { name, xdp_prog, .. } => (
-            match (target, xdp_prog) {
-                (Some(true), Some(id)) => format!("yes: peer {name} has an XDP program (id {id})"),
-                (Some(true), None) => format!("yes: peer {name} has GRO on"),
-                (Some(false), _) => format!("no: peer {name} has neither GRO nor an XDP program{only}"),
-                _ => format!("unknown: GRO state of peer {name} not readable (ETHTOOL_GGRO failed){only}"),
-            },
-            name.as_str(),
+    Some(match xdp::target(p.facts) {
+        Target::Takes(how) => Verdict::ok(format!("yes: {how}")),
+        Target::Refuses { why, .. } if !c.xdp() => Verdict::ok(format!("no: {why}{only}")),
+        Target::Refuses { why, remedy } => Verdict::warn(
+            format!(
+                "no: {why}: a frame XDP redirected into {} would be dropped, so `run` keeps the directions leaving \
+                 by it on the kernel's path (held_xdp_target)",
+                p.name
+            ),
+            remedy,
         ),
-        Peer::OtherNetns => (format!("unknown (peer in another namespace){only}"), "PEER"),
-        Peer::Unknown(why) => (format!("unknown: {why}{only}"), "PEER"),
-    };
-    let remedy = format!(
-        "ethtool -K {peer_name} gro on (in the peer's namespace), or attach an XDP program to it, or --mode tc"
-    );
-    Some(match (target, c.xdp()) {
-        (Some(true), _) | (_, false) => Verdict::ok(detail),
-        (Some(false), true) => {
-            Verdict::fail(format!("{detail}: frames redirected into {} are silently dropped", c.link.name), remedy)
+    })
+}
+
+/// How XDP there would tell its VLAN devices' frames apart
+/// (`policy::xdp::tags`); only for a port carrying VLAN devices.
+fn vlan_tags(f: &IfaceFacts, c: &IfaceCtx) -> Option<Verdict> {
+    let p = xdp_port(f, c);
+    if p.vlans.is_empty() {
+        return None;
+    }
+    Some(match (xdp::tags(p.facts, p.vlans), c.xdp()) {
+        (Ok(t), _) => Verdict::ok(t.to_string()),
+        (Err(e), false) => Verdict::ok(format!("{e} (matters only with --mode xdp; TC reads the tag from the skb)")),
+        (Err(e), true) => {
+            let (why, remedy) = e.split_once("; ").map_or((e.as_str(), "--mode tc"), |(a, b)| (a, b));
+            Verdict::fail(format!("XDP cannot tell the VLANs apart: {why}"), remedy)
         }
-        (None, true) => Verdict::warn(detail, remedy),
     })
 }
 

@@ -1,12 +1,14 @@
 use std::fs;
 use std::process::Command;
 
-use super::facts::{config_enabled, Peer, ProgRef, TcProg, KFUNCS};
+use super::facts::{config_enabled, ProgRef, TcProg, KFUNCS};
 use super::iface_findings::native_xdp;
 use super::*;
 use crate::dataplane::{Features, Probe};
 use crate::host::CAP_NET_ADMIN;
 use crate::routes::link;
+use crate::routes::link::peer::{Netns, PeerFacts};
+use crate::routes::link::XdpPortFacts;
 
 // ------------------------------------------------ pure verdicts (no root)
 
@@ -69,7 +71,9 @@ fn iface(name: &str, driver: &str, qdisc: &str) -> IfaceFacts {
             link_type: libc::ARPHRD_ETHER,
             vlans_stripped: Vec::new(),
         }),
-        peer: None,
+        xdp: XdpPortFacts { name: name.into(), driver: driver.into(), ..Default::default() },
+        vlans: Vec::new(),
+        beneath: None,
         xdp_prog: None,
         tc_ingress: Vec::new(),
         own_filters: Vec::new(),
@@ -82,8 +86,25 @@ fn missing(name: &str) -> IfaceFacts {
     IfaceFacts { link: Err(format!("{name} does not exist in this network namespace")), ..iface(name, "", "") }
 }
 
-fn veth(name: &str, peer: Peer) -> IfaceFacts {
-    IfaceFacts { peer: Some(peer), ..iface(name, "veth", "noqueue") }
+/// A veth whose peer `p` (in namespace "ns-p") is read or not, on a kernel
+/// without xdp-features (the peer decides).
+fn veth(name: &str, peer: Result<PeerFacts, String>) -> IfaceFacts {
+    let mut f = iface(name, "veth", "noqueue");
+    f.xdp.peer = Some(peer);
+    f
+}
+
+fn peer(name: &str, gro: bool, xdp_prog: Option<u32>) -> Result<PeerFacts, String> {
+    Ok(PeerFacts {
+        name: name.into(),
+        ifindex: 2,
+        netns: Some(Netns::Named("ns-p".into())),
+        up: true,
+        gro: Some(gro),
+        xdp_prog,
+        tx_vlan: [Some(true), Some(true)],
+        tx_csum: Some(false),
+    })
 }
 
 fn hw_pair() -> Vec<IfaceFacts> {
@@ -303,7 +324,7 @@ fn interface_counts() {
 #[test]
 fn veth_redirect_target_depends_on_the_peer_and_matters_only_for_xdp() {
     let h = good_host();
-    let no_napi = Peer::Local { name: "p".into(), gro: Some(false), xdp_prog: None };
+    let no_napi = peer("p", false, None);
     let r = judge(&h, &[veth("a", no_napi.clone()), veth("b", no_napi.clone())], ModeChoice::Auto);
     let a = &r.interfaces[0];
     assert_eq!(a.mode, Some(Mode::Tc));
@@ -313,25 +334,88 @@ fn veth_redirect_target_depends_on_the_peer_and_matters_only_for_xdp() {
     assert!(finding(a, "xdp_redirect_target").detail.contains("matters only with --mode xdp"));
     assert!(finding(a, "native_xdp").detail.contains("CHECKSUM_PARTIAL"));
 
+    // XDP: `run` holds those directions (nothing is lost), so a warning
+    // saying so, with the command to run where the peer is.
     let r = judge(&h, &[veth("a", no_napi.clone()), veth("b", no_napi)], ModeChoice::Xdp);
     let f = finding(&r.interfaces[0], "xdp_redirect_target");
-    assert_eq!(f.status, Status::Fail);
-    assert!(f.detail.contains("silently dropped"));
-    assert!(f.remedy.as_deref().unwrap().starts_with("ethtool -K p gro on"));
+    assert_eq!(f.status, Status::Warn);
+    assert!(f.detail.starts_with("no: its peer p (namespace ns-p) has neither GRO nor an XDP program"), "{f:?}");
+    assert!(f.detail.contains("held_xdp_target"), "{f:?}");
+    assert!(f
+        .remedy
+        .as_deref()
+        .unwrap()
+        .starts_with("enable GRO on the peer (ip netns exec ns-p ethtool -K p gro on)"));
 
-    let gro = Peer::Local { name: "p".into(), gro: Some(true), xdp_prog: None };
-    let prog = Peer::Local { name: "q".into(), gro: Some(false), xdp_prog: Some(3) };
-    let r = judge(&h, &[veth("a", gro), veth("b", prog), veth("c", Peer::OtherNetns)], ModeChoice::Xdp);
+    let r = judge(
+        &h,
+        &[veth("a", peer("p", true, None)), veth("b", peer("q", false, Some(3))), veth("c", Err("gone".into()))],
+        ModeChoice::Xdp,
+    );
     assert_eq!(r.interfaces[0].xdp_redirect_target, Some(true));
     assert_eq!(finding(&r.interfaces[0], "xdp_redirect_target").status, Status::Ok);
     assert_eq!(r.interfaces[1].xdp_redirect_target, Some(true));
     assert!(finding(&r.interfaces[1], "xdp_redirect_target").detail.contains("XDP program (id 3)"));
     let c = finding(&r.interfaces[2], "xdp_redirect_target");
     assert_eq!(c.status, Status::Warn);
-    assert!(c.detail.contains("unknown (peer in another namespace)"));
-    // Not veth: no such finding.
+    assert!(c.detail.contains("cannot be told (gone)"), "{c:?}");
+    // Not veth, no xdp-features: no such finding.
     let r = judged(&h);
     assert!(r.interfaces[0].findings.iter().all(|f| f.item != "xdp_redirect_target"));
+}
+
+/// `check --mode xdp` on firewall4's VLAN device: which device serves it
+/// and how its tags are read, judged on that device; without a device
+/// beneath (an ambiguous PPPoE session) it fails with the way out.
+#[test]
+fn a_vlan_device_in_xdp_mode_is_judged_on_the_device_beneath() {
+    use super::facts::Beneath;
+    use crate::routes::link::netdev::XdpFeatures;
+    let h = good_host();
+    let mut w = iface("w0.7", "802.1Q VLAN Support", "noqueue");
+    let port = |strip: bool, md: bool| XdpPortFacts {
+        name: "w0".into(),
+        driver: "virtio_net".into(),
+        features: Some(XdpFeatures { act: 0x7f, rx_metadata: if md { 4 } else { 0 } }),
+        rx_vlan_strip: [Some(strip), Some(strip)],
+        vlan_kfunc: true,
+        ..Default::default()
+    };
+    let b = |strip, md| Beneath {
+        port: "w0".into(),
+        headers: "VLAN 7".into(),
+        driver: "virtio_net".into(),
+        xdp: port(strip, md),
+        vlans: vec!["w0.7".into()],
+    };
+    w.beneath = Some(Ok(b(true, true)));
+    let r = judge(&h, &[w.clone(), iface("lan0", "virtio_net", "mq")], ModeChoice::Xdp);
+    let i = &r.interfaces[0];
+    let f = finding(i, "served_by");
+    assert_eq!(f.status, Status::Ok);
+    assert!(f.detail.starts_with("XDP runs on w0, the Ethernet device beneath, for w0.7: its frames carry VLAN 7"));
+    assert!(
+        finding(i, "native_xdp").detail.starts_with("w0: native, with caveats")
+            || finding(i, "native_xdp").detail.starts_with("w0: native (virtio_net)"),
+        "{:?}",
+        finding(i, "native_xdp")
+    );
+    assert_eq!(finding(i, "native_xdp").status, Status::Ok);
+    assert!(finding(i, "vlan_tags").detail.contains("receive metadata"), "{:?}", finding(i, "vlan_tags"));
+    assert_eq!(finding(i, "xdp_redirect_target").status, Status::Ok);
+    // The NIC strips tags and its driver does not expose them: refused,
+    // naming the ethtool command on w0.
+    w.beneath = Some(Ok(b(true, false)));
+    let r = judge(&h, &[w.clone()], ModeChoice::Xdp);
+    let f = finding(&r.interfaces[0], "vlan_tags");
+    assert_eq!(f.status, Status::Fail, "{f:?}");
+    assert!(f.remedy.as_deref().unwrap().contains("ethtool -K w0 rxvlan off"), "{f:?}");
+    // TC runs on the VLAN device itself: nothing served.
+    let r = judge(&h, &[w.clone()], ModeChoice::Tc);
+    assert!(r.interfaces[0].findings.iter().all(|f| f.item != "served_by"));
+    w.beneath = Some(Err("pppoe-wan: 2 PPPoE sessions and 1 ppp devices".into()));
+    let f = finding(&judge(&h, &[w], ModeChoice::Xdp).interfaces[0], "served_by").clone();
+    assert_eq!((f.status, f.remedy.as_deref()), (Status::Fail, Some("--mode tc")));
 }
 
 #[test]

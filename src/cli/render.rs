@@ -30,6 +30,13 @@ pub fn render_status(s: &Status) -> String {
         if !i.attach.is_empty() {
             o += &format!("  {:<12} attached: {}\n", "", i.attach);
         }
+        for line in [i.xdp_target.as_deref(), i.vlan_tags.as_deref()].into_iter().flatten() {
+            o += &format!("  {:<12} {line}\n", "");
+        }
+        if !i.serves.is_empty() {
+            let me = if i.listed { "also serves" } else { "not listed itself; serves" };
+            o += &format!("  {:<12} {me} the listed {}\n", "", i.serves.join(", "));
+        }
     }
     o += &format!(
         "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
@@ -123,6 +130,10 @@ mod tests {
             up,
             topology: if name == "lan0" { "lan0: bridge, ports lan1 lan2".into() } else { String::new() },
             stands_for: None,
+            xdp_target: None,
+            vlan_tags: None,
+            serves: Vec::new(),
+            listed: true,
             attach: if name == "wan0" {
                 "clsact (created): cls_bpf ingress pref 1 handle 0x1".into()
             } else {
@@ -184,6 +195,22 @@ mod tests {
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
         assert!(t.contains("Teardowns: idle=2\n"), "{t}");
         assert!(t.contains("       4  excluded by port 22\n"), "{t}");
+        // XDP on wan0 for a listed wan0.7 (engine::ports::Served)
+        let mut s = status();
+        s.interfaces[1].mode = Mode::Xdp;
+        s.interfaces[1].listed = false;
+        s.interfaces[1].serves = vec!["wan0.7 (VLAN 7)".into()];
+        s.interfaces[1].vlan_tags = Some("VLAN tags read in the frame (rx-vlan-offload off)".into());
+        s.interfaces[1].xdp_target = Some("takes XDP redirects (xdp-features: ndo-xmit)".into());
+        let t = render_status(&s);
+        assert!(
+            t.contains(
+                "pref 1 handle 0x1\n               takes XDP redirects (xdp-features: ndo-xmit)\n               VLAN \
+                 tags read in the frame (rx-vlan-offload off)\n               not listed itself; serves the listed \
+                 wan0.7 (VLAN 7)\n"
+            ),
+            "{t}"
+        );
     }
 
     #[test]

@@ -26,11 +26,32 @@ pub struct IfaceStatus {
     /// ppp device above a TC port: `topology::pppoe_uppers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stands_for: Option<String>,
+    /// XDP mode: whether the port takes XDP redirects, and if not why and
+    /// what to change (`policy::xdp::Target`); directions leaving by a port
+    /// that does not are held on the slow path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_target: Option<String>,
+    /// XDP mode, a port carrying VLAN devices: how the program reads their
+    /// tags (`policy::xdp::Tags`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_tags: Option<String>,
+    /// Listed devices the fast path on this port serves (a VLAN or PPPoE
+    /// device above it, in XDP mode), each with its headers: "rwan.7
+    /// (VLAN 7)". Only their connections are offloaded through it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serves: Vec<String>,
+    /// Listed itself (false: attached only to serve `serves`).
+    #[serde(default = "yes")]
+    pub listed: bool,
     /// How the programs are attached: "tcx ingress and egress links", or
     /// "clsact (created): cls_bpf ingress pref 1 handle 0x1, ..." where the
     /// kernel has no TCX (filled in by `status`).
     #[serde(default)]
     pub attach: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The kernel the engine runs on, and what it gave the fast path

@@ -138,6 +138,9 @@ struct Attachment {
     /// The TC ingress program (TC mode) and `fo_tc_egress`, which tells
     /// which dormant connections the kernel forwarded.
     tc: TcHeld,
+    /// The device-bound instance `_xdp` runs, if any (`load_bound`),
+    /// dropped after it.
+    _bound: Option<Box<FastpathSkel<'static>>>,
 }
 
 impl Attachment {
@@ -163,6 +166,33 @@ fn attach_tcx(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, ifname: &str, what
         .ok_or_else(|| anyhow!("cannot attach TC (tcx {what}) to {ifname}: {}", std::io::Error::last_os_error()))?;
     // SAFETY: a valid link pointer we now own.
     Ok(unsafe { Link::from_ptr(ptr) })
+}
+
+/// An XDP link of `prog` in the driver's native mode only
+/// (XDP_FLAGS_DRV_MODE). Without the flag the kernel silently falls back to
+/// generic XDP on a driver without native support, which runs after the
+/// skb is built and is slower than TC: never wanted. The link's fd is the
+/// link.
+fn attach_native_xdp(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32, ifname: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: plain C struct; zero is its documented default.
+    let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _;
+    opts.flags = libbpf_sys::XDP_FLAGS_DRV_MODE;
+    // SAFETY: valid program fd and options; returns a new fd or -errno.
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+    if fd < 0 {
+        let err = std::io::Error::from_raw_os_error(-fd);
+        if matches!(-fd, libc::EOPNOTSUPP | libc::EINVAL) {
+            bail!(
+                "cannot attach XDP to {ifname}: its driver has no native XDP ({err}); generic XDP is never \
+                 used (slower than TC): use --mode tc"
+            );
+        }
+        bail!("cannot attach XDP to {ifname}: {err}");
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// What a device's frames start with, from its ARPHRD link type.
@@ -231,6 +261,9 @@ impl Dataplane {
         let mut open =
             FastpathSkelBuilder::default().open(storage).map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
         open.maps.fo_flows.set_max_entries(max_flows.saturating_mul(2).max(2)).context("sizing the flow table")?;
+        // Loaded per port, bound to it, by `load_bound` (the kernel refuses
+        // its metadata kfunc in a program that is not device-bound).
+        open.progs.fo_xdp_md.set_autoload(false);
         // Constants the verifier prunes by (fastpath.bpf.c): a kfunc or
         // helper this kernel lacks sits in a branch it never walks.
         let ro = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
@@ -366,6 +399,20 @@ impl Dataplane {
     /// (ARPHRD_*, rtnetlink's ifi_type) picks the programs for devices
     /// without an Ethernet header, where XDP is refused.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, mode: Mode, link_type: u16) -> Result<()> {
+        self.attach_with(ifindex, ifname, mode, link_type, false)
+    }
+
+    /// `attach`; with `rx_vlan_md`, XDP runs `fo_xdp_md` bound to the
+    /// device, reading VLAN tags from the driver's receive metadata
+    /// (`policy::xdp::Tags::Metadata`).
+    pub fn attach_with(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        mode: Mode,
+        link_type: u16,
+        rx_vlan_md: bool,
+    ) -> Result<()> {
         let layer = LinkLayer::of(ifname, link_type)?;
         let (ingress, egress_prog) = match layer {
             LinkLayer::Ethernet => (&self.skel.progs.fo_tc, &self.skel.progs.fo_tc_egress),
@@ -416,9 +463,13 @@ impl Dataplane {
         };
         // Attached after TC, so an XDP program never redirects to a port
         // whose egress watcher is missing; dropped (detached) before it.
-        let xdp = match mode {
-            Mode::Xdp => Some(self.attach_native_xdp(ifindex, ifname)?),
-            Mode::Tc => None,
+        let (xdp, bound) = match mode {
+            Mode::Xdp if rx_vlan_md => {
+                let b = self.load_bound(ifindex, ifname)?;
+                (Some(attach_native_xdp(b.progs.fo_xdp_md.as_fd(), ifindex, ifname)?), Some(b))
+            }
+            Mode::Xdp => (Some(attach_native_xdp(self.skel.progs.fo_xdp.as_fd(), ifindex, ifname)?), None),
+            Mode::Tc => (None, None),
         };
         if mode == Mode::Xdp {
             self.skel
@@ -427,35 +478,62 @@ impl Dataplane {
                 .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
                 .with_context(|| format!("adding {ifname} to the XDP redirect map"))?;
         }
-        self.attached.push(Attachment { ifindex, mode, _xdp: xdp, tc });
+        self.attached.push(Attachment { ifindex, mode, _xdp: xdp, tc, _bound: bound });
         Ok(())
     }
 
-    /// An XDP link in the driver's native mode only (XDP_FLAGS_DRV_MODE).
-    /// Without the flag the kernel silently falls back to generic XDP on a
-    /// driver without native support, which runs after the skb is built
-    /// and is slower than TC: never wanted. The link's fd is the link.
-    fn attach_native_xdp(&self, ifindex: u32, ifname: &str) -> Result<std::os::fd::OwnedFd> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: plain C struct; zero is its documented default.
-        let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
-        opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _;
-        opts.flags = libbpf_sys::XDP_FLAGS_DRV_MODE;
-        let prog = self.skel.progs.fo_xdp.as_fd().as_raw_fd();
-        // SAFETY: valid program fd and options; returns a new fd or -errno.
-        let fd = unsafe { libbpf_sys::bpf_link_create(prog, ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
-        if fd < 0 {
-            let err = std::io::Error::from_raw_os_error(-fd);
-            if matches!(-fd, libc::EOPNOTSUPP | libc::EINVAL) {
-                bail!(
-                    "cannot attach XDP to {ifname}: its driver has no native XDP ({err}); generic XDP is never \
-                     used (slower than TC): use --mode tc"
-                );
-            }
-            bail!("cannot attach XDP to {ifname}: {err}");
+    /// A second instance of the fast path whose only program, `fo_xdp_md`,
+    /// is bound to `ifindex` (BPF_F_XDP_DEV_BOUND_ONLY with its prog_ifindex,
+    /// as the metadata kfuncs require: `bpf_dev_bound_kfunc_check`,
+    /// kernel/bpf/offload.c) and uses every map of this one (`reuse_fd`,
+    /// .bss included: one heartbeat, one set of counters).
+    fn load_bound(&self, ifindex: u32, ifname: &str) -> Result<Box<FastpathSkel<'static>>> {
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open =
+            FastpathSkelBuilder::default().open(storage).map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
+        let m = &self.skel.maps;
+        let o = &mut open.maps;
+        for (to, from) in [
+            (&mut o.fo_tx_ports, m.fo_tx_ports.as_fd()),
+            (&mut o.fo_flows, m.fo_flows.as_fd()),
+            (&mut o.fo_dormant, m.fo_dormant.as_fd()),
+            (&mut o.fo_watching, m.fo_watching.as_fd()),
+            (&mut o.fo_wake, m.fo_wake.as_fd()),
+            (&mut o.fo_stats, m.fo_stats.as_fd()),
+            (&mut o.fo_csum_ports, m.fo_csum_ports.as_fd()),
+            (&mut o.bss, m.bss.as_fd()),
+        ] {
+            to.reuse_fd(from).context("sharing the fast path's maps with a device-bound program")?;
         }
-        // SAFETY: a new fd we own.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        // Its own .rodata: the same constants as the first instance's
+        // (`load`), and the one that lets it read the metadata.
+        let rodata = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
+        rodata.fo_have_kern_ctx = u8::from(self.features.kern_ctx);
+        rodata.fo_secpath_how = self.features.secpath.code();
+        rodata.fo_rx_vlan_md = true;
+        let p = &mut open.progs;
+        for prog in [
+            &mut p.fo_xdp,
+            &mut p.fo_tc,
+            &mut p.fo_tc_l3,
+            &mut p.fo_tc_egress,
+            &mut p.fo_tc_egress_l3,
+            &mut p.fo_probe_csum_ipv6,
+            &mut p.fo_fib_query,
+        ] {
+            prog.set_autoload(false);
+        }
+        p.fo_xdp_md.set_autoload(true);
+        p.fo_xdp_md.set_ifindex(ifindex);
+        p.fo_xdp_md.set_flags(libbpf_sys::BPF_F_XDP_DEV_BOUND_ONLY);
+        let skel = open.load().map_err(|e| {
+            anyhow!(
+                "loading the XDP program bound to {ifname} (to read VLAN tags from its receive metadata) failed: \
+                 {e}\n--- libbpf / verifier log (last lines) ---\n{}",
+                log_tail(25)
+            )
+        })?;
+        Ok(Box::new(skel))
     }
 
     /// Whether `ifindex` can receive XDP redirects from this fast path.
@@ -472,12 +550,14 @@ impl Dataplane {
         drop(gone);
         for i in ports {
             let _ = self.skel.maps.fo_tx_ports.delete(&i.to_ne_bytes());
+            let _ = self.skel.maps.fo_csum_ports.delete(&i.to_ne_bytes());
         }
     }
 
     pub fn detach(&mut self, ifindex: u32) {
         self.attached.retain(|a| a.ifindex != ifindex);
         let _ = self.skel.maps.fo_tx_ports.delete(&ifindex.to_ne_bytes());
+        let _ = self.skel.maps.fo_csum_ports.delete(&ifindex.to_ne_bytes());
     }
 
     /// Install a new map entry. Never overwrites: a key that is already
@@ -674,6 +754,20 @@ impl WakeEvents {
 }
 
 impl Dataplane {
+    /// Whether frames arriving by XDP on `ifindex` may carry a partial
+    /// checksum (a veth whose peer sends with TX checksum offload on); XDP
+    /// hands those to the kernel (fo_csum_ports in bpf/maps.h).
+    pub fn set_csum_port(&self, ifindex: u32, partial: bool) -> Result<()> {
+        let m = &self.skel.maps.fo_csum_ports;
+        let k = ifindex.to_ne_bytes();
+        if partial {
+            m.update(&k, &[1], MapFlags::ANY).map_err(|e| anyhow!("fo_csum_ports: {e}"))
+        } else {
+            let _ = m.delete(&k);
+            Ok(())
+        }
+    }
+
     /// Let XDP redirect to `ifindex` without attaching there (tests, bench).
     pub fn add_xdp_target(&self, ifindex: u32) -> Result<()> {
         self.skel
@@ -698,6 +792,7 @@ impl Dataplane {
             ("fo_wake", m.fo_wake.as_fd().as_raw_fd()),
             ("fo_stats", m.fo_stats.as_fd().as_raw_fd()),
             ("fo_tx_ports", m.fo_tx_ports.as_fd().as_raw_fd()),
+            ("fo_csum_ports", m.fo_csum_ports.as_fd().as_raw_fd()),
         ];
         fds.iter()
             .map(|&(name, fd)| {

@@ -5,11 +5,15 @@
 //! `Core::facts_changed`, and every offloaded and waiting connection is
 //! judged again (its holds recomputed, flipped in place in the map).
 
+use std::collections::BTreeMap;
+
 use crate::conntrack::CtEntry;
 use crate::dataplane::Mode;
 use crate::flow::{Direction, Held, Hold};
 use crate::hooks::{self, HookFacts, Port, Side};
 use crate::policy::verdict::Holds;
+use crate::policy::xdp::{self, PortFacts, Target};
+use crate::routes::link::LinkTable;
 use crate::xfrm::{self, Spd};
 
 #[derive(Default)]
@@ -20,6 +24,28 @@ pub(super) struct HoldFacts {
     /// tc filters, nftables device chains and (XDP) shapers on the managed
     /// ports (`hooks`), re-read on RTMGRP_TC and nf_tables notifications.
     pub hooks: HookFacts,
+    /// Whether each XDP port takes XDP redirects, asked at start, on link
+    /// changes and every second (`Core::probe_xdp_targets`).
+    pub xdp: XdpTargets,
+}
+
+/// The ports running XDP, by ifindex: name and whether they take XDP
+/// redirects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct XdpTargets(pub BTreeMap<u32, (String, Target)>);
+
+impl XdpTargets {
+    /// A direction arriving by XDP on `input` and leaving by `output` that
+    /// cannot take the redirect: why, and the remedy.
+    fn refuses(&self, input: u32, output: u32) -> Option<String> {
+        self.0.get(&input)?;
+        match self.0.get(&output)? {
+            (_, Target::Takes(_)) => None,
+            (name, Target::Refuses { why, remedy }) => {
+                Some(format!("{name} cannot take XDP redirects: {why}; remedy: {remedy}"))
+            }
+        }
+    }
 }
 
 impl Holds for HoldFacts {
@@ -27,13 +53,16 @@ impl Holds for HoldFacts {
         if let Some(a) = xfrm::applies(&self.xfrm, &xfrm::Route::of(d)) {
             return Some(Held { hold: Hold::Xfrm, why: a.to_string() });
         }
-        self.hooks.bypass(d.key.ifindex, d.val.out_ifindex).map(|b| Held {
-            hold: match b.side {
-                Side::Ingress => Hold::IngressHook,
-                Side::Egress => Hold::EgressHook,
-            },
-            why: b.why,
-        })
+        if let Some(b) = self.hooks.bypass(d.key.ifindex, d.val.out_ifindex) {
+            return Some(Held {
+                hold: match b.side {
+                    Side::Ingress => Hold::IngressHook,
+                    Side::Egress => Hold::EgressHook,
+                },
+                why: b.why,
+            });
+        }
+        self.xdp.refuses(d.key.ifindex, d.val.out_ifindex).map(|why| Held { hold: Hold::XdpTarget, why })
     }
 }
 
@@ -80,6 +109,71 @@ impl super::Core {
     }
 }
 
+impl super::Core {
+    /// Ask each port running XDP whether it takes XDP redirects (a veth
+    /// whose peer gained or lost NAPI, a driver that does not) and whether
+    /// its frames may carry partial checksums (a veth whose peer sends with
+    /// TX checksum offload): at start, after link changes and every second,
+    /// so a direction is never fast-pathed into a target that drops it, or
+    /// a partial checksum forwarded, for longer than that. A target change
+    /// re-judges every connection (holds flip in place); the checksum flag
+    /// is the fast path's to apply per packet (fo_csum_ports). A veth's
+    /// peer is read where it is: the namespace, once found, is kept.
+    pub(super) fn probe_xdp_targets(&mut self) {
+        let ports: Vec<(u32, String, String)> = (self.ifaces.0.iter())
+            .filter(|i| i.mode == Mode::Xdp)
+            .map(|i| (i.ifindex, i.name.clone(), i.driver.clone()))
+            .collect();
+        if ports.is_empty() && self.holds.xdp.0.is_empty() {
+            return;
+        }
+        let table = match LinkTable::dump() {
+            Ok(t) => t,
+            Err(e) => return tracing::warn!("reading the links to ask the XDP ports: {e:#}"),
+        };
+        let mut now = XdpTargets::default();
+        for (ifindex, name, driver) in ports {
+            let Some(l) = table.get(ifindex) else { continue };
+            let f = PortFacts::read(&table, l, &driver, true);
+            let t = xdp::target(&f);
+            let prev = self.holds.xdp.0.get(&ifindex).map(|(_, t)| t);
+            if prev != Some(&t) {
+                match &t {
+                    Target::Takes(how) => tracing::info!(iface = %name, "takes XDP redirects: {how}"),
+                    Target::Refuses { why, remedy } => tracing::warn!(
+                        iface = %name,
+                        "cannot take XDP redirects: {why}; directions leaving by it stay on the slow path; {remedy}"
+                    ),
+                }
+            }
+            let partial = xdp::partial_csum(&f);
+            if partial != self.csum_ports.contains(&ifindex) {
+                if partial {
+                    tracing::info!(
+                        iface = %name,
+                        "its peer sends with TX checksum offload: segments with a partial checksum go to the kernel \
+                         (csum_partial)"
+                    );
+                    self.csum_ports.insert(ifindex);
+                } else {
+                    self.csum_ports.remove(&ifindex);
+                }
+            }
+            if let Err(e) = self.flows.dp().set_csum_port(ifindex, partial) {
+                tracing::warn!(iface = %name, "{e:#}");
+            }
+            now.0.insert(ifindex, (name, t));
+        }
+        for s in self.ifaces.0.iter_mut() {
+            s.xdp_target = now.0.get(&s.ifindex).map(|(_, t)| t.to_string());
+        }
+        if now != self.holds.xdp {
+            self.holds.xdp = now;
+            self.facts_changed();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +194,7 @@ mod tests {
         let lan = DeviceHooks { name: "rlan".into(), ..Default::default() };
         let h =
             HoldFacts { hooks: HookFacts { ports: [(3, lan), (4, wan)].into_iter().collect() }, ..Default::default() };
+        // (XDP targets below.)
         let e = crate::flow::tests::tcp_masq();
         let down = h.held(&e, 1, &dir(4, 3)).expect("arrives on rwan");
         assert_eq!(down.hold, Hold::IngressHook);
@@ -107,5 +202,34 @@ mod tests {
         let up = h.held(&e, 0, &dir(3, 4)).expect("leaves by rwan");
         assert_eq!(up.hold, Hold::EgressHook);
         assert_eq!(h.held(&e, 0, &dir(3, 9)), None, "neither port hooked");
+    }
+
+    /// XDP in and a target that refuses: held, naming the target, the
+    /// cause and the remedy; a target that takes, or TC in, is not.
+    #[test]
+    fn xdp_targets_hold_what_would_be_lost() {
+        let dir = |ifindex, out_ifindex| Direction {
+            key: fo_flow_key { ifindex, ..Default::default() },
+            val: fo_flow { out_ifindex, ..Default::default() },
+        };
+        let refuses =
+            Target::Refuses { why: "its peer wan0 has no NAPI".into(), remedy: "ethtool -K wan0 gro on".into() };
+        let h = HoldFacts {
+            xdp: XdpTargets(
+                [
+                    (3, ("rlan".to_string(), Target::Takes("peer has GRO on".into()))),
+                    (4, ("rwan".to_string(), refuses)),
+                ]
+                .into_iter()
+                .collect(),
+            ),
+            ..Default::default()
+        };
+        let e = crate::flow::tests::tcp_masq();
+        let up = h.held(&e, 0, &dir(3, 4)).expect("into rwan");
+        assert_eq!(up.hold, Hold::XdpTarget);
+        assert_eq!(up.why, "rwan cannot take XDP redirects: its peer wan0 has no NAPI; remedy: ethtool -K wan0 gro on");
+        assert_eq!(h.held(&e, 1, &dir(4, 3)), None, "into rlan, which takes them");
+        assert_eq!(h.held(&e, 0, &dir(9, 4)), None, "not arriving by XDP");
     }
 }

@@ -123,6 +123,9 @@ struct Core {
     /// ppp devices attached because the port below runs TC
     /// (`ports::pppoe_uppers`).
     pppoe_uppers: Vec<u32>,
+    /// XDP ports whose frames may carry partial checksums (as last set in
+    /// fo_csum_ports; `probe_xdp_targets`).
+    csum_ports: std::collections::BTreeSet<u32>,
 }
 
 impl Engine {
@@ -148,9 +151,16 @@ impl Engine {
         }
         let infos = ports::gather(&cfg.ifaces)?;
         let control = ControlServer::bind()?;
+        // What stands beneath a listed VLAN or ppp device (XDP serves it
+        // from there). A list XDP cannot serve is refused before anything
+        // is loaded.
+        let topo = crate::topology::read().context("reading the link topology")?;
+        if cfg.mode == crate::policy::ModeChoice::Xdp {
+            Interfaces::default().plan_xdp(&infos, &topo)?;
+        }
         let mut dp = Dataplane::load(cfg.max_flows)?;
         let mut ifaces = Interfaces::default();
-        ifaces.attach(&mut dp, &infos, cfg.mode)?;
+        ifaces.attach(&mut dp, &infos, &topo, cfg.mode)?;
         // Subscribe before dumping so no change falls between the two.
         let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
@@ -195,13 +205,17 @@ impl Engine {
             plan: Default::default(),
             rework: Default::default(),
             // After subscribing (`xfrm`), likewise.
-            holds: HoldFacts { xfrm: crate::xfrm::read_spd(), hooks: Default::default() },
+            holds: HoldFacts { xfrm: crate::xfrm::read_spd(), ..Default::default() },
             pppoe_uppers: Vec::new(),
+            csum_ports: Default::default(),
         };
         core.sync_pppoe_uppers();
         // After attaching (the modes are known) and after the ruleset (its
         // device chains count), before the first verdict.
         core.read_hooks();
+        // Before the first verdict too: no direction is offloaded into a
+        // port that would drop its XDP frames.
+        core.probe_xdp_targets();
         core.resync().context("initial conntrack dump")?;
         Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm, nft }, core })
     }
@@ -447,11 +461,22 @@ impl Core {
         }
         if ch.lost || !ch.links.is_empty() {
             self.sync_pppoe_uppers();
+            // Before the re-resolution below: it admits a served device's
+            // connections by its headers now.
+            if self.ifaces.sync_served(&self.facts.topo) {
+                self.plan.all = true;
+                self.route_dirty.get_or_insert_with(Instant::now);
+            }
         }
         // A link event too: a mirred target renamed, a port's qdisc
         // replaced as it comes up.
         if ch.tc || ch.lost || !ch.links.is_empty() {
             self.read_hooks();
+        }
+        // A link change here (a veth coming up, an XDP program on a port)
+        // may change what takes XDP redirects.
+        if ch.lost || !ch.links.is_empty() {
+            self.probe_xdp_targets();
         }
         if ch.routes || ch.rules || ch.links.iter().any(|l| self.ifaces.get(l.0).is_some()) || ch.lost {
             self.flows.discount_wakes();
@@ -559,6 +584,9 @@ impl Core {
                 tracing::info!("multipath hash policy or routes read anew: paths are judged again");
                 self.facts_changed();
             }
+            // A veth's peer in another namespace changes without a word to
+            // this one (its GRO, its XDP program): ask every second.
+            self.probe_xdp_targets();
         }
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only

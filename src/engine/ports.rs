@@ -1,17 +1,36 @@
 //! The managed interfaces: which are attached, in which mode, and whether
 //! they are up. One attach routine serves start and reload.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::control::IfaceStatus;
 use crate::dataplane::{Dataplane, Mode};
+use crate::flow::EncapStack;
+use crate::policy::xdp::{self, PortFacts, Tags};
 use crate::policy::{choose_modes, xdp_refused, ModeChoice, ModeDecision};
-use crate::routes::link::{self, LinkInfo};
+use crate::routes::link::{self, LinkInfo, LinkTable};
 use crate::routes::path::Ports;
-use crate::topology::{pppoe_uppers, PppoeUpper};
+use crate::topology::{pppoe_uppers, PppoeUpper, Topology};
 
+/// The attached ports, and the listed devices some of them serve.
 #[derive(Debug, Default, Clone)]
-pub struct Interfaces(pub Vec<IfaceStatus>);
+pub struct Interfaces(pub Vec<IfaceStatus>, pub Vec<Served>);
+
+/// A listed VLAN or ppp device served by XDP on the Ethernet device
+/// beneath it (`Topology::beneath`): only frames with its headers there
+/// are its connections. The kernel flowtable keys a flow by its input
+/// device and headers the same way (flow_offload_tuple's iifidx and
+/// encap[]), so listing wan.7 never offloads wan.8 or wan untagged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// The port it is served on.
+    pub port: u32,
+    pub name: String,
+    /// Its headers on the port, outermost first; None while its stack does
+    /// not lead there (the device is gone, or a PPPoE session is being
+    /// re-established): nothing of it is offloaded then.
+    pub encap: Option<EncapStack>,
+}
 
 impl Ports for Interfaces {
     fn is_up(&self, ifindex: u32) -> bool {
@@ -26,8 +45,12 @@ impl Ports for Interfaces {
         self.get(ifindex).map(|i| i.name.as_str())
     }
 
-    fn listed_name(&self, ifindex: u32) -> Option<&str> {
-        self.get(ifindex).map(|i| i.stands_for.as_deref().unwrap_or(&i.name))
+    fn listed_name(&self, ifindex: u32, encap: &EncapStack) -> Option<&str> {
+        let i = self.get(ifindex)?;
+        if let Some(s) = self.1.iter().find(|s| s.port == ifindex && s.encap.as_ref() == Some(encap)) {
+            return Some(&s.name);
+        }
+        i.listed.then(|| i.stands_for.as_deref().unwrap_or(&i.name))
     }
 }
 
@@ -36,8 +59,55 @@ impl Interfaces {
         self.0.iter().find(|i| i.ifindex == ifindex)
     }
 
+    /// Attached, or served through a port that is.
     pub fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|i| i.name == name)
+        self.0.iter().any(|i| i.name == name && i.listed) || self.1.iter().any(|s| s.name == name)
+    }
+
+    /// Keep what `wanted` (the listed devices after a reload) still names:
+    /// served devices no longer listed are dropped, a port no longer listed
+    /// but still serving one stays for it. Returns the ports to detach.
+    pub fn keep_only(&mut self, wanted: &[String]) -> Vec<u32> {
+        self.1.retain(|s| wanted.contains(&s.name));
+        for i in self.0.iter_mut() {
+            i.listed &= wanted.contains(&i.name) || i.stands_for.is_some();
+        }
+        let served = &self.1;
+        let gone: Vec<u32> = (self.0.iter())
+            .filter(|i| !i.listed && !served.iter().any(|s| s.port == i.ifindex))
+            .map(|i| i.ifindex)
+            .collect();
+        self.describe_served();
+        gone
+    }
+
+    /// Each port's `serves` line for `status`.
+    fn describe_served(&mut self) {
+        for i in self.0.iter_mut() {
+            i.serves = (self.1.iter().filter(|s| s.port == i.ifindex))
+                .map(|s| match &s.encap {
+                    Some(e) => format!("{} ({e})", s.name),
+                    None => format!("{} (not above {} now)", s.name, i.name),
+                })
+                .collect();
+        }
+    }
+
+    /// The served devices' headers, from a new topology (a PPPoE session
+    /// re-established, a VLAN device re-created); true if any changed.
+    pub fn sync_served(&mut self, topo: &Topology) -> bool {
+        let mut changed = false;
+        for s in self.1.iter_mut() {
+            let now = topo.by_name(&s.name).and_then(|l| topo.beneath(l.ifindex)).and_then(|r| r.ok());
+            let encap = now.filter(|e| e.port == s.port).map(|e| e.encap);
+            if encap != s.encap {
+                tracing::info!(dev = %s.name, was = ?s.encap, now = ?encap, "served device's headers changed");
+                s.encap = encap;
+                changed = true;
+            }
+        }
+        self.describe_served();
+        changed
     }
 
     /// A link event: returns true if a managed interface went down.
@@ -57,11 +127,15 @@ impl Interfaces {
     /// XDP is native only; when `auto` chose it and a driver turns out to
     /// have none, every interface of this call gets TC instead (an XDP
     /// redirect only reaches XDP interfaces), never generic XDP.
-    pub fn attach(&mut self, dp: &mut Dataplane, infos: &[LinkInfo], mode: ModeChoice) -> Result<Vec<u32>> {
+    pub fn attach(
+        &mut self,
+        dp: &mut Dataplane,
+        infos: &[LinkInfo],
+        topo: &Topology,
+        mode: ModeChoice,
+    ) -> Result<Vec<u32>> {
         if matches!(mode, ModeChoice::Xdp) {
-            if let Some(why) = infos.iter().find_map(xdp_refused) {
-                bail!("{why}");
-            }
+            return self.attach_xdp(dp, infos, topo);
         }
         let decisions = choose_modes(infos, mode);
         match self.attach_as(dp, infos, decisions.clone()) {
@@ -101,6 +175,107 @@ impl Interfaces {
             dp.detach(*i);
         }
         self.0.retain(|i| !ifindexes.contains(&i.ifindex));
+        self.1.retain(|s| !ifindexes.contains(&s.port));
+    }
+
+    /// `--mode xdp`: a listed VLAN or ppp device (firewall4's `wan.7`,
+    /// `pppoe-wan`) has no XDP of its own; XDP runs on the Ethernet device
+    /// beneath it and serves it (`Served`), and only its connections. Each
+    /// port's VLAN tags must be readable there (`policy::xdp::tags`: from
+    /// the frame, or from the driver's receive metadata by a program bound
+    /// to the port), else nothing is attached and the error says what to
+    /// change. All or nothing, like `attach`.
+    fn attach_xdp(&mut self, dp: &mut Dataplane, infos: &[LinkInfo], topo: &Topology) -> Result<Vec<u32>> {
+        let mut added = Vec::new();
+        for (port, listed, served, tags) in self.plan_xdp(infos, topo)? {
+            if let Err(e) = dp.attach_with(port.ifindex, &port.name, Mode::Xdp, port.link_type, tags == Tags::Metadata)
+            {
+                self.detach(dp, &added);
+                return Err(e);
+            }
+            let names: Vec<&str> = served.iter().map(|s| s.name.as_str()).collect();
+            let reason = match (listed, names.is_empty()) {
+                (_, true) => "requested".to_string(),
+                (true, false) => {
+                    format!("requested; also serves {} (listed), which has no XDP of its own", names.join(", "))
+                }
+                (false, false) => format!(
+                    "requested for {} (listed), which has no XDP of its own: XDP runs on {}, the Ethernet device \
+                     beneath, for its connections only",
+                    names.join(", "),
+                    port.name
+                ),
+            };
+            tracing::info!(iface = %port.name, mode = "xdp", %reason, vlan_tags = %tags, "attached");
+            let mut st = status_of(&port, ModeDecision { mode: Mode::Xdp, reason });
+            st.listed = listed;
+            st.vlan_tags = (tags != Tags::NoVlans).then(|| tags.to_string());
+            self.0.push(st);
+            self.1.extend(served);
+            added.push(port.ifindex);
+        }
+        self.describe_served();
+        Ok(added)
+    }
+
+    /// What `attach_xdp` would attach, and how each port reads VLAN tags;
+    /// ports already attached take their new served devices here. Changes
+    /// nothing else, so `run` can refuse a list before loading anything.
+    #[allow(clippy::type_complexity)]
+    pub fn plan_xdp(
+        &mut self,
+        infos: &[LinkInfo],
+        topo: &Topology,
+    ) -> Result<Vec<(LinkInfo, bool, Vec<Served>, Tags)>> {
+        // Ports to attach: (the port, listed itself, devices it serves).
+        let mut plan: Vec<(LinkInfo, bool, Vec<Served>)> = Vec::new();
+        for info in infos {
+            let (port, served) = match topo.beneath(info.ifindex) {
+                None => {
+                    if let Some(why) = xdp_refused(info) {
+                        bail!("{why}");
+                    }
+                    (info.clone(), None)
+                }
+                Some(Err(e)) => {
+                    bail!("cannot serve {} by XDP on the Ethernet device beneath it: {e}; use --mode tc", info.name)
+                }
+                Some(Ok(e)) => {
+                    let name = topo.link(e.port).map(|l| l.name.clone()).unwrap_or_default();
+                    let port = link::info(&name).with_context(|| format!("the device beneath {}", info.name))?;
+                    if let Some(why) = xdp_refused(&port) {
+                        bail!("{} is served by XDP on {name}: {why}", info.name);
+                    }
+                    let s = Served { port: e.port, name: info.name.clone(), encap: Some(e.encap) };
+                    (port, Some(s))
+                }
+            };
+            let listed = served.is_none();
+            match plan.iter_mut().find(|p| p.0.ifindex == port.ifindex) {
+                Some(p) => {
+                    p.1 |= listed;
+                    p.2.extend(served);
+                }
+                None => plan.push((port, listed, served.into_iter().collect())),
+            }
+        }
+        // A port already attached (a reload listing another VLAN on it)
+        // takes the new devices; the others are checked, then attached.
+        let table = LinkTable::dump()?;
+        let mut todo = Vec::new();
+        for (port, listed, served) in plan {
+            if let Some(i) = self.0.iter_mut().find(|i| i.ifindex == port.ifindex) {
+                i.listed |= listed;
+                self.1.extend(served);
+                continue;
+            }
+            let l = table.get(port.ifindex).ok_or_else(|| anyhow!("{} vanished", port.name))?;
+            let f = PortFacts::read(&table, l, &port.driver, true);
+            let tags = xdp::tags(&f, &topo.vlans_on(port.ifindex))
+                .map_err(|e| anyhow!("cannot attach XDP to {}: {e}", port.name))?;
+            todo.push((port, listed, served, tags));
+        }
+        Ok(todo)
     }
 }
 
@@ -115,6 +290,10 @@ fn status_of(info: &LinkInfo, d: ModeDecision) -> IfaceStatus {
         // Filled in by `status` from the current topology.
         topology: String::new(),
         stands_for: None,
+        xdp_target: None,
+        vlan_tags: None,
+        serves: Vec::new(),
+        listed: true,
         attach: String::new(),
     }
 }
@@ -143,7 +322,8 @@ impl super::Core {
                     continue;
                 }
             };
-            match self.ifaces.attach(self.flows.dp_mut(), std::slice::from_ref(&info), ModeChoice::Tc) {
+            match self.ifaces.attach(self.flows.dp_mut(), std::slice::from_ref(&info), &self.facts.topo, ModeChoice::Tc)
+            {
                 Ok(_) => {
                     if let Some(s) = self.ifaces.0.iter_mut().find(|s| s.ifindex == w.ifindex) {
                         s.stands_for = Some(w.port.clone());
@@ -189,13 +369,17 @@ mod tests {
             up,
             topology: String::new(),
             stands_for: None,
+            xdp_target: None,
+            vlan_tags: None,
+            serves: Vec::new(),
+            listed: true,
             attach: String::new(),
         }
     }
 
     #[test]
     fn ports_and_link_state() {
-        let mut p = Interfaces(vec![iface("lan", 3, false), iface("wan", 4, true)]);
+        let mut p = Interfaces(vec![iface("lan", 3, false), iface("wan", 4, true)], Vec::new());
         assert_eq!(p.first_up(), Some(4));
         assert!(!p.is_up(3) && p.is_up(4) && !p.is_up(9), "unmanaged counts as down");
         assert_eq!((p.name(3), p.name(9)), (Some("lan"), None));
@@ -206,6 +390,70 @@ mod tests {
         assert!(p.set_up(4, false));
         assert!(!p.set_up(9, false), "not ours");
         assert_eq!(p.first_up(), Some(3));
+    }
+
+    /// rwan serves rwan.7 and pppoe-wan (over rwan.7) without being listed
+    /// itself: each is named by its headers there, nothing else on rwan is
+    /// listed; a reload keeping only pppoe-wan keeps rwan for it, one
+    /// keeping neither detaches it; a new PPPoE session moves the headers.
+    #[test]
+    fn served_devices_are_listed_by_their_headers() {
+        use crate::flow::Encap;
+        use crate::topology::{Kind, Link, PppoeSession};
+        let stack = |h: &[(u16, u16)]| {
+            let mut s = EncapStack::default();
+            h.iter().for_each(|&(proto, id)| assert!(s.push(Encap { proto, id })));
+            s
+        };
+        let v7 = stack(&[(0x8100, 7)]);
+        let ppp = stack(&[(0x8100, 7), (0x8864, 0x1a2b)]);
+        let rwan = IfaceStatus { listed: false, ..iface("rwan", 3, true) };
+        let mut p = Interfaces(
+            vec![iface("rlan", 2, true), rwan],
+            vec![
+                Served { port: 3, name: "rwan.7".into(), encap: Some(v7) },
+                Served { port: 3, name: "pppoe-wan".into(), encap: Some(ppp) },
+            ],
+        );
+        assert_eq!(p.listed_name(3, &v7), Some("rwan.7"));
+        assert_eq!(p.listed_name(3, &ppp), Some("pppoe-wan"));
+        assert_eq!(p.listed_name(3, &stack(&[(0x8100, 8)])), None, "rwan.8");
+        assert_eq!(p.listed_name(3, &EncapStack::default()), None, "rwan untagged");
+        assert_eq!(p.listed_name(2, &v7), Some("rlan"), "a listed port answers for any headers");
+        assert!(p.has("rwan.7") && p.has("rlan") && !p.has("rwan"));
+
+        // PPPoE reconnects with session 0x2000.
+        let link = |ifindex, name: &str, kind, lower, link_type| Link {
+            ifindex,
+            name: name.into(),
+            kind,
+            master: None,
+            lower,
+            mac: [2, 0, 0, 0, 0, ifindex as u8],
+            mtu: 1500,
+            link_type,
+            port_state: None,
+            vlans: Vec::new(),
+        };
+        let topo = Topology::new(
+            [
+                link(3, "rwan", Kind::Other(Some("veth".into())), None, 1),
+                link(4, "rwan.7", Kind::Vlan { id: 7, proto: 0x8100 }, Some(3), 1),
+                link(9, "pppoe-wan", Kind::Ppp, None, 512),
+            ],
+            Vec::new(),
+            vec![PppoeSession { id: 0x2000, peer: [2; 6], device: "rwan.7".into() }],
+        );
+        assert!(p.sync_served(&topo));
+        let now = stack(&[(0x8100, 7), (0x8864, 0x2000)]);
+        assert_eq!(p.listed_name(3, &now), Some("pppoe-wan"));
+        assert_eq!(p.listed_name(3, &ppp), None, "the old session's connections are no longer its");
+        assert_eq!(p.0[1].serves, ["rwan.7 (VLAN 7)", "pppoe-wan (VLAN 7 + PPPoE 0x2000)"]);
+        assert!(!p.sync_served(&topo), "nothing new");
+
+        assert_eq!(p.keep_only(&["rlan".into(), "pppoe-wan".into()]), Vec::<u32>::new());
+        assert_eq!(p.listed_name(3, &v7), None);
+        assert_eq!(p.keep_only(&["rlan".into()]), vec![3]);
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl Core {
         let new: Vec<String> = wanted.iter().filter(|n| !self.ifaces.has(n)).cloned().collect();
         let infos = ports::gather(&new)?;
         let rollback = |e: anyhow::Error| e.context("reload aborted, the previous ruleset stays");
-        let added = self.ifaces.attach(self.flows.dp_mut(), &infos, self.cfg.mode).map_err(rollback)?;
+        let added =
+            self.ifaces.attach(self.flows.dp_mut(), &infos, &self.facts.topo, self.cfg.mode).map_err(rollback)?;
         if let Err(e) = rs.apply(&old.translated.tables, false) {
             self.ifaces.detach(self.flows.dp_mut(), &added);
             return Err(rollback(e));
@@ -79,7 +80,7 @@ impl Core {
                 self.flows.forget_offload_request(e);
             }
         }
-        let removed: Vec<u32> = self.ifaces.0.iter().filter(|i| !wanted.contains(&i.name)).map(|i| i.ifindex).collect();
+        let removed = self.ifaces.keep_only(&wanted);
         self.ifaces.detach(self.flows.dp_mut(), &removed);
         self.pppoe_uppers.retain(|i| !removed.contains(i));
         self.sync_pppoe_uppers();

@@ -1,7 +1,8 @@
 //! Holds: a direction of an offloaded connection that the kernel must
 //! forward itself, because something the fast path would skip applies to
 //! it (an xfrm policy, a tc filter or netdev chain on its input device, a
-//! netdev chain on its output). The other direction may stay fast. The
+//! netdev chain on its output), or because it arrives by XDP and its output
+//! cannot take XDP frames. The other direction may stay fast. The
 //! codes are `enum fo_hold` of bpf/flow.h; what holds a direction is
 //! decided by the sources in `engine::holds`, pure per direction.
 
@@ -17,20 +18,26 @@ pub enum Hold {
     Xfrm,
     IngressHook,
     EgressHook,
+    /// Arrives by XDP; its output cannot take XDP redirects
+    /// (`policy::xdp::target`).
+    XdpTarget,
 }
 
 impl Hold {
+    pub const ALL: [Hold; 4] = [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook, Hold::XdpTarget];
+
     pub fn code(self) -> u8 {
         let c = match self {
             Hold::Xfrm => fo_hold::FO_HOLD_XFRM,
             Hold::IngressHook => fo_hold::FO_HOLD_INGRESS_HOOK,
             Hold::EgressHook => fo_hold::FO_HOLD_EGRESS_HOOK,
+            Hold::XdpTarget => fo_hold::FO_HOLD_XDP_TARGET,
         };
         c.0 as u8
     }
 
     pub fn from_code(c: u8) -> Option<Hold> {
-        [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook].into_iter().find(|h| h.code() == c)
+        Hold::ALL.into_iter().find(|h| h.code() == c)
     }
 
     /// The fast path's counter for packets of a held direction (`status`).
@@ -39,6 +46,7 @@ impl Hold {
             Hold::Xfrm => "held_xfrm",
             Hold::IngressHook => "held_ingress_hook",
             Hold::EgressHook => "held_egress_hook",
+            Hold::XdpTarget => "held_xdp_target",
         }
     }
 }
@@ -77,7 +85,7 @@ mod tests {
     fn codes_are_flow_h_s() {
         let mut d = Direction { key: fo_flow_key::default(), val: fo_flow::default() };
         assert_eq!(d.hold(), None);
-        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+        for h in Hold::ALL {
             d.set_hold(Some(h));
             assert_eq!(d.hold(), Some(h));
             assert_ne!(d.val.hold, 0);
@@ -85,7 +93,7 @@ mod tests {
         d.set_hold(None);
         assert_eq!(d.val.hold, 0);
         let names: Vec<&str> = crate::dataplane::STAT_NAMES.to_vec();
-        for h in [Hold::Xfrm, Hold::IngressHook, Hold::EgressHook] {
+        for h in Hold::ALL {
             assert!(names.contains(&h.as_str()), "{} is a fast-path counter", h.as_str());
         }
     }

@@ -4,6 +4,7 @@
 pub mod exclude;
 pub mod nft;
 pub mod verdict;
+pub mod xdp;
 
 use crate::dataplane::Mode;
 use crate::routes::link::{is_shaper, is_virtual, LinkInfo};
@@ -42,9 +43,9 @@ pub fn choose_modes(links: &[LinkInfo], requested: ModeChoice) -> Vec<ModeDecisi
                     mode: Mode::Xdp,
                     reason: if is_virtual(&l.driver) {
                         format!(
-                            "requested; note: {} is a software device ({}): XDP redirect into it needs NAPI \
-                             (GRO or an XDP program) on its peer, and locally generated frames need TX \
-                             checksum offload off",
+                            "requested; note: {} is a software device ({}): directions into it are fast only \
+                             while its peer has NAPI (GRO or an XDP program), and segments a local sender left \
+                             with a partial checksum (TX checksum offload) go through the kernel",
                             l.name,
                             if l.driver.is_empty() { "unknown driver" } else { &l.driver }
                         )
@@ -117,12 +118,15 @@ pub fn xdp_refused(l: &LinkInfo) -> Option<String> {
             l.name
         ));
     }
-    vlan_stripped(l).map(|why| format!("{why}: turn that off (ethtool -K {} rxvlan off) or use --mode tc", l.name))
+    // VLAN tags are `xdp::tags`'s (the frame, the receive metadata or a
+    // refusal with the remedy), asked per port when XDP is attached.
+    None
 }
 
-/// XDP cannot see a tag the NIC stripped (that needs a device-bound
-/// program and bpf_xdp_metadata_rx_vlan_tag): a frame of one of the VLANs
-/// would look like the port's own. TC reads the tag from the skb.
+/// Without the receive metadata (a program bound to the port,
+/// `xdp::tags`), XDP cannot see a tag the NIC stripped: a frame of one of
+/// the VLANs would look like the port's own. TC reads the tag from the
+/// skb, so `auto` picks TC there.
 fn vlan_stripped(l: &LinkInfo) -> Option<String> {
     (!l.vlans_stripped.is_empty()).then(|| {
         format!(
@@ -159,15 +163,12 @@ mod tests {
         );
     }
 
+    /// `auto` picks TC on a NIC stripping the tags of its VLAN devices;
+    /// `--mode xdp` there is `xdp::tags`'s to judge (metadata or refusal).
     #[test]
     fn a_nic_that_strips_vlan_tags_gets_tc() {
         let eth0 = LinkInfo { vlans_stripped: vec!["eth0.2".into()], ..link("eth0", "mlx5_core", "mq") };
-        let why = xdp_refused(&eth0).expect("refused");
-        assert_eq!(
-            why,
-            "eth0 strips VLAN tags before XDP sees them (rx-vlan-offload on) and carries VLAN device(s) eth0.2: turn \
-             that off (ethtool -K eth0 rxvlan off) or use --mode tc"
-        );
+        assert_eq!(xdp_refused(&eth0), None);
         let d = choose_modes(&[eth0, link("eth1", "mlx5_core", "mq")], ModeChoice::Auto);
         assert!(d.iter().all(|d| d.mode == Mode::Tc), "auto picks TC: {d:?}");
         assert!(d[0].reason.ends_with("carries VLAN device(s) eth0.2: TC reads the tag"), "{}", d[0].reason);

@@ -255,7 +255,7 @@ fn with_holds(e: &CtEntry, dirs: &[Direction; 2], world: &World) -> Result<[Dire
 }
 
 fn admitted(e: &CtEntry, dirs: &[Direction; 2], rules: &Rules, world: &World) -> bool {
-    rules.admits(e, dirs.map(|d| world.ports.listed_name(d.key.ifindex)))
+    rules.admits(e, dirs.map(|d| world.ports.listed_name(d.key.ifindex, &d.encap().0)))
 }
 
 /// Why an offloaded connection that stopped being eligible ends: the fast

@@ -22,7 +22,7 @@ use std::net::IpAddr;
 
 use crate::conntrack::{CtEntry, CtTuple};
 use crate::dataplane::Dataplane;
-use crate::flow::{build_direction, Direction, LinkLayer, NextHop};
+use crate::flow::{build_direction, Direction, EncapStack, LinkLayer, NextHop};
 use crate::topology::{Egress, LowerError, Topology};
 
 use super::addrs::AddressTable;
@@ -67,6 +67,13 @@ pub enum NoPath {
     /// The devices between the FIB's and a managed port (bridge, VLAN,
     /// PPPoE) do not lead to one the fast path can use.
     Lower(LowerError),
+    /// It goes through a port the fast path runs on only to serve other
+    /// devices (XDP on rwan for a listed rwan.7): this device (rwan.8, or
+    /// rwan untagged) is not listed.
+    NotListed {
+        dev: String,
+        port: String,
+    },
 }
 
 impl NoPath {
@@ -98,6 +105,9 @@ impl fmt::Display for NoPath {
                 write!(f, "source NAT to {a}, an address the route's egress interface does not have")
             }
             NoPath::Lower(l) => l.fmt(f),
+            NoPath::NotListed { dev, port } => {
+                write!(f, "{dev} is not listed (the fast path on {port} serves only the devices listed above it)")
+            }
         }
     }
 }
@@ -108,11 +118,15 @@ pub trait Ports {
     fn is_up(&self, ifindex: u32) -> bool;
     fn first_up(&self) -> Option<u32>;
     fn name(&self, ifindex: u32) -> Option<&str>;
-    /// The name a flowtable lists it by: a device the engine attached on
-    /// its own for a listed port (pppoe-wan above a TC eth1) counts as
-    /// that port, as the kernel's flowtable on eth1 offloads what arrives
-    /// there in PPPoE.
-    fn listed_name(&self, ifindex: u32) -> Option<&str> {
+    /// The device a flowtable lists for frames that arrive on (or leave
+    /// by) port `ifindex` with headers `encap`; None: no listed device,
+    /// and the connection is not offloaded (kernel flowtable: no hook of it
+    /// sees those frames). A device the engine attached on its own for a
+    /// listed port (pppoe-wan above a TC eth1) counts as that port, as the
+    /// kernel's flowtable on eth1 offloads what arrives there in PPPoE; a
+    /// port XDP runs on for a listed VLAN or PPPoE device above it answers
+    /// only for that device's headers (`engine::ports::Served`).
+    fn listed_name(&self, ifindex: u32, _encap: &EncapStack) -> Option<&str> {
         self.name(ifindex)
     }
 }
@@ -180,12 +194,13 @@ pub fn resolve_path(
     let out_o = walk(&facts.topo, ports, &nh_o, NoPath::OutputNotManaged)?;
     let out_r = walk(&facts.topo, ports, &nh_r, NoPath::InputNotManaged)?;
     let dir = |seen: &CtTuple, other: &CtTuple, arrive: &Egress, out: &Egress| {
+        let xdp_ok = dp.is_xdp_target(out.port);
         let nh = NextHop {
             ifindex: out.port,
             smac: out.smac,
             dmac: out.dmac,
-            mtu: out.mtu.min(0xffff) as u16,
-            xdp_ok: dp.is_xdp_target(out.port),
+            mtu: xdp_mtu(out, xdp_ok).min(0xffff) as u16,
+            xdp_ok,
         };
         build_direction(seen, other, arrive.port, &nh).with_link(&mirror(arrive, out))
     };
@@ -197,10 +212,31 @@ pub fn resolve_path(
     Ok(d)
 }
 
+/// The IP MTU of a direction leaving as `out`. An Ethernet frame may carry
+/// one VLAN tag beyond the MTU (`is_skb_forwardable`, and `veth_xdp_xmit`'s
+/// `rcv->mtu + rcv->hard_header_len + VLAN_HLEN`); the kernel's own path
+/// leaves the outermost tag in skb metadata (a VLAN device over a port with
+/// tx-vlan-hw-insert, as TC's bpf_skb_vlan_push does), but XDP writes every
+/// tag into the frame, so with two a full-sized packet would be 4 bytes too
+/// long for the target and dropped there: XDP gives up 4 bytes of MTU per
+/// tag beyond the first, and such packets take the kernel's path (`mtu`).
+fn xdp_mtu(out: &Egress, xdp: bool) -> u32 {
+    let tags = out.encap.as_slice().iter().filter(|e| e.proto != crate::topology::ETH_P_PPP_SES).count() as u32;
+    if xdp {
+        out.mtu.saturating_sub(4 * tags.saturating_sub(1))
+    } else {
+        out.mtu
+    }
+}
+
 /// Walk the FIB's answer `nh` down to a managed port that is up; `unmanaged`
 /// when there is none.
 fn walk(topo: &Topology, ports: &impl Ports, nh: &NextHop, unmanaged: NoPath) -> Result<Egress, NoPath> {
     match topo.egress(nh.ifindex, nh.dmac, |i| ports.name(i).is_some()) {
+        Ok(e) if ports.is_up(e.port) && ports.listed_name(e.port, &e.encap).is_none() => Err(NoPath::NotListed {
+            dev: topo.link(nh.ifindex).map_or_else(|| nh.ifindex.to_string(), |l| l.name.clone()),
+            port: ports.name(e.port).unwrap_or_default().to_string(),
+        }),
         Ok(e) if ports.is_up(e.port) => Ok(e),
         Ok(_) | Err(LowerError::NotManaged(_)) => Err(unmanaged),
         Err(l) => Err(NoPath::Lower(l)),
@@ -318,6 +354,81 @@ mod tests {
         ];
         for (what, arrive, out, in_encap, in_dmac, out_encap, l3_out) in cases {
             assert_eq!(mirror(arrive, out), LinkLayer { in_encap, in_dmac, out_encap, l3_out }, "{what}");
+        }
+    }
+
+    /// XDP writes every tag into the frame: a second one costs 4 bytes of
+    /// MTU there (one fits the frame size every Ethernet device takes), TC
+    /// leaves the outer one in metadata and keeps the full MTU.
+    #[test]
+    fn xdp_pays_for_the_second_vlan_tag() {
+        use crate::flow::{Encap, EncapStack};
+        let mut qinq = EncapStack::default();
+        assert!(qinq.push(Encap { proto: 0x88a8, id: 100 }) && qinq.push(Encap { proto: 0x8100, id: 7 }));
+        let mut vlan_pppoe = EncapStack::default();
+        assert!(vlan_pppoe.push(Encap { proto: 0x8100, id: 7 }) && vlan_pppoe.push(Encap { proto: 0x8864, id: 1 }));
+        let eg = |encap, mtu| Egress { port: 2, encap, dmac: [0; 6], smac: [0; 6], mtu, l3: false, bridges: vec![] };
+        assert_eq!(xdp_mtu(&eg(qinq, 1500), true), 1496);
+        assert_eq!(xdp_mtu(&eg(qinq, 1500), false), 1500);
+        assert_eq!(xdp_mtu(&eg(vlan_pppoe, 1492), true), 1492, "PPPoE is in the MTU already");
+        assert_eq!(xdp_mtu(&eg(EncapStack::default(), 1500), true), 1500);
+    }
+
+    /// XDP on rwan serving only a listed rwan.7: a walk down to rwan is
+    /// the fast path's only with rwan.7's headers; rwan.8 and rwan itself
+    /// are not listed, and say so (like the kernel flowtable, whose hook
+    /// on rwan.7 never sees their frames).
+    #[test]
+    fn a_port_serving_a_listed_vlan_takes_only_its_connections() {
+        use crate::flow::{Encap, EncapStack};
+        use crate::topology::{Kind, Link};
+        let link = |ifindex, name: &str, kind, lower| Link {
+            ifindex,
+            name: name.into(),
+            kind,
+            master: None,
+            lower,
+            mac: [2, 0, 0, 0, 0, ifindex as u8],
+            mtu: 1500,
+            link_type: 1,
+            port_state: None,
+            vlans: Vec::new(),
+        };
+        let vlan = |id| Kind::Vlan { id, proto: 0x8100 };
+        let topo = Topology::new(
+            [
+                link(3, "rwan", Kind::Other(Some("veth".into())), None),
+                link(4, "rwan.7", vlan(7), Some(3)),
+                link(5, "rwan.8", vlan(8), Some(3)),
+            ],
+            Vec::new(),
+            Vec::new(),
+        );
+        struct ServesVlan7;
+        impl Ports for ServesVlan7 {
+            fn is_up(&self, i: u32) -> bool {
+                i == 3
+            }
+            fn first_up(&self) -> Option<u32> {
+                Some(3)
+            }
+            fn name(&self, i: u32) -> Option<&str> {
+                (i == 3).then_some("rwan")
+            }
+            fn listed_name(&self, i: u32, encap: &EncapStack) -> Option<&str> {
+                (i == 3 && encap.as_slice() == [Encap { proto: 0x8100, id: 7 }]).then_some("rwan.7")
+            }
+        }
+        let nh = |ifindex| NextHop { ifindex, smac: [0; 6], dmac: [2; 6], mtu: 1500, xdp_ok: true };
+        let e = walk(&topo, &ServesVlan7, &nh(4), NoPath::OutputNotManaged).expect("rwan.7 is served");
+        assert_eq!((e.port, e.encap.as_slice()), (3, &[Encap { proto: 0x8100, id: 7 }][..]));
+        for (dev, i) in [("rwan.8", 5), ("rwan", 3)] {
+            let err = walk(&topo, &ServesVlan7, &nh(i), NoPath::OutputNotManaged).unwrap_err();
+            assert_eq!(err, NoPath::NotListed { dev: dev.into(), port: "rwan".into() });
+            assert_eq!(
+                err.to_string(),
+                format!("{dev} is not listed (the fast path on rwan serves only the devices listed above it)")
+            );
         }
     }
 

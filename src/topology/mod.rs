@@ -315,6 +315,35 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// For a VLAN or ppp device: the Ethernet device beneath it (through
+    /// VLAN devices and a PPPoE session, never a bridge) and the headers
+    /// its frames carry there, outermost first; None for any other device.
+    /// XDP serves such a device from there: it has no XDP of its own (a
+    /// VLAN device has no ndo_bpf; a ppp device no Ethernet header), while
+    /// the fast path on the device beneath pops and pushes its headers, as
+    /// the kernel flowtable does on the real device `dev_fill_forward_path`
+    /// reaches (`nft_dev_path_info`, net/netfilter/nft_flow_offload.c).
+    pub fn beneath(&self, ifindex: u32) -> Option<Result<Egress, LowerError>> {
+        let l = self.link(ifindex)?;
+        if !matches!(l.kind, Kind::Vlan { .. } | Kind::Ppp) {
+            return None;
+        }
+        let bottom = |i: u32| self.link(i).is_some_and(|x| matches!(x.kind, Kind::Other(_) | Kind::Dsa) && !x.is_l3());
+        Some(self.egress(ifindex, [0; 6], bottom))
+    }
+
+    /// VLAN devices stacked directly on `ifindex`, by name: their tags are
+    /// the outermost on its wire, the ones a NIC may take off.
+    pub fn vlans_on(&self, ifindex: u32) -> Vec<String> {
+        self.links
+            .values()
+            .filter(|l| matches!(l.kind, Kind::Vlan { .. }) && l.lower == Some(ifindex))
+            .map(|l| l.name.clone())
+            .collect()
+    }
+}
+
 /// A ppp device the fast path runs on because the port below it runs TC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PppoeUpper {

@@ -399,3 +399,31 @@ fn pppoe_devices_above_a_tc_port_are_attached_too() {
     let two = wan_router(vec![session(1, "wan.7"), session(2, "eth1")], true);
     assert_eq!(pick(&two, &[2], true), vec![], "ambiguous sessions: neither");
 }
+
+/// What XDP serves a VLAN or PPPoE device from: the Ethernet device
+/// beneath, with the headers on the way; nothing for other devices.
+#[test]
+fn the_ethernet_device_beneath_a_vlan_or_ppp_device() {
+    let links = [
+        link(2, "wan", Kind::Other(Some("veth".into()))),
+        vlan(3, "wan.7", 7, ETH_P_8021Q, 2),
+        vlan(4, "wan.100", 100, ETH_P_8021AD, 2),
+        vlan(5, "wan.100.7", 7, ETH_P_8021Q, 4),
+        ppp(6, "pppoe-wan"),
+        link(7, "lan", Kind::Other(None)),
+    ];
+    let pppoe = vec![PppoeSession { id: 0x1a2b, peer: PEER, device: "wan.7".into() }];
+    let t = Topology::new(links, Vec::new(), pppoe);
+    let under = |i| t.beneath(i).map(|r| r.map(|e| (e.port, e.encap)));
+    assert_eq!(under(3), Some(Ok((2, stack(&[(ETH_P_8021Q, 7)])))));
+    assert_eq!(under(5), Some(Ok((2, stack(&[(ETH_P_8021AD, 100), (ETH_P_8021Q, 7)])))));
+    assert_eq!(under(6), Some(Ok((2, stack(&[(ETH_P_8021Q, 7), (ETH_P_PPP_SES, 0x1a2b)])))));
+    assert_eq!(under(2), None, "an Ethernet device serves itself");
+    assert_eq!(under(7), None);
+    assert_eq!(t.vlans_on(2), ["wan.7", "wan.100"]);
+    assert!(t.vlans_on(3).is_empty());
+    // Two ppp devices: which session is whose cannot be told.
+    let mut two = t.clone();
+    two.links.insert(8, ppp(8, "ppp1"));
+    assert!(matches!(two.beneath(6), Some(Err(LowerError::Pppoe(_)))));
+}

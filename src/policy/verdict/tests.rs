@@ -33,11 +33,15 @@ impl Ports for FakePorts {
             _ => None,
         }
     }
-    fn listed_name(&self, ifindex: u32) -> Option<&str> {
-        if ifindex == PPP {
-            self.name(WAN)
-        } else {
-            self.name(ifindex)
+    fn listed_name(&self, ifindex: u32, encap: &crate::flow::EncapStack) -> Option<&str> {
+        match ifindex {
+            PPP => self.name(WAN),
+            // XDP on "wan" serves only "wan.7" (VLAN 7) when WAN_VLAN is
+            // asked: see `served_vlan`.
+            WAN if !encap.as_slice().is_empty() => {
+                (encap.as_slice() == [crate::flow::Encap { proto: 0x8100, id: 7 }]).then_some("wan.7")
+            }
+            _ => self.name(ifindex),
         }
     }
 }
@@ -70,7 +74,19 @@ fn flowtables() -> Vec<Flowtable> {
         label_bit,
         line: 1,
     };
-    vec![ft("ft", &["lan", "wan"], 127), ft("ft_dmz", &["dmz", "lan"], 126)]
+    vec![ft("ft", &["lan", "wan"], 127), ft("ft_dmz", &["dmz", "lan"], 126), ft("ft_vlan", &["lan", "wan.7"], 125)]
+}
+
+/// `path(WAN)` leaving (and coming back) with VLAN tag `id` on the port.
+fn tagged(id: u16) -> PathAnswer {
+    use crate::flow::{Encap, EncapStack, LinkLayer};
+    let mut tag = EncapStack::default();
+    tag.push(Encap { proto: 0x8100, id });
+    let [o, r] = path(WAN)?;
+    let none = EncapStack::default();
+    let up = LinkLayer { in_encap: none, in_dmac: [0; 6], out_encap: tag, l3_out: false };
+    let down = LinkLayer { in_encap: tag, in_dmac: [0; 6], out_encap: none, l3_out: false };
+    Ok([o.with_link(&up), r.with_link(&down)])
 }
 
 /// The masqueraded TCP connection, routed LAN -> `out`.
@@ -168,6 +184,8 @@ fn every_branch() {
     let dirs = ok.clone().unwrap();
     let dirs_dmz = to_dmz.clone().unwrap();
     let dirs_ppp = to_ppp.clone().unwrap();
+    let (vlan7, vlan8) = (tagged(7), tagged(8));
+    let dirs_vlan7 = vlan7.clone().unwrap();
     use Known::Untracked as U;
     use Mode::*;
     use TeardownReason as T;
@@ -232,6 +250,10 @@ fn every_branch() {
         ("the other flowtable's devices", Nft, labelled(126), U, Some(&to_dmz), V::Offload(dirs_dmz)),
         ("the other flowtable, wrong devices", Nft, labelled(126), U, Some(&ok), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
         ("through the ppp device above a listed port", Nft, labelled(127), U, Some(&to_ppp), V::Offload(dirs_ppp)),
+        // XDP on wan serving a listed wan.7: its tag is its name there
+        ("through wan.7, served on wan", Nft, labelled(125), U, Some(&vlan7), V::Offload(dirs_vlan7)),
+        ("through wan.8 on the port serving wan.7", Nft, labelled(125), U, Some(&vlan8), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
+        ("through wan untagged, only wan.7 listed", Nft, labelled(125), U, Some(&ok), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
         // UDP: `flow add` takes a confirmed entry, so a later packet
         ("udp, first packet only: watched for a later one", Iface, udp_first(), U, Some(&ok), V::Watch(dirs)),
         ("udp, first packet only, waiting for its neighbour", Iface, udp_first(), WAITING, Some(&ok), V::Watch(dirs)),

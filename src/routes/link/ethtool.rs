@@ -38,13 +38,20 @@ struct Value {
 /// # Safety
 /// `T` must be the ethtool struct the command in it expects.
 unsafe fn ethtool<T>(name: &str, data: &mut T) -> bool {
+    ethtool_ptr(name, (data as *mut T).cast())
+}
+
+/// # Safety
+/// `data` must point at the ethtool struct (and trailing data) the command
+/// in its first word expects.
+unsafe fn ethtool_ptr(name: &str, data: *mut libc::c_void) -> bool {
     #[repr(C)]
     struct IfReq {
         name: [u8; libc::IF_NAMESIZE],
         data: *mut libc::c_void,
         _pad: [u8; 16],
     }
-    let mut req = IfReq { name: [0; libc::IF_NAMESIZE], data: (data as *mut T).cast(), _pad: [0; 16] };
+    let mut req = IfReq { name: [0; libc::IF_NAMESIZE], data, _pad: [0; 16] };
     let n = name.len().min(libc::IF_NAMESIZE - 1);
     req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
     let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -92,6 +99,66 @@ pub fn rx_vlan_offload(name: &str) -> Option<bool> {
     unsafe { ethtool(name, &mut v) }.then_some(v.data & ETH_FLAG_RXVLAN != 0)
 }
 
+const ETHTOOL_GSTRINGS: u32 = 0x1b;
+const ETHTOOL_GSSET_INFO: u32 = 0x37;
+const ETHTOOL_GFEATURES: u32 = 0x3a;
+/// enum ethtool_stringset: the names of the device features.
+const ETH_SS_FEATURES: u32 = 4;
+const ETH_GSTRING_LEN: usize = 32;
+
+/// Whether each feature in `wanted` (by the name `ethtool -k` shows in its
+/// `-K` form: "tx-vlan-hw-insert", "rx-vlan-hw-parse", "rx-gro", ...) is
+/// active on `name`, None per feature the kernel does not know. The bit a
+/// name stands for is the kernel's own numbering (netdev_features.h), not
+/// ABI: it is looked up in the ETH_SS_FEATURES string set, as ethtool(8)
+/// does. None when the device does not answer.
+pub fn features(name: &str, wanted: &[&str]) -> Option<Vec<Option<bool>>> {
+    // struct ethtool_sset_info: cmd, reserved, sset_mask (u64), data[1].
+    let mut info = [0u32; 5];
+    info[0] = ETHTOOL_GSSET_INFO;
+    let mask = 1u64 << ETH_SS_FEATURES;
+    info[2] = mask as u32;
+    info[3] = (mask >> 32) as u32;
+    // SAFETY: the buffer holds the struct and one u32 of data (one bit set).
+    if !unsafe { ethtool_ptr(name, info.as_mut_ptr().cast()) } || info[2] == 0 {
+        return None;
+    }
+    let count = info[4] as usize;
+    if count == 0 || count > 1024 {
+        return None;
+    }
+    // struct ethtool_gstrings: cmd, string_set, len, then len names.
+    let mut strings = vec![0u8; 12 + count * ETH_GSTRING_LEN];
+    strings[0..4].copy_from_slice(&ETHTOOL_GSTRINGS.to_ne_bytes());
+    strings[4..8].copy_from_slice(&ETH_SS_FEATURES.to_ne_bytes());
+    strings[8..12].copy_from_slice(&(count as u32).to_ne_bytes());
+    // SAFETY: room for `count` strings after the header.
+    if !unsafe { ethtool_ptr(name, strings.as_mut_ptr().cast()) } {
+        return None;
+    }
+    // struct ethtool_gfeatures: cmd, size, then size blocks of
+    // (available, requested, active, never_changed).
+    let blocks = count.div_ceil(32);
+    let mut feats = vec![0u32; 2 + 4 * blocks];
+    feats[0] = ETHTOOL_GFEATURES;
+    feats[1] = blocks as u32;
+    // SAFETY: room for `blocks` blocks after the header.
+    if !unsafe { ethtool_ptr(name, feats.as_mut_ptr().cast()) } {
+        return None;
+    }
+    let names: Vec<&[u8]> =
+        strings[12..].chunks(ETH_GSTRING_LEN).map(|c| c.split(|b| *b == 0).next().unwrap_or(c)).collect();
+    Some(
+        wanted
+            .iter()
+            .map(|w| {
+                let bit = names.iter().position(|n| *n == w.as_bytes())?;
+                Some(feats[2 + 4 * (bit / 32) + 2] & (1 << (bit % 32)) != 0)
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +170,16 @@ mod tests {
         assert_eq!(driver("nosuch-if0"), "");
         assert_eq!(gro("nosuch-if0"), None);
         assert_eq!(rx_vlan_offload("nosuch-if0"), None);
+        assert_eq!(features("nosuch-if0", &["rx-gro"]), None);
+    }
+
+    /// Feature names resolve through the string set: loopback knows GRO
+    /// and the VLAN offloads by name, and nothing by a made-up one.
+    #[test]
+    fn features_by_name_on_loopback() {
+        let f = features("lo", &["rx-gro", "tx-vlan-hw-insert", "no-such-feature"]).expect("lo answers");
+        assert_eq!(f[0], gro("lo"), "rx-gro is what ETHTOOL_GGRO reads");
+        assert!(f[1].is_some(), "{f:?}");
+        assert_eq!(f[2], None);
     }
 }

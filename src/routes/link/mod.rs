@@ -4,13 +4,15 @@
 //! thread's network namespace.
 
 mod ethtool;
+pub mod netdev;
+pub mod peer;
 mod table;
 
 use std::ffi::CString;
 
 use anyhow::{bail, Result};
 
-pub use ethtool::{driver, gro, rx_vlan_offload};
+pub use ethtool::{driver, features, gro, rx_vlan_offload};
 pub use table::{LinkFacts, LinkRef, LinkTable, OperState, Undecoded, XdpMode, XdpProgs};
 
 /// An interface as mode selection and the engine see it.
@@ -100,6 +102,57 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     }
     // SAFETY: if_indextoname wrote a NUL-terminated string.
     Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// What `policy::xdp` judges a port by: read here, judged there.
+#[derive(Debug, Clone, Default)]
+pub struct XdpPortFacts {
+    pub name: String,
+    pub driver: String,
+    /// The netdev family's answer (6.3+); None: not available.
+    pub features: Option<netdev::XdpFeatures>,
+    /// veth only: its peer, or why it could not be read.
+    pub peer: Option<Result<peer::PeerFacts, String>>,
+    /// Not veth: the NIC takes 802.1Q / 802.1ad tags off on receive
+    /// (rx-vlan-hw-parse, rx-vlan-stag-hw-parse); None: not readable.
+    pub rx_vlan_strip: [Option<bool>; 2],
+    /// The kernel's BTF has `bpf_xdp_metadata_rx_vlan_tag` (6.8+).
+    pub vlan_kfunc: bool,
+}
+
+impl XdpPortFacts {
+    /// Read link `l` of `table` (this namespace's links); `peer`: read a
+    /// veth's peer too (it may take a scan of the namespaces, see `peer`).
+    pub fn read(table: &LinkTable, l: &LinkFacts, driver: &str, peer: bool) -> Self {
+        let veth = driver == "veth";
+        let strip = if veth {
+            Vec::new()
+        } else {
+            features(&l.name, &["rx-vlan-hw-parse", "rx-vlan-stag-hw-parse"]).unwrap_or_default()
+        };
+        XdpPortFacts {
+            name: l.name.clone(),
+            driver: driver.to_string(),
+            features: netdev::xdp_features(l.ifindex).unwrap_or_else(|e| {
+                tracing::debug!(iface = %l.name, "netdev xdp-features: {e:#}");
+                None
+            }),
+            peer: (veth && peer).then(|| peer::veth_peer(table, l)),
+            rx_vlan_strip: [strip.first().copied().flatten(), strip.get(1).copied().flatten()],
+            vlan_kfunc: has_rx_vlan_kfunc(),
+        }
+    }
+}
+
+/// Whether the kernel's BTF has `bpf_xdp_metadata_rx_vlan_tag` (6.8+):
+/// read once (BTF is a few MB), kept as the answer only. Names in the BTF
+/// string section are NUL-separated: whole-name match.
+pub fn has_rx_vlan_kfunc() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let raw = std::fs::read(crate::host::BTF_VMLINUX).unwrap_or_default();
+        raw.split(|b| *b == 0).any(|s| s == b"bpf_xdp_metadata_rx_vlan_tag")
+    })
 }
 
 /// One interface, from a fresh dump.

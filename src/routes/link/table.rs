@@ -113,7 +113,7 @@ impl LinkFacts {
             link_type: m.header.link_layer_type.into(),
             xdp: None,
         };
-        let mut netnsid = None;
+        let (mut netnsid, mut link) = (None, 0);
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => f.name = n.clone(),
@@ -125,11 +125,7 @@ impl LinkFacts {
                     })
                 }
                 LinkAttribute::Controller(i) => f.master = Some(*i),
-                // The kernel sends IFLA_LINK only when it differs from the
-                // link itself; 0 means "none" (e.g. a tunnel without underlay).
-                LinkAttribute::Link(i) if *i != 0 && *i != f.ifindex => {
-                    f.link = Some(LinkRef { ifindex: *i, netnsid: None })
-                }
+                LinkAttribute::Link(i) => link = *i,
                 LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
                 LinkAttribute::Mtu(mtu) => f.mtu = *mtu,
                 LinkAttribute::Qdisc(q) => f.qdisc = Some(q.clone()),
@@ -138,8 +134,12 @@ impl LinkFacts {
                 _ => {}
             }
         }
-        if let Some(l) = &mut f.link {
-            l.netnsid = netnsid;
+        // The kernel sends IFLA_LINK only when it differs from the link
+        // itself; 0 means "none" (e.g. a tunnel without underlay). In
+        // another namespace the same index is another link (a veth pair
+        // whose ends are both ifindex 2 in their namespaces).
+        if link != 0 && (link != f.ifindex || netnsid.is_some()) {
+            f.link = Some(LinkRef { ifindex: link, netnsid });
         }
         f
     }

@@ -129,6 +129,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("plain", plain::run));
     v.extend(three_ways!("vlan", vlan::vlan));
     v.extend(three_ways!("vlan_lower", vlan::vlan_lower));
+    v.extend(three_ways!("vlan_stripped", vlan::vlan_stripped));
     v.extend(three_ways!("qinq", vlan::qinq, QINQ_REFERENCE));
     v.extend(three_ways!("qinq_lower", vlan::qinq_lower, QINQ_REFERENCE));
     v.extend(three_ways!("pppoe", pppoe::ppp));
