@@ -72,6 +72,10 @@ fn wan_rx_bytes(lab: &Lab) -> u64 {
     lab.iface_stats(&lab.wan, "wan0").unwrap().1
 }
 
+fn wan_rx_packets(lab: &Lab) -> u64 {
+    lab.iface_stats(&lab.wan, "wan0").unwrap().0
+}
+
 /// While a transfer runs: over a window well after offload, the forward
 /// chain counts (almost) nothing while the server keeps receiving.
 fn assert_bypasses_forward_chain(lab: &Lab, what: &str) {
@@ -120,6 +124,7 @@ fn offload_test(mode: &str, xdp_safe: bool) {
     assert_bypasses_forward_chain(&lab, &format!("{mode} udp"));
     let r = iperf_result(c);
     let lost = r["end"]["sum"]["lost_percent"].as_f64().unwrap();
+    eprintln!("{mode} udp lost {lost}%");
     assert!(lost < 5.0, "{mode} udp lost {lost}%");
 
     let st = d.status().unwrap();
@@ -570,6 +575,56 @@ fn link_down_and_route_change_reach_offloaded_flows() {
     let st = d.status().unwrap();
     assert!(st["interfaces"].as_array().unwrap().iter().any(|i| i["name"] == "rwan" && i["up"] == false), "{st}");
     lab.exec(&lab.rtr, &["ip", "link", "set", "rwan", "up"]).unwrap();
+}
+
+/// A route through a nexthop object (FRR's default since 8.x) whose nexthop
+/// is deleted: the kernel flushes the IPv4 routes using it with no
+/// RTM_DELROUTE (`remove_nexthop` -> `__remove_nexthop_fib` ->
+/// `fib_flush`), only RTM_DELNEXTHOP says so. The kernel then has no route
+/// to the destination and drops (ICMP unreachable): the fast path must stop
+/// forwarding within a second, like after any route change.
+#[test]
+fn a_deleted_nexthop_object_reaches_offloaded_flows() {
+    let lab = lab(false);
+    let rtr = |args: &[&str]| lab.exec(&lab.rtr, args).unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+    // A destination behind the server, reachable only through the object.
+    lab.exec(&lab.wan, &["ip", "addr", "add", "198.51.100.7/32", "dev", "lo"]).unwrap();
+    rtr(&["ip", "nexthop", "add", "id", "42", "via", "203.0.113.2", "dev", "rwan"]);
+    rtr(&["ip", "route", "add", "198.51.100.0/24", "nhid", "42"]);
+    let _sink = udp_sink(&lab);
+    let d = daemon(&lab, &["--idle-timeout", "60"]);
+    let py = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',41003))\n\
+              end=time.time()+30\nwhile time.time()<end:\n    try:\n        s.sendto(b'x'*200,('198.51.100.7',9999))\n\
+              \x20   except OSError:\n        pass\n    time.sleep(0.01)\n";
+    let _stream = Bg(lab.spawn(&lab.lan, &["python3", "-c", py]).unwrap());
+    let t0 = Instant::now();
+    while d.status().unwrap()["flows_offloaded"] != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "not offloaded: {}", d.status().unwrap());
+        sleep(Duration::from_millis(50));
+    }
+    sleep(Duration::from_millis(500));
+    rtr(&["ip", "nexthop", "del", "id", "42"]);
+    let gone = Instant::now();
+    assert!(!rtr(&["ip", "route", "show"]).contains("198.51.100.0/24"), "the route went with its nexthop");
+    let mut off = None;
+    while off.is_none() && gone.elapsed() < Duration::from_secs(1) {
+        if d.status().unwrap()["flows_offloaded"] == 0 {
+            off = Some(gone.elapsed());
+        }
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_secs(1).saturating_sub(gone.elapsed()));
+    let (rx0, fast0) = (wan_rx_packets(&lab), d.status().unwrap()["fast_path_packets"].as_u64().unwrap());
+    sleep(Duration::from_secs(1));
+    let (rx, fast) = (wan_rx_packets(&lab) - rx0, d.status().unwrap()["fast_path_packets"].as_u64().unwrap() - fast0);
+    eprintln!(
+        "off the fast path after {off:?}; in the second after the first: {rx} packets reached the server, {fast} fast-path packets"
+    );
+    assert!(off.is_some(), "still offloaded a second after the nexthop's deletion");
+    // The kernel has no route: nothing may reach the server any more (a
+    // stray ARP or ICMP aside).
+    assert!(rx < 5 && fast == 0, "the nexthop's deletion was not followed: {rx} packets reached the server, {fast} forwarded by the fast path 1-2 s after");
+    assert_eq!(teardowns(&d, "route_change"), 1);
 }
 
 /// A firewall4-shaped ruleset with a flowtable, as kmod-nft-offload users

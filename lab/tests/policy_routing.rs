@@ -202,3 +202,132 @@ fn ip_rule_added_while_offloaded_reroutes_within_a_second() {
     assert_eq!(status(&d)["flows_offloaded"], 1, "{}", status(&d));
     assert!(rx1.0 - rx0.0 >= 100 && rx1.1 - rx0.1 < 5, "{rx0:?} -> {rx1:?}");
 }
+
+/// A stream of 100 datagrams a second to `dst`:9999 from the client's
+/// `sport` for 40 s, with IP tos `tos` (IPv4) or over IPv6; a send that
+/// fails (no route) is retried next tick.
+fn stream(lab: &Lab, dst: &str, sport: u16, tos: u8) -> Bg {
+    let (fam, src) = if dst.contains(':') { ("AF_INET6", "fd00:1::2") } else { ("AF_INET", "192.168.1.2") };
+    let py = format!(
+        "import socket,time\ns=socket.socket(socket.{fam},socket.SOCK_DGRAM)\ns.bind(('{src}',{sport}))\n\
+         if {tos}:\n    s.setsockopt(socket.IPPROTO_IP,socket.IP_TOS,{tos})\nend=time.time()+40\n\
+         while time.time()<end:\n    try:\n        s.sendto(b'x'*200,('{dst}',{SINK_PORT}))\n\
+         \x20   except OSError:\n        pass\n    time.sleep(0.01)\n"
+    );
+    Bg(lab.spawn(&lab.lan, &["python3", "-c", &py]).unwrap())
+}
+
+/// Both families' sink on the server (V6ONLY: each socket its own family).
+fn dual_sink(lab: &Lab) -> Bg {
+    let py = format!(
+        "import socket,threading\ndef run(f,a):\n    s=socket.socket(f,socket.SOCK_DGRAM)\n\
+         \x20   if f==socket.AF_INET6:\n        s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,1)\n\
+         \x20   s.bind((a,{SINK_PORT}))\n    while True:\n        s.recv(2048)\n\
+         threading.Thread(target=run,args=(socket.AF_INET6,'::'),daemon=True).start()\nrun(socket.AF_INET,'0.0.0.0')\n"
+    );
+    Bg(lab.spawn(&lab.wan, &["python3", "-c", &py]).unwrap())
+}
+
+/// Polls `done` on the status for up to `limit`; how long it took.
+fn within(d: &Daemon, limit: Duration, done: impl Fn(&serde_json::Value) -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if done(&status(d)) {
+            return Some(t0.elapsed());
+        }
+        sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A route on tos: the kernel sends a packet carrying that tos by it
+/// (`fib_table_lookup` skips an alias whose dscp the flow's does not
+/// match), the engine's lookup always asks with tos 0. A blackhole for tos
+/// 0x10 added while a tos-0x10 stream is offloaded must stop it within a
+/// second, as the kernel does; a connection under such a route is not
+/// offloaded (status says why), and comes back when the route goes.
+#[test]
+fn a_route_on_tos_keeps_the_connections_under_it_on_the_slow_path() {
+    let lab = Lab::up_unique("prt").unwrap_or_else(|e| panic!("{e:#}"));
+    let _sink = dual_sink(&lab);
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _s = stream(&lab, "203.0.113.2", 42010, 0x10);
+    assert!(within(&d, Duration::from_secs(5), |s| s["flows_offloaded"] == 1).is_some(), "{}", status(&d));
+    lab.exec(&lab.rtr, &["ip", "route", "add", "blackhole", "203.0.113.2/32", "tos", "0x10"]).unwrap();
+    let off = within(&d, Duration::from_secs(1), |s| s["flows_offloaded"] == 0);
+    let (rx0, fp0) = (server_rx_v4(&lab), fast_path_packets(&d));
+    sleep(Duration::from_secs(1));
+    let (rx, fp) = (server_rx_v4(&lab) - rx0, fast_path_packets(&d) - fp0);
+    eprintln!("tos route: off the fast path after {off:?}; then in a second {rx} packets reached the server, {fp} by the fast path");
+    assert!(off.is_some() && rx < 5 && fp == 0, "the tos route was not followed: off after {off:?}, {rx} packets reached the server in a second, {fp} through the fast path");
+    let why = "the route to 203.0.113.2 selects on tos";
+    let _new = stream(&lab, "203.0.113.2", 42011, 0);
+    let refused = within(&d, Duration::from_secs(3), |s| {
+        s["not_offloaded"].as_object().is_some_and(|m| m.keys().any(|k| k.starts_with(why)))
+    });
+    assert!(refused.is_some() && status(&d)["flows_offloaded"] == 0, "no `{why}` reason: {}", status(&d));
+    lab.exec(&lab.rtr, &["ip", "route", "del", "blackhole", "203.0.113.2/32", "tos", "0x10"]).unwrap();
+    let back = within(&d, Duration::from_secs(3), |s| s["flows_offloaded"] == 2);
+    assert!(back.is_some(), "not offloaded again once the route went: {}", status(&d));
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Multipath routes whose hash the lookup cannot reproduce. IPv6 hashes
+/// each packet's flow label under the default policy 0 (`rt6_multipath_hash`):
+/// a connection under such a route is not offloaded, and is once the route
+/// is a single path. IPv4 hashes the addresses under policy 0, which the
+/// lookup reproduces: offloaded; policy 1 takes a NIC's receive hash when
+/// the packet has one (`fib_multipath_hash`: `skb->l4_hash`), so a
+/// sysctl switching to it takes the connection off within the engine's
+/// one-second look at it.
+#[test]
+fn multipath_routes_are_offloaded_only_where_the_lookup_hashes_as_the_kernel() {
+    let lab = Lab::up_unique("prm").unwrap_or_else(|e| panic!("{e:#}"));
+    let (rtr, wan) = (lab.rtr.clone(), lab.wan.clone());
+    let run = |ns: &str, cmd: &str| {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        lab.exec(ns, &args).unwrap_or_else(|e| panic!("{cmd}: {e:#}"));
+    };
+    // Two gateways (both the server), a destination behind them per family.
+    run(&wan, "ip addr add 203.0.113.3/24 dev wan0");
+    run(&wan, "ip -6 addr add fd00:2::3/64 dev wan0 nodad");
+    run(&wan, "ip addr add 198.51.100.7/32 dev lo");
+    run(&wan, "ip -6 addr add fd00:9::7/128 dev lo");
+    run(&rtr, "ip route add 198.51.100.0/24 nexthop via 203.0.113.2 dev rwan nexthop via 203.0.113.3 dev rwan");
+    run(&rtr, "ip -6 route add fd00:9::/64 nexthop via fd00:2::2 dev rwan nexthop via fd00:2::3 dev rwan");
+    run(&rtr, "sysctl -qw net.ipv4.fib_multipath_hash_policy=0 net.ipv6.fib_multipath_hash_policy=0");
+    let _sink = dual_sink(&lab);
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _v4 = stream(&lab, "198.51.100.7", 42020, 0);
+    let _v6 = stream(&lab, "fd00:9::7", 42021, 0);
+    let why6 = "the multipath route to fd00:9::/64 picks its path by a hash of each packet's IPv6 flow label";
+    let refused =
+        |s: &serde_json::Value| s["not_offloaded"].as_object().is_some_and(|m| m.keys().any(|k| k.starts_with(why6)));
+    let settled = within(&d, Duration::from_secs(5), |s| s["flows_offloaded"] == 1 && refused(s));
+    let flows = d.flows().unwrap();
+    let offloaded: Vec<String> = flows.iter().map(|f| f["orig"]["dst"].as_str().unwrap().to_string()).collect();
+    eprintln!("offloaded: {offloaded:?}; {}", status(&d)["not_offloaded"]);
+    assert!(
+        settled.is_some() && offloaded == ["198.51.100.7"],
+        "IPv4 by addresses offloaded, IPv6 by flow label not: {offloaded:?}\n{}",
+        status(&d)
+    );
+
+    // IPv6 by one path: offloaded (the rescan after the route change).
+    run(&rtr, "ip -6 route replace fd00:9::/64 via fd00:2::2 dev rwan");
+    assert!(within(&d, Duration::from_secs(3), |s| s["flows_offloaded"] == 2).is_some(), "{}", status(&d));
+
+    // IPv4 under the L4 policy: off within the second the engine takes to
+    // read the sysctl again, plus the re-resolution.
+    run(&rtr, "sysctl -qw net.ipv4.fib_multipath_hash_policy=1");
+    let off = within(&d, Duration::from_secs(2), |s| s["flows_offloaded"] == 1);
+    eprintln!("IPv4 off the fast path {off:?} after policy 1");
+    let left: Vec<String> = d.flows().unwrap().iter().map(|f| f["orig"]["dst"].as_str().unwrap().to_string()).collect();
+    assert!(off.is_some() && left == ["fd00:9::7"], "policy 1 not followed: {left:?}\n{}", status(&d));
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Packets received by the server on wan0.
+fn server_rx_v4(lab: &Lab) -> u64 {
+    lab.iface_stats(&lab.wan, "wan0").unwrap().0
+}

@@ -170,3 +170,69 @@ fn stalled_engine_steps_aside() {
     assert!(st["slow_path"]["stale_engine"].as_u64().unwrap_or(0) > 100, "{st}");
     d.stop().unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// The router's conntrack line for the UDP connection from `sport`.
+fn ct_line(lab: &Lab, sport: u16) -> String {
+    lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "udp", "--orig-port-src", &sport.to_string()]).unwrap_or_default()
+}
+
+/// The timeout conntrack shows (`udp 17 TIMEOUT src=...`).
+fn ct_timeout(line: &str) -> u64 {
+    line.split_whitespace().nth(2).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("no timeout in {line:?}"))
+}
+
+/// UDP as the kernel's flowtable takes it: `flow add` (`nft_flow_offload_eval`)
+/// offloads only a confirmed entry, so never on a connection's first packet;
+/// a request's reply passes conntrack first. So a DNS-like exchange (one
+/// query, one answer) leaves the entry replied, with the 30 s conntrack
+/// gives it then (not the 120 s stream timeout); a stream of them becomes
+/// ASSURED (early_drop spares it), as conntrack makes it on the packet
+/// after the reply; and its later slow-path packets are `ct state
+/// established` to the ruleset, not `new`.
+#[test]
+fn udp_replies_pass_conntrack_before_offload() {
+    let lab = lab();
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "2"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _echo = udp_echo(&lab);
+    let nft = |cmd: &str| lab.exec(&lab.rtr, &["nft", cmd]).unwrap_or_else(|e| panic!("{cmd}: {e:#}"));
+    nft("add counter inet fw4 ctnew");
+    nft("insert rule inet fw4 forward udp dport 9999 ct state new counter name ctnew");
+
+    // One query, one answer.
+    let query = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',41700))\n\
+                 s.settimeout(2)\ns.sendto(b'q'*40,('203.0.113.2',9999))\ns.recv(2048)\n";
+    lab.exec(&lab.lan, &["python3", "-c", query]).unwrap_or_else(|e| panic!("the query got no answer: {e:#}"));
+    // Past keepalive's first look (250 ms) and a refresh's minimum gap.
+    sleep(Duration::from_millis(1500));
+    let one = ct_line(&lab, 41700);
+    let (unreplied, timeout) = (one.contains("UNREPLIED"), ct_timeout(&one));
+    eprintln!("after one exchange: unreplied {unreplied}, timeout {timeout} s: {}", one.trim());
+
+    // A request/response stream, 50 a second for 4 s.
+    let stream = udp_stream(&lab, 41701, 50, 4);
+    let t0 = Instant::now();
+    while !d.flows().unwrap().iter().any(|f| f["orig"]["sport"] == 41701) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the stream was not offloaded: {}", d.status().unwrap());
+        sleep(Duration::from_millis(50));
+    }
+    sleep(Duration::from_secs(3));
+    let busy = ct_line(&lab, 41701);
+    let fast = d.flows().unwrap().iter().find(|f| f["orig"]["sport"] == 41701).map(|f| f["packets_orig"].clone());
+    eprintln!("stream: {} (fast path packets {fast:?})", busy.trim());
+    drop(stream);
+    // Idle (2 s), then one more packet through the kernel.
+    sleep(Duration::from_secs(4));
+    let new0 = lab.counter_packets("ctnew").unwrap();
+    let again = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',41701))\n\
+                 s.sendto(b'x'*200,('203.0.113.2',9999))\n";
+    lab.exec(&lab.lan, &["python3", "-c", again]).unwrap();
+    sleep(Duration::from_millis(200));
+    let new_later = lab.counter_packets("ctnew").unwrap() - new0;
+    eprintln!("a packet after the idle teardown counted as ct state new: {new_later}");
+
+    assert!(!unreplied && timeout <= 30, "one exchange: the reply skipped conntrack or got the stream timeout: {one}");
+    assert!(busy.contains("ASSURED") && !busy.contains("UNREPLIED"), "the stream is not replied and assured: {busy}");
+    assert!(fast.and_then(|p| p.as_u64()).is_some_and(|p| p > 50), "the stream was not on the fast path");
+    assert_eq!(new_later, 0, "the ruleset saw a later packet of a replied stream as new");
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}

@@ -243,6 +243,11 @@ pub struct CtUpdate {
     /// entry has no label extension (labels unused in the netns when it was
     /// created).
     pub labels: Option<([u8; CT_LABELS_LEN], [u8; CT_LABELS_LEN])>,
+    /// CTA_STATUS: the entry's status with bits to set. ctnetlink_change_status()
+    /// refuses (EBUSY) a value that differs from the entry's in EXPECTED,
+    /// CONFIRMED or DYING, or clears SEEN_REPLY or ASSURED; of the rest it
+    /// sets the bits given, clears none and ignores IPS_UNCHANGEABLE_MASK.
+    pub status: Option<u32>,
 }
 
 /// Every ctnetlink attribute we understand, all optional: the decoded form
@@ -576,6 +581,9 @@ pub fn build_update(seq: u32, orig: &CtTuple, zone: u16, upd: &CtUpdate) -> Vec<
     put_zone(&mut b, zone);
     if let Some(t) = upd.timeout {
         b.put_be32(CTA_TIMEOUT, t);
+    }
+    if let Some(st) = upd.status {
+        b.put_be32(CTA_STATUS, st);
     }
     if upd.tcp_liberal && orig.proto == IPPROTO_TCP {
         // nlattr_to_tcp() (nf_conntrack_proto_tcp.c) does
@@ -996,7 +1004,13 @@ mod tests {
         value[0] = 0x04;
         let mut mask = [0u8; 16];
         mask[0] = 0x0c;
-        let upd = CtUpdate { timeout: Some(777), tcp_liberal: true, mark: Some(0x42), labels: Some((value, mask)) };
+        let upd = CtUpdate {
+            timeout: Some(777),
+            tcp_liberal: true,
+            mark: Some(0x42),
+            labels: Some((value, mask)),
+            status: Some(0x0e),
+        };
         let buf = build_update(0x1234, &tcp4(), 9, &upd);
         let raw = parse_request(&buf).unwrap();
         assert_eq!(raw.header.len as usize, buf.len());
@@ -1009,6 +1023,7 @@ mod tests {
             orig: Some(tcp4()),
             zone: Some(9),
             timeout: Some(777),
+            status: Some(0x0e),
             tcp_flags_orig: Some((0x08, 0x08)),
             tcp_flags_reply: Some((0x08, 0x08)),
             mark: Some(0x42),

@@ -740,6 +740,14 @@ mod tests {
         assert!(matches!(find(&dump, &udp).timeout, Some(770..=777)), "{dump:#?}");
         assert!(matches!(find(&dump, &tcp).timeout, Some(40..=50)));
 
+        // Status bits set as conntrack sets them on a reply and the packet
+        // after it (what keepalive does for a UDP stream it forwards).
+        let before = find(&dump, &udp).status;
+        let assure = CtUpdate { status: Some(before | status::SEEN_REPLY | status::ASSURED), ..CtUpdate::default() };
+        req.update(&udp, 0, &assure).unwrap();
+        let after = find(&req.dump().unwrap(), &udp).status;
+        assert_eq!(after, before | status::SEEN_REPLY | status::ASSURED, "{before:#x} -> {after:#x}");
+
         // Liberal window tracking on both directions, state untouched.
         // conntrack-tools creates TCP entries already liberal, so clear the
         // bit first to make the update observable.

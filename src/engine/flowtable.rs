@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use indexmap::IndexMap;
 
-use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtUpdate, Memo, Seen};
+use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtTuple, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
 use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
@@ -140,10 +140,12 @@ pub struct FlowTable {
     /// Dense (see `Offloaded`'s size): a HashMap's table would hold every
     /// entry in a slot of its own, up to half of them empty.
     pub(super) offloaded: IndexMap<ConnId, Offloaded>,
-    /// Offloaded connections by the next hop a direction leaves to
-    /// (egress interface, neighbour MAC), so a neighbour change re-resolves
-    /// only the connections through it.
-    by_hop: HashMap<(u32, [u8; 6]), HashSet<ConnId>>,
+    /// Offloaded connections by the MAC a direction is sent to, so a
+    /// neighbour change or a bridge fdb move re-resolves only the
+    /// connections through it. By MAC alone: a neighbour message names the
+    /// FIB's device (br-lan, wan.7), a direction the port below it (lan1,
+    /// eth0) that the topology walk found, and the MAC is the same at both.
+    by_hop: HashMap<[u8; 6], HashSet<ConnId>>,
     /// Offloaded connections by when keepalive next looks at them
     /// (`flow::next_check`), so a tick reads only the entries due.
     due: BTreeSet<(u64, ConnId)>,
@@ -162,7 +164,8 @@ pub struct FlowTable {
     /// that only the ruleset can bring the connection back.
     label_bits: Vec<u32>,
     pub counters: Counters,
-    /// When the batch of conntrack events being handled was read.
+    /// When the batch of conntrack events (or of wake-ups) being handled
+    /// was read.
     pub events_at: Option<Instant>,
     /// Offloads waiting for `flush`, and their ids: anything else done to
     /// one of them (`merge`, `apply`, `teardown`) flushes first, so the
@@ -180,6 +183,8 @@ pub struct FlowTable {
     /// Connections taken off since the engine last looked: they leave the
     /// FIB cache's index (`routes::cache`).
     pub(super) released: Vec<ConnId>,
+    /// Label clears decided in a batch, sent with its installs (`flush`).
+    clears: Vec<(CtTuple, u16, CtUpdate)>,
 }
 
 impl FlowTable {
@@ -203,6 +208,7 @@ impl FlowTable {
             batching: false,
             keys: HashMap::new(),
             released: Vec::new(),
+            clears: Vec::new(),
         }
     }
 
@@ -271,6 +277,8 @@ impl FlowTable {
             Known::Dormant { mark: d.entry.mark, woke: d.watch.proven }
         } else if let Some(e) = self.waiting.get(id) {
             Known::Waiting { mark: e.mark }
+        } else if self.asleep.contains(id) {
+            Known::Asleep
         } else {
             Known::Untracked
         }
@@ -329,22 +337,20 @@ impl FlowTable {
         self.waiting.keys().copied().collect()
     }
 
-    /// Offloaded connections with a direction that leaves by `ifindex` to
-    /// the neighbour with MAC `mac`.
-    pub fn offloaded_via_hop(&self, ifindex: u32, mac: [u8; 6]) -> Vec<ConnId> {
-        self.by_hop.get(&(ifindex, mac)).map(|s| s.iter().copied().collect()).unwrap_or_default()
-    }
-
-    /// Offloaded connections with a direction sent to `mac` or arriving
-    /// from it (a bridge fdb entry moved: the port may have changed for
-    /// both). O(offloaded), once per moved MAC.
+    /// Offloaded connections with a direction sent to `mac`, whichever
+    /// device names it: a neighbour that changed its MAC (the kernel's
+    /// `neigh_update` makes every route through it use the new one), or a
+    /// bridge fdb entry that moved (a direction sent to a client and the
+    /// other arriving from it: the port may have changed for both). A MAC
+    /// that is a neighbour on two devices costs a re-resolution too many,
+    /// never one too few.
     pub fn offloaded_via_mac(&self, mac: [u8; 6]) -> Vec<ConnId> {
-        self.offloaded.iter().filter(|(_, f)| f.dirs.iter().any(|d| d.val.dmac == mac)).map(|(id, _)| *id).collect()
+        self.by_hop.get(&mac).map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
     fn index_hops(&mut self, id: ConnId, dirs: &[Direction; 2], add: bool) {
         for d in dirs {
-            let hop = (d.val.out_ifindex, d.val.dmac);
+            let hop = d.val.dmac;
             if add {
                 self.by_hop.entry(hop).or_default().insert(id);
             } else if let Some(set) = self.by_hop.get_mut(&hop) {
@@ -504,6 +510,14 @@ impl FlowTable {
             }
             Verdict::Offload(dirs) if self.offloaded.contains_key(&id) => self.repath(&id, dirs),
             Verdict::Offload(dirs) => self.install(id, e, dirs),
+            Verdict::Watch(dirs) => {
+                self.waiting.remove(&id);
+                match self.dormant.get_mut(&id) {
+                    // Watched already: its watch and evidence stand.
+                    Some(d) => d.entry = e,
+                    None => self.sleep(id, e, &dirs),
+                }
+            }
             Verdict::Teardown(r) => self.teardown(&id, r),
             Verdict::NotOffloaded(why) => {
                 self.waiting.remove(&id);
@@ -556,21 +570,19 @@ impl FlowTable {
         Some(Box::new(w))
     }
 
-    /// Park a connection that is still alive: it comes back only on
-    /// evidence that the kernel forwarded a packet of it again. In `--nft`
-    /// mode that is its label set anew by `flow add`, so the label is
-    /// cleared and the connection untracked; otherwise TC egress watches
-    /// for its packets leaving.
-    fn park(&mut self, id: ConnId, f: Offloaded) {
+    /// Park a connection that is still alive (taken off the fast path, or
+    /// not offloaded yet: `Verdict::Watch`): it comes back only on evidence
+    /// that the kernel forwarded a packet of it again. In `--nft` mode that
+    /// is its label set anew by `flow add`, so the label is cleared and the
+    /// connection untracked but for `asleep`; otherwise TC egress watches
+    /// for its packets leaving by `dirs`.
+    fn sleep(&mut self, id: ConnId, entry: CtEntry, dirs: &[Direction; 2]) {
         if !self.label_bits.is_empty() {
-            self.forget_offload_request(&f.entry);
+            self.forget_offload_request(&entry);
             self.asleep.insert(id);
             return;
         }
-        if let Some(w) = &f.watch {
-            self.unwatch_all(w);
-        }
-        let watch = Watch::new(&f.dirs);
+        let watch = Watch::new(dirs);
         for k in &watch.keys {
             if let Err(e) = self.dp.watch_dormant(k) {
                 // fo_dormant is full: the connection stays dormant but
@@ -580,7 +592,7 @@ impl FlowTable {
             self.dormant_keys.insert(key_bytes(k), id);
         }
         self.dp.set_watching(self.dormant_keys.len());
-        self.dormant.insert(id, Dormant { entry: f.entry, watch });
+        self.dormant.insert(id, Dormant { entry, watch });
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map
@@ -598,12 +610,8 @@ impl FlowTable {
         for (i, nd) in new.iter().enumerate() {
             let old = &f.dirs[i];
             let moved = key_bytes(&old.key) != key_bytes(&nd.key);
-            if moved {
-                // Arrives elsewhere now (another port, other headers):
-                // replace the entry.
-                self.dp.delete_flow(&old.key);
-                forget_key(&mut self.keys, &old.key);
-            } else if old.val.out_ifindex == nd.val.out_ifindex
+            if !moved
+                && old.val.out_ifindex == nd.val.out_ifindex
                 && old.val.dmac == nd.val.dmac
                 && old.val.smac == nd.val.smac
                 && old.val.in_dmac == nd.val.in_dmac
@@ -617,7 +625,16 @@ impl FlowTable {
                 f.dirs[i].route_ifindex = nd.route_ifindex;
                 continue;
             }
+            // What the fast path wrote since keepalive last looked (a FIN or
+            // RST's flag, the stamp, the counters), read before the entry
+            // can go.
             let cur = self.dp.get_written(&old.key).unwrap_or(f.last[i]);
+            if moved {
+                // Arrives elsewhere now (another port, other headers):
+                // replace the entry.
+                self.dp.delete_flow(&old.key);
+                forget_key(&mut self.keys, &old.key);
+            }
             f.base[i].0 += cur.packets;
             f.base[i].1 += cur.bytes;
             let mut v = nd.val;
@@ -644,7 +661,7 @@ impl FlowTable {
     /// Take a connection off the fast path (or stop waiting for or
     /// watching it). Connections still alive in conntrack after an idle
     /// period, a route change or a link going down come back once the
-    /// kernel forwards a packet of theirs again (`park`); after a policy
+    /// kernel forwards a packet of theirs again (`sleep`); after a policy
     /// change only the ruleset can bring them back.
     pub fn teardown(&mut self, id: &ConnId, reason: TeardownReason) {
         self.settle(id);
@@ -670,7 +687,7 @@ impl FlowTable {
                     | TeardownReason::InterfaceDown
                     | TeardownReason::RulesetChange
             ) {
-                self.park(*id, f);
+                self.sleep(*id, f.entry, &f.dirs);
                 return;
             }
             f.entry
@@ -754,10 +771,22 @@ impl FlowTable {
         }
         memo.labels = Some(now);
         let upd = CtUpdate { labels: Some(([0u8; 16], mask)), ..Default::default() };
-        match self.ct.update(&e.orig, e.zone, &upd) {
-            Ok(()) | Err(CtError::NotFound) => {}
-            Err(err) => tracing::warn!("cannot clear the offload label: {err}"),
+        // Within a batch of events (every new UDP connection is watched,
+        // so a burst of them is many): with the batch's other conntrack
+        // changes, in one send (`flush`).
+        if self.batching {
+            self.clears.push((e.orig, e.zone, upd));
+            return;
         }
+        label_cleared(self.ct.update(&e.orig, e.zone, &upd));
+    }
+}
+
+/// How clearing an offload label went.
+fn label_cleared(r: Result<(), CtError>) {
+    match r {
+        Ok(()) | Err(CtError::NotFound) => {}
+        Err(err) => tracing::warn!("cannot clear the offload label: {err}"),
     }
 }
 
@@ -770,6 +799,7 @@ mod tests {
 
     use super::*;
     use crate::conntrack::{status, CtTuple};
+    use crate::dataplane::fo_teardown;
     use crate::flow::{build_direction, NextHop};
     use crate::proto::IPPROTO_TCP;
 
@@ -801,10 +831,13 @@ mod tests {
         }
     }
 
+    /// A next hop on lo with MAC 02:00:00:00:00:`dmac`.
+    fn hop(dmac: u8) -> NextHop {
+        NextHop { ifindex: LO, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, dmac], mtu: 1500, xdp_ok: false }
+    }
+
     fn dirs(e: &CtEntry, dmac: u8) -> [Direction; 2] {
-        let nh =
-            NextHop { ifindex: LO, smac: [2, 0, 0, 0, 0, 1], dmac: [2, 0, 0, 0, 0, dmac], mtu: 1500, xdp_ok: false };
-        [build_direction(&e.orig, &e.reply, LO, &nh), build_direction(&e.reply, &e.orig, LO, &nh)]
+        [build_direction(&e.orig, &e.reply, LO, &hop(dmac)), build_direction(&e.reply, &e.orig, LO, &hop(dmac))]
     }
 
     /// A UDP frame on lo (the Ethernet addresses are lo's, zero).
@@ -839,6 +872,9 @@ mod tests {
         ft.apply(e.clone(), Verdict::Offload(dirs(&e, 3)));
         assert_eq!(ft.dp().get_flow(&d[0].key).unwrap().dmac[5], 3);
         assert_eq!(ft.counters.offloads, 1, "a re-point is no new offload");
+        // Found by the MAC it is sent to now, whatever device a neighbour
+        // message names.
+        assert_eq!((ft.offloaded_via_mac(hop(2).dmac), ft.offloaded_via_mac(hop(3).dmac)), (vec![], vec![id]));
 
         // Idle: off the fast path, watched as dormant.
         ft.teardown(&id, TeardownReason::Idle);
@@ -949,6 +985,76 @@ mod tests {
         assert!(matches!(ft.known(&id), Known::Dormant { woke: [false, false], .. }), "forgotten");
         assert!(ft.woken(None).is_empty(), "the stamp predates the change");
         assert_eq!(ft.dp().dormant_seen(&k[0]), Some(0), "re-armed");
+    }
+
+    /// A re-point that moves a direction's key (the client roamed to
+    /// another port, a VLAN or PPPoE session changed) keeps what the fast
+    /// path wrote to the old entry since keepalive last read it: its
+    /// FIN/RST flag, last-seen stamp and counters.
+    #[test]
+    fn a_moved_key_keeps_the_close_flag_stamp_and_counters() {
+        let mut ft = private_table(vec![]);
+        let e = udp(40030);
+        let id = ConnId::of(&e);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Offload(d));
+        // What the fast path writes per packet (bpf/fastpath.bpf.c):
+        // counters, the stamp, and a FIN or RST's teardown code.
+        let mut v = ft.dp().get_flow(&d[0].key).unwrap();
+        (v.packets, v.bytes, v.last_seen_ns, v.teardown) = (5, 500, 123_456_789, fo_teardown::FO_TD_RST.0 as u8);
+        ft.dp().replace_flow(&d[0].key, &v).unwrap();
+
+        // The original direction now arrives on another port: a new key.
+        let moved = [build_direction(&e.orig, &e.reply, 7, &hop(2)), d[1]];
+        assert_ne!(key_bytes(&moved[0].key), key_bytes(&d[0].key));
+        ft.apply(e.clone(), Verdict::Offload(moved));
+        assert!(ft.dp().get_flow(&d[0].key).is_none(), "the old key is gone");
+        let now = ft.dp().get_flow(&moved[0].key).expect("the new key is installed");
+        // (close flag, last-seen, counters before the move)
+        let kept = (now.teardown, now.last_seen_ns, ft.offloaded[&id].base[0]);
+        assert_eq!(kept, (fo_teardown::FO_TD_RST.0 as u8, 123_456_789, (5, 500)), "what the fast path wrote is kept");
+        assert!(matches!(ft.known(&id), Known::Offloaded { close, .. } if close == fo_teardown::FO_TD_RST.0));
+    }
+
+    /// A UDP connection the kernel has handled only the first packet of is
+    /// watched, not offloaded: in `--iface` mode by its egress keys, and a
+    /// packet of it leaving wakes it; in `--nft` mode its label is cleared
+    /// (with the batch's other conntrack changes) and it is asleep.
+    #[test]
+    fn a_watched_connection_is_offloaded_on_its_next_forwarded_packet() {
+        let mut ft = private_table(vec![]);
+        let e = udp(40040);
+        let id = ConnId::of(&e);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Watch(d));
+        assert_eq!(ft.len(), (0, 0, 1));
+        assert!(d.iter().all(|x| ft.dp().get_flow(&x.key).is_none()), "not on the fast path");
+        assert!(matches!(ft.known(&id), Known::Dormant { woke: [false, false], .. }));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ft.dp().test_tc_egress(&frame(e.reply.dst, e.reply.src, 40040, 53), LO, 1).unwrap();
+        assert_eq!(ft.woken(None), vec![(id, [true, false])], "the kernel forwarded its second packet");
+        assert!(ft.prove(&id, [true, false]));
+        ft.apply(e.clone(), Verdict::Watch(d));
+        assert!(
+            matches!(ft.known(&id), Known::Dormant { woke: [true, false], .. }),
+            "a second watch keeps the evidence"
+        );
+        ft.apply(e.clone(), Verdict::Offload(d));
+        assert_eq!(ft.len(), (1, 0, 0));
+        assert!(ft.counters.teardowns.is_empty(), "a watch is no teardown");
+
+        let mut ft = private_table(vec![127]);
+        let labelled = CtEntry { labels: Some(nft::label_mask(&[127])), ..udp(40041) };
+        let id = ConnId::of(&labelled);
+        let merged = ft.merge(labelled.clone(), Seen::Full);
+        ft.begin_batch();
+        ft.apply(merged, Verdict::Watch(dirs(&labelled, 2)));
+        assert_eq!(ft.clears.len(), 1, "the label clear waits for the batch's end");
+        ft.end_batch();
+        assert!(ft.clears.is_empty());
+        assert_eq!((ft.len(), ft.known(&id)), ((0, 0, 1), Known::Asleep));
+        let next = ft.merge(CtEntry { labels: None, ..labelled }, Seen::Changes);
+        assert!(!nft::has_label(next.labels.as_ref(), 127), "the engine's own clear is remembered");
     }
 
     /// Keepalive's schedule: a new offload is due one look later, taken

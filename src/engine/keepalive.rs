@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::conntrack::{status, CtError, CtUpdate};
 use crate::dataplane::{key_bytes, KEY_LEN};
-use crate::flow::{decide, next_check, Action, ConnId, CtTimeouts, TeardownReason};
+use crate::flow::{decide, next_check, udp_status_seen, Action, ConnId, CtTimeouts, TeardownReason};
 
 use super::flowtable::{FlowTable, Written};
 
@@ -103,14 +103,40 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts,
             Action::Refresh(t) => refresh.push((id, t, timeout)),
         }
     }
-    let reqs: Vec<_> = refresh
+    let mut reqs: Vec<_> = refresh
         .iter()
         .map(|&(id, t, _)| {
             let e = &ft.offloaded[&id].entry;
             (e.orig, e.zone, CtUpdate { timeout: Some(t), ..Default::default() })
         })
         .collect();
-    let results = if reqs.is_empty() { Vec::new() } else { ft.ct.update_many(&reqs) };
+    // A UDP connection refreshed had packets since: the status bits
+    // conntrack would have set on them, as a request of their own so a
+    // refusal (EBUSY: the entry is dying) costs no refresh.
+    let assure: Vec<(ConnId, u32)> = refresh
+        .iter()
+        .filter_map(|&(id, _, _)| {
+            let f = &ft.offloaded[&id];
+            let udp = f.entry.orig.proto == crate::proto::IPPROTO_UDP;
+            udp.then(|| udp_status_seen(f.entry.status, f.last[1].packets > 0)).flatten().map(|st| (id, st))
+        })
+        .collect();
+    reqs.extend(assure.iter().map(|&(id, st)| {
+        let e = &ft.offloaded[&id].entry;
+        (e.orig, e.zone, CtUpdate { status: Some(st), ..Default::default() })
+    }));
+    let mut results = if reqs.is_empty() { Vec::new() } else { ft.ct.update_many(&reqs) };
+    let assured = results.split_off(refresh.len().min(results.len()));
+    for ((id, st), r) in assure.into_iter().zip(assured) {
+        match r {
+            Ok(()) | Err(CtError::NotFound) => {}
+            Err(err) => tracing::debug!(?id, "conntrack status update refused: {err}"),
+        }
+        // Asked once: the event of the change brings the entry's own word.
+        if let Some(f) = ft.offloaded.get_mut(&id) {
+            f.entry.status = st;
+        }
+    }
     for ((id, t, timeout), r) in refresh.into_iter().zip(results) {
         let f = ft.offloaded.get_mut(&id).expect("listed");
         match r {

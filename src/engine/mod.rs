@@ -425,6 +425,7 @@ impl Core {
         // What `refresh` is about to read again, to see what it changed.
         let topo = (!ch.links.is_empty() || ch.lost).then(|| self.facts.topo.clone());
         let addrs = (ch.addresses || ch.lost).then(|| self.facts.addrs.clone());
+        let routes = (ch.routes || ch.lost).then(|| self.facts.routes.clone());
         for &(ifindex, up) in &ch.links {
             if self.ifaces.set_up(ifindex, up) {
                 for id in self.flows.offloaded_via(ifindex) {
@@ -447,6 +448,14 @@ impl Core {
         p.all |= ch.rules || ch.lost || first != crate::routes::path::Ports::first_up(&self.ifaces);
         if addrs.is_some_and(|a| a != self.facts.addrs) {
             p.all = true;
+        }
+        // A route on tos or a hashed multipath route came or went: the FIB
+        // answers the lookups get may be the same, the connections under
+        // it are not (`routes::per_packet`); those it kept off come back
+        // through a dump, as after a rule change.
+        if routes.is_some_and(|r| r != self.facts.routes) {
+            p.all = true;
+            self.rescan = true;
         }
         if let Some(t) = topo.filter(|t| *t != self.facts.topo) {
             match t.changed_links(&self.facts.topo) {
@@ -489,7 +498,7 @@ impl Core {
         }
         for n in self.neigh.changes(&ch.neighbours) {
             if let Some(mac) = n.was {
-                self.neigh_ids.extend(self.flows.offloaded_via_hop(n.ifindex, mac));
+                self.neigh_ids.extend(self.flows.offloaded_via_mac(mac));
                 self.facts.cache.borrow_mut().neighbour_changed(n.ifindex, mac);
             }
             self.neigh_dirty.get_or_insert_with(Instant::now);
@@ -592,6 +601,12 @@ impl Core {
             if self.holds.hooks.ports.values().any(|d| d.unreadable.is_some()) {
                 self.read_hooks();
             }
+            // A sysctl changed the multipath hash (nothing announces it),
+            // or unreadable routes can be read now.
+            if self.facts.routes.recheck() {
+                tracing::info!("multipath hash policy or routes read anew: paths are judged again");
+                self.facts_changed();
+            }
             // A veth's peer in another namespace changes without a word to
             // this one (its GRO, its XDP program): ask every second.
             self.probe_xdp_targets();
@@ -620,12 +635,19 @@ impl Core {
     /// recorded for that direction alone, and the connection judged again
     /// (an offloaded one with its path, so its holds are set anew).
     fn wake(&mut self, keys: Option<&[fo_flow_key]>) {
+        // One batch, like a batch of conntrack events: a burst of new UDP
+        // connections wakes on their second packets (`Verdict::Watch`),
+        // installed together, the wake-up counting as their event.
+        self.flows.events_at = Some(Instant::now());
+        self.flows.begin_batch();
         for (id, ev) in self.flows.woken(keys) {
             if self.flows.prove(&id, ev) {
                 let offloaded = self.flows.is_offloaded(&id);
                 self.rejudge(&id, None, offloaded);
             }
         }
+        self.flows.end_batch();
+        self.flows.events_at = None;
     }
 
     fn answer(&mut self, req: Request) -> Result<Response, String> {

@@ -155,6 +155,25 @@ pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct
     Action::Keep
 }
 
+/// The status conntrack would have given a UDP entry (status `status`) had
+/// it seen the packets the fast path forwarded since the last refresh,
+/// `None` when that adds nothing: a reply sets IPS_SEEN_REPLY
+/// (`nf_conntrack_in`), a packet after the reply IPS_ASSURED
+/// (`nf_conntrack_udp_packet`), which spares the entry from `early_drop`
+/// when the table fills. One step per refresh: ASSURED once the entry shows
+/// the reply.
+pub fn udp_status_seen(status: u32, reply_forwarded: bool) -> Option<u32> {
+    use crate::conntrack::status::{ASSURED, SEEN_REPLY};
+    let add = if status & SEEN_REPLY != 0 {
+        ASSURED
+    } else if reply_forwarded {
+        SEEN_REPLY
+    } else {
+        0
+    };
+    (status & add != add).then_some(status | add)
+}
+
 /// When `decide` can next say something other than `Keep` about a flow
 /// just judged at `now` (with the stamps read then): the moment it would
 /// go idle if no packet came, or the moment its refresh falls due. Keepalive
@@ -189,6 +208,20 @@ pub fn next_check(now_ns: u64, c: &FlowClock, idle: Duration, ct_timeout_s: u32)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_conntrack_would_have_set_on_a_udp_entry() {
+        use crate::conntrack::status::{ASSURED, CONFIRMED, SEEN_REPLY};
+        let cases = [
+            ("one way, no reply forwarded", CONFIRMED, false, None),
+            ("one way, a reply forwarded", CONFIRMED, true, Some(CONFIRMED | SEEN_REPLY)),
+            ("replied, packets after", CONFIRMED | SEEN_REPLY, false, Some(CONFIRMED | SEEN_REPLY | ASSURED)),
+            ("already assured", CONFIRMED | SEEN_REPLY | ASSURED, true, None),
+        ];
+        for (what, status, reply, want) in cases {
+            assert_eq!(udp_status_seen(status, reply), want, "{what}");
+        }
+    }
 
     const S: u64 = 1_000_000_000;
 

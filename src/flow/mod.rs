@@ -9,7 +9,7 @@ pub mod lifecycle;
 
 pub use entry::{build_direction, csum_diff, egress_key, Direction, Encap, EncapStack, LinkLayer, NextHop};
 pub use hold::{Held, Hold};
-pub use lifecycle::{decide, next_check, Action, CtTimeouts, FlowClock, TeardownReason};
+pub use lifecycle::{decide, next_check, udp_status_seen, Action, CtTimeouts, FlowClock, TeardownReason};
 
 use std::net::IpAddr;
 
@@ -118,6 +118,22 @@ pub fn eligible(e: &CtEntry) -> Result<(), Ineligible> {
     Ok(())
 }
 
+/// Whether the kernel's `flow add` could not have taken this connection
+/// yet. `nft_flow_offload_eval` (net/netfilter/nft_flow_offload.c) takes
+/// only a confirmed entry (`nf_ct_is_confirmed`), so never on a
+/// connection's first packet, whose confirmation is conntrack's NEW event:
+/// it offloads on a later packet. TCP gets here on its third handshake
+/// packet (ESTABLISHED and ASSURED), a later packet already. A UDP entry
+/// whose reply passed conntrack (IPS_SEEN_REPLY, set in `nf_conntrack_in`)
+/// has had its later packet too. One without is known only to have had its
+/// first: offloading it then would let the reply skip conntrack, leaving
+/// the entry UNREPLIED (`ct state new` to the ruleset), never ASSURED, on
+/// the stream timeout. Such a connection is watched until the kernel
+/// forwards another packet of it (`Verdict::Watch`).
+pub fn awaits_later_packet(e: &CtEntry) -> bool {
+    e.orig.proto == IPPROTO_UDP && e.status & status::SEEN_REPLY == 0
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -170,6 +186,27 @@ pub(crate) mod tests {
         assert_eq!(eligible(&e), Ok(()));
         e.status = 0;
         assert_eq!(eligible(&e), Err(Ineligible::NotConfirmed));
+    }
+
+    /// Only a UDP entry whose reply has not passed conntrack waits for a
+    /// later packet; TCP and replied UDP are past their first.
+    #[test]
+    fn what_awaits_a_later_packet() {
+        let tcp = tcp_masq();
+        let udp = |status| {
+            let mut e = tcp_masq();
+            (e.orig.proto, e.reply.proto, e.tcp_state, e.status) = (IPPROTO_UDP, IPPROTO_UDP, None, status);
+            e
+        };
+        let cases = [
+            ("tcp", tcp, false),
+            ("udp, first packet confirmed", udp(status::CONFIRMED), true),
+            ("udp, reply seen", udp(status::CONFIRMED | status::SEEN_REPLY), false),
+            ("udp, assured", udp(status::CONFIRMED | status::SEEN_REPLY | status::ASSURED), false),
+        ];
+        for (what, e, want) in cases {
+            assert_eq!(awaits_later_packet(&e), want, "{what}");
+        }
     }
 
     #[test]

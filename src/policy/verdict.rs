@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::conntrack::{tcp_state, CtEntry};
-use crate::flow::{eligible, Direction, Held, Hold, Ineligible, TeardownReason};
+use crate::flow::{awaits_later_packet, eligible, Direction, Held, Hold, Ineligible, TeardownReason};
 use crate::routes::path::{NoPath, Ports};
 
 use super::exclude::{Excluded, Exclusions};
@@ -84,12 +84,18 @@ pub enum Known {
         mark: u32,
         woke: [bool; 2],
     },
+    /// `--nft` mode's dormant connection: its flowtable label was cleared
+    /// and only its return counts. The label set again is the ruleset's
+    /// `flow add` taking a packet of it, the evidence a `Dormant` one waits
+    /// for; no label, and the event is the engine's own clear or about
+    /// something else.
+    Asleep,
 }
 
 impl Known {
     fn mark(&self) -> Option<u32> {
         match *self {
-            Known::Untracked => None,
+            Known::Untracked | Known::Asleep => None,
             Known::Waiting { mark } | Known::Offloaded { mark, .. } | Known::Dormant { mark, .. } => Some(mark),
         }
     }
@@ -165,6 +171,11 @@ pub enum Verdict {
     Wait(NoPath),
     /// Install (or, when offloaded, re-point) both directions.
     Offload([Direction; 2]),
+    /// Eligible and routed, but the kernel has handled only its first
+    /// packet (`flow::awaits_later_packet`): watched like a dormant
+    /// connection (by these directions' egress keys, or in `--nft` mode its
+    /// label cleared) until the kernel forwards another.
+    Watch([Direction; 2]),
     /// Off the fast path, or stop tracking it.
     Teardown(TeardownReason),
     /// Final: counted under this reason in `status`.
@@ -184,7 +195,9 @@ pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verd
     }
     if let Some(why) = rules.exclude.excludes(e) {
         return match known {
-            Known::Untracked | Known::Waiting { .. } => Verdict::NotOffloaded(NotOffloaded::Excluded(why)),
+            Known::Untracked | Known::Waiting { .. } | Known::Asleep => {
+                Verdict::NotOffloaded(NotOffloaded::Excluded(why))
+            }
             _ => Verdict::Teardown(TeardownReason::Policy),
         };
     }
@@ -208,12 +221,16 @@ pub fn verdict(e: &CtEntry, known: &Known, rules: &Rules, world: &World) -> Verd
             // Back, with the directions not seen forwarded held.
             None => candidate(e, rules, world, woke.map(|w| !w)),
         },
-        Known::Untracked | Known::Waiting { .. } => match ineligible {
+        Known::Untracked | Known::Waiting { .. } | Known::Asleep => match ineligible {
             // Every connection passes through these on its way to
             // ESTABLISHED: not a final verdict.
             Some(i @ (Ineligible::TcpNotEstablished | Ineligible::NotAssured)) => Verdict::NotYet(i),
             Some(i) => Verdict::NotOffloaded(NotOffloaded::Ineligible(i)),
-            None => candidate(e, rules, world, [false, false]),
+            // An asleep connection's label set again is its later packet.
+            None => match candidate(e, rules, world, [false, false]) {
+                Verdict::Offload(dirs) if *known != Known::Asleep && awaits_later_packet(e) => Verdict::Watch(dirs),
+                v => v,
+            },
         },
     }
 }

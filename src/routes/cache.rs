@@ -21,7 +21,9 @@
 //!   NULL)`, one value per namespace; tos/dscp/flowlabel rules already
 //!   refuse the family (`rules`).
 //! * no multipath route or nexthop object (`fib_select_multipath` hashes
-//!   the flow with `fib_multipath_hash`, ports included under policy 1).
+//!   the flow with `fib_multipath_hash`, ports included under policy 1;
+//!   where the hash takes what only each packet carries, its connections
+//!   get no path at all: `per_packet`).
 //!
 //! Otherwise the family bypasses the cache (every lookup asks the kernel,
 //! every change re-judges its connections, as before). A next hop's MAC
@@ -317,7 +319,7 @@ impl FibCache {
 impl RouteFacts {
     /// Whether the family's answers may be cached (see `cache`).
     pub fn cacheable(&self, v6: bool) -> bool {
-        let mp = if v6 { self.multipath.1 } else { self.multipath.0 };
+        let mp = self.routes.family(v6).multipath;
         !mp && !self.rules.family(v6).by_flow
     }
 

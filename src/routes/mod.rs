@@ -15,6 +15,7 @@ pub(crate) mod dump;
 pub mod link;
 mod metric;
 pub mod path;
+pub mod per_packet;
 pub mod rules;
 pub mod solicit;
 
@@ -184,26 +185,6 @@ fn reverse_packet(any_ifindex: u32, dst: IpAddr) -> Packet {
     Packet { in_ifindex: any_ifindex, src: unspecified, dst, proto: 0, sport: 0, dport: 0, mark: 0 }
 }
 
-/// Whether some route of the family is multipath (RTA_MULTIPATH) or names
-/// a nexthop object (RTA_NH_ID, which may be a group): `fib_select_path`
-/// then hashes the flow. A dump that fails answers true (no caching).
-fn any_multipath(v6: bool) -> bool {
-    use netlink_packet_route::route::{RouteAttribute, RouteMessage};
-    let mut req = RouteMessage::default();
-    req.header.address_family =
-        if v6 { netlink_packet_route::AddressFamily::Inet6 } else { netlink_packet_route::AddressFamily::Inet };
-    match dump::dump(RouteNetlinkMessage::GetRoute(req), "route") {
-        Ok(msgs) => msgs.iter().any(|m| {
-            matches!(m, RouteNetlinkMessage::NewRoute(r)
-                if r.attributes.iter().any(|a| matches!(a, RouteAttribute::MultiPath(_) | RouteAttribute::NhId(_))))
-        }),
-        Err(e) => {
-            tracing::warn!("{e:#}: FIB answers are not cached");
-            true
-        }
-    }
-}
-
 /// A neighbour as an rtnetlink message states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbour {
@@ -300,9 +281,10 @@ pub struct RouteFacts {
     pub topo: crate::topology::Topology,
     /// Some IPv4 route carries an MTU metric (`metric::any_route_mtu`).
     pub route_mtus: bool,
-    /// Some route of the family (v4, v6) is multipath or uses a nexthop
-    /// object: its answers hash the flow (`cache`).
-    pub multipath: (bool, bool),
+    /// The routes as far as the lookups care: multipath (answers hash the
+    /// flow, `cache`), and the destinations under a route whose choice is
+    /// per packet (`per_packet`).
+    pub routes: per_packet::Routes,
     /// The FIB's answers (`cache`): each new connection from a known client
     /// to a known destination costs no lookup, and a change costs one per
     /// distinct key in use.
@@ -318,7 +300,7 @@ impl RouteFacts {
             addrs: addrs::AddressTable::dump()?,
             topo: crate::topology::read().context("reading the link topology")?,
             route_mtus: metric::any_route_mtu(),
-            multipath: (any_multipath(false), any_multipath(true)),
+            routes: per_packet::Routes::read(),
             cache: Default::default(),
             solicits: Default::default(),
         })
@@ -368,7 +350,7 @@ impl RouteFacts {
         }
         if ch.routes || ch.lost {
             self.route_mtus = metric::any_route_mtu();
-            self.multipath = (any_multipath(false), any_multipath(true));
+            self.routes = per_packet::Routes::read();
         }
         if ch.addresses || ch.lost {
             match addrs::AddressTable::dump() {
@@ -393,7 +375,7 @@ pub struct RouteWatch {
 
 /// The groups followed, by number (include/uapi/linux/rtnetlink.h, enum
 /// rtnetlink_groups): links, neighbours, tc, IPv4/IPv6 addresses, routes,
-/// rules and netconf.
+/// rules, netconf and nexthop objects.
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_TC: u32 = 4;
@@ -405,6 +387,11 @@ const RTNLGRP_IPV6_ROUTE: u32 = 11;
 const RTNLGRP_IPV6_RULE: u32 = 19;
 const RTNLGRP_IPV4_NETCONF: u32 = 24;
 const RTNLGRP_IPV6_NETCONF: u32 = 25;
+/// Nexthop objects (`ip nexthop`, FRR's default): deleting one flushes the
+/// IPv4 routes through it without an RTM_DELROUTE (`remove_nexthop` ->
+/// `__remove_nexthop_fib` -> `fib_flush`, net/ipv4/nexthop.c), and
+/// replacing one moves them the same way: only this group says so.
+const RTNLGRP_NEXTHOP: u32 = 32;
 
 impl RouteWatch {
     pub fn new() -> io::Result<Self> {
@@ -420,6 +407,7 @@ impl RouteWatch {
             RTNLGRP_IPV6_RULE,
             RTNLGRP_IPV4_NETCONF,
             RTNLGRP_IPV6_NETCONF,
+            RTNLGRP_NEXTHOP,
         ];
         Ok(RouteWatch { sub: Subscription::new(netlink_sys::protocols::NETLINK_ROUTE, &groups, 4 << 20)? })
     }
@@ -455,6 +443,8 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
     const RTM_DELTFILTER: u16 = 45;
     const RTM_NEWNETCONF: u16 = 80;
     const RTM_DELNETCONF: u16 = 81;
+    const RTM_NEWNEXTHOP: u16 = 104;
+    const RTM_DELNEXTHOP: u16 = 105;
     const AF_BRIDGE: u8 = 7;
     const IFF_UP: u32 = 0x1;
     const IFF_LOWER_UP: u32 = 0x10000;
@@ -477,7 +467,11 @@ pub fn parse_rtnl(mut b: &[u8], ch: &mut Changes) {
             // A device's forwarding setting (`inet_netconf_notify_devconf`)
             // decides the lookup's answer (BPF_FIB_LKUP_RET_FWD_DISABLED)
             // like a route: cached answers may no longer hold.
-            RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWNETCONF | RTM_DELNETCONF => ch.routes = true,
+            // A nexthop object changed or went: the routes through it moved
+            // or went with it, unannounced (see RTNLGRP_NEXTHOP).
+            RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWNETCONF | RTM_DELNETCONF | RTM_NEWNEXTHOP | RTM_DELNEXTHOP => {
+                ch.routes = true
+            }
             // The bridge's fdb arrives on the same group (ndm_family
             // AF_BRIDGE, no NDA_DST).
             RTM_NEWNEIGH | RTM_DELNEIGH if body.first() == Some(&AF_BRIDGE) => {
@@ -570,6 +564,11 @@ mod tests {
         let mut nc = Changes::default();
         parse_rtnl(&msg(80, &[0u8; 4]), &mut nc);
         assert!(nc.routes && nc.beyond_neighbours(), "a forwarding setting changed (RTM_NEWNETCONF)");
+        for ty in [104, 105] {
+            let mut nh = Changes::default();
+            parse_rtnl(&msg(ty, &[0u8; 8]), &mut nh);
+            assert!(nh.routes && nh.beyond_neighbours(), "a nexthop object changed or went ({ty})");
+        }
         d.extend(msg(28, &ndmsg(7, 0x02, [192, 0, 2, 1], Some([2, 0, 0, 0, 0, 9]))));
         let mut ch = Changes::default();
         parse_rtnl(&d, &mut ch);
@@ -596,15 +595,7 @@ mod tests {
     /// answers, neighbour resolved or not. Needs root.
     #[test]
     fn egress_for_answers_the_same_without_skip_neigh() {
-        // SAFETY: trivial syscall.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "needs root (netns, BPF)");
-        let r = std::thread::spawn(|| {
-            let sh = |cmd: &str| {
-                let out = std::process::Command::new("sh").args(["-ec", cmd]).output().expect("running sh");
-                assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
-            };
-            // SAFETY: affects only this thread.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        in_private_netns(|| {
             sh("ip link set lo up; ip link add ra type veth peer name rb; ip link set ra up; ip link set rb up; \
                 ip addr add 10.0.0.1/24 dev ra; ip addr add 10.0.1.1/24 dev rb; \
                 ip route add 198.51.100.0/24 via 10.0.1.2 dev rb; \
@@ -622,11 +613,54 @@ mod tests {
                     assert_eq!(ask(&dp, dst), want, "{dst}, SKIP_NEIGH {skip}");
                 }
             }
+        });
+    }
+
+    /// `cmd` run by sh, which must succeed.
+    pub(crate) fn sh(cmd: &str) {
+        let out = std::process::Command::new("sh").args(["-ec", cmd]).output().expect("running sh");
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `f` on a thread of its own in a private network namespace (needs
+    /// root); its panic is the test's.
+    fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+        // SAFETY: trivial syscall.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "needs root (a private network namespace)");
+        let r = std::thread::spawn(|| {
+            // SAFETY: affects only this thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            f()
         })
         .join();
         if let Err(p) = r {
             std::panic::resume_unwind(p);
         }
+    }
+
+    /// Deleting a nexthop object removes the IPv4 routes through it with
+    /// no RTM_DELROUTE: the watch hears it through RTNLGRP_NEXTHOP. Needs
+    /// root (a private namespace).
+    #[test]
+    fn a_deleted_nexthop_object_is_a_route_change() {
+        in_private_netns(|| {
+            // No IPv6: its link-local addresses and routes would come
+            // later and be heard as route changes of their own.
+            sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1; \
+                ip link add ra type veth peer name rb; ip link set ra up; ip link set rb up; \
+                ip addr add 10.0.0.1/24 dev ra; ip nexthop add id 42 via 10.0.0.2 dev ra; \
+                ip route add 198.51.100.0/24 nhid 42");
+            let mut w = RouteWatch::new().expect("subscribing");
+            let _ = w.drain();
+            sh("ip nexthop del id 42");
+            let t0 = std::time::Instant::now();
+            let mut ch = Changes::default();
+            while !ch.routes && t0.elapsed() < std::time::Duration::from_secs(2) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                ch = w.drain();
+            }
+            assert!(ch.routes && !ch.lost, "no route change heard: {ch:?}");
+        });
     }
 
     /// An ndmsg with NDA_DST (IPv4) and, if given, NDA_LLADDR.

@@ -11,7 +11,9 @@
 //!
 //! Policy routing: each lookup carries the connection's mark when a rule
 //! selects on fwmark (see `rules`), and a family with a rule the lookup
-//! cannot reproduce has no path. A direction whose source conntrack
+//! cannot reproduce has no path, as has a connection under a route whose
+//! choice is per packet (its tos, a multipath hash the lookup cannot
+//! reproduce: `per_packet`). A direction whose source conntrack
 //! rewrote to one of the router's addresses (source NAT) must leave by the
 //! interface that owns it (`check_source`).
 
@@ -25,6 +27,7 @@ use crate::topology::{Egress, LowerError, Topology};
 
 use super::addrs::AddressTable;
 use super::cache::Used;
+use super::per_packet::PerPacket;
 use super::rules::Selector;
 use super::{Packet, RouteFacts, Unroutable, FIB_NO_MARK};
 
@@ -52,6 +55,10 @@ pub enum NoPath {
     LookupFailed(String),
     /// An `ip rule` the lookup cannot reproduce.
     Rule(Selector),
+    /// A route whose choice depends on what each packet carries (its tos,
+    /// a multipath hash of its flow label): no lookup answers for the
+    /// whole connection (`per_packet`).
+    PerPacket(PerPacket),
     /// Source NAT to this address of the router, which the computed
     /// egress interface does not have: the kernel chose another way out
     /// (masquerade takes the egress interface's address), or the mark the
@@ -93,6 +100,7 @@ impl fmt::Display for NoPath {
             NoPath::Asymmetric => f.write_str("asymmetric routing"),
             NoPath::LookupFailed(e) => write!(f, "route lookup failed: {e}"),
             NoPath::Rule(s) => s.fmt(f),
+            NoPath::PerPacket(p) => p.fmt(f),
             NoPath::SourceElsewhere(a) => {
                 write!(f, "source NAT to {a}, an address the route's egress interface does not have")
             }
@@ -143,6 +151,11 @@ pub fn resolve_path(
     let rules = facts.rules.family(o.src.is_ipv6());
     if let Some(s) = rules.unreproducible {
         return Err(NoPath::Rule(s));
+    }
+    // Each direction's lookup asks about its destination: the original's
+    // after DNAT (the reply's source), the reply's the client.
+    if let Some(p) = [r.src, o.src].into_iter().find_map(|dst| facts.routes.per_packet(dst)) {
+        return Err(NoPath::PerPacket(p));
     }
     // mwan3 and pbr route on the mark they copy from the connection's
     // (`meta mark set ct mark`); SECURITY.md says why this is safe.
@@ -437,6 +450,11 @@ mod tests {
                 NoPath::Rule(Selector::Tos),
                 false,
                 "an ip rule selects on tos, which each packet carries and conntrack does not record",
+            ),
+            (
+                NoPath::PerPacket(PerPacket::Tos { prefix: "198.51.100.0/24".into() }),
+                false,
+                "the route to 198.51.100.0/24 selects on tos, which each packet carries and conntrack does not record",
             ),
             (
                 NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()),

@@ -89,6 +89,10 @@ impl FlowTable {
     /// accepted that for gets map entries; one it refused (or that is gone)
     /// costs only itself.
     pub fn flush(&mut self) {
+        let clears = std::mem::take(&mut self.clears);
+        if !clears.is_empty() {
+            self.ct.update_many(&clears).into_iter().for_each(super::label_cleared);
+        }
         let batch = std::mem::take(&mut self.pending);
         self.pending_ids.clear();
         let tcp: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].entry.orig.proto == IPPROTO_TCP).collect();

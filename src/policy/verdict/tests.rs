@@ -5,6 +5,7 @@ use crate::conntrack::status;
 use crate::dataplane::fo_teardown;
 use crate::flow::tests::tcp_masq;
 use crate::flow::{build_direction, Hold, NextHop};
+use crate::routes::per_packet::PerPacket;
 use crate::routes::rules::Selector;
 use crate::topology::LowerError;
 
@@ -147,6 +148,18 @@ fn udp_unconfirmed() -> CtEntry {
     e
 }
 
+/// A UDP connection as its first packet's confirmation shows it (the NEW
+/// event), and once its reply passed conntrack.
+fn udp_first() -> CtEntry {
+    CtEntry { status: status::CONFIRMED, ..udp_unconfirmed() }
+}
+fn udp_replied() -> CtEntry {
+    CtEntry { status: status::CONFIRMED | status::SEEN_REPLY, ..udp_unconfirmed() }
+}
+fn udp_first_unlabelled() -> CtEntry {
+    CtEntry { labels: None, ..udp_first() }
+}
+
 const OFF: Known = Known::Offloaded { mark: 0, close: 0, dormant: [false, false] };
 const DORMANT: Known = Known::Dormant { mark: 0, woke: [false, false] };
 /// Both directions seen forwarded since it slept.
@@ -167,6 +180,8 @@ fn every_branch() {
     let asym = Err(NoPath::Asymmetric);
     let elsewhere = Err(NoPath::SourceElsewhere("198.51.100.1".parse().unwrap()));
     let by_tos = Err(NoPath::Rule(Selector::Tos));
+    let tos_route = PerPacket::Tos { prefix: "203.0.113.0/24".into() };
+    let by_tos_route = Err(NoPath::PerPacket(tos_route.clone()));
     let no_fdb = LowerError::NoFdb { bridge: "br-lan".into(), mac: "02:00:00:00:00:02".into(), vlan: None };
     let blocked = LowerError::PortNotForwarding { port: "lan2".into(), state: 4 };
     let too_deep = LowerError::TooDeep("pppoe-wan".into());
@@ -208,6 +223,7 @@ fn every_branch() {
         ("offloaded, neighbour gone", Iface, plain(), OFF, Some(&neigh), V::Teardown(T::RouteChange)),
         ("offloaded, an ip rule moved it away from its NAT address", Iface, plain(), OFF, Some(&elsewhere), V::Teardown(T::RouteChange)),
         ("offloaded, an ip rule on tos appeared", Iface, plain(), OFF, Some(&by_tos), V::Teardown(T::RouteChange)),
+        ("offloaded, a route on tos appeared", Iface, plain(), OFF, Some(&by_tos_route), V::Teardown(T::RouteChange)),
         ("offloaded, rerouted out of its flowtable", Nft, labelled(127), OFF, Some(&to_dmz), V::Teardown(T::RouteChange)),
         // dormant connections
         ("dormant, ineligible", Iface, state(tcp_state::FIN_WAIT), DORMANT, None, V::Teardown(T::NoLongerEligible)),
@@ -231,6 +247,7 @@ fn every_branch() {
         ("bridge port blocked", Iface, plain(), U, Some(&blocked_p), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Lower(blocked)))),
         ("three VLAN/PPPoE headers", Iface, plain(), U, Some(&too_deep_p), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Lower(too_deep)))),
         ("an ip rule the lookup cannot reproduce", Iface, plain(), U, Some(&by_tos), V::NotOffloaded(NotOffloaded::NoPath(NoPath::Rule(Selector::Tos)))),
+        ("a route chosen per packet", Iface, plain(), U, Some(&by_tos_route), V::NotOffloaded(NotOffloaded::NoPath(NoPath::PerPacket(tos_route)))),
         ("routed", Iface, plain(), U, Some(&ok), V::Offload(dirs)),
         ("waiting, routed", Iface, plain(), WAITING, Some(&ok), V::Offload(dirs)),
         ("any interface without a ruleset", Iface, plain(), U, Some(&to_dmz), V::Offload(dirs_dmz)),
@@ -243,6 +260,17 @@ fn every_branch() {
         ("through wan.7, served on wan", Nft, labelled(125), U, Some(&vlan7), V::Offload(dirs_vlan7)),
         ("through wan.8 on the port serving wan.7", Nft, labelled(125), U, Some(&vlan8), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
         ("through wan untagged, only wan.7 listed", Nft, labelled(125), U, Some(&ok), V::NotOffloaded(NotOffloaded::NotInFlowtable)),
+        // UDP: `flow add` takes a confirmed entry, so a later packet
+        ("udp, first packet only: watched for a later one", Iface, udp_first(), U, Some(&ok), V::Watch(dirs)),
+        ("udp, first packet only, waiting for its neighbour", Iface, udp_first(), WAITING, Some(&ok), V::Watch(dirs)),
+        ("udp, its reply passed conntrack", Iface, udp_replied(), U, Some(&ok), V::Offload(dirs)),
+        ("udp watched, the kernel forwarded another packet", Iface, udp_first(), WOKE, Some(&ok), V::Offload(dirs)),
+        ("udp watched, nothing forwarded yet", Iface, udp_first(), DORMANT, None, V::Update),
+        ("udp, first packet, --nft", Nft, udp_first(), U, Some(&ok), V::Watch(dirs)),
+        ("asleep, label set again by flow add", Nft, udp_first(), Known::Asleep, None, V::NeedsPath),
+        ("asleep, label set again: a later packet", Nft, udp_first(), Known::Asleep, Some(&ok), V::Offload(dirs)),
+        ("asleep, the engine's own label clear heard", Nft, udp_first_unlabelled(), Known::Asleep, None, V::Ignore),
+        ("asleep, excluded", Nft, CtEntry { labels: Some(label(127)), ..sip() }, Known::Asleep, None, V::NotOffloaded(NotOffloaded::Excluded(Excluded::Port("5060".parse().unwrap())))),
     ];
     let fts = flowtables();
     let ex = exclusions();

@@ -5,8 +5,8 @@
 //! part only (`resolve_path`), not the map writes of a re-judge. Needs
 //! root, BPF and `ip` (CI has them).
 
+use crate::routes::tests::sh;
 use std::net::IpAddr;
-use std::process::Command;
 use std::time::Instant;
 
 use super::*;
@@ -30,11 +30,6 @@ impl Ports for Two {
     fn name(&self, i: u32) -> Option<&str> {
         [(self.lan, "lan0"), (self.wan, "wan0")].into_iter().find(|(x, _)| *x == i).map(|(_, n)| n)
     }
-}
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-ec", cmd]).output().expect("running sh");
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// By a socket of this thread's namespace (sysfs shows the process's).

@@ -130,6 +130,16 @@ pub fn all() -> Vec<Scenario> {
     v.extend(three_ways!("vlan", vlan::vlan));
     v.extend(three_ways!("vlan_lower", vlan::vlan_lower));
     v.extend(three_ways!("vlan_stripped", vlan::vlan_stripped));
+    v.push(Scenario {
+        name: "vlan_lower_gateway_mac::tc",
+        kernels: BOTH,
+        run: |c, e| vlan::gateway_mac(c, e, Offload::Tc),
+    });
+    v.push(Scenario {
+        name: "vlan_lower_gateway_mac::xdp",
+        kernels: BOTH,
+        run: |c, e| vlan::gateway_mac(c, e, Offload::Xdp),
+    });
     v.extend(three_ways!("qinq", vlan::qinq, QINQ_REFERENCE));
     v.extend(three_ways!("qinq_lower", vlan::qinq_lower, QINQ_REFERENCE));
     v.extend(three_ways!("pppoe", pppoe::ppp));
