@@ -83,7 +83,7 @@ enum fo_teardown {
 };
 
 /* What to do with a packet that matched: the rewrite and the next hop.
- * Laid out without holes: 104 bytes, a multiple of 8, as the kernel rounds
+ * Laid out without holes: 120 bytes, a multiple of 8, as the kernel rounds
  * a hash map's value (htab_map_alloc in kernel/bpf/hashtab.c). Each
  * direction costs sizeof(struct htab_elem) (48) + the key (56) + this +
  * one 16-byte bucket; ARCHITECTURE.md ("Memory per connection") has the
@@ -115,7 +115,28 @@ struct fo_flow {
 	 */
 	__u8 in_dmac[6];
 	struct fo_encap out_encap[FO_ENCAP_MAX];
-	__u16 pad;		/* always zero */
+	/* The PPPoE access concentrator's MAC when this direction arrives in
+	 * a PPPoE session: pppoe_rcv (drivers/net/ppp/pppoe.c) takes a
+	 * session frame only from its peer (get_item by id, source MAC and
+	 * device). All zero otherwise.
+	 */
+	__u8 in_smac[6];
+	/* The 802.1p priority (PCP) of each pushed tag by skb->priority, as
+	 * the VLAN device's egress QoS map gives it
+	 * (vlan_dev_get_egress_qos_mask): bits 3k..3k+2 hold the PCP for
+	 * priority 2k (k = 0..3), the only priorities a forwarded packet gets
+	 * (rt_tos2priority; fo_priority in fastpath.bpf.c). Zero for a tag a
+	 * bridge pushes (its PVID, no priority).
+	 */
+	__u16 out_pcp[FO_ENCAP_MAX];
+	/* TCP, written by the fast path on every packet it forwards, valid
+	 * once packets is non-zero: the end of the highest segment sent this
+	 * way (the sender's snd_nxt, conntrack's td_end) and the highest ACK
+	 * (the sender's rcv_nxt, td_maxack). A RST is judged with them
+	 * (fo_rst_closes); host order.
+	 */
+	__u32 seq_end;
+	__u32 ack_max;
 	/* written by the fast path, read by the control plane */
 	__u64 packets;
 	__u64 bytes;		/* L3 bytes, as conntrack accounting counts */

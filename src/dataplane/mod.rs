@@ -29,6 +29,7 @@ mod test_run;
 mod walk;
 
 pub use features::{FeatureLine, Features, Probe, Secpath, TcAttach};
+pub use test_run::{SkbIn, SkbOut};
 
 pub use skel::types::{fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown};
 use skel::{FastpathSkel, FastpathSkelBuilder};
