@@ -257,6 +257,15 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 			reason = FO_SLOW_L2_NOT_HOST;
 			goto slow;
 		}
+		/* The session id alone is 16 bits any host on the segment can
+		 * guess: pppoe_rcv takes a session frame only from the
+		 * concentrator (get_item(pn, sid, h_source, ifindex)). An entry
+		 * without the peer's MAC takes none.
+		 */
+		if (p->pppoe_len && (fo_mac_zero(f->in_smac) || !fo_mac_eq(eth->h_source, f->in_smac))) {
+			reason = FO_SLOW_PPPOE_PEER;
+			goto slow;
+		}
 	}
 	/* Only packets of an offloaded flow pay for this, and before any
 	 * state of the flow changes.

@@ -184,6 +184,11 @@ enum fo_stat {
 	 * every segment and the NIC would offload a checksum it cannot find.
 	 */
 	FO_SLOW_PPPOE_TC_OFFLOAD,
+	/* A PPPoE session frame from another MAC than the session's
+	 * concentrator: pppoe_rcv drops it (get_item keys the session on its
+	 * id, the peer's MAC and the device), so the kernel must see it.
+	 */
+	FO_SLOW_PPPOE_PEER,
 	/* XDP only: the L4 checksum field holds just the pseudo-header sum,
 	 * what a CHECKSUM_PARTIAL skb from a local sender carries (veth);
 	 * an xdp_frame cannot say the checksum is still to be filled in.

@@ -62,6 +62,11 @@ fn direction(seen: &CtTuple, other: &CtTuple, from: Side, to: Side) -> Direction
     (d.key.encap, d.key.encap_num) = fo_encaps(from.encap);
     (d.val.out_encap, d.val.out_encap_num) = fo_encaps(to.encap);
     d.val.in_dmac = if from.l3 { [0; 6] } else { from.router_mac };
+    // Arriving in a PPPoE session: only from the concentrator (the peer
+    // routes::path's mirror names, as pppoe_rcv's get_item keys on it).
+    if from.encap.iter().any(|e| matches!(e, Pppoe(_))) {
+        d.val.in_smac = from.peer_mac;
+    }
     if to.l3 {
         d.val.flags |= fo_flow_flag::FO_F_L3_OUT.0 as u8;
         (d.val.smac, d.val.dmac) = ([0; 6], [0; 6]);
@@ -266,6 +271,26 @@ fn cases() -> Vec<Case> {
     v.push(case("inner tag only of a QinQ flow", "lan", encap(&q_up, &[Vlan(200)]), slow("no_flow")));
     let wrong_sid = encap(&down4(41002), &[Pppoe(SID + 1)]);
     v.push(case("wrong PPPoE session id", "wan", wrong_sid, pppoe_miss));
+    // The session's id with another host's MAC: pppoe_rcv drops it
+    // (get_item finds no session for that peer), so the kernel must see it.
+    let from_other = |f: Vec<u8>| {
+        let mut f = f;
+        f[6..12].copy_from_slice(&OTHER);
+        f
+    };
+    let spoof = (Want::Slow("pppoe_peer"), Want::Slow("pppoe_tc_pop"));
+    v.push(case(
+        "PPPoE session frame from another MAC than the concentrator's",
+        "wan",
+        from_other(encap(&down4(41002), &ppp)),
+        spoof.clone(),
+    ));
+    v.push(case(
+        "VLAN+PPPoE session frame from another MAC than the concentrator's",
+        "wan",
+        from_other(encap(&down4(41004), &vppp)),
+        spoof,
+    ));
 
     // malformed and unhandled encapsulation
     let p = encap(&down4(41002), &ppp);

@@ -232,11 +232,14 @@ fn walk(topo: &Topology, ports: &impl Ports, nh: &NextHop, unmanaged: NoPath) ->
 
 /// A direction leaving as `out` whose frames arrive the way the other
 /// direction's leave (`arrive`): with its headers, addressed to the MAC it
-/// is sent from (none on an L3 port).
+/// is sent from (none on an L3 port), and in a PPPoE session only from the
+/// concentrator the other direction is sent to.
 fn mirror(arrive: &Egress, out: &Egress) -> LinkLayer {
+    let pppoe = arrive.encap.as_slice().iter().any(|e| e.proto == crate::topology::ETH_P_PPP_SES);
     LinkLayer {
         in_encap: arrive.encap,
         in_dmac: if arrive.l3 { [0; 6] } else { arrive.smac },
+        in_smac: if pppoe { arrive.dmac } else { [0; 6] },
         out_encap: out.encap,
         l3_out: out.l3,
     }
@@ -297,50 +300,39 @@ mod tests {
             h.iter().for_each(|&(proto, id)| assert!(s.push(Encap { proto, id })));
             s
         };
-        let eg = |port, encap, smac, l3| Egress { port, encap, dmac: [2; 6], smac, mtu: 1500, l3, bridges: vec![] };
+        const AC: [u8; 6] = [2, 0xac, 0, 0, 0, 1];
+        let eg = |port, encap, smac, l3| Egress { port, encap, dmac: AC, smac, mtu: 1500, l3, bridges: vec![] };
         let wan = eg(2, stack(&[(0x8100, 7), (0x8864, 0x1a2b)]), [2, 0, 0, 0, 0, 3], false);
+        let vlan = eg(2, stack(&[(0x8100, 8)]), [2, 0, 0, 0, 0, 3], false);
         let lan = eg(4, EncapStack::default(), [2, 0, 0, 0, 0, 10], false);
         let wg = eg(5, EncapStack::default(), [0; 6], true);
+        let ll =
+            |in_encap, in_dmac, in_smac, out_encap, l3_out| LinkLayer { in_encap, in_dmac, in_smac, out_encap, l3_out };
+        let none = EncapStack::default();
         let cases = [
             (
                 "upload: arrives from the LAN port, leaves by PPPoE over VLAN",
                 &lan,
                 &wan,
-                EncapStack::default(),
-                [2, 0, 0, 0, 0, 10],
-                wan.encap,
-                false,
+                ll(none, [2, 0, 0, 0, 0, 10], [0; 6], wan.encap, false),
             ),
             (
-                "download: arrives tagged, addressed to wan.7's MAC",
+                "download: arrives tagged, addressed to wan.7's MAC, only from the concentrator",
                 &wan,
                 &lan,
-                wan.encap,
-                [2, 0, 0, 0, 0, 3],
-                EncapStack::default(),
-                false,
+                ll(wan.encap, [2, 0, 0, 0, 0, 3], AC, none, false),
             ),
             (
-                "into WireGuard: no link layer out",
+                "VLAN without PPPoE: any source, as the kernel takes it",
+                &vlan,
                 &lan,
-                &wg,
-                EncapStack::default(),
-                [2, 0, 0, 0, 0, 10],
-                EncapStack::default(),
-                true,
+                ll(vlan.encap, [2, 0, 0, 0, 0, 3], [0; 6], none, false),
             ),
-            (
-                "out of WireGuard: no MAC to match",
-                &wg,
-                &lan,
-                EncapStack::default(),
-                [0; 6],
-                EncapStack::default(),
-                false,
-            ),
+            ("into WireGuard: no link layer out", &lan, &wg, ll(none, [2, 0, 0, 0, 0, 10], [0; 6], none, true)),
+            ("out of WireGuard: no MAC to match", &wg, &lan, ll(none, [0; 6], [0; 6], none, false)),
         ];
-        for (what, arrive, out, in_encap, in_dmac, out_encap, l3_out) in cases {
-            assert_eq!(mirror(arrive, out), LinkLayer { in_encap, in_dmac, out_encap, l3_out }, "{what}");
+        for (what, arrive, out, want) in cases {
+            assert_eq!(mirror(arrive, out), want, "{what}");
         }
     }
 
