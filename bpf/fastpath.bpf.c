@@ -415,6 +415,17 @@ static __always_inline int fo_xdp_run(struct xdp_md *ctx, const bool md)
 	}
 	if (fo_worker(data, data_end, &m, true, false, NULL, &p, &f, &o, &now) != FO_FWD || !f)
 		return XDP_PASS;
+	/* Ethernet padding after the IP packet (a short frame padded to the
+	 * minimum): the kernel trims it before forwarding (ip_rcv_core,
+	 * ipv6_rcv: pskb_trim_rcsum), so the egress device pads what it sends
+	 * itself, and a pushed header never has it behind. Should the head
+	 * adjustment below fail, the kernel gets the frame as it trims it.
+	 */
+	delta = (int)(data_end - data) - (int)(p.l3_off + p.l3_len);
+	if (delta > 0 && bpf_xdp_adjust_tail(ctx, -delta)) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return XDP_PASS;
+	}
 	/* Take the ingress headers off and make room for the egress ones in
 	 * one move (nf_flow_encap_pop, then what the VLAN / PPPoE devices
 	 * would push); the whole new link-layer header is written below.
@@ -503,6 +514,16 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 
 	if (fo_worker(data, data_end, &m, false, l3dev, skb, &p, &f, &o, &now) != FO_FWD || !f)
 		return TC_ACT_UNSPEC;
+	/* Ethernet padding after the IP packet: trimmed, as ip_rcv_core and
+	 * ipv6_rcv trim it (pskb_trim_rcsum) before the kernel forwards; it
+	 * would otherwise follow a pushed tag or PPPoE header, or go into an
+	 * L3 device as part of the packet. skb_trim_rcsum keeps
+	 * CHECKSUM_COMPLETE right (__bpf_skb_change_tail).
+	 */
+	if (skb->len > p.l3_off + p.l3_len && bpf_skb_change_tail(skb, p.l3_off + p.l3_len, 0)) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return TC_ACT_UNSPEC;
+	}
 	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, &l3_off);
 	if (r > 0) {
 		fo_count(FO_SLOW_ENCAP, 1);
@@ -533,6 +554,14 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	}
 	if (fix.ports)
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.ports, mm0);
+	/* The hop limit was written directly, and IPv6 has no header checksum
+	 * to absorb it: a CHECKSUM_COMPLETE skb->csum takes the change (a
+	 * no-op for other ip_summed values), or the receiver of a veth would
+	 * find its sum wrong. ip6_forward drops such a csum instead
+	 * (skb_forward_csum); the bytes on the wire are the same.
+	 */
+	if (fix.ipv6)
+		bpf_csum_update(skb, csum_hl_dec_diff());
 	fo_account(f, &m, &p, now);
 	return bpf_redirect(f->out_ifindex, 0);
 }

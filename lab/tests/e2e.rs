@@ -526,6 +526,69 @@ fn teardowns(d: &Daemon, reason: &str) -> u64 {
     d.status().unwrap()["teardowns"][reason].as_u64().unwrap_or(0)
 }
 
+/// A device's MAC address in a namespace of the lab.
+fn mac_of(lab: &Lab, ns: &str, dev: &str) -> [u8; 6] {
+    let s = lab.exec(ns, &["cat", &format!("/sys/class/net/{dev}/address")]).unwrap();
+    let b: Vec<u8> = s.trim().split(':').map(|x| u8::from_str_radix(x, 16).unwrap()).collect();
+    b.try_into().unwrap_or_else(|b| panic!("{dev}: MAC {b:?}"))
+}
+
+/// The UDP checksum field of the datagram with `payload` the WAN server
+/// received when the client sent it CHECKSUM_PARTIAL with the field 0, on
+/// an established UDP connection, through the kernel (`engine` None) or
+/// the engine in `mode`; and whether the forward chain saw it.
+fn partial_zero_udp_field(engine: Option<&str>) -> (u16, bool) {
+    let lab = lab(false);
+    let _sink = udp_sink(&lab);
+    let d = engine.map(|mode| daemon(&lab, &["--mode", mode]));
+    // The client's veth leaves the checksum to the "device", so the skb
+    // reaches the router still partial; the server's stack stays out of it.
+    lab.exec(&lab.lan, &["ethtool", "-K", "lan0", "tx", "on"]).unwrap();
+    udp_burst(&lab, 41500, 3, 50);
+    if let Some(d) = &d {
+        let t = Instant::now();
+        while !d.flows().unwrap().iter().any(|f| f["proto"] == "udp" && f["orig"]["sport"] == 41500) {
+            assert!(t.elapsed() < Duration::from_secs(5), "the UDP connection was not offloaded");
+            sleep(Duration::from_millis(50));
+        }
+    }
+    let payload = b"partial checksum, field zero";
+    let (cmac, rmac) = (mac_of(&lab, &lab.lan, "lan0"), mac_of(&lab, &lab.rtr, "rlan"));
+    let mut f = nft_offload_lab::frames::udp4(cmac, rmac, "192.168.1.2", "203.0.113.2", 64, 41500, 9999, payload);
+    f[40..42].copy_from_slice(&[0, 0]);
+    let fwd0 = lab.counter_packets("fwd_all").unwrap();
+    let cap = nft_offload_lab::vm::capture::Capture::start(&lab.wan, "wan0").unwrap();
+    nft_offload_lab::vm::capture::inject_partial(&lab.lan, "lan0", f, 34, 6).unwrap();
+    let got = cap.stop().unwrap();
+    let slow = lab.counter_packets("fwd_all").unwrap() > fwd0;
+    let at = got
+        .iter()
+        .find(|g| g.len() >= 42 + payload.len() && g.ends_with(payload))
+        .unwrap_or_else(|| panic!("the server received no such datagram ({} frames)", got.len()));
+    (u16::from_be_bytes([at[40], at[41]]), slow)
+}
+
+/// A CHECKSUM_PARTIAL UDP datagram whose checksum field is 0 (a VM's
+/// virtio NIC, a packet socket with a vnet header, can send one) leaves as
+/// the kernel without offload sends it: its NAT leaves a zero field alone
+/// whatever ip_summed says (udp_manip_pkt: do_csum = !!hdr->check, in 6.1,
+/// 6.12 and this kernel), as bpf_l4_csum_replace does without
+/// BPF_F_MARK_ENFORCE. The kernel flowtable is the one that differs: it
+/// updates the field of a partial skb (nf_flow_nat_ip_udp:
+/// `udph->check || skb->ip_summed == CHECKSUM_PARTIAL`). The engine's copy
+/// is forwarded without the forward chain seeing it.
+#[test]
+fn partial_udp_with_a_zero_checksum_field_leaves_as_the_kernel_sends_it() {
+    let (kernel, kernel_slow) = partial_zero_udp_field(None);
+    assert!(kernel_slow, "the kernel path runs the forward chain");
+    let (engine, engine_slow) = partial_zero_udp_field(Some("tc"));
+    assert!(!engine_slow, "the engine left the datagram to the kernel");
+    println!(
+        "checksum field of a partial skb's zero field after masquerade: kernel {kernel:#06x}, engine {engine:#06x}"
+    );
+    assert_eq!(engine, kernel, "checksum field: engine {engine:#06x}, kernel {kernel:#06x}");
+}
+
 /// An idle connection leaves the fast path after the idle timeout and comes
 /// back on its next packet, as with the kernel's `flow add` rule.
 #[test]

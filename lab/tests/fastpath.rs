@@ -5,7 +5,7 @@
 //! tuples, so NAT derivation and checksum differences are tested together.
 
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{fo_teardown, Dataplane, Probe, STAT_NAMES};
+use nft_offload::dataplane::{fo_teardown, Dataplane, Probe, SkbIn, STAT_NAMES};
 use nft_offload::flow::{build_direction, Hold, NextHop};
 use nft_offload_lab::frames::{
     fix_ip4_csum, tcp4, tcp6, udp4, udp6, CLIENT_MAC as CLIENT, RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN,
@@ -368,6 +368,37 @@ fn cases() -> Vec<Case> {
         want: Want::Fwd("wan"),
         expect: Some(e),
     });
+
+    // Ethernet padding: a frame under the 60-byte minimum arrives padded
+    // by the sender's NIC (bytes that need not be zero); ip_rcv_core trims
+    // the skb to the IP length (pskb_trim_rcsum), so what leaves carries
+    // only what the egress device adds itself.
+    let pad = |mut f: Vec<u8>| {
+        let n = 60usize.saturating_sub(f.len()).max(2);
+        f.extend((0..n).map(|i| 0xa5 ^ i as u8));
+        f
+    };
+    v.push(Case {
+        name: "ipv4 udp padded to the Ethernet minimum: the padding is not forwarded",
+        on: "lan",
+        input: pad(udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, b"x")),
+        want: Want::Fwd("wan"),
+        expect: Some(udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 40001, 5201, b"x")),
+    });
+    v.push(Case {
+        name: "ipv4 tcp ack padded to the Ethernet minimum, reply direction",
+        on: "wan",
+        input: pad(tcp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 50, 5201, 61000, "", b"")),
+        want: Want::Fwd("lan"),
+        expect: Some(tcp4(R_LAN, CLIENT, "203.0.113.2", "192.168.1.2", 49, 5201, 40000, "", b"")),
+    });
+    v.push(Case {
+        name: "ipv6 udp with trailing bytes after its payload length (ipv6_rcv trims them)",
+        on: "lan",
+        input: pad(udp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40003, 5201, b"x")),
+        want: Want::Fwd("wan"),
+        expect: Some(udp6(R_WAN, SERVER, "fd00:1::2", "fd00:2::2", 63, 40003, 5201, b"x")),
+    });
     v
 }
 
@@ -427,6 +458,43 @@ fn tc_table() {
 #[test]
 fn tc_table_without_bpf_f_ipv6() {
     run_table(false, false);
+}
+
+/// Every forwarded row of the table on a CHECKSUM_COMPLETE skb: skb->csum
+/// must still be the sum of the packet afterwards (the test run fails with
+/// EBADMSG otherwise: BPF_F_TEST_SKB_CHECKSUM_COMPLETE), as the kernel
+/// keeps it (ip6_forward's skb_forward_csum drops a csum the hop limit
+/// made stale; a stale one costs the receiver a software check, or a "hw
+/// csum failure"). With BPF_F_IPV6 and with the fallback that fixes the
+/// IPv6 pseudo-header change up with bpf_csum_update. Padded frames are
+/// left out: trimming them makes the skb CHECKSUM_NONE (__skb_trim_rcsum,
+/// through bpf_skb_change_tail), whose skb->csum means nothing, but which
+/// the test run compares all the same.
+#[test]
+fn tc_keeps_checksum_complete_right() {
+    for csum_ipv6 in [true, false] {
+        let mut lab = setup();
+        lab.dp.set_csum_ipv6(csum_ipv6 && lab.dp.probe_csum_ipv6());
+        let ifx = |n: &str| if n == "lan" { lab.lan } else { lab.wan };
+        let skb = SkbIn { csum_complete: true, ..Default::default() };
+        let mut failures = Vec::new();
+        let mut ran = 0;
+        let unpadded = |c: &Case| c.expect.as_ref().is_some_and(|e| e.len() == c.input.len());
+        for c in cases().into_iter().filter(|c| matches!(c.want, Want::Fwd(_)) && unpadded(c)) {
+            ran += 1;
+            match lab.dp.test_tc_skb(&c.input, ifx(c.on), false, &skb) {
+                Ok(o) if o.ret == TC_REDIRECT && Some(&o.frame) == c.expect.as_ref() => {}
+                Ok(o) => failures.push(format!("{}: verdict {} / frame {:02x?}", c.name, o.ret, o.frame)),
+                Err(e) => failures.push(format!("{}: {e:#}", c.name)),
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "BPF_F_IPV6 {csum_ipv6}: {} of {ran} forwarded cases failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
 }
 
 /// A packet that arrived decrypted (its skb carries a secpath) goes to the

@@ -314,6 +314,32 @@ fn cases() -> Vec<Case> {
         case("two tags and PPPoE", "wan", encap(&down4(41004), &[Svlan(1), Vlan(7), Pppoe(SID)]), slow("encap")),
     ]);
 
+    // Ethernet padding (a short frame padded to the minimum by the sender's
+    // NIC): ip_rcv_core trims it before the kernel forwards, so it must not
+    // end up after a pushed tag or PPPoE header, or inside a packet sent
+    // into an L3 device
+    let pad = |mut f: Vec<u8>, to: usize| {
+        let n = to.saturating_sub(f.len());
+        f.extend((0..n).map(|i| 0x5a ^ i as u8));
+        f
+    };
+    let ack4 = |p: u16| tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, p, 5201, "", b"");
+    let ack4_out = |p: u16| tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, p + 20000, 5201, "", b"");
+    v.push(case("padded frame, VLAN out", "lan", pad(ack4(41000), 60), fwd(&ack4_out(41000), &[Vlan(7)])));
+    v.push(case("padded frame, PPPoE out", "lan", pad(ack4(41002), 60), fwd(&ack4_out(41002), &ppp)));
+    v.push(case(
+        "padded VLAN frame, untagged out",
+        "wan",
+        pad(encap(&tcp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 61000, "", b""), &[Vlan(7)]), 64),
+        fwd(&tcp4(R_LAN, CLIENT, "203.0.113.2", "192.168.1.2", 63, 5201, 41000, "", b""), &[]),
+    ));
+    v.push(case(
+        "padded frame, L3 out",
+        "lan",
+        pad(tcp4(CLIENT, R_LAN, "192.168.1.2", "8.0.0.7", 64, 41005, 5201, "", b""), 60),
+        (Want::Slow("xdp_target"), Want::Fwd(tcp4(CLIENT, R_LAN, "8.0.0.1", "8.0.0.7", 63, 61005, 5201, "", b""))),
+    ));
+
     // the router's MAC
     v.push(case("frame for another host (being bridged)", "lan", up4(41000, OTHER), slow("l2_not_host")));
     v.push(case(
