@@ -50,6 +50,11 @@ volatile __u64 fo_csum_ipv6_flag;
  */
 volatile __u64 fo_wake_lost;
 
+/* RSTs fo_rst had no room for: the control plane then restores every
+ * offloaded TCP connection's timeout.
+ */
+volatile __u64 fo_rst_lost;
+
 /* Set by the control plane before load (.rodata, frozen: the verifier
  * takes them as constants and never walks the branches they close, so a
  * helper or kfunc this kernel lacks is never checked; check_cond_jmp_op
@@ -199,6 +204,83 @@ static __always_inline bool fo_l4_csum_partial(void *data, void *data_end, const
 	return check == csum_fold32(sum) && bpf_map_lookup_elem(&fo_csum_ports, &ifindex);
 }
 
+/* The TCP header of a parsed packet, or NULL. */
+static __always_inline struct tcphdr *fo_tcp(void *data, void *data_end, const struct fo_parsed *p)
+{
+	struct tcphdr *th;
+
+	if (p->l4_off > 64 + 40)
+		return NULL;
+	th = data + p->l4_off;
+	if ((void *)(th + 1) > data_end)
+		return NULL;
+	return th;
+}
+
+/* A segment this direction forwards: its end and its ACK, as high-water
+ * marks (serial arithmetic: sequence numbers wrap), what conntrack keeps
+ * as td_end and td_maxack (tcp_in_window) and cannot keep while the
+ * connection is offloaded. Two CPUs racing on one flow may leave one of
+ * them behind: a RST is then judged inexact and left to the kernel.
+ */
+static __always_inline void fo_track_tcp(void *data, void *data_end, const struct fo_parsed *p, struct fo_flow *f)
+{
+	struct tcphdr *th = fo_tcp(data, data_end, p);
+	__u32 end, ack;
+
+	if (!th)
+		return;
+	end = bpf_ntohl(th->seq) + (p->l3_len - (p->l4_off - p->l3_off) - p->l4_hdr_len);
+	ack = bpf_ntohl(th->ack_seq);
+	if (!f->packets || (__s32)(end - f->seq_end) > 0)
+		f->seq_end = end;
+	if ((p->tcp_flags & FO_TCP_ACK) && (!f->packets || (__s32)(ack - f->ack_max) > 0))
+		f->ack_max = ack;
+}
+
+/* Does a RST of this direction close the connection? Only if its sequence
+ * number is one the receiver takes: what the receiver acknowledged last
+ * (conntrack's tcp_packet closes on seq == the receiver's td_maxack; RFC
+ * 5961's RCV.NXT) or the end of what the sender sent (a RST right after
+ * its last segment, tcp_packet's "RST train"; the sender's snd_nxt, which
+ * the RST of an abort carries). Conntrack cannot judge it here: it saw
+ * none of the offloaded packets, its td_maxack is stale and the entry is
+ * liberal (set on offload, as the kernel flowtable does), so a blind RST
+ * it is handed either fails its stale check or passes tcp_in_window and
+ * the connection stays ESTABLISHED; the fast path must not end the
+ * offload on it either. The receiver's ACK is in the other direction's
+ * entry, looked up by the tuple this direction leaves with (its key is
+ * this one mirrored: routes::path::mirror); only RSTs pay for it. An entry
+ * that forwarded nothing yet knows nothing: the RST goes to the kernel,
+ * whose own state is fresh then.
+ */
+static __always_inline bool fo_rst_closes(void *data, void *data_end, const struct fo_parsed *p,
+					  const struct fo_flow *f)
+{
+	struct tcphdr *th = fo_tcp(data, data_end, p);
+	struct fo_flow_key rk = {};
+	struct fo_flow *r;
+	__u32 seq;
+
+	if (!th)
+		return false;
+	seq = bpf_ntohl(th->seq);
+	if (f->packets && seq == f->seq_end)
+		return true;
+	rk.ifindex = f->out_ifindex;
+	rk.family = p->key.family;
+	rk.proto = p->key.proto;
+	rk.sport = f->new_dport;
+	rk.dport = f->new_sport;
+	rk.encap_num = f->out_encap_num;
+	rk.encap[0] = f->out_encap[0];
+	rk.encap[1] = f->out_encap[1];
+	__builtin_memcpy(rk.saddr, f->new_daddr, 16);
+	__builtin_memcpy(rk.daddr, f->new_saddr, 16);
+	r = bpf_map_lookup_elem(&fo_flows, &rk);
+	return r && r->packets && seq == r->ack_max;
+}
+
 /* Decide: returns FO_FWD with the flow (*fp), the egress encapsulation and
  * the clock, or FO_PASS after counting the slow reason. Changes no byte of
  * the packet. xdp and l3dev are constants: what does not apply to an entry
@@ -291,13 +373,22 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		goto slow;
 	}
 	/* FIN/RST: let conntrack see the close, and stop fast-pathing this
-	 * flow (older nf_flow_table behaviour, flow_offload_teardown on
-	 * FIN/RST; the control plane removes both directions).
+	 * flow (nf_flow_state_check: flow_offload_teardown on FIN/RST; the
+	 * control plane removes both directions). A RST only when it is in
+	 * sequence (fo_rst_closes): any host that knows the tuple can send
+	 * one, and the kernel flowtable's teardown on any RST is what lets it
+	 * end an offloaded connection the kernel alone would keep.
 	 */
 	if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & (FO_TCP_FIN | FO_TCP_RST))) {
 		if (p->tcp_flags & FO_TCP_RST) {
-			f->teardown = FO_TD_RST;
-			reason = FO_SLOW_TCP_RST;
+			if (fo_rst_closes(data, data_end, p, f)) {
+				f->teardown = FO_TD_RST;
+				reason = FO_SLOW_TCP_RST;
+			} else {
+				reason = FO_SLOW_TCP_RST_INEXACT;
+				if (bpf_ringbuf_output(&fo_rst, &p->key, sizeof(p->key), 0))
+					__sync_fetch_and_add(&fo_rst_lost, 1);
+			}
 		} else {
 			f->teardown = FO_TD_FIN;
 			reason = FO_SLOW_TCP_FIN;
@@ -348,6 +439,8 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_STALE_ENGINE;
 		goto slow;
 	}
+	if (p->key.proto == IPPROTO_TCP)
+		fo_track_tcp(data, data_end, p, f);
 	*fp = f;
 	return FO_FWD;
 

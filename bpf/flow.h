@@ -163,7 +163,11 @@ enum fo_stat {
 	FO_SLOW_TTL,		/* TTL / hop limit <= 1: kernel sends ICMP */
 	FO_SLOW_TCP_SYN,
 	FO_SLOW_TCP_FIN,
-	FO_SLOW_TCP_RST,
+	FO_SLOW_TCP_RST,	/* a RST the receiver takes as a close: teardown */
+	/* Any other RST (a blind guess above all): to the kernel, the flow
+	 * stays (fo_rst_closes in fastpath.bpf.c).
+	 */
+	FO_SLOW_TCP_RST_INEXACT,
 	FO_SLOW_NO_FLOW,
 	FO_SLOW_TEARDOWN,	/* flow already ending */
 	FO_SLOW_MTU,		/* kernel sends frag-needed / PTB */

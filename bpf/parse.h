@@ -53,6 +53,7 @@ struct fo_meta {
 #define FO_TCP_FIN 0x01
 #define FO_TCP_SYN 0x02
 #define FO_TCP_RST 0x04
+#define FO_TCP_ACK 0x10
 
 /* The IP and L4 headers at p->l3_off, of ethertype l3_proto. Returns 0
  * when the packet is a fast-path candidate, else an fo_stat slow reason.

@@ -105,6 +105,12 @@ struct Core {
     rescan: bool,
     /// `Dataplane::wake_lost` when last scanned.
     wake_lost: u64,
+    /// Keys `fo_rst` announced since the last tick, and those of the tick
+    /// before, whose conntrack timeouts this tick puts back (a tick later:
+    /// conntrack has seen their RSTs by then); `Dataplane::rst_lost` then.
+    rst_new: Vec<fo_flow_key>,
+    rst_due: Vec<fo_flow_key>,
+    rst_lost: u64,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
     /// Each neighbour's last answer, so only real changes count.
@@ -196,6 +202,9 @@ impl Engine {
             route_dirty: None,
             rescan: false,
             wake_lost: 0,
+            rst_new: Vec::new(),
+            rst_due: Vec::new(),
+            rst_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             // After subscribing (`routes`): no change falls in between.
             neigh: NeighbourTable::read().context("reading the neighbour table")?,
@@ -277,6 +286,7 @@ impl Engine {
             if fds[3].revents != 0 {
                 let keys = src.wake.drain();
                 core.wake(Some(&keys));
+                core.rst_new.extend(src.wake.take_rsts());
             }
             if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
                 core.on_xfrm_change();
@@ -572,6 +582,14 @@ impl Core {
             // A veth's peer in another namespace changes without a word to
             // this one (its GRO, its XDP program): ask every second.
             self.probe_xdp_targets();
+        }
+        // RSTs conntrack could not judge: their timeouts put back, a tick
+        // after they were announced (and all of them if some were lost).
+        let lost = self.flows.dp().rst_lost();
+        let all = std::mem::replace(&mut self.rst_lost, lost) != lost;
+        let due = std::mem::replace(&mut self.rst_due, std::mem::take(&mut self.rst_new));
+        if all || !due.is_empty() {
+            keepalive::restore_after_rst(&mut self.flows, &due, all, now_ns());
         }
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only
