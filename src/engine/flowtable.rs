@@ -466,6 +466,7 @@ impl FlowTable {
                 && old.val.smac == nd.val.smac
                 && old.val.in_dmac == nd.val.in_dmac
                 && old.val.in_smac == nd.val.in_smac
+                && old.val.out_pcp == nd.val.out_pcp
                 && old.encap().1 == nd.encap().1
                 && old.val.mtu == nd.val.mtu
                 && old.val.flags == nd.val.flags
