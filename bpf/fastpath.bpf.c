@@ -55,6 +55,12 @@ volatile __u64 fo_wake_lost;
  */
 volatile __u64 fo_rst_lost;
 
+/* net.ipv4.ip_forward_update_priority (1 by default): whether ip_forward
+ * sets skb->priority from the TOS. Written by the control plane at load
+ * and each second after.
+ */
+volatile __u32 fo_ip_fwd_update_priority;
+
 /* Set by the control plane before load (.rodata, frozen: the verifier
  * takes them as constants and never walks the branches they close, so a
  * helper or kfunc this kernel lacks is never checked; check_cond_jmp_op
@@ -449,6 +455,50 @@ slow:
 	return FO_PASS;
 }
 
+/* skb->priority as the kernel's forwarding leaves it: ip_forward sets
+ * rt_tos2priority(tos) (ip_tos2prio[IPTOS_TOS(tos) >> 1] in
+ * net/ipv4/route.c: TC_PRIO_BESTEFFORT 0, BULK 2, INTERACTIVE 6,
+ * INTERACTIVE_BULK 4 by the TOS bits 0x18) when
+ * net.ipv4.ip_forward_update_priority is on; ip6_forward does not touch it,
+ * and it arrives 0 (a port's driver, veth's __dev_forward_skb and a VLAN
+ * device without an ingress QoS map all give 0; the control plane does not
+ * offload a connection whose VLAN device has one). So 0, 2, 4 or 6, the
+ * priorities fo_flow.out_pcp maps. TC, which has the skb, takes the
+ * priority it came with where ip_forward would keep it (fo_tc_priority).
+ */
+static __always_inline __u32 fo_priority(const struct fo_parsed *p)
+{
+	if (p->key.family != AF_INET || !fo_ip_fwd_update_priority)
+		return 0;
+	switch ((p->tos >> 3) & 3) {
+	case 1:
+		return 2;
+	case 2:
+		return 6;
+	case 3:
+		return 4;
+	default:
+		return 0;
+	}
+}
+
+/* The skb's priority after forwarding, or -1 when the fast path cannot
+ * write the PCP the kernel would: ip_forward's from the TOS (fo_priority),
+ * else the one the skb came with, which out_pcp maps only for 0, 2, 4, 6
+ * (something before us gave it another: a tc action on a legacy hook).
+ */
+static __always_inline int fo_tc_priority(const struct __sk_buff *skb, const struct fo_parsed *p,
+					  const struct fo_out_encap *o)
+{
+	__u32 prio = skb->priority;
+
+	if (p->key.family == AF_INET && fo_ip_fwd_update_priority)
+		return fo_priority(p);
+	if (o->vlans && (prio > 6 || (prio & 1)))
+		return -1;
+	return prio;
+}
+
 /* A forwarded packet: per-flow and global counters. */
 static __always_inline void fo_account(struct fo_flow *f, const struct fo_meta *m, const struct fo_parsed *p,
 				       __u64 now)
@@ -530,7 +580,7 @@ static __always_inline int fo_xdp_run(struct xdp_md *ctx, const bool md)
 	}
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (fo_write_l2(data, data_end, f, &o, p.key.family, p.l3_len) ||
+	if (fo_write_l2(data, data_end, f, &o, p.key.family, p.l3_len, fo_priority(&p)) ||
 	    fo_rewrite(data, data_end, o.l2_len, &p, f, true, &fix)) {
 		fo_count(FO_STAT_TX_FAILED, 1);
 		return XDP_DROP;
@@ -598,7 +648,7 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	struct fo_flow *f = NULL;
 	__u32 l3_off = 0;
 	__u64 mm0, flags, now = 0;
-	int r;
+	int r, prio;
 
 	fo_pull_headers(skb);
 	data = (void *)(long)skb->data;
@@ -607,6 +657,11 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 
 	if (fo_worker(data, data_end, &m, false, l3dev, skb, &p, &f, &o, &now) != FO_FWD || !f)
 		return TC_ACT_UNSPEC;
+	prio = fo_tc_priority(skb, &p, &o);
+	if (prio < 0) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return TC_ACT_UNSPEC;
+	}
 	/* Ethernet padding after the IP packet: trimmed, as ip_rcv_core and
 	 * ipv6_rcv trim it (pskb_trim_rcsum) before the kernel forwards; it
 	 * would otherwise follow a pushed tag or PPPoE header, or go into an
@@ -617,7 +672,7 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 		fo_count(FO_SLOW_ENCAP, 1);
 		return TC_ACT_UNSPEC;
 	}
-	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, &l3_off);
+	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, prio, &l3_off);
 	if (r > 0) {
 		fo_count(FO_SLOW_ENCAP, 1);
 		return TC_ACT_UNSPEC;
@@ -655,6 +710,12 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	 */
 	if (fix.ipv6)
 		bpf_csum_update(skb, csum_hl_dec_diff());
+	/* The egress qdisc (pfifo_fast's bands, mqprio's queues, HTB or prio
+	 * classes by priority) and a VLAN device the skb is sent into see the
+	 * priority ip_forward would have set; IPv6 keeps the one it came with
+	 * (prio is that one then).
+	 */
+	skb->priority = prio;
 	fo_account(f, &m, &p, now);
 	return bpf_redirect(f->out_ifindex, 0);
 }

@@ -18,7 +18,7 @@
 //! source 2001:db8:86dd::/48), so the program sees what the device gives it.
 
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{fo_flow_flag, Dataplane, Probe, STAT_NAMES};
+use nft_offload::dataplane::{fo_flow_flag, Dataplane, Probe, SkbIn, STAT_NAMES};
 use nft_offload::flow::{build_direction, egress_key, Direction, NextHop};
 use nft_offload_lab::frames::{
     encap, fo_encaps, tcp4, tcp6, udp4, Encap, CLIENT_MAC as CLIENT, ETH_P_8021AD, ETH_P_8021Q, ETH_P_PPP_SES,
@@ -519,6 +519,125 @@ fn tc_encap_table() {
 fn tc_encap_table_without_kern_ctx() {
     let probe = Probe { kern_ctx: false, ..Probe::kernel() };
     run_table_for(false, &probe);
+}
+
+/// PCP per priority 0, 2, 4, 6 as `fo_flow.out_pcp` holds it: 3 bits each.
+fn pcp_table(pcp: [u16; 4]) -> u16 {
+    pcp.iter().enumerate().map(|(k, p)| p << (3 * k)).sum()
+}
+
+/// `frame` (untagged IPv4) with this TOS byte.
+fn with_tos(mut f: Vec<u8>, tos: u8) -> Vec<u8> {
+    f[15] = tos;
+    nft_offload_lab::frames::fix_ip4_csum(&mut f);
+    f
+}
+
+/// The kernel without offload: ip_forward sets skb->priority from the TOS
+/// (rt_tos2priority; net.ipv4.ip_forward_update_priority, on by default;
+/// ip6_forward leaves it alone), and each VLAN device maps it through its
+/// egress QoS map into its tag's PCP (vlan_dev_hard_start_xmit,
+/// vlan_dev_get_egress_qos_mask). The fast path sets skb->priority in TC,
+/// and writes each pushed tag's PCP from the map the control plane gives
+/// the flow for the priorities a forwarded packet can get (0, 2, 4, 6).
+/// TOS 0x10 (low delay) is priority 6, 0x08 (throughput) 2, 0x18 4, 0 0;
+/// only the bits 0x18 count (IPTOS_TOS takes 0x1e, and ip_tos2prio gives
+/// 0x04, reliability, and 0x02, ECN's, nothing of their own): DSCP EF
+/// (0xb8) is 4, AF41 (0x88) 2, CS6 (0xc0) 0, 0x1f 4, 0x07 0.
+#[test]
+fn pushed_tags_carry_the_pcp_of_the_packets_priority() {
+    let mut lab = setup();
+    // The default of a new namespace, said here so the table does not
+    // depend on it.
+    lab.lab.dp.set_fwd_update_priority(true);
+    let (dp, l) = (&lab.lab.dp, &lab.lab);
+    // 41001 leaves QinQ 802.1ad 300 + 802.1Q 400: the outer device maps
+    // priority 0 to PCP 1, 2 to 3, 4 to 5, 6 to 7; the inner one 2 to 2,
+    // 6 to 6 (the rest 0).
+    let (outer, inner) = (pcp_table([1, 3, 5, 7]), pcp_table([0, 2, 0, 6]));
+    let key = lab.conns[1][0].key;
+    let mut v = dp.get_flow(&key).unwrap();
+    v.out_pcp = [outer, inner];
+    dp.replace_flow(&key, &v).unwrap();
+    let pl = b"802.1p";
+    let up = udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 41001, 5201, pl);
+    let out = udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61001, 5201, pl);
+    let mut failures = Vec::new();
+    for (tos, prio, pcp_o, pcp_i) in [
+        (0x00u8, 0u32, 1u16, 0u16),
+        (0x08, 2, 3, 2),
+        (0x18, 4, 5, 0),
+        (0x10, 6, 7, 6),
+        (0xb8, 4, 5, 0),
+        (0x88, 2, 3, 2),
+        (0xc0, 0, 1, 0),
+        (0x1f, 4, 5, 0),
+        (0x07, 0, 1, 0),
+    ] {
+        let input = encap(&with_tos(up.clone(), tos), &[Svlan(100), Vlan(200)]);
+        let tags = [Svlan(300 | (pcp_o << 13)), Vlan(400 | (pcp_i << 13))];
+        let want = encap(&with_tos(out.clone(), tos), &tags);
+        let (ret, got, _) = dp.test_xdp(&input, l.lan, 1).unwrap();
+        if (ret, &got) != (XDP_REDIRECT, &want) {
+            failures.push(format!("XDP tos {tos:#04x}: verdict {ret}, frame\n got    {got:02x?}\n expect {want:02x?}"));
+        }
+        // TC: the outer tag goes to the skb's metadata; the inner one is
+        // in the frame, and skb->priority is the kernel's.
+        let o = dp.test_tc_skb(&input, l.lan, false, &SkbIn::default()).unwrap();
+        let want = encap(&with_tos(out.clone(), tos), &tags[1..]);
+        if (o.ret, &o.frame, o.priority) != (TC_REDIRECT, &want, prio) {
+            failures.push(format!(
+                "TC tos {tos:#04x}: verdict {}, priority {} (want {prio}), frame\n got    {:02x?}\n expect {want:02x?}",
+                o.ret, o.priority, o.frame
+            ));
+        }
+    }
+    // IPv6: ip6_forward leaves skb->priority as it came.
+    let v6 = tcp6(CLIENT, R_LAN, "fd00:1::2", "2001:db8::2", 64, 41003, 5201, pl);
+    let o = dp.test_tc_skb(&v6, l.lan, false, &SkbIn { priority: 5, ..Default::default() }).unwrap();
+    if (o.ret, o.priority) != (TC_REDIRECT, 5) {
+        failures.push(format!("TC IPv6: verdict {}, priority {} (want 5, untouched)", o.ret, o.priority));
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+
+    // net.ipv4.ip_forward_update_priority=0: ip_forward leaves the priority
+    // as it came (0: a port's driver, veth's __dev_forward_skb and a VLAN
+    // device without an ingress map all give 0), and the tags carry the
+    // PCP of that.
+    lab.lab.dp.set_fwd_update_priority(false);
+    let (dp, l) = (&lab.lab.dp, &lab.lab);
+    let input = encap(&with_tos(up.clone(), 0x10), &[Svlan(100), Vlan(200)]);
+    let tags = [Svlan(300 | (1 << 13)), Vlan(400)];
+    let want = encap(&with_tos(out.clone(), 0x10), &tags);
+    let (ret, got, _) = dp.test_xdp(&input, l.lan, 1).unwrap();
+    assert_eq!((ret, got), (XDP_REDIRECT, want), "XDP, priority not from the TOS");
+    // TC has the skb: the priority it came with stays, and its PCP is the
+    // one the maps give it (vlan_dev_get_egress_qos_mask looks it up as is).
+    let mut tc_failures = Vec::new();
+    for (prio, pcp_o, pcp_i) in [(0u32, 1u16, 0u16), (2, 3, 2), (6, 7, 6)] {
+        let o = dp.test_tc_skb(&input, l.lan, false, &SkbIn { priority: prio, ..Default::default() }).unwrap();
+        let want = encap(&with_tos(out.clone(), 0x10), &[Vlan(400 | (pcp_i << 13))]);
+        if (o.ret, &o.frame, o.priority) != (TC_REDIRECT, &want, prio) {
+            tc_failures.push(format!(
+                "update off, priority {prio} (outer PCP {pcp_o}, in metadata): verdict {}, priority {}, frame\n got    \
+                 {:02x?}\n expect {want:02x?}",
+                o.ret, o.priority, o.frame
+            ));
+        }
+    }
+    // A priority the maps are not read for (something before the fast path
+    // gave it: a tc action on a legacy hook) leaves a tagged direction to
+    // the kernel; one that pushes no tag forwards, the priority untouched.
+    let o = dp.test_tc_skb(&input, l.lan, false, &SkbIn { priority: 3, ..Default::default() }).unwrap();
+    if o.ret != TC_NEXT {
+        tc_failures.push(format!("update off, priority 3, tags to push: verdict {} (want the slow path)", o.ret));
+    }
+    let pppoe = with_tos(tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 41002, 5201, "P", pl), 0x10);
+    let o = dp.test_tc_skb(&pppoe, l.lan, false, &SkbIn { priority: 3, ..Default::default() }).unwrap();
+    if (o.ret, o.priority) != (TC_REDIRECT, 3) {
+        tc_failures.push(format!("update off, priority 3, PPPoE: verdict {}, priority {}", o.ret, o.priority));
+    }
+    assert!(tc_failures.is_empty(), "{} failures:\n{}", tc_failures.len(), tc_failures.join("\n"));
 }
 
 /// The egress watcher parses through the encapsulation, and on devices

@@ -294,6 +294,7 @@ impl Dataplane {
         features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
         dp.features = features;
         dp.set_csum_ipv6(features.csum_ipv6);
+        dp.set_fwd_update_priority(crate::host::ip_forward_update_priority());
         // A running engine, as far as another one looking at our filters
         // can tell (tc_legacy::sweep), from the start.
         dp.set_heartbeat(crate::engine::now_ns());
@@ -368,6 +369,15 @@ impl Dataplane {
         let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
         // SAFETY: as in set_heartbeat.
         unsafe { std::ptr::write_volatile(&mut bss.fo_csum_ipv6_flag, flag) };
+    }
+
+    /// Whether ip_forward sets skb->priority from the TOS here
+    /// (net.ipv4.ip_forward_update_priority): the fast path does the same
+    /// (fo_ip_fwd_update_priority in bpf/fastpath.bpf.c).
+    pub fn set_fwd_update_priority(&mut self, on: bool) {
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: as in set_heartbeat.
+        unsafe { std::ptr::write_volatile(&mut bss.fo_ip_fwd_update_priority, u32::from(on)) };
     }
 
     /// The control plane is alive at `now_ns` (CLOCK_MONOTONIC_COARSE, the

@@ -56,8 +56,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// (about 0.5 ms each in a release build), so a new connection's events
 /// wait for one chunk, not for all that are due.
 const KEEPALIVE_CHUNK: usize = 64;
-/// How often conntrack's timeout sysctls are read again (three small files),
-/// so a change reaches offloaded connections at their next refresh.
+/// How often conntrack's timeout sysctls are read again (three small files,
+/// and net.ipv4.ip_forward_update_priority), so a change reaches offloaded
+/// connections at their next refresh (the priority: at their next packet).
 const TIMEOUTS_EVERY: Duration = Duration::from_secs(1);
 
 pub fn now_ns() -> u64 {
@@ -568,6 +569,8 @@ impl Core {
         }
         if self.timeouts_read.elapsed() >= TIMEOUTS_EVERY {
             self.timeouts_read = Instant::now();
+            // Read with the timeouts: whether forwarding sets skb->priority.
+            self.flows.dp_mut().set_fwd_update_priority(host::ip_forward_update_priority());
             let t = host::ct_timeouts();
             if t != self.timeouts {
                 tracing::info!(?t, "conntrack timeouts changed");
