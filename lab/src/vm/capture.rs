@@ -91,13 +91,22 @@ fn set_int(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -
     }
 }
 
+/// What one read gave.
+enum Got {
+    /// A frame the device received.
+    Frame(Vec<u8>),
+    /// One this namespace sent (PACKET_OUTGOING): not part of the capture.
+    Sent,
+    /// Nothing within the socket's timeout.
+    Timeout,
+}
+
 /// One received frame (not one this namespace sent), with the VLAN tag
 /// the kernel took into the skb's metadata put back where it was on the
 /// wire: __netif_receive_skb_core untags (skb_vlan_untag) before packet
 /// taps see the frame, and AF_PACKET reports the tag only as
-/// PACKET_AUXDATA (as libpcap reinserts it). Ok(None): a timeout, or a
-/// frame to skip.
-fn recv_frame(fd: &OwnedFd) -> Result<Option<Vec<u8>>> {
+/// PACKET_AUXDATA (as libpcap reinserts it).
+fn recv_frame(fd: &OwnedFd) -> Result<Got> {
     let mut buf = vec![0u8; 65536];
     // cmsghdr is read in place: 8-byte aligned storage.
     let mut cbuf = [0u64; 32];
@@ -114,8 +123,17 @@ fn recv_frame(fd: &OwnedFd) -> Result<Option<Vec<u8>>> {
     msg.msg_controllen = std::mem::size_of_val(&cbuf);
     // SAFETY: valid fd and message buffers.
     let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
-    if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
-        return Ok(None);
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => {
+                Ok(Got::Timeout)
+            }
+            _ => Err(anyhow!("reading the capture: {e}")),
+        };
+    }
+    if from.sll_pkttype == libc::PACKET_OUTGOING {
+        return Ok(Got::Sent);
     }
     let n = (n as usize).min(buf.len());
     let mut frame = buf[..n].to_vec();
@@ -136,7 +154,7 @@ fn recv_frame(fd: &OwnedFd) -> Result<Option<Vec<u8>>> {
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok(Some(frame))
+    Ok(Got::Frame(frame))
 }
 
 /// Frames the socket dropped since the last call (PACKET_STATISTICS resets
@@ -184,17 +202,23 @@ impl Capture {
             // saw before its queue was drained do not count.
             let _ = packet_drops(&fd);
             loop {
-                let got = recv_frame(&fd);
-                let n_ok = matches!(got, Ok(Some(_)));
-                if let Ok(Some(f)) = got {
+                let got = recv_frame(&fd)?;
+                let timeout = matches!(got, Got::Timeout);
+                if let Got::Frame(f) = got {
                     frames.push(f);
                 }
-                // Stopped: drain until the queue is empty (a timeout), or
-                // for at most 2 s under continuous traffic.
+                // Stopped: read on until the queue is empty (a read times
+                // out). Frames this namespace sent itself are in the same
+                // queue (skipped, not an end). Nothing is sent after the
+                // stop, so the queue does empty; if it never does, that is
+                // an error, not a shorter capture.
                 if stop2.load(Ordering::Relaxed) {
                     let since = *stopped_at.get_or_insert_with(std::time::Instant::now);
-                    if !n_ok || since.elapsed() > Duration::from_secs(2) {
+                    if timeout {
                         break;
+                    }
+                    if since.elapsed() > Duration::from_secs(120) {
+                        bail!("the capture on {dev} never went quiet after its stop (120 s)");
                     }
                 }
             }

@@ -635,12 +635,14 @@ fn run_once(how: Who, n: u32, seed: u64) -> Result<RunOut> {
         script += &format!("neigh replace {} lladdr {} dev {wan_dev} nud permanent\n", c.wan_ip, mac(macs.wan_host));
     }
     lab.exec_stdin(&rtr, &["ip", "-batch", "-"], &script)?;
-    // The engine refuses XDP on a port that carries VLAN devices while the
-    // port says it strips tags (rx-vlan-offload). Frames injected with
-    // AF_PACKET keep their tags in the frame whatever this says; it is
-    // turned off in every run alike, as the engine's remedy says.
-    for dev in ["rlan", "rwan"] {
-        let _ = lab.exec(&rtr, &["ethtool", "-K", dev, "rxvlan", "off"]);
+    // The engine serves tagged traffic in XDP only where tags stay in the
+    // frame; a veth peer that inserts them in hardware (txvlan) hands them
+    // over in the skb's metadata instead, which 6.1 cannot read. The
+    // endpoints inject whole frames (AF_PACKET), tags inline, whatever
+    // this says; it is turned off in every run alike, as the engine's
+    // remedy says.
+    for (ns, dev) in [(&lan_ns, "lan0"), (&wan_ns, "wan0")] {
+        let _ = lab.exec(ns, &["ethtool", "-K", dev, "txvlan", "off", "tx-vlan-stag-hw-insert", "off"]);
     }
     // The endpoints' own stacks stay silent: no IPv6 of their own, and a
     // netdev chain drops what arrives (after the capture has seen it).
