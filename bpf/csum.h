@@ -30,4 +30,14 @@ static __always_inline __u32 csum_ttl_dec_diff(void)
 	return (__u16)~bpf_htons(0x0100);
 }
 
+/* Diff of decrementing the IPv6 hop limit by one: the second byte of the
+ * {next header, hop limit} word, so the word drops by one in network order.
+ * No header checksum absorbs it: a CHECKSUM_COMPLETE skb->csum must take it
+ * (ip6_forward makes such an skb CHECKSUM_NONE instead, skb_forward_csum).
+ */
+static __always_inline __u32 csum_hl_dec_diff(void)
+{
+	return (__u16)~bpf_htons(0x0001);
+}
+
 #endif

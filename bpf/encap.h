@@ -202,13 +202,25 @@ static __always_inline void fo_write_pppoe(struct fo_pppoe_hdr *ph, __u16 sid, _
 	ph->ppp_proto = family == AF_INET ? bpf_htons(FO_PPP_IP) : bpf_htons(FO_PPP_IPV6);
 }
 
+/* The TCI of pushed tag i (0: outermost) for a packet of skb->priority
+ * prio (0, 2, 4 or 6: fo_priority): the id, and the PCP the VLAN device's
+ * egress QoS map gives prio (vlan_dev_get_egress_qos_mask), as the control
+ * plane put it in fo_flow.out_pcp.
+ */
+static __always_inline __u16 fo_tci(const struct fo_flow *f, int i, __u32 prio)
+{
+	__u16 pcp = (f->out_pcp[i] >> (3 * ((prio >> 1) & 3))) & 7;
+
+	return (f->out_encap[i].id & FO_VLAN_VID_MASK) | (pcp << 13);
+}
+
 /* Write the whole egress L2 header in place (XDP: the room is already
  * there, l2_len bytes before the IP header): MACs, tags, PPPoE. Returns 0,
  * or -1 if the room is not in the packet (cannot happen after the head
  * adjustment; keeps the verifier and us honest).
  */
 static __always_inline int fo_write_l2(void *data, void *data_end, const struct fo_flow *f,
-				       const struct fo_out_encap *o, __u8 family, __u32 l3_len)
+				       const struct fo_out_encap *o, __u8 family, __u32 l3_len, __u32 prio)
 {
 	struct ethhdr *eth = data;
 	struct fo_vlan_hdr *v = (void *)(eth + 1);
@@ -222,14 +234,14 @@ static __always_inline int fo_write_l2(void *data, void *data_end, const struct 
 	if (o->vlans) {
 		if ((void *)(v + 1) > data_end)
 			return -1;
-		v->tci = bpf_htons(f->out_encap[0].id & FO_VLAN_VID_MASK);
+		v->tci = bpf_htons(fo_tci(f, 0, prio));
 		v->inner_proto = o->vlans > 1 ? f->out_encap[1].proto : inner;
 		v++;
 	}
 	if (o->vlans > 1) {
 		if ((void *)(v + 1) > data_end)
 			return -1;
-		v->tci = bpf_htons(f->out_encap[1].id & FO_VLAN_VID_MASK);
+		v->tci = bpf_htons(fo_tci(f, 1, prio));
 		v->inner_proto = inner;
 		v++;
 	}
@@ -259,7 +271,7 @@ static __always_inline int fo_write_l2(void *data, void *data_end, const struct 
  */
 static __always_inline int fo_tc_l2(struct __sk_buff *skb, __u8 in_tags, __u8 family, __u32 l3_len,
 				    const struct fo_flow *f, const struct fo_out_encap *o, const bool l3dev,
-				    __u32 *l3_off)
+				    __u32 prio, __u32 *l3_off)
 {
 	void *data, *data_end;
 	struct ethhdr *eth;
@@ -300,11 +312,11 @@ static __always_inline int fo_tc_l2(struct __sk_buff *skb, __u8 in_tags, __u8 fa
 	} else {
 		eth->h_proto = fo_l3_ethertype(family);
 	}
-	if (o->vlans > 1 && bpf_skb_vlan_push(skb, f->out_encap[1].proto, f->out_encap[1].id & FO_VLAN_VID_MASK))
+	if (o->vlans > 1 && bpf_skb_vlan_push(skb, f->out_encap[1].proto, fo_tci(f, 1, prio)))
 		return changed ? -1 : 1;
 	if (o->vlans > 1)
 		changed = true;
-	if (o->vlans > 0 && bpf_skb_vlan_push(skb, f->out_encap[0].proto, f->out_encap[0].id & FO_VLAN_VID_MASK))
+	if (o->vlans > 0 && bpf_skb_vlan_push(skb, f->out_encap[0].proto, fo_tci(f, 0, prio)))
 		return changed ? -1 : 1;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;

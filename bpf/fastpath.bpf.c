@@ -50,6 +50,17 @@ volatile __u64 fo_csum_ipv6_flag;
  */
 volatile __u64 fo_wake_lost;
 
+/* RSTs fo_rst had no room for: the control plane then restores every
+ * offloaded TCP connection's timeout.
+ */
+volatile __u64 fo_rst_lost;
+
+/* net.ipv4.ip_forward_update_priority (1 by default): whether ip_forward
+ * sets skb->priority from the TOS. Written by the control plane at load
+ * and each second after.
+ */
+volatile __u32 fo_ip_fwd_update_priority;
+
 /* Set by the control plane before load (.rodata, frozen: the verifier
  * takes them as constants and never walks the branches they close, so a
  * helper or kfunc this kernel lacks is never checked; check_cond_jmp_op
@@ -199,6 +210,83 @@ static __always_inline bool fo_l4_csum_partial(void *data, void *data_end, const
 	return check == csum_fold32(sum) && bpf_map_lookup_elem(&fo_csum_ports, &ifindex);
 }
 
+/* The TCP header of a parsed packet, or NULL. */
+static __always_inline struct tcphdr *fo_tcp(void *data, void *data_end, const struct fo_parsed *p)
+{
+	struct tcphdr *th;
+
+	if (p->l4_off > 64 + 40)
+		return NULL;
+	th = data + p->l4_off;
+	if ((void *)(th + 1) > data_end)
+		return NULL;
+	return th;
+}
+
+/* A segment this direction forwards: its end and its ACK, as high-water
+ * marks (serial arithmetic: sequence numbers wrap), what conntrack keeps
+ * as td_end and td_maxack (tcp_in_window) and cannot keep while the
+ * connection is offloaded. Two CPUs racing on one flow may leave one of
+ * them behind: a RST is then judged inexact and left to the kernel.
+ */
+static __always_inline void fo_track_tcp(void *data, void *data_end, const struct fo_parsed *p, struct fo_flow *f)
+{
+	struct tcphdr *th = fo_tcp(data, data_end, p);
+	__u32 end, ack;
+
+	if (!th)
+		return;
+	end = bpf_ntohl(th->seq) + (p->l3_len - (p->l4_off - p->l3_off) - p->l4_hdr_len);
+	ack = bpf_ntohl(th->ack_seq);
+	if (!f->packets || (__s32)(end - f->seq_end) > 0)
+		f->seq_end = end;
+	if ((p->tcp_flags & FO_TCP_ACK) && (!f->packets || (__s32)(ack - f->ack_max) > 0))
+		f->ack_max = ack;
+}
+
+/* Does a RST of this direction close the connection? Only if its sequence
+ * number is one the receiver takes: what the receiver acknowledged last
+ * (conntrack's tcp_packet closes on seq == the receiver's td_maxack; RFC
+ * 5961's RCV.NXT) or the end of what the sender sent (a RST right after
+ * its last segment, tcp_packet's "RST train"; the sender's snd_nxt, which
+ * the RST of an abort carries). Conntrack cannot judge it here: it saw
+ * none of the offloaded packets, its td_maxack is stale and the entry is
+ * liberal (set on offload, as the kernel flowtable does), so a blind RST
+ * it is handed either fails its stale check or passes tcp_in_window and
+ * the connection stays ESTABLISHED; the fast path must not end the
+ * offload on it either. The receiver's ACK is in the other direction's
+ * entry, looked up by the tuple this direction leaves with (its key is
+ * this one mirrored: routes::path::mirror); only RSTs pay for it. An entry
+ * that forwarded nothing yet knows nothing: the RST goes to the kernel,
+ * whose own state is fresh then.
+ */
+static __always_inline bool fo_rst_closes(void *data, void *data_end, const struct fo_parsed *p,
+					  const struct fo_flow *f)
+{
+	struct tcphdr *th = fo_tcp(data, data_end, p);
+	struct fo_flow_key rk = {};
+	struct fo_flow *r;
+	__u32 seq;
+
+	if (!th)
+		return false;
+	seq = bpf_ntohl(th->seq);
+	if (f->packets && seq == f->seq_end)
+		return true;
+	rk.ifindex = f->out_ifindex;
+	rk.family = p->key.family;
+	rk.proto = p->key.proto;
+	rk.sport = f->new_dport;
+	rk.dport = f->new_sport;
+	rk.encap_num = f->out_encap_num;
+	rk.encap[0] = f->out_encap[0];
+	rk.encap[1] = f->out_encap[1];
+	__builtin_memcpy(rk.saddr, f->new_daddr, 16);
+	__builtin_memcpy(rk.daddr, f->new_saddr, 16);
+	r = bpf_map_lookup_elem(&fo_flows, &rk);
+	return r && r->packets && seq == r->ack_max;
+}
+
 /* Decide: returns FO_FWD with the flow (*fp), the egress encapsulation and
  * the clock, or FO_PASS after counting the slow reason. Changes no byte of
  * the packet. xdp and l3dev are constants: what does not apply to an entry
@@ -257,6 +345,15 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 			reason = FO_SLOW_L2_NOT_HOST;
 			goto slow;
 		}
+		/* The session id alone is 16 bits any host on the segment can
+		 * guess: pppoe_rcv takes a session frame only from the
+		 * concentrator (get_item(pn, sid, h_source, ifindex)). An entry
+		 * without the peer's MAC takes none.
+		 */
+		if (p->pppoe_len && (fo_mac_zero(f->in_smac) || !fo_mac_eq(eth->h_source, f->in_smac))) {
+			reason = FO_SLOW_PPPOE_PEER;
+			goto slow;
+		}
 	}
 	/* Only packets of an offloaded flow pay for this, and before any
 	 * state of the flow changes.
@@ -283,13 +380,22 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		goto slow;
 	}
 	/* FIN/RST: let conntrack see the close, and stop fast-pathing this
-	 * flow (older nf_flow_table behaviour, flow_offload_teardown on
-	 * FIN/RST; the control plane removes both directions).
+	 * flow (nf_flow_state_check: flow_offload_teardown on FIN/RST; the
+	 * control plane removes both directions). A RST only when it is in
+	 * sequence (fo_rst_closes): any host that knows the tuple can send
+	 * one, and the kernel flowtable's teardown on any RST is what lets it
+	 * end an offloaded connection the kernel alone would keep.
 	 */
 	if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & (FO_TCP_FIN | FO_TCP_RST))) {
 		if (p->tcp_flags & FO_TCP_RST) {
-			f->teardown = FO_TD_RST;
-			reason = FO_SLOW_TCP_RST;
+			if (fo_rst_closes(data, data_end, p, f)) {
+				f->teardown = FO_TD_RST;
+				reason = FO_SLOW_TCP_RST;
+			} else {
+				reason = FO_SLOW_TCP_RST_INEXACT;
+				if (bpf_ringbuf_output(&fo_rst, &p->key, sizeof(p->key), 0))
+					__sync_fetch_and_add(&fo_rst_lost, 1);
+			}
 		} else {
 			f->teardown = FO_TD_FIN;
 			reason = FO_SLOW_TCP_FIN;
@@ -340,12 +446,58 @@ static __always_inline int fo_worker(void *data, void *data_end, const struct fo
 		reason = FO_SLOW_STALE_ENGINE;
 		goto slow;
 	}
+	if (p->key.proto == IPPROTO_TCP)
+		fo_track_tcp(data, data_end, p, f);
 	*fp = f;
 	return FO_FWD;
 
 slow:
 	fo_count(reason, 1);
 	return FO_PASS;
+}
+
+/* skb->priority as the kernel's forwarding leaves it: ip_forward sets
+ * rt_tos2priority(tos) (ip_tos2prio[IPTOS_TOS(tos) >> 1] in
+ * net/ipv4/route.c: TC_PRIO_BESTEFFORT 0, BULK 2, INTERACTIVE 6,
+ * INTERACTIVE_BULK 4 by the TOS bits 0x18) when
+ * net.ipv4.ip_forward_update_priority is on; ip6_forward does not touch it,
+ * and it arrives 0 (a port's driver, veth's __dev_forward_skb and a VLAN
+ * device without an ingress QoS map all give 0; the control plane does not
+ * offload a connection whose VLAN device has one). So 0, 2, 4 or 6, the
+ * priorities fo_flow.out_pcp maps. TC, which has the skb, takes the
+ * priority it came with where ip_forward would keep it (fo_tc_priority).
+ */
+static __always_inline __u32 fo_priority(const struct fo_parsed *p)
+{
+	if (p->key.family != AF_INET || !fo_ip_fwd_update_priority)
+		return 0;
+	switch ((p->tos >> 3) & 3) {
+	case 1:
+		return 2;
+	case 2:
+		return 6;
+	case 3:
+		return 4;
+	default:
+		return 0;
+	}
+}
+
+/* The skb's priority after forwarding, or -1 when the fast path cannot
+ * write the PCP the kernel would: ip_forward's from the TOS (fo_priority),
+ * else the one the skb came with, which out_pcp maps only for 0, 2, 4, 6
+ * (something before us gave it another: a tc action on a legacy hook).
+ */
+static __always_inline int fo_tc_priority(const struct __sk_buff *skb, const struct fo_parsed *p,
+					  const struct fo_out_encap *o)
+{
+	__u32 prio = skb->priority;
+
+	if (p->key.family == AF_INET && fo_ip_fwd_update_priority)
+		return fo_priority(p);
+	if (o->vlans && (prio > 6 || (prio & 1)))
+		return -1;
+	return prio;
 }
 
 /* A forwarded packet: per-flow and global counters. */
@@ -407,6 +559,17 @@ static __always_inline int fo_xdp_run(struct xdp_md *ctx, const bool md)
 	}
 	if (fo_worker(data, data_end, &m, true, false, NULL, &p, &f, &o, &now) != FO_FWD || !f)
 		return XDP_PASS;
+	/* Ethernet padding after the IP packet (a short frame padded to the
+	 * minimum): the kernel trims it before forwarding (ip_rcv_core,
+	 * ipv6_rcv: pskb_trim_rcsum), so the egress device pads what it sends
+	 * itself, and a pushed header never has it behind. Should the head
+	 * adjustment below fail, the kernel gets the frame as it trims it.
+	 */
+	delta = (int)(data_end - data) - (int)(p.l3_off + p.l3_len);
+	if (delta > 0 && bpf_xdp_adjust_tail(ctx, -delta)) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return XDP_PASS;
+	}
 	/* Take the ingress headers off and make room for the egress ones in
 	 * one move (nf_flow_encap_pop, then what the VLAN / PPPoE devices
 	 * would push); the whole new link-layer header is written below.
@@ -418,7 +581,7 @@ static __always_inline int fo_xdp_run(struct xdp_md *ctx, const bool md)
 	}
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (fo_write_l2(data, data_end, f, &o, p.key.family, p.l3_len) ||
+	if (fo_write_l2(data, data_end, f, &o, p.key.family, p.l3_len, fo_priority(&p)) ||
 	    fo_rewrite(data, data_end, o.l2_len, &p, f, true, &fix)) {
 		fo_count(FO_STAT_TX_FAILED, 1);
 		return XDP_DROP;
@@ -486,7 +649,7 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	struct fo_flow *f = NULL;
 	__u32 l3_off = 0;
 	__u64 mm0, flags, now = 0;
-	int r;
+	int r, prio;
 
 	fo_pull_headers(skb);
 	data = (void *)(long)skb->data;
@@ -495,7 +658,22 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 
 	if (fo_worker(data, data_end, &m, false, l3dev, skb, &p, &f, &o, &now) != FO_FWD || !f)
 		return TC_ACT_UNSPEC;
-	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, &l3_off);
+	prio = fo_tc_priority(skb, &p, &o);
+	if (prio < 0) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return TC_ACT_UNSPEC;
+	}
+	/* Ethernet padding after the IP packet: trimmed, as ip_rcv_core and
+	 * ipv6_rcv trim it (pskb_trim_rcsum) before the kernel forwards; it
+	 * would otherwise follow a pushed tag or PPPoE header, or go into an
+	 * L3 device as part of the packet. skb_trim_rcsum keeps
+	 * CHECKSUM_COMPLETE right (__bpf_skb_change_tail).
+	 */
+	if (skb->len > p.l3_off + p.l3_len && bpf_skb_change_tail(skb, p.l3_off + p.l3_len, 0)) {
+		fo_count(FO_SLOW_ENCAP, 1);
+		return TC_ACT_UNSPEC;
+	}
+	r = fo_tc_l2(skb, p.key.encap_num, p.key.family, p.l3_len, f, &o, l3dev, prio, &l3_off);
 	if (r > 0) {
 		fo_count(FO_SLOW_ENCAP, 1);
 		return TC_ACT_UNSPEC;
@@ -525,6 +703,20 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	}
 	if (fix.ports)
 		bpf_l4_csum_replace(skb, fix.csum_off, 0, fix.ports, mm0);
+	/* The hop limit was written directly, and IPv6 has no header checksum
+	 * to absorb it: a CHECKSUM_COMPLETE skb->csum takes the change (a
+	 * no-op for other ip_summed values), or the receiver of a veth would
+	 * find its sum wrong. ip6_forward drops such a csum instead
+	 * (skb_forward_csum); the bytes on the wire are the same.
+	 */
+	if (fix.ipv6)
+		bpf_csum_update(skb, csum_hl_dec_diff());
+	/* The egress qdisc (pfifo_fast's bands, mqprio's queues, HTB or prio
+	 * classes by priority) and a VLAN device the skb is sent into see the
+	 * priority ip_forward would have set; IPv6 keeps the one it came with
+	 * (prio is that one then).
+	 */
+	skb->priority = prio;
 	fo_account(f, &m, &p, now);
 	return bpf_redirect(f->out_ifindex, 0);
 }

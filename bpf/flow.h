@@ -101,7 +101,7 @@ enum fo_teardown {
 };
 
 /* What to do with a packet that matched: the rewrite and the next hop.
- * Laid out without holes: 104 bytes, a multiple of 8, as the kernel rounds
+ * Laid out without holes: 120 bytes, a multiple of 8, as the kernel rounds
  * a hash map's value (htab_map_alloc in kernel/bpf/hashtab.c). Each
  * direction costs sizeof(struct htab_elem) (48) + the key (56) + this +
  * one 16-byte bucket; ARCHITECTURE.md ("Memory per connection") has the
@@ -133,7 +133,28 @@ struct fo_flow {
 	 */
 	__u8 in_dmac[6];
 	struct fo_encap out_encap[FO_ENCAP_MAX];
-	__u16 pad;		/* always zero */
+	/* The PPPoE access concentrator's MAC when this direction arrives in
+	 * a PPPoE session: pppoe_rcv (drivers/net/ppp/pppoe.c) takes a
+	 * session frame only from its peer (get_item by id, source MAC and
+	 * device). All zero otherwise.
+	 */
+	__u8 in_smac[6];
+	/* The 802.1p priority (PCP) of each pushed tag by skb->priority, as
+	 * the VLAN device's egress QoS map gives it
+	 * (vlan_dev_get_egress_qos_mask): bits 3k..3k+2 hold the PCP for
+	 * priority 2k (k = 0..3), the only priorities a forwarded packet gets
+	 * (rt_tos2priority; fo_priority in fastpath.bpf.c). Zero for a tag a
+	 * bridge pushes (its PVID, no priority).
+	 */
+	__u16 out_pcp[FO_ENCAP_MAX];
+	/* TCP, written by the fast path on every packet it forwards, valid
+	 * once packets is non-zero: the end of the highest segment sent this
+	 * way (the sender's snd_nxt, conntrack's td_end) and the highest ACK
+	 * (the sender's rcv_nxt, td_maxack). A RST is judged with them
+	 * (fo_rst_closes); host order.
+	 */
+	__u32 seq_end;
+	__u32 ack_max;
 	/* written by the fast path, read by the control plane */
 	__u64 packets;
 	__u64 bytes;		/* L3 bytes, as conntrack accounting counts */
@@ -160,7 +181,11 @@ enum fo_stat {
 	FO_SLOW_TTL,		/* TTL / hop limit <= 1: kernel sends ICMP */
 	FO_SLOW_TCP_SYN,
 	FO_SLOW_TCP_FIN,
-	FO_SLOW_TCP_RST,
+	FO_SLOW_TCP_RST,	/* a RST the receiver takes as a close: teardown */
+	/* Any other RST (a blind guess above all): to the kernel, the flow
+	 * stays (fo_rst_closes in fastpath.bpf.c).
+	 */
+	FO_SLOW_TCP_RST_INEXACT,
 	FO_SLOW_NO_FLOW,
 	FO_SLOW_TEARDOWN,	/* flow already ending */
 	FO_SLOW_MTU,		/* kernel sends frag-needed / PTB */
@@ -182,6 +207,11 @@ enum fo_stat {
 	 * every segment and the NIC would offload a checksum it cannot find.
 	 */
 	FO_SLOW_PPPOE_TC_OFFLOAD,
+	/* A PPPoE session frame from another MAC than the session's
+	 * concentrator: pppoe_rcv drops it (get_item keys the session on its
+	 * id, the peer's MAC and the device), so the kernel must see it.
+	 */
+	FO_SLOW_PPPOE_PEER,
 	/* XDP only: the L4 checksum field holds just the pseudo-header sum,
 	 * what a CHECKSUM_PARTIAL skb from a local sender carries (veth);
 	 * an xdp_frame cannot say the checksum is still to be filled in.

@@ -74,6 +74,21 @@ struct {
 	__uint(max_entries, 64 * 1024);
 } fo_wake SEC(".maps");
 
+/* Offloaded directions that handed the kernel a RST they could not take
+ * as a close (fo_rst_closes in fastpath.bpf.c), by key. Conntrack, liberal
+ * and blind to the window while the connection is offloaded, keeps such a
+ * RST's connection ESTABLISHED but shortens its timeout
+ * (nf_conntrack_tcp_packet: to the unacknowledged timeout in 6.1 and
+ * 6.12, to the close timeout in 6.18, measured), where the kernel without
+ * offload, which sees the window, finds a blind RST out of window and
+ * leaves the entry alone; and the packets that would have lengthened it
+ * again take the fast path. The control plane puts the timeout back.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} fo_rst SEC(".maps");
+
 /* Per-CPU counters indexed by enum fo_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -34,6 +34,7 @@ struct fo_parsed {
 	__u32 l3_len;		/* IPv4 tot_len / IPv6 40 + payload_len */
 	__u32 l4_hdr_len;	/* TCP doff*4 or 8 */
 	__u8 tcp_flags;		/* byte 13 of the TCP header */
+	__u8 tos;		/* IPv4 TOS byte (IPv6: 0) */
 	__u16 pppoe_len;	/* PPPoE length field; 0 without PPPoE */
 };
 
@@ -53,6 +54,7 @@ struct fo_meta {
 #define FO_TCP_FIN 0x01
 #define FO_TCP_SYN 0x02
 #define FO_TCP_RST 0x04
+#define FO_TCP_ACK 0x10
 
 /* The IP and L4 headers at p->l3_off, of ethertype l3_proto. Returns 0
  * when the packet is a fast-path candidate, else an fo_stat slow reason.
@@ -86,6 +88,7 @@ static __always_inline int fo_parse_l3(void *data, void *data_end, __u32 pkt_len
 		if (iph->ttl <= 1)
 			return FO_SLOW_TTL;
 		p->key.family = AF_INET;
+		p->tos = iph->tos;
 		p->key.saddr[0] = iph->saddr;
 		p->key.daddr[0] = iph->daddr;
 		p->l4_off = p->l3_off + sizeof(*iph);

@@ -75,6 +75,12 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// net.ipv4.ip_forward_update_priority: whether ip_forward sets
+/// skb->priority from the TOS (the default, 1, where it cannot be read).
+pub fn ip_forward_update_priority() -> bool {
+    sysctl_u32("net.ipv4.ip_forward_update_priority").unwrap_or(1) != 0
+}
+
 /// Conntrack's timeouts in this namespace, the kernel defaults where a
 /// sysctl is missing.
 pub fn ct_timeouts() -> CtTimeouts {

@@ -48,8 +48,24 @@ pub fn tcp4(
     flags: &str,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(smac, dmac).ipv4(v4(s), v4(d), ttl).tcp(sp, dp, 1000, 64000);
-    b = b.ack(5000);
+    tcp4_seq(smac, dmac, s, d, ttl, sp, dp, flags, (1000, 5000), payload)
+}
+
+/// [`tcp4`] with this (sequence, acknowledgement) number.
+pub fn tcp4_seq(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    s: &str,
+    d: &str,
+    ttl: u8,
+    sp: u16,
+    dp: u16,
+    flags: &str,
+    (seq, ack): (u32, u32),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(smac, dmac).ipv4(v4(s), v4(d), ttl).tcp(sp, dp, seq, 64000);
+    b = b.ack(ack);
     if flags.contains('S') {
         b = b.syn();
     }

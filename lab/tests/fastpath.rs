@@ -5,10 +5,10 @@
 //! tuples, so NAT derivation and checksum differences are tested together.
 
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{fo_teardown, Dataplane, Probe, STAT_NAMES};
+use nft_offload::dataplane::{fo_teardown, Dataplane, Probe, SkbIn, STAT_NAMES};
 use nft_offload::flow::{build_direction, Hold, NextHop};
 use nft_offload_lab::frames::{
-    fix_ip4_csum, tcp4, tcp6, udp4, udp6, CLIENT_MAC as CLIENT, RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN,
+    fix_ip4_csum, tcp4, tcp4_seq, tcp6, udp4, udp6, CLIENT_MAC as CLIENT, RTR_LAN_MAC as R_LAN, RTR_WAN_MAC as R_WAN,
     SERVER_MAC as SERVER,
 };
 use nft_offload_lab::private_router::PrivateRouter;
@@ -368,6 +368,37 @@ fn cases() -> Vec<Case> {
         want: Want::Fwd("wan"),
         expect: Some(e),
     });
+
+    // Ethernet padding: a frame under the 60-byte minimum arrives padded
+    // by the sender's NIC (bytes that need not be zero); ip_rcv_core trims
+    // the skb to the IP length (pskb_trim_rcsum), so what leaves carries
+    // only what the egress device adds itself.
+    let pad = |mut f: Vec<u8>| {
+        let n = 60usize.saturating_sub(f.len()).max(2);
+        f.extend((0..n).map(|i| 0xa5 ^ i as u8));
+        f
+    };
+    v.push(Case {
+        name: "ipv4 udp padded to the Ethernet minimum: the padding is not forwarded",
+        on: "lan",
+        input: pad(udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40001, 5201, b"x")),
+        want: Want::Fwd("wan"),
+        expect: Some(udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 40001, 5201, b"x")),
+    });
+    v.push(Case {
+        name: "ipv4 tcp ack padded to the Ethernet minimum, reply direction",
+        on: "wan",
+        input: pad(tcp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 50, 5201, 61000, "", b"")),
+        want: Want::Fwd("lan"),
+        expect: Some(tcp4(R_LAN, CLIENT, "203.0.113.2", "192.168.1.2", 49, 5201, 40000, "", b"")),
+    });
+    v.push(Case {
+        name: "ipv6 udp with trailing bytes after its payload length (ipv6_rcv trims them)",
+        on: "lan",
+        input: pad(udp6(CLIENT, R_LAN, "fd00:1::2", "fd00:2::2", 64, 40003, 5201, b"x")),
+        want: Want::Fwd("wan"),
+        expect: Some(udp6(R_WAN, SERVER, "fd00:1::2", "fd00:2::2", 63, 40003, 5201, b"x")),
+    });
     v
 }
 
@@ -427,6 +458,43 @@ fn tc_table() {
 #[test]
 fn tc_table_without_bpf_f_ipv6() {
     run_table(false, false);
+}
+
+/// Every forwarded row of the table on a CHECKSUM_COMPLETE skb: skb->csum
+/// must still be the sum of the packet afterwards (the test run fails with
+/// EBADMSG otherwise: BPF_F_TEST_SKB_CHECKSUM_COMPLETE), as the kernel
+/// keeps it (ip6_forward's skb_forward_csum drops a csum the hop limit
+/// made stale; a stale one costs the receiver a software check, or a "hw
+/// csum failure"). With BPF_F_IPV6 and with the fallback that fixes the
+/// IPv6 pseudo-header change up with bpf_csum_update. Padded frames are
+/// left out: trimming them makes the skb CHECKSUM_NONE (__skb_trim_rcsum,
+/// through bpf_skb_change_tail), whose skb->csum means nothing, but which
+/// the test run compares all the same.
+#[test]
+fn tc_keeps_checksum_complete_right() {
+    for csum_ipv6 in [true, false] {
+        let mut lab = setup();
+        lab.dp.set_csum_ipv6(csum_ipv6 && lab.dp.probe_csum_ipv6());
+        let ifx = |n: &str| if n == "lan" { lab.lan } else { lab.wan };
+        let skb = SkbIn { csum_complete: true, ..Default::default() };
+        let mut failures = Vec::new();
+        let mut ran = 0;
+        let unpadded = |c: &Case| c.expect.as_ref().is_some_and(|e| e.len() == c.input.len());
+        for c in cases().into_iter().filter(|c| matches!(c.want, Want::Fwd(_)) && unpadded(c)) {
+            ran += 1;
+            match lab.dp.test_tc_skb(&c.input, ifx(c.on), false, &skb) {
+                Ok(o) if o.ret == TC_REDIRECT && Some(&o.frame) == c.expect.as_ref() => {}
+                Ok(o) => failures.push(format!("{}: verdict {} / frame {:02x?}", c.name, o.ret, o.frame)),
+                Err(e) => failures.push(format!("{}: {e:#}", c.name)),
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "BPF_F_IPV6 {csum_ipv6}: {} of {ran} forwarded cases failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
 }
 
 /// A packet that arrived decrypted (its skb carries a secpath) goes to the
@@ -500,7 +568,8 @@ fn bpf_f_ipv6_probe_matches_the_kernel() {
 }
 
 /// FIN and RST go to the kernel and mark the flow, whose later packets then
-/// also go to the kernel until the control plane removes it.
+/// also go to the kernel until the control plane removes it. (The RST is
+/// the sender's next sequence number: see `only_a_rst_in_sequence_ends_the_flow`.)
 #[test]
 fn fin_and_rst_flag_teardown() {
     for xdp in [true, false] {
@@ -516,7 +585,8 @@ fn fin_and_rst_flag_teardown() {
             let pl = b"x";
             assert!(run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)));
             let r0 = stat(&lab.dp, reason);
-            assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, flag, pl)));
+            let close = tcp4_seq(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, flag, (1001, 5000), pl);
+            assert!(!run(&close));
             assert_eq!(stat(&lab.dp, reason), r0 + 1);
             let key =
                 lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.lan && k.sport == 40000u16.to_be()).unwrap();
@@ -525,6 +595,86 @@ fn fin_and_rst_flag_teardown() {
             assert!(!run(&tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "", pl)));
             assert_eq!(stat(&lab.dp, "teardown"), t0 + 1);
         }
+    }
+}
+
+/// A RST ends the flow only when its sequence number is one the receiver
+/// takes as a close: what the receiver acknowledged last, or the end of
+/// what the sender sent (conntrack's tcp_packet closes on
+/// `seq == td_maxack` of the receiver, or a RST right after the sender's
+/// last segment; RFC 5961 has the receiver act only on RCV.NXT). Any other
+/// RST, a blind attacker's 32-bit guess above all, goes to the kernel
+/// without ending the offload: conntrack, which sees none of the offloaded
+/// packets and is liberal, cannot judge its window, and takes the
+/// connection off the fast path only if it changes state itself.
+#[test]
+fn only_a_rst_in_sequence_ends_the_flow() {
+    let pl = b"x";
+    let up = |flags: &str, seq: u32, ack: u32, pl: &[u8]| {
+        tcp4_seq(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, flags, (seq, ack), pl)
+    };
+    let down = |flags: &str, seq: u32, ack: u32, pl: &[u8]| {
+        tcp4_seq(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 61000, flags, (seq, ack), pl)
+    };
+    // The client sent 1000..1001; the server sent 5000..5002 and has
+    // acknowledged only up to 1000 so far.
+    let cases = [
+        ("client, the server's last ACK", up("R", 1000, 5002, b""), true),
+        ("client, its own next sequence number", up("R", 1001, 5002, b""), true),
+        ("client, a blind guess", up("R", 0x8a5f_3c21, 0, b""), false),
+        ("client, one past its next sequence number", up("R", 1002, 5002, b""), false),
+        ("server, the client's last ACK", down("RA", 5000, 1001, b""), true),
+        ("server, a blind guess", down("R", 0x1234_5678, 0, b""), false),
+    ];
+    for xdp in [true, false] {
+        for (what, rst, closes) in &cases {
+            let lab = setup();
+            let run = |f: &[u8], on: u32| -> bool {
+                if xdp {
+                    lab.dp.test_xdp(f, on, 1).unwrap().0 == XDP_REDIRECT
+                } else {
+                    lab.dp.test_tc(f, on, None, 1).unwrap().0 == TC_REDIRECT
+                }
+            };
+            assert!(run(&up("A", 1000, 5000, pl), lab.lan));
+            assert!(run(&down("A", 5000, 1000, b"yy"), lab.wan));
+            let on = if rst[..6] == R_LAN { lab.lan } else { lab.wan };
+            let before = lab.dp.stats();
+            assert!(!run(rst, on), "xdp={xdp} {what}: a RST is the kernel's");
+            let counted = stat_delta(&before, &lab.dp.stats());
+            let keys = lab.dp.flow_keys();
+            let key =
+                keys.iter().find(|k| k.ifindex == on && (k.sport == 40000u16.to_be() || k.dport == 61000u16.to_be()));
+            let td = u32::from(lab.dp.get_flow(key.unwrap()).unwrap().teardown);
+            let want = if *closes { fo_teardown::FO_TD_RST.0 } else { fo_teardown::FO_TD_NONE.0 };
+            assert_eq!(td, want, "xdp={xdp} {what}: teardown flag");
+            let reason = if *closes { "tcp_rst" } else { "tcp_rst_inexact" };
+            assert_eq!(counted, [(reason, 1)], "xdp={xdp} {what}: counted");
+            // The direction the RST came in stops (the control plane then
+            // removes both), or goes on.
+            let next = if on == lab.lan { up("A", 1001, 5002, pl) } else { down("A", 5002, 1001, pl) };
+            assert_eq!(run(&next, on), !closes, "xdp={xdp} {what}: the flow afterwards");
+        }
+    }
+}
+
+/// A RST on an entry that has forwarded nothing yet (just installed, or
+/// re-pointed) has nothing to be judged by: it goes to the kernel, whose
+/// own state is fresh then, and the offload stays until conntrack says
+/// otherwise.
+#[test]
+fn a_rst_before_any_packet_leaves_the_decision_to_conntrack() {
+    for xdp in [true, false] {
+        let lab = setup();
+        let rst = tcp4_seq(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 40000, 5201, "R", (1000, 0), b"");
+        let r = if xdp {
+            lab.dp.test_xdp(&rst, lab.lan, 1).unwrap().0 == XDP_REDIRECT
+        } else {
+            lab.dp.test_tc(&rst, lab.lan, None, 1).unwrap().0 == TC_REDIRECT
+        };
+        assert!(!r);
+        let key = lab.dp.flow_keys().into_iter().find(|k| k.ifindex == lab.lan && k.sport == 40000u16.to_be()).unwrap();
+        assert_eq!(u32::from(lab.dp.get_flow(&key).unwrap().teardown), fo_teardown::FO_TD_NONE.0, "xdp={xdp}");
     }
 }
 

@@ -18,7 +18,7 @@
 //! source 2001:db8:86dd::/48), so the program sees what the device gives it.
 
 use nft_offload::conntrack::CtTuple;
-use nft_offload::dataplane::{fo_flow_flag, Dataplane, Probe, STAT_NAMES};
+use nft_offload::dataplane::{fo_flow_flag, Dataplane, Probe, SkbIn, STAT_NAMES};
 use nft_offload::flow::{build_direction, egress_key, Direction, NextHop};
 use nft_offload_lab::frames::{
     encap, fo_encaps, tcp4, tcp6, udp4, Encap, CLIENT_MAC as CLIENT, ETH_P_8021AD, ETH_P_8021Q, ETH_P_PPP_SES,
@@ -62,6 +62,11 @@ fn direction(seen: &CtTuple, other: &CtTuple, from: Side, to: Side) -> Direction
     (d.key.encap, d.key.encap_num) = fo_encaps(from.encap);
     (d.val.out_encap, d.val.out_encap_num) = fo_encaps(to.encap);
     d.val.in_dmac = if from.l3 { [0; 6] } else { from.router_mac };
+    // Arriving in a PPPoE session: only from the concentrator (the peer
+    // routes::path's mirror names, as pppoe_rcv's get_item keys on it).
+    if from.encap.iter().any(|e| matches!(e, Pppoe(_))) {
+        d.val.in_smac = from.peer_mac;
+    }
     if to.l3 {
         d.val.flags |= fo_flow_flag::FO_F_L3_OUT.0 as u8;
         (d.val.smac, d.val.dmac) = ([0; 6], [0; 6]);
@@ -266,6 +271,26 @@ fn cases() -> Vec<Case> {
     v.push(case("inner tag only of a QinQ flow", "lan", encap(&q_up, &[Vlan(200)]), slow("no_flow")));
     let wrong_sid = encap(&down4(41002), &[Pppoe(SID + 1)]);
     v.push(case("wrong PPPoE session id", "wan", wrong_sid, pppoe_miss));
+    // The session's id with another host's MAC: pppoe_rcv drops it
+    // (get_item finds no session for that peer), so the kernel must see it.
+    let from_other = |f: Vec<u8>| {
+        let mut f = f;
+        f[6..12].copy_from_slice(&OTHER);
+        f
+    };
+    let spoof = (Want::Slow("pppoe_peer"), Want::Slow("pppoe_tc_pop"));
+    v.push(case(
+        "PPPoE session frame from another MAC than the concentrator's",
+        "wan",
+        from_other(encap(&down4(41002), &ppp)),
+        spoof.clone(),
+    ));
+    v.push(case(
+        "VLAN+PPPoE session frame from another MAC than the concentrator's",
+        "wan",
+        from_other(encap(&down4(41004), &vppp)),
+        spoof,
+    ));
 
     // malformed and unhandled encapsulation
     let p = encap(&down4(41002), &ppp);
@@ -288,6 +313,32 @@ fn cases() -> Vec<Case> {
         case("three tags", "lan", encap(&q_up, &[Svlan(100), Vlan(200), Vlan(300)]), slow("encap")),
         case("two tags and PPPoE", "wan", encap(&down4(41004), &[Svlan(1), Vlan(7), Pppoe(SID)]), slow("encap")),
     ]);
+
+    // Ethernet padding (a short frame padded to the minimum by the sender's
+    // NIC): ip_rcv_core trims it before the kernel forwards, so it must not
+    // end up after a pushed tag or PPPoE header, or inside a packet sent
+    // into an L3 device
+    let pad = |mut f: Vec<u8>, to: usize| {
+        let n = to.saturating_sub(f.len());
+        f.extend((0..n).map(|i| 0x5a ^ i as u8));
+        f
+    };
+    let ack4 = |p: u16| tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, p, 5201, "", b"");
+    let ack4_out = |p: u16| tcp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, p + 20000, 5201, "", b"");
+    v.push(case("padded frame, VLAN out", "lan", pad(ack4(41000), 60), fwd(&ack4_out(41000), &[Vlan(7)])));
+    v.push(case("padded frame, PPPoE out", "lan", pad(ack4(41002), 60), fwd(&ack4_out(41002), &ppp)));
+    v.push(case(
+        "padded VLAN frame, untagged out",
+        "wan",
+        pad(encap(&tcp4(SERVER, R_WAN, "203.0.113.2", "203.0.113.1", 64, 5201, 61000, "", b""), &[Vlan(7)]), 64),
+        fwd(&tcp4(R_LAN, CLIENT, "203.0.113.2", "192.168.1.2", 63, 5201, 41000, "", b""), &[]),
+    ));
+    v.push(case(
+        "padded frame, L3 out",
+        "lan",
+        pad(tcp4(CLIENT, R_LAN, "192.168.1.2", "8.0.0.7", 64, 41005, 5201, "", b""), 60),
+        (Want::Slow("xdp_target"), Want::Fwd(tcp4(CLIENT, R_LAN, "8.0.0.1", "8.0.0.7", 63, 61005, 5201, "", b""))),
+    ));
 
     // the router's MAC
     v.push(case("frame for another host (being bridged)", "lan", up4(41000, OTHER), slow("l2_not_host")));
@@ -468,6 +519,125 @@ fn tc_encap_table() {
 fn tc_encap_table_without_kern_ctx() {
     let probe = Probe { kern_ctx: false, ..Probe::kernel() };
     run_table_for(false, &probe);
+}
+
+/// PCP per priority 0, 2, 4, 6 as `fo_flow.out_pcp` holds it: 3 bits each.
+fn pcp_table(pcp: [u16; 4]) -> u16 {
+    pcp.iter().enumerate().map(|(k, p)| p << (3 * k)).sum()
+}
+
+/// `frame` (untagged IPv4) with this TOS byte.
+fn with_tos(mut f: Vec<u8>, tos: u8) -> Vec<u8> {
+    f[15] = tos;
+    nft_offload_lab::frames::fix_ip4_csum(&mut f);
+    f
+}
+
+/// The kernel without offload: ip_forward sets skb->priority from the TOS
+/// (rt_tos2priority; net.ipv4.ip_forward_update_priority, on by default;
+/// ip6_forward leaves it alone), and each VLAN device maps it through its
+/// egress QoS map into its tag's PCP (vlan_dev_hard_start_xmit,
+/// vlan_dev_get_egress_qos_mask). The fast path sets skb->priority in TC,
+/// and writes each pushed tag's PCP from the map the control plane gives
+/// the flow for the priorities a forwarded packet can get (0, 2, 4, 6).
+/// TOS 0x10 (low delay) is priority 6, 0x08 (throughput) 2, 0x18 4, 0 0;
+/// only the bits 0x18 count (IPTOS_TOS takes 0x1e, and ip_tos2prio gives
+/// 0x04, reliability, and 0x02, ECN's, nothing of their own): DSCP EF
+/// (0xb8) is 4, AF41 (0x88) 2, CS6 (0xc0) 0, 0x1f 4, 0x07 0.
+#[test]
+fn pushed_tags_carry_the_pcp_of_the_packets_priority() {
+    let mut lab = setup();
+    // The default of a new namespace, said here so the table does not
+    // depend on it.
+    lab.lab.dp.set_fwd_update_priority(true);
+    let (dp, l) = (&lab.lab.dp, &lab.lab);
+    // 41001 leaves QinQ 802.1ad 300 + 802.1Q 400: the outer device maps
+    // priority 0 to PCP 1, 2 to 3, 4 to 5, 6 to 7; the inner one 2 to 2,
+    // 6 to 6 (the rest 0).
+    let (outer, inner) = (pcp_table([1, 3, 5, 7]), pcp_table([0, 2, 0, 6]));
+    let key = lab.conns[1][0].key;
+    let mut v = dp.get_flow(&key).unwrap();
+    v.out_pcp = [outer, inner];
+    dp.replace_flow(&key, &v).unwrap();
+    let pl = b"802.1p";
+    let up = udp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 41001, 5201, pl);
+    let out = udp4(R_WAN, SERVER, "203.0.113.1", "203.0.113.2", 63, 61001, 5201, pl);
+    let mut failures = Vec::new();
+    for (tos, prio, pcp_o, pcp_i) in [
+        (0x00u8, 0u32, 1u16, 0u16),
+        (0x08, 2, 3, 2),
+        (0x18, 4, 5, 0),
+        (0x10, 6, 7, 6),
+        (0xb8, 4, 5, 0),
+        (0x88, 2, 3, 2),
+        (0xc0, 0, 1, 0),
+        (0x1f, 4, 5, 0),
+        (0x07, 0, 1, 0),
+    ] {
+        let input = encap(&with_tos(up.clone(), tos), &[Svlan(100), Vlan(200)]);
+        let tags = [Svlan(300 | (pcp_o << 13)), Vlan(400 | (pcp_i << 13))];
+        let want = encap(&with_tos(out.clone(), tos), &tags);
+        let (ret, got, _) = dp.test_xdp(&input, l.lan, 1).unwrap();
+        if (ret, &got) != (XDP_REDIRECT, &want) {
+            failures.push(format!("XDP tos {tos:#04x}: verdict {ret}, frame\n got    {got:02x?}\n expect {want:02x?}"));
+        }
+        // TC: the outer tag goes to the skb's metadata; the inner one is
+        // in the frame, and skb->priority is the kernel's.
+        let o = dp.test_tc_skb(&input, l.lan, false, &SkbIn::default()).unwrap();
+        let want = encap(&with_tos(out.clone(), tos), &tags[1..]);
+        if (o.ret, &o.frame, o.priority) != (TC_REDIRECT, &want, prio) {
+            failures.push(format!(
+                "TC tos {tos:#04x}: verdict {}, priority {} (want {prio}), frame\n got    {:02x?}\n expect {want:02x?}",
+                o.ret, o.priority, o.frame
+            ));
+        }
+    }
+    // IPv6: ip6_forward leaves skb->priority as it came.
+    let v6 = tcp6(CLIENT, R_LAN, "fd00:1::2", "2001:db8::2", 64, 41003, 5201, pl);
+    let o = dp.test_tc_skb(&v6, l.lan, false, &SkbIn { priority: 5, ..Default::default() }).unwrap();
+    if (o.ret, o.priority) != (TC_REDIRECT, 5) {
+        failures.push(format!("TC IPv6: verdict {}, priority {} (want 5, untouched)", o.ret, o.priority));
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+
+    // net.ipv4.ip_forward_update_priority=0: ip_forward leaves the priority
+    // as it came (0: a port's driver, veth's __dev_forward_skb and a VLAN
+    // device without an ingress map all give 0), and the tags carry the
+    // PCP of that.
+    lab.lab.dp.set_fwd_update_priority(false);
+    let (dp, l) = (&lab.lab.dp, &lab.lab);
+    let input = encap(&with_tos(up.clone(), 0x10), &[Svlan(100), Vlan(200)]);
+    let tags = [Svlan(300 | (1 << 13)), Vlan(400)];
+    let want = encap(&with_tos(out.clone(), 0x10), &tags);
+    let (ret, got, _) = dp.test_xdp(&input, l.lan, 1).unwrap();
+    assert_eq!((ret, got), (XDP_REDIRECT, want), "XDP, priority not from the TOS");
+    // TC has the skb: the priority it came with stays, and its PCP is the
+    // one the maps give it (vlan_dev_get_egress_qos_mask looks it up as is).
+    let mut tc_failures = Vec::new();
+    for (prio, pcp_o, pcp_i) in [(0u32, 1u16, 0u16), (2, 3, 2), (6, 7, 6)] {
+        let o = dp.test_tc_skb(&input, l.lan, false, &SkbIn { priority: prio, ..Default::default() }).unwrap();
+        let want = encap(&with_tos(out.clone(), 0x10), &[Vlan(400 | (pcp_i << 13))]);
+        if (o.ret, &o.frame, o.priority) != (TC_REDIRECT, &want, prio) {
+            tc_failures.push(format!(
+                "update off, priority {prio} (outer PCP {pcp_o}, in metadata): verdict {}, priority {}, frame\n got    \
+                 {:02x?}\n expect {want:02x?}",
+                o.ret, o.priority, o.frame
+            ));
+        }
+    }
+    // A priority the maps are not read for (something before the fast path
+    // gave it: a tc action on a legacy hook) leaves a tagged direction to
+    // the kernel; one that pushes no tag forwards, the priority untouched.
+    let o = dp.test_tc_skb(&input, l.lan, false, &SkbIn { priority: 3, ..Default::default() }).unwrap();
+    if o.ret != TC_NEXT {
+        tc_failures.push(format!("update off, priority 3, tags to push: verdict {} (want the slow path)", o.ret));
+    }
+    let pppoe = with_tos(tcp4(CLIENT, R_LAN, "192.168.1.2", "203.0.113.2", 64, 41002, 5201, "P", pl), 0x10);
+    let o = dp.test_tc_skb(&pppoe, l.lan, false, &SkbIn { priority: 3, ..Default::default() }).unwrap();
+    if (o.ret, o.priority) != (TC_REDIRECT, 3) {
+        tc_failures.push(format!("update off, priority 3, PPPoE: verdict {}, priority {}", o.ret, o.priority));
+    }
+    assert!(tc_failures.is_empty(), "{} failures:\n{}", tc_failures.len(), tc_failures.join("\n"));
 }
 
 /// The egress watcher parses through the encapsulation, and on devices

@@ -165,6 +165,7 @@ mod tests {
             conntrack_events: 9,
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
+            conntrack_rst_restores: 0,
             path_resolutions: 6,
             fib_queries: 12,
             fib_cache_hits: 6,

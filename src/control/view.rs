@@ -87,6 +87,10 @@ pub struct Status {
     pub conntrack_events: u64,
     pub conntrack_resyncs: u64,
     pub conntrack_refreshes: u64,
+    /// Conntrack timeouts put back after the fast path handed conntrack a
+    /// RST it could not take as a close (`keepalive::restore_after_rst`).
+    #[serde(default)]
+    pub conntrack_rst_restores: u64,
     /// Two-way route resolutions (three FIB lookups each) since start: what
     /// route, neighbour and policy changes cost.
     #[serde(default)]

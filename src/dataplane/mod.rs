@@ -29,6 +29,7 @@ mod test_run;
 mod walk;
 
 pub use features::{FeatureLine, Features, Probe, Secpath, TcAttach};
+pub use test_run::{SkbIn, SkbOut};
 
 pub use skel::types::{
     fo_below, fo_encap, fo_fib_req, fo_flow, fo_flow_flag, fo_flow_key, fo_hold, fo_stat, fo_teardown,
@@ -295,6 +296,7 @@ impl Dataplane {
         features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
         dp.features = features;
         dp.set_csum_ipv6(features.csum_ipv6);
+        dp.set_fwd_update_priority(crate::host::ip_forward_update_priority());
         // A running engine, as far as another one looking at our filters
         // can tell (tc_legacy::sweep), from the start.
         dp.set_heartbeat(crate::engine::now_ns());
@@ -371,6 +373,15 @@ impl Dataplane {
         unsafe { std::ptr::write_volatile(&mut bss.fo_csum_ipv6_flag, flag) };
     }
 
+    /// Whether ip_forward sets skb->priority from the TOS here
+    /// (net.ipv4.ip_forward_update_priority): the fast path does the same
+    /// (fo_ip_fwd_update_priority in bpf/fastpath.bpf.c).
+    pub fn set_fwd_update_priority(&mut self, on: bool) {
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: as in set_heartbeat.
+        unsafe { std::ptr::write_volatile(&mut bss.fo_ip_fwd_update_priority, u32::from(on)) };
+    }
+
     /// The control plane is alive at `now_ns` (CLOCK_MONOTONIC_COARSE, the
     /// fast path's bpf_ktime_get_coarse_ns): the fast path forwards only
     /// while this is fresher than FO_STALE_ENGINE_NS (bpf/flow.h).
@@ -388,6 +399,15 @@ impl Dataplane {
         // SAFETY: a valid pointer into the mmaped .bss; volatile because the
         // BPF program writes it.
         unsafe { std::ptr::read_volatile(&bss.fo_wake_lost) }
+    }
+
+    /// How many RSTs of offloaded connections the fast path could not put
+    /// in `fo_rst` so far (every TCP connection's timeout must then be put
+    /// back).
+    pub fn rst_lost(&self) -> u64 {
+        let bss = self.skel.maps.bss_data.as_deref().expect("the fast path has a .bss");
+        // SAFETY: as in wake_lost.
+        unsafe { std::ptr::read_volatile(&bss.fo_rst_lost) }
     }
 
     pub fn flow_capacity(&self) -> u32 {
@@ -501,6 +521,7 @@ impl Dataplane {
             (&mut o.fo_dormant, m.fo_dormant.as_fd()),
             (&mut o.fo_watching, m.fo_watching.as_fd()),
             (&mut o.fo_wake, m.fo_wake.as_fd()),
+            (&mut o.fo_rst, m.fo_rst.as_fd()),
             (&mut o.fo_stats, m.fo_stats.as_fd()),
             (&mut o.fo_csum_ports, m.fo_csum_ports.as_fd()),
             (&mut o.bss, m.bss.as_fd()),
@@ -730,19 +751,23 @@ impl Dataplane {
     }
 
     /// The channel on which TC egress announces the first forwarded packet
-    /// of a dormant connection (fo_wake in bpf/maps.h), by its egress key.
+    /// of a dormant connection (fo_wake in bpf/maps.h), by its egress key,
+    /// and the fast path the offloaded directions that handed the kernel a
+    /// RST it could not judge (fo_rst), by their key: one epoll fd.
     pub fn wake_events(&self) -> Result<WakeEvents> {
         let keys: Rc<RefCell<Vec<fo_flow_key>>> = Rc::default();
-        let sink = Rc::clone(&keys);
+        let rsts: Rc<RefCell<Vec<fo_flow_key>>> = Rc::default();
         let mut b = libbpf_rs::RingBufferBuilder::new();
-        b.add(&self.skel.maps.fo_wake, move |data: &[u8]| {
-            if data.len() >= std::mem::size_of::<fo_flow_key>() {
-                sink.borrow_mut().push(from_bytes(data));
-            }
-            0
-        })?;
-        // The ring buffer mmaps the map, which keeps it alive on its own.
-        Ok(WakeEvents { rb: b.build().context("opening the wake-up ring buffer")?, keys })
+        for (map, sink) in [(&self.skel.maps.fo_wake, Rc::clone(&keys)), (&self.skel.maps.fo_rst, Rc::clone(&rsts))] {
+            b.add(map, move |data: &[u8]| {
+                if data.len() >= std::mem::size_of::<fo_flow_key>() {
+                    sink.borrow_mut().push(from_bytes(data));
+                }
+                0
+            })?;
+        }
+        // The ring buffer mmaps the maps, which keeps them alive on its own.
+        Ok(WakeEvents { rb: b.build().context("opening the wake-up ring buffers")?, keys, rsts })
     }
 }
 
@@ -757,6 +782,7 @@ pub fn key_bytes(k: &fo_flow_key) -> [u8; KEY_LEN] {
 pub struct WakeEvents {
     rb: libbpf_rs::RingBuffer<'static>,
     keys: Rc<RefCell<Vec<fo_flow_key>>>,
+    rsts: Rc<RefCell<Vec<fo_flow_key>>>,
 }
 
 impl WakeEvents {
@@ -770,6 +796,11 @@ impl WakeEvents {
             tracing::warn!("wake-up ring buffer: {e}");
         }
         std::mem::take(&mut *self.keys.borrow_mut())
+    }
+
+    /// The keys `fo_rst` announced by the `drain`s so far.
+    pub fn take_rsts(&mut self) -> Vec<fo_flow_key> {
+        std::mem::take(&mut *self.rsts.borrow_mut())
     }
 }
 
@@ -811,6 +842,7 @@ impl Dataplane {
             ("fo_watching", m.fo_watching.as_fd().as_raw_fd()),
             ("fo_watch_below", m.fo_watch_below.as_fd().as_raw_fd()),
             ("fo_wake", m.fo_wake.as_fd().as_raw_fd()),
+            ("fo_rst", m.fo_rst.as_fd().as_raw_fd()),
             ("fo_stats", m.fo_stats.as_fd().as_raw_fd()),
             ("fo_tx_ports", m.fo_tx_ports.as_fd().as_raw_fd()),
             ("fo_csum_ports", m.fo_csum_ports.as_fd().as_raw_fd()),

@@ -19,11 +19,26 @@ pub(super) fn test_run(
     ctx: &mut [u8],
     repeat: u32,
 ) -> Result<(u32, Vec<u8>, u64)> {
+    test_run_with(prog, frame, ctx, None, 0, repeat)
+}
+
+/// The same, with the context the program left (`ctx_out`, as long as
+/// `ctx`) and BPF_F_TEST_* `flags`.
+fn test_run_with(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    frame: &[u8],
+    ctx: &mut [u8],
+    ctx_out: Option<&mut [u8]>,
+    flags: u32,
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, u64)> {
     let mut out = vec![0u8; frame.len() + 256];
     let opts = libbpf_rs::ProgramInput {
         data_in: Some(frame),
         data_out: Some(&mut out),
         context_in: Some(ctx),
+        context_out: ctx_out,
+        flags,
         repeat,
         ..Default::default()
     };
@@ -32,6 +47,32 @@ pub(super) fn test_run(
     let (ret, ns) = (r.return_value, r.duration.as_nanos() as u64);
     out.truncate(n);
     Ok((ret, out, ns))
+}
+
+/// uapi bpf.h (6.0): the test run makes its skb CHECKSUM_COMPLETE and
+/// fails the run with EBADMSG if the program leaves skb->csum wrong
+/// (bpf_prog_test_run_skb, net/bpf/test_run.c).
+const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// What a TC test run's skb carries beyond its bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SkbIn {
+    /// (gso_segs, gso_size).
+    pub gso: Option<(u32, u32)>,
+    /// skb->priority as the program finds it.
+    pub priority: u32,
+    /// CHECKSUM_COMPLETE, and the run fails unless skb->csum is still the
+    /// sum of the packet afterwards.
+    pub csum_complete: bool,
+}
+
+/// What a TC test run left.
+#[derive(Debug, Clone)]
+pub struct SkbOut {
+    pub ret: i32,
+    pub frame: Vec<u8>,
+    /// skb->priority afterwards.
+    pub priority: u32,
 }
 
 /// A TC program on `frame` arriving on (or leaving) `ifindex`. The kernel
@@ -43,17 +84,26 @@ fn run_skb(
     prog: &libbpf_rs::ProgramMut<'_>,
     frame: &[u8],
     ifindex: u32,
-    gso: Option<(u32, u32)>,
+    skb: &SkbIn,
     repeat: u32,
-) -> Result<(i32, Vec<u8>, u64)> {
+) -> Result<(SkbOut, u64)> {
     let mut ctx_bytes = vec![0u8; std::mem::size_of::<Sk>()];
     put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, ifindex), ifindex);
-    if let Some((segs, size)) = gso {
+    put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, priority), skb.priority);
+    if let Some((segs, size)) = skb.gso {
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_segs), segs);
         put_u32(&mut ctx_bytes, std::mem::offset_of!(Sk, gso_size), size);
     }
-    let (ret, out, ns) = test_run(prog, frame, &mut ctx_bytes, repeat)?;
-    Ok((ret as i32, out, ns))
+    let mut ctx_out = vec![0u8; ctx_bytes.len()];
+    let flags = if skb.csum_complete { BPF_F_TEST_SKB_CHECKSUM_COMPLETE } else { 0 };
+    let (ret, frame, ns) = test_run_with(prog, frame, &mut ctx_bytes, Some(&mut ctx_out), flags, repeat)?;
+    let at = std::mem::offset_of!(Sk, priority);
+    let priority = u32::from_ne_bytes(ctx_out[at..at + 4].try_into().expect("4 bytes"));
+    Ok((SkbOut { ret: ret as i32, frame, priority }, ns))
+}
+
+fn tc_tuple((o, ns): (SkbOut, u64)) -> (i32, Vec<u8>, u64) {
+    (o.ret, o.frame, ns)
 }
 
 impl Dataplane {
@@ -78,7 +128,15 @@ impl Dataplane {
         gso: Option<(u32, u32)>,
         repeat: u32,
     ) -> Result<(i32, Vec<u8>, u64)> {
-        run_skb(&self.skel.progs.fo_tc, frame, ifindex, gso, repeat).context("TC test run")
+        let skb = SkbIn { gso, ..Default::default() };
+        run_skb(&self.skel.progs.fo_tc, frame, ifindex, &skb, repeat).map(tc_tuple).context("TC test run")
+    }
+
+    /// Run the TC entry (`l3`: of devices without a link-layer header) once
+    /// on an skb described by `skb`; what it left.
+    pub fn test_tc_skb(&self, frame: &[u8], ifindex: u32, l3: bool, skb: &SkbIn) -> Result<SkbOut> {
+        let prog = if l3 { &self.skel.progs.fo_tc_l3 } else { &self.skel.progs.fo_tc };
+        run_skb(prog, frame, ifindex, skb, 1).map(|(o, _)| o).context("TC test run")
     }
 
     /// Run the TC entry of devices without a link-layer header on `packet`
@@ -91,17 +149,24 @@ impl Dataplane {
         gso: Option<(u32, u32)>,
         repeat: u32,
     ) -> Result<(i32, Vec<u8>, u64)> {
-        run_skb(&self.skel.progs.fo_tc_l3, packet, ifindex, gso, repeat).context("TC (L3 device) test run")
+        let skb = SkbIn { gso, ..Default::default() };
+        run_skb(&self.skel.progs.fo_tc_l3, packet, ifindex, &skb, repeat)
+            .map(tc_tuple)
+            .context("TC (L3 device) test run")
     }
 
     /// Run the TC egress watcher on one frame leaving through `ifindex`.
     /// Returns (verdict, output frame, ns per repetition).
     pub fn test_tc_egress(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
-        run_skb(&self.skel.progs.fo_tc_egress, frame, ifindex, None, repeat).context("TC egress test run")
+        run_skb(&self.skel.progs.fo_tc_egress, frame, ifindex, &SkbIn::default(), repeat)
+            .map(tc_tuple)
+            .context("TC egress test run")
     }
 
     /// The egress watcher of devices without a link-layer header.
     pub fn test_tc_egress_l3(&self, packet: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Vec<u8>, u64)> {
-        run_skb(&self.skel.progs.fo_tc_egress_l3, packet, ifindex, None, repeat).context("TC egress (L3) test run")
+        run_skb(&self.skel.progs.fo_tc_egress_l3, packet, ifindex, &SkbIn::default(), repeat)
+            .map(tc_tuple)
+            .context("TC egress (L3) test run")
     }
 }

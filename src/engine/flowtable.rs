@@ -15,6 +15,7 @@ use indexmap::IndexMap;
 
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtTuple, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
+use crate::flow::entry::words_addr;
 use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
@@ -127,6 +128,8 @@ impl Watch {
 pub struct Counters {
     pub offloads: u64,
     pub refreshes: u64,
+    /// `keepalive::restore_after_rst`'s conntrack updates.
+    pub rst_restores: u64,
     pub teardowns: BTreeMap<&'static str, u64>,
     pub not_offloaded: BTreeMap<String, u64>,
     /// Event-to-installed times of recent offloads, microseconds.
@@ -615,6 +618,8 @@ impl FlowTable {
                 && old.val.dmac == nd.val.dmac
                 && old.val.smac == nd.val.smac
                 && old.val.in_dmac == nd.val.in_dmac
+                && old.val.in_smac == nd.val.in_smac
+                && old.val.out_pcp == nd.val.out_pcp
                 && old.encap().1 == nd.encap().1
                 && old.val.mtu == nd.val.mtu
                 && old.val.flags == nd.val.flags
@@ -656,6 +661,29 @@ impl FlowTable {
             f.dirs[i] = Direction { key: nd.key, val: nd.val, route_ifindex: nd.route_ifindex };
             f.last[i] = Written::from(&v);
         }
+    }
+
+    /// The offloaded connection one of whose map keys is `k`: the original
+    /// direction's key is conntrack's original tuple; the reply
+    /// direction's rewrite is that tuple reversed (`flow::build_direction`).
+    pub(super) fn conn_of_key(&self, k: &fo_flow_key) -> Option<ConnId> {
+        let id = |src, dst, sport: u16, dport: u16| ConnId {
+            src: words_addr(k.family, src),
+            dst: words_addr(k.family, dst),
+            proto: k.proto,
+            sport: u16::from_be(sport),
+            dport: u16::from_be(dport),
+            zone: 0,
+        };
+        let is =
+            |id: &ConnId, i: usize| self.offloaded.get(id).is_some_and(|f| key_bytes(&f.dirs[i].key) == key_bytes(k));
+        let orig = id(&k.saddr, &k.daddr, k.sport, k.dport);
+        if is(&orig, 0) {
+            return Some(orig);
+        }
+        let v = self.dp.get_flow(k)?;
+        let orig = id(&v.new_daddr, &v.new_saddr, v.new_dport, v.new_sport);
+        is(&orig, 1).then_some(orig)
     }
 
     /// Take a connection off the fast path (or stop waiting for or

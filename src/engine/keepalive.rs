@@ -6,12 +6,13 @@
 //! decisions are `flow::lifecycle::decide` (pure); this reads and applies
 //! them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::conntrack::{status, CtError, CtUpdate};
-use crate::dataplane::{key_bytes, KEY_LEN};
+use crate::dataplane::{fo_flow_key, key_bytes, KEY_LEN};
 use crate::flow::{decide, next_check, udp_status_seen, Action, ConnId, CtTimeouts, TeardownReason};
+use crate::proto::IPPROTO_TCP;
 
 use super::flowtable::{FlowTable, Written};
 
@@ -155,6 +156,45 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts,
         schedule(ft, id, now, idle, timeout);
     }
     ft.any_due(now)
+}
+
+/// Put back the conntrack timeout of the connections whose fast path handed
+/// the kernel a RST it could not take as a close (`fo_rst` in bpf/maps.h;
+/// `keys`, or with `all` every offloaded TCP connection, after the ring
+/// lost some). Conntrack, liberal and blind to the window while the
+/// connection is offloaded, keeps such a connection ESTABLISHED but
+/// shortens its timeout (6.12: the unacknowledged timeout; 6.18: the close
+/// timeout), which the connection's next packets would lengthen again had
+/// they not taken the fast path; the kernel without offload, which sees the
+/// window, would have found a blind RST out of window and left the entry
+/// alone. The timeout is what keepalive last gave the entry, counted down.
+/// Run a tick after the RSTs were announced, so conntrack has seen them.
+pub fn restore_after_rst(ft: &mut FlowTable, keys: &[fo_flow_key], all: bool, now: u64) {
+    let ids: HashSet<ConnId> = if all {
+        ft.offloaded.keys().filter(|id| id.proto == IPPROTO_TCP).copied().collect()
+    } else {
+        keys.iter().filter_map(|k| ft.conn_of_key(k)).collect()
+    };
+    let reqs: Vec<_> = ids
+        .iter()
+        .filter_map(|id| ft.offloaded.get(id))
+        .map(|f| {
+            let left = f.clock.ct_expires_ns.saturating_sub(now) / 1_000_000_000;
+            let t = u32::try_from(left).unwrap_or(u32::MAX).max(1);
+            (f.entry.orig, f.entry.zone, CtUpdate { timeout: Some(t), ..Default::default() })
+        })
+        .collect();
+    if reqs.is_empty() {
+        return;
+    }
+    for r in ft.ct.update_many(&reqs) {
+        match r {
+            // Gone: its DESTROY event takes it off.
+            Ok(()) | Err(CtError::NotFound) => {}
+            Err(err) => tracing::warn!("restoring a conntrack timeout after a RST: {err}"),
+        }
+    }
+    ft.counters.rst_restores += reqs.len() as u64;
 }
 
 /// Look at `id` again when `flow::next_check` says.

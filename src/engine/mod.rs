@@ -56,8 +56,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// (about 0.5 ms each in a release build), so a new connection's events
 /// wait for one chunk, not for all that are due.
 const KEEPALIVE_CHUNK: usize = 64;
-/// How often conntrack's timeout sysctls are read again (three small files),
-/// so a change reaches offloaded connections at their next refresh.
+/// How often conntrack's timeout sysctls are read again (three small files,
+/// and net.ipv4.ip_forward_update_priority), so a change reaches offloaded
+/// connections at their next refresh (the priority: at their next packet).
 const TIMEOUTS_EVERY: Duration = Duration::from_secs(1);
 
 pub fn now_ns() -> u64 {
@@ -108,6 +109,12 @@ struct Core {
     /// The legacy x_tables rulesets as last polled (`hooks::legacy`): they
     /// send no notification.
     legacy: crate::hooks::legacy::Snapshot,
+    /// Keys `fo_rst` announced since the last tick, and those of the tick
+    /// before, whose conntrack timeouts this tick puts back (a tick later:
+    /// conntrack has seen their RSTs by then); `Dataplane::rst_lost` then.
+    rst_new: Vec<fo_flow_key>,
+    rst_due: Vec<fo_flow_key>,
+    rst_lost: u64,
     /// Rules and addresses the path resolution depends on.
     facts: RouteFacts,
     /// Each neighbour's last answer, so only real changes count.
@@ -200,6 +207,9 @@ impl Engine {
             rescan: false,
             wake_lost: 0,
             legacy: crate::hooks::legacy::read(),
+            rst_new: Vec::new(),
+            rst_due: Vec::new(),
+            rst_lost: 0,
             facts: RouteFacts::read().context("reading ip rules and addresses")?,
             // After subscribing (`routes`): no change falls in between.
             neigh: NeighbourTable::read().context("reading the neighbour table")?,
@@ -281,6 +291,7 @@ impl Engine {
             if fds[3].revents != 0 {
                 let keys = src.wake.drain();
                 core.wake(Some(&keys));
+                core.rst_new.extend(src.wake.take_rsts());
             }
             if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
                 core.on_xfrm_change();
@@ -590,6 +601,8 @@ impl Core {
         }
         if self.timeouts_read.elapsed() >= TIMEOUTS_EVERY {
             self.timeouts_read = Instant::now();
+            // Read with the timeouts: whether forwarding sets skb->priority.
+            self.flows.dp_mut().set_fwd_update_priority(host::ip_forward_update_priority());
             let t = host::ct_timeouts();
             if t != self.timeouts {
                 tracing::info!(?t, "conntrack timeouts changed");
@@ -612,6 +625,14 @@ impl Core {
             self.probe_xdp_targets();
         }
         self.poll_legacy_tables();
+        // RSTs conntrack could not judge: their timeouts put back, a tick
+        // after they were announced (and all of them if some were lost).
+        let lost = self.flows.dp().rst_lost();
+        let all = std::mem::replace(&mut self.rst_lost, lost) != lost;
+        let due = std::mem::replace(&mut self.rst_due, std::mem::take(&mut self.rst_new));
+        if all || !due.is_empty() {
+            keepalive::restore_after_rst(&mut self.flows, &due, all, now_ns());
+        }
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only
         // when it dropped something: O(dormant) per loss, not per tick.

@@ -459,7 +459,7 @@ mod tests {
         let topo = Topology::new(
             [
                 link(3, "rwan", Kind::Other(Some("veth".into())), None, 1),
-                link(4, "rwan.7", Kind::Vlan { id: 7, proto: 0x8100 }, Some(3), 1),
+                link(4, "rwan.7", Kind::Vlan { id: 7, proto: 0x8100, qos: Default::default() }, Some(3), 1),
                 link(9, "pppoe-wan", Kind::Ppp, None, 512),
             ],
             Vec::new(),

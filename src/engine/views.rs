@@ -62,6 +62,7 @@ impl Core {
             conntrack_events: self.ct_events,
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
+            conntrack_rst_restores: c.rst_restores,
             path_resolutions: self.path_resolutions,
             fib_queries: self.facts.cache.borrow().stats.queries,
             fib_cache_hits: self.facts.cache.borrow().stats.hits,

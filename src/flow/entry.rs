@@ -114,7 +114,14 @@ pub struct LinkLayer {
     pub in_encap: EncapStack,
     /// All zero when the input has no link-layer header.
     pub in_dmac: [u8; 6],
+    /// The PPPoE concentrator's MAC when the frames arrive in a PPPoE
+    /// session (the only source `pppoe_rcv` takes them from); zero
+    /// otherwise.
+    pub in_smac: [u8; 6],
     pub out_encap: EncapStack,
+    /// The PCP per priority of each tag of `out_encap`, in its order
+    /// (`fo_flow.out_pcp`, `topology::VlanQos::egress`).
+    pub out_pcp: [u16; EncapStack::CAP],
     pub l3_out: bool,
 }
 
@@ -248,6 +255,8 @@ impl Direction {
         (self.key.encap_num, self.key.encap) = l.in_encap.to_map();
         (self.val.out_encap_num, self.val.out_encap) = l.out_encap.to_map();
         self.val.in_dmac = l.in_dmac;
+        self.val.in_smac = l.in_smac;
+        self.val.out_pcp = l.out_pcp;
         if l.l3_out {
             self.val.flags |= FO_F_L3_OUT;
         }
@@ -370,8 +379,17 @@ mod tests {
         assert!(!in_encap.push(Encap { proto: 0x8100, id: 8 }), "full at FO_ENCAP_MAX");
         let mut out_encap = EncapStack::default();
         out_encap.push(Encap { proto: 0x88a8, id: 100 });
-        let l = LinkLayer { in_encap, in_dmac: [2, 0, 0, 0, 0, 9], out_encap, l3_out: true };
+        let l = LinkLayer {
+            in_encap,
+            in_dmac: [2, 0, 0, 0, 0, 9],
+            in_smac: [2, 0, 0, 0, 0, 8],
+            out_encap,
+            out_pcp: [0o7531, 0],
+            l3_out: true,
+        };
         let d = plain.with_link(&l);
+        assert_eq!(d.val.in_smac, [2, 0, 0, 0, 0, 8], "the concentrator's MAC");
+        assert_eq!(d.val.out_pcp, [0o7531, 0], "the tags' PCP per priority");
         assert_eq!(d.key.encap_num, 2);
         assert_eq!((d.key.encap[0].proto, d.key.encap[0].id), (0x8100u16.to_be(), 7), "proto big-endian, id host");
         assert_eq!((d.key.encap[1].proto, d.key.encap[1].id), (0x8864u16.to_be(), 0x1a2b));

@@ -193,6 +193,7 @@ pub fn resolve_path(
     check_source(&facts.addrs, nh_o.ifindex, o.src, r.dst)?;
     let out_o = walk(&facts.topo, ports, &nh_o, NoPath::OutputNotManaged)?;
     let out_r = walk(&facts.topo, ports, &nh_r, NoPath::InputNotManaged)?;
+    arrival_priority(&out_o, &out_r)?;
     let dir = |seen: &CtTuple, other: &CtTuple, arrive: &Egress, out: &Egress| {
         let xdp_ok = dp.is_xdp_target(out.port);
         let nh = NextHop {
@@ -213,6 +214,20 @@ pub fn resolve_path(
     d[0].val.mtu = d[0].val.mtu.min(nh_o.mtu);
     d[1].val.mtu = d[1].val.mtu.min(nh_r.mtu);
     Ok(d)
+}
+
+/// Each walk is how the other direction arrives: through a VLAN device
+/// with an ingress QoS map, the kernel gives a packet the priority its PCP
+/// maps to (vlan_do_receive), before the forwarding the fast path stands
+/// in for, which runs below that device and cannot. ip6_forward keeps that
+/// priority, as ip_forward does with net.ipv4.ip_forward_update_priority=0
+/// (a sysctl that may change under an offloaded connection): no fast path
+/// for either family.
+fn arrival_priority(out_o: &Egress, out_r: &Egress) -> Result<(), NoPath> {
+    match out_o.ingress_qos.as_ref().or(out_r.ingress_qos.as_ref()) {
+        Some(dev) => Err(NoPath::Lower(LowerError::IngressQos(dev.clone()))),
+        None => Ok(()),
+    }
 }
 
 /// The IP MTU of a direction leaving as `out`. An Ethernet frame may carry
@@ -248,11 +263,15 @@ fn walk(topo: &Topology, ports: &impl Ports, nh: &NextHop, unmanaged: NoPath) ->
 
 /// A direction leaving as `out` whose frames arrive the way the other
 /// direction's leave (`arrive`): with its headers, addressed to the MAC it
-/// is sent from (none on an L3 port).
+/// is sent from (none on an L3 port), and in a PPPoE session only from the
+/// concentrator the other direction is sent to.
 fn mirror(arrive: &Egress, out: &Egress) -> LinkLayer {
+    let pppoe = arrive.encap.as_slice().iter().any(|e| e.proto == crate::topology::ETH_P_PPP_SES);
     LinkLayer {
         in_encap: arrive.encap,
         in_dmac: if arrive.l3 { [0; 6] } else { arrive.smac },
+        in_smac: if pppoe { arrive.dmac } else { [0; 6] },
+        out_pcp: out.pcp,
         out_encap: out.encap,
         l3_out: out.l3,
     }
@@ -313,56 +332,68 @@ mod tests {
             h.iter().for_each(|&(proto, id)| assert!(s.push(Encap { proto, id })));
             s
         };
-        let eg = |port, encap, smac, l3| Egress { port, encap, dmac: [2; 6], smac, mtu: 1500, l3, bridges: vec![] };
+        const AC: [u8; 6] = [2, 0xac, 0, 0, 0, 1];
+        let eg = |port, encap, smac, l3| Egress { port, encap, dmac: AC, smac, mtu: 1500, l3, ..Default::default() };
         let wan = eg(2, stack(&[(0x8100, 7), (0x8864, 0x1a2b)]), [2, 0, 0, 0, 0, 3], false);
+        let vlan = eg(2, stack(&[(0x8100, 8)]), [2, 0, 0, 0, 0, 3], false);
         let lan = eg(4, EncapStack::default(), [2, 0, 0, 0, 0, 10], false);
         let wg = eg(5, EncapStack::default(), [0; 6], true);
+        let ll = |in_encap, in_dmac, in_smac, out_encap, l3_out| LinkLayer {
+            in_encap,
+            in_dmac,
+            in_smac,
+            out_encap,
+            l3_out,
+            ..Default::default()
+        };
+        let none = EncapStack::default();
         let cases = [
             (
                 "upload: arrives from the LAN port, leaves by PPPoE over VLAN",
                 &lan,
                 &wan,
-                EncapStack::default(),
-                [2, 0, 0, 0, 0, 10],
-                wan.encap,
-                false,
+                ll(none, [2, 0, 0, 0, 0, 10], [0; 6], wan.encap, false),
             ),
             (
-                "download: arrives tagged, addressed to wan.7's MAC",
+                "download: arrives tagged, addressed to wan.7's MAC, only from the concentrator",
                 &wan,
                 &lan,
-                wan.encap,
-                [2, 0, 0, 0, 0, 3],
-                EncapStack::default(),
-                false,
+                ll(wan.encap, [2, 0, 0, 0, 0, 3], AC, none, false),
             ),
             (
-                "into WireGuard: no link layer out",
+                "VLAN without PPPoE: any source, as the kernel takes it",
+                &vlan,
                 &lan,
-                &wg,
-                EncapStack::default(),
-                [2, 0, 0, 0, 0, 10],
-                EncapStack::default(),
-                true,
+                ll(vlan.encap, [2, 0, 0, 0, 0, 3], [0; 6], none, false),
             ),
-            (
-                "out of WireGuard: no MAC to match",
-                &wg,
-                &lan,
-                EncapStack::default(),
-                [0; 6],
-                EncapStack::default(),
-                false,
-            ),
+            ("into WireGuard: no link layer out", &lan, &wg, ll(none, [2, 0, 0, 0, 0, 10], [0; 6], none, true)),
+            ("out of WireGuard: no MAC to match", &wg, &lan, ll(none, [0; 6], [0; 6], none, false)),
         ];
-        for (what, arrive, out, in_encap, in_dmac, out_encap, l3_out) in cases {
-            assert_eq!(mirror(arrive, out), LinkLayer { in_encap, in_dmac, out_encap, l3_out }, "{what}");
+        for (what, arrive, out, want) in cases {
+            assert_eq!(mirror(arrive, out), want, "{what}");
         }
     }
 
     /// XDP writes every tag into the frame: a second one costs 4 bytes of
     /// MTU there (one fits the frame size every Ethernet device takes), TC
     /// leaves the outer one in metadata and keeps the full MTU.
+    /// A VLAN device with an ingress QoS map on either side keeps the
+    /// connection on the slow path, in both directions, and says which.
+    #[test]
+    fn an_ingress_qos_map_on_either_side_keeps_the_connection_off() {
+        let plain = Egress { port: 2, mtu: 1500, ..Default::default() };
+        let mapped = Egress { ingress_qos: Some("rwan.7".into()), ..plain.clone() };
+        assert_eq!(arrival_priority(&plain, &plain), Ok(()));
+        let refused = NoPath::Lower(LowerError::IngressQos("rwan.7".into()));
+        assert_eq!(arrival_priority(&mapped, &plain), Err(refused.clone()));
+        assert_eq!(arrival_priority(&plain, &mapped), Err(refused.clone()));
+        assert!(!refused.transient(), "re-judged when the link changes, not retried");
+        assert_eq!(
+            refused.to_string(),
+            "rwan.7 has an ingress-qos-map: the priority it gives arriving packets cannot be reproduced"
+        );
+    }
+
     #[test]
     fn xdp_pays_for_the_second_vlan_tag() {
         use crate::flow::{Encap, EncapStack};
@@ -370,7 +401,7 @@ mod tests {
         assert!(qinq.push(Encap { proto: 0x88a8, id: 100 }) && qinq.push(Encap { proto: 0x8100, id: 7 }));
         let mut vlan_pppoe = EncapStack::default();
         assert!(vlan_pppoe.push(Encap { proto: 0x8100, id: 7 }) && vlan_pppoe.push(Encap { proto: 0x8864, id: 1 }));
-        let eg = |encap, mtu| Egress { port: 2, encap, dmac: [0; 6], smac: [0; 6], mtu, l3: false, bridges: vec![] };
+        let eg = |encap, mtu| Egress { port: 2, encap, mtu, ..Default::default() };
         assert_eq!(xdp_mtu(&eg(qinq, 1500), true), 1496);
         assert_eq!(xdp_mtu(&eg(qinq, 1500), false), 1500);
         assert_eq!(xdp_mtu(&eg(vlan_pppoe, 1492), true), 1492, "PPPoE is in the MTU already");
@@ -397,7 +428,7 @@ mod tests {
             port_state: None,
             vlans: Vec::new(),
         };
-        let vlan = |id| Kind::Vlan { id, proto: 0x8100 };
+        let vlan = |id| Kind::Vlan { id, proto: 0x8100, qos: Default::default() };
         let topo = Topology::new(
             [
                 link(3, "rwan", Kind::Other(Some("veth".into())), None),

@@ -21,13 +21,41 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const ETH_P_PPP_SES: u16 = 0x8864;
 
+/// What a VLAN device's QoS maps (`ip link ... egress-qos-map`,
+/// `ingress-qos-map`; IFLA_VLAN_EGRESS_QOS / IFLA_VLAN_INGRESS_QOS) do to
+/// the packets the fast path forwards through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VlanQos {
+    /// The PCP its egress map gives each priority a forwarded packet can
+    /// have (0, 2, 4, 6: `fo_priority` in bpf/fastpath.bpf.c), 3 bits each
+    /// (`fo_flow.out_pcp`): vlan_dev_get_egress_qos_mask looks the skb's
+    /// priority up exactly, and a priority the map does not name gets 0.
+    pub egress: u16,
+    /// Its ingress map gives some PCP a priority other than 0
+    /// (vlan_do_receive sets skb->priority from it, which ip6_forward
+    /// keeps): a fast path below the device never sets that priority.
+    pub ingress: bool,
+}
+
+impl VlanQos {
+    /// From the maps' (from, to) pairs: egress priority -> PCP, ingress
+    /// PCP -> priority (vlan_fill_info lists only non-zero ones).
+    pub fn from_maps(egress: &[(u32, u32)], ingress: &[(u32, u32)]) -> Self {
+        let pcp = |prio: u32| egress.iter().find(|(from, _)| *from == prio).map_or(0, |(_, to)| (*to & 7) as u16);
+        VlanQos {
+            egress: (0..4u16).map(|k| pcp(2 * u32::from(k)) << (3 * k)).sum(),
+            ingress: ingress.iter().any(|(_, to)| *to != 0),
+        }
+    }
+}
+
 /// What kind of device a link is, as far as the walk cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// A bridge; with VLAN filtering its ports' VLAN entries decide tagging.
     Bridge { vlan_filtering: bool },
     /// A VLAN device: `proto` is ETH_P_8021Q or ETH_P_8021AD.
-    Vlan { id: u16, proto: u16 },
+    Vlan { id: u16, proto: u16, qos: VlanQos },
     /// A ppp device (PPPoE when a session in /proc/net/pppoe is its).
     Ppp,
     /// A DSA user port: the walk stops there, as the kernel's software
@@ -298,7 +326,7 @@ impl Topology {
                 let ports = if ports.is_empty() { "none".to_string() } else { ports.join(" ") };
                 (format!("bridge{vf}, ports {ports}"), None)
             }
-            Kind::Vlan { id, proto } => {
+            Kind::Vlan { id, proto, .. } => {
                 let q = if *proto == ETH_P_8021AD { "802.1ad VLAN" } else { "VLAN" };
                 (format!("{q} {id}"), l.lower)
             }

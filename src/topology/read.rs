@@ -6,14 +6,14 @@
 use anyhow::{Context, Result};
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData, InfoPortData, InfoVlan, LinkAttribute,
-    LinkExtentMask, LinkInfo, LinkMessage,
+    LinkExtentMask, LinkInfo, LinkMessage, VlanQosMapping,
 };
 use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::routes::dump::dump_map;
 
-use super::{FdbEntry, Kind, Link, PortVlan, PppoeSession, Topology};
+use super::{FdbEntry, Kind, Link, PortVlan, PppoeSession, Topology, VlanQos};
 
 /// The calling thread's namespace as it is now.
 pub fn read() -> Result<Topology> {
@@ -87,14 +87,25 @@ fn kind_of(infos: &[LinkInfo], l: &mut Link) {
             LinkInfo::Kind(k) => kind = Some(k.to_string()),
             LinkInfo::Data(InfoData::Vlan(v)) => {
                 let (mut id, mut proto) = (0, super::ETH_P_8021Q);
+                let (mut egress, mut ingress) = (Vec::new(), Vec::new());
+                let pairs = |m: &[VlanQosMapping]| -> Vec<(u32, u32)> {
+                    m.iter()
+                        .filter_map(|x| match x {
+                            VlanQosMapping::Mapping(from, to) => Some((*from, *to)),
+                            _ => None,
+                        })
+                        .collect()
+                };
                 for a in v {
                     match a {
                         InfoVlan::Id(i) => id = *i,
                         InfoVlan::Protocol(p) => proto = (*p).into(),
+                        InfoVlan::EgressQos(m) => egress = pairs(m),
+                        InfoVlan::IngressQos(m) => ingress = pairs(m),
                         _ => {}
                     }
                 }
-                l.kind = Kind::Vlan { id, proto };
+                l.kind = Kind::Vlan { id, proto, qos: VlanQos::from_maps(&egress, &ingress) };
             }
             LinkInfo::Data(InfoData::Bridge(b)) => {
                 let vf = b.iter().any(|a| matches!(a, InfoBridge::VlanFiltering(true)));

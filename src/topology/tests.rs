@@ -42,7 +42,7 @@ fn port(ifindex: u32, name: &str, kind: Kind, bridge: u32) -> Link {
 }
 
 fn vlan(ifindex: u32, name: &str, id: u16, proto: u16, lower: u32) -> Link {
-    Link { lower: Some(lower), ..link(ifindex, name, Kind::Vlan { id, proto }) }
+    Link { lower: Some(lower), ..link(ifindex, name, Kind::Vlan { id, proto, qos: VlanQos::default() }) }
 }
 
 fn ppp(ifindex: u32, name: &str) -> Link {
@@ -204,6 +204,55 @@ fn each_openwrt_shape_walks_to_its_port() {
     }
 }
 
+/// A VLAN device's egress QoS map becomes its tag's PCP per priority
+/// (0, 2, 4, 6), in the order of the headers pushed; a bridge's own tag
+/// has none, the tag of a VLAN device above a filtering bridge keeps that
+/// device's; an ingress map anywhere on the way is reported.
+#[test]
+fn vlan_qos_maps_follow_their_tags() {
+    const Q: u16 = ETH_P_8021Q;
+    const AD: u16 = ETH_P_8021AD;
+    // egress-qos-map 0:1 2:3 4:5 6:7 5:2 (5 is never a forwarded packet's)
+    let q = VlanQos::from_maps(&[(0, 1), (2, 3), (4, 5), (6, 7), (5, 2)], &[]);
+    assert_eq!(q, VlanQos { egress: 1 | 3 << 3 | 5 << 6 | 7 << 9, ingress: false });
+    assert_eq!(VlanQos::from_maps(&[(6, 6)], &[(3, 0)]), VlanQos { egress: 6 << 9, ingress: false });
+    assert!(VlanQos::from_maps(&[], &[(5, 2)]).ingress, "ingress-qos-map 5:2");
+    let with_qos = |mut l: Link, qos: VlanQos| {
+        if let Kind::Vlan { qos: q, .. } = &mut l.kind {
+            *q = qos;
+        }
+        l
+    };
+    let inner = VlanQos { egress: 2 << 3, ingress: false };
+    let links = [
+        link(2, "eth1", Kind::Other(None)),
+        with_qos(vlan(6, "eth1.100", 100, AD, 2), q),
+        with_qos(vlan(7, "eth1.100.7", 7, Q, 6), inner),
+        with_qos(vlan(8, "eth1.9", 9, Q, 2), VlanQos { egress: 0, ingress: true }),
+    ];
+    let topo = Topology::new(links, Vec::new(), Vec::new());
+    let e = topo.egress(7, GW, |i| i == 2).unwrap();
+    assert_eq!((e.encap, e.pcp, e.ingress_qos), (stack(&[(AD, 100), (Q, 7)]), [q.egress, inner.egress], None));
+    let e = topo.egress(7, GW, |i| i == 6).unwrap();
+    assert_eq!((e.encap, e.pcp), (stack(&[(Q, 7)]), [inner.egress, 0]), "the outer device pushes its own");
+    assert_eq!(topo.egress(8, GW, |i| i == 2).unwrap().ingress_qos.as_deref(), Some("eth1.9"));
+    assert_eq!(topo.egress(8, GW, |i| i == 8).unwrap().ingress_qos.as_deref(), Some("eth1.9"), "listed itself");
+
+    // br-lan.10 on a filtering bridge: lan1 sends VLAN 10 tagged, with
+    // br-lan.10's PCP; lan2's bridge VLAN 1 tag (the PVID) has none.
+    let mut fb = filtering_bridge();
+    fb = Topology::new(
+        fb.links().map(|l| if l.ifindex == 11 { with_qos(l.clone(), q) } else { l.clone() }),
+        Vec::new(),
+        Vec::new(),
+    );
+    let fb = with_fdb(fb, &[(3, CLIENT, Some(10)), (4, CLIENT, Some(1))]);
+    let e = fb.egress(11, CLIENT, |i| [3, 4].contains(&i)).unwrap();
+    assert_eq!((e.port, e.encap, e.pcp), (3, stack(&[(Q, 10)]), [q.egress, 0]));
+    let e = fb.egress(10, CLIENT, |i| [3, 4].contains(&i)).unwrap();
+    assert_eq!((e.port, e.encap, e.pcp), (4, stack(&[(Q, 1)]), [0, 0]));
+}
+
 #[test]
 fn bridges_crossed_are_reported() {
     let e = dsa_router(3).egress(10, CLIENT, |i| i == 4).unwrap();
@@ -299,14 +348,24 @@ fn rtnetlink_messages_decode_into_links_vlans_and_fdb() {
             LinkAttribute::Address(mac(6).to_vec()),
             LinkAttribute::LinkInfo(vec![
                 rt::LinkInfo::Kind(InfoKind::Vlan),
-                rt::LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(7), InfoVlan::Protocol(VlanProtocol::Ieee8021Ad)])),
+                rt::LinkInfo::Data(InfoData::Vlan(vec![
+                    InfoVlan::Id(7),
+                    InfoVlan::Protocol(VlanProtocol::Ieee8021Ad),
+                    InfoVlan::EgressQos(vec![rt::VlanQosMapping::Mapping(2, 5), rt::VlanQosMapping::Mapping(6, 7)]),
+                    InfoVlan::IngressQos(vec![rt::VlanQosMapping::Mapping(3, 4)]),
+                ])),
             ]),
         ],
     );
     let l = link_of(&vlan);
     assert_eq!(
         (l.name.as_str(), l.kind.clone(), l.lower, l.mac),
-        ("wan.7", Kind::Vlan { id: 7, proto: ETH_P_8021AD }, Some(2), mac(6))
+        (
+            "wan.7",
+            Kind::Vlan { id: 7, proto: ETH_P_8021AD, qos: VlanQos { egress: 5 << 3 | 7 << 9, ingress: true } },
+            Some(2),
+            mac(6)
+        )
     );
     let br = msg(
         10,

@@ -22,12 +22,20 @@ pub const MAX_DEPTH: usize = 8;
 const PPPOE_OVERHEAD: u32 = 8;
 
 /// Where and how a direction's frames leave.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Egress {
     /// The managed device the fast path transmits from.
     pub port: u32,
     /// Headers to push, outermost first.
     pub encap: EncapStack,
+    /// The PCP per priority of each tag in `encap` (`VlanQos::egress` of
+    /// the VLAN device that puts it there; 0 for a bridge's own tag and
+    /// for PPPoE), in the same order.
+    pub pcp: [u16; EncapStack::CAP],
+    /// A VLAN device on the way (the port included) whose ingress QoS map
+    /// gives some PCP a priority: frames arriving this way would get that
+    /// priority from it (vlan_do_receive), which the fast path cannot give.
+    pub ingress_qos: Option<String>,
     /// Next hop (PPPoE: the access concentrator's MAC).
     pub dmac: [u8; 6],
     /// The first MAC from the top (the bridge's, the VLAN device's): what
@@ -64,6 +72,10 @@ pub enum LowerError {
     BridgeNoPvid(String),
     /// More than two headers to push.
     TooDeep(String),
+    /// This VLAN device gives arriving frames a priority by their PCP
+    /// (ingress-qos-map), which ip6_forward keeps (and ip_forward with
+    /// net.ipv4.ip_forward_update_priority=0): the fast path cannot.
+    IngressQos(String),
     /// A ppp device whose PPPoE session cannot be told.
     Pppoe(String),
     /// More than MAX_DEPTH devices: a loop.
@@ -96,6 +108,9 @@ impl fmt::Display for LowerError {
             }
             LowerError::BridgeNoPvid(b) => write!(f, "{b} filters VLANs but has no PVID of its own"),
             LowerError::TooDeep(d) => write!(f, "more than two VLAN/PPPoE headers below {d}"),
+            LowerError::IngressQos(d) => {
+                write!(f, "{d} has an ingress-qos-map: the priority it gives arriving packets cannot be reproduced")
+            }
             LowerError::Pppoe(why) => f.write_str(why),
             LowerError::Loop => write!(f, "more than {MAX_DEPTH} devices stacked (a loop?)"),
         }
@@ -108,8 +123,10 @@ impl Topology {
     /// managed: the flowtable may list br-lan or pppoe-wan, or the ports
     /// below them).
     pub fn egress(&self, dev: u32, dmac: [u8; 6], managed: impl Fn(u32) -> bool) -> Result<Egress, LowerError> {
-        // Headers in the order the walk meets them: innermost first.
-        let mut pushed: Vec<Encap> = Vec::new();
+        // Headers in the order the walk meets them, innermost first, each
+        // with its PCP per priority.
+        let mut pushed: Vec<(Encap, u16)> = Vec::new();
+        let mut ingress_qos = None;
         let (mut dmac, mut smac, mut overhead) = (dmac, [0u8; 6], 0u32);
         let mut bridges = Vec::new();
         // A VLAN device's tag directly above a VLAN-filtering bridge is
@@ -121,31 +138,43 @@ impl Topology {
             if smac == [0; 6] {
                 smac = l.mac;
             }
+            if matches!(l.kind, Kind::Vlan { qos, .. } if qos.ingress) && ingress_qos.is_none() {
+                ingress_qos = Some(l.name.clone());
+            }
             if managed(cur) {
                 if pushed.len() > EncapStack::CAP {
                     return Err(LowerError::TooDeep(self.name(dev)));
                 }
-                let mut encap = EncapStack::default();
-                for e in pushed.iter().rev() {
+                let (mut encap, mut pcp) = (EncapStack::default(), [0; EncapStack::CAP]);
+                for (slot, (e, p)) in pcp.iter_mut().zip(pushed.iter().rev()) {
                     encap.push(*e);
+                    *slot = *p;
                 }
                 let mtu = l.mtu.saturating_sub(overhead);
-                return Ok(Egress { port: cur, encap, dmac, smac, mtu, l3: l.is_l3(), bridges });
+                return Ok(Egress { port: cur, encap, pcp, ingress_qos, dmac, smac, mtu, l3: l.is_l3(), bridges });
             }
             let was_vlan = above_was_vlan;
             above_was_vlan = false;
             cur = match &l.kind {
-                Kind::Vlan { id, proto } => {
+                Kind::Vlan { id, proto, qos } => {
                     above_was_vlan = true;
-                    pushed.push(Encap { proto: *proto, id: *id });
+                    pushed.push((Encap { proto: *proto, id: *id }, qos.egress));
                     l.lower.ok_or_else(|| LowerError::NotManaged(l.name.clone()))?
                 }
                 Kind::Bridge { vlan_filtering } => {
                     bridges.push(cur);
+                    // The tag of a VLAN device above the bridge is the bridge
+                    // VLAN: a tagged port sends it with that device's PCP
+                    // (br_handle_vlan keeps skb->vlan_tci), the bridge's
+                    // own PVID tag with none (br_allowed_ingress).
+                    let mut pcp = 0;
                     let vid = if !vlan_filtering {
                         None
-                    } else if was_vlan && pushed.last().is_some_and(|e| e.proto == ETH_P_8021Q) {
-                        pushed.pop().map(|e| e.id)
+                    } else if was_vlan && pushed.last().is_some_and(|(e, _)| e.proto == ETH_P_8021Q) {
+                        pushed.pop().map(|(e, p)| {
+                            pcp = p;
+                            e.id
+                        })
                     } else {
                         Some(l.vlans.iter().find(|v| v.pvid).ok_or(LowerError::BridgeNoPvid(l.name.clone()))?.vid)
                     };
@@ -163,7 +192,7 @@ impl Topology {
                         let v = p.vlans.iter().find(|v| v.vid == vid);
                         let v = v.ok_or_else(|| LowerError::PortNotInVlan { port: p.name.clone(), vid })?;
                         if !v.untagged {
-                            pushed.push(Encap { proto: ETH_P_8021Q, id: vid });
+                            pushed.push((Encap { proto: ETH_P_8021Q, id: vid }, pcp));
                         } else if !v.pvid {
                             return Err(LowerError::PvidMismatch { port: p.name.clone(), vid });
                         }
@@ -175,7 +204,7 @@ impl Topology {
                     let lower = self.by_name(&s.device).ok_or_else(|| {
                         LowerError::Pppoe(format!("{}: PPPoE device {} does not exist", l.name, s.device))
                     })?;
-                    pushed.push(Encap { proto: ETH_P_PPP_SES, id: s.id });
+                    pushed.push((Encap { proto: ETH_P_PPP_SES, id: s.id }, 0));
                     dmac = s.peer;
                     overhead += PPPOE_OVERHEAD;
                     lower.ifindex

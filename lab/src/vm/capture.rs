@@ -63,32 +63,32 @@ fn open(dev: &str) -> Result<OwnedFd> {
         );
     }
     // The tags the kernel takes off, reported beside each frame.
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd and option.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_AUXDATA,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-    }
+    let _ = set_int(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1);
     // Room for a whole run: the reader is a debug build under TCG, which a
     // busy machine may leave behind for seconds. Frames are only queued
-    // while it is behind; drops are counted (see `stop`).
-    let size: libc::c_int = 192 << 20;
-    // SAFETY: valid fd and option (SO_RCVBUFFORCE: root).
-    unsafe {
+    // while it is behind; drops are counted (see `stop`). (SO_RCVBUFFORCE:
+    // root.)
+    let _ = set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 192 << 20);
+    Ok(fd)
+}
+
+/// An int socket option.
+fn set_int(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: valid fd; the option's value is an int of the size given.
+    let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as u32,
-        );
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Ok(fd)
 }
 
 /// What one read gave.
@@ -293,6 +293,36 @@ pub fn inject(ns: &str, dev: &str, frames: Vec<Vec<u8>>, pps: u32) -> Result<std
         }
         Ok(())
     })
+}
+
+/// Send `frame` out of `dev` in namespace `ns` as a CHECKSUM_PARTIAL skb
+/// whose L4 checksum, at `csum_offset` past `csum_start`, is left to the
+/// device whatever the field holds: the virtio_net_hdr a packet socket
+/// takes with PACKET_VNET_HDR (virtio_net_hdr_to_skb,
+/// skb_partial_csum_set), as a VM's virtio NIC hands its packets to a tap
+/// device. The packet leaves a veth with TX checksum offload still partial.
+pub fn inject_partial(ns: &str, dev: &str, frame: Vec<u8>, csum_start: u16, csum_offset: u16) -> Result<()> {
+    const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+    let dev = dev.to_string();
+    spawn_in_netns(ns, move || {
+        let fd = open(&dev)?;
+        set_int(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1).context("PACKET_VNET_HDR")?;
+        // struct virtio_net_hdr (little-endian on this host: vio_le()):
+        // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+        let mut buf = vec![VIRTIO_NET_HDR_F_NEEDS_CSUM, 0];
+        for v in [0u16, 0, csum_start, csum_offset] {
+            buf.extend(v.to_le_bytes());
+        }
+        buf.extend(&frame);
+        // SAFETY: valid fd and buffer; the socket is bound to the device.
+        let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+        if n != buf.len() as isize {
+            bail!("sending a partial-checksum frame on {dev}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })?
+    .join()
+    .map_err(|_| anyhow!("injector panicked"))?
 }
 
 /// Attach a program that passes every frame (XDP_PASS) to `dev` in `ns`,

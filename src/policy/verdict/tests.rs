@@ -84,8 +84,8 @@ fn tagged(id: u16) -> PathAnswer {
     tag.push(Encap { proto: 0x8100, id });
     let [o, r] = path(WAN)?;
     let none = EncapStack::default();
-    let up = LinkLayer { in_encap: none, in_dmac: [0; 6], out_encap: tag, l3_out: false };
-    let down = LinkLayer { in_encap: tag, in_dmac: [0; 6], out_encap: none, l3_out: false };
+    let up = LinkLayer { in_encap: none, out_encap: tag, ..Default::default() };
+    let down = LinkLayer { in_encap: tag, out_encap: none, ..Default::default() };
     Ok([o.with_link(&up), r.with_link(&down)])
 }
 
