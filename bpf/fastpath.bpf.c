@@ -19,6 +19,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "nat.h"
+#include "keepalive.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -587,6 +588,7 @@ static __always_inline int fo_xdp_run(struct xdp_md *ctx, const bool md)
 		return XDP_DROP;
 	}
 	fo_account(f, &m, &p, now);
+	fo_ct_refresh_xdp(ctx, &p, f, now);
 	/* The worker found the port in fo_tx_ports; the control plane removes
 	 * links and flows before it removes ports.
 	 */
@@ -718,6 +720,7 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	 */
 	skb->priority = prio;
 	fo_account(f, &m, &p, now);
+	fo_ct_refresh_skb(skb, &p, f, now);
 	return bpf_redirect(f->out_ifindex, 0);
 }
 

@@ -50,6 +50,11 @@ enum fo_flow_flag {
 	FO_F_DNAT	= 0x02,
 	FO_F_XDP_OK	= 0x04,	/* egress is in fo_tx_ports (XDP redirect target) */
 	FO_F_L3_OUT	= 0x08,	/* egress has no link-layer header (ppp, wg, tun) */
+	/* The fast path refreshes the connection's conntrack entry as it
+	 * forwards this direction (bpf/keepalive.h).
+	 */
+	FO_F_CT_REFRESH	= 0x10,
+	FO_F_CT_REPLY	= 0x20,	/* this direction is conntrack's reply */
 };
 
 /* fo_flow.hold, set by the control plane: this direction matches a flow
@@ -155,6 +160,10 @@ struct fo_flow {
 	 */
 	__u32 seq_end;
 	__u32 ack_max;
+	/* When this direction last refreshed the conntrack entry
+	 * (FO_F_CT_REFRESH; bpf_ktime_get_coarse_ns), written by the fast path.
+	 */
+	__u64 ct_refresh_ns;
 	/* written by the fast path, read by the control plane */
 	__u64 packets;
 	__u64 bytes;		/* L3 bytes, as conntrack accounting counts */
@@ -170,6 +179,12 @@ struct fo_flow {
 enum fo_stat {
 	FO_STAT_FWD_PACKETS = 0,
 	FO_STAT_FWD_BYTES,
+	/* Keepalive in the fast path (bpf/keepalive.h): conntrack entries
+	 * refreshed, and lookups that found no entry (it is being destroyed:
+	 * the engine hears of it). Not slow-path exits.
+	 */
+	FO_STAT_CT_REFRESHED,
+	FO_STAT_CT_GONE,
 	FO_SLOW_NOT_IP,		/* ARP, LLDP, ... */
 	FO_SLOW_ENCAP,		/* encapsulation the fast path does not handle */
 	FO_SLOW_L2_NOT_HOST,	/* broadcast, multicast, other host */

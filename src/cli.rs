@@ -10,7 +10,7 @@ mod render;
 use crate::control::Client;
 use crate::engine::Engine;
 use crate::policy::ModeChoice;
-use crate::settings::{self, Given, Settings, SettingsInput};
+use crate::settings::{self, Given, KeepaliveChoice, Settings, SettingsInput};
 pub use render::{render_flows, render_status};
 
 #[derive(Parser, Debug)]
@@ -91,6 +91,12 @@ pub struct RunArgs {
         settings::DEFAULT_MAX_FLOWS
     ))]
     pub max_flows: Option<i64>,
+    /// Who keeps offloaded connections' conntrack entries alive. auto: the
+    /// fast path as it forwards, where the kernel has the conntrack kfuncs
+    /// (`status` and `check` say), else the engine over ctnetlink; netlink:
+    /// always the engine [default: auto]
+    #[arg(long, value_enum, value_name = "WHO")]
+    pub keepalive: Option<KeepaliveChoice>,
 }
 
 impl RunArgs {
@@ -107,6 +113,7 @@ impl RunArgs {
         input.mode = self.mode.map(|v| Given::flag("--mode", v)).or(input.mode);
         input.idle_timeout = self.idle_timeout.map(|v| Given::flag("--idle-timeout", v)).or(input.idle_timeout);
         input.max_flows = self.max_flows.map(|v| Given::flag("--max-flows", v)).or(input.max_flows);
+        input.keepalive = self.keepalive.map(|v| Given::flag("--keepalive", v)).or(input.keepalive);
         input.nft = self.nft.map(|v| Given::flag("--nft", v));
         let s = settings::validate(input)?;
         if let Some(path) = &self.config {

@@ -76,42 +76,77 @@ fn wait_offloaded(d: &Daemon, n: u64) {
 }
 
 /// The stream timeout is shortened to 8 s while the engine runs, then a
-/// UDP stream starts and runs for 45 s on the fast path. Conntrack gave the
-/// entry its unreplied timeout (30 s) from the slow-path packets; the
-/// engine refreshed with the cached start-up values (120 s, every 40 s),
-/// so the entry expired and was recreated. Now: the same entry all along,
-/// and once the stream stops it expires within the 8 s conntrack would
-/// give it (not 120 s later).
-#[test]
-fn keepalive_follows_a_shortened_udp_stream_timeout() {
+/// UDP stream starts and runs for 30 s on the fast path. Conntrack gave the
+/// entry its unreplied timeout (30 s) from the slow-path packets; an engine
+/// refreshing with the cached start-up values (120 s, every 40 s) let the
+/// entry expire and be recreated. Now: the same entry all along, and once
+/// the stream stops it expires within the 8 s conntrack would give it (not
+/// 120 s later), whoever keeps it alive: `keepalive` is the `--keepalive`
+/// value.
+fn stream_keeps_its_entry_and_ages_out(keepalive: &str) {
     let lab = lab();
-    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let args = ["--mode", "tc", "--idle-timeout", "60", "--keepalive", keepalive];
+    let d = Daemon::start(&lab, &args).unwrap_or_else(|e| panic!("{e:#}"));
+    let fast = keepalive == "auto";
+    let feature = d.status().unwrap()["kernel"]["features"]
+        .as_array()
+        .and_then(|f| f.iter().find(|l| l["name"] == "keepalive").cloned())
+        .unwrap_or_default();
+    assert_eq!(feature["value"], if fast { "fast_path" } else { "netlink" }, "{feature}");
     let _echo = udp_echo(&lab);
     let _short = Sysctl::set(&lab, "net.netfilter.nf_conntrack_udp_timeout_stream", "8");
     // the engine reads the sysctls once a second
     sleep(Duration::from_millis(1500));
-    let stream = udp_stream(&lab, 41500, 20, 45);
+    let stream = udp_stream(&lab, 41500, 20, 30);
     wait_offloaded(&d, 1);
     let ids = ct_ids(&lab);
     assert_eq!(ids.len(), 1, "one conntrack entry: {ids:?}");
     let t0 = Instant::now();
     let fwd0 = lab.counter_packets("fwd_all").unwrap();
-    while t0.elapsed() < Duration::from_secs(42) {
+    while t0.elapsed() < Duration::from_secs(27) {
         sleep(Duration::from_secs(3));
         assert_eq!(ct_ids(&lab), ids, "the entry expired and was recreated after {:?}", t0.elapsed());
     }
-    // still offloaded: the forward chain saw (almost) none of the ~1700 packets
+    // still offloaded: the forward chain saw (almost) none of the ~550 packets
     let fwd = lab.counter_packets("fwd_all").unwrap() - fwd0;
     assert!(fwd < 50, "forward chain counted {fwd} packets: not on the fast path");
-    assert!(d.status().unwrap()["conntrack_refreshes"].as_u64().unwrap_or(0) >= 10, "{}", d.status().unwrap());
+    let st = d.status().unwrap();
+    let (engine, fast_path) = (st["conntrack_refreshes"].as_u64(), st["fast_path_ct_refreshes"].as_u64());
+    if fast {
+        // Kept alive through three timeouts without one engine refresh.
+        assert!(engine == Some(0) && fast_path.unwrap_or(0) >= 20, "{st}");
+    } else {
+        assert!(engine.unwrap_or(0) >= 7 && fast_path == Some(0), "{st}");
+    }
     drop(stream);
-    // the last refresh gave it at most 8 s
     let t1 = Instant::now();
+    if fast {
+        // Refreshed at most a second before the last packet: conntrack
+        // keeps the entry at least 7 of the 8 s after it.
+        sleep(Duration::from_millis(5500));
+        assert_eq!(ct_ids(&lab), ids, "expired early: gone {:?} after the last packet", t1.elapsed());
+    }
+    // The last refresh gave it at most 8 s (the engine's, over ctnetlink, a
+    // tick or a few later than the last packet).
+    let limit = Duration::from_secs(if fast { 10 } else { 14 });
     while !ct_ids(&lab).is_empty() {
-        assert!(t1.elapsed() < Duration::from_secs(14), "entry outlived the 8 s stream timeout: {:?}", t1.elapsed());
-        sleep(Duration::from_millis(500));
+        assert!(t1.elapsed() < limit, "entry outlived the 8 s stream timeout: {:?}", t1.elapsed());
+        sleep(Duration::from_millis(250));
     }
     d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// The fast path keeps the entry alive itself (conntrack kfuncs): the
+/// engine sends no refresh at all.
+#[test]
+fn fast_path_keepalive_keeps_a_stream_s_entry_without_the_engine() {
+    stream_keeps_its_entry_and_ages_out("auto");
+}
+
+/// The fallback, forced: the engine refreshes over ctnetlink.
+#[test]
+fn netlink_keepalive_follows_a_shortened_udp_stream_timeout() {
+    stream_keeps_its_entry_and_ages_out("netlink");
 }
 
 /// SIGCONT on drop, so a failed assertion never leaves the engine stopped.

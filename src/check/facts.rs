@@ -104,7 +104,9 @@ pub(super) struct IfaceFacts {
     pub topology: Option<String>,
 }
 
-pub(super) const KFUNCS: [&str; 2] = ["bpf_xdp_ct_lookup", "bpf_ct_change_timeout"];
+/// What the fast path's keepalive calls (bpf/keepalive.h).
+pub(super) const KFUNCS: [&str; 5] =
+    ["bpf_skb_ct_lookup", "bpf_xdp_ct_lookup", "bpf_ct_change_timeout", "bpf_ct_change_status", "bpf_ct_release"];
 
 /// The host, and the interfaces named (none: every one but lo).
 pub(super) fn gather(names: &[String]) -> (HostFacts, Vec<IfaceFacts>) {

@@ -4,7 +4,7 @@ use std::process::Command;
 use super::facts::{config_enabled, ProgRef, TcProg, KFUNCS};
 use super::iface_findings::native_xdp;
 use super::*;
-use crate::dataplane::{Features, Probe};
+use crate::dataplane::{Features, Keepalive, Probe};
 use crate::host::CAP_NET_ADMIN;
 use crate::routes::link;
 use crate::routes::link::peer::{Netns, PeerFacts};
@@ -43,13 +43,14 @@ fn good_host() -> HostFacts {
 
 /// A kernel with everything (6.16+).
 fn new_kernel() -> Probe {
-    Probe { tcx: Ok(()), kern_ctx: true, xfrm_helper: Some(true) }
+    Probe { tcx: Ok(()), kern_ctx: true, xfrm_helper: Some(true), keepalive: Keepalive::FastPath }
 }
 
 /// Debian 12's 6.1.176 as probed in a VM: no TCX, no bpf_cast_to_kern_ctx,
 /// xfrm built in; BPF_F_IPV6 and SKIP_NEIGH backported, no MARK.
 fn debian_6_1() -> HostFacts {
-    let probe = Probe { tcx: Err(libc::EINVAL), kern_ctx: false, xfrm_helper: Some(true) };
+    let probe =
+        Probe { tcx: Err(libc::EINVAL), kern_ctx: false, xfrm_helper: Some(true), keepalive: Keepalive::NoKfuncs };
     HostFacts {
         kernel_release: "6.1.0-50-amd64".into(),
         probe,
@@ -273,14 +274,17 @@ fn jit_state_outside_the_initial_namespace() {
 }
 
 #[test]
-fn informational_items_are_ok_either_way() {
+fn missing_kfuncs_warn_and_the_flowtable_is_informational() {
     let mut h = good_host();
-    h.kfuncs = Some(KFUNCS.iter().map(|k| (*k, false)).collect());
+    h.kfuncs = Some(KFUNCS.iter().map(|k| (*k, *k != "bpf_ct_change_status")).collect());
     h.flowtable = Some("module nf_flow_table loaded".into());
     let r = judged(&h);
+    // Missing kfuncs cost engine CPU, not correctness: a warning that
+    // names them.
     let k = host_finding(&r, "conntrack_kfuncs");
-    assert_eq!(k.status, Status::Ok);
-    assert!(k.detail.contains("bpf_xdp_ct_lookup, bpf_ct_change_timeout not in kernel BTF"), "{k:?}");
+    assert_eq!(k.status, Status::Warn);
+    assert!(k.detail.starts_with("bpf_ct_change_status not in kernel BTF: the engine refreshes"), "{k:?}");
+    assert_eq!(host_finding(&judged(&good_host()), "conntrack_kfuncs").status, Status::Ok);
     let ft = host_finding(&r, "nf_flow_table");
     assert_eq!(ft.status, Status::Ok);
     assert!(ft.detail.contains("do not also load `flow add` rules directly"), "{ft:?}");

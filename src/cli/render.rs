@@ -48,8 +48,14 @@ pub fn render_status(s: &Status) -> String {
         o += &format!("  {k:<14} {v}\n");
     }
     o += &format!(
-        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {}   path resolutions: {}\n",
-        s.offloads_total, s.conntrack_events, s.conntrack_resyncs, s.conntrack_refreshes, s.path_resolutions
+        "Offloads: {}   conntrack events: {}   resyncs: {}   keepalives: {} by the engine, {} by the fast path   \
+         path resolutions: {}\n",
+        s.offloads_total,
+        s.conntrack_events,
+        s.conntrack_resyncs,
+        s.conntrack_refreshes,
+        s.fast_path_ct_refreshes,
+        s.path_resolutions
     );
     if !s.teardowns.is_empty() {
         o += "Teardowns:";
@@ -140,7 +146,12 @@ mod tests {
                 String::new()
             },
         };
-        let probe = crate::dataplane::Probe { tcx: Err(libc::EINVAL), kern_ctx: false, xfrm_helper: Some(true) };
+        let probe = crate::dataplane::Probe {
+            tcx: Err(libc::EINVAL),
+            kern_ctx: false,
+            xfrm_helper: Some(true),
+            keepalive: crate::dataplane::Keepalive::NoKfuncs,
+        };
         Status {
             pid: 42,
             uptime_s: 7,
@@ -165,6 +176,8 @@ mod tests {
             conntrack_events: 9,
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
+            fast_path_ct_refreshes: 7,
+            fast_path_ct_gone: 0,
             conntrack_rst_restores: 0,
             path_resolutions: 6,
             fib_queries: 12,

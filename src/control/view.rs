@@ -86,7 +86,15 @@ pub struct Status {
     pub not_offloaded: BTreeMap<String, u64>,
     pub conntrack_events: u64,
     pub conntrack_resyncs: u64,
+    /// Conntrack timeouts the engine refreshed over ctnetlink (the
+    /// fallback keepalive, and connections the fast path cannot refresh).
     pub conntrack_refreshes: u64,
+    /// Conntrack entries the fast path refreshed itself (`keepalive`
+    /// feature "fast_path"), and its lookups that found none.
+    #[serde(default)]
+    pub fast_path_ct_refreshes: u64,
+    #[serde(default)]
+    pub fast_path_ct_gone: u64,
     /// Conntrack timeouts put back after the fast path handed conntrack a
     /// RST it could not take as a close (`keepalive::restore_after_rst`).
     #[serde(default)]

@@ -70,12 +70,20 @@ pub struct Probe {
     pub kern_ctx: bool,
     /// TC programs may call bpf_skb_get_xfrm_state (None: not known).
     pub xfrm_helper: Option<bool>,
+    /// Who keeps offloaded connections' conntrack entries alive, as far as
+    /// the probe can tell (`Keepalive`).
+    pub keepalive: Keepalive,
 }
 
 impl Probe {
     /// Ask this kernel.
     pub fn kernel() -> Self {
-        Probe { tcx: probe_tcx(), kern_ctx: probe_kern_ctx(), xfrm_helper: probe_xfrm_helper() }
+        Probe {
+            tcx: probe_tcx(),
+            kern_ctx: probe_kern_ctx(),
+            xfrm_helper: probe_xfrm_helper(),
+            keepalive: if probe_ct_kfuncs() { Keepalive::FastPath } else { Keepalive::NoKfuncs },
+        }
     }
 
     /// TCX when the query works; clsact when the kernel does not know the
@@ -89,6 +97,25 @@ impl Probe {
             _ => TcAttach::Tcx,
         }
     }
+}
+
+/// Who refreshes an offloaded connection's conntrack entry while the fast
+/// path forwards its packets (bpf/keepalive.h; `engine::keepalive` for the
+/// netlink side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keepalive {
+    /// The fast path, through the conntrack kfuncs, as it forwards: the
+    /// engine does nothing per connection while traffic flows.
+    FastPath,
+    /// The engine over ctnetlink: chosen (`--keepalive netlink`).
+    Chosen,
+    /// The engine over ctnetlink: the kernel lacks the kfuncs (before 6.0,
+    /// no CONFIG_NF_CONNTRACK BTF, nf_conntrack not loaded).
+    NoKfuncs,
+    /// The engine over ctnetlink: the verifier refused the fast path with
+    /// them, and took it without (the engine's log has the error).
+    Refused,
 }
 
 /// The kernel's internal ENOTSUPP, which reaches user space as 524.
@@ -109,6 +136,7 @@ pub struct Features {
     pub fib_skip_neigh: bool,
     /// bpf_fib_lookup accepts BPF_FIB_LOOKUP_MARK (6.10+).
     pub fib_mark: bool,
+    pub keepalive: Keepalive,
 }
 
 impl Features {
@@ -123,6 +151,7 @@ impl Features {
             csum_ipv6: false,
             fib_skip_neigh: false,
             fib_mark: false,
+            keepalive: p.keepalive,
         }
     }
 
@@ -233,6 +262,39 @@ impl Features {
                         .into(),
                 )
             },
+            match self.keepalive {
+                Keepalive::FastPath => l(
+                    "keepalive",
+                    "fast_path",
+                    false,
+                    "the fast path refreshes conntrack entries as it forwards (conntrack kfuncs, at most once a \
+                     second per direction); the engine does nothing per connection while traffic flows"
+                        .into(),
+                ),
+                Keepalive::Chosen => l(
+                    "keepalive",
+                    "netlink",
+                    false,
+                    "chosen (--keepalive netlink): the engine refreshes conntrack entries over ctnetlink".into(),
+                ),
+                Keepalive::NoKfuncs => l(
+                    "keepalive",
+                    "netlink",
+                    true,
+                    "no conntrack kfuncs (bpf_skb_ct_lookup, bpf_ct_change_timeout, bpf_ct_change_status: 6.0+ \
+                     with BTF for nf_conntrack): the engine refreshes conntrack entries over ctnetlink, about \
+                     20 us each, a third of their timeout apart"
+                        .into(),
+                ),
+                Keepalive::Refused => l(
+                    "keepalive",
+                    "netlink",
+                    true,
+                    "the verifier refused the fast path with the conntrack kfuncs (the engine's log says why): \
+                     loaded without them, the engine refreshes conntrack entries over ctnetlink"
+                        .into(),
+                ),
+            },
         ]
     }
 }
@@ -287,6 +349,44 @@ pub fn probe_kern_ctx() -> bool {
     }
 }
 
+/// The conntrack kfuncs bpf/keepalive.h calls, among the functions of the
+/// kernel's BTF or of nf_conntrack's (a module on Debian and OpenWrt, with
+/// its own BTF), where libbpf resolves them.
+pub fn probe_ct_kfuncs() -> bool {
+    const NAMES: [&std::ffi::CStr; 5] = [
+        c"bpf_skb_ct_lookup",
+        c"bpf_xdp_ct_lookup",
+        c"bpf_ct_change_timeout",
+        c"bpf_ct_change_status",
+        c"bpf_ct_release",
+    ];
+    let has_all = |btf: *const libbpf_sys::btf| {
+        NAMES.iter().all(|n| {
+            // SAFETY: btf is a live BTF object, n a NUL-terminated name.
+            unsafe { libbpf_sys::btf__find_by_name_kind(btf, n.as_ptr(), libbpf_sys::BTF_KIND_FUNC) >= 0 }
+        })
+    };
+    // SAFETY: libbpf allocates both objects, freed below; the module's BTF
+    // is split on the vmlinux one and freed first.
+    unsafe {
+        let base = libbpf_sys::btf__load_vmlinux_btf();
+        if base.is_null() {
+            tracing::debug!("kernel BTF not readable: no conntrack kfuncs");
+            return false;
+        }
+        let mut ok = has_all(base);
+        if !ok {
+            let m = libbpf_sys::btf__parse_split(c"/sys/kernel/btf/nf_conntrack".as_ptr(), base);
+            if !m.is_null() {
+                ok = has_all(m);
+                libbpf_sys::btf__free(m);
+            }
+        }
+        libbpf_sys::btf__free(base);
+        ok
+    }
+}
+
 /// Whether TC programs may call bpf_skb_get_xfrm_state: `tc_cls_act_func_proto`
 /// (net/core/filter.c) offers it only with CONFIG_XFRM. libbpf loads a
 /// program calling it and reads the verifier's answer.
@@ -314,7 +414,7 @@ mod tests {
     use super::*;
 
     fn probe(tcx: Result<(), i32>, kern_ctx: bool, xfrm_helper: Option<bool>) -> Probe {
-        Probe { tcx, kern_ctx, xfrm_helper }
+        Probe { tcx, kern_ctx, xfrm_helper, keepalive: Keepalive::FastPath }
     }
 
     /// Each kernel gets the best method it has; unknown means conservative.
@@ -352,7 +452,10 @@ mod tests {
         let old = Features::from_probe(&probe(Err(libc::EINVAL), false, Some(true)));
         let get = |f: &Features, n: &str| f.lines().into_iter().find(|l| l.name == n).unwrap();
         let names: Vec<String> = new.lines().into_iter().map(|l| l.name).collect();
-        assert_eq!(names, ["tc_attach", "secpath", "csum_partial", "csum_ipv6", "fib_skip_neigh", "fib_mark"]);
+        assert_eq!(
+            names,
+            ["tc_attach", "secpath", "csum_partial", "csum_ipv6", "fib_skip_neigh", "fib_mark", "keepalive"]
+        );
         assert!(new.lines().iter().all(|l| !l.degraded), "{:?}", new.lines());
         let t = get(&old, "tc_attach");
         assert_eq!((t.value.as_str(), t.degraded), ("clsact", true));
@@ -363,5 +466,16 @@ mod tests {
         assert_eq!((get(&old, "fib_skip_neigh").value.as_str(), get(&old, "fib_mark").value.as_str()), ("no", "no"));
         let a = Features::from_probe(&probe(Err(libc::EINVAL), false, None));
         assert!(get(&a, "secpath").detail.contains("TC forwards nothing"));
+        // Keepalive: the fallbacks that cost per connection say so; the
+        // one the operator chose is no degradation.
+        for (k, value, degraded) in [
+            (Keepalive::FastPath, "fast_path", false),
+            (Keepalive::Chosen, "netlink", false),
+            (Keepalive::NoKfuncs, "netlink", true),
+            (Keepalive::Refused, "netlink", true),
+        ] {
+            let line = get(&Features { keepalive: k, ..new }, "keepalive");
+            assert_eq!((line.value.as_str(), line.degraded), (value, degraded), "{k:?}");
+        }
     }
 }

@@ -28,7 +28,7 @@ pub mod tc_legacy;
 mod test_run;
 mod walk;
 
-pub use features::{FeatureLine, Features, Probe, Secpath, TcAttach};
+pub use features::{FeatureLine, Features, Keepalive, Probe, Secpath, TcAttach};
 pub use test_run::{SkbIn, SkbOut};
 
 pub use skel::types::{
@@ -254,10 +254,40 @@ impl Dataplane {
     /// kernel that has the real thing).
     pub fn load_for(max_flows: u32, probe: &Probe) -> Result<Self> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
+        let mut features = Features::from_probe(probe);
+        let skel = match Self::build(max_flows, &features) {
+            // The keepalive kfuncs are the one optional part a verifier may
+            // still refuse where the probe found them (a kernel whose
+            // nf_conn or kfunc rules differ): the fast path without them,
+            // the engine keeping entries alive over ctnetlink.
+            Err(e) if features.keepalive == Keepalive::FastPath => {
+                tracing::warn!("{e:#}");
+                tracing::warn!("loading the fast path again without the conntrack kfuncs (keepalive over ctnetlink)");
+                features.keepalive = Keepalive::Refused;
+                Self::build(max_flows, &features)?
+            }
+            r => r?,
+        };
+        let mut dp = Dataplane { skel, attached: Vec::new(), features };
+        features.csum_ipv6 = dp.probe_csum_ipv6();
+        features.fib_skip_neigh = dp.probe_fib_flag(routes_flags::SKIP_NEIGH);
+        features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
+        dp.features = features;
+        dp.set_csum_ipv6(features.csum_ipv6);
+        dp.set_fwd_update_priority(crate::host::ip_forward_update_priority());
+        dp.set_ct_timeouts(&crate::host::ct_timeouts());
+        // A running engine, as far as another one looking at our filters
+        // can tell (tc_legacy::sweep), from the start.
+        dp.set_heartbeat(crate::engine::now_ns());
+        tracing::debug!(?features, "what this kernel gives the fast path");
+        Ok(dp)
+    }
+
+    /// Open, size and load the object with the .rodata `features` decide.
+    fn build(max_flows: u32, features: &Features) -> Result<FastpathSkel<'static>> {
         if let Ok(mut l) = LIBBPF_LOG.lock() {
             l.clear();
         }
-        let mut features = Features::from_probe(probe);
         // The skeleton borrows its object storage for its whole life; the
         // dataplane lives as long as the process, so leak the few bytes.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -272,11 +302,12 @@ impl Dataplane {
         let ro = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
         ro.fo_have_kern_ctx = u8::from(features.kern_ctx);
         ro.fo_secpath_how = features.secpath.code();
+        ro.fo_ct_kfuncs = features.keepalive == Keepalive::FastPath;
         // The tcx/* programs' expected attach type (BPF_TCX_*) stays: a
         // sched_cls program is loaded whatever it says
         // (bpf_prog_load_check_attach in 6.1's kernel/bpf/syscall.c has no
         // case for it), and cls_bpf does not read it.
-        let skel = open.load().map_err(|e| {
+        open.load().map_err(|e| {
             let log: Vec<String> = LIBBPF_LOG.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default();
             match load_error::explain(&log) {
                 Some(why) => anyhow!(
@@ -289,19 +320,7 @@ impl Dataplane {
                     log_tail(25)
                 ),
             }
-        })?;
-        let mut dp = Dataplane { skel, attached: Vec::new(), features };
-        features.csum_ipv6 = dp.probe_csum_ipv6();
-        features.fib_skip_neigh = dp.probe_fib_flag(routes_flags::SKIP_NEIGH);
-        features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
-        dp.features = features;
-        dp.set_csum_ipv6(features.csum_ipv6);
-        dp.set_fwd_update_priority(crate::host::ip_forward_update_priority());
-        // A running engine, as far as another one looking at our filters
-        // can tell (tc_legacy::sweep), from the start.
-        dp.set_heartbeat(crate::engine::now_ns());
-        tracing::debug!(?features, "what this kernel gives the fast path");
-        Ok(dp)
+        })
     }
 
     /// What this kernel gave the fast path.
@@ -376,6 +395,23 @@ impl Dataplane {
     /// Whether ip_forward sets skb->priority from the TOS here
     /// (net.ipv4.ip_forward_update_priority): the fast path does the same
     /// (fo_ip_fwd_update_priority in bpf/fastpath.bpf.c).
+    /// Conntrack's timeouts, which the fast path's keepalive gives the
+    /// entries it refreshes (bpf/keepalive.h).
+    pub fn set_ct_timeouts(&mut self, t: &crate::flow::CtTimeouts) {
+        let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
+        // SAFETY: as in set_heartbeat.
+        unsafe {
+            std::ptr::write_volatile(&mut bss.fo_ct_tcp_established_s, t.tcp_established);
+            std::ptr::write_volatile(&mut bss.fo_ct_udp_s, t.udp);
+            std::ptr::write_volatile(&mut bss.fo_ct_udp_stream_s, t.udp_stream);
+        }
+    }
+
+    /// Whether the fast path keeps conntrack entries alive (`Keepalive`).
+    pub fn fast_keepalive(&self) -> bool {
+        self.features.keepalive == Keepalive::FastPath
+    }
+
     pub fn set_fwd_update_priority(&mut self, on: bool) {
         let bss = self.skel.maps.bss_data.as_deref_mut().expect("the fast path has a .bss");
         // SAFETY: as in set_heartbeat.
@@ -533,6 +569,7 @@ impl Dataplane {
         let rodata = open.maps.rodata_data.as_deref_mut().expect("the fast path has a .rodata");
         rodata.fo_have_kern_ctx = u8::from(self.features.kern_ctx);
         rodata.fo_secpath_how = self.features.secpath.code();
+        rodata.fo_ct_kfuncs = self.features.keepalive == Keepalive::FastPath;
         rodata.fo_rx_vlan_md = true;
         let p = &mut open.progs;
         for prog in [

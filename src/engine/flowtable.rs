@@ -16,7 +16,7 @@ use indexmap::IndexMap;
 use crate::conntrack::{merge, CtEntry, CtError, CtSocket, CtTuple, CtUpdate, Memo, Seen};
 use crate::dataplane::{fo_flow, fo_flow_key, key_bytes, Dataplane, PutError, KEY_LEN};
 use crate::flow::entry::words_addr;
-use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason};
+use crate::flow::{egress_key, ConnId, Direction, FlowClock, TeardownReason, FO_F_CT_REFRESH, FO_F_CT_REPLY};
 use crate::policy::nft;
 use crate::policy::verdict::{Known, NotOffloaded, Verdict};
 
@@ -511,8 +511,14 @@ impl FlowTable {
                 // still says dormant): what it proved decides its holds.
                 self.waiting.insert(id, e);
             }
-            Verdict::Offload(dirs) if self.offloaded.contains_key(&id) => self.repath(&id, dirs),
-            Verdict::Offload(dirs) => self.install(id, e, dirs),
+            Verdict::Offload(dirs) if self.offloaded.contains_key(&id) => {
+                let dirs = self.keepalive_flags(&e, dirs);
+                self.repath(&id, dirs)
+            }
+            Verdict::Offload(dirs) => {
+                let dirs = self.keepalive_flags(&e, dirs);
+                self.install(id, e, dirs)
+            }
             Verdict::Watch(dirs) => {
                 self.waiting.remove(&id);
                 match self.dormant.get_mut(&id) {
@@ -596,6 +602,18 @@ impl FlowTable {
         }
         self.dp.set_watching(self.dormant_keys.len());
         self.dormant.insert(id, Dormant { entry, watch });
+    }
+
+    /// Who keeps `e`'s conntrack entry alive: the fast path as it forwards
+    /// (FO_F_CT_REFRESH, FO_F_CT_REPLY on conntrack's reply direction,
+    /// `dirs[1]`) where it has the kfuncs and can name the entry (zone 0:
+    /// 6.1's lookup options have no zone), else keepalive over ctnetlink.
+    fn keepalive_flags(&self, e: &CtEntry, mut dirs: [Direction; 2]) -> [Direction; 2] {
+        if self.dp.fast_keepalive() && e.zone == 0 {
+            dirs[0].val.flags |= FO_F_CT_REFRESH;
+            dirs[1].val.flags |= FO_F_CT_REFRESH | FO_F_CT_REPLY;
+        }
+        dirs
     }
 
     /// An offloaded connection's path was resolved again: rewrite the map
@@ -1013,6 +1031,29 @@ mod tests {
         assert!(matches!(ft.known(&id), Known::Dormant { woke: [false, false], .. }), "forgotten");
         assert!(ft.woken(None).is_empty(), "the stamp predates the change");
         assert_eq!(ft.dp().dormant_seen(&k[0]), Some(0), "re-armed");
+    }
+
+    /// Where the fast path has the conntrack kfuncs (this kernel), it keeps
+    /// a zone-0 connection's entry alive: both directions flagged, the
+    /// reply marked as conntrack's; a connection in another zone, which
+    /// 6.1's lookup cannot name, is left to keepalive over ctnetlink.
+    #[test]
+    fn the_fast_path_keeps_zone_0_entries_alive() {
+        let mut ft = private_table(vec![]);
+        assert!(ft.dp().fast_keepalive(), "this kernel has the conntrack kfuncs");
+        let flags = |ft: &FlowTable, d: &[Direction; 2]| d.map(|x| ft.dp().get_flow(&x.key).unwrap().flags);
+        let e = udp(40050);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Offload(d));
+        let both = FO_F_CT_REFRESH | FO_F_CT_REPLY;
+        assert_eq!(flags(&ft, &d).map(|f| f & both), [FO_F_CT_REFRESH, both]);
+        // A re-point keeps them.
+        ft.apply(e.clone(), Verdict::Offload(dirs(&e, 3)));
+        assert_eq!(flags(&ft, &d).map(|f| f & both), [FO_F_CT_REFRESH, both]);
+        let z = CtEntry { zone: 5, ..udp(40051) };
+        let dz = dirs(&z, 2);
+        ft.apply(z, Verdict::Offload(dz));
+        assert_eq!(flags(&ft, &dz).map(|f| f & both), [0, 0]);
     }
 
     /// A re-point that moves a direction's key (the client roamed to

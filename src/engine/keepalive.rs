@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use crate::conntrack::{status, CtError, CtUpdate};
 use crate::dataplane::{fo_flow_key, key_bytes, KEY_LEN};
-use crate::flow::{decide, next_check, udp_status_seen, Action, ConnId, CtTimeouts, TeardownReason};
+use crate::flow::{
+    decide, decide_end, next_check, next_end_check, udp_status_seen, Action, ConnId, CtTimeouts, TeardownReason,
+    FO_F_CT_REFRESH,
+};
 use crate::proto::IPPROTO_TCP;
 
 use super::flowtable::{FlowTable, Written};
@@ -92,6 +95,9 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts,
                 // An entry removed behind our back (map edited by hand):
                 // take the connection off the fast path entirely.
                 (Action::Teardown(TeardownReason::Policy), 0)
+            } else if fast(f) {
+                // The fast path refreshes the entry as it forwards.
+                (decide_end(now, &f.clock, td, idle), 0)
             } else {
                 let seen_reply = f.entry.status & status::SEEN_REPLY != 0 || f.last[1].packets > 0;
                 let timeout = timeouts.for_flow(f.entry.orig.proto, seen_reply);
@@ -169,7 +175,7 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts,
 /// window, would have found a blind RST out of window and left the entry
 /// alone. The timeout is what keepalive last gave the entry, counted down.
 /// Run a tick after the RSTs were announced, so conntrack has seen them.
-pub fn restore_after_rst(ft: &mut FlowTable, keys: &[fo_flow_key], all: bool, now: u64) {
+pub fn restore_after_rst(ft: &mut FlowTable, keys: &[fo_flow_key], all: bool, now: u64, timeouts: &CtTimeouts) {
     let ids: HashSet<ConnId> = if all {
         ft.offloaded.keys().filter(|id| id.proto == IPPROTO_TCP).copied().collect()
     } else {
@@ -179,7 +185,17 @@ pub fn restore_after_rst(ft: &mut FlowTable, keys: &[fo_flow_key], all: bool, no
         .iter()
         .filter_map(|id| ft.offloaded.get(id))
         .map(|f| {
-            let left = f.clock.ct_expires_ns.saturating_sub(now) / 1_000_000_000;
+            // Where the fast path refreshes the entry: the established
+            // timeout from the last packet it forwarded (its refresh is at
+            // most a second older), until its next packet refreshes it.
+            let expires = if fast(f) {
+                let seen = f.dirs.iter().filter_map(|d| ft.dp.get_written(&d.key)).map(|w| w.last_seen_ns).max();
+                let seen = seen.unwrap_or(0).max(f.clock.last_seen_ns).max(f.clock.installed_ns);
+                seen + u64::from(timeouts.tcp_established) * 1_000_000_000
+            } else {
+                f.clock.ct_expires_ns
+            };
+            let left = expires.saturating_sub(now) / 1_000_000_000;
             let t = u32::try_from(left).unwrap_or(u32::MAX).max(1);
             (f.entry.orig, f.entry.zone, CtUpdate { timeout: Some(t), ..Default::default() })
         })
@@ -197,10 +213,17 @@ pub fn restore_after_rst(ft: &mut FlowTable, keys: &[fo_flow_key], all: bool, no
     ft.counters.rst_restores += reqs.len() as u64;
 }
 
-/// Look at `id` again when `flow::next_check` says.
+/// Whether the fast path keeps `f`'s conntrack entry alive
+/// (`FlowTable::keepalive_flags`).
+fn fast(f: &super::flowtable::Offloaded) -> bool {
+    f.dirs[0].val.flags & FO_F_CT_REFRESH != 0
+}
+
+/// Look at `id` again when `flow::next_check` says (`next_end_check` where
+/// the fast path refreshes the entry: only idleness is left to see).
 fn schedule(ft: &mut FlowTable, id: ConnId, now: u64, idle: Duration, timeout: u32) {
     if let Some(f) = ft.offloaded.get(&id) {
-        let at = next_check(now, &f.clock, idle, timeout);
+        let at = if fast(f) { next_end_check(now, &f.clock, idle) } else { next_check(now, &f.clock, idle, timeout) };
         ft.schedule(id, at);
     }
 }

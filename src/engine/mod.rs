@@ -168,12 +168,19 @@ impl Engine {
         if cfg.mode == crate::policy::ModeChoice::Xdp {
             Interfaces::default().plan_xdp(&infos, &topo)?;
         }
-        let mut dp = Dataplane::load(cfg.max_flows)?;
-        let mut ifaces = Interfaces::default();
-        ifaces.attach(&mut dp, &infos, &topo, cfg.mode)?;
-        // Subscribe before dumping so no change falls between the two.
+        // Subscribe before dumping so no change falls between the two;
+        // before loading, so nf_conntrack (a module on most routers) is
+        // loaded and its BTF there for the keepalive kfuncs' probe.
         let ct_events = CtSocket::events().context("subscribing to conntrack events")?;
         let ct_req = CtSocket::request().context("opening a conntrack request socket")?;
+        let mut probe = crate::dataplane::Probe::kernel();
+        if cfg.keepalive == crate::settings::KeepaliveChoice::Netlink {
+            probe.keepalive = crate::dataplane::Keepalive::Chosen;
+        }
+        let mut dp = Dataplane::load_for(cfg.max_flows, &probe)?;
+        tracing::info!(keepalive = ?dp.features().keepalive, "fast path loaded");
+        let mut ifaces = Interfaces::default();
+        ifaces.attach(&mut dp, &infos, &topo, cfg.mode)?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
         let nft = NftWatch::new().context("subscribing to nf_tables notifications")?;
         let xfrm = match XfrmWatch::new() {
@@ -607,6 +614,7 @@ impl Core {
             if t != self.timeouts {
                 tracing::info!(?t, "conntrack timeouts changed");
                 self.timeouts = t;
+                self.flows.dp_mut().set_ct_timeouts(&t);
                 // Every deadline was planned with the old timeouts.
                 self.flows.all_due(now_ns());
             }
@@ -631,7 +639,7 @@ impl Core {
         let all = std::mem::replace(&mut self.rst_lost, lost) != lost;
         let due = std::mem::replace(&mut self.rst_due, std::mem::take(&mut self.rst_new));
         if all || !due.is_empty() {
-            keepalive::restore_after_rst(&mut self.flows, &due, all, now_ns());
+            keepalive::restore_after_rst(&mut self.flows, &due, all, now_ns(), &self.timeouts);
         }
         let more = self.keepalive();
         // The scan catches what the wake-up ring buffer dropped, only

@@ -19,7 +19,7 @@ impl Core {
         // The fast path's totals, then the slow-path reasons.
         let (fwd_packets, fwd_bytes) =
             (stats[fo_stat::FO_STAT_FWD_PACKETS.0 as usize], stats[fo_stat::FO_STAT_FWD_BYTES.0 as usize]);
-        let first_reason = fo_stat::FO_STAT_FWD_BYTES.0 as usize + 1;
+        let first_reason = fo_stat::FO_STAT_CT_GONE.0 as usize + 1;
         let slow = STAT_NAMES.iter().zip(&stats).skip(first_reason).map(|(n, v)| (n.to_string(), *v)).collect();
         let (offloaded, waiting, dormant) = self.flows.len();
         let c = &self.flows.counters;
@@ -62,6 +62,8 @@ impl Core {
             conntrack_events: self.ct_events,
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
+            fast_path_ct_refreshes: stats[fo_stat::FO_STAT_CT_REFRESHED.0 as usize],
+            fast_path_ct_gone: stats[fo_stat::FO_STAT_CT_GONE.0 as usize],
             conntrack_rst_restores: c.rst_restores,
             path_resolutions: self.path_resolutions,
             fib_queries: self.facts.cache.borrow().stats.queries,

@@ -16,6 +16,8 @@ pub const FO_F_SNAT: u8 = flag_bit(fo_flow_flag::FO_F_SNAT);
 pub const FO_F_DNAT: u8 = flag_bit(fo_flow_flag::FO_F_DNAT);
 pub const FO_F_XDP_OK: u8 = flag_bit(fo_flow_flag::FO_F_XDP_OK);
 pub const FO_F_L3_OUT: u8 = flag_bit(fo_flow_flag::FO_F_L3_OUT);
+pub const FO_F_CT_REFRESH: u8 = flag_bit(fo_flow_flag::FO_F_CT_REFRESH);
+pub const FO_F_CT_REPLY: u8 = flag_bit(fo_flow_flag::FO_F_CT_REPLY);
 
 /// Fails the build if flow.h grows a flag that no longer fits the field.
 const fn flag_bit(f: fo_flow_flag) -> u8 {
@@ -357,14 +359,20 @@ mod tests {
 
     #[test]
     fn flag_bits_are_flow_h_s() {
-        let c =
-            [fo_flow_flag::FO_F_SNAT, fo_flow_flag::FO_F_DNAT, fo_flow_flag::FO_F_XDP_OK, fo_flow_flag::FO_F_L3_OUT];
-        let rust = [FO_F_SNAT, FO_F_DNAT, FO_F_XDP_OK, FO_F_L3_OUT];
+        let c = [
+            fo_flow_flag::FO_F_SNAT,
+            fo_flow_flag::FO_F_DNAT,
+            fo_flow_flag::FO_F_XDP_OK,
+            fo_flow_flag::FO_F_L3_OUT,
+            fo_flow_flag::FO_F_CT_REFRESH,
+            fo_flow_flag::FO_F_CT_REPLY,
+        ];
+        let rust = [FO_F_SNAT, FO_F_DNAT, FO_F_XDP_OK, FO_F_L3_OUT, FO_F_CT_REFRESH, FO_F_CT_REPLY];
         for (c, r) in c.iter().zip(rust) {
             assert_eq!(c.0, u32::from(r));
             assert!(r.is_power_of_two(), "{r:#x} is one bit");
         }
-        assert_eq!(rust.iter().fold(0, |a, b| a | b).count_ones(), 4, "distinct bits");
+        assert_eq!(rust.iter().fold(0, |a, b| a | b).count_ones(), 6, "distinct bits");
     }
 
     #[test]

@@ -132,12 +132,9 @@ pub fn refresh_interval(ct_timeout_s: u32) -> Duration {
 /// `teardown_flag` is the fast path's `enum fo_teardown` code of either
 /// direction (the larger of the two).
 pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct_timeout_s: u32) -> Action {
-    if let Some(r) = TeardownReason::from_fast_path(teardown_flag) {
-        return Action::Teardown(r);
-    }
-    let active = c.last_seen_ns.max(c.installed_ns);
-    if now_ns.saturating_sub(active) > idle.as_nanos() as u64 {
-        return Action::Teardown(TeardownReason::Idle);
+    let end = decide_end(now_ns, c, teardown_flag, idle);
+    if end != Action::Keep {
+        return end;
     }
     // Against the entry's own deadline, not a cached timeout: conntrack
     // may have given it less than the current timeout (set by a slow-path
@@ -153,6 +150,27 @@ pub fn decide(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration, ct
         return Action::Refresh(ct_timeout_s);
     }
     Action::Keep
+}
+
+/// What `decide` says before any refresh: the fast path saw the connection
+/// close, or it went idle. All there is to decide about a connection whose
+/// entry the fast path keeps alive itself (FO_F_CT_REFRESH, bpf/keepalive.h).
+pub fn decide_end(now_ns: u64, c: &FlowClock, teardown_flag: u32, idle: Duration) -> Action {
+    if let Some(r) = TeardownReason::from_fast_path(teardown_flag) {
+        return Action::Teardown(r);
+    }
+    let active = c.last_seen_ns.max(c.installed_ns);
+    if now_ns.saturating_sub(active) > idle.as_nanos() as u64 {
+        return Action::Teardown(TeardownReason::Idle);
+    }
+    Action::Keep
+}
+
+/// When `decide_end` can next say something other than `Keep`: the moment
+/// the connection goes idle if no packet comes. One read per connection per
+/// idle timeout, whatever its traffic.
+pub fn next_end_check(now_ns: u64, c: &FlowClock, idle: Duration) -> u64 {
+    (c.last_seen_ns.max(c.installed_ns) + idle.as_nanos() as u64 + 1).max(now_ns + 1)
 }
 
 /// The status conntrack would have given a UDP entry (status `status`) had
@@ -224,6 +242,31 @@ mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    /// Where the fast path refreshes the entry, only the close flag and
+    /// idleness are left: no refresh ever, and one look per idle timeout.
+    #[test]
+    fn the_fast_path_s_keepalive_leaves_the_close_and_idleness() {
+        let idle = Duration::from_secs(30);
+        let c = FlowClock { installed_ns: 100 * S, last_seen_ns: 110 * S, ..Default::default() };
+        #[rustfmt::skip]
+        let rows = [
+            // (case, now, teardown flag, action)
+            ("active", 120 * S, 0, Action::Keep),
+            ("idle one tick past its timeout", 140 * S + 1, 0, Action::Teardown(TeardownReason::Idle)),
+            ("a FIN seen", 111 * S, fo_teardown::FO_TD_FIN.0, Action::Teardown(TeardownReason::TcpFin)),
+        ];
+        for (case, now, td, want) in rows {
+            assert_eq!(decide_end(now, &c, td, idle), want, "{case}");
+        }
+        // decide says the same before it would refresh: a stale entry
+        // with packets since gets a refresh there, never here.
+        let stale = FlowClock { ct_expires_ns: 115 * S, last_refresh_ns: 100 * S, ..c };
+        assert_eq!(decide(120 * S, &stale, 0, idle, 30), Action::Refresh(30));
+        assert_eq!(decide_end(120 * S, &stale, 0, idle), Action::Keep);
+        assert_eq!(next_end_check(120 * S, &c, idle), 140 * S + 1, "when it would go idle");
+        assert_eq!(next_end_check(150 * S, &c, idle), 150 * S + 1, "past it: at once");
+    }
 
     /// Checking only at `next_check` finds every action `decide` takes when
     /// asked at every instant, no later than one tick after: simulated over

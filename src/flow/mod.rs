@@ -7,9 +7,14 @@ pub mod entry;
 pub mod hold;
 pub mod lifecycle;
 
-pub use entry::{build_direction, csum_diff, egress_key, Direction, Encap, EncapStack, LinkLayer, NextHop};
+pub use entry::{
+    build_direction, csum_diff, egress_key, Direction, Encap, EncapStack, LinkLayer, NextHop, FO_F_CT_REFRESH,
+    FO_F_CT_REPLY,
+};
 pub use hold::{Held, Hold};
-pub use lifecycle::{decide, next_check, udp_status_seen, Action, CtTimeouts, FlowClock, TeardownReason};
+pub use lifecycle::{
+    decide, decide_end, next_check, next_end_check, udp_status_seen, Action, CtTimeouts, FlowClock, TeardownReason,
+};
 
 use std::net::IpAddr;
 

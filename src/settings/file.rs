@@ -6,6 +6,7 @@
 //! mode = "auto"                      # auto | xdp | tc
 //! idle_timeout = 30                  # seconds, 1..=86400
 //! max_flows = 65536                  # 1..=16777216
+//! keepalive = "auto"                 # auto | netlink
 //! [exclude]                          # connections never offloaded
 //! addresses = ["192.168.1.50", "10.0.0.0/8", "fd00::/64"]
 //! ports = [22, 5060, "10000-20000"]
@@ -24,7 +25,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ExcludeInput, Given, Origin, Scalar, SettingsError, SettingsInput};
+use super::{ExcludeInput, Given, KeepaliveChoice, Origin, Scalar, SettingsError, SettingsInput};
 use crate::policy::ModeChoice;
 
 /// Read a configuration file; its values are not checked yet.
@@ -68,6 +69,17 @@ fn parse_in(text: &str, path: Option<&Path>) -> Result<SettingsInput, SettingsEr
             Some(Given { value, origin })
         }
     };
+    let keepalive = match raw.keepalive {
+        None => None,
+        Some(k) => {
+            let origin = at("keepalive".into(), k.span());
+            let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(k.get_ref());
+            let value = KeepaliveChoice::deserialize(de).map_err(|e| {
+                SettingsError::invalid(&origin, path, format!("{:?} is not a keepalive ({e})", k.get_ref()))
+            })?;
+            Some(Given { value, origin })
+        }
+    };
     let number = |key: &str, v: Spanned<i64>| Given { origin: at(key.into(), v.span()), value: v.into_inner() };
     let ex = raw.exclude;
     let list = |name: &str, i: usize| format!("exclude.{name}[{i}]");
@@ -77,6 +89,7 @@ fn parse_in(text: &str, path: Option<&Path>) -> Result<SettingsInput, SettingsEr
         mode,
         idle_timeout: raw.idle_timeout.map(|v| number("idle_timeout", v)),
         max_flows: raw.max_flows.map(|v| number("max_flows", v)),
+        keepalive,
         // The file is the alternative to a ruleset, not a wrapper.
         nft: None,
         exclude: ExcludeInput {
@@ -106,6 +119,8 @@ struct RawFile {
     idle_timeout: Option<Spanned<i64>>,
     #[serde(default)]
     max_flows: Option<Spanned<i64>>,
+    #[serde(default)]
+    keepalive: Option<Spanned<String>>,
     #[serde(default)]
     exclude: RawExclude,
 }

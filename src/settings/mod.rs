@@ -21,6 +21,18 @@ use crate::policy::ModeChoice;
 use crate::proto::{self, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const DEFAULT_MODE: ModeChoice = ModeChoice::Auto;
+
+/// Who keeps offloaded connections' conntrack entries alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepaliveChoice {
+    /// The fast path as it forwards, where the kernel has the conntrack
+    /// kfuncs; else the engine over ctnetlink.
+    #[default]
+    Auto,
+    /// The engine over ctnetlink, always.
+    Netlink,
+}
 /// 30 s: the kernel flowtable's NF_FLOW_TIMEOUT.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
@@ -39,6 +51,7 @@ pub struct Settings {
     pub mode: ModeChoice,
     pub idle_timeout: Duration,
     pub max_flows: u32,
+    pub keepalive: KeepaliveChoice,
     /// An nftables ruleset with flowtables (absolute path): loaded by the
     /// engine, its `flow add` statements decide what is offloaded.
     pub nft: Option<PathBuf>,
@@ -101,6 +114,7 @@ pub struct SettingsInput {
     /// Seconds. i64: what a TOML integer holds, so range errors are ours.
     pub idle_timeout: Option<Given<i64>>,
     pub max_flows: Option<Given<i64>>,
+    pub keepalive: Option<Given<KeepaliveChoice>>,
     pub nft: Option<Given<PathBuf>>,
     pub exclude: ExcludeInput,
 }
@@ -221,7 +235,8 @@ pub fn validate(input: SettingsInput) -> Result<Settings, SettingsError> {
     // Absolute: the daemon may change directory, and `reload` sends paths.
     let nft = input.nft.map(|p| std::path::absolute(&p.value).unwrap_or(p.value));
     let exclude = exclusions(input.exclude, &bad)?;
-    Ok(Settings { ifaces, mode, idle_timeout, max_flows, nft, exclude })
+    let keepalive = input.keepalive.map_or_else(KeepaliveChoice::default, |k| k.value);
+    Ok(Settings { ifaces, mode, idle_timeout, max_flows, keepalive, nft, exclude })
 }
 
 fn in_range(v: &Given<i64>, range: &RangeInclusive<u64>) -> Result<u64, String> {

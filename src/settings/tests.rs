@@ -84,6 +84,7 @@ fn defaults() {
     assert_eq!(c.idle_timeout, Duration::from_secs(30));
     assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
     assert_eq!(c.max_flows, 65536);
+    assert_eq!(c.keepalive, KeepaliveChoice::Auto);
     assert!(c.exclude.is_empty());
     assert_eq!(c.exclude.excludes(&entry(IPPROTO_TCP, 0)), None);
     // Same defaults as the command line's: they are the same validator's.
@@ -91,6 +92,19 @@ fn defaults() {
     assert_eq!(flags, c);
     // An empty [exclude] table is fine too.
     assert!(parse("interfaces = [\"eth0\"]\n[exclude]\n").unwrap().exclude.is_empty());
+}
+
+/// `keepalive`: the file's key, the flag on top, a wrong value named.
+#[test]
+fn keepalive_from_the_file_and_the_flag() {
+    let c = parse("interfaces = [\"eth0\"]\nkeepalive = \"netlink\"\n").unwrap();
+    assert_eq!(c.keepalive, KeepaliveChoice::Netlink);
+    let mut input = flags(&["eth0"]);
+    input.keepalive = Some(Given::flag("--keepalive", KeepaliveChoice::Netlink));
+    assert_eq!(validate(input).unwrap().keepalive, KeepaliveChoice::Netlink);
+    let (key, msg) = invalid("interfaces = [\"eth0\"]\nkeepalive = \"kfunc\"\n");
+    assert_eq!(key, "keepalive");
+    assert!(msg.starts_with("line 2: keepalive: \"kfunc\" is not a keepalive"), "{msg}");
 }
 
 #[test]

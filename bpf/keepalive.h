@@ -1,0 +1,184 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Keepalive in the fast path: conntrack sees none of the packets the fast
+ * path forwards, so the fast path does to the entry what conntrack would
+ * have done on them: reset its timeout to the one of its state, and mark a
+ * UDP entry replied and assured as the replies go by. Through the
+ * conntrack kfuncs (net/netfilter/nf_conntrack_bpf.c: lookup since 5.18,
+ * bpf_ct_change_timeout and bpf_ct_change_status since 6.0), at most once
+ * per FO_CT_REFRESH_NS per direction, so an entry expires at most that
+ * much earlier than conntrack would have expired it, never later: killed,
+ * the engine leaves nothing to fix up (unlike the kernel flowtable's day
+ * long timeout, nf_flow_table_extend_ct_timeout).
+ *
+ * Only for directions the control plane flagged FO_F_CT_REFRESH (kfuncs
+ * present, conntrack zone 0: the 12-byte lookup options of 6.1 cannot name
+ * another zone); the others are refreshed over ctnetlink by the engine.
+ */
+#ifndef FO_KEEPALIVE_H
+#define FO_KEEPALIVE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+#include "flow.h"
+#include "maps.h"
+#include "parse.h"
+
+/* What the fast path reads of a conntrack entry (CO-RE relocated against
+ * the kernel's, or nf_conntrack module's, struct nf_conn).
+ */
+struct nf_conn {
+	unsigned long status;
+} __attribute__((preserve_access_index));
+
+/* struct bpf_ct_opts as 6.1 knows it (NF_BPF_CT_OPTS_SZ 12); later kernels
+ * take this size too.
+ */
+struct bpf_ct_opts___fo {
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u8 reserved[2];
+};
+
+#define FO_CT_OPTS_SZ 12
+/* BPF_F_CURRENT_NETNS: the namespace of the device the packet arrived on. */
+#define FO_CT_CURRENT_NETNS (-1)
+
+/* include/uapi/linux/netfilter/nf_conntrack_common.h */
+#define FO_IPS_SEEN_REPLY (1 << 1)
+#define FO_IPS_ASSURED (1 << 2)
+
+/* Weak: unresolved on a kernel without them, and fo_ct_kfuncs (false
+ * there) keeps every call unreached (the verifier prunes it).
+ */
+extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+					 struct bpf_ct_opts___fo *opts, __u32 opts__sz) __ksym __weak;
+extern struct nf_conn *bpf_xdp_ct_lookup(struct xdp_md *ctx, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+					 struct bpf_ct_opts___fo *opts, __u32 opts__sz) __ksym __weak;
+extern int bpf_ct_change_timeout(struct nf_conn *ct, __u32 timeout) __ksym __weak;
+extern int bpf_ct_change_status(struct nf_conn *ct, __u32 status) __ksym __weak;
+extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
+
+/* The kfuncs above resolved (the control plane found them in the kernel's
+ * or nf_conntrack's BTF) and keepalive is the fast path's: .rodata, set
+ * before load.
+ */
+const volatile bool fo_ct_kfuncs = false;
+
+/* Conntrack's timeouts in this namespace, seconds (the sysctls
+ * nf_conntrack_tcp_timeout_established, nf_conntrack_udp_timeout and
+ * nf_conntrack_udp_timeout_stream): written by the control plane at load
+ * and whenever it reads a change. 0: not known yet, no refresh.
+ */
+volatile __u32 fo_ct_tcp_established_s;
+volatile __u32 fo_ct_udp_s;
+volatile __u32 fo_ct_udp_stream_s;
+
+/* How often a direction refreshes its entry: conntrack's own timer is reset
+ * on every packet; once a second keeps the error under a second for the
+ * cost of one hash lookup per second per direction.
+ */
+#define FO_CT_REFRESH_NS 1000000000ULL
+
+/* Whether this forwarded packet's direction should refresh its entry now. */
+static __always_inline bool fo_ct_due(const struct fo_flow *f, __u64 now)
+{
+	return fo_ct_kfuncs && (f->flags & FO_F_CT_REFRESH) && now - f->ct_refresh_ns >= FO_CT_REFRESH_NS;
+}
+
+/* The tuple the packet arrived with, as conntrack hashes it (the flow key
+ * is that tuple); its size for the lookup.
+ */
+static __always_inline __u32 fo_ct_tuple(const struct fo_parsed *p, struct bpf_sock_tuple *t)
+{
+	if (p->key.family == AF_INET) {
+		t->ipv4.saddr = p->key.saddr[0];
+		t->ipv4.daddr = p->key.daddr[0];
+		t->ipv4.sport = p->key.sport;
+		t->ipv4.dport = p->key.dport;
+		return sizeof(t->ipv4);
+	}
+	__builtin_memcpy(t->ipv6.saddr, p->key.saddr, 16);
+	__builtin_memcpy(t->ipv6.daddr, p->key.daddr, 16);
+	t->ipv6.sport = p->key.sport;
+	t->ipv6.dport = p->key.dport;
+	return sizeof(t->ipv6);
+}
+
+/* What conntrack does to the entry on a packet of this direction, then the
+ * reference is dropped. TCP: the flow is ESTABLISHED (it is offloaded only
+ * then, and a FIN or RST takes it off), so the established timeout
+ * (tcp_packet). UDP (nf_conntrack_udp_packet, nf_conntrack_in): a reply
+ * sets IPS_SEEN_REPLY; a packet once it is set makes the entry ASSURED
+ * with the stream timeout; before the reply the plain UDP timeout.
+ */
+static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_parsed *p, const struct fo_flow *f)
+{
+	__u32 status = ct->status;
+	__u32 t;
+
+	if (p->key.proto == IPPROTO_TCP) {
+		t = fo_ct_tcp_established_s;
+	} else {
+		__u32 want = status;
+
+		if (f->flags & FO_F_CT_REPLY)
+			want |= FO_IPS_SEEN_REPLY;
+		else if (status & FO_IPS_SEEN_REPLY)
+			want |= FO_IPS_ASSURED;
+		/* Only bits conntrack lets be set (nf_ct_change_status_common). */
+		if (want != status && !bpf_ct_change_status(ct, want))
+			status = want;
+		t = status & FO_IPS_SEEN_REPLY ? fo_ct_udp_stream_s : fo_ct_udp_s;
+	}
+	if (t && !bpf_ct_change_timeout(ct, t * 1000))
+		fo_count(FO_STAT_CT_REFRESHED, 1);
+	bpf_ct_release(ct);
+}
+
+/* TC: refresh through the skb's device's namespace. */
+static __always_inline void fo_ct_refresh_skb(struct __sk_buff *skb, const struct fo_parsed *p, struct fo_flow *f,
+					      __u64 now)
+{
+	struct bpf_ct_opts___fo opts = { .netns_id = FO_CT_CURRENT_NETNS, .l4proto = p->key.proto };
+	struct bpf_sock_tuple t = {};
+	struct nf_conn *ct;
+	__u32 sz;
+
+	if (!fo_ct_due(f, now))
+		return;
+	f->ct_refresh_ns = now;
+	sz = fo_ct_tuple(p, &t);
+	ct = bpf_skb_ct_lookup(skb, &t, sz, &opts, FO_CT_OPTS_SZ);
+	if (!ct) {
+		fo_count(FO_STAT_CT_GONE, 1);
+		return;
+	}
+	fo_ct_apply(ct, p, f);
+}
+
+/* XDP: the same through the receiving device's namespace. */
+static __always_inline void fo_ct_refresh_xdp(struct xdp_md *ctx, const struct fo_parsed *p, struct fo_flow *f,
+					      __u64 now)
+{
+	struct bpf_ct_opts___fo opts = { .netns_id = FO_CT_CURRENT_NETNS, .l4proto = p->key.proto };
+	struct bpf_sock_tuple t = {};
+	struct nf_conn *ct;
+	__u32 sz;
+
+	if (!fo_ct_due(f, now))
+		return;
+	f->ct_refresh_ns = now;
+	sz = fo_ct_tuple(p, &t);
+	ct = bpf_xdp_ct_lookup(ctx, &t, sz, &opts, FO_CT_OPTS_SZ);
+	if (!ct) {
+		fo_count(FO_STAT_CT_GONE, 1);
+		return;
+	}
+	fo_ct_apply(ct, p, f);
+}
+
+#endif
