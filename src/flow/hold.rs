@@ -71,9 +71,9 @@ impl Held {
     pub fn dormant() -> Held {
         Held {
             hold: Hold::Dormant,
-            why: "not seen forwarded by the kernel since the connection left the fast path (idle, route, link or \
-                  ruleset change); the other direction was: the kernel keeps this one until one of its own packets \
-                  is seen leaving"
+            why: "not seen forwarded by the kernel yet (a new UDP connection's first packets) or since the \
+                  connection left the fast path (idle, route, link or ruleset change); the other direction was: the \
+                  kernel keeps this one until one of its own packets is seen leaving"
                 .into(),
         }
     }
