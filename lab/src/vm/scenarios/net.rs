@@ -555,6 +555,19 @@ table inet fw4 {{
             })
             .unwrap_or_default();
         ev.put("engine_attached", modes.join(" "));
+        // Debian's kernels carry nf_conntrack's BTF and the kfuncs (6.0+):
+        // the fast path keeps conntrack entries alive itself there.
+        let keepalive = st["kernel"]["features"]
+            .as_array()
+            .and_then(|f| f.iter().find(|l| l["name"] == "keepalive"))
+            .map(|l| l["value"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_default();
+        ev.put("engine_keepalive", keepalive.clone());
+        ev.put("engine_ct_refreshes", st["fast_path_ct_refreshes"].clone());
+        ev.put("engine_netlink_refreshes", st["conntrack_refreshes"].clone());
+        if keepalive != "fast_path" {
+            bail!("keepalive is {keepalive:?}, not the fast path's, on this Debian kernel: {}", st["kernel"]);
+        }
         Ok(st)
     }
 }
