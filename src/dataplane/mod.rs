@@ -237,6 +237,9 @@ impl LinkLayer {
 }
 
 /// The loaded fast path. Dropping it detaches everything.
+/// fo_dormant's size for small `--max-flows` (its size in bpf/maps.h).
+const DORMANT_MIN_KEYS: u32 = 65_536;
+
 pub struct Dataplane {
     skel: FastpathSkel<'static>,
     attached: Vec<Attachment>,
@@ -294,6 +297,12 @@ impl Dataplane {
         let mut open =
             FastpathSkelBuilder::default().open(storage).map_err(|e| anyhow!("opening the BPF object failed: {e}"))?;
         open.maps.fo_flows.set_max_entries(max_flows.saturating_mul(2).max(2)).context("sizing the flow table")?;
+        // Two keys per watched connection, as many as offloaded ones at
+        // least (a new UDP connection is watched until its second packet;
+        // idle ones until they speak). Not preallocated: the buckets cost
+        // 16 bytes a slot, the keys only while watched.
+        let dormant = max_flows.saturating_mul(2).max(DORMANT_MIN_KEYS);
+        open.maps.fo_dormant.set_max_entries(dormant).context("sizing the dormant watch")?;
         // Loaded per port, bound to it, by `load_bound` (the kernel refuses
         // its metadata kfunc in a program that is not device-bound).
         open.progs.fo_xdp_md.set_autoload(false);

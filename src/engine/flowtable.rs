@@ -188,6 +188,10 @@ pub struct FlowTable {
     pub(super) released: Vec<ConnId>,
     /// Label clears decided in a batch, sent with its installs (`flush`).
     clears: Vec<(CtTuple, u16, CtUpdate)>,
+    /// Dormant connections fo_dormant had no room for: watched as soon as
+    /// it has (`rewatch`), or a burst of new UDP connections larger than
+    /// the map would leave the excess with the kernel for good.
+    unwatched: Vec<ConnId>,
 }
 
 impl FlowTable {
@@ -211,6 +215,7 @@ impl FlowTable {
             batching: false,
             keys: HashMap::new(),
             released: Vec::new(),
+            unwatched: Vec::new(),
             clears: Vec::new(),
         }
     }
@@ -592,16 +597,49 @@ impl FlowTable {
             return;
         }
         let watch = Watch::new(dirs);
+        let mut full = false;
         for k in &watch.keys {
             if let Err(e) = self.dp.watch_dormant(k) {
-                // fo_dormant is full: the connection stays dormant but
-                // unwatched, so it stays with the kernel (never woken).
-                tracing::warn!(?id, "cannot watch a dormant connection: {e}");
+                // fo_dormant is full: the connection stays with the kernel
+                // until `rewatch` finds room (said once per episode).
+                if self.unwatched.is_empty() {
+                    tracing::warn!("cannot watch dormant connections, the kernel keeps them until there is room: {e}");
+                }
+                full = true;
             }
             self.dormant_keys.insert(key_bytes(k), id);
         }
+        if full {
+            self.unwatched.push(id);
+        }
         self.dp.set_watching(self.dormant_keys.len());
         self.dormant.insert(id, Dormant { entry, watch });
+    }
+
+    /// Watch up to `max` of the dormant connections fo_dormant had no room
+    /// for, oldest first, until it is full again. Their evidence counts
+    /// from when they slept: the watch stamps only packets from now on.
+    pub fn rewatch(&mut self, max: usize) {
+        let mut done = 0;
+        while done < self.unwatched.len().min(max) {
+            let id = self.unwatched[done];
+            let Some(d) = self.dormant.get(&id) else {
+                done += 1;
+                continue;
+            };
+            let missing: Vec<fo_flow_key> =
+                d.watch.keys.iter().filter(|k| self.dp.dormant_seen(k).is_none()).copied().collect();
+            if missing.iter().any(|k| self.dp.watch_dormant(k).is_err()) {
+                break;
+            }
+            done += 1;
+        }
+        self.unwatched.drain(..done);
+    }
+
+    /// How many dormant connections wait for room in fo_dormant.
+    pub fn unwatched(&self) -> usize {
+        self.unwatched.len()
     }
 
     /// Who keeps `e`'s conntrack entry alive: the fast path as it forwards
@@ -1031,6 +1069,35 @@ mod tests {
         assert!(matches!(ft.known(&id), Known::Dormant { woke: [false, false], .. }), "forgotten");
         assert!(ft.woken(None).is_empty(), "the stamp predates the change");
         assert_eq!(ft.dp().dormant_seen(&k[0]), Some(0), "re-armed");
+    }
+
+    /// A connection slept while fo_dormant is full is watched once there is
+    /// room, not left with the kernel for good.
+    #[test]
+    fn a_connection_slept_while_the_watch_is_full_is_watched_when_room_frees() {
+        let mut ft = private_table(vec![]);
+        // Fill fo_dormant with keys of no connection.
+        let filler = |i: u32| fo_flow_key { ifindex: 1000 + i, family: 2, proto: 17, ..Default::default() };
+        let mut n = 0;
+        while ft.dp().watch_dormant(&filler(n)).is_ok() {
+            n += 1;
+        }
+        let e = udp(40060);
+        let d = dirs(&e, 2);
+        ft.apply(e.clone(), Verdict::Watch(d));
+        let keys = d.map(|x| egress_key(&x));
+        assert_eq!((ft.unwatched(), ft.dp().dormant_seen(&keys[0])), (1, None), "no room: not watched");
+        ft.rewatch(16);
+        assert_eq!(ft.unwatched(), 1, "still no room");
+        for i in 0..2 {
+            ft.dp().unwatch_dormant(&filler(i));
+        }
+        ft.rewatch(16);
+        assert_eq!(ft.unwatched(), 0);
+        assert!(keys.iter().all(|k| ft.dp().dormant_seen(k) == Some(0)), "both directions watched");
+        for i in 2..n {
+            ft.dp().unwatch_dormant(&filler(i));
+        }
     }
 
     /// Where the fast path has the conntrack kfuncs (this kernel), it keeps

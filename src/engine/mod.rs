@@ -56,6 +56,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// (about 0.5 ms each in a release build), so a new connection's events
 /// wait for one chunk, not for all that are due.
 const KEEPALIVE_CHUNK: usize = 64;
+/// Unwatched dormant connections a tick tries to watch (a lookup and an
+/// update per key, ~10 us each): at most ~20 ms a tick, 100,000 in 50.
+const REWATCH_CHUNK: usize = 2048;
 /// How often conntrack's timeout sysctls are read again (three small files,
 /// and net.ipv4.ip_forward_update_priority), so a change reaches offloaded
 /// connections at their next refresh (the priority: at their next packet).
@@ -649,6 +652,9 @@ impl Core {
             self.wake_lost = lost;
             self.wake(None);
         }
+        // Dormant connections fo_dormant had no room for, watched as room
+        // frees (a burst of new UDP connections larger than the map).
+        self.flows.rewatch(REWATCH_CHUNK);
         self.retry_waiting();
         more
     }
