@@ -42,6 +42,12 @@ pub fn render_status(s: &Status) -> String {
         "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
         s.flows_offloaded, s.flow_capacity, s.flows_waiting_for_neighbour, s.flows_dormant, s.idle_timeout_s
     );
+    if s.flows_unwatched > 0 {
+        o += &format!(
+            "  {} dormant connections wait for room in the watch map (the kernel keeps them)\n",
+            s.flows_unwatched
+        );
+    }
     o += &format!("Fast path: {} packets, {} bytes\n", s.fast_path_packets, s.fast_path_bytes);
     o += "Slow path (packets handed to the kernel, by reason):\n";
     for (k, v) in s.slow_path.iter().filter(|(_, v)| **v > 0) {
@@ -176,6 +182,7 @@ mod tests {
             conntrack_events: 9,
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
+            flows_unwatched: 0,
             fast_path_ct_refreshes: 7,
             fast_path_ct_gone: 0,
             conntrack_rst_restores: 0,

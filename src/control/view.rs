@@ -76,6 +76,10 @@ pub struct Status {
     pub flows_offloaded: usize,
     pub flows_waiting_for_neighbour: usize,
     pub flows_dormant: usize,
+    /// Dormant connections fo_dormant has no room for yet (watched as room
+    /// frees; until then the kernel keeps them).
+    #[serde(default)]
+    pub flows_unwatched: usize,
     pub flow_capacity: u32,
     pub idle_timeout_s: u64,
     pub fast_path_packets: u64,

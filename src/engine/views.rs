@@ -62,6 +62,7 @@ impl Core {
             conntrack_events: self.ct_events,
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
+            flows_unwatched: self.flows.unwatched(),
             fast_path_ct_refreshes: stats[fo_stat::FO_STAT_CT_REFRESHED.0 as usize],
             fast_path_ct_gone: stats[fo_stat::FO_STAT_CT_GONE.0 as usize],
             conntrack_rst_restores: c.rst_restores,
