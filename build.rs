@@ -16,8 +16,14 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR set by cargo"));
     let obj = build_skel::build("bpf/fastpath.bpf.c", "bpf", "fastpath");
     std::fs::write(out.join("fastpath_stats.rs"), stat_names(&obj)).expect("writing fastpath_stats.rs");
-    for f in ["flow.h", "maps.h", "parse.h", "encap.h", "nat.h", "csum.h", "build_skel.rs"] {
-        println!("cargo:rerun-if-changed=bpf/{f}");
+    // Every header the object includes, by listing: a new one is never
+    // left out of the rebuild.
+    println!("cargo:rerun-if-changed=bpf/build_skel.rs");
+    for e in std::fs::read_dir("bpf").expect("reading bpf/").flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "h") {
+            println!("cargo:rerun-if-changed={}", p.display());
+        }
     }
 }
 

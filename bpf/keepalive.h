@@ -5,7 +5,7 @@
  * UDP entry replied and assured as the replies go by. Through the
  * conntrack kfuncs (net/netfilter/nf_conntrack_bpf.c: lookup since 5.18,
  * bpf_ct_change_timeout and bpf_ct_change_status since 6.0), at most once
- * per FO_CT_REFRESH_NS per direction, so an entry expires at most that
+ * per fo_ct_interval_ns per direction, so an entry expires at most that
  * much earlier than conntrack would have expired it, never later: killed,
  * the engine leaves nothing to fix up (unlike the kernel flowtable's day
  * long timeout, nf_flow_table_extend_ct_timeout).
@@ -77,16 +77,34 @@ volatile __u32 fo_ct_tcp_established_s;
 volatile __u32 fo_ct_udp_s;
 volatile __u32 fo_ct_udp_stream_s;
 
-/* How often a direction refreshes its entry: conntrack's own timer is reset
- * on every packet; once a second keeps the error under a second for the
- * cost of one hash lookup per second per direction.
+/* How often a direction refreshes its entry. Conntrack resets its timer on
+ * every packet; the fast path on the first packet an eighth of the shortest
+ * timeout the entry can have after the last refresh (UDP: the unreplied or
+ * the stream one, whichever is shorter), between 1 and 10 s. The entry so
+ * expires at most that much (12.5%) before conntrack would have expired it,
+ * never after, and a connection with many slow flows (one packet a second
+ * each) pays a conntrack lookup every few packets, not on each.
  */
-#define FO_CT_REFRESH_NS 1000000000ULL
+#define FO_CT_REFRESH_MIN_NS 1000000000ULL
+#define FO_CT_REFRESH_MAX_NS 10000000000ULL
+
+static __always_inline __u64 fo_ct_interval_ns(__u8 proto)
+{
+	__u64 t = fo_ct_udp_s < fo_ct_udp_stream_s ? fo_ct_udp_s : fo_ct_udp_stream_s;
+	__u64 ns;
+
+	if (proto == IPPROTO_TCP)
+		t = fo_ct_tcp_established_s;
+	ns = t * (1000000000ULL / 8);
+	if (ns < FO_CT_REFRESH_MIN_NS)
+		return FO_CT_REFRESH_MIN_NS;
+	return ns > FO_CT_REFRESH_MAX_NS ? FO_CT_REFRESH_MAX_NS : ns;
+}
 
 /* Whether this forwarded packet's direction should refresh its entry now. */
-static __always_inline bool fo_ct_due(const struct fo_flow *f, __u64 now)
+static __always_inline bool fo_ct_due(const struct fo_flow *f, __u8 proto, __u64 now)
 {
-	return fo_ct_kfuncs && (f->flags & FO_F_CT_REFRESH) && now - f->ct_refresh_ns >= FO_CT_REFRESH_NS;
+	return fo_ct_kfuncs && (f->flags & FO_F_CT_REFRESH) && now - f->ct_refresh_ns >= fo_ct_interval_ns(proto);
 }
 
 /* The tuple the packet arrived with, as conntrack hashes it (the flow key
@@ -148,7 +166,7 @@ static __always_inline void fo_ct_refresh_skb(struct __sk_buff *skb, const struc
 	struct nf_conn *ct;
 	__u32 sz;
 
-	if (!fo_ct_due(f, now))
+	if (!fo_ct_due(f, p->key.proto, now))
 		return;
 	f->ct_refresh_ns = now;
 	sz = fo_ct_tuple(p, &t);
@@ -169,7 +187,7 @@ static __always_inline void fo_ct_refresh_xdp(struct xdp_md *ctx, const struct f
 	struct nf_conn *ct;
 	__u32 sz;
 
-	if (!fo_ct_due(f, now))
+	if (!fo_ct_due(f, p->key.proto, now))
 		return;
 	f->ct_refresh_ns = now;
 	sz = fo_ct_tuple(p, &t);

@@ -2,7 +2,7 @@
 //! a frame of a flagged flow, forwarded by either entry point, does to the
 //! connection's real conntrack entry what conntrack would have done had it
 //! seen the packet (its state's timeout; SEEN_REPLY, then ASSURED, for UDP),
-//! at most once a second per direction. Entries are made with `conntrack -I`
+//! at most once per eighth of its timeout (1 to 10 s) per direction. Entries are made with `conntrack -I`
 //! in the test's private namespace and read back with `conntrack -G`.
 
 use std::process::Command;
@@ -20,8 +20,10 @@ use nft_offload_lab::table::stat_delta;
 const XDP_REDIRECT: u32 = 4;
 const TC_REDIRECT: i32 = 7;
 
-/// Timeouts the fast path is given: unlike any default, so a refresh shows.
-const TIMEOUTS: CtTimeouts = CtTimeouts { tcp_established: 1000, udp: 40, udp_stream: 200 };
+/// Timeouts the fast path is given: unlike any default, so a refresh shows;
+/// an eighth of the unreplied UDP one is a second (the refresh interval:
+/// bpf/keepalive.h, fo_ct_interval_ns).
+const TIMEOUTS: CtTimeouts = CtTimeouts { tcp_established: 1000, udp: 8, udp_stream: 200 };
 
 fn t(s: &str, sp: u16, d: &str, dp: u16, proto: u8) -> CtTuple {
     CtTuple { src: s.parse().unwrap(), dst: d.parse().unwrap(), proto, sport: sp, dport: dp }
@@ -131,14 +133,14 @@ fn forwarded_packets_refresh_their_conntrack_entry() {
     #[rustfmt::skip]
     let rows: Vec<Row> = vec![
         ("udp, original direction: the unreplied timeout", &udp_out, "tc", lab.lan, &udp.0,
-         unreplied(40), vec![("ct_refreshed", 1)]),
+         unreplied(8), vec![("ct_refreshed", 1)]),
         ("the same direction again within the second: nothing", &udp_out, "xdp", lab.lan, &udp.0,
-         unreplied(40), vec![]),
+         unreplied(8), vec![]),
         ("udp, reply direction: SEEN_REPLY and the stream timeout", &udp_back, "xdp", lab.wan, &udp.0,
          Ct { timeout: 200, replied: true, assured: false }, vec![("ct_refreshed", 1)]),
         ("tcp established: the established timeout", &tcp_out, "tc", lab.lan, &tcp.0,
          unreplied(1000), vec![("ct_refreshed", 1)]),
-        ("ipv6 udp", &v6_out, "xdp", lab.lan, &v6.0, unreplied(40), vec![("ct_refreshed", 1)]),
+        ("ipv6 udp", &v6_out, "xdp", lab.lan, &v6.0, unreplied(8), vec![("ct_refreshed", 1)]),
     ];
     for (case, frame, entry, on, ct, want, moved) in rows {
         let before = lab.dp.stats();
@@ -162,6 +164,10 @@ fn forwarded_packets_refresh_their_conntrack_entry() {
     assert_eq!(lab.dp.test_tc(&udp_out, lab.lan, None, 1).unwrap().0, TC_REDIRECT);
     let got = get(&udp.0);
     assert!(got.assured && got.replied && got.timeout >= 199, "after the reply: {got:?}");
+    // TCP's interval is 10 s (an eighth of 1000 s, capped): not due yet.
+    let before = lab.dp.stats();
+    assert_eq!(lab.dp.test_tc(&tcp_out, lab.lan, None, 1).unwrap().0, TC_REDIRECT);
+    assert_eq!(delta(&lab, &before), vec![], "a TCP direction refreshed 1.1 s after the last time");
 
     // A flow whose entry is gone (being destroyed: the engine hears of it)
     // is still forwarded, and counted.

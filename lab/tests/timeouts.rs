@@ -121,7 +121,8 @@ fn stream_keeps_its_entry_and_ages_out(keepalive: &str) {
     drop(stream);
     let t1 = Instant::now();
     if fast {
-        // Refreshed at most a second before the last packet: conntrack
+        // Refreshed at most an eighth of the 8 s (1 s, the floor) before the
+        // last packet: conntrack
         // keeps the entry at least 7 of the 8 s after it.
         sleep(Duration::from_millis(5500));
         assert_eq!(ct_ids(&lab), ids, "expired early: gone {:?} after the last packet", t1.elapsed());

@@ -267,8 +267,8 @@ impl Features {
                     "keepalive",
                     "fast_path",
                     false,
-                    "the fast path refreshes conntrack entries as it forwards (conntrack kfuncs, at most once a \
-                     second per direction); the engine does nothing per connection while traffic flows"
+                    "the fast path refreshes conntrack entries as it forwards (conntrack kfuncs, at most once per \
+                     eighth of the timeout, 1 to 10 s, per direction); the engine does nothing per connection while traffic flows"
                         .into(),
                 ),
                 Keepalive::Chosen => l(
