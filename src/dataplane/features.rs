@@ -268,7 +268,8 @@ impl Features {
                     "fast_path",
                     false,
                     "the fast path refreshes conntrack entries as it forwards (conntrack kfuncs, at most once per \
-                     eighth of the timeout, 1 to 10 s, per direction); the engine does nothing per connection while traffic flows"
+                     eighth of the timeout, 1 to 10 s, per direction); the engine does nothing per connection \
+                     while traffic flows"
                         .into(),
                 ),
                 Keepalive::Chosen => l(
