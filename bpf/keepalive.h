@@ -28,8 +28,17 @@
 /* What the fast path reads of a conntrack entry (CO-RE relocated against
  * the kernel's, or nf_conntrack module's, struct nf_conn).
  */
+struct nf_ct_udp {
+	unsigned long stream_ts;
+} __attribute__((preserve_access_index));
+
+union nf_conntrack_proto {
+	struct nf_ct_udp udp;
+} __attribute__((preserve_access_index));
+
 struct nf_conn {
 	unsigned long status;
+	union nf_conntrack_proto proto;
 } __attribute__((preserve_access_index));
 
 /* struct bpf_ct_opts as 6.1 knows it (NF_BPF_CT_OPTS_SZ 12); later kernels
@@ -126,12 +135,26 @@ static __always_inline __u32 fo_ct_tuple(const struct fo_parsed *p, struct bpf_s
 	return sizeof(t->ipv6);
 }
 
+/* A replied UDP entry is a stream once two seconds have passed since its
+ * first packet (nf_conntrack_udp_packet: time_after(jiffies,
+ * ct->proto.udp.stream_ts)); a kernel without stream_ts made it one at its
+ * reply.
+ */
+static __always_inline bool fo_udp_stream(const struct nf_conn *ct)
+{
+	if (!bpf_core_field_exists(ct->proto.udp.stream_ts))
+		return true;
+	if (bpf_core_field_size(ct->proto.udp.stream_ts) == 4)
+		return (__s32)((__u32)bpf_jiffies64() - (__u32)ct->proto.udp.stream_ts) > 0;
+	return (__s64)(bpf_jiffies64() - ct->proto.udp.stream_ts) > 0;
+}
+
 /* What conntrack does to the entry on a packet of this direction, then the
  * reference is dropped. TCP: the flow is ESTABLISHED (it is offloaded only
  * then, and a FIN or RST takes it off), so the established timeout
- * (tcp_packet). UDP (nf_conntrack_udp_packet, nf_conntrack_in): a reply
- * sets IPS_SEEN_REPLY; a packet once it is set makes the entry ASSURED
- * with the stream timeout; before the reply the plain UDP timeout.
+ * (tcp_packet). UDP (nf_conntrack_in, nf_conntrack_udp_packet): a reply
+ * sets IPS_SEEN_REPLY; a replied entry gets the stream timeout and ASSURED
+ * once it is a stream (fo_udp_stream), the unreplied timeout before.
  */
 static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_parsed *p, const struct fo_flow *f)
 {
@@ -142,15 +165,17 @@ static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_pars
 		t = fo_ct_tcp_established_s;
 	} else {
 		__u32 want = status;
+		bool stream;
 
 		if (f->flags & FO_F_CT_REPLY)
 			want |= FO_IPS_SEEN_REPLY;
-		else if (status & FO_IPS_SEEN_REPLY)
+		stream = (want & FO_IPS_SEEN_REPLY) && fo_udp_stream(ct);
+		if (stream)
 			want |= FO_IPS_ASSURED;
 		/* Only bits conntrack lets be set (nf_ct_change_status_common). */
-		if (want != status && !bpf_ct_change_status(ct, want))
-			status = want;
-		t = status & FO_IPS_SEEN_REPLY ? fo_ct_udp_stream_s : fo_ct_udp_s;
+		if (want != status)
+			bpf_ct_change_status(ct, want);
+		t = stream ? fo_ct_udp_stream_s : fo_ct_udp_s;
 	}
 	if (t && !bpf_ct_change_timeout(ct, t * 1000))
 		fo_count(FO_STAT_CT_REFRESHED, 1);

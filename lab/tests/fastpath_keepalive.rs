@@ -136,8 +136,10 @@ fn forwarded_packets_refresh_their_conntrack_entry() {
          unreplied(8), vec![("ct_refreshed", 1)]),
         ("the same direction again within the second: nothing", &udp_out, "xdp", lab.lan, &udp.0,
          unreplied(8), vec![]),
-        ("udp, reply direction: SEEN_REPLY and the stream timeout", &udp_back, "xdp", lab.wan, &udp.0,
-         Ct { timeout: 200, replied: true, assured: false }, vec![("ct_refreshed", 1)]),
+        // An entry conntrack -I made has no first-packet time (stream_ts 0):
+        // a stream at once, as nf_conntrack_udp_packet would judge it.
+        ("udp, reply direction: SEEN_REPLY, ASSURED and the stream timeout", &udp_back, "xdp", lab.wan, &udp.0,
+         Ct { timeout: 200, replied: true, assured: true }, vec![("ct_refreshed", 1)]),
         ("tcp established: the established timeout", &tcp_out, "tc", lab.lan, &tcp.0,
          unreplied(1000), vec![("ct_refreshed", 1)]),
         ("ipv6 udp", &v6_out, "xdp", lab.lan, &v6.0, unreplied(8), vec![("ct_refreshed", 1)]),
@@ -158,8 +160,7 @@ fn forwarded_packets_refresh_their_conntrack_entry() {
         assert_eq!(delta(&lab, &before), moved, "{case}");
     }
 
-    // A packet after the reply, a second later: ASSURED, as
-    // nf_conntrack_udp_packet sets it on a replied entry.
+    // The original direction a second later: the stream timeout now.
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(lab.dp.test_tc(&udp_out, lab.lan, None, 1).unwrap().0, TC_REDIRECT);
     let got = get(&udp.0);

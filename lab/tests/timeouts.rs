@@ -207,6 +207,33 @@ fn stalled_engine_steps_aside() {
     d.stop().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
+/// A short request/response exchange (ten in half a second) is no stream
+/// yet: `nf_conntrack_udp_packet` gives a replied entry the unreplied
+/// timeout and no ASSURED until two seconds after its first packet
+/// (`stream_ts`). The fast path, which forwards all but the first packets
+/// here and refreshes the entry on them, must leave it so: at most 30 s, not
+/// ASSURED (before: 120 s and ASSURED, outliving what conntrack would give).
+#[test]
+fn a_short_udp_exchange_is_no_stream_yet() {
+    let lab = lab();
+    let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _echo = udp_echo(&lab);
+    let py = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',41710))\n\
+              s.settimeout(1)\nfor i in range(10):\n    s.sendto(b'q'*40,('203.0.113.2',9999))\n    s.recv(2048)\n\
+              \x20   time.sleep(0.05)\n";
+    lab.exec(&lab.lan, &["python3", "-c", py]).unwrap_or_else(|e| panic!("the exchange failed: {e:#}"));
+    let line = ct_line(&lab, 41710);
+    let st = d.status().unwrap();
+    let flow = d.flows().unwrap().into_iter().find(|f| f["orig"]["sport"] == 41710);
+    let fast = flow.as_ref().and_then(|f| f["packets_orig"].as_u64()).unwrap_or(0);
+    // Offloaded on its second packet: the fast path forwarded the rest and
+    // refreshed the entry as it did.
+    assert!(fast >= 5 && st["fast_path_ct_refreshes"].as_u64().unwrap_or(0) >= 1, "{flow:?}\n{st}");
+    assert!(!line.contains("UNREPLIED") && !line.contains("ASSURED"), "{line}");
+    assert!(ct_timeout(&line) <= 30, "a half-second exchange got the stream timeout: {line}");
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
 /// The router's conntrack line for the UDP connection from `sport`.
 fn ct_line(lab: &Lab, sport: u16) -> String {
     lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "udp", "--orig-port-src", &sport.to_string()]).unwrap_or_default()
