@@ -32,6 +32,7 @@ pub(super) const HOST_FINDINGS: &[(&str, HostFinding)] = &[
     ("fib_skip_neigh", fib_skip_neigh),
     ("fib_mark", fib_mark),
     ("conntrack_kfuncs", conntrack_kfuncs),
+    ("keepalive", keepalive),
     ("nf_flow_table", nf_flow_table),
     ("conntrack", conntrack),
     ("conntrack_events", conntrack_events),
@@ -276,6 +277,20 @@ fn fib_mark(h: &HostFacts, _: &HostCtx) -> Verdict {
             format!("ip rules select on fwmark and {}", l.detail),
             "a kernel whose bpf_fib_lookup takes BPF_FIB_LOOKUP_MARK (6.10+), or routing that does not select \
              on the mark",
+        );
+    }
+    Verdict::ok(format!("{}: {}", l.value, l.detail))
+}
+
+/// Who keeps offloaded connections' conntrack entries alive, as the fast
+/// path loaded here: the fast path, or the engine over ctnetlink (the
+/// detail says why; a refusal by the verifier is worth a look).
+fn keepalive(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let Some(l) = feature(h, "keepalive") else { return Verdict::ok(NOT_LOADED) };
+    if l.degraded && l.detail.starts_with("the verifier refused") {
+        return Verdict::warn(
+            format!("{}: {}", l.value, l.detail),
+            "report it with this kernel's version: NFT_OFFLOAD_LOG=debug nft-offload run ... shows the verifier's log",
         );
     }
     Verdict::ok(format!("{}: {}", l.value, l.detail))
