@@ -77,6 +77,11 @@ extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
  */
 const volatile bool fo_ct_kfuncs = false;
 
+/* Whether the fast path reads a UDP entry's stream_ts (fo_udp_stream):
+ * .rodata, off where the verifier refused it.
+ */
+const volatile bool fo_ct_stream_ts = false;
+
 /* Conntrack's timeouts in this namespace, seconds (the sysctls
  * nf_conntrack_tcp_timeout_established, nf_conntrack_udp_timeout and
  * nf_conntrack_udp_timeout_stream): written by the control plane at load
@@ -142,11 +147,24 @@ static __always_inline __u32 fo_ct_tuple(const struct fo_parsed *p, struct bpf_s
  */
 static __always_inline bool fo_udp_stream(const struct nf_conn *ct)
 {
-	if (!bpf_core_field_exists(ct->proto.udp.stream_ts))
+	__u64 ts64 = 0;
+	__u32 ts32 = 0;
+
+	/* Read with bpf_probe_read_kernel: 6.1's verifier refuses a direct
+	 * load from the union nf_conn.proto. Without the read (fo_ct_stream_ts
+	 * off: the verifier refused it too, lockdown), as before stream_ts.
+	 * An unsigned long: 4 bytes on 32-bit kernels.
+	 */
+	if (!fo_ct_stream_ts || !bpf_core_field_exists(ct->proto.udp.stream_ts))
 		return true;
-	if (bpf_core_field_size(ct->proto.udp.stream_ts) == 4)
-		return (__s32)((__u32)bpf_jiffies64() - (__u32)ct->proto.udp.stream_ts) > 0;
-	return (__s64)(bpf_jiffies64() - ct->proto.udp.stream_ts) > 0;
+	if (bpf_core_field_size(ct->proto.udp.stream_ts) == 4) {
+		if (bpf_core_read(&ts32, 4, &ct->proto.udp.stream_ts))
+			return true;
+		return (__s32)((__u32)bpf_jiffies64() - ts32) > 0;
+	}
+	if (bpf_core_read(&ts64, 8, &ct->proto.udp.stream_ts))
+		return true;
+	return (__s64)(bpf_jiffies64() - ts64) > 0;
 }
 
 /* What conntrack does to the entry on a packet of this direction, then the

@@ -137,6 +137,11 @@ pub struct Features {
     /// bpf_fib_lookup accepts BPF_FIB_LOOKUP_MARK (6.10+).
     pub fib_mark: bool,
     pub keepalive: Keepalive,
+    /// The fast path's keepalive reads a UDP entry's `stream_ts`
+    /// (bpf/keepalive.h fo_udp_stream); false where the verifier refused
+    /// the read, or keepalive is not the fast path's.
+    #[serde(default)]
+    pub ct_stream_ts: bool,
 }
 
 impl Features {
@@ -152,6 +157,7 @@ impl Features {
             fib_skip_neigh: false,
             fib_mark: false,
             keepalive: p.keepalive,
+            ct_stream_ts: p.keepalive == Keepalive::FastPath,
         }
     }
 
@@ -266,11 +272,19 @@ impl Features {
                 Keepalive::FastPath => l(
                     "keepalive",
                     "fast_path",
-                    false,
-                    "the fast path refreshes conntrack entries as it forwards (conntrack kfuncs, at most once per \
-                     eighth of the timeout, 1 to 10 s, per direction); the engine does nothing per connection \
-                     while traffic flows"
-                        .into(),
+                    !self.ct_stream_ts,
+                    format!(
+                        "the fast path refreshes conntrack entries as it forwards (conntrack kfuncs, at most once \
+                         per eighth of the timeout, 1 to 10 s, per direction); the engine does nothing per \
+                         connection while traffic flows{}",
+                        if self.ct_stream_ts {
+                            ""
+                        } else {
+                            "; a replied UDP entry's stream_ts is unreadable here (the verifier refused the read), \
+                             so it counts as a stream at once: up to 120 s and ASSURED where conntrack gives 30 s in \
+                             its first 2 s"
+                        }
+                    ),
                 ),
                 Keepalive::Chosen => l(
                     "keepalive",

@@ -258,19 +258,25 @@ impl Dataplane {
     pub fn load_for(max_flows: u32, probe: &Probe) -> Result<Self> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
         let mut features = Features::from_probe(probe);
-        let skel = match Self::build(max_flows, &features) {
-            // The keepalive kfuncs are the one optional part a verifier may
-            // still refuse where the probe found them (a kernel whose
-            // nf_conn or kfunc rules differ): the fast path without them,
-            // the engine keeping entries alive over ctnetlink.
-            Err(e) if features.keepalive == Keepalive::FastPath => {
-                tracing::warn!("{e:#}");
-                tracing::warn!("loading the fast path again without the conntrack kfuncs (keepalive over ctnetlink)");
-                features.keepalive = Keepalive::Refused;
-                Self::build(max_flows, &features)?
-            }
-            r => r?,
-        };
+        // The keepalive kfuncs are the one optional part a verifier may
+        // still refuse where the probe found them (a kernel whose nf_conn
+        // or kfunc rules differ): first without the stream_ts read, then
+        // without the kfuncs (the engine keeping entries alive over
+        // ctnetlink). Each refusal is logged with the verifier's words.
+        let mut built = Self::build(max_flows, &features);
+        if let (Err(e), true) = (&built, features.ct_stream_ts) {
+            tracing::warn!("{e:#}");
+            tracing::warn!("loading the fast path again without reading UDP entries' stream_ts");
+            features.ct_stream_ts = false;
+            built = Self::build(max_flows, &features);
+        }
+        if let (Err(e), Keepalive::FastPath) = (&built, features.keepalive) {
+            tracing::warn!("{e:#}");
+            tracing::warn!("loading the fast path again without the conntrack kfuncs (keepalive over ctnetlink)");
+            features.keepalive = Keepalive::Refused;
+            built = Self::build(max_flows, &features);
+        }
+        let skel = built?;
         let mut dp = Dataplane { skel, attached: Vec::new(), features };
         features.csum_ipv6 = dp.probe_csum_ipv6();
         features.fib_skip_neigh = dp.probe_fib_flag(routes_flags::SKIP_NEIGH);
@@ -312,6 +318,7 @@ impl Dataplane {
         ro.fo_have_kern_ctx = u8::from(features.kern_ctx);
         ro.fo_secpath_how = features.secpath.code();
         ro.fo_ct_kfuncs = features.keepalive == Keepalive::FastPath;
+        ro.fo_ct_stream_ts = features.ct_stream_ts;
         // The tcx/* programs' expected attach type (BPF_TCX_*) stays: a
         // sched_cls program is loaded whatever it says
         // (bpf_prog_load_check_attach in 6.1's kernel/bpf/syscall.c has no
@@ -579,6 +586,7 @@ impl Dataplane {
         rodata.fo_have_kern_ctx = u8::from(self.features.kern_ctx);
         rodata.fo_secpath_how = self.features.secpath.code();
         rodata.fo_ct_kfuncs = self.features.keepalive == Keepalive::FastPath;
+        rodata.fo_ct_stream_ts = self.features.ct_stream_ts;
         rodata.fo_rx_vlan_md = true;
         let p = &mut open.progs;
         for prog in [

@@ -557,16 +557,22 @@ table inet fw4 {{
         ev.put("engine_attached", modes.join(" "));
         // Debian's kernels carry nf_conntrack's BTF and the kfuncs (6.0+):
         // the fast path keeps conntrack entries alive itself there.
-        let keepalive = st["kernel"]["features"]
+        // And reads a UDP entry's stream_ts there (not degraded).
+        let line = st["kernel"]["features"]
             .as_array()
             .and_then(|f| f.iter().find(|l| l["name"] == "keepalive"))
-            .map(|l| l["value"].as_str().unwrap_or("?").to_string())
+            .cloned()
             .unwrap_or_default();
+        let keepalive = line["value"].as_str().unwrap_or("?").to_string();
         ev.put("engine_keepalive", keepalive.clone());
         ev.put("engine_ct_refreshes", st["fast_path_ct_refreshes"].clone());
         ev.put("engine_netlink_refreshes", st["conntrack_refreshes"].clone());
-        if keepalive != "fast_path" {
-            bail!("keepalive is {keepalive:?}, not the fast path's, on this Debian kernel: {}", st["kernel"]);
+        if keepalive != "fast_path" || line["degraded"] != false {
+            bail!(
+                "keepalive is {keepalive:?}, not the fast path's, on this Debian kernel: {}\n--- engine log ---\n{}",
+                st["kernel"],
+                d.log_tail(60)
+            );
         }
         Ok(st)
     }
