@@ -174,7 +174,7 @@ static __always_inline bool fo_udp_stream(const struct nf_conn *ct)
  * sets IPS_SEEN_REPLY; a replied entry gets the stream timeout and ASSURED
  * once it is a stream (fo_udp_stream), the unreplied timeout before.
  */
-static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_parsed *p, const struct fo_flow *f)
+static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_parsed *p, struct fo_flow *f, __u64 now)
 {
 	__u32 status = ct->status;
 	__u32 t;
@@ -194,6 +194,12 @@ static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_pars
 		if (want != status)
 			bpf_ct_change_status(ct, want);
 		t = stream ? fo_ct_udp_stream_s : fo_ct_udp_s;
+		/* Replied, not a stream yet: conntrack makes it one (ASSURED,
+		 * the stream timeout) on its first packet two seconds after
+		 * the first; look again in a second, not a whole interval.
+		 */
+		if ((want & FO_IPS_SEEN_REPLY) && !stream)
+			f->ct_refresh_ns = now - fo_ct_interval_ns(p->key.proto) + FO_CT_REFRESH_MIN_NS;
 	}
 	if (t && !bpf_ct_change_timeout(ct, t * 1000))
 		fo_count(FO_STAT_CT_REFRESHED, 1);
@@ -218,7 +224,7 @@ static __always_inline void fo_ct_refresh_skb(struct __sk_buff *skb, const struc
 		fo_count(FO_STAT_CT_GONE, 1);
 		return;
 	}
-	fo_ct_apply(ct, p, f);
+	fo_ct_apply(ct, p, f, now);
 }
 
 /* XDP: the same through the receiving device's namespace. */
@@ -239,7 +245,7 @@ static __always_inline void fo_ct_refresh_xdp(struct xdp_md *ctx, const struct f
 		fo_count(FO_STAT_CT_GONE, 1);
 		return;
 	}
-	fo_ct_apply(ct, p, f);
+	fo_ct_apply(ct, p, f, now);
 }
 
 #endif
