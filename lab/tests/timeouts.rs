@@ -24,7 +24,9 @@ fn lab() -> Lab {
 fn udp_echo(lab: &Lab) -> Bg {
     let py = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\n\
               while True:\n    d,a=s.recvfrom(2048)\n    s.sendto(d,a)\n";
-    Bg(lab.spawn(&lab.wan, &["python3", "-c", py]).unwrap())
+    let bg = Bg(lab.spawn(&lab.wan, &["python3", "-c", py]).unwrap());
+    lab.wait_udp_bound(&lab.wan, 9999, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e:#}"));
+    bg
 }
 
 /// The LAN client sends from `sport` to the echo server at `pps` for
@@ -219,7 +221,7 @@ fn a_short_udp_exchange_is_no_stream_yet() {
     let d = Daemon::start(&lab, &["--mode", "tc", "--idle-timeout", "60"]).unwrap_or_else(|e| panic!("{e:#}"));
     let _echo = udp_echo(&lab);
     let py = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('192.168.1.2',41710))\n\
-              s.settimeout(1)\nfor i in range(10):\n    s.sendto(b'q'*40,('203.0.113.2',9999))\n    s.recv(2048)\n\
+              s.settimeout(3)\nfor i in range(10):\n    s.sendto(b'q'*40,('203.0.113.2',9999))\n    s.recv(2048)\n\
               \x20   time.sleep(0.05)\n";
     lab.exec(&lab.lan, &["python3", "-c", py]).unwrap_or_else(|e| panic!("the exchange failed: {e:#}"));
     let line = ct_line(&lab, 41710);

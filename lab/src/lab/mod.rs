@@ -573,6 +573,23 @@ impl Lab {
         }
     }
 
+    /// Wait until a UDP socket is bound to `port` in `ns`: a datagram sent
+    /// to it before that is lost, and a test's single request with it.
+    pub fn wait_udp_bound(&self, ns: &str, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.exec(ns, &["cat", "/proc/net/udp", "/proc/net/udp6"])?;
+            if socket_in_state(&out, port, "07") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing is bound to UDP port {port} in {ns} after {timeout:?}");
+            }
+            crate::interrupt::check()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn teardown(&mut self) {
         let pids = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
         children::terminate_children(&pids, children::CHILD_TERM_GRACE);
@@ -615,10 +632,16 @@ fn parse_counter_json(out: &str, name: &str) -> Result<(u64, u64)> {
 
 /// Does a /proc/net/tcp{,6} dump show a listener (state 0A) on `port`?
 fn tcp_listening(proc_net_tcp: &str, port: u16) -> bool {
+    socket_in_state(proc_net_tcp, port, "0A")
+}
+
+/// A line of /proc/net/{tcp,udp}{,6} with local port `port` in `state`
+/// (hex: 0A TCP_LISTEN, 07 TCP_CLOSE, which an unconnected UDP socket is).
+fn socket_in_state(proc_net: &str, port: u16, state: &str) -> bool {
     let want = format!("{port:04X}");
-    proc_net_tcp.lines().any(|l| {
+    proc_net.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && f[3] == "0A" && f[1].rsplit(':').next() == Some(want.as_str())
+        f.len() > 3 && f[3] == state && f[1].rsplit(':').next() == Some(want.as_str())
     })
 }
 
@@ -651,6 +674,8 @@ pub(crate) mod tests {
         assert!(tcp_listening(t, 5201));
         // Port 80 only appears in an ESTABLISHED (01) line.
         assert!(!tcp_listening(t, 80));
+        let u = "  sl  local_address rem_address   st\n  12: 00000000:270F 00000000:0000 07 0\n";
+        assert!(socket_in_state(u, 9999, "07") && !socket_in_state(u, 9998, "07"));
     }
 
     #[test]
