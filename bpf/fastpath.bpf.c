@@ -610,17 +610,92 @@ int fo_xdp_md(struct xdp_md *ctx)
 	return fo_xdp_run(ctx, true);
 }
 
-/* Headers are normally linear in an skb; pull the ones the parser reads
- * if not (this moves no byte of the packet).
+/* The most the parser reads (fo_parse): Ethernet, two tags or a tag and a
+ * PPPoE session header, an IPv6 header, the fixed TCP header. IP options
+ * and IPv6 extension headers send the packet to the kernel, TCP options
+ * are never read.
  */
-static __always_inline void fo_pull_headers(struct __sk_buff *skb)
+#define FO_HDR_MAX (14 + 2 * FO_VLAN_HLEN + FO_PPPOE_HLEN + 40 + 20)
+
+/* How many bytes of this skb the parser reads, from the headers
+ * themselves (bpf_skb_load_bytes reads paged data too): at most
+ * FO_HDR_MAX, fewer for most packets.
+ */
+static __always_inline __u32 fo_header_bytes(struct __sk_buff *skb, const bool l3dev)
 {
-	__u32 need = 14 + 2 * FO_VLAN_HLEN + FO_PPPOE_HLEN + 40 + 60;
+	__be16 proto = skb->protocol;
+	__u32 off = 0, added;
+	__u8 l4 = 0;
+
+	if (!l3dev) {
+		off = sizeof(struct ethhdr);
+		if (bpf_skb_load_bytes(skb, __builtin_offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)))
+			return FO_HDR_MAX;
+#pragma unroll
+		for (int i = 0; i < FO_ENCAP_MAX; i++) {
+			if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+				added = FO_VLAN_HLEN;
+			else if (proto == bpf_htons(ETH_P_PPP_SES))
+				added = FO_PPPOE_HLEN;
+			else
+				break;
+			off += added;
+			/* The last two bytes of either: the inner ethertype, or
+			 * the PPP protocol.
+			 */
+			if (bpf_skb_load_bytes(skb, off - 2, &proto, sizeof(proto)))
+				return FO_HDR_MAX;
+			if (added == FO_PPPOE_HLEN) {
+				if (proto == bpf_htons(FO_PPP_IP))
+					proto = bpf_htons(ETH_P_IP);
+				else if (proto == bpf_htons(FO_PPP_IPV6))
+					proto = bpf_htons(ETH_P_IPV6);
+				else
+					return off;
+			}
+		}
+	}
+	if (proto == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, off + __builtin_offsetof(struct iphdr, protocol), &l4, 1))
+			return FO_HDR_MAX;
+		off += sizeof(struct iphdr);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, off + __builtin_offsetof(struct ipv6hdr, nexthdr), &l4, 1))
+			return FO_HDR_MAX;
+		off += sizeof(struct ipv6hdr);
+	} else {
+		return off;
+	}
+	if (l4 == IPPROTO_TCP)
+		off += sizeof(struct tcphdr);
+	else if (l4 == IPPROTO_UDP)
+		off += sizeof(struct udphdr);
+	return off;
+}
+
+/* Headers are normally linear in an skb; pull the ones the parser reads
+ * if not, and no more. A local TCP sender's skb (veth, a container's or
+ * VM's traffic) has its headers linear and the payload in page fragments:
+ * pulling past the headers copies payload into the head
+ * (__pskb_pull_tail), reallocating it when its tailroom is short, for
+ * every packet. Only a packet whose linear part ends inside the headers
+ * pays for reading them here first.
+ */
+static __always_inline void fo_pull_headers(struct __sk_buff *skb, const bool l3dev)
+{
+	__u32 need = FO_HDR_MAX;
 
 	if (need > skb->len)
 		need = skb->len;
-	if ((long)skb->data + need > (long)skb->data_end)
+	if ((long)skb->data + need <= (long)skb->data_end)
+		return;
+	need = fo_header_bytes(skb, l3dev);
+	if (need > skb->len)
+		need = skb->len;
+	if ((long)skb->data + need > (long)skb->data_end) {
 		bpf_skb_pull_data(skb, need);
+		fo_count(FO_STAT_HDR_PULLED, 1);
+	}
 }
 
 static __always_inline void fo_tc_meta(struct __sk_buff *skb, struct fo_meta *m)
@@ -653,7 +728,7 @@ static __always_inline int fo_tc_run(struct __sk_buff *skb, const bool l3dev)
 	__u64 mm0, flags, now = 0;
 	int r, prio;
 
-	fo_pull_headers(skb);
+	fo_pull_headers(skb, l3dev);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	fo_tc_meta(skb, &m);
@@ -775,7 +850,7 @@ static __always_inline int fo_egress_watch(struct __sk_buff *skb, const bool l3d
 	below = bpf_map_lookup_elem(&fo_watch_below, &dev);
 	if (below && *below == FO_BELOW_ALL)
 		return TC_ACT_UNSPEC;
-	fo_pull_headers(skb);
+	fo_pull_headers(skb, l3dev);
 	fo_tc_meta(skb, &m);
 	/* Same parser as the worker: what it would not fast-path (a TTL
 	 * that is now 1, options, fragments) wakes nothing.

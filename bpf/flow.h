@@ -106,11 +106,11 @@ enum fo_teardown {
 };
 
 /* What to do with a packet that matched: the rewrite and the next hop.
- * Laid out without holes: 120 bytes, a multiple of 8, as the kernel rounds
+ * Laid out without holes: 128 bytes, a multiple of 8, as the kernel rounds
  * a hash map's value (htab_map_alloc in kernel/bpf/hashtab.c). Each
  * direction costs sizeof(struct htab_elem) (48) + the key (56) + this +
- * one 16-byte bucket; ARCHITECTURE.md ("Memory per connection") has the
- * arithmetic.
+ * the allocator's 8-byte header, and one 16-byte bucket;
+ * ARCHITECTURE.md ("Memory per connection") has the arithmetic.
  */
 struct fo_flow {
 	__be32 new_saddr[4];	/* addresses after NAT (unchanged if no NAT) */
@@ -185,6 +185,10 @@ enum fo_stat {
 	 */
 	FO_STAT_CT_REFRESHED,
 	FO_STAT_CT_GONE,
+	/* TC: packets whose linear part ended inside the headers, which the
+	 * fast path pulled into it (fo_pull_headers). Not a slow-path exit.
+	 */
+	FO_STAT_HDR_PULLED,
 	FO_SLOW_NOT_IP,		/* ARP, LLDP, ... */
 	FO_SLOW_ENCAP,		/* encapsulation the fast path does not handle */
 	FO_SLOW_L2_NOT_HOST,	/* broadcast, multicast, other host */

@@ -10,11 +10,20 @@
 #include "flow.h"
 
 /* Offloaded flows, one entry per direction (like the kernel flowtable,
- * which inserts tuplehash[0] and [1]). Preallocated: no allocation on the
- * control plane's hot insert path, predictable memory.
+ * which inserts tuplehash[0] and [1]). Not preallocated: a preallocated
+ * table costs every element of --max-flows at load (29 MiB at 65,536
+ * connections, before one packet), where this costs its buckets (16 bytes
+ * a slot) and an element per direction installed (htab_map_mem_usage in
+ * kernel/bpf/hashtab.c: elem_size plus bpf_mem_alloc's 8-byte header).
+ * Only the control plane inserts (a syscall, where bpf_mem_alloc may
+ * refill its caches); the fast path writes its counters in place. The
+ * price is ENOMEM on insert when the engine's memory cgroup is full,
+ * which the engine reports as such and leaves the connection to the
+ * kernel.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct fo_flow_key);
 	__type(value, struct fo_flow);
 	__uint(max_entries, 131072);

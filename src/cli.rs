@@ -86,10 +86,10 @@ pub struct RunArgs {
         settings::DEFAULT_IDLE_TIMEOUT.as_secs()
     ))]
     pub idle_timeout: Option<i64>,
-    #[arg(long, value_name = "N", help = format!(
-        "Maximum number of offloaded connections [default: {}]",
-        settings::DEFAULT_MAX_FLOWS
-    ))]
+    /// Maximum number of offloaded connections [default: nf_conntrack_max,
+    /// or fewer where 1/16 of RAM (or 3/4 of the service's cgroup
+    /// memory.max) at 2 KiB a connection allows fewer; `check` shows it]
+    #[arg(long, value_name = "N")]
     pub max_flows: Option<i64>,
     /// Who keeps offloaded connections' conntrack entries alive. auto: the
     /// fast path as it forwards, where the kernel has the conntrack kfuncs
@@ -197,7 +197,7 @@ mod tests {
         std::fs::write(&f, FULL).unwrap();
         let f = f.to_str().unwrap();
         let s = run(&["--config", f, "--mode", "xdp", "--idle-timeout", "7"]).unwrap();
-        assert_eq!((s.mode, s.idle_timeout, s.max_flows), (ModeChoice::Xdp, Duration::from_secs(7), 131072));
+        assert_eq!((s.mode, s.idle_timeout, s.max_flows), (ModeChoice::Xdp, Duration::from_secs(7), Some(131072)));
         assert_eq!((s.ifaces.len(), s.exclude.ports.len()), (2, 3), "the rest is the file's");
         assert!(run(&["--config", f, "--nft", "x.nft"]).is_err(), "--nft and --config exclude each other");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -93,6 +93,52 @@ pub fn ct_timeouts() -> CtTimeouts {
     }
 }
 
+/// What `--max-flows` is sized from when not given
+/// (`settings::capacity::auto_max_flows`).
+pub fn memory_facts() -> crate::settings::capacity::MemoryFacts {
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    crate::settings::capacity::MemoryFacts {
+        mem_total: parse_mem_total(&meminfo),
+        cgroup_max: cgroup_v2_path(&cgroup).and_then(|p| cgroup_memory_max(Path::new("/sys/fs/cgroup"), p)),
+        ct_max: sysctl("net.netfilter.nf_conntrack_max").and_then(|v| v.parse().ok()),
+    }
+}
+
+/// This process's resident memory (VmRSS), bytes.
+pub fn own_rss_bytes() -> Option<u64> {
+    let s = fs::read_to_string("/proc/self/status").ok()?;
+    let kb = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim();
+    kb.parse::<u64>().ok().map(|k| k * 1024)
+}
+
+/// MemTotal of /proc/meminfo, bytes.
+pub(crate) fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let kb = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim();
+    kb.parse::<u64>().ok().map(|k| k * 1024)
+}
+
+/// The unified (v2) hierarchy's path in /proc/self/cgroup ("0::/path").
+pub(crate) fn cgroup_v2_path(cgroup: &str) -> Option<&str> {
+    cgroup.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The smallest memory.max from the cgroup at `path` up to the root: a
+/// parent's limit binds its children too. None when none is set ("max").
+pub(crate) fn cgroup_memory_max(root: &Path, path: &str) -> Option<u64> {
+    let mut dir = root.join(path.trim_start_matches('/'));
+    let mut least: Option<u64> = None;
+    while dir.starts_with(root) && dir != root {
+        if let Some(v) = fs::read_to_string(dir.join("memory.max")).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            least = Some(least.map_or(v, |l| l.min(v)));
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    least
+}
+
 /// Set by the handler `SignalGuard` installs.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -165,6 +211,29 @@ mod tests {
         let v = sysctl_u32("net.ipv4.ip_forward").expect("net.ipv4.ip_forward exists in every namespace");
         assert!(v <= 1);
         assert_eq!(sysctl("net.no_such_key"), None);
+    }
+
+    #[test]
+    fn memory_facts_are_parsed() {
+        assert_eq!(parse_mem_total("MemTotal:       24683772 kB\nMemFree: 1 kB\n"), Some(24_683_772 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(cgroup_v2_path("0::/system.slice/nft-offload.service\n"), Some("/system.slice/nft-offload.service"));
+        assert_eq!(cgroup_v2_path("1:name=systemd:/x\n"), None);
+        // A parent's limit binds the child; "max" is no limit.
+        let root = std::env::temp_dir().join(format!("fo-cg-{}", std::process::id()));
+        let leaf = root.join("a/b");
+        // create_dir: refuses a directory someone else made there first.
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir_all(&leaf).unwrap();
+        std::fs::write(root.join("a/memory.max"), "67108864\n").unwrap();
+        std::fs::write(leaf.join("memory.max"), "max\n").unwrap();
+        assert_eq!(cgroup_memory_max(&root, "/a/b"), Some(64 << 20));
+        std::fs::write(leaf.join("memory.max"), "1048576\n").unwrap();
+        assert_eq!(cgroup_memory_max(&root, "/a/b"), Some(1 << 20));
+        std::fs::write(root.join("memory.max"), "1\n").unwrap();
+        assert_eq!(cgroup_memory_max(&root, "/a/b"), Some(1 << 20), "the root's own file is not a limit");
+        assert_eq!(cgroup_memory_max(&root, "/"), None);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// A signal to ourselves while the guard is installed only sets the flag;

@@ -46,7 +46,8 @@ fn debian_example_config_parses() {
     assert!(!c.ifaces.is_empty());
     assert_eq!(c.mode, ModeChoice::Auto);
     assert_eq!(c.idle_timeout.as_secs(), 30);
-    assert_eq!(c.max_flows, 65536);
+    // Left to the engine, which sizes it from the host (`check` says).
+    assert_eq!(c.max_flows, None);
     assert!(c.exclude.is_empty(), "the example must not exclude anything by default");
 }
 

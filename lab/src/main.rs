@@ -73,6 +73,10 @@ enum Cmd {
         /// for work on the control plane; no router-cost figures.
         #[arg(long)]
         offload_only: bool,
+        /// Only the memory figures: the maps at each table size as loaded
+        /// and full, and the daemon's resident memory with live connections.
+        #[arg(long)]
+        memory_only: bool,
     },
     /// Boot Debian's 6.1 or 6.12 kernel under qemu and run the VM scenarios
     /// inside (what `cargo test --test vm` does, for one kernel, by hand).
@@ -158,10 +162,18 @@ fn run(cmd: Cmd) -> Result<()> {
             let kernel = Kernel::from_series(&kernel).ok_or_else(|| anyhow::anyhow!("unknown kernel {kernel:?}"))?;
             vm::guest::run(&vm::guest::GuestOpts { results: &results, kernel, only: &scenario, diff_frames })
         }
-        Cmd::Bench { quick, json, plots, strict, live_only, paths, offload_only } => {
+        Cmd::Bench { quick, json, plots, strict, live_only, paths, offload_only, memory_only } => {
             let exe = router_bin()?;
-            let r =
-                bench::run(&bench::BenchOpts { quick, json, exe, plots, live_only, only_paths: paths, offload_only })?;
+            let r = bench::run(&bench::BenchOpts {
+                quick,
+                json,
+                exe,
+                plots,
+                live_only,
+                only_paths: paths,
+                offload_only,
+                memory_only,
+            })?;
             print!("{}", r.render());
             if strict && !r.valid() {
                 anyhow::bail!("--strict: the run is invalid: {}", r.invalid.join("; "));

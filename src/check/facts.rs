@@ -49,6 +49,8 @@ pub(super) struct HostFacts {
     /// The fast path loaded (not attached) as `run` loads it: what it got,
     /// or why it did not load (the error names the missing feature).
     pub fastpath: Result<crate::dataplane::Features, String>,
+    /// What `run` sizes its flow table from when `--max-flows` is not given.
+    pub memory: crate::settings::capacity::MemoryFacts,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +210,7 @@ fn gather_host() -> HostFacts {
         xfrm: crate::xfrm::read_spd(),
         probe: crate::dataplane::Probe::kernel(),
         fastpath: load_fastpath(),
+        memory: host::memory_facts(),
     }
 }
 

@@ -33,6 +33,7 @@ pub(super) const HOST_FINDINGS: &[(&str, HostFinding)] = &[
     ("fib_mark", fib_mark),
     ("conntrack_kfuncs", conntrack_kfuncs),
     ("keepalive", keepalive),
+    ("max_flows", max_flows),
     ("nf_flow_table", nf_flow_table),
     ("conntrack", conntrack),
     ("conntrack_events", conntrack_events),
@@ -294,6 +295,19 @@ fn keepalive(h: &HostFacts, _: &HostCtx) -> Verdict {
         );
     }
     Verdict::ok(format!("{}: {}", l.value, l.detail))
+}
+
+/// The flow table `run` sizes when `--max-flows` is not given, and what a
+/// full one costs. Only informative: any size works, a smaller one leaves
+/// the excess connections to the kernel.
+fn max_flows(h: &HostFacts, _: &HostCtx) -> Verdict {
+    let c = crate::settings::capacity::auto_max_flows(&h.memory);
+    let full = u64::from(c.flows) * crate::settings::capacity::BYTES_PER_FLOW;
+    Verdict::ok(format!(
+        "{c} unless --max-flows (or max_flows in the config) says otherwise; a full table costs about {} MiB \
+         (maps and daemon), an empty one its map buckets",
+        full.div_ceil(1 << 20)
+    ))
 }
 
 /// The conntrack kfuncs the fast path keeps entries alive with: without

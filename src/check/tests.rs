@@ -38,6 +38,11 @@ fn good_host() -> HostFacts {
             fib_mark: true,
             ..Features::from_probe(&new_kernel())
         }),
+        memory: crate::settings::capacity::MemoryFacts {
+            mem_total: Some(512 << 20),
+            cgroup_max: None,
+            ct_max: Some(16_384),
+        },
     }
 }
 
@@ -122,6 +127,23 @@ fn finding<'a>(i: &'a IfaceReport, item: &str) -> &'a Finding {
 
 fn judged(h: &HostFacts) -> CheckReport {
     judge(h, &hw_pair(), ModeChoice::Auto)
+}
+
+#[test]
+fn max_flows_says_what_run_would_size_and_why() {
+    let f = host_finding(&judged(&good_host()), "max_flows").clone();
+    assert_eq!(f.status, Status::Ok);
+    assert_eq!(
+        f.detail,
+        "16384 connections (nf_conntrack_max; 1/16 of 512 MiB RAM would allow 16384) unless --max-flows (or \
+         max_flows in the config) says otherwise; a full table costs about 32 MiB (maps and daemon), an empty \
+         one its map buckets"
+    );
+    let mut h = good_host();
+    h.memory.mem_total = Some(128 << 20);
+    let f = host_finding(&judged(&h), "max_flows").clone();
+    assert!(f.detail.starts_with("4096 connections (1/16 of 128 MiB RAM at 2048 bytes a connection;"), "{f:?}");
+    assert!(f.detail.contains("about 8 MiB"), "{f:?}");
 }
 
 #[test]

@@ -42,6 +42,13 @@ pub fn render_status(s: &Status) -> String {
         "Flows: {} offloaded / {} capacity, {} waiting for a neighbour, {} dormant (idle > {}s)\n",
         s.flows_offloaded, s.flow_capacity, s.flows_waiting_for_neighbour, s.flows_dormant, s.idle_timeout_s
     );
+    if s.map_memory_bytes > 0 || s.daemon_rss_bytes > 0 {
+        o += &format!(
+            "Memory: {} in the fast path's maps, {} resident in the engine\n",
+            mib(s.map_memory_bytes),
+            mib(s.daemon_rss_bytes)
+        );
+    }
     if s.flows_unwatched > 0 {
         o += &format!(
             "  {} dormant connections wait for room in the watch map (the kernel keeps them)\n",
@@ -77,6 +84,11 @@ pub fn render_status(s: &Status) -> String {
         }
     }
     o
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
 }
 
 /// conntrack -L style: one line per connection, original then reply tuple.
@@ -183,8 +195,11 @@ mod tests {
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
             flows_unwatched: 0,
+            map_memory_bytes: 4_404_019,
+            daemon_rss_bytes: 6 << 20,
             fast_path_ct_refreshes: 7,
             fast_path_ct_gone: 0,
+            fast_path_header_pulls: 0,
             conntrack_rst_restores: 0,
             path_resolutions: 6,
             fib_queries: 12,
@@ -212,6 +227,7 @@ mod tests {
         assert!(t.contains("\n  secpath        helper   no bpf_cast_to_kern_ctx (6.2+)"), "{t}");
         assert!(t.contains("\n  fib_mark       no       bpf_fib_lookup refuses"), "{t}");
         assert!(t.contains("Flows: 1 offloaded / 65536 capacity, 0 waiting for a neighbour, 2 dormant (idle > 30s)"));
+        assert!(t.contains("\nMemory: 4.2 MiB in the fast path's maps, 6.0 MiB resident in the engine\n"), "{t}");
         // zero counters are left out
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
         assert!(t.contains("Teardowns: idle=2\n"), "{t}");

@@ -81,6 +81,13 @@ pub struct Status {
     #[serde(default)]
     pub flows_unwatched: usize,
     pub flow_capacity: u32,
+    /// Kernel memory of the fast path's maps (memlock in their fdinfo):
+    /// grows with the connections installed (bpf/maps.h).
+    #[serde(default)]
+    pub map_memory_bytes: u64,
+    /// The engine process's resident memory (VmRSS).
+    #[serde(default)]
+    pub daemon_rss_bytes: u64,
     pub idle_timeout_s: u64,
     pub fast_path_packets: u64,
     pub fast_path_bytes: u64,
@@ -99,6 +106,10 @@ pub struct Status {
     pub fast_path_ct_refreshes: u64,
     #[serde(default)]
     pub fast_path_ct_gone: u64,
+    /// TC packets whose headers were not all in the skb's linear part and
+    /// were pulled into it (`fo_pull_headers`): a cost, not a slow path.
+    #[serde(default)]
+    pub fast_path_header_pulls: u64,
     /// Conntrack timeouts put back after the fast path handed conntrack a
     /// RST it could not take as a close (`keepalive::restore_after_rst`).
     #[serde(default)]

@@ -55,6 +55,10 @@ include!(concat!(env!("OUT_DIR"), "/fastpath_stats.rs"));
 pub enum PutError {
     #[error("flow key already in the flow table")]
     KeyTaken,
+    /// ENOMEM: the map is not preallocated (bpf/maps.h), so an insert
+    /// allocates, charged to the engine's memory cgroup.
+    #[error("no kernel memory for the flow table entry")]
+    NoMemory,
     /// Full (E2BIG), or gone when replacing (ENOENT), or anything else.
     #[error("flow table update failed: {0}")]
     Failed(String),
@@ -236,10 +240,11 @@ impl LinkLayer {
     }
 }
 
-/// The loaded fast path. Dropping it detaches everything.
-/// fo_dormant's size for small `--max-flows` (its size in bpf/maps.h).
-const DORMANT_MIN_KEYS: u32 = 65_536;
+/// fo_dormant's size for small `--max-flows`: room for a burst of 8,192
+/// new UDP connections watched at once (256 KiB of buckets).
+const DORMANT_MIN_KEYS: u32 = 16_384;
 
+/// The loaded fast path. Dropping it detaches everything.
 pub struct Dataplane {
     skel: FastpathSkel<'static>,
     attached: Vec<Attachment>,
@@ -653,6 +658,7 @@ impl Dataplane {
     fn write_flow(&self, key: &fo_flow_key, val: &fo_flow, how: MapFlags) -> Result<(), PutError> {
         self.skel.maps.fo_flows.update(bytes_of(key), bytes_of(val), how).map_err(|e| match e.kind() {
             libbpf_rs::ErrorKind::AlreadyExists => PutError::KeyTaken,
+            libbpf_rs::ErrorKind::OutOfMemory => PutError::NoMemory,
             _ => PutError::Failed(e.to_string()),
         })
     }
@@ -690,6 +696,7 @@ impl Dataplane {
         let done = (count as usize).min(entries.len());
         match rc {
             0 => (done, None),
+            e if -e == libc::ENOMEM => (done, Some(PutError::NoMemory)),
             e => (done, Some(PutError::Failed(std::io::Error::from_raw_os_error(-e).to_string()))),
         }
     }

@@ -180,8 +180,16 @@ impl Engine {
         if cfg.keepalive == crate::settings::KeepaliveChoice::Netlink {
             probe.keepalive = crate::dataplane::Keepalive::Chosen;
         }
-        let mut dp = Dataplane::load_for(cfg.max_flows, &probe)?;
-        tracing::info!(keepalive = ?dp.features().keepalive, "fast path loaded");
+        let max_flows = match cfg.max_flows {
+            Some(n) => n,
+            None => {
+                let c = crate::settings::capacity::auto_max_flows(&crate::host::memory_facts());
+                tracing::info!("flow table sized for {c}; --max-flows sets it");
+                c.flows
+            }
+        };
+        let mut dp = Dataplane::load_for(max_flows, &probe)?;
+        tracing::info!(keepalive = ?dp.features().keepalive, max_flows, "fast path loaded");
         let mut ifaces = Interfaces::default();
         ifaces.attach(&mut dp, &infos, &topo, cfg.mode)?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;

@@ -19,7 +19,7 @@ impl Core {
         // The fast path's totals, then the slow-path reasons.
         let (fwd_packets, fwd_bytes) =
             (stats[fo_stat::FO_STAT_FWD_PACKETS.0 as usize], stats[fo_stat::FO_STAT_FWD_BYTES.0 as usize]);
-        let first_reason = fo_stat::FO_STAT_CT_GONE.0 as usize + 1;
+        let first_reason = fo_stat::FO_STAT_HDR_PULLED.0 as usize + 1;
         let slow = STAT_NAMES.iter().zip(&stats).skip(first_reason).map(|(n, v)| (n.to_string(), *v)).collect();
         let (offloaded, waiting, dormant) = self.flows.len();
         let c = &self.flows.counters;
@@ -52,6 +52,8 @@ impl Core {
             flows_waiting_for_neighbour: waiting,
             flows_dormant: dormant,
             flow_capacity: self.flows.dp().flow_capacity(),
+            map_memory_bytes: self.flows.dp().map_memory().iter().map(|(_, b)| b).sum(),
+            daemon_rss_bytes: crate::host::own_rss_bytes().unwrap_or(0),
             idle_timeout_s: self.cfg.idle_timeout.as_secs(),
             fast_path_packets: fwd_packets,
             fast_path_bytes: fwd_bytes,
@@ -65,6 +67,7 @@ impl Core {
             flows_unwatched: self.flows.unwatched(),
             fast_path_ct_refreshes: stats[fo_stat::FO_STAT_CT_REFRESHED.0 as usize],
             fast_path_ct_gone: stats[fo_stat::FO_STAT_CT_GONE.0 as usize],
+            fast_path_header_pulls: stats[fo_stat::FO_STAT_HDR_PULLED.0 as usize],
             conntrack_rst_restores: c.rst_restores,
             path_resolutions: self.path_resolutions,
             fib_queries: self.facts.cache.borrow().stats.queries,

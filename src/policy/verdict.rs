@@ -128,6 +128,9 @@ pub enum NotOffloaded {
     NotInFlowtable,
     /// Found when applying: the flow map is full.
     TableFull,
+    /// Found when applying: the kernel had no memory for the map entry
+    /// (the engine's memory cgroup or the host is out).
+    NoMemory,
     /// Found when applying: conntrack refused the liberal-TCP update.
     ConntrackUpdateFailed,
     /// Found when applying: a direction's flow key is another connection's
@@ -145,6 +148,7 @@ impl fmt::Display for NotOffloaded {
             NotOffloaded::NoPath(p) => p.fmt(f),
             NotOffloaded::NotInFlowtable => f.write_str("interfaces not in the flowtable the connection was added to"),
             NotOffloaded::TableFull => f.write_str("flow table full"),
+            NotOffloaded::NoMemory => f.write_str("no kernel memory for its flow table entries"),
             NotOffloaded::ConntrackUpdateFailed => f.write_str("conntrack update failed"),
             NotOffloaded::KeyCollision => f.write_str("flow key already used by another connection"),
             NotOffloaded::Held(h) if h[0] == h[1] => write!(f, "both directions: {}", h[0]),

@@ -5,7 +5,7 @@
 //! interfaces = ["eth0", "eth1"]     # required, at least one, no duplicates
 //! mode = "auto"                      # auto | xdp | tc
 //! idle_timeout = 30                  # seconds, 1..=86400
-//! max_flows = 65536                  # 1..=16777216
+//! max_flows = 65536                  # 1..=16777216; unset: sized from RAM (`capacity`)
 //! keepalive = "auto"                 # auto | netlink
 //! [exclude]                          # connections never offloaded
 //! addresses = ["192.168.1.50", "10.0.0.0/8", "fd00::/64"]

@@ -7,6 +7,7 @@
 //! then applies the defaults and the ranges, once for every source, and
 //! names the flag or the key, value and line of whatever it rejects.
 
+pub mod capacity;
 pub mod file;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -35,7 +36,6 @@ pub enum KeepaliveChoice {
 }
 /// 30 s: the kernel flowtable's NF_FLOW_TIMEOUT.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 /// Seconds, up to a day: longer would keep idle connections pinned in the
 /// fast path (and alive in conntrack) far past any conntrack default.
 pub const IDLE_TIMEOUT_RANGE: RangeInclusive<u64> = 1..=86_400;
@@ -50,7 +50,8 @@ pub struct Settings {
     pub ifaces: Vec<String>,
     pub mode: ModeChoice,
     pub idle_timeout: Duration,
-    pub max_flows: u32,
+    /// None: sized from this host at start (`capacity::auto_max_flows`).
+    pub max_flows: Option<u32>,
     pub keepalive: KeepaliveChoice,
     /// An nftables ruleset with flowtables (absolute path): loaded by the
     /// engine, its `flow add` statements decide what is offloaded.
@@ -226,10 +227,10 @@ pub fn validate(input: SettingsInput) -> Result<Settings, SettingsError> {
         Some(v) => Duration::from_secs(in_range(&v, &IDLE_TIMEOUT_RANGE).map_err(|p| bad(&v.origin, p))?),
     };
     let max_flows = match input.max_flows {
-        None => DEFAULT_MAX_FLOWS,
+        None => None,
         Some(v) => {
             let r = u64::from(*MAX_FLOWS_RANGE.start())..=u64::from(*MAX_FLOWS_RANGE.end());
-            in_range(&v, &r).map_err(|p| bad(&v.origin, p))? as u32
+            Some(in_range(&v, &r).map_err(|p| bad(&v.origin, p))? as u32)
         }
     };
     // Absolute: the daemon may change directory, and `reload` sends paths.

@@ -40,7 +40,7 @@ fn full_file() {
     assert_eq!(c.ifaces, ["eth0", "eth1"]);
     assert_eq!(c.mode, ModeChoice::Tc);
     assert_eq!(c.idle_timeout, Duration::from_secs(120));
-    assert_eq!(c.max_flows, 131072);
+    assert_eq!(c.max_flows, Some(131072));
     assert_eq!(c.nft, None, "the file is the alternative to a ruleset");
     let x = &c.exclude;
     assert_eq!(
@@ -82,8 +82,8 @@ fn defaults() {
     assert_eq!(c.mode, ModeChoice::Auto);
     assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
     assert_eq!(c.idle_timeout, Duration::from_secs(30));
-    assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
-    assert_eq!(c.max_flows, 65536);
+    // Not given: sized from the host when the engine starts.
+    assert_eq!(c.max_flows, None);
     assert_eq!(c.keepalive, KeepaliveChoice::Auto);
     assert!(c.exclude.is_empty());
     assert_eq!(c.exclude.excludes(&entry(IPPROTO_TCP, 0)), None);
@@ -274,7 +274,7 @@ fn flags_override_the_file_errors_still_point_at_their_source() {
     assert_eq!(s.idle_timeout, Duration::from_secs(5));
     assert_eq!(s.ifaces, ["lan0", "wan0"]);
     // The rest is the file's.
-    assert_eq!((s.mode, s.max_flows, s.exclude.ports.len()), (ModeChoice::Tc, 131072, 3));
+    assert_eq!((s.mode, s.max_flows, s.exclude.ports.len()), (ModeChoice::Tc, Some(131072), 3));
 
     // A bad flag is the flag's error even with a file; a bad file value
     // keeps the file's path and line.

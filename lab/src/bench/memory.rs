@@ -23,15 +23,17 @@ const DPORT: u16 = 100;
 const WARM_GAP_NS: u32 = 20_000;
 
 /// Kernel memory of every fast-path map (memlock in fdinfo), in a fast path
-/// sized for `n` connections with `n` installed: the per-connection figure
-/// counts both directions and everything preallocated. Then the extra cost
-/// of a dormant connection (its two egress keys in fo_dormant).
+/// sized for `n` connections: as loaded (before one packet), and with `n`
+/// installed, whose per-connection figure counts both directions and the
+/// buckets. Then the extra cost of a dormant connection (its two egress
+/// keys in fo_dormant).
 pub(super) fn memory(o: &BenchOpts) -> Result<BTreeMap<String, f64>> {
     let mut m = BTreeMap::new();
-    let sizes: Vec<u32> = if o.quick { vec![65536] } else { vec![65536, 1_048_576] };
+    let sizes: Vec<u32> = if o.quick { vec![65536] } else { vec![1024, 16_384, 65536, 262_144, 1_048_576] };
     for n in sizes {
-        let (maps, with_dormant, entries) = in_thread(move || {
+        let (start, maps, with_dormant, entries) = in_thread(move || {
             let PrivateRouter { dp, lan, wan } = PrivateRouter::enter(n)?;
+            let start: u64 = dp.map_memory().iter().map(|(_, b)| b).sum();
             // n - 1 IPv4 connections and one IPv6 direction: 2n - 1 entries.
             install(&dp, lan, wan, n - 1)?;
             let entries = dp.flow_keys().len();
@@ -42,9 +44,10 @@ pub(super) fn memory(o: &BenchOpts) -> Result<BTreeMap<String, f64>> {
                 dp.watch_dormant(&k)?;
             }
             let with_dormant: u64 = dp.map_memory().iter().map(|(_, b)| b).sum();
-            Ok((maps, with_dormant, entries))
+            Ok((start, maps, with_dormant, entries))
         })?;
-        let label = if n == 65536 { "64k" } else { "1m" };
+        let label = size_label(n);
+        m.insert(format!("map_bytes_start_{label}"), start as f64);
         let conns = entries as f64 / 2.0;
         let total: u64 = maps.iter().map(|(_, b)| b).sum();
         m.insert(format!("map_bytes_per_conn_{label}"), total as f64 / conns);
@@ -58,6 +61,15 @@ pub(super) fn memory(o: &BenchOpts) -> Result<BTreeMap<String, f64>> {
         );
     }
     Ok(m)
+}
+
+/// 1024 -> "1k", 1048576 -> "1m".
+fn size_label(n: u32) -> String {
+    if n >= 1 << 20 {
+        format!("{}m", n >> 20)
+    } else {
+        format!("{}k", n >> 10)
+    }
 }
 
 /// The daemon's resident set (VmRSS), bytes.

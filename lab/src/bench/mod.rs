@@ -61,6 +61,8 @@ pub struct BenchOpts {
     /// Only the offload rate and offload latency phases (offload_tc), for
     /// work on the control plane.
     pub offload_only: bool,
+    /// Only the memory figures (maps by table size, daemon RSS).
+    pub memory_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -147,6 +149,13 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     }
     if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
         anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
+    }
+    if opts.memory_only {
+        eprintln!("bench: memory only (maps by table size, daemon with live connections)");
+        paths::memory_only(opts, &mut r)?;
+        ratios::ratios(&mut r);
+        write_json(opts, &r)?;
+        return Ok(r);
     }
     if opts.offload_only {
         eprintln!("bench: offload rate and latency only (offload_tc)");

@@ -310,6 +310,15 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The memory figures alone: the maps at each table size (no lab), then
+/// the daemon with live connections (its own lab).
+pub(super) fn memory_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
+    r.memory = super::memory::memory(o)?;
+    let b = Bench::up()?;
+    let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
+    super::memory::daemon_rss(&b, o, r)
+}
+
 /// The offload rate and latency phases alone, on a fresh engine, as the
 /// full run has them after offload_tc's first round.
 pub(super) fn offload_only(o: &BenchOpts, r: &mut Report) -> Result<()> {

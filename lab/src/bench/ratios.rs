@@ -101,6 +101,7 @@ pub(super) fn ratios(r: &mut Report) {
     let burst_p99 = r.offload.get("event_to_installed_us_p99").copied();
     abs("offload_burst_p99_us_engine_clock", burst_p99, "<= 1000 (engine-internal, labelled)");
     abs("offloads_per_s", rate, ">= 100000");
+    abs("map_bytes_start_64k", mem("map_bytes_start_64k"), "<= 4194304 (4 MiB)");
     abs("map_bytes_per_conn_64k", mem_64k, "<= 256");
     abs("map_bytes_per_conn_1m", mem_1m, "<= 256");
     abs("daemon_rss_mb_64k", rss_64k, "<= 32");

@@ -156,7 +156,7 @@ impl FlowTable {
                 self.dp.delete_flow(&entries[at + n - 1].0);
             }
             tracing::warn!(id = ?batch[bad].id, "{err}");
-            self.not_offloaded(NotOffloaded::TableFull);
+            self.not_offloaded(refused(&err));
             ok[bad] = false;
             at = (bad + 1) * 2;
         }
@@ -175,10 +175,7 @@ impl FlowTable {
                 for prev in &p.dirs[..i] {
                     self.dp.delete_flow(&prev.key);
                 }
-                self.not_offloaded(match err {
-                    PutError::KeyTaken => NotOffloaded::KeyCollision,
-                    PutError::Failed(_) => NotOffloaded::TableFull,
-                });
+                self.not_offloaded(refused(&err));
                 return;
             }
         }
@@ -211,5 +208,15 @@ impl FlowTable {
         self.index_hops(id, &dirs, true);
         let watch = self.carry_watch(&id);
         self.offloaded.insert(id, Offloaded { entry: e, dirs, clock, base: [(0, 0); 2], last, check_at, watch });
+    }
+}
+
+/// Why the map refused an offload's entries, as `status` counts it.
+fn refused(err: &PutError) -> NotOffloaded {
+    match err {
+        PutError::KeyTaken => NotOffloaded::KeyCollision,
+        PutError::NoMemory => NotOffloaded::NoMemory,
+        // E2BIG, the only other refusal an insert into our own map meets.
+        PutError::Failed(_) => NotOffloaded::TableFull,
     }
 }

@@ -291,6 +291,7 @@ fn reasons_read_as_before() {
         (NotOffloaded::NoPath(NoPath::Asymmetric), "asymmetric routing"),
         (NotOffloaded::NotInFlowtable, "interfaces not in the flowtable the connection was added to"),
         (NotOffloaded::TableFull, "flow table full"),
+        (NotOffloaded::NoMemory, "no kernel memory for its flow table entries"),
         (NotOffloaded::ConntrackUpdateFailed, "conntrack update failed"),
         (NotOffloaded::KeyCollision, "flow key already used by another connection"),
         (NotOffloaded::Ineligible(Ineligible::Zoned), "conntrack zone other than 0"),
