@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use super::private::{client_of, hops, in_thread, install, tcp_frame, tuple};
 use super::{BenchOpts, FastPathAlone, Stat};
-use crate::frames::{encap, fo_encaps, Encap};
+use crate::frames::{encap, fo_encaps, Encap, CLIENT_MAC, RTR_LAN_MAC};
 use crate::private_router::PrivateRouter;
 use nft_offload::dataplane::Dataplane;
 use nft_offload::flow::{build_direction, NextHop};
@@ -21,8 +21,14 @@ struct Row {
 /// second arrives without and leaves with it, so each repetition crosses
 /// one encapsulation boundary, as each packet through a router with a
 /// VLAN or PPPoE WAN does.
+/// A direction that arrives in a PPPoE session takes frames from the
+/// concentrator's MAC only (`fo_flow.in_smac`, pppoe_rcv's check): here the
+/// client's, which the frame starts with and the push writes back.
 fn ping_pong(dp: &Dataplane, lan: u32, to_wan: &NextHop, port: u16, e: &[Encap]) -> Result<()> {
     let (client, nat) = ("192.168.1.2", "203.0.113.1");
+    let pppoe = e.iter().any(|x| matches!(x, Encap::Pppoe(_)));
+    let back_to_client = NextHop { smac: CLIENT_MAC, dmac: RTR_LAN_MAC, ..*to_wan };
+    let to_wan = if pppoe { &back_to_client } else { to_wan };
     let pairs = [
         (tuple(client, port, "203.0.113.2", 5201), tuple("203.0.113.2", 5201, nat, port), true),
         (tuple(nat, port, "203.0.113.2", 5201), tuple("203.0.113.2", 5201, client, port), false),
@@ -33,6 +39,9 @@ fn ping_pong(dp: &Dataplane, lan: u32, to_wan: &NextHop, port: u16, e: &[Encap])
         let (k, o) = if arrives_with { (with, without) } else { (without, with) };
         (d.key.encap, d.key.encap_num) = k;
         (d.val.out_encap, d.val.out_encap_num) = o;
+        if pppoe && arrives_with {
+            d.val.in_smac = CLIENT_MAC;
+        }
         dp.put_flow(&d.key, &d.val)?;
     }
     Ok(())
