@@ -4,7 +4,7 @@
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags};
 
@@ -22,6 +22,26 @@ fn check_frame(f: &[u8]) -> Result<()> {
         anyhow::bail!("the generator's frame must be Ethernet + IPv4 without options + UDP ({} bytes given)", f.len());
     }
     Ok(())
+}
+
+/// The kernel refused to run the generator (BPF_PROG_RUN with
+/// BPF_F_TEST_XDP_LIVE_FRAMES answered EPERM, as a sandboxed kernel of
+/// this project's machines began to in December 2026 while plain test
+/// runs still work): the phases that need offered load cannot run here.
+#[derive(Debug)]
+pub(super) struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the kernel refused the live-frames generator (BPF_F_TEST_XDP_LIVE_FRAMES: {})", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `e` is, or was caused by, the generator's refusal.
+pub(super) fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Refused>())
 }
 
 /// The traffic generator: a thread inside the LAN namespace that owns the
@@ -82,7 +102,10 @@ impl Gen {
                         flags: 1 << 1, // BPF_F_TEST_XDP_LIVE_FRAMES
                         ..Default::default()
                     };
-                    s.progs.bench_gen.test_run(input).context("live-frames generator")?;
+                    s.progs.bench_gen.test_run(input).map_err(|e| match e.kind() {
+                        libbpf_rs::ErrorKind::PermissionDenied => anyhow!(Refused(e.to_string())),
+                        _ => anyhow!(e).context("live-frames generator"),
+                    })?;
                     Ok(t0.elapsed())
                 })();
                 if resp.send(r).is_err() {

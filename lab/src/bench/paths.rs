@@ -313,10 +313,15 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
 /// The memory figures alone: the maps at each table size (no lab), then
 /// the daemon with live connections (its own lab).
 pub(super) fn memory_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
-    r.memory = super::memory::memory(o)?;
-    let b = Bench::up()?;
+    let maps = super::memory::memory(o)?;
+    let b = isolated(r)?;
     let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
-    super::memory::daemon_rss(&b, o, r)
+    match super::memory::daemon_rss(&b, o, r) {
+        Err(e) if super::generator::refused(&e) => r.invalid.push(format!("{e:#}: no daemon memory figure")),
+        other => other?,
+    }
+    r.memory.extend(maps);
+    Ok(())
 }
 
 /// The offload rate and latency phases alone, on a fresh engine, as the
