@@ -88,7 +88,7 @@ pub struct RunArgs {
     pub idle_timeout: Option<i64>,
     /// Maximum number of offloaded connections [default: nf_conntrack_max,
     /// or fewer where 1/16 of RAM (or 3/4 of the service's cgroup
-    /// memory.max) at 2 KiB a connection allows fewer; `check` shows it]
+    /// memory.max) at 2.5 KiB a connection allows fewer; `check` shows it]
     #[arg(long, value_name = "N")]
     pub max_flows: Option<i64>,
     /// Who keeps offloaded connections' conntrack entries alive. auto: the

@@ -135,14 +135,14 @@ fn max_flows_says_what_run_would_size_and_why() {
     assert_eq!(f.status, Status::Ok);
     assert_eq!(
         f.detail,
-        "16384 connections (nf_conntrack_max; 1/16 of 512 MiB RAM would allow 16384) unless --max-flows (or \
-         max_flows in the config) says otherwise; a full table costs about 32 MiB (maps and daemon), an empty \
-         one its map buckets"
+        "13107 connections (1/16 of 512 MiB RAM at 2560 bytes a connection; nf_conntrack_max 16384) unless \
+         --max-flows (or max_flows in the config) says otherwise; a full table costs about 32 MiB (maps and \
+         daemon), an empty one its map buckets"
     );
     let mut h = good_host();
     h.memory.mem_total = Some(128 << 20);
     let f = host_finding(&judged(&h), "max_flows").clone();
-    assert!(f.detail.starts_with("4096 connections (1/16 of 128 MiB RAM at 2048 bytes a connection;"), "{f:?}");
+    assert!(f.detail.starts_with("3276 connections (1/16 of 128 MiB RAM at 2560 bytes a connection;"), "{f:?}");
     assert!(f.detail.contains("about 8 MiB"), "{f:?}");
 }
 

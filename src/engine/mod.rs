@@ -664,6 +664,7 @@ impl Core {
         // frees (a burst of new UDP connections larger than the map).
         self.flows.rewatch(REWATCH_CHUNK);
         self.retry_waiting();
+        self.flows.compact();
         more
     }
 

@@ -20,15 +20,15 @@ pub struct MemoryFacts {
 /// What one offloaded connection can cost the engine at most, bytes: its
 /// two `fo_flows` entries (2 x (240 + 16), bpf/maps.h), its two
 /// `fo_dormant` buckets (2 x 16; elements only while dormant), and the
-/// daemon's state for it (about 1,400 bytes measured by `bench`'s memory
-/// phase), rounded up.
-pub const BYTES_PER_FLOW: u64 = 2048;
+/// daemon's state for it (1,862 bytes measured by `bench --memory-only`
+/// at 65,536 one-way UDP connections), rounded up.
+pub const BYTES_PER_FLOW: u64 = 2560;
 
 /// The share of the host's RAM the engine may plan for at a full table:
 /// 1/16 (8 MiB of a 128 MiB router).
 pub const RAM_SHARE: u64 = 16;
 
-/// Never fewer: a table this small costs under 2.5 MiB in all.
+/// Never fewer: a table this small costs under 3 MiB in all.
 pub const MIN_FLOWS: u32 = 1024;
 
 /// With nothing known (no /proc/meminfo, no conntrack yet).
@@ -92,32 +92,32 @@ mod tests {
             (
                 "small router",
                 MemoryFacts { mem_total: Some(128 * MIB), cgroup_max: None, ct_max: Some(16_384) },
-                4096,
-                "1/16 of 128 MiB RAM at 2048 bytes a connection; nf_conntrack_max 16384",
+                3276,
+                "1/16 of 128 MiB RAM at 2560 bytes a connection; nf_conntrack_max 16384",
             ),
             (
                 "512 MiB router",
                 MemoryFacts { mem_total: Some(512 * MIB), cgroup_max: None, ct_max: Some(16_384) },
-                16_384,
-                "nf_conntrack_max; 1/16 of 512 MiB RAM would allow 16384",
+                13_107,
+                "1/16 of 512 MiB RAM at 2560 bytes a connection; nf_conntrack_max 16384",
             ),
             (
                 "big host: conntrack's own limit",
                 MemoryFacts { mem_total: Some(24 * GIB), cgroup_max: None, ct_max: Some(262_144) },
                 262_144,
-                "nf_conntrack_max; 1/16 of 24576 MiB RAM would allow 786432",
+                "nf_conntrack_max; 1/16 of 24576 MiB RAM would allow 629145",
             ),
             (
                 "a service limit below the RAM share",
                 MemoryFacts { mem_total: Some(24 * GIB), cgroup_max: Some(64 * MIB), ct_max: Some(262_144) },
-                24_576,
-                "3/4 of the cgroup's memory.max 64 MiB at 2048 bytes a connection; nf_conntrack_max 262144",
+                19_660,
+                "3/4 of the cgroup's memory.max 64 MiB at 2560 bytes a connection; nf_conntrack_max 262144",
             ),
             (
                 "a cgroup limit above the RAM share does not raise it",
                 MemoryFacts { mem_total: Some(128 * MIB), cgroup_max: Some(GIB), ct_max: None },
-                4096,
-                "1/16 of 128 MiB RAM at 2048 bytes a connection",
+                3276,
+                "1/16 of 128 MiB RAM at 2560 bytes a connection",
             ),
             (
                 "conntrack not loaded yet",
@@ -130,7 +130,7 @@ mod tests {
                 "floor",
                 MemoryFacts { mem_total: Some(16 * MIB), cgroup_max: None, ct_max: Some(100) },
                 MIN_FLOWS,
-                "nf_conntrack_max; 1/16 of 16 MiB RAM would allow 512; bounded to 1024..=16777216",
+                "nf_conntrack_max; 1/16 of 16 MiB RAM would allow 409; bounded to 1024..=16777216",
             ),
         ];
         for (name, facts, flows, why) in cases {

@@ -8,6 +8,7 @@ use anyhow::{anyhow, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags};
 
+use super::packet_gen::PacketGen;
 use super::skel;
 use crate::lab::netns;
 
@@ -25,9 +26,10 @@ fn check_frame(f: &[u8]) -> Result<()> {
 }
 
 /// The kernel refused to run the generator (BPF_PROG_RUN with
-/// BPF_F_TEST_XDP_LIVE_FRAMES answered EPERM, as a sandboxed kernel of
-/// this project's machines began to in December 2026 while plain test
-/// runs still work): the phases that need offered load cannot run here.
+/// BPF_F_TEST_XDP_LIVE_FRAMES answered EPERM, as this project's machines
+/// began to in December 2026 while plain test runs still work): the
+/// generator falls back to `packet_gen`, and only if that fails too do
+/// the phases that need offered load stop.
 #[derive(Debug)]
 pub(super) struct Refused(String);
 
@@ -49,6 +51,8 @@ pub(super) fn refused(e: &anyhow::Error) -> bool {
 pub(super) struct Gen {
     tx: std::sync::mpsc::Sender<(u32, u32, u16, u32, u32)>,
     rx: std::sync::mpsc::Receiver<Result<Duration>>,
+    /// The kernel refused live frames and `packet_gen` sends instead.
+    fallback_used: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Gen {
@@ -59,6 +63,8 @@ impl Gen {
         let (tx, req) = std::sync::mpsc::channel::<(u32, u32, u16, u32, u32)>();
         let (resp, rx) = std::sync::mpsc::channel::<Result<Duration>>();
         let ns = netns::NetnsHandle::open(lan_ns)?;
+        let fallback_used = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fell_back = fallback_used.clone();
         std::thread::spawn(move || {
             if let Some(c) = cpu {
                 if let Err(e) = crate::lab::cpu::set_affinity(0, c) {
@@ -79,7 +85,14 @@ impl Gen {
                 }
             };
             let _ = resp.send(Ok(Duration::ZERO));
+            let mut fallback: Option<PacketGen> = None;
             while let Ok((count, nflows, dport, gap_ns, burst)) = req.recv() {
+                if let Some(p) = fallback.as_mut() {
+                    if resp.send(p.run(count, nflows, dport, gap_ns, burst)).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let r = (|| -> Result<Duration> {
                     let cfg = skel::types::bench_cfg { nflows, base_port: 10000, gap_ns, burst, ..Default::default() };
                     super::set_cfg(&s.maps.bench_cfg, &cfg)?;
@@ -108,14 +121,35 @@ impl Gen {
                     })?;
                     Ok(t0.elapsed())
                 })();
+                // Refused: the same frames through an AF_PACKET socket from
+                // now on (packet_gen), or the refusal if that fails too.
+                let r = match r {
+                    Err(e) if refused(&e) => match PacketGen::open(lan0, frame.clone()) {
+                        Ok(mut p) => {
+                            eprintln!("bench: {e:#}; the generator sends through an AF_PACKET socket instead");
+                            fell_back.store(true, std::sync::atomic::Ordering::Relaxed);
+                            let r = p.run(count, nflows, dport, gap_ns, burst);
+                            fallback = Some(p);
+                            r
+                        }
+                        Err(p) => Err(e.context(format!("{p:#}"))),
+                    },
+                    r => r,
+                };
                 if resp.send(r).is_err() {
                     break;
                 }
             }
         });
-        let g = Gen { tx, rx };
+        let g = Gen { tx, rx, fallback_used };
         g.rx.recv().map_err(|_| anyhow!("generator thread died"))??;
         Ok(g)
+    }
+
+    /// Whether the AF_PACKET fallback has been sending (figures from it
+    /// are not comparable with live-frames runs).
+    pub(super) fn fell_back(&self) -> bool {
+        self.fallback_used.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Send `count` frames spread over `nflows` flows as fast as possible;

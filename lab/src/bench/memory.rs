@@ -74,12 +74,17 @@ fn size_label(n: u32) -> String {
 
 /// The daemon's resident set (VmRSS), bytes.
 fn rss(pid: u32) -> Result<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `kB` line of /proc/<pid>/status (VmRSS, VmHWM), in bytes.
+fn status_kb(pid: u32, key: &str) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}"))?;
     let kb = s
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no VmRSS in /proc/<pid>/status")?;
+        .with_context(|| format!("no {key} in /proc/<pid>/status"))?;
     Ok(kb * 1024)
 }
 
@@ -104,11 +109,18 @@ pub(super) fn daemon_rss(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<()>
     if offloaded < want {
         r.notes.push(format!("daemon memory: only {offloaded} of {live} connections offloaded in 180 s"));
     }
+    // Settled: the burst's transient state (each new UDP connection is
+    // watched until its second packet) is gone and the engine's tables
+    // have been compacted (FlowTable::compact, every tick); VmHWM keeps
+    // the burst's peak.
+    std::thread::sleep(Duration::from_secs(2));
     let after = rss(d.pid())?;
+    let peak = status_kb(d.pid(), "VmHWM:")?;
     d.stop()?;
     let m = &mut r.memory;
     m.insert("daemon_rss_mb_start".into(), before as f64 / 1e6);
     m.insert(format!("daemon_rss_mb_{label}"), after as f64 / 1e6);
+    m.insert(format!("daemon_peak_rss_mb_{label}"), peak as f64 / 1e6);
     m.insert(format!("daemon_live_conns_{label}"), offloaded as f64);
     m.insert("daemon_rss_bytes_per_conn".into(), after.saturating_sub(before) as f64 / offloaded.max(1) as f64);
     Ok(())

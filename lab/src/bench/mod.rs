@@ -19,6 +19,7 @@ mod latency;
 mod live;
 mod memory;
 mod offload_rate;
+mod packet_gen;
 mod paths;
 pub mod plot;
 mod private;

@@ -232,7 +232,20 @@ fn isolated(r: &mut Report) -> Result<Bench> {
 pub(super) fn live_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
     let b = isolated(r)?;
     let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
-    super::live::live_scaling(&b, o, r)
+    let done = super::live::live_scaling(&b, o, r);
+    note_generator(&b, r);
+    done
+}
+
+/// Say which generator offered the load when it was not live frames.
+fn note_generator(b: &Bench, r: &mut Report) {
+    if b.g.fell_back() {
+        r.notes.push(
+            "generator: an AF_PACKET socket on the LAN host (this kernel refused live frames): the router's \
+             figures are measured the same way but not comparable with runs whose load came from live frames"
+                .into(),
+        );
+    }
 }
 
 pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
@@ -306,8 +319,9 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
     eprintln!("bench: daemon memory with live connections");
     super::memory::daemon_rss(&b, o, r)?;
     eprintln!("bench: live offloaded connections");
-    super::live::live_scaling(&b, o, r)?;
-    Ok(())
+    let done = super::live::live_scaling(&b, o, r);
+    note_generator(&b, r);
+    done
 }
 
 /// The memory figures alone: the maps at each table size (no lab), then
@@ -320,6 +334,7 @@ pub(super) fn memory_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
         Err(e) if super::generator::refused(&e) => r.invalid.push(format!("{e:#}: no daemon memory figure")),
         other => other?,
     }
+    note_generator(&b, r);
     r.memory.extend(maps);
     Ok(())
 }
