@@ -53,9 +53,10 @@ struct {
 	__uint(max_entries, 65536);
 } fo_dormant SEC(".maps");
 
-/* How many keys fo_dormant holds (index 0), set by the control plane: TC
- * egress skips parsing when it is zero, so an engine with nothing dormant
- * costs egress traffic (offloaded packets included) one array load.
+/* Whether fo_dormant holds any key (index 0: 1 or 0), set by the control
+ * plane when that changes: TC egress skips parsing when it is zero, so an
+ * engine with nothing dormant costs egress traffic (offloaded packets
+ * included) one array load.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

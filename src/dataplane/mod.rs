@@ -249,6 +249,8 @@ pub struct Dataplane {
     skel: FastpathSkel<'static>,
     attached: Vec<Attachment>,
     features: Features,
+    /// What fo_watching was last set to (`set_watching`).
+    watching: std::cell::Cell<Option<bool>>,
 }
 
 impl Dataplane {
@@ -282,7 +284,7 @@ impl Dataplane {
             built = Self::build(max_flows, &features);
         }
         let skel = built?;
-        let mut dp = Dataplane { skel, attached: Vec::new(), features };
+        let mut dp = Dataplane { skel, attached: Vec::new(), features, watching: std::cell::Cell::new(None) };
         features.csum_ipv6 = dp.probe_csum_ipv6();
         features.fib_skip_neigh = dp.probe_fib_flag(routes_flags::SKIP_NEIGH);
         features.fib_mark = dp.probe_fib_flag(routes_flags::MARK);
@@ -787,9 +789,16 @@ impl Dataplane {
     /// Tell TC egress how many keys are watched; with none it does not
     /// look at packets at all (see fo_watching in bpf/maps.h).
     pub fn set_watching(&self, n: usize) {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        if let Err(e) = self.skel.maps.fo_watching.update(&0u32.to_ne_bytes(), &n.to_ne_bytes(), MapFlags::ANY) {
-            tracing::warn!("cannot update the dormant watch count: {e}");
+        // TC egress only asks whether anything is watched: write when that
+        // changes, not on every key (a burst of new UDP connections arms
+        // and drops two keys each).
+        let any = n > 0;
+        if self.watching.get() == Some(any) {
+            return;
+        }
+        match self.skel.maps.fo_watching.update(&0u32.to_ne_bytes(), &u32::from(any).to_ne_bytes(), MapFlags::ANY) {
+            Ok(()) => self.watching.set(Some(any)),
+            Err(e) => tracing::warn!("cannot update the dormant watch flag: {e}"),
         }
     }
 

@@ -427,36 +427,39 @@ impl FlowTable {
     /// (original, reply); among those TC egress announced (`keys`) or,
     /// with `None`, all watched. Record it with `prove`.
     pub fn woken(&self, keys: Option<&[fo_flow_key]>) -> Vec<(ConnId, [bool; 2])> {
+        // Two map reads per connection (its two stamps), once: a burst of
+        // new UDP connections wakes thousands at a time.
         let fresh = |w: &Watch| {
             let seen = w.seen(&self.dp);
             [0, 1].map(|i| seen[i] && !w.proven[i])
         };
-        let mut ids: Vec<ConnId> = match keys {
-            None => self.dormant_keys.values().copied().collect(),
-            Some(keys) => keys
-                .iter()
-                .filter_map(|k| {
-                    let id = self.dormant_keys.get(&key_bytes(k))?;
-                    let w = self.watch_of(id)?;
+        let mut found: Vec<(ConnId, [bool; 2])> = match keys {
+            None => {
+                let mut ids: Vec<ConnId> = self.dormant_keys.values().copied().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.into_iter().filter_map(|id| Some((id, fresh(self.watch_of(&id)?)))).collect()
+            }
+            Some(keys) => {
+                let mut seen: HashMap<ConnId, [bool; 2]> = HashMap::with_capacity(keys.len());
+                for k in keys {
+                    let Some(id) = self.dormant_keys.get(&key_bytes(k)) else { continue };
+                    let Some(w) = self.watch_of(id) else { continue };
+                    let ev = *seen.entry(*id).or_insert_with(|| fresh(w));
                     // Announced but stamped no later than it slept (the
                     // same coarse-clock tick): re-arm, or the next packet
                     // would not be announced.
                     let i = usize::from(key_bytes(&w.keys[1]) == key_bytes(k));
-                    if !fresh(w)[i] && !w.proven[i] {
+                    if !ev[i] && !w.proven[i] {
                         let _ = self.dp.watch_dormant(k);
                     }
-                    Some(*id)
-                })
-                .collect(),
+                }
+                seen.into_iter().collect()
+            }
         };
-        ids.sort_unstable();
-        ids.dedup();
-        ids.into_iter()
-            .filter_map(|id| {
-                let ev = fresh(self.watch_of(&id)?);
-                (ev != [false, false]).then_some((id, ev))
-            })
-            .collect()
+        found.retain(|(_, ev)| *ev != [false, false]);
+        found.sort_unstable_by_key(|(id, _)| *id);
+        found
     }
 
     /// Record evidence `ev` (from `woken`) for `id`. An offloaded
