@@ -100,7 +100,12 @@ pub fn memory_facts() -> crate::settings::capacity::MemoryFacts {
     let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     crate::settings::capacity::MemoryFacts {
         mem_total: parse_mem_total(&meminfo),
-        cgroup_max: cgroup_v2_path(&cgroup).and_then(|p| cgroup_memory_max(Path::new("/sys/fs/cgroup"), p)),
+        cgroup_max: cgroup_v2_path(&cgroup)
+            .and_then(|p| cgroup_memory_max(Path::new("/sys/fs/cgroup"), p, "memory.max"))
+            .or_else(|| {
+                let p = cgroup_v1_memory_path(&cgroup)?;
+                cgroup_memory_max(Path::new("/sys/fs/cgroup/memory"), p, "memory.limit_in_bytes")
+            }),
         ct_max: sysctl("net.netfilter.nf_conntrack_max").and_then(|v| v.parse().ok()),
     }
 }
@@ -123,13 +128,26 @@ pub(crate) fn cgroup_v2_path(cgroup: &str) -> Option<&str> {
     cgroup.lines().find_map(|l| l.strip_prefix("0::"))
 }
 
-/// The smallest memory.max from the cgroup at `path` up to the root: a
-/// parent's limit binds its children too. None when none is set ("max").
-pub(crate) fn cgroup_memory_max(root: &Path, path: &str) -> Option<u64> {
+/// The v1 memory hierarchy's path in /proc/self/cgroup ("4:memory:/path"),
+/// where v1 still holds the memory controller.
+pub(crate) fn cgroup_v1_memory_path(cgroup: &str) -> Option<&str> {
+    cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+        ctrl.split(',').any(|c| c == "memory").then_some(path)
+    })
+}
+
+/// The smallest limit in `file` (v2 memory.max, v1 memory.limit_in_bytes)
+/// from the cgroup at `path` up to the root: a parent's limit binds its
+/// children too. None when none is set (v2 "max"; v1's page counter
+/// maximum, near 2^63).
+pub(crate) fn cgroup_memory_max(root: &Path, path: &str, file: &str) -> Option<u64> {
     let mut dir = root.join(path.trim_start_matches('/'));
     let mut least: Option<u64> = None;
     while dir.starts_with(root) && dir != root {
-        if let Some(v) = fs::read_to_string(dir.join("memory.max")).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        let limit = fs::read_to_string(dir.join(file)).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        if let Some(v) = limit.filter(|v| *v < 1 << 62) {
             least = Some(least.map_or(v, |l| l.min(v)));
         }
         if !dir.pop() {
@@ -227,12 +245,17 @@ mod tests {
         std::fs::create_dir_all(&leaf).unwrap();
         std::fs::write(root.join("a/memory.max"), "67108864\n").unwrap();
         std::fs::write(leaf.join("memory.max"), "max\n").unwrap();
-        assert_eq!(cgroup_memory_max(&root, "/a/b"), Some(64 << 20));
+        assert_eq!(cgroup_memory_max(&root, "/a/b", "memory.max"), Some(64 << 20));
         std::fs::write(leaf.join("memory.max"), "1048576\n").unwrap();
-        assert_eq!(cgroup_memory_max(&root, "/a/b"), Some(1 << 20));
+        assert_eq!(cgroup_memory_max(&root, "/a/b", "memory.max"), Some(1 << 20));
         std::fs::write(root.join("memory.max"), "1\n").unwrap();
-        assert_eq!(cgroup_memory_max(&root, "/a/b"), Some(1 << 20), "the root's own file is not a limit");
-        assert_eq!(cgroup_memory_max(&root, "/"), None);
+        assert_eq!(cgroup_memory_max(&root, "/a/b", "memory.max"), Some(1 << 20), "the root's own file is not a limit");
+        assert_eq!(cgroup_memory_max(&root, "/", "memory.max"), None);
+        // v1: no limit is the page counter's maximum
+        std::fs::write(leaf.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(cgroup_memory_max(&root, "/a/b", "memory.limit_in_bytes"), None);
+        assert_eq!(cgroup_v1_memory_path("5:devices:/\n4:memory:/process_api/x\n0::/\n"), Some("/process_api/x"));
+        assert_eq!(cgroup_v1_memory_path("0::/system.slice\n"), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

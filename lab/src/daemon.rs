@@ -83,11 +83,21 @@ pub struct DaemonOpts {
     pub log_dir: Option<PathBuf>,
     /// How long `status` may keep failing after the start.
     pub ready_timeout: Duration,
+    /// Cgroup directories the engine joins before it execs (its memory,
+    /// BPF maps included, and CPU are charged there from the start).
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Default for DaemonOpts {
     fn default() -> Self {
-        DaemonOpts { exe: None, args: Vec::new(), cpu: None, log_dir: None, ready_timeout: Duration::from_secs(15) }
+        DaemonOpts {
+            exe: None,
+            args: Vec::new(),
+            cpu: None,
+            log_dir: None,
+            ready_timeout: Duration::from_secs(15),
+            cgroups: Vec::new(),
+        }
     }
 }
 
@@ -147,6 +157,7 @@ impl Daemon {
         if let Some(cpu) = opts.cpu {
             cpu::pin_command(&mut c, cpu);
         }
+        crate::lab::cgroup::join_command(&mut c, &opts.cgroups)?;
         let child = lab.spawn_cmd(c)?;
         let mut d = Daemon { child: Some(child), ns: lab.rtr.clone(), exe, what, log, dir };
         d.wait_ready(opts.ready_timeout).inspect_err(|_| d.keep_log())?;

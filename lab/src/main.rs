@@ -77,6 +77,11 @@ enum Cmd {
         /// and full, and the daemon's resident memory with live connections.
         #[arg(long)]
         memory_only: bool,
+        /// Only the small-router profile: the engine under a 64 MiB memory
+        /// limit and 20% of a CPU, offered a growing number of live
+        /// connections.
+        #[arg(long)]
+        small_router: bool,
     },
     /// Boot Debian's 6.1 or 6.12 kernel under qemu and run the VM scenarios
     /// inside (what `cargo test --test vm` does, for one kernel, by hand).
@@ -162,7 +167,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let kernel = Kernel::from_series(&kernel).ok_or_else(|| anyhow::anyhow!("unknown kernel {kernel:?}"))?;
             vm::guest::run(&vm::guest::GuestOpts { results: &results, kernel, only: &scenario, diff_frames })
         }
-        Cmd::Bench { quick, json, plots, strict, live_only, paths, offload_only, memory_only } => {
+        Cmd::Bench { quick, json, plots, strict, live_only, paths, offload_only, memory_only, small_router } => {
             let exe = router_bin()?;
             let r = bench::run(&bench::BenchOpts {
                 quick,
@@ -173,6 +178,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 only_paths: paths,
                 offload_only,
                 memory_only,
+                small_router_only: small_router,
             })?;
             print!("{}", r.render());
             if strict && !r.valid() {

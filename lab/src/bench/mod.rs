@@ -26,6 +26,7 @@ mod private;
 mod ratios;
 mod render;
 mod scaling;
+mod small_router;
 mod stat;
 mod tcp;
 mod validity;
@@ -64,6 +65,8 @@ pub struct BenchOpts {
     pub offload_only: bool,
     /// Only the memory figures (maps by table size, daemon RSS).
     pub memory_only: bool,
+    /// Only the small-router profile.
+    pub small_router_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -125,6 +128,9 @@ pub struct Report {
     /// Eligible-to-fast-path latency from packet timestamps.
     pub offload_latency: OffloadLatency,
     pub memory: BTreeMap<String, f64>,
+    /// The small-router profile (`small_router`): the engine under a 64 MiB
+    /// memory limit and 20% of a CPU.
+    pub small_router: BTreeMap<String, f64>,
     pub offload: BTreeMap<String, f64>,
     pub ratios: BTreeMap<String, f64>,
     pub targets: BTreeMap<String, String>,
@@ -150,6 +156,13 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     }
     if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
         anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
+    }
+    if opts.small_router_only {
+        eprintln!("bench: the small-router profile only");
+        paths::small_router_only(opts, &mut r)?;
+        ratios::ratios(&mut r);
+        write_json(opts, &r)?;
+        return Ok(r);
     }
     if opts.memory_only {
         eprintln!("bench: memory only (maps by table size, daemon with live connections)");

@@ -96,12 +96,12 @@ impl PacketGen {
     fn send(&mut self, n: usize, nflows: u32, dport: u16) -> Result<()> {
         let len = self.frame.len();
         let mut bufs = vec![0u8; n * len];
+        let template_sport = self.port_in_frame();
         for (j, b) in bufs.chunks_mut(len).enumerate() {
             b.copy_from_slice(&self.frame);
-            let i = ((self.seq + j as u64) % u64::from(nflows)) as u32;
-            let sport = if nflows > 1 { (BASE_PORT + i % FLOWS_PER_DPORT) as u16 } else { self.port_in_frame() };
+            let (sport, dport) = ports(self.seq + j as u64, nflows, dport, template_sport);
             b[34..36].copy_from_slice(&sport.to_be_bytes());
-            b[36..38].copy_from_slice(&dport.wrapping_add((i / FLOWS_PER_DPORT) as u16).to_be_bytes());
+            b[36..38].copy_from_slice(&dport.to_be_bytes());
             b[40..42].copy_from_slice(&[0, 0]);
         }
         // SAFETY: zeroed sockaddr_ll is valid; the fields set name the port.
@@ -145,5 +145,29 @@ impl PacketGen {
 
     fn port_in_frame(&self) -> u16 {
         u16::from_be_bytes([self.frame[34], self.frame[35]])
+    }
+}
+
+/// Ports of frame `seq` over `nflows` flows, as bench_gen writes them.
+fn ports(seq: u64, nflows: u32, dport: u16, template_sport: u16) -> (u16, u16) {
+    if nflows <= 1 {
+        return (template_sport, dport);
+    }
+    let i = (seq % u64::from(nflows)) as u32;
+    ((BASE_PORT + i % FLOWS_PER_DPORT) as u16, dport.wrapping_add((i / FLOWS_PER_DPORT) as u16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_are_bench_gen_s() {
+        assert_eq!(ports(5, 1, 9, 10_000), (10_000, 9));
+        assert_eq!(ports(0, 64, 9, 1), (10_000, 9));
+        assert_eq!(ports(65, 64, 9, 1), (10_001, 9), "round robin over the flows");
+        // Past 50,000 flows the destination port moves on.
+        assert_eq!(ports(50_000, 100_000, 100, 1), (10_000, 101));
+        assert_eq!(ports(99_999, 100_000, 100, 1), (59_999, 101));
     }
 }

@@ -237,6 +237,15 @@ pub(super) fn live_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
     done
 }
 
+/// `bench --small-router`: the small-router profile alone.
+pub(super) fn small_router_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
+    let b = isolated(r)?;
+    let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
+    let done = super::small_router::small_router(&b, o, r);
+    note_generator(&b, r);
+    done
+}
+
 /// Say which generator offered the load when it was not live frames.
 fn note_generator(b: &Bench, r: &mut Report) {
     if b.g.fell_back() {
@@ -319,9 +328,13 @@ pub(super) fn router_paths(o: &BenchOpts, r: &mut Report) -> Result<()> {
     eprintln!("bench: daemon memory with live connections");
     super::memory::daemon_rss(&b, o, r)?;
     eprintln!("bench: live offloaded connections");
-    let done = super::live::live_scaling(&b, o, r);
+    super::live::live_scaling(&b, o, r)?;
+    if !o.quick {
+        eprintln!("bench: the small-router profile");
+        super::small_router::small_router(&b, o, r)?;
+    }
     note_generator(&b, r);
-    done
+    Ok(())
 }
 
 /// The memory figures alone: the maps at each table size (no lab), then

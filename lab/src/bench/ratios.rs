@@ -105,6 +105,8 @@ pub(super) fn ratios(r: &mut Report) {
     abs("map_bytes_per_conn_64k", mem_64k, "<= 256");
     abs("map_bytes_per_conn_1m", mem_1m, "<= 256");
     abs("daemon_rss_mb_64k", rss_64k, "<= 32");
+    let held = r.small_router.get("held_connections").copied();
+    abs("small_router_held_connections", held, ">= 64000 (64 MiB, 20% of a CPU)");
 }
 
 #[cfg(test)]

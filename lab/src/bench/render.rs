@@ -122,6 +122,12 @@ impl Report {
         for (k, v) in &self.memory {
             o += &format!("  {k:<28} {v:.0}\n");
         }
+        if !self.small_router.is_empty() {
+            o += "\nSmall router (engine under a 64 MiB memory limit and 20% of a CPU):\n";
+            for (k, v) in &self.small_router {
+                o += &format!("  {k:<36} {v:.1}\n");
+            }
+        }
         o += "\nOffload:\n";
         for (k, v) in &self.offload {
             o += &format!("  {k:<28} {v:.1}\n");

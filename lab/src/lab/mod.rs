@@ -16,6 +16,7 @@
 //! Everything is driven with the real tools (`ip`, `nft`, `ethtool`, ...),
 //! so the lab behaves like a small router would.
 
+pub mod cgroup;
 pub(crate) mod children;
 pub(crate) mod cmd;
 pub(crate) mod cpu;
