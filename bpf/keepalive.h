@@ -206,25 +206,39 @@ static __always_inline void fo_ct_apply(struct nf_conn *ct, const struct fo_pars
 	bpf_ct_release(ct);
 }
 
+/* Whether this packet refreshes, and the tuple to look the entry up by
+ * (its size; 0: not due). Stamps the direction first, so a lookup that
+ * finds nothing is not repeated on every packet.
+ */
+static __always_inline __u32 fo_ct_begin(const struct fo_parsed *p, struct fo_flow *f, __u64 now,
+					 struct bpf_sock_tuple *t)
+{
+	if (!fo_ct_due(f, p->key.proto, now))
+		return 0;
+	f->ct_refresh_ns = now;
+	return fo_ct_tuple(p, t);
+}
+
+/* After the lookup (the kfuncs differ by context type only). */
+static __always_inline void fo_ct_finish(struct nf_conn *ct, const struct fo_parsed *p, struct fo_flow *f, __u64 now)
+{
+	if (!ct) {
+		fo_count(FO_STAT_CT_GONE, 1);
+		return;
+	}
+	fo_ct_apply(ct, p, f, now);
+}
+
 /* TC: refresh through the skb's device's namespace. */
 static __always_inline void fo_ct_refresh_skb(struct __sk_buff *skb, const struct fo_parsed *p, struct fo_flow *f,
 					      __u64 now)
 {
 	struct bpf_ct_opts___fo opts = { .netns_id = FO_CT_CURRENT_NETNS, .l4proto = p->key.proto };
 	struct bpf_sock_tuple t = {};
-	struct nf_conn *ct;
-	__u32 sz;
+	__u32 sz = fo_ct_begin(p, f, now, &t);
 
-	if (!fo_ct_due(f, p->key.proto, now))
-		return;
-	f->ct_refresh_ns = now;
-	sz = fo_ct_tuple(p, &t);
-	ct = bpf_skb_ct_lookup(skb, &t, sz, &opts, FO_CT_OPTS_SZ);
-	if (!ct) {
-		fo_count(FO_STAT_CT_GONE, 1);
-		return;
-	}
-	fo_ct_apply(ct, p, f, now);
+	if (sz)
+		fo_ct_finish(bpf_skb_ct_lookup(skb, &t, sz, &opts, FO_CT_OPTS_SZ), p, f, now);
 }
 
 /* XDP: the same through the receiving device's namespace. */
@@ -233,19 +247,10 @@ static __always_inline void fo_ct_refresh_xdp(struct xdp_md *ctx, const struct f
 {
 	struct bpf_ct_opts___fo opts = { .netns_id = FO_CT_CURRENT_NETNS, .l4proto = p->key.proto };
 	struct bpf_sock_tuple t = {};
-	struct nf_conn *ct;
-	__u32 sz;
+	__u32 sz = fo_ct_begin(p, f, now, &t);
 
-	if (!fo_ct_due(f, p->key.proto, now))
-		return;
-	f->ct_refresh_ns = now;
-	sz = fo_ct_tuple(p, &t);
-	ct = bpf_xdp_ct_lookup(ctx, &t, sz, &opts, FO_CT_OPTS_SZ);
-	if (!ct) {
-		fo_count(FO_STAT_CT_GONE, 1);
-		return;
-	}
-	fo_ct_apply(ct, p, f, now);
+	if (sz)
+		fo_ct_finish(bpf_xdp_ct_lookup(ctx, &t, sz, &opts, FO_CT_OPTS_SZ), p, f, now);
 }
 
 #endif
