@@ -148,28 +148,26 @@ impl Report {
 pub fn run(opts: &BenchOpts) -> Result<Report> {
     crate::lab::require_root()?;
     let mut r = Report { machine: machine(), quick: opts.quick, ..Default::default() };
-    if opts.live_only {
-        paths::live_only(opts, &mut r)?;
+    // One part alone: its figures, the ratios they allow, the JSON.
+    type Part = fn(&BenchOpts, &mut Report) -> Result<()>;
+    let alone: Option<(&str, Part)> = if opts.live_only {
+        Some(("the live-connections part", |o, r| paths::part_alone(o, r, live::live_scaling)))
+    } else if opts.small_router_only {
+        Some(("the small-router profile", |o, r| paths::part_alone(o, r, small_router::small_router)))
+    } else if opts.memory_only {
+        Some(("memory (maps by table size, daemon with live connections)", paths::memory_only))
+    } else {
+        None
+    };
+    if let Some((what, part)) = alone {
+        eprintln!("bench: {what} only");
+        part(opts, &mut r)?;
         ratios::ratios(&mut r);
         write_json(opts, &r)?;
         return Ok(r);
     }
     if let Some(bad) = opts.only_paths.iter().find(|p| !paths::PATHS.contains(&p.as_str())) {
         anyhow::bail!("unknown router path {bad:?} (known: {})", paths::PATHS.join(", "));
-    }
-    if opts.small_router_only {
-        eprintln!("bench: the small-router profile only");
-        paths::small_router_only(opts, &mut r)?;
-        ratios::ratios(&mut r);
-        write_json(opts, &r)?;
-        return Ok(r);
-    }
-    if opts.memory_only {
-        eprintln!("bench: memory only (maps by table size, daemon with live connections)");
-        paths::memory_only(opts, &mut r)?;
-        ratios::ratios(&mut r);
-        write_json(opts, &r)?;
-        return Ok(r);
     }
     if opts.offload_only {
         eprintln!("bench: offload rate and latency only (offload_tc)");

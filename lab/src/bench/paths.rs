@@ -228,20 +228,16 @@ fn isolated(r: &mut Report) -> Result<Bench> {
     Ok(b)
 }
 
-/// `bench --live-only`: the live-connections part alone.
-pub(super) fn live_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
+/// One part of the benchmark alone on its own isolated lab (`--live-only`,
+/// `--small-router`), the generator on its CPU, saying which generator ran.
+pub(super) fn part_alone(
+    o: &BenchOpts,
+    r: &mut Report,
+    part: fn(&Bench, &BenchOpts, &mut Report) -> Result<()>,
+) -> Result<()> {
     let b = isolated(r)?;
     let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
-    let done = super::live::live_scaling(&b, o, r);
-    note_generator(&b, r);
-    done
-}
-
-/// `bench --small-router`: the small-router profile alone.
-pub(super) fn small_router_only(o: &BenchOpts, r: &mut Report) -> Result<()> {
-    let b = isolated(r)?;
-    let _pin = cpu::ThreadPin::to(b.lab.isolation.generator_cpu);
-    let done = super::small_router::small_router(&b, o, r);
+    let done = part(&b, o, r);
     note_generator(&b, r);
     done
 }
