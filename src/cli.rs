@@ -18,6 +18,31 @@ pub use render::{render_flows, render_status};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// More log lines: -v debug, -vv trace (NFT_OFFLOAD_LOG overrides)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Fewer log lines: -q warnings and errors only, -qq errors only
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+impl Cli {
+    /// `-v`/`-q` as a step from the default level (`init_logging_at`).
+    pub fn verbosity(&self) -> i8 {
+        let v = i8::try_from(self.verbose).unwrap_or(i8::MAX);
+        let q = i8::try_from(self.quiet).unwrap_or(i8::MAX);
+        v.saturating_sub(q)
+    }
+}
+
+/// The exit status for an error: 2 for input the user can correct (a flag
+/// or configuration value, as clap's own usage errors), 1 for the rest.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.chain().any(|c| c.is::<settings::SettingsError>()) {
+        2
+    } else {
+        1
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -30,11 +55,16 @@ pub enum Output {
 pub enum Cmd {
     /// Run the offload engine in the foreground (SIGINT/SIGTERM detach it).
     Run(RunArgs),
-    /// Replace the ruleset of a running `run --nft`, atomically; offloaded
-    /// connections go back through the new rules.
+    /// Apply changed settings to the running engine, all or nothing. Without
+    /// --nft (or on SIGHUP) it reads its --config and ruleset files again:
+    /// a new ruleset is loaded atomically and every offloaded connection
+    /// goes back through it; new exclusions and idle timeout apply at once;
+    /// interfaces, mode, max_flows and keepalive need a restart.
     Reload {
+        /// A new ruleset for a ruleset engine, read with your permissions and
+        /// sent to it (it must keep a flowtable and `flow add @ft`)
         #[arg(long, value_name = "FILE")]
-        nft: PathBuf,
+        nft: Option<PathBuf>,
     },
     /// What this host supports and what each interface would use, with a
     /// remedy per problem; exits non-zero if offload cannot work at all.
@@ -42,18 +72,23 @@ pub enum Cmd {
         /// Interfaces to examine (default: all but lo).
         #[arg(long = "iface")]
         ifaces: Vec<String>,
+        /// The mode `run` would be given: the report says what each
+        /// interface would use under it
         #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
         mode: ModeChoice,
+        /// Output format: text for people, json for scripts
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Where the engine is attached, how, and what it did.
     Status {
+        /// Output format: text for people, json for scripts
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Offloaded connections, conntrack style.
     Flows {
+        /// Output format: text for people, json for scripts
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -63,13 +98,14 @@ pub enum Cmd {
 /// override the file's values). Defaults and ranges are the settings
 /// module's, not clap's, so flags and file agree.
 #[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("what").args(["ifaces", "config", "nft"]).multiple(true).required(true))]
 pub struct RunArgs {
     /// Interface to offload between (repeat; at least two to forward).
-    #[arg(long = "iface", required_unless_present_any = ["nft", "config"], conflicts_with = "nft")]
+    #[arg(long = "iface", conflicts_with = "nft")]
     pub ifaces: Vec<String>,
     /// TOML configuration (interfaces, mode, exclusions, timeouts); flags
     /// given as well override its values.
-    #[arg(long, value_name = "FILE", conflicts_with = "nft")]
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// nftables ruleset with a flowtable and `flow add @ft` (as for
     /// kmod-nft-offload / firewall4): loaded atomically; it decides what is
@@ -101,23 +137,29 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The file's values (if any) with the flags given on top, validated.
-    pub fn settings(self) -> Result<Settings> {
+    pub fn settings(&self) -> Result<Settings> {
         let mut input = match &self.config {
             Some(path) => settings::file::read(path)?,
             None => SettingsInput::default(),
         };
         if !self.ifaces.is_empty() {
-            let names = self.ifaces.into_iter().map(|i| Given::flag("--iface", i)).collect();
+            let names = self.ifaces.iter().map(|i| Given::flag("--iface", i.clone())).collect();
             input.ifaces = Some(Given::flag("--iface", names));
         }
         input.mode = self.mode.map(|v| Given::flag("--mode", v)).or(input.mode);
         input.idle_timeout = self.idle_timeout.map(|v| Given::flag("--idle-timeout", v)).or(input.idle_timeout);
         input.max_flows = self.max_flows.map(|v| Given::flag("--max-flows", v)).or(input.max_flows);
         input.keepalive = self.keepalive.map(|v| Given::flag("--keepalive", v)).or(input.keepalive);
-        input.nft = self.nft.map(|v| Given::flag("--nft", v));
+        input.nft = self.nft.clone().map(|v| Given::flag("--nft", v)).or(input.nft);
         let s = settings::validate(input)?;
         if let Some(path) = &self.config {
             tracing::info!(file = %path.display(), exclusions = !s.exclude.is_empty(), "configuration loaded");
+        }
+        if let [one] = s.ifaces.as_slice() {
+            tracing::warn!(
+                "only one interface ({one}): only connections that arrive and leave by it are offloaded; \
+                 name every interface the router forwards between"
+            );
         }
         Ok(s)
     }
@@ -127,14 +169,21 @@ pub fn main_with(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run(args) => {
             let mut engine = Engine::start(args.settings()?)?;
+            if args.config.is_some() || args.nft.is_some() {
+                engine.reread_with(Box::new(move || args.settings()));
+            }
             engine.run()?;
             drop(engine);
             tracing::info!("stopped; nothing left attached");
             Ok(())
         }
-        Cmd::Reload { nft } => {
+        Cmd::Reload { nft: Some(nft) } => {
             let path = std::path::absolute(&nft).unwrap_or(nft);
             println!("{}", Client::reload(&path)?);
+            Ok(())
+        }
+        Cmd::Reload { nft: None } => {
+            println!("{}", Client::reload_files()?);
             Ok(())
         }
         Cmd::Check { ifaces, mode, output } => {
@@ -199,7 +248,49 @@ mod tests {
         let s = run(&["--config", f, "--mode", "xdp", "--idle-timeout", "7"]).unwrap();
         assert_eq!((s.mode, s.idle_timeout, s.max_flows), (ModeChoice::Xdp, Duration::from_secs(7), Some(131072)));
         assert_eq!((s.ifaces.len(), s.exclude.ports.len()), (2, 3), "the rest is the file's");
-        assert!(run(&["--config", f, "--nft", "x.nft"]).is_err(), "--nft and --config exclude each other");
+        let e = run(&["--config", f, "--nft", "x.nft"]).unwrap_err();
+        assert!(e.to_string().contains("interfaces[0]: with a ruleset"), "{e}");
+        assert_eq!(exit_code(&e), 2, "bad input exits as clap's usage errors do");
+
+        // A file that names a ruleset runs `--nft` mode: one service
+        // definition for every mode. Relative names are the file's.
+        let g = dir.join("nft.toml");
+        std::fs::write(&g, "ruleset = \"fw.nft\"\nidle_timeout = 9\n").unwrap();
+        let s = run(&["--config", g.to_str().unwrap()]).unwrap();
+        assert_eq!((s.nft, s.ifaces.len()), (Some(dir.join("fw.nft")), 0));
+        let s = run(&["--config", g.to_str().unwrap(), "--nft", "/etc/other.nft"]).unwrap();
+        assert_eq!(s.nft.as_deref(), Some(std::path::Path::new("/etc/other.nft")), "the flag overrides the file");
+        let e = run(&["--config", g.to_str().unwrap(), "--iface", "eth0"]).unwrap_err().to_string();
+        assert!(e.starts_with("--iface: with a ruleset"), "{e}");
+        std::fs::write(&g, "mode = \"tc\"\n").unwrap();
+        let e = run(&["--config", g.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(e.starts_with("no interfaces given") && e.contains("ruleset"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn run_alone_names_every_way_to_say_what_to_offload() {
+        let e = Cli::try_parse_from(["nft-offload", "run"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let text = e.to_string();
+        for flag in ["--iface", "--config", "--nft"] {
+            assert!(text.contains(flag), "{flag} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn loopback_is_refused_by_name() {
+        let e = run(&["--iface", "lo", "--iface", "eth0"]).unwrap_err();
+        assert_eq!(e.to_string(), "--iface: \"lo\" is the loopback device: the kernel forwards nothing through it");
+        assert_eq!(exit_code(&e), 2);
+    }
+
+    #[test]
+    fn verbosity_steps_from_info() {
+        let v = |args: &[&str]| Cli::try_parse_from([&["nft-offload"], args].concat()).map(|c| c.verbosity());
+        assert_eq!(v(&["status"]).unwrap(), 0);
+        assert_eq!(v(&["-vv", "status"]).unwrap(), 2);
+        assert_eq!(v(&["status", "-q"]).unwrap(), -1, "global: after the subcommand too");
+        assert!(v(&["-v", "-q", "status"]).is_err(), "-v and -q contradict each other");
     }
 }

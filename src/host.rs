@@ -159,10 +159,21 @@ pub(crate) fn cgroup_memory_max(root: &Path, path: &str, file: &str) -> Option<u
 
 /// Set by the handler `SignalGuard` installs.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGHUP since the last `reload_requested`.
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
     // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::SeqCst);
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Has SIGHUP (a service manager's reload) arrived since the last call?
+pub fn reload_requested() -> bool {
+    RELOAD.swap(false, Ordering::SeqCst)
 }
 
 /// Has SIGINT/SIGTERM arrived since the current `SignalGuard` was installed?
@@ -170,7 +181,8 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
-/// While alive, SIGINT and SIGTERM only set the flag `stop_requested` reads,
+/// While alive, SIGINT and SIGTERM only set the flag `stop_requested` reads
+/// (and SIGHUP the one `reload_requested` reads),
 /// so loops end through their normal path (and Drop impls clean up) instead
 /// of the process dying with programs attached or namespaces left behind.
 /// Dropping it restores the handlers that were there before.
@@ -182,8 +194,9 @@ impl SignalGuard {
     /// Installs the handler and clears the flag.
     pub fn install() -> io::Result<SignalGuard> {
         STOP.store(false, Ordering::SeqCst);
+        RELOAD.store(false, Ordering::SeqCst);
         let mut g = SignalGuard { old: Vec::new() };
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             // SAFETY: sigaction structs are plain data; the handler only
             // performs an atomic store.
             unsafe {
@@ -273,6 +286,11 @@ mod tests {
         let g = SignalGuard::install().unwrap();
         assert!(!stop_requested());
         // SAFETY: raise delivers to this thread; our handler is installed.
+        assert_eq!(unsafe { libc::raise(libc::SIGHUP) }, 0);
+        assert!(!stop_requested(), "SIGHUP asks for a reload, not a stop");
+        assert!(reload_requested());
+        assert!(!reload_requested(), "once per signal");
+        // SAFETY: as above.
         assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
         assert!(stop_requested());
         drop(g);

@@ -20,13 +20,104 @@ pub mod settings;
 pub mod topology;
 pub mod xfrm;
 
-/// Logs to stderr, filtered by `NFT_OFFLOAD_LOG` (default `info`): the same
-/// for the router binary and the lab's.
+/// Logs to stderr at `info`, filtered by `NFT_OFFLOAD_LOG` when set: the
+/// lab's default.
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NFT_OFFLOAD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    init_logging_at(0);
+}
+
+/// Logs to stderr. `verbosity` moves the level from `info`: -1 `warn`, -2
+/// `error`, 1 `debug`, 2 `trace` (`-q`/`-v`); `NFT_OFFLOAD_LOG` (an
+/// `EnvFilter` directive) overrides it. Plain lines wherever nothing reads
+/// them on a terminal: journald, procd's logd and syslog stamp each line
+/// themselves, so a timestamp is written only on a terminal or into a file
+/// (where nothing else would), colour only on a terminal and never with
+/// `NO_COLOR` set (no-color.org).
+pub fn init_logging_at(verbosity: i8) {
+    use std::io::IsTerminal;
+    let level = match verbosity {
+        i8::MIN..=-2 => "error",
+        -1 => "warn",
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NFT_OFFLOAD_LOG").unwrap_or_else(|_| level.into());
+    let terminal = std::io::stderr().is_terminal();
+    let style = log_style(terminal, stderr_is_file(), std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()));
+    let b = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_ansi(style.colour);
+    if style.timestamp {
+        b.init();
+    } else {
+        b.without_time().init();
+    }
+}
+
+/// How log lines look (`init_logging_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStyle {
+    pub colour: bool,
+    pub timestamp: bool,
+}
+
+/// Colour on a terminal unless `NO_COLOR`; a timestamp on a terminal or in
+/// a regular file, none into a pipe or socket (journald, logd, syslog).
+pub fn log_style(terminal: bool, file: bool, no_colour: bool) -> LogStyle {
+    LogStyle { colour: terminal && !no_colour, timestamp: terminal || file }
+}
+
+/// Whether stderr is a regular file (`2>engine.log`).
+fn stderr_is_file() -> bool {
+    // SAFETY: fstat on fd 2 writes only into the struct it is given.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(2, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFREG }
+}
+
+/// An error as one line, each cause once: `anyhow`'s `{:#}` joins the
+/// chain with ": ", and an error whose message already quotes its source
+/// (`cannot read X: No such file or directory`) would say the cause twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if c.is_empty() || out.contains(&c) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_plain_unless_a_terminal_reads_them() {
+        // (terminal, file, NO_COLOR) -> (colour, timestamp)
+        let cases = [
+            ((true, false, false), (true, true)),
+            ((true, false, true), (false, true)),
+            ((false, true, false), (false, true)),
+            ((false, false, false), (false, false)),
+            ((false, false, true), (false, false)),
+        ];
+        for ((t, f, n), (colour, timestamp)) in cases {
+            assert_eq!(log_style(t, f, n), LogStyle { colour, timestamp }, "terminal {t} file {f} NO_COLOR {n}");
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let msg = format!("cannot read /x: {io}");
+        let e = anyhow::Error::new(io).context(msg.clone());
+        assert_eq!(format!("{e:#}"), format!("{msg}: entity not found"), "anyhow repeats it");
+        assert_eq!(error_text(&e), msg);
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_text(&e), "outer: middle: inner");
+    }
 }

@@ -11,10 +11,10 @@ fn main() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
-    nft_offload::init_logging();
     let cli = nft_offload::cli::Cli::parse();
+    nft_offload::init_logging_at(cli.verbosity());
     if let Err(e) = nft_offload::cli::main_with(cli) {
-        eprintln!("nft-offload: error: {e:#}");
-        std::process::exit(1);
+        eprintln!("nft-offload: error: {}", nft_offload::error_text(&e));
+        std::process::exit(nft_offload::cli::exit_code(&e));
     }
 }

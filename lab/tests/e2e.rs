@@ -1047,3 +1047,69 @@ fn config_file_with_exclusions() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("idle_timeout") && e.contains("out of range"), "{e}");
 }
+
+/// `reload` without a file and SIGHUP read the start's files again: new
+/// exclusions take an offloaded connection off at once and the idle
+/// timeout follows; a change only a restart can make, or a file that does
+/// not parse, changes nothing and says why. A configuration file that
+/// names a ruleset runs the ruleset engine, and a reload reads that too.
+#[test]
+fn reload_reads_the_configuration_and_ruleset_again() {
+    let lab = lab(false);
+    let cfg = write_ruleset(&lab, "reload.toml", "interfaces = [\"rlan\", \"rwan\"]\nmode = \"tc\"\n");
+    let d = daemon_raw(&lab, &["--config", &cfg]);
+    let _s = iperf_server(&lab, &lab.wan, 5201);
+    let c = iperf_client(&lab, "203.0.113.2", 5201, &["-t", "6", "-b", "50M"]);
+    let offloaded = |d: &Daemon| d.flows().unwrap().iter().any(|f| f["orig"]["dport"] == 5201);
+    sleep(Duration::from_millis(1500));
+    assert!(offloaded(&d), "not offloaded before the reload");
+
+    // SIGHUP, as systemd's ExecReload and procd send it.
+    std::fs::write(
+        &cfg,
+        "interfaces = [\"rlan\", \"rwan\"]\nmode = \"tc\"\nidle_timeout = 11\n[exclude]\nports = [5201]\n",
+    )
+    .unwrap();
+    // SAFETY: signalling the engine this test started.
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
+    let t = Instant::now();
+    while offloaded(&d) && t.elapsed() < Duration::from_secs(3) {
+        sleep(Duration::from_millis(100));
+    }
+    assert!(!offloaded(&d), "still offloaded 3 s after the exclusion was reloaded");
+    let st = d.status().unwrap();
+    assert_eq!(st["idle_timeout_s"], 11, "{st}");
+
+    // What needs a restart is refused whole, naming it; so is a bad file.
+    std::fs::write(&cfg, "interfaces = [\"rlan\"]\nmode = \"tc\"\nidle_timeout = 12\n").unwrap();
+    let e = format!("{:#}", d.cli(&["reload"]).unwrap_err());
+    assert!(e.contains("interfaces changed") && e.contains("nothing was changed"), "{e}");
+    std::fs::write(&cfg, "interfaces = [\"rlan\", \"rwan\"]\nidle_timeout = 0\n").unwrap();
+    let e = format!("{:#}", d.cli(&["reload"]).unwrap_err());
+    assert!(e.contains("idle_timeout: 0 is out of range") && e.contains("running settings stay"), "{e}");
+    assert_eq!(d.status().unwrap()["idle_timeout_s"], 11, "a refused reload changed something");
+
+    // The exclusion lifted by the CLI's reload: the connection comes back.
+    std::fs::write(&cfg, "interfaces = [\"rlan\", \"rwan\"]\nmode = \"tc\"\n").unwrap();
+    let out = d.cli(&["reload"]).expect("reload");
+    assert!(out.contains("exclusions changed") && out.contains("idle timeout 30 s"), "{out}");
+    let t = Instant::now();
+    while !offloaded(&d) && t.elapsed() < Duration::from_secs(3) {
+        sleep(Duration::from_millis(100));
+    }
+    assert!(offloaded(&d), "not offloaded again 3 s after the exclusion was lifted");
+    iperf_result(c);
+    d.stop().unwrap_or_else(|e| panic!("clean exit on SIGTERM: {e:#}"));
+
+    // A file naming a ruleset: the ruleset engine, one service definition.
+    let rules = write_ruleset(&lab, "reload-fw.nft", &fw4_flowtable_ruleset(""));
+    let cfg = write_ruleset(&lab, "reload-nft.toml", &format!("ruleset = \"{rules}\"\n"));
+    let d = daemon_raw(&lab, &["--config", &cfg]);
+    let out = d.cli(&["reload"]).expect("reload");
+    assert!(out.contains("unchanged"), "an unchanged ruleset is not loaded again: {out}");
+    std::fs::write(&rules, fw4_flowtable_ruleset("\t\tudp dport 9998 drop")).unwrap();
+    let out = d.cli(&["reload"]).expect("reload");
+    assert!(out.contains("reloaded") && out.contains("reload-fw.nft"), "{out}");
+    let listed = lab.exec(&lab.rtr, &["nft", "list", "chain", "inet", "fw4", "forward"]).unwrap();
+    assert!(listed.contains("udp dport 9998 drop"), "{listed}");
+}

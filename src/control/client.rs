@@ -26,6 +26,11 @@ impl Client {
     /// Send the ruleset at `path`, read here with the caller's own
     /// permissions (the engine opens no file for a client). Returns the
     /// engine's summary of what changed.
+    /// Ask the engine to read the files it was started with again.
+    pub fn reload_files() -> Result<String> {
+        call(&Request::ReloadFiles)
+    }
+
     pub fn reload(path: &std::path::Path) -> Result<String> {
         let ruleset = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         check_ruleset_size(ruleset.len()).map_err(|e| anyhow!("{}: {e}", path.display()))?;

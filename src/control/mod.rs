@@ -39,6 +39,10 @@ pub enum Request {
         name: String,
         ruleset: String,
     },
+    /// Read the files the engine was started with again (`--config`, the
+    /// ruleset), as SIGHUP does: the engine reads only what root named at
+    /// its start.
+    ReloadFiles,
 }
 
 /// What the engine answers, inside the `ok` of the envelope.

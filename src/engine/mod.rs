@@ -22,6 +22,7 @@ mod flowtable;
 mod holds;
 mod keepalive;
 mod ports;
+mod reconfigure;
 mod reroute;
 mod ruleset;
 mod views;
@@ -92,6 +93,11 @@ pub struct Engine {
 /// Everything the loop's handlers change.
 struct Core {
     cfg: Settings,
+    /// The settings as given (before `--nft`'s devices filled in the
+    /// interfaces), what a reload compares its new reading with.
+    given: Settings,
+    /// Where `reload_files` reads them again, if from a file.
+    reread: Option<reconfigure::Reread>,
     started: Instant,
     /// The loaded ruleset in `--nft` mode.
     ruleset: Option<Ruleset>,
@@ -146,6 +152,7 @@ impl Engine {
     /// dataplane's links are dropped with it.
     pub fn start(mut cfg: Settings) -> Result<Self> {
         host::preflight()?;
+        let given = cfg.clone();
         let ruleset = match &cfg.nft {
             Some(path) => {
                 if !cfg.ifaces.is_empty() {
@@ -213,6 +220,8 @@ impl Engine {
         let bits = ruleset::label_bits(ruleset.as_ref());
         let mut core = Core {
             cfg,
+            given,
+            reread: None,
             started: Instant::now(),
             ruleset,
             ifaces,
@@ -250,6 +259,12 @@ impl Engine {
         core.probe_xdp_targets();
         core.resync().context("initial conntrack dump")?;
         Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm, nft }, core })
+    }
+
+    /// `reload` without a file and SIGHUP read the settings again with
+    /// `reread` (the start's `--config` and ruleset files).
+    pub fn reread_with(&mut self, reread: reconfigure::Reread) {
+        self.core.reread = Some(reread);
     }
 
     /// Run until SIGINT/SIGTERM. Dropping the engine afterwards detaches.
@@ -305,6 +320,11 @@ impl Engine {
             }
             if fds[2].revents != 0 {
                 src.control.serve(|req| core.answer(req));
+            }
+            if host::reload_requested() {
+                if let Err(e) = core.reload_files() {
+                    tracing::error!("reload on SIGHUP: {}", crate::error_text(&e));
+                }
             }
             if fds[3].revents != 0 {
                 let keys = src.wake.drain();
@@ -699,8 +719,9 @@ impl Core {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Flows => Ok(Response::Flows(self.flow_list())),
             Request::Reload { name, ruleset } => {
-                self.reload(&name, &ruleset).map(Response::Done).map_err(|e| format!("{e:#}"))
+                self.reload(&name, &ruleset).map(Response::Done).map_err(|e| crate::error_text(&e))
             }
+            Request::ReloadFiles => self.reload_files().map(Response::Done).map_err(|e| crate::error_text(&e)),
         }
     }
 }

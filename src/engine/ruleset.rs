@@ -56,10 +56,20 @@ impl Core {
     /// atomically, detach devices that left, and send every offloaded
     /// connection back through the new rules.
     pub(super) fn reload(&mut self, name: &str, text: &str) -> Result<String> {
+        if self.ruleset.is_none() {
+            bail!("this engine was started with --iface, not --nft: there is no ruleset to reload");
+        }
+        self.replace_ruleset(Ruleset::from_client(name, text)?)
+    }
+
+    /// Put `rs` in the place of the running ruleset, all or nothing.
+    pub(super) fn replace_ruleset(&mut self, rs: Ruleset) -> Result<String> {
         let Some(old) = self.ruleset.clone() else {
             bail!("this engine was started with --iface, not --nft: there is no ruleset to reload");
         };
-        let rs = prepare(Ruleset::from_client(name, text)?, &old.translated.tables)?;
+        let name = rs.name.clone();
+        let name = name.as_str();
+        let rs = prepare(rs, &old.translated.tables)?;
         let wanted = rs.devices();
         let new: Vec<String> = wanted.iter().filter(|n| !self.ifaces.has(n)).cloned().collect();
         let infos = ports::gather(&new)?;

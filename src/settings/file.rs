@@ -2,7 +2,8 @@
 //! alternative to command-line flags and to an nft ruleset.
 //!
 //! ```toml
-//! interfaces = ["eth0", "eth1"]     # required, at least one, no duplicates
+//! interfaces = ["eth0", "eth1"]     # at least one, no duplicates; or:
+//! ruleset = "/etc/nft-offload/ruleset.nft"  # as `--nft` (relative: to this file)
 //! mode = "auto"                      # auto | xdp | tc
 //! idle_timeout = 30                  # seconds, 1..=86400
 //! max_flows = 65536                  # 1..=16777216; unset: sized from RAM (`capacity`)
@@ -54,9 +55,21 @@ fn parse_in(text: &str, path: Option<&Path>) -> Result<SettingsInput, SettingsEr
         Given { value, origin }
     };
 
-    let list_origin = at("interfaces".into(), raw.interfaces.span());
-    let names = raw.interfaces.into_inner().into_iter().enumerate();
-    let ifaces = names.map(|(i, n)| given(format!("interfaces[{i}]"), n)).collect();
+    let ifaces = raw.interfaces.map(|list| {
+        let origin = at("interfaces".into(), list.span());
+        let names = list.into_inner().into_iter().enumerate();
+        Given { value: names.map(|(i, n)| given(format!("interfaces[{i}]"), n)).collect(), origin }
+    });
+    // Relative to the file, not to wherever the engine was started.
+    let ruleset = raw.ruleset.map(|r| {
+        let origin = at("ruleset".into(), r.span());
+        let name = Path::new(r.get_ref());
+        let value = match path.and_then(Path::parent) {
+            Some(dir) if name.is_relative() => dir.join(name),
+            _ => name.to_path_buf(),
+        };
+        Given { value, origin }
+    });
     let mode = match raw.mode {
         None => None,
         Some(m) => {
@@ -85,13 +98,12 @@ fn parse_in(text: &str, path: Option<&Path>) -> Result<SettingsInput, SettingsEr
     let list = |name: &str, i: usize| format!("exclude.{name}[{i}]");
     Ok(SettingsInput {
         file: path.map(Path::to_path_buf),
-        ifaces: Some(Given { value: ifaces, origin: list_origin }),
+        ifaces,
         mode,
         idle_timeout: raw.idle_timeout.map(|v| number("idle_timeout", v)),
         max_flows: raw.max_flows.map(|v| number("max_flows", v)),
         keepalive,
-        // The file is the alternative to a ruleset, not a wrapper.
-        nft: None,
+        nft: ruleset,
         exclude: ExcludeInput {
             addresses: ex.addresses.into_iter().enumerate().map(|(i, a)| given(list("addresses", i), a)).collect(),
             ports: ex.ports.into_iter().enumerate().map(|(i, p)| scalar(list("ports", i), p)).collect(),
@@ -112,7 +124,10 @@ fn line_of(text: &str, span: Range<usize>) -> usize {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    interfaces: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    interfaces: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    ruleset: Option<Spanned<String>>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
     #[serde(default)]

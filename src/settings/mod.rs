@@ -142,7 +142,10 @@ pub enum SettingsError {
     /// range 1..=86400` (with the file and line), or `--idle-timeout: ...`.
     #[error("{}{key}: {problem}", Location(path.as_deref(), *line))]
     Invalid { path: Option<PathBuf>, line: Option<usize>, key: String, problem: String },
-    #[error("no interfaces given: use --iface IF (at least two for forwarding), --config FILE or --nft FILE")]
+    #[error(
+        "no interfaces given: use --iface IF (at least two for forwarding), --nft FILE, or --config FILE \
+         naming `interfaces` or a `ruleset`"
+    )]
     NoInterfaces,
 }
 
@@ -201,13 +204,21 @@ pub fn validate(input: SettingsInput) -> Result<Settings, SettingsError> {
         None => return Err(SettingsError::NoInterfaces),
         Some(list) => {
             if let (Some(first), Some(_)) = (list.value.first(), &input.nft) {
-                return Err(bad(&first.origin, "the interfaces come from the ruleset's flowtables with --nft".into()));
+                return Err(bad(
+                    &first.origin,
+                    "with a ruleset (--nft, or `ruleset` in the file) the interfaces are its flowtables' devices"
+                        .into(),
+                ));
             }
             let mut names: Vec<String> = Vec::new();
             for name in list.value {
                 let n = &name.value;
                 if !valid_ifname(n) {
                     let why = format!("{n:?} is not an interface name (1 to 15 bytes, no '/', ':' or whitespace)");
+                    return Err(bad(&name.origin, why));
+                }
+                if n == "lo" {
+                    let why = "\"lo\" is the loopback device: the kernel forwards nothing through it".to_string();
                     return Err(bad(&name.origin, why));
                 }
                 if names.contains(n) {
