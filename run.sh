@@ -5,6 +5,8 @@
 #                   the VM tier on Debian's 6.1 and 6.12 kernels)
 #   ./run.sh bench  install what is missing, build, run the benchmark
 #                   (plots in bench-plots/; add --json FILE for every figure, --quick for ~2 min)
+#   ./run.sh deb    install what is missing (cargo-deb too), build the Debian
+#                   package (target/debian/nft-offload_*.deb)
 #   ./run.sh setup  only install the system packages
 # Every build is of the whole workspace: the router binary (nft-offload) and
 # the lab's (nft-offload-lab), which finds the router binary next to itself.
@@ -40,6 +42,18 @@ setup() {
     command -v cargo >/dev/null || { echo "run.sh: cargo not found (install Rust stable)" >&2; exit 1; }
 }
 
+# The Debian package: release binary, the man pages and completions the lab
+# generates from the CLI definition, then cargo-deb around them.
+# Only the router binary is built for release; the generator runs from the
+# lab's debug build.
+build_deb() {
+    command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
+    cargo build --release --locked -q -p nft-offload
+    rm -rf target/assets target/debian
+    cargo run --locked -q -p nft-offload-lab -- docs --out target/assets >/dev/null
+    cargo deb --no-build --locked -p nft-offload -o target/debian/ 2>&1 | tail -1
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -48,6 +62,10 @@ case "$cmd" in
         need_root "$cmd"; setup
         cargo build --workspace --release --locked -q
         exec ./target/release/nft-offload-lab demo "$@"
+        ;;
+    deb)
+        need_root "$cmd"; setup
+        build_deb
         ;;
     bench)
         need_root "$cmd"; setup
@@ -66,6 +84,9 @@ case "$cmd" in
         # Debian's 6.1 and 6.12 kernels under qemu, one boot each, every
         # scenario reported as a test of its own (~25 minutes).
         cargo test --locked -p nft-offload --lib --bins --test packaging
+        # The Debian package, which lab/tests/debian_package.rs installs,
+        # runs against the lab and purges.
+        build_deb
         cargo test --locked -p nft-offload-lab --tests -- --test-threads=1
         # The benchmark, quick, once: proves it still runs (no timing asserted).
         ./target/debug/nft-offload-lab bench --quick --json target/bench-quick.json --plots target/bench-quick-plots
@@ -73,7 +94,7 @@ case "$cmd" in
         cargo clippy --workspace --all-targets --locked -q -- -D warnings
         ;;
     *)
-        echo "usage: $0 demo|test|bench|setup" >&2
+        echo "usage: $0 demo|test|bench|deb|setup" >&2
         exit 2
         ;;
 esac

@@ -14,7 +14,27 @@ use crate::settings::{self, Given, KeepaliveChoice, Settings, SettingsInput};
 pub use render::{render_flows, render_status};
 
 #[derive(Parser, Debug)]
-#[command(name = "nft-offload", version, about = "Flow offload for Linux routers: eBPF fast path driven by conntrack")]
+#[command(
+    name = "nft-offload",
+    version,
+    about = "Flow offload for Linux routers: eBPF fast path driven by conntrack",
+    // The man page takes these paragraphs as they are: no alignment that
+    // its filling would break.
+    disable_help_subcommand = true,
+    after_long_help = "\
+Files: /etc/nft-offload/config.toml holds the service's settings \
+(nft-offload.service runs `nft-offload run --config` on it).
+
+Signals to `run`: SIGTERM and SIGINT detach the fast path and exit 0, \
+connections continue through the kernel; SIGHUP reads the --config and \
+ruleset files again, as `reload` does.
+
+Exit status: 0 success; 1 failure; 2 bad input (a flag or a value in the \
+configuration), nothing applied.
+
+Environment: NFT_OFFLOAD_LOG (a tracing filter such as `debug`) overrides \
+-v and -q; NO_COLOR turns colour off on a terminal."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -103,8 +123,8 @@ pub struct RunArgs {
     /// Interface to offload between (repeat; at least two to forward).
     #[arg(long = "iface", conflicts_with = "nft")]
     pub ifaces: Vec<String>,
-    /// TOML configuration (interfaces, mode, exclusions, timeouts); flags
-    /// given as well override its values.
+    /// TOML configuration (interfaces or a ruleset, mode, exclusions,
+    /// timeouts); flags given as well override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// nftables ruleset with a flowtable and `flow add @ft` (as for

@@ -170,6 +170,8 @@ fn systemd_unit_has_the_required_keys() {
 
     assert_eq!(one(&ini, "Service", "Type"), "simple");
     assert_eq!(one(&ini, "Service", "ExecStart"), "/usr/sbin/nft-offload run --config /etc/nft-offload/config.toml");
+    // `systemctl reload`: the engine reads its files again on SIGHUP.
+    assert_eq!(one(&ini, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_eq!(one(&ini, "Service", "Restart"), "on-failure");
     assert_eq!(one(&ini, "Service", "KillSignal"), "SIGTERM");
     let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_SYS_RESOURCE"];

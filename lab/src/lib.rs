@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod demo;
+pub mod docs;
 pub mod frames;
 pub mod interrupt;
 pub mod iperf;

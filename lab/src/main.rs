@@ -102,6 +102,12 @@ enum Cmd {
         #[arg(long, default_value = "target/vm-manual")]
         work_dir: PathBuf,
     },
+    /// Write the router binary's man pages (man/*.8.gz) and bash, zsh and
+    /// fish completions (completions/) into DIR, from its clap definition.
+    Docs {
+        #[arg(long, value_name = "DIR", default_value = "target/assets")]
+        out: PathBuf,
+    },
     /// Inside the VM: run the scenarios and append their results.
     #[command(hide = true)]
     VmGuest {
@@ -159,6 +165,12 @@ fn run(cmd: Cmd) -> Result<()> {
             if let Some(path) = json {
                 let s = serde_json::to_string_pretty(&report)?;
                 std::fs::write(&path, s + "\n").with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Cmd::Docs { out } => {
+            for f in nft_offload_lab::docs::generate(&out)? {
+                println!("{}", f.display());
             }
             Ok(())
         }
