@@ -51,6 +51,17 @@ pub fn router_bin() -> Result<PathBuf> {
     )
 }
 
+/// `status`'s `not_offloaded` list as reason text -> connections: what the
+/// tests look reasons up by (each entry also has its stable `code`).
+pub fn not_offloaded(status: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    status["not_offloaded"]
+        .as_array()
+        .map(|v| {
+            v.iter().filter_map(|r| Some((r["reason"].as_str()?.to_string(), r["connections"].as_u64()?))).collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The last `lines` lines of a log file, for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let mut s = String::new();

@@ -19,5 +19,5 @@ pub mod table;
 pub mod tun_relay;
 pub mod vm;
 
-pub use daemon::{router_bin, Daemon, DaemonOpts};
+pub use daemon::{not_offloaded, router_bin, Daemon, DaemonOpts};
 pub use lab::{Background, Lab, LabOpts};

@@ -426,7 +426,7 @@ fn hooks_on_the_bridge_hold_directions_through_its_ports() {
     let t0 = Instant::now();
     let why = loop {
         let st = d.status().unwrap();
-        let reasons = st["not_offloaded"].as_object().cloned().unwrap_or_default();
+        let reasons = nft_offload_lab::not_offloaded(&st);
         if let Some(k) = reasons.keys().find(|k| k.starts_with("original: nft chain netdev t i on brlan ingress")) {
             break k.clone();
         }

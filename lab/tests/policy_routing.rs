@@ -162,7 +162,7 @@ fn mark_not_copied_to_the_packets_is_caught_by_the_source_check() {
     let st = status(&d);
     assert_eq!(st["flows_offloaded"], 0, "{st}");
     let why = "source NAT to 203.0.113.1, an address the route's egress interface does not have";
-    assert!(st["not_offloaded"][why].as_u64() >= Some(1), "no `{why}` in {st}");
+    assert!(nft_offload_lab::not_offloaded(&st).get(why) >= Some(&1), "no `{why}` in {st}");
     let rx1 = server_rx(&lab);
     assert!(rx1.0 - rx0.0 >= 60 && rx1.1 - rx0.1 < 5, "the kernel's way: {rx0:?} -> {rx1:?}");
 }
@@ -262,9 +262,8 @@ fn a_route_on_tos_keeps_the_connections_under_it_on_the_slow_path() {
     assert!(off.is_some() && rx < 5 && fp == 0, "the tos route was not followed: off after {off:?}, {rx} packets reached the server in a second, {fp} through the fast path");
     let why = "the route to 203.0.113.2 selects on tos";
     let _new = stream(&lab, "203.0.113.2", 42011, 0);
-    let refused = within(&d, Duration::from_secs(3), |s| {
-        s["not_offloaded"].as_object().is_some_and(|m| m.keys().any(|k| k.starts_with(why)))
-    });
+    let refused =
+        within(&d, Duration::from_secs(3), |s| nft_offload_lab::not_offloaded(s).keys().any(|k| k.starts_with(why)));
     assert!(refused.is_some() && status(&d)["flows_offloaded"] == 0, "no `{why}` reason: {}", status(&d));
     lab.exec(&lab.rtr, &["ip", "route", "del", "blackhole", "203.0.113.2/32", "tos", "0x10"]).unwrap();
     let back = within(&d, Duration::from_secs(3), |s| s["flows_offloaded"] == 2);
@@ -301,8 +300,7 @@ fn multipath_routes_are_offloaded_only_where_the_lookup_hashes_as_the_kernel() {
     let _v4 = stream(&lab, "198.51.100.7", 42020, 0);
     let _v6 = stream(&lab, "fd00:9::7", 42021, 0);
     let why6 = "the multipath route to fd00:9::/64 picks its path by a hash of each packet's IPv6 flow label";
-    let refused =
-        |s: &serde_json::Value| s["not_offloaded"].as_object().is_some_and(|m| m.keys().any(|k| k.starts_with(why6)));
+    let refused = |s: &serde_json::Value| nft_offload_lab::not_offloaded(s).keys().any(|k| k.starts_with(why6));
     let settled = within(&d, Duration::from_secs(5), |s| s["flows_offloaded"] == 1 && refused(s));
     let flows = d.flows().unwrap();
     let offloaded: Vec<String> = flows.iter().map(|f| f["orig"]["dst"].as_str().unwrap().to_string()).collect();

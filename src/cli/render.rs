@@ -6,7 +6,9 @@ use crate::proto::{self, IPPROTO_TCP, IPPROTO_UDP};
 
 pub fn render_status(s: &Status) -> String {
     let mut o = String::new();
-    o += &format!("nft-offload running (pid {}, up {}s, mode {:?})\n", s.pid, s.uptime_s, s.mode_requested);
+    let mode =
+        clap::ValueEnum::to_possible_value(&s.mode_requested).map(|v| v.get_name().to_string()).unwrap_or_default();
+    o += &format!("nft-offload running (pid {}, up {}s, mode {mode})\n", s.pid, s.uptime_s);
     if let Some(k) = &s.kernel {
         o += &format!("Kernel {} (what it gave the fast path):\n", k.release);
         for f in &k.features {
@@ -78,9 +80,9 @@ pub fn render_status(s: &Status) -> String {
         o += "\n";
     }
     if !s.not_offloaded.is_empty() {
-        o += "Not offloaded:\n";
-        for (k, v) in &s.not_offloaded {
-            o += &format!("  {v:>6}  {k}\n");
+        o += "Not offloaded (connections, by reason):\n";
+        for r in &s.not_offloaded {
+            o += &format!("  {:>6}  {:<24} {}\n", r.connections, r.code, r.reason);
         }
     }
     o
@@ -97,9 +99,12 @@ pub fn render_flows(flows: &[FlowView]) -> String {
     for f in flows {
         let pnum = if f.proto == proto::name(IPPROTO_TCP) { IPPROTO_TCP } else { IPPROTO_UDP };
         o += &format!(
-            "{:<4} {:<2} {}src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [OFFLOAD] mode={} {}->{} idle={:.0}s mark={} id={}\n",
+            "{:<8} {} {}{}src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [OFFLOAD] mode={} {}->{} idle={}s mark={} id={}\n",
             f.proto,
             pnum,
+            // conntrack -L's layout: protocol name padded to 8, number,
+            // seconds left, state.
+            f.timeout_s.map(|t| format!("{t} ")).unwrap_or_default(),
             f.state.as_ref().map(|s| format!("{s} ")).unwrap_or_default(),
             f.orig.src,
             f.orig.dst,
@@ -116,7 +121,7 @@ pub fn render_flows(flows: &[FlowView]) -> String {
             f.mode.as_str(),
             f.iif,
             f.oif,
-            f.idle_s,
+            f.idle_ms / 1000,
             f.mark,
             f.id
         );
@@ -190,7 +195,11 @@ mod tests {
             slow_path: BTreeMap::from([("no_flow".into(), 5), ("ttl".into(), 0)]),
             offloads_total: 3,
             teardowns: BTreeMap::from([("idle".into(), 2)]),
-            not_offloaded: BTreeMap::from([("excluded by port 22".into(), 4)]),
+            not_offloaded: vec![crate::control::NotOffloadedView {
+                code: "excluded".into(),
+                reason: "excluded by port 22".into(),
+                connections: 4,
+            }],
             conntrack_events: 9,
             conntrack_resyncs: 0,
             conntrack_refreshes: 1,
@@ -212,7 +221,7 @@ mod tests {
     #[test]
     fn status_text() {
         let t = render_status(&status());
-        assert!(t.starts_with("nft-offload running (pid 42, up 7s, mode Auto)\n"), "{t}");
+        assert!(t.starts_with("nft-offload running (pid 42, up 7s, mode auto)\n"), "{t}");
         // an unknown driver shows as ?, a down link as DOWN
         assert!(t.contains("  wan0         ifindex 3    tc   DOWN  driver ?          software device\n"), "{t}");
         assert!(t.contains("software device\n               lan0: bridge, ports lan1 lan2\n  wan0"), "{t}");
@@ -231,7 +240,10 @@ mod tests {
         // zero counters are left out
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
         assert!(t.contains("Teardowns: idle=2\n"), "{t}");
-        assert!(t.contains("       4  excluded by port 22\n"), "{t}");
+        assert!(
+            t.contains("connections, by reason):\n       4  excluded                 excluded by port 22\n"),
+            "{t}"
+        );
         // XDP on wan0 for a listed wan0.7 (engine::ports::Served)
         let mut s = status();
         s.interfaces[1].mode = Mode::Xdp;
@@ -269,7 +281,8 @@ mod tests {
             bytes_orig: 300,
             packets_reply: 2,
             bytes_reply: 200,
-            idle_s: 1.4,
+            idle_ms: 1400,
+            timeout_s: Some(117),
             mode: Mode::Xdp,
             iif: "lan0".into(),
             oif: "wan0".into(),
@@ -283,11 +296,17 @@ mod tests {
         let t = render_flows(std::slice::from_ref(&f));
         assert_eq!(
             t,
-            "udp  17 src=192.168.1.2 dst=203.0.113.2 sport=40000 dport=53 packets=3 bytes=300 \
+            "udp      17 117 src=192.168.1.2 dst=203.0.113.2 sport=40000 dport=53 packets=3 bytes=300 \
              src=203.0.113.2 dst=203.0.113.1 sport=53 dport=40000 packets=2 bytes=200 [OFFLOAD] mode=xdp \
              lan0->wan0 idle=1s mark=0 id=77\nnft-offload: 1 flow entries offloaded.\n"
         );
         assert_eq!(render_flows(&[]), "nft-offload: 0 flow entries offloaded.\n");
+        // JSON: integers where they are integers, nothing where nothing is.
+        let j = serde_json::to_value(&f).unwrap();
+        assert_eq!((j["idle_ms"].as_u64(), j["timeout_s"].as_u64()), (Some(1400), Some(117)), "{j}");
+        assert!(j.get("slow").is_none() && j.get("encap").is_none(), "{j}");
+        let unknown = render_flows(&[FlowView { timeout_s: None, ..f.clone() }]);
+        assert!(unknown.starts_with("udp      17 src="), "no timeout, no column: {unknown}");
         let held = FlowView { slow: [None, Some("tc ingress filter on wan0".into())], ..f.clone() };
         let t = render_flows(&[held]);
         assert!(t.contains(" id=77\n     reply direction on the slow path: tc ingress filter on wan0\n"), "{t}");

@@ -29,6 +29,9 @@ pub struct Memo {
     /// The mark is always current in events (sent when non-zero or
     /// changed); remembered so a change can be recognised.
     pub mark: u32,
+    /// The last reason it was not offloaded for (a hash of its text), so
+    /// `status` counts connections, not the events that repeat a reason.
+    pub refused: Option<u32>,
 }
 
 impl Memo {
@@ -39,6 +42,7 @@ impl Memo {
             labels: e.labels,
             has_helper: e.has_helper,
             mark: e.mark,
+            refused: None,
         }
     }
 }

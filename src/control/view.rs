@@ -54,6 +54,10 @@ fn yes() -> bool {
     true
 }
 
+fn neither(v: &[Option<String>; 2]) -> bool {
+    v[0].is_none() && v[1].is_none()
+}
+
 /// The kernel the engine runs on, and what it gave the fast path
 /// (`dataplane::Features`, probed at start).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +98,9 @@ pub struct Status {
     pub slow_path: BTreeMap<String, u64>,
     pub offloads_total: u64,
     pub teardowns: BTreeMap<String, u64>,
-    pub not_offloaded: BTreeMap<String, u64>,
+    /// Connections not offloaded, by reason (each connection once per
+    /// reason), ordered by code.
+    pub not_offloaded: Vec<NotOffloadedView>,
     pub conntrack_events: u64,
     pub conntrack_resyncs: u64,
     /// Conntrack timeouts the engine refreshed over ctnetlink (the
@@ -133,6 +139,18 @@ pub struct Status {
     pub offload_latency_us: BTreeMap<String, u32>,
 }
 
+/// Connections not offloaded for one reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotOffloadedView {
+    /// Stable: `excluded`, `ineligible`, `no_path`, `not_in_flowtable`,
+    /// `table_full`, `no_memory`, `conntrack_update_failed`,
+    /// `key_collision`, `held`.
+    pub code: String,
+    /// The particulars, for people ("excluded by port 22").
+    pub reason: String,
+    pub connections: u64,
+}
+
 /// One re-resolution (`engine::reroute`), from the settled change to its
 /// last connection.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,7 +187,12 @@ pub struct FlowView {
     pub bytes_orig: u64,
     pub packets_reply: u64,
     pub bytes_reply: u64,
-    pub idle_s: f64,
+    /// Since either direction's last packet, milliseconds.
+    pub idle_ms: u64,
+    /// Seconds until conntrack would expire the entry (its timeout column);
+    /// None when conntrack could not be asked.
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
     pub mode: Mode,
     pub iif: String,
     pub oif: String,
@@ -179,10 +202,11 @@ pub struct FlowView {
     pub nat_dst: bool,
     /// Per direction (original, reply): why it goes through the kernel
     /// (`flow::Held`), if it does.
-    #[serde(default)]
+    /// Absent when both go the fast path.
+    #[serde(default, skip_serializing_if = "neither")]
     pub slow: [Option<String>; 2],
     /// Per direction: the VLAN/PPPoE headers it arrives and leaves with,
-    /// if any.
-    #[serde(default)]
+    /// if any (absent when neither has any).
+    #[serde(default, skip_serializing_if = "neither")]
     pub encap: [Option<String>; 2],
 }

@@ -133,6 +133,14 @@ impl Watch {
     }
 }
 
+/// Connections not offloaded for one reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusals {
+    /// `NotOffloaded::code`.
+    pub code: &'static str,
+    pub connections: u64,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
     pub offloads: u64,
@@ -140,7 +148,8 @@ pub struct Counters {
     /// `keepalive::restore_after_rst`'s conntrack updates.
     pub rst_restores: u64,
     pub teardowns: BTreeMap<&'static str, u64>,
-    pub not_offloaded: BTreeMap<String, u64>,
+    /// By the reason's text.
+    pub not_offloaded: BTreeMap<String, Refusals>,
     /// Event-to-installed times of recent offloads, microseconds.
     pub offload_us: VecDeque<u32>,
 }
@@ -276,7 +285,9 @@ impl FlowTable {
     pub fn merge(&mut self, e: CtEntry, seen: Seen) -> CtEntry {
         let id = ConnId::of(&e);
         self.settle(&id);
-        let (e, memo) = merge(e, seen, self.memos.get(&id));
+        let refused = self.memos.get(&id).and_then(|m| m.refused);
+        let (e, mut memo) = merge(e, seen, self.memos.get(&id));
+        memo.refused = refused;
         self.memos.insert(id, memo);
         e
     }
@@ -575,13 +586,27 @@ impl FlowTable {
             Verdict::NotOffloaded(why) => {
                 self.waiting.remove(&id);
                 self.wake(&id);
-                self.not_offloaded(why);
+                self.not_offloaded(&id, why);
             }
         }
     }
 
-    pub fn not_offloaded(&mut self, why: NotOffloaded) {
-        *self.counters.not_offloaded.entry(why.to_string()).or_default() += 1;
+    /// Count `id` under `why`, once: the same reason again (every update
+    /// event of a connection that stays excluded) is not another refusal.
+    pub fn not_offloaded(&mut self, id: &ConnId, why: NotOffloaded) {
+        use std::hash::{Hash, Hasher};
+        let text = why.to_string();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        let h = h.finish() as u32;
+        if let Some(m) = self.memos.get_mut(id) {
+            if m.refused == Some(h) {
+                return;
+            }
+            m.refused = Some(h);
+        }
+        let r = self.counters.not_offloaded.entry(text).or_insert(Refusals { code: why.code(), connections: 0 });
+        r.connections += 1;
     }
 
     /// Stop watching a dormant connection.
@@ -704,6 +729,7 @@ impl FlowTable {
     }
 
     fn rewrite(&mut self, id: &ConnId, new: [Direction; 2]) {
+        let mut collided = false;
         let Some(f) = self.offloaded.get_mut(id) else { return };
         for (i, nd) in new.iter().enumerate() {
             let old = &f.dirs[i];
@@ -745,9 +771,7 @@ impl FlowTable {
             let put = if !moved { self.dp.replace_flow(&nd.key, &v) } else { self.dp.put_flow(&nd.key, &v) };
             if let Err(err) = put {
                 tracing::warn!(?id, "re-pointing: {err}");
-                if err == PutError::KeyTaken {
-                    *self.counters.not_offloaded.entry(NotOffloaded::KeyCollision.to_string()).or_default() += 1;
-                }
+                collided |= err == PutError::KeyTaken;
                 continue;
             }
             if moved {
@@ -755,6 +779,9 @@ impl FlowTable {
             }
             f.dirs[i] = Direction { key: nd.key, val: nd.val, route_ifindex: nd.route_ifindex };
             f.last[i] = Written::from(&v);
+        }
+        if collided {
+            self.not_offloaded(id, NotOffloaded::KeyCollision);
         }
     }
 
@@ -1046,7 +1073,10 @@ mod tests {
         ft.apply(e.clone(), Verdict::NotOffloaded(NotOffloaded::TableFull));
         assert_eq!(ft.len(), (0, 0, 0));
         assert_eq!(ft.dp().dormant_seen(&egress_key(&d[0])), None, "no longer watched");
-        assert_eq!(ft.counters.not_offloaded.get("flow table full"), Some(&1));
+        assert_eq!(
+            ft.counters.not_offloaded.get("flow table full").map(|r| (r.code, r.connections)),
+            Some(("table_full", 1))
+        );
         assert!(matches!(ft.known(&id), Known::Untracked));
     }
 
@@ -1420,7 +1450,7 @@ mod tests {
         ft.end_batch();
         assert_eq!(ft.len().0, 3, "a, c and d");
         let taken = NotOffloaded::KeyCollision.to_string();
-        assert_eq!(ft.counters.not_offloaded.get(&taken), Some(&2), "b and e");
+        assert_eq!(ft.counters.not_offloaded.get(&taken).map(|r| r.connections), Some(2), "b and e");
         for x in [&a, &d] {
             assert_eq!(ft.dp().get_flow(&dirs(x, 2)[0].key).unwrap().dmac[5], 2, "the first owner's entry");
         }

@@ -372,7 +372,7 @@ impl Engine {
         self.core.status()
     }
 
-    pub fn flow_list(&self) -> Vec<crate::control::FlowView> {
+    pub fn flow_list(&mut self) -> Vec<crate::control::FlowView> {
         self.core.flow_list()
     }
 }

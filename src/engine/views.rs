@@ -1,9 +1,9 @@
 //! `status` and `flows` as the engine sees itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::conntrack::CtTuple;
-use crate::control::{FlowView, IfaceStatus, KernelView, Status, TupleView};
+use crate::control::{FlowView, IfaceStatus, KernelView, NotOffloadedView, Status, TupleView};
 use crate::dataplane::{fo_stat, Mode, TcAttach, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::flow::{Held, Hold};
@@ -60,7 +60,19 @@ impl Core {
             slow_path: slow,
             offloads_total: c.offloads,
             teardowns: c.teardowns.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-            not_offloaded: c.not_offloaded.clone(),
+            not_offloaded: {
+                let mut v: Vec<NotOffloadedView> = c
+                    .not_offloaded
+                    .iter()
+                    .map(|(reason, r)| NotOffloadedView {
+                        code: r.code.to_string(),
+                        reason: reason.clone(),
+                        connections: r.connections,
+                    })
+                    .collect();
+                v.sort_by(|a, b| (&a.code, &a.reason).cmp(&(&b.code, &b.reason)));
+                v
+            },
             conntrack_events: self.ct_events,
             conntrack_resyncs: self.ct_resyncs,
             conntrack_refreshes: c.refreshes,
@@ -77,7 +89,16 @@ impl Core {
         }
     }
 
-    pub(super) fn flow_list(&self) -> Vec<FlowView> {
+    pub(super) fn flow_list(&mut self) -> Vec<FlowView> {
+        // conntrack's own timeout column, as `conntrack -L` shows it: one
+        // dump per request (an operator's command, not a per-packet cost).
+        let timeouts: HashMap<u32, u32> = match self.flows.ct.dump() {
+            Ok(all) => all.into_iter().filter_map(|e| Some((e.id, e.timeout?))).collect(),
+            Err(e) => {
+                tracing::warn!("flows: conntrack dump for the timeouts failed: {e}");
+                HashMap::new()
+            }
+        };
         let now = now_ns();
         let name = |i: u32| self.ifaces.get(i).map(|x| x.name.clone()).unwrap_or_else(|| i.to_string());
         let tuple = |t: &CtTuple| TupleView { src: t.src, dst: t.dst, sport: t.sport, dport: t.dport };
@@ -101,9 +122,10 @@ impl Core {
                     bytes_orig: f.base[0].1 + cur[0].bytes,
                     packets_reply: f.base[1].0 + cur[1].packets,
                     bytes_reply: f.base[1].1 + cur[1].bytes,
-                    idle_s: now.saturating_sub(cur.iter().map(|v| v.last_seen_ns).fold(f.clock.installed_ns, u64::max))
-                        as f64
-                        / 1e9,
+                    idle_ms: now
+                        .saturating_sub(cur.iter().map(|v| v.last_seen_ns).fold(f.clock.installed_ns, u64::max))
+                        / 1_000_000,
+                    timeout_s: timeouts.get(&f.entry.id).copied(),
                     mode: self.ifaces.get(o.key.ifindex).map(|x| x.mode).unwrap_or(Mode::Tc),
                     iif: name(o.key.ifindex),
                     oif: name(o.val.out_ifindex),

@@ -140,6 +140,24 @@ pub enum NotOffloaded {
     Held(Box<[Held; 2]>),
 }
 
+impl NotOffloaded {
+    /// A stable name for the kind of reason, for scripts and metrics (the
+    /// text says the particulars: which rule, which route).
+    pub fn code(&self) -> &'static str {
+        match self {
+            NotOffloaded::Excluded(_) => "excluded",
+            NotOffloaded::Ineligible(_) => "ineligible",
+            NotOffloaded::NoPath(_) => "no_path",
+            NotOffloaded::NotInFlowtable => "not_in_flowtable",
+            NotOffloaded::TableFull => "table_full",
+            NotOffloaded::NoMemory => "no_memory",
+            NotOffloaded::ConntrackUpdateFailed => "conntrack_update_failed",
+            NotOffloaded::KeyCollision => "key_collision",
+            NotOffloaded::Held(_) => "held",
+        }
+    }
+}
+
 impl fmt::Display for NotOffloaded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -8,7 +8,6 @@
 //! CPU share; the profile's figure is the most connections held with none
 //! left on the slow path for lack of table, memory or engine time.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -93,8 +92,7 @@ pub(super) fn small_router(b: &Bench, o: &BenchOpts, r: &mut Report) -> Result<(
         m.insert(key("cgroup_memory_peak_mib"), mem_peak as f64 / f64::from(1u32 << 20));
         m.insert(key("memory_limit_hits"), cg.limit_hits() as f64);
         if let Ok(s) = d.status() {
-            let not: BTreeMap<String, u64> = serde_json::from_value(s["not_offloaded"].clone()).unwrap_or_default();
-            for (why, count) in not {
+            for (why, count) in crate::not_offloaded(&s) {
                 r.notes.push(format!("small router, {n} connections: {count} not offloaded: {why}"));
             }
             if let Some(p99) = s["offload_latency_us"]["p99"].as_u64() {

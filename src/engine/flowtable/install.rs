@@ -111,7 +111,7 @@ impl FlowTable {
                 Err(CtError::NotFound) => accepted[i] = false,
                 Err(err) => {
                     tracing::warn!(id = ?batch[i].id, "cannot set TCP liberal mode: {err}; not offloading");
-                    self.not_offloaded(NotOffloaded::ConntrackUpdateFailed);
+                    self.not_offloaded(&batch[i].id, NotOffloaded::ConntrackUpdateFailed);
                     accepted[i] = false;
                 }
             }
@@ -156,7 +156,7 @@ impl FlowTable {
                 self.dp.delete_flow(&entries[at + n - 1].0);
             }
             tracing::warn!(id = ?batch[bad].id, "{err}");
-            self.not_offloaded(refused(&err));
+            self.not_offloaded(&batch[bad].id, refused(&err));
             ok[bad] = false;
             at = (bad + 1) * 2;
         }
@@ -175,7 +175,7 @@ impl FlowTable {
                 for prev in &p.dirs[..i] {
                     self.dp.delete_flow(&prev.key);
                 }
-                self.not_offloaded(refused(&err));
+                self.not_offloaded(&p.id, refused(&err));
                 return;
             }
         }

@@ -200,8 +200,8 @@ fn prove_unlisted(r: &Router, ev: &mut Evidence, d: Option<&crate::Daemon>) -> R
     }
     if let Some(d) = d {
         let st = d.status()?;
-        let why: Vec<&String> = st["not_offloaded"].as_object().map(|o| o.keys().collect()).unwrap_or_default();
-        ev.put("unlisted_reasons", why.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" | "));
+        let why: Vec<String> = crate::not_offloaded(&st).into_keys().collect();
+        ev.put("unlisted_reasons", why.join(" | "));
     }
     Ok(())
 }
