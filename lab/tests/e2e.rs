@@ -114,6 +114,15 @@ fn offload_test(mode: &str, xdp_safe: bool) {
     assert_eq!(f["mode"], mode);
     let text = d.cli(&["flows"]).unwrap();
     assert!(text.contains("src=192.168.1.2 dst=203.0.113.2") && text.contains("[OFFLOAD]"), "{text}");
+    // conntrack -L's columns: protocol, number, seconds left, state.
+    let line = text.lines().find(|l| l.contains("dport=5201") && l.contains("ESTABLISHED")).unwrap();
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert!(cols[0] == "tcp" && cols[1] == "6" && cols[3] == "ESTABLISHED", "{line}");
+    assert!(cols[2].parse::<u32>().is_ok_and(|t| t > 60), "the timeout column: {line}");
+    // The rates: the transfer is on the fast path, nearly all of it.
+    let rates = &d.status().unwrap()["rates"];
+    assert!(rates["fast_packets_per_s"].as_u64() > Some(1000), "{rates}");
+    assert!(rates["fast_share_pct"].as_f64() > Some(50.0), "{rates}");
     let r = iperf_result(c);
     assert!(r["end"]["sum_received"]["bytes"].as_u64().unwrap() > 10_000_000);
     // The fast path reads those headers where they are and pulls nothing

@@ -58,6 +58,16 @@ pub fn render_status(s: &Status) -> String {
         );
     }
     o += &format!("Fast path: {} packets, {} bytes\n", s.fast_path_packets, s.fast_path_bytes);
+    if let Some(r) = &s.rates {
+        o += &format!(
+            "Rates (last {:.0} s): fast path {} packets/s, {}; handed to the kernel {} packets/s; fast share {}\n",
+            r.window_ms as f64 / 1000.0,
+            r.fast_packets_per_s,
+            bits(r.fast_bits_per_s),
+            r.slow_packets_per_s,
+            r.fast_share_pct.map_or_else(|| "- (no packets)".to_string(), |p| format!("{p:.1}%")),
+        );
+    }
     o += "Slow path (packets handed to the kernel, by reason):\n";
     for (k, v) in s.slow_path.iter().filter(|(_, v)| **v > 0) {
         o += &format!("  {k:<14} {v}\n");
@@ -86,6 +96,16 @@ pub fn render_status(s: &Status) -> String {
         }
     }
     o
+}
+
+/// Bits per second in the largest unit that keeps a digit before the point.
+fn bits(b: u64) -> String {
+    match b {
+        0..1_000 => format!("{b} bit/s"),
+        1_000..1_000_000 => format!("{:.1} kbit/s", b as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} Mbit/s", b as f64 / 1e6),
+        _ => format!("{:.2} Gbit/s", b as f64 / 1e9),
+    }
 }
 
 /// Bytes as MiB with one decimal.
@@ -192,6 +212,13 @@ mod tests {
             idle_timeout_s: 30,
             fast_path_packets: 1000,
             fast_path_bytes: 64000,
+            rates: Some(crate::control::RatesView {
+                window_ms: 10_000,
+                fast_packets_per_s: 8_300,
+                fast_bits_per_s: 98_765_432,
+                slow_packets_per_s: 12,
+                fast_share_pct: Some(99.9),
+            }),
             slow_path: BTreeMap::from([("no_flow".into(), 5), ("ttl".into(), 0)]),
             offloads_total: 3,
             teardowns: BTreeMap::from([("idle".into(), 2)]),
@@ -240,6 +267,13 @@ mod tests {
         // zero counters are left out
         assert!(t.contains("  no_flow        5\n") && !t.contains("ttl"), "{t}");
         assert!(t.contains("Teardowns: idle=2\n"), "{t}");
+        assert!(
+            t.contains(
+                "Rates (last 10 s): fast path 8300 packets/s, 98.8 Mbit/s; handed to the kernel 12 packets/s; \
+                 fast share 99.9%\n"
+            ),
+            "{t}"
+        );
         assert!(
             t.contains("connections, by reason):\n       4  excluded                 excluded by port 22\n"),
             "{t}"

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use client::Client;
 pub use peer::{authorize, Peer};
 pub use server::ControlServer;
-pub use view::{FlowView, IfaceStatus, KernelView, NotOffloadedView, Status, TupleView};
+pub use view::{FlowView, IfaceStatus, KernelView, NotOffloadedView, RatesView, Status, TupleView};
 
 /// The socket's abstract name.
 const NAME: &[u8] = b"nft-offload.ctl";

@@ -95,6 +95,9 @@ pub struct Status {
     pub idle_timeout_s: u64,
     pub fast_path_packets: u64,
     pub fast_path_bytes: u64,
+    /// Over the last seconds (None in the first second).
+    #[serde(default)]
+    pub rates: Option<RatesView>,
     pub slow_path: BTreeMap<String, u64>,
     pub offloads_total: u64,
     pub teardowns: BTreeMap<String, u64>,
@@ -137,6 +140,21 @@ pub struct Status {
     /// installed, over the last 10k offloads.
     #[serde(default)]
     pub offload_latency_us: BTreeMap<String, u32>,
+}
+
+/// The fast path's rates over the last seconds (`engine::rates`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RatesView {
+    /// What the rates are averaged over.
+    pub window_ms: u64,
+    pub fast_packets_per_s: u64,
+    pub fast_bits_per_s: u64,
+    /// Packets the fast path handed to the kernel (every reason): on the
+    /// managed ports, what still took the kernel's path.
+    pub slow_packets_per_s: u64,
+    /// Fast packets among both, in percent to a tenth; None without
+    /// packets.
+    pub fast_share_pct: Option<f64>,
 }
 
 /// Connections not offloaded for one reason.

@@ -22,6 +22,7 @@ mod flowtable;
 mod holds;
 mod keepalive;
 mod ports;
+mod rates;
 mod reconfigure;
 mod reroute;
 mod ruleset;
@@ -98,6 +99,8 @@ struct Core {
     given: Settings,
     /// Where `reload_files` reads them again, if from a file.
     reread: Option<reconfigure::Reread>,
+    /// The fast path's counters, once a second, for `status`'s rates.
+    rates: rates::Rates,
     started: Instant,
     /// The loaded ruleset in `--nft` mode.
     ruleset: Option<Ruleset>,
@@ -222,6 +225,7 @@ impl Engine {
             cfg,
             given,
             reread: None,
+            rates: rates::Rates::default(),
             started: Instant::now(),
             ruleset,
             ifaces,
@@ -633,6 +637,10 @@ impl Core {
         // Teardowns between events (destroys, keepalive) leave the index
         // at least this often.
         self.release_pins();
+        if self.rates.due(Instant::now()) {
+            let s = self.rate_sample();
+            self.rates.push(s);
+        }
         // An SPD that could not be read holds everything: try again.
         if self.holds.xfrm.unknown.is_some() {
             self.on_xfrm_change();

@@ -11,16 +11,40 @@ use crate::proto::{self, AF_INET, IPPROTO_TCP};
 
 use crate::policy::verdict::Holds;
 
+use super::rates::Sample;
 use super::{now_ns, Core};
 
+/// The first slow-path reason in `fo_stat` (bpf/flow.h): the counters
+/// before it are not slow-path exits.
+fn first_reason() -> usize {
+    fo_stat::FO_STAT_HDR_PULLED.0 as usize + 1
+}
+
+/// The slow-path exits' counters by name: every reason, not the failed
+/// transmissions at the end (dropped, not handed on).
+fn slow_reasons(stats: &[u64]) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    let end = fo_stat::FO_STAT_TX_FAILED.0 as usize;
+    STAT_NAMES.iter().zip(stats).take(end).skip(first_reason()).map(|(n, v)| (*n, *v))
+}
+
 impl Core {
+    /// The fast path's counters now, for the rates.
+    pub(super) fn rate_sample(&self) -> Sample {
+        let stats = self.flows.dp().stats();
+        Sample {
+            at: std::time::Instant::now(),
+            fast_packets: stats[fo_stat::FO_STAT_FWD_PACKETS.0 as usize],
+            fast_bytes: stats[fo_stat::FO_STAT_FWD_BYTES.0 as usize],
+            slow_packets: slow_reasons(&stats).map(|(_, v)| v).sum(),
+        }
+    }
+
     pub(super) fn status(&self) -> Status {
         let stats = self.flows.dp().stats();
         // The fast path's totals, then the slow-path reasons.
         let (fwd_packets, fwd_bytes) =
             (stats[fo_stat::FO_STAT_FWD_PACKETS.0 as usize], stats[fo_stat::FO_STAT_FWD_BYTES.0 as usize]);
-        let first_reason = fo_stat::FO_STAT_HDR_PULLED.0 as usize + 1;
-        let slow = STAT_NAMES.iter().zip(&stats).skip(first_reason).map(|(n, v)| (n.to_string(), *v)).collect();
+        let slow = STAT_NAMES.iter().zip(&stats).skip(first_reason()).map(|(n, v)| (n.to_string(), *v)).collect();
         let (offloaded, waiting, dormant) = self.flows.len();
         let c = &self.flows.counters;
         let mut lat: Vec<u32> = c.offload_us.iter().copied().collect();
@@ -57,6 +81,7 @@ impl Core {
             idle_timeout_s: self.cfg.idle_timeout.as_secs(),
             fast_path_packets: fwd_packets,
             fast_path_bytes: fwd_bytes,
+            rates: self.rates.view(&self.rate_sample()),
             slow_path: slow,
             offloads_total: c.offloads,
             teardowns: c.teardowns.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
