@@ -32,7 +32,8 @@ impl Client {
     }
 
     pub fn reload(path: &std::path::Path) -> Result<String> {
-        let ruleset = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        // Its includes too, here, as the caller (`policy::include`).
+        let ruleset = crate::policy::include::read_inlined(path)?;
         check_ruleset_size(ruleset.len()).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         call(&Request::Reload { name: path.display().to_string(), ruleset })
     }

@@ -2,6 +2,7 @@
 //! unit-tested; the engine feeds them facts read from the system.
 
 pub mod exclude;
+pub mod include;
 pub mod nft;
 pub mod verdict;
 pub mod xdp;

@@ -372,6 +372,28 @@ pub fn translate(src: &str) -> Result<Translated, NftError> {
     Ok(Translated { text, flowtables, offload_statements: pending_refs.len(), tables, includes })
 }
 
+/// Each `include "FILE"` statement: the byte range of the statement (the
+/// word and its string) and the string, for `include::inline`. An include
+/// whose argument is not a string is left to nft, which rejects it.
+pub(crate) fn include_statements(src: &str) -> Vec<(std::ops::Range<usize>, String)> {
+    let toks = tokenize(src);
+    let mut at_start = true;
+    let mut out = Vec::new();
+    for (i, t) in toks.iter().enumerate() {
+        match &t.t {
+            Tok::Newline | Tok::Semi | Tok::Open | Tok::Close => at_start = true,
+            Tok::Word(w) if at_start && w.eq_ignore_ascii_case("include") => {
+                if let Some(Token { t: Tok::Str(path), end, .. }) = toks.get(i + 1) {
+                    out.push((t.start..*end, path.clone()));
+                }
+                at_start = false;
+            }
+            _ => at_start = false,
+        }
+    }
+    out
+}
+
 /// Lines where a statement starts with `include` (nft opens the named
 /// file, with the privileges of whoever runs nft).
 fn include_lines(toks: &[Token]) -> Vec<usize> {
