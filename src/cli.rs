@@ -11,7 +11,7 @@ use crate::control::Client;
 use crate::engine::Engine;
 use crate::policy::ModeChoice;
 use crate::settings::{self, Given, KeepaliveChoice, Settings, SettingsInput};
-pub use render::{render_flows, render_status};
+pub use render::{render_flows, render_hosts, render_status};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,6 +102,15 @@ pub enum Cmd {
     },
     /// Where the engine is attached, how, and what it did.
     Status {
+        /// Output format: text for people, json for scripts
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Traffic per host through the router, offloaded packets included
+    /// (conntrack's own counters, which nlbwmon and LuCI read, miss them):
+    /// what each host uploaded and downloaded, the hosts of NATed
+    /// connections being the inside ones.
+    Hosts {
         /// Output format: text for people, json for scripts
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -219,6 +228,14 @@ pub fn main_with(cli: Cli) -> Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
                 Output::Text => print!("{}", render_status(&st)),
+            }
+            Ok(())
+        }
+        Cmd::Hosts { output } => {
+            let hosts = Client::hosts()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&hosts)?),
+                Output::Text => print!("{}", render_hosts(&hosts, crate::host::conntrack_acct())),
             }
             Ok(())
         }

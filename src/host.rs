@@ -77,6 +77,12 @@ pub fn preflight() -> Result<()> {
 
 /// net.ipv4.ip_forward_update_priority: whether ip_forward sets
 /// skb->priority from the TOS (the default, 1, where it cannot be read).
+/// net.netfilter.nf_conntrack_acct: whether conntrack counts packets and
+/// bytes per connection (None: unreadable, nf_conntrack not loaded).
+pub fn conntrack_acct() -> Option<bool> {
+    sysctl_u32("net.netfilter.nf_conntrack_acct").map(|v| v != 0)
+}
+
 pub fn ip_forward_update_priority() -> bool {
     sysctl_u32("net.ipv4.ip_forward_update_priority").unwrap_or(1) != 0
 }

@@ -379,18 +379,25 @@ fn conntrack_events(h: &HostFacts, _: &HostCtx) -> Verdict {
     }
 }
 
+/// conntrack's counters never include what the fast path forwards
+/// (ctnetlink cannot add to them), whatever the sysctl: say where the
+/// totals are.
 fn conntrack_acct(h: &HostFacts, _: &HostCtx) -> Verdict {
     let remedy = "sysctl -w net.netfilter.nf_conntrack_acct=1";
     match h.ct_acct {
         Some(0) => Verdict::warn(
-            "nf_conntrack_acct = 0: conntrack counters do not include offloaded packets; \
-             `nft-offload flows` has them",
+            "nf_conntrack_acct = 0: conntrack counts no packets, so `nft-offload hosts` has only the offloaded \
+             ones; with it on, hosts adds the slow path's",
             remedy,
         ),
-        Some(_) => Verdict::ok("net.netfilter.nf_conntrack_acct = 1"),
+        Some(_) => Verdict::ok(
+            "nf_conntrack_acct = 1; conntrack's counters (conntrack -L, nlbwmon, LuCI) miss the packets nft-offload \
+             forwards, which ctnetlink cannot add to them: `nft-offload hosts` has per-host totals with them, \
+             `flows` per connection",
+        ),
         None => Verdict::warn(
             "no net.netfilter.nf_conntrack_acct sysctl: conntrack counters unavailable; \
-             `nft-offload flows` has per-flow counters",
+             `nft-offload hosts` and `flows` count the offloaded packets",
             remedy,
         ),
     }

@@ -270,7 +270,7 @@ fn warnings_do_not_make_exit_nonzero() {
         host_finding(&r, "ip_forward").remedy.as_deref(),
         Some("sysctl -w net.ipv4.ip_forward=1; sysctl -w net.ipv6.conf.all.forwarding=1")
     );
-    assert!(host_finding(&r, "conntrack_acct").detail.contains("`nft-offload flows` has them"));
+    assert!(host_finding(&r, "conntrack_acct").detail.contains("`nft-offload hosts` has only the offloaded"));
     assert_eq!(
         host_finding(&r, "conntrack_acct").remedy.as_deref(),
         Some("sysctl -w net.netfilter.nf_conntrack_acct=1")

@@ -1,7 +1,7 @@
 //! Text rendering of `status` and `flows` (JSON output is the view types'
 //! own serialisation).
 
-use crate::control::{FlowView, Status};
+use crate::control::{FlowView, HostView, Status};
 use crate::proto::{self, IPPROTO_TCP, IPPROTO_UDP};
 
 pub fn render_status(s: &Status) -> String {
@@ -111,6 +111,26 @@ fn bits(b: u64) -> String {
 /// Bytes as MiB with one decimal.
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
+}
+
+/// `hosts`: one line per host; `acct`: net.netfilter.nf_conntrack_acct
+/// (None: unreadable), without which the slow path's packets are missing.
+pub fn render_hosts(hosts: &[HostView], acct: Option<bool>) -> String {
+    let mut o = format!(
+        "{:<39} {:>5} {:>12} {:>14} {:>12} {:>14}\n",
+        "HOST", "CONNS", "UP PACKETS", "UP BYTES", "DOWN PACKETS", "DOWN BYTES"
+    );
+    for h in hosts {
+        o += &format!(
+            "{:<39} {:>5} {:>12} {:>14} {:>12} {:>14}\n",
+            h.host, h.connections, h.upload_packets, h.upload_bytes, h.download_packets, h.download_bytes
+        );
+    }
+    if acct == Some(false) {
+        o += "conntrack accounting is off (net.netfilter.nf_conntrack_acct = 0): only offloaded packets are counted; \
+              turn it on for the slow path's too\n";
+    }
+    o
 }
 
 /// conntrack -L style: one line per connection, original then reply tuple.
@@ -294,6 +314,26 @@ mod tests {
             ),
             "{t}"
         );
+    }
+
+    #[test]
+    fn hosts_text_has_a_column_each_and_says_when_conntrack_counts_nothing() {
+        let h = HostView {
+            host: "192.168.1.2".into(),
+            connections: 3,
+            upload_packets: 14_000,
+            upload_bytes: 20_000_000,
+            download_packets: 200,
+            download_bytes: 10_000,
+        };
+        let t = render_hosts(std::slice::from_ref(&h), Some(true));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2, "{t}");
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["192.168.1.2", "3", "14000", "20000000", "200", "10000"]
+        );
+        assert!(render_hosts(&[h], Some(false)).contains("nf_conntrack_acct = 0"));
     }
 
     #[test]

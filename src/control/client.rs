@@ -23,6 +23,10 @@ impl Client {
         call(&Request::Flows)
     }
 
+    pub fn hosts() -> Result<Vec<crate::control::HostView>> {
+        call(&Request::Hosts)
+    }
+
     /// Send the ruleset at `path`, read here with the caller's own
     /// permissions (the engine opens no file for a client). Returns the
     /// engine's summary of what changed.

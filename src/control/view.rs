@@ -157,6 +157,20 @@ pub struct RatesView {
     pub fast_share_pct: Option<f64>,
 }
 
+/// One host's traffic through the router, offloaded packets included
+/// (`engine::hosts`): upload is what it sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    /// Its address, or `other` for hosts beyond the table's bound.
+    pub host: String,
+    /// Its live connections.
+    pub connections: usize,
+    pub upload_packets: u64,
+    pub upload_bytes: u64,
+    pub download_packets: u64,
+    pub download_bytes: u64,
+}
+
 /// Connections not offloaded for one reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotOffloadedView {

@@ -185,6 +185,8 @@ pub struct FlowTable {
     /// that only the ruleset can bring the connection back.
     label_bits: Vec<u32>,
     pub counters: Counters,
+    /// Per-host totals of what ended (`hosts`).
+    pub(super) hosts: super::hosts::Hosts,
     /// When the batch of conntrack events (or of wake-ups) being handled
     /// was read.
     pub events_at: Option<Instant>,
@@ -227,6 +229,7 @@ impl FlowTable {
             memos: IndexMap::new(),
             label_bits,
             counters: Counters::default(),
+            hosts: Default::default(),
             events_at: None,
             pending: Vec::new(),
             pending_ids: HashSet::new(),
@@ -821,6 +824,13 @@ impl FlowTable {
         let entry = if let Some(f) = self.offloaded.swap_remove(id) {
             self.due.remove(&(f.check_at, *id));
             self.index_hops(*id, &f.dirs, false);
+            // What the fast path carried for it, read before the entries go:
+            // per-host accounting keeps it (`hosts`).
+            let carried = [0, 1].map(|i| {
+                let w = self.dp.get_written(&f.dirs[i].key).unwrap_or(f.last[i]);
+                (f.base[i].0 + w.packets, f.base[i].1 + w.bytes)
+            });
+            self.hosts.retire(&f.entry, carried);
             for d in &f.dirs {
                 self.dp.delete_flow(&d.key);
                 forget_key(&mut self.keys, &d.key);

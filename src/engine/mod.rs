@@ -20,6 +20,7 @@
 
 mod flowtable;
 mod holds;
+mod hosts;
 mod keepalive;
 mod ports;
 mod rates;
@@ -398,7 +399,13 @@ impl Core {
             match ev {
                 CtEvent::New(e) => self.consider(e, Seen::Full),
                 CtEvent::Update(e) => self.consider(e, Seen::Changes),
-                CtEvent::Destroy(e) => self.flows.destroyed(&ConnId::of(&e)),
+                CtEvent::Destroy(e) => {
+                    // Its final conntrack counters (nf_conntrack_acct):
+                    // the slow path's share of its traffic.
+                    let d = [e.counters_orig.unwrap_or_default(), e.counters_reply.unwrap_or_default()];
+                    self.flows.hosts.retire(&e, d);
+                    self.flows.destroyed(&ConnId::of(&e));
+                }
             }
         }
         self.flows.end_batch();
@@ -726,6 +733,7 @@ impl Core {
         match req {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Flows => Ok(Response::Flows(self.flow_list())),
+            Request::Hosts => Ok(Response::Hosts(self.host_list())),
             Request::Reload { name, ruleset } => {
                 self.reload(&name, &ruleset).map(Response::Done).map_err(|e| crate::error_text(&e))
             }

@@ -3,7 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::conntrack::CtTuple;
-use crate::control::{FlowView, IfaceStatus, KernelView, NotOffloadedView, Status, TupleView};
+use crate::control::{FlowView, HostView, IfaceStatus, KernelView, NotOffloadedView, Status, TupleView};
+use crate::dataplane::{key_bytes, KEY_LEN};
+use crate::flow::ConnId;
+
+use super::hosts::{host_of, Totals};
 use crate::dataplane::{fo_stat, Mode, TcAttach, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::flow::{Held, Hold};
@@ -112,6 +116,42 @@ impl Core {
             reresolve_last: self.rework.last,
             offload_latency_us: BTreeMap::from([("p50".to_string(), pct(0.5)), ("p99".to_string(), pct(0.99))]),
         }
+    }
+
+    /// Per-host totals (`hosts`): what ended, plus every conntrack entry's
+    /// counters and every offloaded connection's fast-path counters now
+    /// (one conntrack dump and one batched walk of the flow map).
+    pub(super) fn host_list(&mut self) -> Vec<HostView> {
+        let all = match self.flows.ct.dump() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!("hosts: conntrack dump failed: {e}");
+                Vec::new()
+            }
+        };
+        let mut fast: HashMap<[u8; KEY_LEN], (u64, u64)> = HashMap::with_capacity(2 * self.flows.offloaded.len());
+        if let Err(e) = self.flows.dp().for_each_flow(4096, |k, v| {
+            fast.insert(key_bytes(&k), (v.packets, v.bytes));
+        }) {
+            tracing::warn!("hosts: reading the flow map: {e:#}");
+        }
+        let mut live: HashMap<std::net::IpAddr, (Totals, usize)> = HashMap::new();
+        for e in &all {
+            let (host, sent_orig) = host_of(e);
+            let mut d = [e.counters_orig.unwrap_or_default(), e.counters_reply.unwrap_or_default()];
+            if let Some(f) = self.flows.offloaded.get(&ConnId::of(e)) {
+                for (i, dir) in d.iter_mut().enumerate() {
+                    let w =
+                        fast.get(&key_bytes(&f.dirs[i].key)).copied().unwrap_or((f.last[i].packets, f.last[i].bytes));
+                    dir.0 += f.base[i].0 + w.0;
+                    dir.1 += f.base[i].1 + w.1;
+                }
+            }
+            let slot = live.entry(host).or_default();
+            slot.0.add(sent_orig, d);
+            slot.1 += 1;
+        }
+        self.flows.hosts.view(&live)
     }
 
     pub(super) fn flow_list(&mut self) -> Vec<FlowView> {
