@@ -118,31 +118,11 @@ impl Hosts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conntrack::CtTuple;
+    use crate::flow::tests::{tcp_masq, tuple};
 
     fn entry(o: (&str, &str), r: (&str, &str), st: u32) -> CtEntry {
-        let t = |(s, d): (&str, &str)| CtTuple {
-            src: s.parse().unwrap(),
-            dst: d.parse().unwrap(),
-            proto: 6,
-            sport: 1,
-            dport: 2,
-        };
-        CtEntry {
-            id: 1,
-            orig: t(o),
-            reply: t(r),
-            status: st,
-            timeout: None,
-            mark: 0,
-            zone: 0,
-            tcp_state: None,
-            tcp_flags: None,
-            has_helper: false,
-            labels: None,
-            counters_orig: None,
-            counters_reply: None,
-        }
+        let t = |(s, d): (&str, &str)| tuple(s, 1, d, 2, 6);
+        CtEntry { orig: t(o), reply: t(r), status: st, ..tcp_masq() }
     }
 
     #[test]
