@@ -79,7 +79,7 @@ pub enum Cmd {
     /// --nft (or on SIGHUP) it reads its --config and ruleset files again:
     /// a new ruleset is loaded atomically and every offloaded connection
     /// goes back through it; new exclusions and idle timeout apply at once;
-    /// interfaces, mode, max_flows and keepalive need a restart.
+    /// interfaces, mode, max_flows, keepalive and metrics need a restart.
     Reload {
         /// A new ruleset for a ruleset engine, read with your permissions and
         /// sent to it (it must keep a flowtable and `flow add @ft`)
@@ -162,6 +162,13 @@ pub struct RunArgs {
     /// always the engine [default: auto]
     #[arg(long, value_enum, value_name = "WHO")]
     pub keepalive: Option<KeepaliveChoice>,
+    /// Serve Prometheus metrics (GET /metrics), per-host traffic included,
+    /// at ADDR: an absolute path makes a unix socket only root may connect
+    /// to (e.g. /run/nft-offload/metrics.sock); IP:PORT listens on TCP,
+    /// readable by every local user (and the network, unless loopback)
+    /// [default: none]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 impl RunArgs {
@@ -179,6 +186,7 @@ impl RunArgs {
         input.idle_timeout = self.idle_timeout.map(|v| Given::flag("--idle-timeout", v)).or(input.idle_timeout);
         input.max_flows = self.max_flows.map(|v| Given::flag("--max-flows", v)).or(input.max_flows);
         input.keepalive = self.keepalive.map(|v| Given::flag("--keepalive", v)).or(input.keepalive);
+        input.metrics = self.metrics.clone().map(|v| Given::flag("--metrics", v)).or(input.metrics);
         input.nft = self.nft.clone().map(|v| Given::flag("--nft", v)).or(input.nft);
         let s = settings::validate(input)?;
         if let Some(path) = &self.config {
@@ -320,6 +328,20 @@ mod tests {
         let e = run(&["--iface", "lo", "--iface", "eth0"]).unwrap_err();
         assert_eq!(e.to_string(), "--iface: \"lo\" is the loopback device: the kernel forwards nothing through it");
         assert_eq!(exit_code(&e), 2);
+    }
+
+    #[test]
+    fn metrics_take_a_socket_path_or_an_address_and_nothing_else() {
+        use crate::settings::MetricsListen;
+        let e = run(&["--iface", "eth0", "--metrics", "localhost:9641"]).unwrap_err();
+        assert!(e.to_string().starts_with("--metrics: \"localhost:9641\" is neither an absolute socket path"), "{e}");
+        assert_eq!(exit_code(&e), 2);
+        assert!(run(&["--iface", "eth0", "--metrics", "metrics.sock"]).is_err(), "a relative path");
+        let s = run(&["--iface", "eth0", "--metrics", "[::1]:9641"]).unwrap();
+        assert_eq!(s.metrics, Some(MetricsListen::Tcp("[::1]:9641".parse().unwrap())));
+        let s = run(&["--iface", "eth0", "--metrics", "/run/nft-offload/metrics.sock"]).unwrap();
+        assert_eq!(s.metrics, Some(MetricsListen::Unix("/run/nft-offload/metrics.sock".into())));
+        assert_eq!(run(&["--iface", "eth0"]).unwrap().metrics, None, "nothing is served unless asked");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod flow;
 pub mod hooks;
 pub mod host;
+pub mod metrics;
 pub mod nlwatch;
 pub mod policy;
 pub mod proto;

@@ -330,3 +330,76 @@ fn no_predictable_temporary_path_is_followed() {
     assert!(Path::new(&victim).exists());
     d.stop().unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// The upload bytes of 192.168.1.2 in a scrape.
+fn host_upload(scrape: &str) -> u64 {
+    let key = "nft_offload_host_bytes_total{host=\"192.168.1.2\",direction=\"upload\"} ";
+    scrape.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// conntrack's own byte counters for the iperf3 connections' original
+/// direction (nf_conntrack_acct).
+fn conntrack_upload(lab: &Lab) -> u64 {
+    let ct = lab.exec(&lab.rtr, &["conntrack", "-L", "-p", "tcp", "--dport", "5201"]).unwrap_or_default();
+    ct.lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("bytes=")))
+        .filter_map(|w| w["bytes=".len()..].parse::<u64>().ok())
+        .sum()
+}
+
+/// The metrics endpoint is opt-in. On a unix socket only root may connect
+/// (mode 0600 from bind on; an unprivileged user gets nothing, not even
+/// with CAP_NET_ADMIN's file-less reach); a scrape during a transfer shows
+/// the host's bytes rising while conntrack's counters do not; the socket
+/// goes with the engine. A named TCP address is the only one bound.
+#[test]
+fn metrics_are_root_only_on_a_socket_and_count_what_conntrack_misses() {
+    let lab = lab();
+    lab.exec(&lab.rtr, &["sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"]).unwrap();
+    let dir = Dir::new(&lab, "metrics");
+    let sock = dir.0.join("m.sock");
+    let sock_s = sock.to_str().unwrap();
+    let d = Daemon::start(&lab, &["--metrics", sock_s]).unwrap_or_else(|e| panic!("{e:#}"));
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    for who in [nobody_with(""), nobody_with("net_admin")] {
+        let mut argv: Vec<&str> = who.iter().map(String::as_str).collect();
+        argv.extend(["curl", "-sS", "--max-time", "3", "--unix-socket", sock_s, "http://localhost/metrics"]);
+        let o = within(lab.command(&lab.rtr, &argv), Duration::from_secs(5));
+        assert!(!o.status.success() && o.stdout.is_empty(), "{who:?} read the metrics");
+        assert!(stderr(&o).contains("ermission denied") || stderr(&o).contains("Couldn't connect"), "{}", stderr(&o));
+    }
+    let scrape = || {
+        lab.exec(&lab.rtr, &["curl", "-sS", "--max-time", "5", "--unix-socket", sock_s, "http://localhost/metrics"])
+            .unwrap()
+    };
+    assert!(scrape().lines().any(|l| l == "nft_offload_up 1"));
+
+    let _srv = Bg(lab.spawn(&lab.wan, &["iperf3", "-s", "-p", "5201"]).unwrap());
+    lab.wait_tcp_listen(&lab.wan, 5201, Duration::from_secs(5)).unwrap();
+    let mut client = lab
+        .command(&lab.lan, &["iperf3", "-c", "203.0.113.2", "-p", "5201", "-t", "5", "-b", "200M"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (m1, c1) = (host_upload(&scrape()), conntrack_upload(&lab));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (m2, c2) = (host_upload(&scrape()), conntrack_upload(&lab));
+    assert!(client.wait().unwrap().success());
+    assert!(m2 > m1 + 1_000_000, "the host's bytes did not rise with the transfer: {m1} -> {m2}");
+    assert!(c2 - c1 < (m2 - m1) / 10, "conntrack counted {} of {} bytes", c2 - c1, m2 - m1);
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!sock.exists(), "the socket outlived the engine");
+
+    let d = Daemon::start(&lab, &["--metrics", "127.0.0.1:9641"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let listening = lab.exec(&lab.rtr, &["ss", "-ltnH"]).unwrap();
+    assert!(listening.contains("127.0.0.1:9641"), "{listening}");
+    assert!(!listening.contains("0.0.0.0:9641") && !listening.contains("*:9641"), "{listening}");
+    let t = lab.exec(&lab.rtr, &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9641/metrics"]).unwrap();
+    assert!(t.lines().any(|l| l == "nft_offload_up 1"), "{t}");
+    let code =
+        lab.exec(&lab.rtr, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9641/"]).unwrap();
+    assert_eq!(code.trim(), "404");
+    d.stop().unwrap_or_else(|e| panic!("{e:#}"));
+}

@@ -18,6 +18,7 @@
 //! `flow::lifecycle` (keepalive and idle), `routes::path` (next hops),
 //! `policy::choose_modes` (XDP or TC per interface).
 
+mod exposition;
 mod flowtable;
 mod holds;
 mod hosts;
@@ -40,6 +41,7 @@ use crate::dataplane::{fo_flow_key, Dataplane, WakeEvents};
 use crate::flow::{ConnId, CtTimeouts, TeardownReason};
 use crate::hooks::NftWatch;
 use crate::host;
+use crate::metrics::MetricsServer;
 use crate::policy::nft::Ruleset;
 use crate::policy::verdict::{verdict, Known, Rules, Verdict, World};
 use crate::routes::path::{resolve_path, Lookups};
@@ -85,6 +87,8 @@ struct Sources {
     xfrm: Option<XfrmWatch>,
     /// nf_tables table and chain changes (device chains: `hooks`).
     nft: NftWatch,
+    /// Scrapes of the opt-in metrics endpoint.
+    metrics: Option<MetricsServer>,
 }
 
 pub struct Engine {
@@ -175,6 +179,8 @@ impl Engine {
         }
         let infos = ports::gather(&cfg.ifaces)?;
         let control = ControlServer::bind()?;
+        // Before anything is attached: a bad address fails the start whole.
+        let metrics = cfg.metrics.as_ref().map(MetricsServer::start).transpose()?;
         // What stands beneath a listed VLAN or ppp device (XDP serves it
         // from there). A list XDP cannot serve is refused before anything
         // is loaded.
@@ -263,7 +269,7 @@ impl Engine {
         // port that would drop its XDP frames.
         core.probe_xdp_targets();
         core.resync().context("initial conntrack dump")?;
-        Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm, nft }, core })
+        Ok(Engine { src: Sources { ct_events, wake, routes, control, xfrm, nft, metrics }, core })
     }
 
     /// `reload` without a file and SIGHUP read the settings again with
@@ -291,6 +297,11 @@ impl Engine {
                 libc::pollfd { fd: src.wake.fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.xfrm.as_ref().map_or(-1, XfrmWatch::fd), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: src.nft.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: src.metrics.as_ref().map_or(-1, MetricsServer::fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // Wake when pending changes have settled, not up to 100 ms later.
             let pending = [core.route_dirty, core.neigh_dirty].into_iter().flatten().min();
@@ -325,6 +336,15 @@ impl Engine {
             }
             if fds[2].revents != 0 {
                 src.control.serve(|req| core.answer(req));
+            }
+            if let (true, Some(m)) = (fds[6].revents != 0, &src.metrics) {
+                let waiting = m.take();
+                if !waiting.is_empty() {
+                    let text = core.metrics_text();
+                    for r in waiting {
+                        let _ = r.send(text.clone());
+                    }
+                }
             }
             if host::reload_requested() {
                 if let Err(e) = core.reload_files() {

@@ -36,6 +36,9 @@ pub fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
     if new.keepalive != old.keepalive {
         v.push("keepalive");
     }
+    if new.metrics != old.metrics {
+        v.push("metrics");
+    }
     v
 }
 

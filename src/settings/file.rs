@@ -8,6 +8,7 @@
 //! idle_timeout = 30                  # seconds, 1..=86400
 //! max_flows = 65536                  # 1..=16777216; unset: sized from RAM (`capacity`)
 //! keepalive = "auto"                 # auto | netlink
+//! metrics = "/run/nft-offload/metrics.sock"  # or "127.0.0.1:9641"; unset: none
 //! [exclude]                          # connections never offloaded
 //! addresses = ["192.168.1.50", "10.0.0.0/8", "fd00::/64"]
 //! ports = [22, 5060, "10000-20000"]
@@ -103,6 +104,7 @@ fn parse_in(text: &str, path: Option<&Path>) -> Result<SettingsInput, SettingsEr
         idle_timeout: raw.idle_timeout.map(|v| number("idle_timeout", v)),
         max_flows: raw.max_flows.map(|v| number("max_flows", v)),
         keepalive,
+        metrics: raw.metrics.map(|m| given("metrics".into(), m)),
         nft: ruleset,
         exclude: ExcludeInput {
             addresses: ex.addresses.into_iter().enumerate().map(|(i, a)| given(list("addresses", i), a)).collect(),
@@ -136,6 +138,8 @@ struct RawFile {
     max_flows: Option<Spanned<i64>>,
     #[serde(default)]
     keepalive: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics: Option<Spanned<String>>,
     #[serde(default)]
     exclude: RawExclude,
 }

@@ -58,6 +58,41 @@ pub struct Settings {
     pub nft: Option<PathBuf>,
     /// Connections never offloaded (the file's `[exclude]`).
     pub exclude: Exclusions,
+    /// Where the Prometheus metrics are served, if anywhere (opt-in).
+    pub metrics: Option<MetricsListen>,
+}
+
+/// Where `--metrics` serves: a unix socket (owner-only, the default way) or
+/// a TCP address, readable by every local user (and beyond, unless it is
+/// a loopback address): only what is named is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with('/') {
+            return Ok(MetricsListen::Unix(PathBuf::from(s)));
+        }
+        s.parse().map(MetricsListen::Tcp).map_err(|_| {
+            format!(
+                "{s:?} is neither an absolute socket path (/run/nft-offload/metrics.sock) nor an address and port \
+                 (127.0.0.1:9641, [::1]:9641)"
+            )
+        })
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Unix(p) => write!(f, "unix:{}", p.display()),
+            MetricsListen::Tcp(a) => write!(f, "http://{a}/metrics"),
+        }
+    }
 }
 
 /// Where a value was given.
@@ -117,6 +152,7 @@ pub struct SettingsInput {
     pub max_flows: Option<Given<i64>>,
     pub keepalive: Option<Given<KeepaliveChoice>>,
     pub nft: Option<Given<PathBuf>>,
+    pub metrics: Option<Given<String>>,
     pub exclude: ExcludeInput,
 }
 
@@ -248,7 +284,11 @@ pub fn validate(input: SettingsInput) -> Result<Settings, SettingsError> {
     let nft = input.nft.map(|p| std::path::absolute(&p.value).unwrap_or(p.value));
     let exclude = exclusions(input.exclude, &bad)?;
     let keepalive = input.keepalive.map_or_else(KeepaliveChoice::default, |k| k.value);
-    Ok(Settings { ifaces, mode, idle_timeout, max_flows, keepalive, nft, exclude })
+    let metrics = match input.metrics {
+        None => None,
+        Some(m) => Some(m.value.parse::<MetricsListen>().map_err(|p| bad(&m.origin, p))?),
+    };
+    Ok(Settings { ifaces, mode, idle_timeout, max_flows, keepalive, nft, exclude, metrics })
 }
 
 fn in_range(v: &Given<i64>, range: &RangeInclusive<u64>) -> Result<u64, String> {
