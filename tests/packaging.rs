@@ -317,11 +317,18 @@ struct Router {
     firewall: String,
     own: Option<String>,
     netdevs: Vec<(&'static str, &'static str)>,
+    /// The kernel has its own flowtable (nf_flow_table loaded).
+    kmod: bool,
 }
 
 impl Router {
     fn new(firewall: &str) -> Router {
-        Router { firewall: firewall.to_string(), own: None, netdevs: Vec::new() }
+        Router { firewall: firewall.to_string(), own: None, netdevs: Vec::new(), kmod: false }
+    }
+
+    fn kmod(mut self) -> Router {
+        self.kmod = true;
+        self
     }
 
     fn own(mut self, uci: &str) -> Router {
@@ -343,6 +350,10 @@ impl Router {
         if let Some(own) = &self.own {
             std::fs::write(dir.join("etc/config/nft-offload"), own).unwrap();
         }
+        std::fs::create_dir_all(dir.join("modules")).unwrap();
+        if self.kmod {
+            std::fs::create_dir_all(dir.join("sys/module/nf_flow_table")).unwrap();
+        }
         let stubs = dir.join("stubs.sh");
         std::fs::write(&stubs, STUBS).unwrap();
         let log = dir.join("log");
@@ -356,7 +367,10 @@ impl Router {
             .env("STUBS", &stubs)
             .env("INIT", repo(INIT))
             .env("STUB_ROOT", &dir)
-            .env("STUB_LOG", &log);
+            .env("STUB_LOG", &log)
+            .env("SYSFS", dir.join("sys"))
+            .env("MODDIR", dir.join("modules"))
+            .env("NFT_OFFLOAD_CONF", dir.join("run/nft-offload.toml"));
         for (net, dev) in &self.netdevs {
             cmd.env(format!("STUB_NETDEV_{net}"), dev);
         }
@@ -367,7 +381,11 @@ impl Router {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let lines = std::fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+        let mut lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+        // The configuration file it generated, if any.
+        if let Ok(conf) = std::fs::read_to_string(dir.join("run/nft-offload.toml")) {
+            lines.extend(conf.lines().map(|l| format!("conf {l}")));
+        }
         let _ = std::fs::remove_dir_all(&dir);
         lines
     }
@@ -381,6 +399,12 @@ config defaults
 
 config zone
 	option name 'lan'
+	list network 'lan'
+
+config zone
+	option name 'wan'
+	list network 'wan'
+	list network 'wan6'
 ";
 
 const FW_ON_HW: &str = "
@@ -496,13 +520,17 @@ fn procd_own_settings() {
 }
 
 #[test]
-fn procd_default_interfaces_from_wan_and_lan() {
+fn procd_default_interfaces_from_every_zone() {
     for sh in shells() {
         // No /etc/config/nft-offload at all.
-        let log = Router::new(FW_ON).netdev("wan", "pppoe-wan").netdev("lan", "br-lan").run(&sh, "start_service");
+        let log = Router::new(FW_ON)
+            .netdev("wan", "pppoe-wan")
+            .netdev("wan6", "pppoe-wan")
+            .netdev("lan", "br-lan")
+            .run(&sh, "start_service");
         assert_eq!(
             commands(&log),
-            ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface pppoe-wan --iface br-lan"],
+            ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface br-lan --iface pppoe-wan"],
             "{sh:?}: {log:#?}"
         );
     }
@@ -516,6 +544,102 @@ fn procd_default_interfaces_from_wan_and_lan() {
     let log = Router::new(FW_ON).run(&["sh"], "start_service");
     assert_eq!(opened(&log), 0, "{log:#?}");
     assert!(loggers(&log)[0].contains("no interfaces"), "{log:#?}");
+}
+
+/// firewall4 depends on kmod-nft-offload: where the kernel has its own
+/// flowtable, firewall4's switch is the kernel's (in hardware too), and
+/// nft-offload never runs beside it; it runs where the owner turned
+/// firewall4's off and chose it.
+#[test]
+fn procd_one_engine_at_a_time() {
+    let own_on = "config nft-offload 'main'\n\toption enabled '1'\n\tlist interface 'eth0'\n";
+    for sh in shells() {
+        for fw in [FW_ON, FW_ON_HW] {
+            let log = Router::new(fw).own(own_on).kmod().run(&sh, "start_service");
+            assert_eq!(opened(&log), 0, "{sh:?}: two engines: {log:#?}");
+            let msgs = loggers(&log);
+            assert_eq!(msgs.len(), 1, "{log:#?}");
+            assert!(msgs[0].contains("kmod-nft-offload") && msgs[0].contains("one engine at a time"), "{msgs:?}");
+            assert_eq!(msgs[0].contains("in hardware"), fw == FW_ON_HW, "{msgs:?}");
+        }
+        // The owner's choice, with firewall4's offloading off.
+        let log = Router::new(FW_OFF).own(own_on).kmod().run(&sh, "start_service");
+        assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0"], "{sh:?}");
+        assert!(loggers(&log).is_empty(), "{log:#?}");
+        // Not chosen: nothing.
+        let log = Router::new(FW_OFF).own(OWN_ETH).kmod().run(&sh, "start_service");
+        assert_eq!(opened(&log), 0, "{log:#?}");
+        // No kernel flowtable: chosen alone is enough too.
+        let log = Router::new(FW_OFF).own(own_on).run(&sh, "start_service");
+        assert_eq!(opened(&log), 1, "{log:#?}");
+    }
+}
+
+/// Every zone's devices (its networks' L3 devices and its own `device`
+/// entries), not only lan and wan.
+#[test]
+fn procd_every_zone_device() {
+    let fw = format!("{FW_ON}\nconfig zone\n\toption name 'guest'\n\toption network 'guest'\n\tlist device 'tun0'\n");
+    let log = Router::new(&fw)
+        .netdev("lan", "br-lan")
+        .netdev("wan", "eth0.2")
+        .netdev("guest", "br-guest")
+        .run(&["sh"], "start_service");
+    assert_eq!(
+        commands(&log),
+        ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface br-lan --iface eth0.2 --iface br-guest \
+          --iface tun0"],
+        "{log:#?}"
+    );
+    let log = Router::new(&fw).run(&["sh"], "service_triggers");
+    for net in ["lan", "wan", "wan6", "guest"] {
+        assert!(log.iter().any(|l| l.starts_with(&format!("interface_trigger interface.* {net} "))), "{net}: {log:#?}");
+    }
+}
+
+/// max_flows, metrics and exclusions from UCI: flags, and a generated
+/// configuration file the daemon's own parser accepts; values that could
+/// break out of it are refused with a word in the log.
+#[test]
+fn procd_every_option_has_a_uci_name() {
+    let own = "config nft-offload 'main'\n\toption max_flows '16384'\n\toption metrics '/var/run/nft-offload/m.sock'\n\
+               \tlist exclude_address '192.168.1.50'\n\tlist exclude_address 'fd00::/64'\n\tlist exclude_port '22'\n\
+               \tlist exclude_port '10000-20000'\n\tlist exclude_mark '0x10/0xff'\n\tlist exclude_protocol 'udp'\n\
+               \tlist exclude_port '22\"]\n'\n\tlist interface 'eth0'\n";
+    for sh in shells() {
+        let log = Router::new(FW_ON).own(own).run(&sh, "start_service");
+        let cmd = commands(&log);
+        assert_eq!(cmd.len(), 1, "{sh:?}: {log:#?}");
+        assert!(
+            cmd[0].starts_with(
+                "/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --max-flows 16384 --metrics \
+                 /var/run/nft-offload/m.sock --config "
+            ) && cmd[0].ends_with("nft-offload.toml --iface eth0"),
+            "{sh:?}: {cmd:?}"
+        );
+        let conf: Vec<&str> = log.iter().filter_map(|l| l.strip_prefix("conf ")).collect();
+        let text = conf.join("\n") + "\n";
+        let mut input = nft_offload::settings::file::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        input.ifaces = Some(nft_offload::settings::Given::flag(
+            "--iface",
+            vec![nft_offload::settings::Given::flag("--iface", "eth0".to_string())],
+        ));
+        let s = nft_offload::settings::validate(input).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            (s.exclude.addresses.len(), s.exclude.ports.len(), s.exclude.marks.len(), s.exclude.protocols.len()),
+            (2, 2, 1, 1),
+            "{text}"
+        );
+        let msgs = loggers(&log);
+        assert_eq!(msgs.len(), 1, "{sh:?}: {log:#?}");
+        assert!(msgs[0].contains("ignoring exclude_port"), "{msgs:?}");
+    }
+    // Bad numbers are dropped with a word, not handed to a daemon that
+    // would refuse them (and be respawned forever).
+    let own = "config nft-offload 'main'\n\toption max_flows 'lots'\n\toption metrics 'a b'\n\tlist interface 'eth0'\n";
+    let log = Router::new(FW_ON).own(own).run(&["sh"], "start_service");
+    assert_eq!(commands(&log), ["/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --iface eth0"]);
+    assert_eq!(loggers(&log).len(), 2, "{log:#?}");
 }
 
 #[test]
