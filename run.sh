@@ -44,14 +44,14 @@ setup() {
 
 # The Debian package: release binary, the man pages and completions the lab
 # generates from the CLI definition, then cargo-deb around them.
-# Only the router binary is built for release; the generator runs from the
-# lab's debug build.
+# Only the router binary is built, in its own profile (Cargo.toml: abort on
+# panic, size-optimised); the generator runs from the lab's debug build.
 build_deb() {
     command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
-    cargo build --release --locked -q -p nft-offload
+    cargo build --profile router --locked -q -p nft-offload
     rm -rf target/assets target/debian
     cargo run --locked -q -p nft-offload-lab -- docs --out target/assets >/dev/null
-    cargo deb --no-build --locked -p nft-offload -o target/debian/ 2>&1 | tail -1
+    cargo deb --no-build --profile router --locked -p nft-offload -o target/debian/ 2>&1 | tail -1
 }
 
 cmd="${1:-}"

@@ -29,13 +29,15 @@ pub fn init_logging() {
 
 /// Logs to stderr. `verbosity` moves the level from `info`: -1 `warn`, -2
 /// `error`, 1 `debug`, 2 `trace` (`-q`/`-v`); `NFT_OFFLOAD_LOG` (an
-/// `EnvFilter` directive) overrides it. Plain lines wherever nothing reads
+/// `Targets` directive: `debug`, `nft_offload=debug,warn`) overrides it. Plain lines wherever nothing reads
 /// them on a terminal: journald, procd's logd and syslog stamp each line
 /// themselves, so a timestamp is written only on a terminal or into a file
 /// (where nothing else would), colour only on a terminal and never with
 /// `NO_COLOR` set (no-color.org).
 pub fn init_logging_at(verbosity: i8) {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = match verbosity {
         i8::MIN..=-2 => "error",
         -1 => "warn",
@@ -43,14 +45,18 @@ pub fn init_logging_at(verbosity: i8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NFT_OFFLOAD_LOG").unwrap_or_else(|_| level.into());
+    let filter: tracing_subscriber::filter::Targets = std::env::var("NFT_OFFLOAD_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| level.parse().expect("a level name"));
     let terminal = std::io::stderr().is_terminal();
     let style = log_style(terminal, stderr_is_file(), std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()));
-    let b = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_ansi(style.colour);
+    let b = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(tracing::Level::TRACE);
+    let b = b.with_ansi(style.colour);
     if style.timestamp {
-        b.init();
+        b.finish().with(filter).init();
     } else {
-        b.without_time().init();
+        b.without_time().finish().with(filter).init();
     }
 }
 

@@ -86,7 +86,8 @@ mod tests {
         let main = gunzip(&dir.path().join("man/nft-offload.8.gz"));
         assert!(main.contains(".TH nft-offload 8"), "{main}");
         // Every subcommand has its page, with its flags' help from clap.
-        for sub in ["run", "reload", "check", "status", "flows"] {
+        let subs = ["run", "reload", "check", "status", "hosts", "flows"];
+        for sub in subs {
             assert!(main.contains(sub), "main page misses {sub}");
             let page = gunzip(&dir.path().join(format!("man/nft-offload-{sub}.8.gz")));
             assert!(page.contains(&format!(".TH nft-offload-{sub} 8")), "{page}");
@@ -101,7 +102,7 @@ mod tests {
         assert!(zsh.starts_with("#compdef nft-offload"), "{zsh}");
         let fish = std::fs::read_to_string(dir.path().join("completions/nft-offload.fish")).unwrap();
         assert!(fish.contains("complete -c nft-offload"), "{fish}");
-        assert_eq!(files.len(), 6 + 3);
+        assert_eq!(files.len(), 1 + subs.len() + 3, "a page each, three completions: {files:?}");
         // Reproducible: the same bytes twice.
         let again = tempfile::tempdir().unwrap();
         generate(again.path()).unwrap();

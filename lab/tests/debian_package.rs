@@ -94,6 +94,7 @@ fn installed_package_runs_against_the_lab_and_purges_clean() {
         "/usr/lib/systemd/system/nft-offload.service",
         "/usr/share/man/man8/nft-offload.8.gz",
         "/usr/share/man/man8/nft-offload-run.8.gz",
+        "/usr/share/man/man8/nft-offload-hosts.8.gz",
         "/usr/share/bash-completion/completions/nft-offload",
         "/usr/share/zsh/vendor-completions/_nft-offload",
         "/usr/share/fish/vendor_completions.d/nft-offload.fish",
