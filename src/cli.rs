@@ -115,12 +115,69 @@ pub enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Offloaded connections, conntrack style.
+    /// Offloaded connections, in conntrack -L's layout; with --all also
+    /// those on the kernel's path, each with why.
     Flows {
         /// Output format: text for people, json for scripts
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Also list the connections on the kernel's path, with the reason
+        /// per connection
+        #[arg(short = 'a', long)]
+        all: bool,
+        #[command(flatten)]
+        filter: FlowFilter,
     },
+}
+
+/// conntrack -L's filters, on the original direction.
+#[derive(Args, Debug, Default, Clone)]
+pub struct FlowFilter {
+    /// Original source address
+    #[arg(short = 's', long = "src", value_name = "ADDR")]
+    pub src: Option<std::net::IpAddr>,
+    /// Original destination address
+    #[arg(short = 'd', long = "dst", value_name = "ADDR")]
+    pub dst: Option<std::net::IpAddr>,
+    /// Protocol: tcp or udp
+    #[arg(short = 'p', long = "proto", value_name = "PROTO", value_parser = ["tcp", "udp"])]
+    pub proto: Option<String>,
+    /// Original source port
+    #[arg(long, value_name = "PORT")]
+    pub sport: Option<u16>,
+    /// Original destination port
+    #[arg(long, value_name = "PORT")]
+    pub dport: Option<u16>,
+    /// Conntrack mark (offloaded connections; the kernel's path lists none
+    /// under a mark filter)
+    #[arg(short = 'm', long, value_name = "MARK", value_parser = parse_mark)]
+    pub mark: Option<u32>,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    v.map_err(|_| format!("{s:?} is not a mark (a number, or 0x followed by hex)"))
+}
+
+impl FlowFilter {
+    fn tuple(&self, proto: &str, t: &crate::control::TupleView) -> bool {
+        self.src.is_none_or(|a| a == t.src)
+            && self.dst.is_none_or(|a| a == t.dst)
+            && self.proto.as_deref().is_none_or(|p| p == proto)
+            && self.sport.is_none_or(|p| p == t.sport)
+            && self.dport.is_none_or(|p| p == t.dport)
+    }
+
+    pub fn flow(&self, f: &crate::control::FlowView) -> bool {
+        self.tuple(&f.proto, &f.orig) && self.mark.is_none_or(|m| m == f.mark)
+    }
+
+    pub fn slow(&self, f: &crate::control::SlowView) -> bool {
+        self.mark.is_none() && self.tuple(&f.proto, &f.orig)
+    }
 }
 
 /// `run`: the engine's settings as flags, a TOML file, or both (flags
@@ -247,11 +304,23 @@ pub fn main_with(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Flows { output } => {
-            let flows = Client::flows()?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
-                Output::Text => print!("{}", render_flows(&flows)),
+        Cmd::Flows { output, all, filter } => {
+            let mut flows = Client::flows()?;
+            flows.retain(|f| filter.flow(f));
+            let slow = if all {
+                let mut s = Client::slow_flows()?;
+                s.retain(|f| filter.slow(f));
+                Some(s)
+            } else {
+                None
+            };
+            match (output, &slow) {
+                (Output::Json, None) => println!("{}", serde_json::to_string_pretty(&flows)?),
+                (Output::Json, Some(s)) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "offloaded": flows, "slow_path": s }))?
+                ),
+                (Output::Text, _) => print!("{}", render_flows(&flows, slow.as_deref())),
             }
             Ok(())
         }
@@ -311,6 +380,37 @@ mod tests {
         let e = run(&["--config", g.to_str().unwrap()]).unwrap_err().to_string();
         assert!(e.starts_with("no interfaces given") && e.contains("ruleset"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn flow_filters_are_conntracks() {
+        use crate::control::{SlowView, TupleView};
+        let parse = |args: &[&str]| match Cli::try_parse_from([&["nft-offload", "flows"], args].concat()) {
+            Ok(Cli { cmd: Cmd::Flows { filter, .. }, .. }) => filter,
+            other => panic!("{other:?}"),
+        };
+        let t = TupleView {
+            src: "192.168.1.2".parse().unwrap(),
+            dst: "203.0.113.2".parse().unwrap(),
+            sport: 40000,
+            dport: 22,
+        };
+        let slow = SlowView { proto: "tcp".into(), orig: t, zone: 0, code: "excluded".into(), reason: String::new() };
+        // (arguments, matches the slow tcp 192.168.1.2:40000 -> 203.0.113.2:22)
+        for (args, want) in [
+            (&[][..], true),
+            (&["-s", "192.168.1.2"][..], true),
+            (&["-s", "192.168.1.3"][..], false),
+            (&["-d", "203.0.113.2", "-p", "tcp", "--dport", "22"][..], true),
+            (&["-p", "udp"][..], false),
+            (&["--sport", "40001"][..], false),
+            (&["--mark", "0x10"][..], false),
+        ] {
+            assert_eq!(parse(args).slow(&slow), want, "{args:?}");
+        }
+        assert_eq!(parse(&["-m", "0x1f"]).mark, Some(31));
+        assert!(Cli::try_parse_from(["nft-offload", "flows", "--mark", "x"]).is_err());
+        assert!(Cli::try_parse_from(["nft-offload", "flows", "-p", "icmp"]).is_err());
     }
 
     #[test]

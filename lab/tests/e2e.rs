@@ -1053,6 +1053,17 @@ fn config_file_with_exclusions() {
         st["not_offloaded"].as_array().unwrap().iter().filter(|r| r["code"] == "excluded").collect();
     assert!(excluded.len() == 1 && excluded[0]["reason"].as_str().unwrap().contains("5202"), "{st}");
     assert_eq!(excluded[0]["connections"], 2, "{st}");
+    // Per connection, with `flows --all`; and conntrack -L's filters.
+    let all: serde_json::Value = serde_json::from_str(&d.cli(&["flows", "--all", "-o", "json"]).unwrap()).unwrap();
+    let slow = all["slow_path"].as_array().unwrap();
+    let kept: Vec<&serde_json::Value> = slow.iter().filter(|f| f["orig"]["dport"] == 5202).collect();
+    assert!(kept.len() == 2 && kept.iter().all(|f| f["code"] == "excluded"), "{all}");
+    assert!(all["offloaded"].as_array().unwrap().iter().any(|f| f["orig"]["dport"] == 5201), "{all}");
+    let only: serde_json::Value =
+        serde_json::from_str(&d.cli(&["flows", "-o", "json", "-p", "tcp", "--dport", "5202"]).unwrap()).unwrap();
+    assert_eq!(only.as_array().unwrap().len(), 0, "the excluded port is not offloaded: {only}");
+    let text = d.cli(&["flows", "--all", "--dport", "5202"]).unwrap();
+    assert!(text.contains("[SLOW] code=excluded") && !text.contains("dport=5201"), "{text}");
     iperf_result(c1);
     iperf_result(c2);
 

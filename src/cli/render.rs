@@ -1,7 +1,7 @@
 //! Text rendering of `status` and `flows` (JSON output is the view types'
 //! own serialisation).
 
-use crate::control::{FlowView, HostView, Status};
+use crate::control::{FlowView, HostView, SlowView, Status};
 use crate::proto::{self, IPPROTO_TCP, IPPROTO_UDP};
 
 pub fn render_status(s: &Status) -> String {
@@ -133,8 +133,9 @@ pub fn render_hosts(hosts: &[HostView], acct: Option<bool>) -> String {
     o
 }
 
-/// conntrack -L style: one line per connection, original then reply tuple.
-pub fn render_flows(flows: &[FlowView]) -> String {
+/// conntrack -L style: one line per connection, original then reply tuple;
+/// with `slow`, the connections on the kernel's path after them, with why.
+pub fn render_flows(flows: &[FlowView], slow: Option<&[SlowView]>) -> String {
     let mut o = String::new();
     for f in flows {
         let pnum = if f.proto == proto::name(IPPROTO_TCP) { IPPROTO_TCP } else { IPPROTO_UDP };
@@ -175,6 +176,17 @@ pub fn render_flows(flows: &[FlowView]) -> String {
                 o += &format!("     {which} direction {encap}\n");
             }
         }
+    }
+    if let Some(slow) = slow {
+        for f in slow {
+            let pnum = if f.proto == proto::name(IPPROTO_TCP) { IPPROTO_TCP } else { IPPROTO_UDP };
+            o += &format!(
+                "{:<8} {} src={} dst={} sport={} dport={} [SLOW] code={} reason=\"{}\"\n",
+                f.proto, pnum, f.orig.src, f.orig.dst, f.orig.sport, f.orig.dport, f.code, f.reason
+            );
+        }
+        o += &format!("nft-offload: {} flow entries offloaded, {} on the kernel's path.\n", flows.len(), slow.len());
+        return o;
     }
     o += &format!("nft-offload: {} flow entries offloaded.\n", flows.len());
     o
@@ -367,26 +379,42 @@ mod tests {
             slow: [None, None],
             encap: [None, None],
         };
-        let t = render_flows(std::slice::from_ref(&f));
+        let t = render_flows(std::slice::from_ref(&f), None);
         assert_eq!(
             t,
             "udp      17 117 src=192.168.1.2 dst=203.0.113.2 sport=40000 dport=53 packets=3 bytes=300 \
              src=203.0.113.2 dst=203.0.113.1 sport=53 dport=40000 packets=2 bytes=200 [OFFLOAD] mode=xdp \
              lan0->wan0 idle=1s mark=0 id=77\nnft-offload: 1 flow entries offloaded.\n"
         );
-        assert_eq!(render_flows(&[]), "nft-offload: 0 flow entries offloaded.\n");
+        assert_eq!(render_flows(&[], None), "nft-offload: 0 flow entries offloaded.\n");
         // JSON: integers where they are integers, nothing where nothing is.
         let j = serde_json::to_value(&f).unwrap();
         assert_eq!((j["idle_ms"].as_u64(), j["timeout_s"].as_u64()), (Some(1400), Some(117)), "{j}");
         assert!(j.get("slow").is_none() && j.get("encap").is_none(), "{j}");
-        let unknown = render_flows(&[FlowView { timeout_s: None, ..f.clone() }]);
+        let unknown = render_flows(&[FlowView { timeout_s: None, ..f.clone() }], None);
         assert!(unknown.starts_with("udp      17 src="), "no timeout, no column: {unknown}");
         let held = FlowView { slow: [None, Some("tc ingress filter on wan0".into())], ..f.clone() };
-        let t = render_flows(&[held]);
+        let t = render_flows(&[held], None);
         assert!(t.contains(" id=77\n     reply direction on the slow path: tc ingress filter on wan0\n"), "{t}");
         assert!(!t.contains("original direction"), "{t}");
+        // --all: the kernel's path after, each with its code and reason.
+        let slow = SlowView {
+            proto: "tcp".into(),
+            orig: tuple("192.168.1.2", 40022, "203.0.113.2", 22),
+            zone: 0,
+            code: "excluded".into(),
+            reason: "excluded by port 22".into(),
+        };
+        let t = render_flows(std::slice::from_ref(&f), Some(std::slice::from_ref(&slow)));
+        assert!(
+            t.ends_with(
+                "tcp      6 src=192.168.1.2 dst=203.0.113.2 sport=40022 dport=22 [SLOW] code=excluded \
+                 reason=\"excluded by port 22\"\nnft-offload: 1 flow entries offloaded, 1 on the kernel's path.\n"
+            ),
+            "{t}"
+        );
         let tagged = FlowView { encap: [Some("arrives untagged, leaves VLAN 7 + PPPoE 0x1a2b".into()), None], ..f };
-        let t = render_flows(&[tagged]);
+        let t = render_flows(&[tagged], None);
         assert!(t.contains(" id=77\n     original direction arrives untagged, leaves VLAN 7 + PPPoE 0x1a2b\n"), "{t}");
     }
 }

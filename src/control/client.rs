@@ -23,6 +23,10 @@ impl Client {
         call(&Request::Flows)
     }
 
+    pub fn slow_flows() -> Result<Vec<crate::control::SlowView>> {
+        call(&Request::SlowFlows)
+    }
+
     pub fn hosts() -> Result<Vec<crate::control::HostView>> {
         call(&Request::Hosts)
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use client::Client;
 pub use peer::{authorize, Peer};
 pub use server::ControlServer;
-pub use view::{FlowView, HostView, IfaceStatus, KernelView, NotOffloadedView, RatesView, Status, TupleView};
+pub use view::{FlowView, HostView, IfaceStatus, KernelView, NotOffloadedView, RatesView, SlowView, Status, TupleView};
 
 /// The socket's abstract name.
 const NAME: &[u8] = b"nft-offload.ctl";
@@ -32,6 +32,8 @@ const MAX_REQUEST: usize = 2 * MAX_RULESET + 64 * 1024;
 pub enum Request {
     Status,
     Flows,
+    /// The connections on the kernel's path, with why.
+    SlowFlows,
     Hosts,
     /// Replace the ruleset of `run --nft` with `ruleset`, which the client
     /// read itself; `name` (the client's path) only labels messages. The
@@ -53,6 +55,7 @@ pub enum Response {
     Status(Box<Status>),
     Flows(Vec<FlowView>),
     Hosts(Vec<HostView>),
+    Slow(Vec<SlowView>),
     /// A one-line summary of what a reload did.
     Done(String),
 }

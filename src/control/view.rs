@@ -171,6 +171,19 @@ pub struct HostView {
     pub download_bytes: u64,
 }
 
+/// A connection on the kernel's path, and why (`flows --all`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowView {
+    pub proto: String,
+    /// Conntrack's original tuple.
+    pub orig: TupleView,
+    pub zone: u16,
+    /// Stable: a `not_offloaded` code, or `dormant`, `waiting`, `asleep`,
+    /// `not_asked`.
+    pub code: String,
+    pub reason: String,
+}
+
 /// Connections not offloaded for one reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotOffloadedView {
@@ -198,7 +211,7 @@ pub struct ReresolveView {
     pub micros: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TupleView {
     pub src: IpAddr,
     pub dst: IpAddr,

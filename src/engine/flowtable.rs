@@ -29,6 +29,42 @@ use install::{forget_key, note_key, Pending};
 /// A new offload's first keepalive look (then `flow::next_check`).
 const FIRST_LOOK_NS: u64 = 250_000_000;
 
+/// The 4-byte name a connection's memo keeps of its last refusal's text
+/// (`Memo::refused`); the texts themselves are the keys of
+/// `Counters::not_offloaded`, few and shared.
+fn reason_hash(text: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish() as u32
+}
+
+/// Why a connection conntrack told of is not on the fast path, for
+/// `flows --all`: (code, text).
+pub(super) fn slow_reason(
+    dormant: bool,
+    waiting: bool,
+    asleep: bool,
+    refused: Option<&(&'static str, String)>,
+) -> (&'static str, String) {
+    if dormant {
+        return (
+            "dormant",
+            "taken off while alive (idle, or a change of the world); back once the kernel is seen forwarding it".into(),
+        );
+    }
+    if waiting {
+        return ("waiting", "waiting for its next hop to resolve".into());
+    }
+    if asleep {
+        return ("asleep", "its flowtable label was cleared; back when the ruleset's `flow add` sets it again".into());
+    }
+    match refused {
+        Some((code, text)) => (code, text.clone()),
+        None => ("not_asked", "not sent to offload (no `flow add`, or not eligible yet: e.g. a TCP handshake)".into()),
+    }
+}
+
 /// Tables smaller than this are not worth compacting (`compact`).
 const COMPACT_MIN: usize = 4096;
 
@@ -278,6 +314,27 @@ impl FlowTable {
         for set in self.by_hop.values_mut() {
             small(set.len(), set.capacity(), |n| set.shrink_to(n));
         }
+    }
+
+    /// Every connection conntrack told of that is not offloaded, with why
+    /// (`slow_reason`), as (id, code, text).
+    pub fn slow_list(&self) -> Vec<(ConnId, &'static str, String)> {
+        let texts: HashMap<u32, (&'static str, String)> =
+            self.counters.not_offloaded.iter().map(|(t, r)| (reason_hash(t), (r.code, t.clone()))).collect();
+        self.memos
+            .iter()
+            .filter(|(id, _)| !self.offloaded.contains_key(*id))
+            .map(|(id, m)| {
+                let refused = m.refused.and_then(|h| texts.get(&h));
+                let (code, text) = slow_reason(
+                    self.dormant.contains_key(id),
+                    self.waiting.contains_key(id),
+                    self.asleep.contains(id),
+                    refused,
+                );
+                (*id, code, text)
+            })
+            .collect()
     }
 
     pub fn len(&self) -> (usize, usize, usize) {
@@ -597,11 +654,8 @@ impl FlowTable {
     /// Count `id` under `why`, once: the same reason again (every update
     /// event of a connection that stays excluded) is not another refusal.
     pub fn not_offloaded(&mut self, id: &ConnId, why: NotOffloaded) {
-        use std::hash::{Hash, Hasher};
         let text = why.to_string();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
-        let h = h.finish() as u32;
+        let h = reason_hash(&text);
         if let Some(m) = self.memos.get_mut(id) {
             if m.refused == Some(h) {
                 return;

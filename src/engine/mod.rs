@@ -754,6 +754,7 @@ impl Core {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Flows => Ok(Response::Flows(self.flow_list())),
             Request::Hosts => Ok(Response::Hosts(self.host_list())),
+            Request::SlowFlows => Ok(Response::Slow(self.slow_list())),
             Request::Reload { name, ruleset } => {
                 self.reload(&name, &ruleset).map(Response::Done).map_err(|e| crate::error_text(&e))
             }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::conntrack::CtTuple;
-use crate::control::{FlowView, HostView, IfaceStatus, KernelView, NotOffloadedView, Status, TupleView};
+use crate::control::{FlowView, HostView, IfaceStatus, KernelView, NotOffloadedView, SlowView, Status, TupleView};
 use crate::dataplane::{key_bytes, KEY_LEN};
 use crate::flow::ConnId;
 
@@ -152,6 +152,26 @@ impl Core {
             slot.1 += 1;
         }
         self.flows.hosts.view(&live)
+    }
+
+    /// `flows --all`'s other half: what is on the kernel's path, and why.
+    pub(super) fn slow_list(&self) -> Vec<SlowView> {
+        let mut v: Vec<SlowView> = self
+            .flows
+            .slow_list()
+            .into_iter()
+            .map(|(id, code, reason)| SlowView {
+                proto: proto::name(id.proto).into(),
+                orig: TupleView { src: id.src, dst: id.dst, sport: id.sport, dport: id.dport },
+                zone: id.zone,
+                code: code.to_string(),
+                reason,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            (&a.code, a.orig.src, a.orig.dst, a.orig.sport).cmp(&(&b.code, b.orig.src, b.orig.dst, b.orig.sport))
+        });
+        v
     }
 
     pub(super) fn flow_list(&mut self) -> Vec<FlowView> {
