@@ -599,7 +599,7 @@ impl FlowTable {
             Verdict::Ignore => {}
             // The engine resolves the path before applying; reaching here
             // means it did not, so nothing changes.
-            Verdict::NeedsPath => tracing::debug!(?id, "verdict applied without a path"),
+            Verdict::NeedsPath => tracing::debug!(%id, "verdict applied without a path"),
             Verdict::NotYet(_) => {
                 self.waiting.remove(&id);
             }
@@ -621,7 +621,7 @@ impl FlowTable {
                 }
             }
             Verdict::Wait(why) => {
-                tracing::trace!(?id, %why, "waiting");
+                tracing::trace!(%id, %why, "waiting");
                 // A dormant connection waits with its evidence (`known`
                 // still says dormant): what it proved decides its holds.
                 self.waiting.insert(id, e);
@@ -827,7 +827,7 @@ impl FlowTable {
             // arrives elsewhere now) must not take another connection's.
             let put = if !moved { self.dp.replace_flow(&nd.key, &v) } else { self.dp.put_flow(&nd.key, &v) };
             if let Err(err) = put {
-                tracing::warn!(?id, "re-pointing: {err}");
+                tracing::warn!(%id, "re-pointing: {err}");
                 collided |= err == PutError::KeyTaken;
                 continue;
             }
@@ -890,7 +890,7 @@ impl FlowTable {
                 forget_key(&mut self.keys, &d.key);
             }
             *self.counters.teardowns.entry(reason.as_str()).or_default() += 1;
-            tracing::debug!(?id, reason = reason.as_str(), "teardown");
+            tracing::debug!(%id, reason = reason.as_str(), "teardown");
             if let Some(w) = &f.watch {
                 self.unwatch_all(w);
             }

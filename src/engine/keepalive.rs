@@ -137,7 +137,7 @@ pub fn tick(ft: &mut FlowTable, now: u64, idle: Duration, timeouts: &CtTimeouts,
     for ((id, st), r) in assure.into_iter().zip(assured) {
         match r {
             Ok(()) | Err(CtError::NotFound) => {}
-            Err(err) => tracing::debug!(?id, "conntrack status update refused: {err}"),
+            Err(err) => tracing::debug!(%id, "conntrack status update refused: {err}"),
         }
         // Asked once: the event of the change brings the entry's own word.
         if let Some(f) = ft.offloaded.get_mut(&id) {

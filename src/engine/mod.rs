@@ -206,7 +206,9 @@ impl Engine {
             }
         };
         let mut dp = Dataplane::load_for(max_flows, &probe)?;
-        tracing::info!(keepalive = ?dp.features().keepalive, max_flows, "fast path loaded");
+        let keepalive = serde_json::to_value(dp.features().keepalive).ok();
+        let keepalive = keepalive.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+        tracing::info!(keepalive, max_flows, "fast path loaded");
         let mut ifaces = Interfaces::default();
         ifaces.attach(&mut dp, &infos, &topo, cfg.mode)?;
         let routes = RouteWatch::new().context("subscribing to rtnetlink")?;
@@ -678,7 +680,12 @@ impl Core {
             self.flows.dp_mut().set_fwd_update_priority(host::ip_forward_update_priority());
             let t = host::ct_timeouts();
             if t != self.timeouts {
-                tracing::info!(?t, "conntrack timeouts changed");
+                tracing::info!(
+                    tcp_established_s = t.tcp_established,
+                    udp_s = t.udp,
+                    udp_stream_s = t.udp_stream,
+                    "conntrack timeouts changed"
+                );
                 self.timeouts = t;
                 self.flows.dp_mut().set_ct_timeouts(&t);
                 // Every deadline was planned with the old timeouts.

@@ -311,7 +311,8 @@ impl super::Core {
         if !gone.is_empty() {
             self.ifaces.detach(self.flows.dp_mut(), &gone);
             self.pppoe_uppers.retain(|i| !gone.contains(i));
-            tracing::info!(?gone, "PPPoE devices no longer above a TC port: detached");
+            let gone_list = gone.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            tracing::info!(ifindexes = %gone_list, "PPPoE devices no longer above a TC port: detached");
         }
         let new: Vec<PppoeUpper> = want.into_iter().filter(|w| !self.pppoe_uppers.contains(&w.ifindex)).collect();
         for w in new {

@@ -49,6 +49,22 @@ impl ConnId {
     }
 }
 
+/// For log lines: `tcp 192.168.1.2:40000 -> 203.0.113.2:5201` (and the
+/// zone when it is not 0), not Rust's struct notation.
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ep = |a: IpAddr, p: u16| match a {
+            IpAddr::V4(v4) => format!("{v4}:{p}"),
+            IpAddr::V6(v6) => format!("[{v6}]:{p}"),
+        };
+        write!(f, "{} {} -> {}", crate::proto::name(self.proto), ep(self.src, self.sport), ep(self.dst, self.dport))?;
+        if self.zone != 0 {
+            write!(f, " zone {}", self.zone)?;
+        }
+        Ok(())
+    }
+}
+
 use crate::proto::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Why a conntrack entry cannot be offloaded (yet). Shown by `flows`/`status`.
@@ -166,6 +182,15 @@ pub(crate) mod tests {
             counters_orig: None,
             counters_reply: None,
         }
+    }
+
+    #[test]
+    fn a_connection_reads_as_a_log_line() {
+        let mut id = ConnId::of(&tcp_masq());
+        assert_eq!(id.to_string(), "tcp 192.168.1.2:40000 -> 203.0.113.2:5201");
+        id.src = "fd00:1::2".parse().unwrap();
+        id.zone = 3;
+        assert_eq!(id.to_string(), "tcp [fd00:1::2]:40000 -> 203.0.113.2:5201 zone 3");
     }
 
     #[test]

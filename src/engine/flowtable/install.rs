@@ -110,7 +110,7 @@ impl FlowTable {
                 Ok(()) => {}
                 Err(CtError::NotFound) => accepted[i] = false,
                 Err(err) => {
-                    tracing::warn!(id = ?batch[i].id, "cannot set TCP liberal mode: {err}; not offloading");
+                    tracing::warn!(id = %batch[i].id, "cannot set TCP liberal mode: {err}; not offloading");
                     self.not_offloaded(&batch[i].id, NotOffloaded::ConntrackUpdateFailed);
                     accepted[i] = false;
                 }
@@ -155,7 +155,7 @@ impl FlowTable {
                 // Its first direction went in: both or neither.
                 self.dp.delete_flow(&entries[at + n - 1].0);
             }
-            tracing::warn!(id = ?batch[bad].id, "{err}");
+            tracing::warn!(id = %batch[bad].id, "{err}");
             self.not_offloaded(&batch[bad].id, refused(&err));
             ok[bad] = false;
             at = (bad + 1) * 2;
@@ -171,7 +171,7 @@ impl FlowTable {
     fn put_one_by_one(&mut self, p: Pending) {
         for (i, d) in p.dirs.iter().enumerate() {
             if let Err(err) = self.dp.put_flow(&d.key, &d.val) {
-                tracing::warn!(id = ?p.id, "{err}");
+                tracing::warn!(id = %p.id, "{err}");
                 for prev in &p.dirs[..i] {
                     self.dp.delete_flow(&prev.key);
                 }
@@ -195,7 +195,7 @@ impl FlowTable {
             }
             c.offload_us.push_back(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
         }
-        tracing::debug!(?id, "offloaded");
+        tracing::debug!(%id, "offloaded");
         // The entry's remaining timeout as conntrack reported it; unknown
         // counts as expiring now, so the first packet refreshes it.
         let ct_expires_ns = now + u64::from(e.timeout.unwrap_or(0)) * 1_000_000_000;
