@@ -148,6 +148,9 @@ fn offload_test(mode: &str, xdp_safe: bool) {
     let st = d.status().unwrap();
     assert!(st["fast_path_packets"].as_u64().unwrap() > 10_000, "{st}");
     assert_eq!(lab.counter_packets("fwd_invalid").unwrap(), 0, "conntrack INVALID drops");
+    // The engine's log is a file here: plain lines, no terminal escapes.
+    let log = d.log_tail(400);
+    assert!(log.contains(" INFO ") && !log.contains('\u{1b}'), "escape codes in the log file:\n{log}");
     d.stop().unwrap_or_else(|e| panic!("clean exit on SIGTERM: {e:#}"));
     assert_nothing_attached(&lab, &before);
 }
