@@ -53,11 +53,20 @@ fn installed() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn our_progs() -> BTreeSet<u32> {
-    libbpf_rs::query::ProgInfoIter::default()
-        .filter(|p| p.name.to_string_lossy().starts_with("fo_"))
-        .map(|p| p.id)
+/// The BPF programs process `pid` holds (its fds' `prog_id` in fdinfo):
+/// exactly the installed engine's, whatever else runs on the machine.
+fn progs_of(pid: u32) -> BTreeSet<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let Ok(rd) = std::fs::read_dir(&dir) else { return BTreeSet::new() };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| t.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok()))
         .collect()
+}
+
+/// Of `ids`, the programs still loaded.
+fn still_loaded(ids: &BTreeSet<u32>) -> Vec<u32> {
+    libbpf_rs::query::ProgInfoIter::default().map(|p| p.id).filter(|id| ids.contains(id)).collect()
 }
 
 /// Purges the package if the test stops half-way, so a failure leaves no
@@ -82,7 +91,6 @@ fn installed_package_runs_against_the_lab_and_purges_clean() {
     let deb = package();
     let info = dpkg(&["--info", deb.to_str().unwrap()]);
     assert!(info.contains("Package: nft-offload") && info.contains("libelf1"), "{info}");
-    let progs_before = our_progs();
 
     let guard = Installed;
     dpkg(&["--install", deb.to_str().unwrap()]);
@@ -148,6 +156,8 @@ fn installed_package_runs_against_the_lab_and_purges_clean() {
     assert!(st["fast_path_packets"].as_u64().unwrap() > 1000, "the installed engine fast-pathed nothing: {st}");
     let out = d.cli(&["reload"]).expect("reload");
     assert!(out.contains("nothing changed"), "{out}");
+    let engine_progs = progs_of(d.pid());
+    assert!(engine_progs.len() >= 2, "the engine holds no programs? {engine_progs:?}");
     d.stop().unwrap_or_else(|e| panic!("clean exit on SIGTERM: {e:#}"));
 
     dpkg(&["--purge", "nft-offload"]);
@@ -158,7 +168,7 @@ fn installed_package_runs_against_the_lab_and_purges_clean() {
     assert!(!Path::new("/etc/nft-offload").exists(), "/etc/nft-offload left behind by the purge");
     let t = Instant::now();
     loop {
-        let left: Vec<u32> = our_progs().difference(&progs_before).copied().collect();
+        let left = still_loaded(&engine_progs);
         if left.is_empty() {
             break;
         }
