@@ -395,7 +395,14 @@ mod tests {
             sport: 40000,
             dport: 22,
         };
-        let slow = SlowView { proto: "tcp".into(), orig: t, zone: 0, code: "excluded".into(), reason: String::new() };
+        let slow = SlowView {
+            proto: "tcp".into(),
+            protonum: 6,
+            orig: t,
+            zone: 0,
+            code: "excluded".into(),
+            reason: String::new(),
+        };
         // (arguments, matches the slow tcp 192.168.1.2:40000 -> 203.0.113.2:22)
         for (args, want) in [
             (&[][..], true),

@@ -15,10 +15,17 @@ pub const AF_INET6: u8 = libc::AF_INET6 as u8;
 
 /// The name nft and conntrack use for the protocols the fast path handles.
 pub fn name(proto: u8) -> &'static str {
+    // conntrack -L's names (libnetfilter_conntrack's proto table).
     match proto {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
-        _ => "other",
+        1 => "icmp",
+        58 => "icmpv6",
+        47 => "gre",
+        33 => "dccp",
+        132 => "sctp",
+        136 => "udplite",
+        _ => "unknown",
     }
 }
 
@@ -38,7 +45,9 @@ mod tests {
         assert_eq!((IPPROTO_TCP, IPPROTO_UDP, IPPROTO_DCCP, IPPROTO_GRE), (6, 17, 33, 47));
         assert_eq!((IPPROTO_SCTP, IPPROTO_UDPLITE), (132, 136));
         assert_eq!((AF_INET, AF_INET6), (2, 10));
-        assert_eq!((name(IPPROTO_TCP), name(IPPROTO_UDP), name(1)), ("tcp", "udp", "other"));
-        assert_eq!((by_name("tcp"), by_name("udp"), by_name("other")), (Some(IPPROTO_TCP), Some(IPPROTO_UDP), None));
+        assert_eq!((name(IPPROTO_TCP), name(IPPROTO_UDP), name(1), name(58)), ("tcp", "udp", "icmp", "icmpv6"));
+        assert_eq!(name(253), "unknown");
+        // Only TCP and UDP are names the configuration takes.
+        assert_eq!((by_name("tcp"), by_name("udp"), by_name("icmp")), (Some(IPPROTO_TCP), Some(IPPROTO_UDP), None));
     }
 }

@@ -179,10 +179,15 @@ pub fn render_flows(flows: &[FlowView], slow: Option<&[SlowView]>) -> String {
     }
     if let Some(slow) = slow {
         for f in slow {
-            let pnum = if f.proto == proto::name(IPPROTO_TCP) { IPPROTO_TCP } else { IPPROTO_UDP };
+            // Ports only where the protocol has them, as conntrack -L.
+            let ports = if matches!(f.protonum, IPPROTO_TCP | IPPROTO_UDP | 33 | 132 | 136) {
+                format!(" sport={} dport={}", f.orig.sport, f.orig.dport)
+            } else {
+                String::new()
+            };
             o += &format!(
-                "{:<8} {} src={} dst={} sport={} dport={} [SLOW] code={} reason=\"{}\"\n",
-                f.proto, pnum, f.orig.src, f.orig.dst, f.orig.sport, f.orig.dport, f.code, f.reason
+                "{:<8} {} src={} dst={}{ports} [SLOW] code={} reason=\"{}\"\n",
+                f.proto, f.protonum, f.orig.src, f.orig.dst, f.code, f.reason
             );
         }
         o += &format!("nft-offload: {} flow entries offloaded, {} on the kernel's path.\n", flows.len(), slow.len());
@@ -400,6 +405,7 @@ mod tests {
         // --all: the kernel's path after, each with its code and reason.
         let slow = SlowView {
             proto: "tcp".into(),
+            protonum: 6,
             orig: tuple("192.168.1.2", 40022, "203.0.113.2", 22),
             zone: 0,
             code: "excluded".into(),
@@ -413,6 +419,9 @@ mod tests {
             ),
             "{t}"
         );
+        let ping = SlowView { proto: "icmp".into(), protonum: 1, code: "ineligible".into(), ..slow };
+        let t = render_flows(&[], Some(&[ping]));
+        assert!(t.starts_with("icmp     1 src=192.168.1.2 dst=203.0.113.2 [SLOW] code=ineligible"), "{t}");
         let tagged = FlowView { encap: [Some("arrives untagged, leaves VLAN 7 + PPPoE 0x1a2b".into()), None], ..f };
         let t = render_flows(&[tagged], None);
         assert!(t.contains(" id=77\n     original direction arrives untagged, leaves VLAN 7 + PPPoE 0x1a2b\n"), "{t}");

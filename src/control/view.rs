@@ -175,6 +175,8 @@ pub struct HostView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlowView {
     pub proto: String,
+    /// The IP protocol number, as conntrack -L prints it after the name.
+    pub protonum: u8,
     /// Conntrack's original tuple.
     pub orig: TupleView,
     pub zone: u16,

@@ -162,6 +162,7 @@ impl Core {
             .into_iter()
             .map(|(id, code, reason)| SlowView {
                 proto: proto::name(id.proto).into(),
+                protonum: id.proto,
                 orig: TupleView { src: id.src, dst: id.dst, sport: id.sport, dport: id.dport },
                 zone: id.zone,
                 code: code.to_string(),
