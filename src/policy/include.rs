@@ -26,32 +26,80 @@ const MAX_DEPTH: usize = 16;
 /// The text of the ruleset file `path` with every include replaced by the
 /// files it names, read by this process.
 pub fn read_inlined(path: &Path) -> Result<String> {
+    Ok(read_mapped(path)?.text)
+}
+
+/// An inlined ruleset and where each of its lines came from, so that an
+/// error nft reports at a line of the whole text names the file the user
+/// wrote (`/etc/nftables.d/10-mine.nft:3`) rather than the assembled one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inlined {
+    pub text: String,
+    /// Each piece of `text` copied from a file: (first line in `text`,
+    /// file, its line there), in order; 1-based.
+    pieces: Vec<(usize, PathBuf, usize)>,
+}
+
+impl Inlined {
+    /// The file and line that line `line` (1-based) of `text` came from.
+    pub fn origin(&self, line: usize) -> Option<(&Path, usize)> {
+        let i = self.pieces.partition_point(|p| p.0 <= line).checked_sub(1)?;
+        let (at, file, from) = &self.pieces[i];
+        Some((file.as_path(), from + (line - at)))
+    }
+
+    /// Whether any include was inlined (else `text` is the file as read).
+    pub fn had_includes(&self) -> bool {
+        self.pieces.iter().any(|p| p.1 != self.pieces[0].1)
+    }
+}
+
+/// `read_inlined`, keeping the origin of every line.
+pub fn read_mapped(path: &Path) -> Result<Inlined> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     inline(path, &text, 0)
 }
 
-fn inline(path: &Path, text: &str, depth: usize) -> Result<String> {
+fn lines_before(text: &str, at: usize) -> usize {
+    text[..at].bytes().filter(|&b| b == b'\n').count()
+}
+
+fn inline(path: &Path, text: &str, depth: usize) -> Result<Inlined> {
     let incs = include_statements(text);
+    let mut out = Inlined { text: String::with_capacity(text.len()), pieces: vec![(1, path.to_path_buf(), 1)] };
     if incs.is_empty() {
-        return Ok(text.to_string());
+        out.text.push_str(text);
+        return Ok(out);
     }
     if depth >= MAX_DEPTH {
         bail!("{}: includes nested deeper than {MAX_DEPTH} (nft's limit)", path.display());
     }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut out = String::with_capacity(text.len());
     let mut at = 0;
+    // A piece of this file resumes at `from`; recorded only if it differs
+    // from where the lines already point.
+    let resume = |out: &mut Inlined, from: usize| {
+        let here = lines_before(&out.text, out.text.len()) + 1;
+        let want = lines_before(text, from) + 1;
+        if out.origin(here) != Some((path, want)) {
+            out.pieces.push((here, path.to_path_buf(), want));
+        }
+    };
     for (range, name) in incs {
-        out.push_str(&text[at..range.start]);
+        out.text.push_str(&text[at..range.start]);
         at = range.end;
         for file in resolve(dir, &name).with_context(|| format!("{}: include \"{name}\"", path.display()))? {
             let body = std::fs::read_to_string(&file)
                 .with_context(|| format!("{}: include \"{name}\": cannot read {}", path.display(), file.display()))?;
-            out.push_str(&inline(&file, &body, depth + 1)?);
-            out.push('\n');
+            let inner = inline(&file, &body, depth + 1)?;
+            let base = lines_before(&out.text, out.text.len());
+            out.pieces.extend(inner.pieces.into_iter().map(|(l, f, n)| (base + l, f, n)));
+            out.text.push_str(&inner.text);
+            out.text.push('\n');
         }
+        resume(&mut out, at);
     }
-    out.push_str(&text[at..]);
+    out.text.push_str(&text[at..]);
     Ok(out)
 }
 
@@ -164,6 +212,20 @@ mod tests {
         // Sorted, nested resolved from the including file, comments alone.
         assert_eq!(text, "# include \"nothing.nft\"\ndefine A = 1\n\n\n\ndefine B = 2\n\n\ntable inet t {\n}\n");
         assert!(include_statements(&text).is_empty());
+
+        // Every line names the file and line it came from.
+        let m = read_mapped(&main).unwrap();
+        assert!(m.had_includes());
+        let inner = dir.join("d/../inner.nft");
+        assert_eq!(m.origin(1), Some((main.as_path(), 1)));
+        assert_eq!(m.origin(2), Some((inner.as_path(), 1)));
+        assert_eq!(m.origin(6), Some((dir.join("d/20-b.nft").as_path(), 1)));
+        assert_eq!(m.origin(9), Some((main.as_path(), 3)));
+        assert_eq!(m.origin(10), Some((main.as_path(), 4)));
+        std::fs::write(dir.join("plain.nft"), "table inet t {\n}\n").unwrap();
+        let plain = read_mapped(&dir.join("plain.nft")).unwrap();
+        assert!(!plain.had_includes());
+        assert_eq!(plain.origin(2), Some((dir.join("plain.nft").as_path(), 2)));
 
         // A wildcard matching nothing is nothing; a missing file is an error.
         std::fs::write(&main, "include \"none/*.nft\"\n").unwrap();

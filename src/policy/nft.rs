@@ -537,6 +537,39 @@ table inet fw4 {
         assert!(translate(FW4).unwrap().includes.is_empty());
     }
 
+    /// firewall4's ruleset includes /etc/nftables.d/*.nft inside its table:
+    /// a `flow offload @ft` there is the owner's own offload rule and must be
+    /// translated like the template's; errors name the included file.
+    #[test]
+    fn root_files_translate_their_includes_and_errors_name_them() {
+        let dir = std::env::temp_dir().join(format!("nft-offload-fw4-include-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("nftables.d")).unwrap();
+        std::fs::write(
+            dir.join("nftables.d/10-offload.nft"),
+            "chain offload_big {\n\ttype filter hook forward priority filter - 1; policy accept;\n\tct original packets ge 30 flow offload @ft\n}\n",
+        )
+        .unwrap();
+        let main = dir.join("fw4.nft");
+        let text = FW4.replace("\tchain forward {", "\tinclude \"nftables.d/*.nft\"\n\tchain forward {");
+        std::fs::write(&main, &text).unwrap();
+        let rs = Ruleset::read(&main).unwrap();
+        assert_eq!(rs.translated.offload_statements, 2);
+        assert!(rs.translated.text.contains("ct original packets ge 30 ct label set 127"), "{}", rs.translated.text);
+        assert!(rs.translated.includes.is_empty());
+        // nft's location of a line in the included file, mapped back.
+        let at = text.lines().position(|l| l.contains("include")).unwrap() + 1;
+        let l = rs.located(&format!("/dev/stdin:{}:2-5: Error: syntax error", at + 2));
+        assert_eq!(l, format!("{}:3:2-5: Error: syntax error", dir.join("nftables.d/10-offload.nft").display()));
+        let l = rs.located("/dev/stdin:1:1-3: Error: x");
+        assert_eq!(l, format!("{}:1:1-3: Error: x", main.display()));
+
+        std::fs::write(dir.join("nftables.d/10-offload.nft"), "chain c {\n\tflow add @nosuch\n}\n").unwrap();
+        let e = Ruleset::read(&main).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:2: ", dir.join("nftables.d/10-offload.nft").display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn client_rulesets_may_not_include_and_name_no_file() {
         let e = Ruleset::from_client("mine.nft", "table inet t {\n}\ninclude \"/etc/shadow\"\n").unwrap_err();
@@ -579,17 +612,30 @@ pub struct Ruleset {
     /// Relative `include`s resolve here: only for root's own file.
     pub include_dir: Option<std::path::PathBuf>,
     pub translated: Translated,
+    /// Root's own file with its includes inlined: where each line came from.
+    origins: Option<super::include::Inlined>,
 }
 
 impl Ruleset {
     /// Read and translate the file `run --nft` was given (by root, who may
     /// read anything, so `include` works as with `nft -f`); errors name the
-    /// file and line.
+    /// file and line. Its includes are inlined first (as nft would read
+    /// them), so a `flow add @ft` in an included file (firewall4's
+    /// `include "/etc/nftables.d/*.nft"`) is translated too; errors name
+    /// the included file and its line.
     pub fn read(path: &std::path::Path) -> anyhow::Result<Ruleset> {
-        let src = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut rs = Ruleset::parse(&path.display().to_string(), &src)?;
-        rs.include_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.to_path_buf());
-        Ok(rs)
+        let inlined = super::include::read_mapped(path).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let name = path.display().to_string();
+        let origins = inlined.had_includes().then_some(inlined.clone());
+        let translated = translate(&inlined.text).map_err(|e| {
+            let at = match origins.as_ref().and_then(|o| o.origin(e.line)) {
+                Some((file, line)) => format!("{}:{line}", file.display()),
+                None => format!("{name}:{}", e.line),
+            };
+            anyhow::anyhow!("{at}: {}", e.msg)
+        })?;
+        let include_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.to_path_buf());
+        Ok(Ruleset { name, include_dir, translated, origins })
     }
 
     /// A ruleset a client sent over the control socket. nft runs as root,
@@ -608,7 +654,7 @@ impl Ruleset {
 
     fn parse(name: &str, src: &str) -> anyhow::Result<Ruleset> {
         let translated = translate(src).map_err(|e| anyhow::anyhow!("{name}:{}: {}", e.line, e.msg))?;
-        Ok(Ruleset { name: name.to_string(), include_dir: None, translated })
+        Ok(Ruleset { name: name.to_string(), include_dir: None, translated, origins: None })
     }
 
     /// Every device of every flowtable, in order of first appearance.
@@ -670,11 +716,26 @@ impl Ruleset {
             let err = String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .filter(|l| !l.starts_with("In file included from"))
+                .map(|l| self.located(l))
                 .collect::<Vec<_>>()
-                .join("\n")
-                .replace("/dev/stdin", &self.name);
+                .join("\n");
             anyhow::bail!("nft rejected {} (nothing was loaded):\n{err}", self.name);
         }
         Ok(())
+    }
+
+    /// One line of nft's error output with its `/dev/stdin:LINE:` location
+    /// pointed at the file (and, inlined, the included file) it came from.
+    fn located(&self, l: &str) -> String {
+        let Some(rest) = l.strip_prefix("/dev/stdin:") else { return l.to_string() };
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let line: Option<usize> = rest[..digits].parse().ok();
+        match (line, self.origins.as_ref()) {
+            (Some(n), Some(o)) => match o.origin(n) {
+                Some((file, at)) => format!("{}:{at}{}", file.display(), &rest[digits..]),
+                None => format!("{}:{rest}", self.name),
+            },
+            _ => format!("{}:{rest}", self.name),
+        }
     }
 }
