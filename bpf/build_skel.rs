@@ -19,11 +19,26 @@ pub fn build(src: &str, include: &str, stem: &str) -> PathBuf {
         _ => "/usr/include",
     };
     let obj = out.join(format!("{stem}.bpf.o"));
-    if let Err(e) = SkeletonBuilder::new()
-        .source(src)
-        .obj(&obj)
-        .clang_args(["-I", include, "-I", multiarch, "-Wall", "-Werror", "-O2"])
-        .build_and_generate(out.join(format!("{stem}.skel.rs")))
+    let mut args: Vec<String> = ["-I", include, "-I", multiarch, "-Wall", "-Werror", "-O2"].map(String::from).to_vec();
+    // The object's byte order is the router's, not the build host's: a
+    // big-endian MIPS router (ath79) loads only a bpfeb object (libbpf
+    // refuses the other). clang takes the last -target given.
+    if env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() == Ok("big") {
+        args.extend(["-target", "bpfeb"].map(String::from));
+    }
+    // Cross builds (OpenWrt's SDK): CLANG names the BPF-capable clang
+    // (bpf.mk's), BPF_CFLAGS_EXTRA adds include directories.
+    println!("cargo:rerun-if-env-changed=CLANG");
+    println!("cargo:rerun-if-env-changed=BPF_CFLAGS_EXTRA");
+    if let Ok(extra) = env::var("BPF_CFLAGS_EXTRA") {
+        args.extend(extra.split_whitespace().map(String::from));
+    }
+    let mut builder = SkeletonBuilder::new();
+    if let Some(clang) = env::var_os("CLANG") {
+        builder.clang(clang);
+    }
+    if let Err(e) =
+        builder.source(src).obj(&obj).clang_args(args).build_and_generate(out.join(format!("{stem}.skel.rs")))
     {
         panic!("building {src} failed: {e:#}\n(needs clang and libelf/zlib headers: run ./run.sh setup)");
     }

@@ -51,7 +51,13 @@ fn parse_in(text: &str, path: Option<&Path>) -> Result<SettingsInput, SettingsEr
         let value = match v.into_inner() {
             toml::Value::Integer(n) => Scalar::Int(n),
             toml::Value::String(s) => Scalar::Text(s),
-            other => Scalar::Other(other.to_string()),
+            // Named here: toml's own Display comes with its writer, which
+            // the engine does not otherwise need (binary size).
+            toml::Value::Float(f) => Scalar::Other(f.to_string()),
+            toml::Value::Boolean(b) => Scalar::Other(b.to_string()),
+            toml::Value::Datetime(d) => Scalar::Other(d.to_string()),
+            toml::Value::Array(_) => Scalar::Other("an array".into()),
+            toml::Value::Table(_) => Scalar::Other("a table".into()),
         };
         Given { value, origin }
     };
