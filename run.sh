@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 
 # iptables: its iptables-legacy for the test that legacy x_tables changes
 # reach offloaded connections (lab/tests/back_through_ruleset.rs).
-PKGS=(clang llvm libelf-dev zlib1g-dev pkg-config nftables iproute2 conntrack iperf3 ethtool curl iputils-ping util-linux procps python3 iptables)
+PKGS=(clang llvm make libelf-dev zlib1g-dev pkg-config nftables iproute2 conntrack iperf3 ethtool curl iputils-ping util-linux procps python3 iptables)
 # The VM tier (lab/tests/vm.rs): qemu, Debian 12's 6.1 and the 6.12 kernel,
 # busybox for the guest's initramfs, and the tools its scenarios run.
 VM_PKGS=(qemu-system-x86 busybox-static xz-utils zstd linux-image-amd64 linux-image-6.12-amd64 ppp pppoe wireguard-tools tcpdump)

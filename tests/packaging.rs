@@ -295,6 +295,8 @@ procd_close_instance() {
 procd_add_reload_trigger() { echo "reload_trigger $*" >> "$STUB_LOG"; }
 procd_add_interface_trigger() { echo "interface_trigger $*" >> "$STUB_LOG"; }
 logger() { echo "logger $*" >> "$STUB_LOG"; }
+# rc.common's start, as reload_service calls it.
+start() { start_service "$@"; }
 "#;
 
 /// Shells to run the script under: OpenWrt's is busybox ash; dash is the
@@ -319,11 +321,29 @@ struct Router {
     netdevs: Vec<(&'static str, &'static str)>,
     /// The kernel has its own flowtable (nf_flow_table loaded).
     kmod: bool,
+    /// firewall4 installed: what its `fw4 print` prints (None: it fails).
+    fw4: Option<Option<String>>,
+}
+
+/// What `run` leaves: the calls, and the ruleset the script rendered.
+struct Ran {
+    log: Vec<String>,
+    ruleset: Option<(String, u32, u32)>,
+    dir: PathBuf,
+}
+
+fn fixture(name: &str) -> String {
+    read(&format!("tests/fixtures/firewall4/{name}"))
 }
 
 impl Router {
     fn new(firewall: &str) -> Router {
-        Router { firewall: firewall.to_string(), own: None, netdevs: Vec::new(), kmod: false }
+        Router { firewall: firewall.to_string(), own: None, netdevs: Vec::new(), kmod: false, fw4: None }
+    }
+
+    fn fw4(mut self, render: Option<&str>) -> Router {
+        self.fw4 = Some(render.map(str::to_string));
+        self
     }
 
     fn kmod(mut self) -> Router {
@@ -344,6 +364,12 @@ impl Router {
     /// Source the stubs and the init script (its `#!/bin/sh /etc/rc.common`
     /// line is a comment when sourced), call `func`, return the record.
     fn run(&self, shell: &[&str], func: &str) -> Vec<String> {
+        let ran = self.run_full(shell, func);
+        let _ = std::fs::remove_dir_all(&ran.dir);
+        ran.log
+    }
+
+    fn run_full(&self, shell: &[&str], func: &str) -> Ran {
         let dir = scratch("procd");
         std::fs::create_dir_all(dir.join("etc/config")).unwrap();
         std::fs::write(dir.join("etc/config/firewall"), &self.firewall).unwrap();
@@ -356,6 +382,23 @@ impl Router {
         }
         let stubs = dir.join("stubs.sh");
         std::fs::write(&stubs, STUBS).unwrap();
+        let fw4 = dir.join("sbin/fw4");
+        if let Some(render) = &self.fw4 {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(dir.join("sbin")).unwrap();
+            let body = match render {
+                Some(text) => {
+                    std::fs::write(dir.join("render.nft"), text).unwrap();
+                    format!(
+                        "#!/bin/sh\n[ \"$*\" = \"-q print\" ] || exit 9\ncat '{}'\n",
+                        dir.join("render.nft").display()
+                    )
+                }
+                None => "#!/bin/sh\necho 'Unable to parse firewall config' >&2\nexit 1\n".to_string(),
+            };
+            std::fs::write(&fw4, body).unwrap();
+            std::fs::set_permissions(&fw4, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let log = dir.join("log");
         std::fs::write(&log, "").unwrap();
         let mut cmd = Command::new(shell[0]);
@@ -370,7 +413,9 @@ impl Router {
             .env("STUB_LOG", &log)
             .env("SYSFS", dir.join("sys"))
             .env("MODDIR", dir.join("modules"))
-            .env("NFT_OFFLOAD_CONF", dir.join("run/nft-offload.toml"));
+            .env("NFT_OFFLOAD_CONF", dir.join("run/nft-offload.toml"))
+            .env("NFT_OFFLOAD_RUNDIR", dir.join("run/nft-offload"))
+            .env("FW4", &fw4);
         for (net, dev) in &self.netdevs {
             cmd.env(format!("STUB_NETDEV_{net}"), dev);
         }
@@ -386,8 +431,12 @@ impl Router {
         if let Ok(conf) = std::fs::read_to_string(dir.join("run/nft-offload.toml")) {
             lines.extend(conf.lines().map(|l| format!("conf {l}")));
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        lines
+        let ruleset = std::fs::read_to_string(dir.join("run/nft-offload/fw4.nft")).ok().map(|text| {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            (text, mode(dir.join("run/nft-offload/fw4.nft")), mode(dir.join("run/nft-offload")))
+        });
+        Ran { log: lines, ruleset, dir }
     }
 }
 
@@ -683,4 +732,237 @@ fn procd_script_syntax() {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert!(mode & 0o111 != 0, "{INIT} must be executable (installed as /etc/init.d/nft-offload)");
     }
+}
+
+// ---- firewall4's own ruleset ----
+
+fn translate(text: &str) -> nft_offload::policy::nft::Translated {
+    nft_offload::policy::nft::translate(text).unwrap_or_else(|e| panic!("line {}: {}\n{text}", e.line, e.msg))
+}
+
+/// With firewall4's offloading on and no kernel flowtable, the engine runs
+/// on exactly what `fw4 print` renders: fw4's devices, fw4's rule, in a
+/// file only root can read.
+#[test]
+fn procd_fw4_offloading_on_runs_on_its_render() {
+    let on = fixture("offload-on.nft");
+    for sh in shells() {
+        let ran = Router::new(FW_ON).fw4(Some(&on)).run_full(&sh, "start_service");
+        let rs = ran.dir.join("run/nft-offload/fw4.nft");
+        assert_eq!(
+            commands(&ran.log),
+            [format!("/usr/sbin/nft-offload run --mode auto --idle-timeout 30 --nft {}", rs.display())],
+            "{sh:?}: {:#?}",
+            ran.log
+        );
+        assert!(ran.log.contains(&"open_instance".to_string()));
+        let (text, file_mode, dir_mode) = ran.ruleset.expect("rendered");
+        assert_eq!(text, on, "{sh:?}: fw4's render, unchanged");
+        assert_eq!((file_mode, dir_mode), (0o600, 0o700), "{sh:?}");
+        assert!(loggers(&ran.log).is_empty(), "{sh:?}: {:#?}", ran.log);
+        let _ = std::fs::remove_dir_all(&ran.dir);
+    }
+}
+
+/// `list interface` names the flowtable's devices (ports, for XDP) in
+/// fw4's render; nothing else of it changes.
+#[test]
+fn procd_fw4_listed_interfaces_replace_the_flowtable_devices() {
+    let on = fixture("offload-on.nft");
+    let own = "config nft-offload 'main'\n\tlist interface 'lan1'\n\tlist interface 'lan2'\n\tlist interface 'eth1'\n";
+    for sh in shells() {
+        let ran = Router::new(FW_ON).own(own).fw4(Some(&on)).run_full(&sh, "start_service");
+        let (text, ..) = ran.ruleset.expect("rendered");
+        let t = translate(&text);
+        assert_eq!(t.flowtables.len(), 1);
+        let mut devices = t.flowtables[0].devices.clone();
+        devices.sort();
+        assert_eq!(devices, ["eth1", "lan1", "lan2"], "{sh:?}");
+        assert_eq!(t.offload_statements, 1);
+        let changed: Vec<_> = on.lines().zip(text.lines()).filter(|(a, b)| a != b).collect();
+        assert_eq!(changed.len(), 1, "{sh:?}: only the devices line: {changed:#?}");
+        assert_eq!(on.lines().count(), text.lines().count());
+        let _ = std::fs::remove_dir_all(&ran.dir);
+    }
+    // A name that could break out of the ruleset is refused, with a word.
+    let own = "config nft-offload 'main'\n\tlist interface 'eth0};'\n\tlist interface 'a/b'\n\tlist interface 'eth1'\n";
+    let ran = Router::new(FW_ON).own(own).fw4(Some(&on)).run_full(&["sh"], "start_service");
+    let (text, ..) = ran.ruleset.expect("rendered");
+    assert_eq!(translate(&text).flowtables[0].devices, ["eth1"]);
+    assert_eq!(loggers(&ran.log).len(), 2, "{:#?}", ran.log);
+    let _ = std::fs::remove_dir_all(&ran.dir);
+}
+
+/// The owner chose nft-offload where the kernel has a flowtable, so
+/// firewall4's offloading is off and its render has neither flowtable nor
+/// rule: they are added where fw4's template puts them, over every zone's
+/// devices, and the result is the render fw4 gives with offloading on.
+#[test]
+fn procd_fw4_offloading_off_gets_the_templates_flowtable_and_rule() {
+    let off = fixture("offload-off.nft");
+    let on = fixture("offload-on.nft");
+    let own_on = "config nft-offload 'main'\n\toption enabled '1'\n";
+    let fw_off_zones = FW_ON.replace("option flow_offloading '1'", "option flow_offloading '0'");
+    for sh in shells() {
+        let ran = Router::new(&fw_off_zones)
+            .own(own_on)
+            .kmod()
+            .netdev("lan", "br-lan")
+            .netdev("wan", "eth1")
+            .netdev("wan6", "eth1")
+            .fw4(Some(&off))
+            .run_full(&sh, "start_service");
+        assert_eq!(commands(&ran.log).len(), 1, "{sh:?}: {:#?}", ran.log);
+        let (text, ..) = ran.ruleset.expect("rendered");
+        let (got, want) = (translate(&text), translate(&on));
+        assert_eq!(got.flowtables[0].devices, want.flowtables[0].devices, "{sh:?}");
+        assert_eq!(got.offload_statements, 1);
+        // The same rule, first in the forward chain, as in fw4's own render.
+        let first_rule = |t: &str| {
+            let l: Vec<&str> = t.lines().collect();
+            let at = l.iter().position(|x| x.contains("type filter hook forward priority filter;")).unwrap();
+            l[at + 1..].iter().find(|x| !x.trim().is_empty()).unwrap().trim().to_string()
+        };
+        assert_eq!(first_rule(&text), first_rule(&on), "{sh:?}");
+        assert_eq!(first_rule(&got.text), first_rule(&want.text), "{sh:?}");
+        let _ = std::fs::remove_dir_all(&ran.dir);
+    }
+    // No zone device up: nothing to offload between, said once.
+    let log = Router::new(&fw_off_zones).own(own_on).kmod().fw4(Some(&off)).run(&["sh"], "start_service");
+    assert_eq!(opened(&log), 0, "{log:#?}");
+    assert!(loggers(&log)[0].contains("no interfaces"), "{log:#?}");
+}
+
+/// fw4 failing, or a render without firewall4's table: not started, and
+/// the log says why; never an engine on half a ruleset.
+#[test]
+fn procd_fw4_render_failures_start_nothing() {
+    let log = Router::new(FW_ON).fw4(None).run(&["sh"], "start_service");
+    assert_eq!(opened(&log), 0, "{log:#?}");
+    assert!(loggers(&log)[0].contains("fw4 print failed: Unable to parse firewall config"), "{log:#?}");
+    let own_on = "config nft-offload 'main'\n\toption enabled '1'\n\tlist interface 'eth0'\n";
+    let log = Router::new(FW_OFF).own(own_on).fw4(Some("table inet other {\n}\n")).run(&["sh"], "start_service");
+    assert_eq!(opened(&log), 0, "{log:#?}");
+    assert!(loggers(&log)[0].contains("no table inet fw4"), "{log:#?}");
+}
+
+/// One engine at a time holds with firewall4 too: its render is never
+/// run where the kernel flowtable is firewall4's.
+#[test]
+fn procd_fw4_one_engine_at_a_time() {
+    let on = fixture("offload-on.nft");
+    let own_on = "config nft-offload 'main'\n\toption enabled '1'\n";
+    for fw in [FW_ON, FW_ON_HW] {
+        let ran = Router::new(fw).own(own_on).kmod().fw4(Some(&on)).run_full(&["sh"], "start_service");
+        assert_eq!(opened(&ran.log), 0, "{:#?}", ran.log);
+        assert!(ran.ruleset.is_none(), "nothing rendered");
+        let _ = std::fs::remove_dir_all(&ran.dir);
+    }
+}
+
+/// Reload renders again (firewall4 changed) and, with no engine answering,
+/// does nothing else; the triggers leave interfaces to firewall4's include.
+#[test]
+fn procd_fw4_reload_and_triggers() {
+    let on = fixture("offload-on.nft");
+    let ran = Router::new(FW_ON).fw4(Some(&on)).run_full(&["sh"], "reload_service");
+    assert_eq!(commands(&ran.log).len(), 1, "{:#?}", ran.log);
+    assert_eq!(ran.ruleset.map(|r| r.0), Some(on.clone()));
+    let _ = std::fs::remove_dir_all(&ran.dir);
+    let log = Router::new(FW_ON).fw4(Some(&on)).run(&["sh"], "service_triggers");
+    assert_eq!(log, ["reload_trigger firewall nft-offload"], "fw4's include follows its reloads");
+}
+
+/// The include firewall4 runs and the uci-defaults script that registers
+/// it: valid shell, and pointing at each other.
+#[test]
+fn openwrt_fw4_include_and_registration() {
+    for f in ["packaging/openwrt/fw4.include", "packaging/openwrt/nft-offload.uci-defaults"] {
+        let out = Command::new("sh").arg("-n").arg(repo(f)).output().unwrap();
+        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let defaults = read("packaging/openwrt/nft-offload.uci-defaults");
+    assert!(defaults.contains("set firewall.nft_offload.type=script"));
+    assert!(defaults.contains("set firewall.nft_offload.path=/usr/share/nft-offload/fw4.include"));
+    let include = read("packaging/openwrt/fw4.include");
+    assert!(include.contains("/etc/init.d/nft-offload reload"));
+    let makefile = read("packaging/openwrt/Makefile");
+    for (from, to) in [
+        ("./fw4.include", "$(1)/usr/share/nft-offload/fw4.include"),
+        ("./nft-offload.uci-defaults", "$(1)/etc/uci-defaults/90-nft-offload"),
+        ("./nft-offload.init", "$(1)/etc/init.d/nft-offload"),
+        ("./nft-offload.config", "$(1)/etc/config/nft-offload"),
+    ] {
+        assert!(makefile.lines().any(|l| l.contains(from) && l.contains(to)), "the Makefile installs {from} as {to}");
+    }
+}
+
+/// The OpenWrt Makefile, evaluated by make against stand-ins for the build
+/// system's include files: its Build/Prepare copies a source tree cargo can
+/// build, its install definition puts every file where the init script and
+/// firewall4 look for it, with the right modes; its version is one apk and
+/// opkg accept; it is only offered for kernels with BTF.
+#[test]
+fn openwrt_makefile_prepares_and_installs() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(have("make", &["--version"]), "make is needed (./run.sh installs it; libbpf-sys builds with it too)");
+    let dir = scratch("openwrt-make");
+    let top = dir.join("top");
+    std::fs::create_dir_all(top.join("include")).unwrap();
+    std::fs::create_dir_all(top.join("feeds/packages/lang/rust")).unwrap();
+    std::fs::write(top.join("rules.mk"), "").unwrap();
+    std::fs::write(
+        top.join("include/package.mk"),
+        "INSTALL_DIR:=install -d -m0755\nINSTALL_BIN:=install -m0755\nINSTALL_DATA:=install -m0644\n\
+         INSTALL_CONF:=install -m0600\nCP:=cp -fpR\n\
+         define BuildPackage\n$$(eval $$(Package/$(1)))\nprepare:\n\t$$(Build/Prepare)\n\
+         stage:\n\t$$(call Package/$(1)/install,$$(DEST))\n\
+         show:\n\t@echo 'version=$$(PKG_VERSION)-r$$(PKG_RELEASE)'\n\t@echo 'depends=$$(strip $$(DEPENDS))'\n\
+         \t@echo 'profile=$$(CARGO_PKG_PROFILE)'\nendef\n",
+    )
+    .unwrap();
+    std::fs::write(top.join("include/bpf.mk"), "BPF_DEPENDS:=@HAS_BPF_TOOLCHAIN\nCLANG:=/bpf/clang\n").unwrap();
+    std::fs::write(top.join("feeds/packages/lang/rust/rust-package.mk"), "define RustBinPackage\nendef\n").unwrap();
+    let inst = dir.join("inst");
+    std::fs::create_dir_all(inst.join("bin")).unwrap();
+    std::fs::write(inst.join("bin/nft-offload"), "#!/bin/sh\n").unwrap();
+    let make = |target: &str| {
+        let out = Command::new("make")
+            .current_dir(repo("packaging/openwrt"))
+            .args(["-s", "-f", "Makefile", target])
+            .arg(format!("TOPDIR={}", top.display()))
+            .arg(format!("INCLUDE_DIR={}", top.join("include").display()))
+            .arg(format!("PKG_INSTALL_DIR={}", inst.display()))
+            .arg(format!("PKG_BUILD_DIR={}", dir.join("build").display()))
+            .arg(format!("DEST={}", dir.join("root").display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "make {target}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let shown = make("show");
+    assert!(shown.contains("version=0.1.0-r1"), "{shown}");
+    assert!(shown.contains("@KERNEL_DEBUG_INFO_BTF") && shown.contains("+kmod-nf-conntrack-netlink"), "{shown}");
+    assert!(shown.contains("profile=router"), "{shown}");
+    let cargo_version =
+        read("Cargo.toml").lines().find_map(|l| l.strip_prefix("version = ")).map(|v| v.trim_matches('"').to_string());
+    assert_eq!(cargo_version.as_deref(), Some("0.1.0"), "PKG_VERSION follows Cargo.toml");
+
+    make("prepare");
+    for f in ["Cargo.toml", "Cargo.lock", "build.rs", "src/main.rs", "bpf/fastpath.bpf.c", "lab/Cargo.toml"] {
+        assert!(dir.join("build").join(f).is_file(), "Build/Prepare copies {f}");
+    }
+    make("stage");
+    let root = dir.join("root");
+    for (path, mode) in [
+        ("usr/sbin/nft-offload", 0o755),
+        ("etc/init.d/nft-offload", 0o755),
+        ("etc/config/nft-offload", 0o600),
+        ("etc/uci-defaults/90-nft-offload", 0o755),
+        ("usr/share/nft-offload/fw4.include", 0o644),
+    ] {
+        let m = std::fs::metadata(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(m.permissions().mode() & 0o777, mode, "{path}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
