@@ -14,6 +14,7 @@
 
 pub mod bridge;
 pub mod differential;
+pub mod firewall4;
 pub mod ipsec;
 pub mod net;
 pub mod plain;
@@ -127,6 +128,7 @@ const QINQ_REFERENCE: &[Kernel] = &[Kernel::Linux6_12];
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     v.extend(three_ways!("plain", plain::run));
+    v.extend(three_ways!("firewall4", firewall4::run));
     v.extend(three_ways!("vlan", vlan::vlan));
     v.extend(three_ways!("vlan_lower", vlan::vlan_lower));
     v.extend(three_ways!("vlan_stripped", vlan::vlan_stripped));
