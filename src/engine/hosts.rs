@@ -38,6 +38,15 @@ pub fn host_of(e: &CtEntry) -> (IpAddr, bool) {
     }
 }
 
+/// Whether a connection passes through the router rather than ends at it:
+/// neither opened by one of its addresses (the original source) nor
+/// answered by one (the reply's source; a port forward's original
+/// destination is the router's, but the LAN server answers). Router-local
+/// traffic (its DNS, pings, management) is not a host's traffic through it.
+pub fn through_router(e: &CtEntry, is_local: impl Fn(IpAddr) -> bool) -> bool {
+    !is_local(e.orig.src) && !is_local(e.reply.src)
+}
+
 /// (packets, bytes) per direction.
 pub type Dirs = [(u64, u64); 2];
 
@@ -146,6 +155,21 @@ mod tests {
         ];
         for ((o, r, st), (host, sent)) in cases {
             assert_eq!(host_of(&entry(o, r, st)), (host.parse().unwrap(), sent), "{o:?} {r:?} {st:#x}");
+        }
+    }
+
+    #[test]
+    fn router_local_connections_are_no_hosts_traffic() {
+        let local = |ip: IpAddr| ["192.168.1.1", "203.0.113.1"].contains(&ip.to_string().as_str());
+        for (o, r, st, through) in [
+            // the router pings a LAN host; a LAN host asks the router's DNS
+            (("192.168.1.1", "192.168.1.2"), ("192.168.1.2", "192.168.1.1"), 0, false),
+            (("192.168.1.2", "192.168.1.1"), ("192.168.1.1", "192.168.1.2"), 0, false),
+            // masqueraded through it; a port forward to a LAN server
+            (("192.168.1.2", "198.51.100.7"), ("198.51.100.7", "203.0.113.1"), status::SRC_NAT, true),
+            (("198.51.100.7", "203.0.113.1"), ("192.168.1.5", "198.51.100.7"), status::DST_NAT, true),
+        ] {
+            assert_eq!(through_router(&entry(o, r, st), local), through, "{o:?} {r:?}");
         }
     }
 

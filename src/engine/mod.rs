@@ -425,7 +425,9 @@ impl Core {
                     // Its final conntrack counters (nf_conntrack_acct):
                     // the slow path's share of its traffic.
                     let d = [e.counters_orig.unwrap_or_default(), e.counters_reply.unwrap_or_default()];
-                    self.flows.hosts.retire(&e, d);
+                    if hosts::through_router(&e, |ip| self.facts.addrs.is_local(ip)) {
+                        self.flows.hosts.retire(&e, d);
+                    }
                     self.flows.destroyed(&ConnId::of(&e));
                 }
             }

@@ -7,7 +7,7 @@ use crate::control::{FlowView, HostView, IfaceStatus, KernelView, NotOffloadedVi
 use crate::dataplane::{key_bytes, KEY_LEN};
 use crate::flow::ConnId;
 
-use super::hosts::{host_of, Totals};
+use super::hosts::{host_of, through_router, Totals};
 use crate::dataplane::{fo_stat, Mode, TcAttach, STAT_NAMES};
 use crate::flow::entry::words_addr;
 use crate::flow::{Held, Hold};
@@ -136,7 +136,7 @@ impl Core {
             tracing::warn!("hosts: reading the flow map: {e:#}");
         }
         let mut live: HashMap<std::net::IpAddr, (Totals, usize)> = HashMap::new();
-        for e in &all {
+        for e in all.iter().filter(|e| through_router(e, |ip| self.facts.addrs.is_local(ip))) {
             let (host, sent_orig) = host_of(e);
             let mut d = [e.counters_orig.unwrap_or_default(), e.counters_reply.unwrap_or_default()];
             if let Some(f) = self.flows.offloaded.get(&ConnId::of(e)) {
