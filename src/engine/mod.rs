@@ -109,6 +109,13 @@ struct Core {
     started: Instant,
     /// The loaded ruleset in `--nft` mode.
     ruleset: Option<Ruleset>,
+    /// The nft processes that loaded it (the last few): their change
+    /// notifications are the engine's own.
+    own_nft: Vec<u32>,
+    /// Someone else changed the ruleset since the engine's was loaded, so
+    /// a reload of the same text must load it again (firewall4 may have
+    /// put its own table back in its place).
+    ruleset_foreign: bool,
     ifaces: Interfaces,
     flows: FlowTable,
     timeouts: CtTimeouts,
@@ -219,16 +226,17 @@ impl Engine {
             Err(e) => return Err(e).context("subscribing to xfrm policy changes"),
         };
         let wake = dp.wake_events()?;
+        let mut own_nft = Vec::new();
         if let Some(rs) = &ruleset {
             // Attached first, ruleset second: if nft fails now the engine is
             // dropped and detaches; nothing stays half-applied.
-            rs.apply(&[], false)?;
+            own_nft.push(rs.apply(&[], false)?);
             tracing::info!(file = %rs.name, flowtables = rs.translated.flowtables.len(), "ruleset loaded");
         }
         // Our own load's notifications: nothing is offloaded yet (the hooks
-        // are read below anyway).
+        // are read below anyway). Anyone else's since is noted.
         let mut nft = nft;
-        nft.drain();
+        let ruleset_foreign = nft.drain().by_others(&own_nft);
         let bits = ruleset::label_bits(ruleset.as_ref());
         let mut core = Core {
             cfg,
@@ -237,6 +245,8 @@ impl Engine {
             rates: rates::Rates::default(),
             started: Instant::now(),
             ruleset,
+            own_nft,
+            ruleset_foreign,
             ifaces,
             flows: FlowTable::new(dp, ct_req, bits),
             timeouts: host::ct_timeouts(),
@@ -336,6 +346,19 @@ impl Engine {
                     Err(e) => tracing::warn!("conntrack events: {e}"),
                 }
             }
+            // Ruleset changes before requests: a `reload` that follows
+            // someone else's change (firewall4's, then its include asking
+            // for ours) must know of it.
+            if fds[5].revents != 0 {
+                let ch = src.nft.drain();
+                if ch.ruleset {
+                    core.ruleset_foreign |= ch.by_others(&core.own_nft);
+                    core.on_ruleset_change();
+                }
+                if ch.chains {
+                    core.read_hooks();
+                }
+            }
             if fds[2].revents != 0 {
                 src.control.serve(|req| core.answer(req));
             }
@@ -360,15 +383,6 @@ impl Engine {
             }
             if fds[4].revents != 0 && src.xfrm.as_mut().is_some_and(XfrmWatch::drain) {
                 core.on_xfrm_change();
-            }
-            if fds[5].revents != 0 {
-                let ch = src.nft.drain();
-                if ch.ruleset {
-                    core.on_ruleset_change();
-                }
-                if ch.chains {
-                    core.read_hooks();
-                }
             }
             if core.neigh_dirty.is_some_and(|t| t.elapsed() >= ROUTE_SETTLE) {
                 core.neigh_dirty = None;

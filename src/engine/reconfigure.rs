@@ -64,7 +64,10 @@ impl Core {
             let rs = Ruleset::read(path).context("reload aborted, the running settings stay")?;
             let same =
                 self.ruleset.as_ref().is_some_and(|o| o.name == rs.name && o.translated.text == rs.translated.text);
-            if same {
+            // The same text is left alone only if the kernel still has it:
+            // after someone else's change (firewall4 reloading its own
+            // table) it is loaded again.
+            if same && !self.ruleset_foreign {
                 done.push(format!("{} unchanged", rs.name));
             } else {
                 done.push(self.replace_ruleset(rs).context("reload aborted, the running settings stay")?);

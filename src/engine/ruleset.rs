@@ -76,9 +76,18 @@ impl Core {
         let rollback = |e: anyhow::Error| e.context("reload aborted, the previous ruleset stays");
         let added =
             self.ifaces.attach(self.flows.dp_mut(), &infos, &self.facts.topo, self.cfg.mode).map_err(rollback)?;
-        if let Err(e) = rs.apply(&old.translated.tables, false) {
-            self.ifaces.detach(self.flows.dp_mut(), &added);
-            return Err(rollback(e));
+        match rs.apply(&old.translated.tables, false) {
+            Ok(pid) => {
+                // Ours from here: its notifications are not someone else's.
+                self.own_nft.push(pid);
+                let n = self.own_nft.len();
+                self.own_nft.drain(..n.saturating_sub(8));
+                self.ruleset_foreign = false;
+            }
+            Err(e) => {
+                self.ifaces.detach(self.flows.dp_mut(), &added);
+                return Err(rollback(e));
+            }
         }
         // Every connection goes back to the kernel and returns only if the
         // new rules send it to `flow add` again: first those we handle, then

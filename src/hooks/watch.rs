@@ -33,12 +33,27 @@ fn changes_ruleset(t: u16) -> bool {
 }
 
 /// What a batch of notifications changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct NftChanges {
     /// A table or chain: the device chains may have changed.
     pub chains: bool,
     /// Anything in the ruleset.
     pub ruleset: bool,
+    /// The netlink ports of the sockets that committed those ruleset
+    /// changes (a notification's nlmsg_pid is the committer's port,
+    /// nf_tables_api.c `nft_notify_enqueue` via `ctx->portid`; nft binds
+    /// with an automatic port, its pid unless taken): who changed it.
+    pub committers: Vec<u32>,
+    /// Notifications were lost: any committer, ours or not.
+    pub lost: bool,
+}
+
+impl NftChanges {
+    /// Whether some of these ruleset changes were committed by another
+    /// process than the nft runs in `own` (or cannot be told: lost).
+    pub fn by_others(&self, own: &[u32]) -> bool {
+        self.lost || self.committers.iter().any(|p| !own.contains(p))
+    }
 }
 
 pub struct NftWatch {
@@ -63,9 +78,15 @@ impl NftWatch {
             let c = summarise(d);
             changed.chains |= c.chains;
             changed.ruleset |= c.ruleset;
+            changed.lost |= c.lost;
+            for p in c.committers {
+                if !changed.committers.contains(&p) {
+                    changed.committers.push(p);
+                }
+            }
         });
         if lost {
-            changed = NftChanges { chains: true, ruleset: true };
+            changed = NftChanges { chains: true, ruleset: true, committers: Vec::new(), lost: true };
         }
         changed
     }
@@ -79,11 +100,16 @@ pub fn summarise(datagram: &[u8]) -> NftChanges {
             Ok((h, _)) if h.msg_type >> 8 == NFNL_SUBSYS_NFTABLES => {
                 let t = h.msg_type & 0xff;
                 c.chains |= TABLE_OR_CHAIN.contains(&t);
-                c.ruleset |= changes_ruleset(t);
+                if changes_ruleset(t) {
+                    c.ruleset = true;
+                    if !c.committers.contains(&h.pid) {
+                        c.committers.push(h.pid);
+                    }
+                }
             }
             Ok(_) => {}
             // Unreadable: assume the worst.
-            Err(_) => return NftChanges { chains: true, ruleset: true },
+            Err(_) => return NftChanges { chains: true, ruleset: true, committers: Vec::new(), lost: true },
         }
     }
     c
@@ -97,11 +123,11 @@ mod tests {
     #[test]
     fn what_each_notification_changes() {
         let msg = |t: u16| NlMsgBuilder::new((NFNL_SUBSYS_NFTABLES << 8) | t, 0, 0).finish();
-        let (both, rules_only, none) = (
-            NftChanges { chains: true, ruleset: true },
-            NftChanges { chains: false, ruleset: true },
-            NftChanges::default(),
-        );
+        let what = |d: &[u8]| {
+            let c = summarise(d);
+            (c.chains, c.ruleset)
+        };
+        let (both, rules_only, none) = ((true, true), (false, true), (false, false));
         #[rustfmt::skip]
         let cases = [
             (0, both, "NEWTABLE"), (2, both, "DELTABLE"), (3, both, "NEWCHAIN"), (5, both, "DELCHAIN"),
@@ -111,12 +137,30 @@ mod tests {
             (15, none, "NEWGEN"), (16, none, "GETGEN"), (17, none, "TRACE"), (4, none, "GETCHAIN"),
         ];
         for (t, want, name) in cases {
-            assert_eq!(summarise(&msg(t)), want, "NFT_MSG_{name}");
+            assert_eq!(what(&msg(t)), want, "NFT_MSG_{name}");
         }
         let mut d = msg(15);
         d.extend(msg(3));
-        assert_eq!(summarise(&d), both, "a chain anywhere in the batch");
-        assert_eq!(summarise(&NlMsgBuilder::new((1 << 8) | 3, 0, 0).finish()), none, "ctnetlink, not nf_tables");
-        assert_eq!(summarise(&[0xff; 7]), both, "garbage");
+        assert_eq!(what(&d), both, "a chain anywhere in the batch");
+        assert_eq!(what(&NlMsgBuilder::new((1 << 8) | 3, 0, 0).finish()), none, "ctnetlink, not nf_tables");
+        assert_eq!(what(&[0xff; 7]), both, "garbage");
+        assert!(summarise(&[0xff; 7]).lost);
+    }
+
+    /// Who committed: each ruleset change's port, once; not NEWGEN's.
+    #[test]
+    fn committers_are_the_changes_ports() {
+        let from = |t: u16, port: u32| {
+            let mut m = NlMsgBuilder::new((NFNL_SUBSYS_NFTABLES << 8) | t, 0, 0).finish();
+            m[12..16].copy_from_slice(&port.to_ne_bytes());
+            m
+        };
+        let mut d = from(6, 4242);
+        d.extend(from(6, 4242));
+        d.extend(from(12, 77));
+        d.extend(from(15, 9));
+        let c = summarise(&d);
+        assert_eq!(c.committers, vec![4242, 77]);
+        assert!(!c.lost);
     }
 }

@@ -690,8 +690,10 @@ impl Ruleset {
 
     /// Load into the kernel in one nft transaction (see `nft_input`), all
     /// or nothing. `check_only` runs nft's dry run (`-c`). The ruleset goes
-    /// through nft's stdin: no file is written anywhere.
-    pub fn apply(&self, replace: &[(String, String)], check_only: bool) -> anyhow::Result<()> {
+    /// through nft's stdin: no file is written anywhere. Returns the pid of
+    /// the nft that committed it (the port its change notifications carry,
+    /// so the engine can tell its own changes from others').
+    pub fn apply(&self, replace: &[(String, String)], check_only: bool) -> anyhow::Result<u32> {
         use std::io::Write;
         use std::process::{Command, Stdio};
         let mut cmd = Command::new("nft");
@@ -703,6 +705,7 @@ impl Ruleset {
         }
         cmd.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run nft: {e} (is nftables installed?)"))?;
+        let pid = child.id();
         let input = self.nft_input(replace);
         let mut stdin = child.stdin.take().expect("piped stdin");
         // Written from a thread: nft may answer (and fill stderr) before it
@@ -721,7 +724,7 @@ impl Ruleset {
                 .join("\n");
             anyhow::bail!("nft rejected {} (nothing was loaded):\n{err}", self.name);
         }
-        Ok(())
+        Ok(pid)
     }
 
     /// One line of nft's error output with its `/dev/stdin:LINE:` location
