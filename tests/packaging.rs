@@ -377,6 +377,11 @@ impl Router {
             std::fs::write(dir.join("etc/config/nft-offload"), own).unwrap();
         }
         std::fs::create_dir_all(dir.join("modules")).unwrap();
+        // The devices that exist: the networks' and those the tests' zones
+        // name (firewall4 leaves out the others).
+        for dev in self.netdevs.iter().map(|n| n.1).chain(["tun0"]) {
+            std::fs::create_dir_all(dir.join("sys/class/net").join(dev)).unwrap();
+        }
         if self.kmod {
             std::fs::create_dir_all(dir.join("sys/module/nf_flow_table")).unwrap();
         }
@@ -628,7 +633,10 @@ fn procd_one_engine_at_a_time() {
 /// entries), not only lan and wan.
 #[test]
 fn procd_every_zone_device() {
-    let fw = format!("{FW_ON}\nconfig zone\n\toption name 'guest'\n\toption network 'guest'\n\tlist device 'tun0'\n");
+    let fw = format!(
+        "{FW_ON}\nconfig zone\n\toption name 'guest'\n\toption network 'guest'\n\tlist device 'tun0'\n\
+         \tlist device 'tun+'\n\tlist device 'wg9'\n"
+    );
     let log = Router::new(&fw)
         .netdev("lan", "br-lan")
         .netdev("wan", "eth0.2")
