@@ -374,7 +374,8 @@ impl Router {
         std::fs::create_dir_all(dir.join("etc/config")).unwrap();
         std::fs::write(dir.join("etc/config/firewall"), &self.firewall).unwrap();
         if let Some(own) = &self.own {
-            std::fs::write(dir.join("etc/config/nft-offload"), own).unwrap();
+            // @DIR@: this run's scratch directory (a path under it).
+            std::fs::write(dir.join("etc/config/nft-offload"), own.replace("@DIR@", dir.to_str().unwrap())).unwrap();
         }
         std::fs::create_dir_all(dir.join("modules")).unwrap();
         // The devices that exist: the networks' and those the tests' zones
@@ -809,7 +810,7 @@ fn procd_fw4_listed_interfaces_replace_the_flowtable_devices() {
 fn procd_fw4_offloading_off_gets_the_templates_flowtable_and_rule() {
     let off = fixture("offload-off.nft");
     let on = fixture("offload-on.nft");
-    let own_on = "config nft-offload 'main'\n\toption enabled '1'\n";
+    let own_on = "config nft-offload 'main'\n\toption enabled '1'\n\toption metrics '@DIR@/run/nft-offload/m.sock'\n";
     let fw_off_zones = FW_ON.replace("option flow_offloading '1'", "option flow_offloading '0'");
     for sh in shells() {
         let ran = Router::new(&fw_off_zones)
@@ -821,7 +822,8 @@ fn procd_fw4_offloading_off_gets_the_templates_flowtable_and_rule() {
             .fw4(Some(&off))
             .run_full(&sh, "start_service");
         assert_eq!(commands(&ran.log).len(), 1, "{sh:?}: {:#?}", ran.log);
-        let (text, ..) = ran.ruleset.expect("rendered");
+        let (text, file_mode, dir_mode) = ran.ruleset.expect("rendered");
+        assert_eq!((file_mode, dir_mode), (0o600, 0o700), "{sh:?}: the added rule's file too");
         let (got, want) = (translate(&text), translate(&on));
         assert_eq!(got.flowtables[0].devices, want.flowtables[0].devices, "{sh:?}");
         assert_eq!(got.offload_statements, 1);
